@@ -1,0 +1,259 @@
+/*
+ * liblora: LoRA fine-tuning of transformer attention layers.
+ *
+ * Implements "Computational Limits of Low-Rank Adaptation (LoRA) Fine-Tuning for
+ * Transformer Models" (Hu, Su, Kuo, Song, Liu; arXiv 2406.03136): an exact attention
+ * gradient backend and the paper's nearly-linear polynomial-method backend, chosen
+ * per call from a threshold estimate.
+ *
+ * Conventions (all of them, once):
+ * - Every function that can fail returns an int holding a lora_status; LORA_OK is 0.
+ *   Output parameters come first after the handle. Nothing aborts, exits or prints.
+ * - Tensors are dense, row-major float32 and owned by the caller. The library copies
+ *   what it keeps. Shapes are written (rows, cols) or (batch, L, cols).
+ * - Orientation is torch.nn.Linear / PEFT: a weight W is (out, in) and y = x·Wᵀ + b;
+ *   LoRA factors are A (r, in) and B (out, r); the adapted weight is W + s·B·A with
+ *   s = alpha/r (alpha/√r with rsLoRA).
+ * - Threads: distinct handles are independent; one handle is used by one thread at a
+ *   time. There is no process-global mutable state.
+ * - ABI: handles are opaque, enum and #define values are frozen (append only), and
+ *   public structs are append-only and carry struct_size. Only lora_* symbols are
+ *   exported. See docs/abi.md.
+ */
+#ifndef LORA_H
+#define LORA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Export ---------------------------------------------------------------------- */
+/* A vendoring build may define LORA_API itself (e.g. empty, for a static build). */
+#ifndef LORA_API
+#  if defined(_WIN32) && defined(LORA_BUILDING_DLL)
+#    define LORA_API __declspec(dllexport)
+#  elif defined(__GNUC__) && __GNUC__ >= 4
+#    define LORA_API __attribute__((visibility("default")))
+#  else
+#    define LORA_API
+#  endif
+#endif
+
+/* ---- Version ----------------------------------------------------------------------- */
+/* The only place the version is written; the Makefile reads it from here. */
+#define LORA_VERSION_MAJOR 0
+#define LORA_VERSION_MINOR 1
+#define LORA_VERSION_PATCH 0
+#define LORA_VERSION_NUMBER \
+    (LORA_VERSION_MAJOR * 10000 + LORA_VERSION_MINOR * 100 + LORA_VERSION_PATCH)
+
+/* MAJOR*10000 + MINOR*100 + PATCH of the library actually loaded (compare with
+ * LORA_VERSION_NUMBER to detect a header/library mismatch). Thread-safe. */
+LORA_API uint32_t lora_version_number(void);
+/* "MAJOR.MINOR.PATCH"; static storage, never NULL. Thread-safe. */
+LORA_API const char *lora_version_string(void);
+
+/* ---- Status codes -------------------------------------------------------------------- */
+typedef enum lora_status {
+    LORA_OK = 0,
+    LORA_ERR_INVALID_ARG = 1, /* NULL pointer, out-of-range value, unknown enum/param */
+    LORA_ERR_SHAPE = 2,       /* dimensions inconsistent, zero, negative or too large */
+    LORA_ERR_NOMEM = 3,       /* an allocation failed; nothing was changed */
+    LORA_ERR_NONFINITE = 4,   /* NaN or Inf in an input that must be finite */
+    LORA_ERR_UNSUPPORTED = 5, /* valid request this build or backend cannot do */
+    LORA_ERR_STATE = 6,       /* call out of order (e.g. backward before forward) */
+    LORA_ERR_IO = 7,          /* file could not be opened, read or written */
+    LORA_ERR_FORMAT = 8,      /* malformed file */
+    LORA_ERR_TOLERANCE = 9    /* approximate backend forced, tolerance cannot be met */
+} lora_status;
+
+/* Short English text for a status ("invalid argument", ...); "unknown status" for a
+ * value outside the enum. Static storage, never NULL. Thread-safe. */
+LORA_API const char *lora_status_string(int status);
+
+/* ---- Configuration --------------------------------------------------------------------- */
+/* A config is a bag of (param, value) pairs, read once by lora_adapter_create (which
+ * copies it). Setters check each value on its own; lora_adapter_create checks that the
+ * values fit together. */
+typedef struct lora_config lora_config;
+
+typedef enum lora_config_param {
+    LORA_CFG_D_MODEL = 1,       /* int > 0, required */
+    LORA_CFG_N_HEADS = 2,       /* int > 0, default 1 */
+    LORA_CFG_N_KV_HEADS = 3,    /* int > 0 dividing N_HEADS (GQA/MQA), default N_HEADS */
+    LORA_CFG_HEAD_DIM = 4,      /* int > 0, default D_MODEL / N_HEADS */
+    LORA_CFG_TARGETS = 5,       /* non-empty bitmask of lora_target, default Q|V */
+    LORA_CFG_RANK = 6,          /* int > 0, default 8 */
+    LORA_CFG_ALPHA = 7,         /* double (finite), default RANK, i.e. s = 1 */
+    LORA_CFG_RSLORA = 8,        /* 0/1: s = alpha/sqrt(r) instead of alpha/r, default 0 */
+    LORA_CFG_SOFTMAX_SCALE = 9, /* double > 0, default 1/sqrt(HEAD_DIM) */
+    LORA_CFG_CAUSAL = 10,       /* 0/1, default 0. Cross-attention: key j is visible to
+                                   query i when j <= i + (len_kv - len_q) (bottom-right
+                                   aligned); len_q > len_kv is then LORA_ERR_SHAPE. */
+    LORA_CFG_BACKEND = 11,      /* lora_backend, default LORA_BACKEND_AUTO */
+    LORA_CFG_TOLERANCE = 12,    /* double > 0: certified bound eta on the entrywise
+                                   relative error of the approximate attention
+                                   probabilities, |F~ - F| <= eta*F. Default 1e-3 */
+    LORA_CFG_POLY_DEGREE = 13,  /* 0 = chosen from TOLERANCE, else an even degree >= 2 */
+    LORA_CFG_THREADS = 14,      /* 0 = library default (all cores), else exact count */
+    LORA_CFG_SEED = 15,         /* uint64 seed for initialisation (cast), default 0 */
+    LORA_CFG_INIT = 16,         /* lora_init, default LORA_INIT_KAIMING_ZERO */
+    LORA_CFG_OUT_PROJ = 17      /* 0/1: the layer has an output projection W_O, default 0 */
+} lora_config_param;
+
+typedef enum lora_target {
+    LORA_TARGET_Q = 1,
+    LORA_TARGET_K = 2,
+    LORA_TARGET_V = 4,
+    LORA_TARGET_O = 8 /* needs LORA_CFG_OUT_PROJ = 1 */
+} lora_target;
+
+typedef enum lora_backend {
+    LORA_BACKEND_AUTO = 0,  /* choose per call from the threshold estimate */
+    LORA_BACKEND_EXACT = 1, /* exact softmax attention, O(L^2) time */
+    LORA_BACKEND_POLY = 2   /* polynomial method, nearly linear in L, approximate */
+} lora_backend;
+
+typedef enum lora_init {
+    LORA_INIT_KAIMING_ZERO = 0, /* A ~ Kaiming-uniform (a = sqrt(5)), B = 0: as PEFT */
+    LORA_INIT_GAUSSIAN = 1,     /* A ~ N(0, (1/r)^2), B = 0: PEFT's "gaussian" */
+    LORA_INIT_ZERO = 2          /* A = 0, B = 0 */
+} lora_init;
+
+/* Creates a config holding every default. *out is NULL on failure.
+ * Errors: INVALID_ARG (out NULL), NOMEM. */
+LORA_API int lora_config_create(lora_config **out);
+/* Frees a config. NULL is a no-op. */
+LORA_API void lora_config_destroy(lora_config *cfg);
+/* Sets an integer parameter. Errors: INVALID_ARG (NULL cfg, unknown param, a param
+ * that takes a double, value out of range); the config is then unchanged. */
+LORA_API int lora_config_set_int(lora_config *cfg, int param, int64_t value);
+/* Sets a double parameter (ALPHA, SOFTMAX_SCALE, TOLERANCE). Errors as set_int; a
+ * non-finite value is LORA_ERR_NONFINITE. */
+LORA_API int lora_config_set_double(lora_config *cfg, int param, double value);
+/* Reads a parameter's effective value: an unset derived default is resolved from the
+ * other values (HEAD_DIM = D_MODEL / N_HEADS, ...) and reads as 0 while it cannot be.
+ * Errors: INVALID_ARG (NULL, unknown param, or wrong type). */
+LORA_API int lora_config_get_int(const lora_config *cfg, int param, int64_t *value);
+LORA_API int lora_config_get_double(const lora_config *cfg, int param, double *value);
+/* Checks that the values fit together as lora_adapter_create does, and resolves
+ * nothing. Returns the status create would return for them (NOMEM aside) and keeps the
+ * reason, readable with lora_config_last_error. */
+LORA_API int lora_config_validate(lora_config *cfg);
+/* Detail of the last failed call on this config ("" if none). Owned by the config,
+ * valid until its next call. */
+LORA_API const char *lora_config_last_error(const lora_config *cfg);
+
+/* ---- Adapter ----------------------------------------------------------------------------- */
+/* One attention layer: frozen base projections W_Q, W_K, W_V (and W_O) with optional
+ * frozen biases, plus trainable LoRA factors on the configured targets, their
+ * gradients, and the state a backward needs from its forward. */
+typedef struct lora_adapter lora_adapter;
+
+typedef enum lora_factor { LORA_A = 0, LORA_B = 1 } lora_factor;
+
+/* Creates an adapter from cfg (copied; cfg may be destroyed afterwards). LoRA factors
+ * are initialised from LORA_CFG_INIT and LORA_CFG_SEED; gradients are zero; base
+ * weights are unset.
+ * Shapes, with q_dim = N_HEADS*HEAD_DIM and kv_dim = N_KV_HEADS*HEAD_DIM:
+ *   W_Q (q_dim, D_MODEL)   W_K, W_V (kv_dim, D_MODEL)   W_O (D_MODEL, q_dim)
+ * Errors: INVALID_ARG (NULL, D_MODEL unset, inconsistent values: N_KV_HEADS not
+ * dividing N_HEADS, TARGET_O without OUT_PROJ, ...), SHAPE (sizes overflow), NOMEM.
+ * cfg is only read, so several threads may create adapters from one config at once;
+ * lora_config_validate tells why a config is refused. */
+LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg);
+/* Frees an adapter and everything it owns. NULL is a no-op. */
+LORA_API void lora_adapter_destroy(lora_adapter *ad);
+
+/* Copies a frozen base projection. target is one lora_target value (not a mask).
+ * weight: (out, in) as above; bias: (out) or NULL for none. Setting a base again
+ * replaces it; the next backward then needs a new forward (LORA_ERR_STATE).
+ * Errors: INVALID_ARG (NULL ad/weight, bad target, TARGET_O without OUT_PROJ),
+ * NONFINITE, NOMEM. */
+LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *weight,
+                                   const float *bias);
+
+/* Copies LoRA factor `which` of `target` in (set) or out (get), or its accumulated
+ * gradient out (get_grad). count must equal the factor's element count (r*in for A,
+ * out*r for B; see lora_adapter_param_shape). set_param invalidates the saved forward.
+ * Errors: INVALID_ARG (NULL, bad target/which, target not adapted, wrong count),
+ * NONFINITE (set_param). */
+LORA_API int lora_adapter_set_param(lora_adapter *ad, int target, int which,
+                                    const float *src, size_t count);
+LORA_API int lora_adapter_get_param(const lora_adapter *ad, int target, int which,
+                                    float *dst, size_t count);
+LORA_API int lora_adapter_get_grad(const lora_adapter *ad, int target, int which,
+                                   float *dst, size_t count);
+/* Shape of LoRA factor `which` of `target`: A is (rank, in), B is (out, rank).
+ * Errors: INVALID_ARG (NULL, bad target/which, target not adapted). */
+LORA_API int lora_adapter_param_shape(const lora_adapter *ad, int target, int which,
+                                      int64_t *rows, int64_t *cols);
+/* Resets every gradient to zero. Errors: INVALID_ARG (NULL). */
+LORA_API int lora_adapter_zero_grad(lora_adapter *ad);
+/* Reads a parameter of the adapter's (resolved) configuration, as
+ * lora_config_get_int / _get_double. */
+LORA_API int lora_adapter_get_config_int(const lora_adapter *ad, int param,
+                                         int64_t *value);
+LORA_API int lora_adapter_get_config_double(const lora_adapter *ad, int param,
+                                            double *value);
+/* Detail of the last failed call on this adapter ("" if none). Owned by the adapter,
+ * valid until its next call. NULL ad gives a static message. */
+LORA_API const char *lora_adapter_last_error(const lora_adapter *ad);
+
+/* What the last forward or backward on an adapter ran. */
+typedef struct lora_run_info {
+    uint32_t struct_size;  /* caller sets sizeof(lora_run_info); fields only appended */
+    int32_t backend;       /* LORA_BACKEND_EXACT or _POLY (0 before any forward) */
+    int64_t poly_degree;   /* even degree g used by POLY, 0 for EXACT */
+    int64_t poly_rank;     /* feature columns k = binom(g + HEAD_DIM, HEAD_DIM), 0 EXACT */
+    double error_bound;    /* certified eta: |F~ - F| <= eta*F entrywise; 0 for EXACT */
+    double grad_bound;     /* after backward: certified bound on the absolute error of
+                              the returned gradient entries; 0 for EXACT */
+} lora_run_info;
+
+/* Fills *info (up to info->struct_size bytes). Errors: INVALID_ARG (NULL, struct_size
+ * smaller than the first version of the struct). */
+LORA_API int lora_adapter_get_run_info(const lora_adapter *ad, lora_run_info *info);
+
+/* ---- Compute ----------------------------------------------------------------------------- */
+/* Self-attention forward.
+ * x:   (batch, seq_len, D_MODEL), finite.
+ * out: (batch, seq_len, D_MODEL) with OUT_PROJ, else (batch, seq_len, q_dim).
+ * Keeps what backward needs (a copy of x and the activations: O(batch*seq_len*width)).
+ * Errors: INVALID_ARG (NULL), SHAPE (batch or seq_len < 1, sizes overflow), STATE (a
+ * base weight unset), NONFINITE (x), NOMEM, TOLERANCE (POLY forced, unreachable).
+ * On failure out is unspecified and the adapter keeps its parameters and gradients
+ * (the saved forward is dropped). */
+LORA_API int lora_forward(lora_adapter *ad, const float *x, int64_t batch,
+                          int64_t seq_len, float *out);
+/* Backward of the last lora_forward. dout has out's shape, finite. Adds dL/dA and
+ * dL/dB of every target into the adapter's gradients (accumulates, as torch; see
+ * lora_adapter_zero_grad). dx: NULL or (batch, seq_len, D_MODEL), overwritten with
+ * dL/dx. May be called more than once per forward.
+ * Errors: INVALID_ARG (NULL ad/dout), STATE (no saved lora_forward), NONFINITE, NOMEM;
+ * on failure the gradients are unchanged. */
+LORA_API int lora_backward(lora_adapter *ad, const float *dout, float *dx);
+/* Cross-attention: queries from xq (batch, len_q, D_MODEL), keys and values from xkv
+ * (batch, len_kv, D_MODEL). out is (batch, len_q, ...) as for lora_forward. Causal
+ * alignment: see LORA_CFG_CAUSAL. Errors as lora_forward. */
+LORA_API int lora_forward_cross(lora_adapter *ad, const float *xq, const float *xkv,
+                                int64_t batch, int64_t len_q, int64_t len_kv,
+                                float *out);
+/* Backward of the last lora_forward_cross (LORA_ERR_STATE after a lora_forward).
+ * dxq, dxkv: NULL or their input's shape, overwritten. */
+LORA_API int lora_backward_cross(lora_adapter *ad, const float *dout, float *dxq,
+                                 float *dxkv);
+/* The paper's loss: *loss = 1/2 * sum_i (out_i - target_i)^2 accumulated in double;
+ * dout (NULL or n floats) = out - target. Errors: INVALID_ARG (NULL, n = 0),
+ * NONFINITE. Thread-safe (no handle). */
+LORA_API int lora_mse_loss(const float *out, const float *target, size_t n,
+                           double *loss, float *dout);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LORA_H */

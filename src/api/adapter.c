@@ -1,0 +1,345 @@
+/* The adapter handle: frozen base projections, LoRA factors and their gradients. */
+#include <math.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+static int target_index(int target)
+{
+    switch (target) {
+    case LORA_TARGET_Q: return PROJ_Q;
+    case LORA_TARGET_K: return PROJ_K;
+    case LORA_TARGET_V: return PROJ_V;
+    case LORA_TARGET_O: return PROJ_O;
+    default: return -1;
+    }
+}
+
+static const char *target_name(int idx) { return (const char *[]){"Q", "K", "V", "O"}[idx]; }
+
+/* ---- seeded initialisation (splitmix64: tiny, stateless between calls) ---- */
+
+static uint64_t splitmix64(uint64_t *s)
+{
+    uint64_t z = (*s += UINT64_C(0x9E3779B97F4A7C15));
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+/* Uniform in (0, 1): 53 random bits, never 0 (safe for log). */
+static double uniform01(uint64_t *s) { return ((double)(splitmix64(s) >> 11) + 0.5) * 0x1p-53; }
+
+static void init_factor_a(const lora_config_values *c, int proj, float *a, int64_t rank,
+                          int64_t in)
+{
+    /* One stream per projection, so adding a target does not change the others. */
+    uint64_t s = c->seed ^ (UINT64_C(0xA5A5A5A5) * (uint64_t)(proj + 1));
+    const size_t n = (size_t)rank * (size_t)in;
+    switch (c->init) {
+    case LORA_INIT_KAIMING_ZERO: {
+        /* kaiming_uniform_(a=√5): bound = √(6/((1+5)·fan_in)) = 1/√in. */
+        const double bound = 1.0 / sqrt((double)in);
+        for (size_t i = 0; i < n; i++)
+            a[i] = (float)((2.0 * uniform01(&s) - 1.0) * bound);
+        break;
+    }
+    case LORA_INIT_GAUSSIAN: {
+        const double sd = 1.0 / (double)rank;
+        for (size_t i = 0; i < n; i++) {
+            const double u1 = uniform01(&s), u2 = uniform01(&s);
+            a[i] = (float)(sd * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+        }
+        break;
+    }
+    default: memset(a, 0, n * sizeof(float)); break;
+    }
+}
+
+static int default_threads(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (n > 1024 ? 1024 : (int)n);
+}
+
+static void adapter_free_members(lora_adapter *ad)
+{
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        layer_proj *p = &ad->layer.proj[t];
+        lora_mem_free(&ad->mem, p->weight);
+        lora_mem_free(&ad->mem, p->bias);
+        lora_mem_free(&ad->mem, p->a); /* a, b, da, db share one block */
+    }
+    lora_buf_free(&ad->mem, &ad->acts_buf);
+    lora_buf_free(&ad->mem, &ad->scratch);
+}
+
+LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
+{
+    if (!out)
+        return LORA_ERR_INVALID_ARG;
+    *out = NULL;
+    if (!cfg)
+        return LORA_ERR_INVALID_ARG;
+    lora_config_values v;
+    char err[LORA_ERRMSG_SIZE];
+    int st = lora_config_resolve(&cfg->v, &v, err);
+    if (st != LORA_OK)
+        return st;
+    lora_adapter *ad = lora_mem_calloc(&cfg->mem, 1, sizeof *ad);
+    if (!ad)
+        return LORA_ERR_NOMEM;
+    ad->mem = cfg->mem;
+    ad->cfg = v;
+    ad->threads = v.threads > 0 ? (int)v.threads : default_threads();
+    la_ctx_init(&ad->la, ad->threads);
+
+    layer *l = &ad->layer;
+    l->d_model = v.d_model;
+    l->n_heads = v.n_heads;
+    l->n_kv_heads = v.n_kv_heads;
+    l->head_dim = v.head_dim;
+    l->q_dim = v.n_heads * v.head_dim;
+    l->kv_dim = v.n_kv_heads * v.head_dim;
+    l->rank = v.rank;
+    l->lora_scale =
+        (float)(v.rslora ? v.alpha / sqrt((double)v.rank) : v.alpha / (double)v.rank);
+    l->softmax_scale = (float)v.softmax_scale;
+    l->causal = (int)v.causal;
+    l->out_proj = (int)v.out_proj;
+    const int64_t ins[PROJ_COUNT] = {l->d_model, l->d_model, l->d_model, l->q_dim};
+    const int64_t outs[PROJ_COUNT] = {l->q_dim, l->kv_dim, l->kv_dim, l->d_model};
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        layer_proj *p = &l->proj[t];
+        p->in = ins[t];
+        p->out = outs[t];
+        p->adapted = (v.targets >> t) & 1;
+        if (!p->adapted)
+            continue;
+        const size_t na = (size_t)(l->rank * p->in), nb = (size_t)(p->out * l->rank);
+        p->a = lora_mem_calloc(&ad->mem, 2 * (na + nb), sizeof(float));
+        if (!p->a) {
+            adapter_free_members(ad);
+            lora_mem_free(&ad->mem, ad);
+            return LORA_ERR_NOMEM;
+        }
+        p->b = p->a + na;
+        p->da = p->b + nb;
+        p->db = p->da + na;
+        init_factor_a(&v, t, p->a, l->rank, p->in); /* B starts at zero */
+    }
+    *out = ad;
+    return LORA_OK;
+}
+
+LORA_API void lora_adapter_destroy(lora_adapter *ad)
+{
+    if (!ad)
+        return;
+    adapter_free_members(ad);
+    lora_mem_free(&ad->mem, ad);
+}
+
+LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *weight,
+                                   const float *bias)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    const int t = target_index(target);
+    if (t < 0)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                              "target %d is not one of LORA_TARGET_Q/K/V/O", target);
+    if (t == PROJ_O && !ad->layer.out_proj)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                              "the layer has no output projection (LORA_CFG_OUT_PROJ = 0)");
+    if (!weight)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "weight is NULL");
+    layer_proj *p = &ad->layer.proj[t];
+    const size_t nw = (size_t)(p->out * p->in), nbias = (size_t)p->out;
+    int64_t bad = lora_find_nonfinite(weight, nw);
+    if (bad >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "base weight %s has a non-finite entry at index %lld",
+                              target_name(t), (long long)bad);
+    if (bias && (bad = lora_find_nonfinite(bias, nbias)) >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "base bias %s has a non-finite entry at index %lld",
+                              target_name(t), (long long)bad);
+    float *w = p->weight ? p->weight : lora_mem_alloc(&ad->mem, nw * sizeof(float));
+    if (!w)
+        return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate base weight %s",
+                              target_name(t));
+    float *b = NULL;
+    if (bias) {
+        b = p->bias ? p->bias : lora_mem_alloc(&ad->mem, nbias * sizeof(float));
+        if (!b) {
+            if (w != p->weight)
+                lora_mem_free(&ad->mem, w);
+            return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate base bias %s",
+                                  target_name(t));
+        }
+        memcpy(b, bias, nbias * sizeof(float));
+    } else {
+        lora_mem_free(&ad->mem, p->bias);
+    }
+    memcpy(w, weight, nw * sizeof(float));
+    p->weight = w;
+    p->bias = b;
+    ad->saved = SAVED_NONE; /* the saved activations no longer match the layer */
+    ad->err[0] = '\0';
+    return LORA_OK;
+}
+
+/* Resolves (target, which) to a factor; NULL (with the adapter's message set) if bad. */
+static const layer_proj *factor_proj(const lora_adapter *ad, int target, int which,
+                                     size_t *count, char *err)
+{
+    const int t = target_index(target);
+    if (t < 0) {
+        lora_set_error(err, LORA_ERR_INVALID_ARG,
+                       "target %d is not one of LORA_TARGET_Q/K/V/O", target);
+        return NULL;
+    }
+    if (which != LORA_A && which != LORA_B) {
+        lora_set_error(err, LORA_ERR_INVALID_ARG, "which = %d is not LORA_A or LORA_B",
+                       which);
+        return NULL;
+    }
+    const layer_proj *p = &ad->layer.proj[t];
+    if (!p->adapted) {
+        lora_set_error(err, LORA_ERR_INVALID_ARG,
+                       "target %s is not adapted (not in LORA_CFG_TARGETS)", target_name(t));
+        return NULL;
+    }
+    *count = (size_t)(which == LORA_A ? ad->layer.rank * p->in : p->out * ad->layer.rank);
+    return p;
+}
+
+/* The error buffer is the one field a const accessor may write: it is scratch. */
+static char *err_buf(const lora_adapter *ad) { return ((lora_adapter *)ad)->err; }
+
+static int copy_factor(const lora_adapter *ad, int target, int which, float *dst,
+                       size_t count, int grad)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    size_t n;
+    const layer_proj *p = factor_proj(ad, target, which, &n, err_buf(ad));
+    if (!p)
+        return LORA_ERR_INVALID_ARG;
+    if (!dst)
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG, "dst is NULL");
+    if (count != n)
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+                              "count %zu does not match the factor's %zu elements", count, n);
+    const float *src = grad ? (which == LORA_A ? p->da : p->db) : (which == LORA_A ? p->a : p->b);
+    memcpy(dst, src, n * sizeof(float));
+    err_buf(ad)[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_adapter_get_param(const lora_adapter *ad, int target, int which,
+                                    float *dst, size_t count)
+{
+    return copy_factor(ad, target, which, dst, count, 0);
+}
+
+LORA_API int lora_adapter_get_grad(const lora_adapter *ad, int target, int which,
+                                   float *dst, size_t count)
+{
+    return copy_factor(ad, target, which, dst, count, 1);
+}
+
+LORA_API int lora_adapter_set_param(lora_adapter *ad, int target, int which,
+                                    const float *src, size_t count)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    size_t n;
+    const layer_proj *p = factor_proj(ad, target, which, &n, ad->err);
+    if (!p)
+        return LORA_ERR_INVALID_ARG;
+    if (!src)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "src is NULL");
+    if (count != n)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                              "count %zu does not match the factor's %zu elements", count, n);
+    int64_t bad = lora_find_nonfinite(src, n);
+    if (bad >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "src has a non-finite entry at index %lld", (long long)bad);
+    memcpy(which == LORA_A ? p->a : p->b, src, n * sizeof(float));
+    ad->saved = SAVED_NONE;
+    ad->err[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_adapter_param_shape(const lora_adapter *ad, int target, int which,
+                                      int64_t *rows, int64_t *cols)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    size_t n;
+    const layer_proj *p = factor_proj(ad, target, which, &n, err_buf(ad));
+    if (!p)
+        return LORA_ERR_INVALID_ARG;
+    if (!rows || !cols)
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG, "rows or cols is NULL");
+    *rows = which == LORA_A ? ad->layer.rank : p->out;
+    *cols = which == LORA_A ? p->in : ad->layer.rank;
+    err_buf(ad)[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_adapter_zero_grad(lora_adapter *ad)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        layer_proj *p = &ad->layer.proj[t];
+        if (p->adapted)
+            memset(p->da, 0, (size_t)(ad->layer.rank * (p->in + p->out)) * sizeof(float));
+    }
+    ad->err[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_adapter_get_config_int(const lora_adapter *ad, int param, int64_t *value)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    if (param == LORA_CFG_THREADS && value) {
+        *value = ad->threads; /* the resolved count, not 0 */
+        return LORA_OK;
+    }
+    return lora_config_values_get_int(&ad->cfg, param, value);
+}
+
+LORA_API int lora_adapter_get_config_double(const lora_adapter *ad, int param,
+                                            double *value)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    return lora_config_values_get_double(&ad->cfg, param, value);
+}
+
+LORA_API const char *lora_adapter_last_error(const lora_adapter *ad)
+{
+    return ad ? ad->err : "NULL adapter";
+}
+
+LORA_API int lora_adapter_get_run_info(const lora_adapter *ad, lora_run_info *info)
+{
+    if (!ad || !info)
+        return LORA_ERR_INVALID_ARG;
+    const size_t want = info->struct_size;
+    if (want < offsetof(lora_run_info, grad_bound) + sizeof(double))
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+                              "info->struct_size = %zu is smaller than the first version",
+                              want);
+    lora_run_info full = ad->info;
+    full.struct_size = (uint32_t)(want < sizeof full ? want : sizeof full);
+    memcpy(info, &full, full.struct_size);
+    return LORA_OK;
+}

@@ -1,0 +1,184 @@
+/* Forward and backward entry points: validation, backend choice, buffers; the
+ * arithmetic is in src/layer and src/backend. */
+#include <string.h>
+
+#include "internal.h"
+
+static const char *const proj_names[PROJ_COUNT] = {"W_Q", "W_K", "W_V", "W_O"};
+
+/* Picks the backend for this call. AUTO runs exact until the approximate backend and
+ * its estimator exist to justify anything else. */
+static int choose_backend(lora_adapter *ad, const attn_backend **be)
+{
+    switch (ad->cfg.backend) {
+    case LORA_BACKEND_POLY:
+        return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
+                              "LORA_BACKEND_POLY is not available in this build");
+    default: *be = &attn_backend_exact; return LORA_OK;
+    }
+}
+
+static int checked_floats(int64_t rows, int64_t cols, size_t *n)
+{
+    int64_t e;
+    if (__builtin_mul_overflow(rows, cols, &e) || e > (int64_t)(SIZE_MAX / 8))
+        return 0;
+    *n = (size_t)e;
+    return 1;
+}
+
+static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int64_t batch,
+                       int64_t len_q, int64_t len_kv, float *out, lora_saved_kind kind)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    if (!xq || !xkv || !out)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "%s is NULL",
+                              !xq ? (kind == SAVED_SELF ? "x" : "xq") : !xkv ? "xkv" : "out");
+    if (batch < 1 || len_q < 1 || len_kv < 1)
+        return lora_set_error(ad->err, LORA_ERR_SHAPE,
+                              "batch = %lld, len_q = %lld, len_kv = %lld: each must be >= 1",
+                              (long long)batch, (long long)len_q, (long long)len_kv);
+    layer *l = &ad->layer;
+    if (l->causal && len_q > len_kv)
+        return lora_set_error(ad->err, LORA_ERR_SHAPE,
+                              "causal cross-attention needs len_q (%lld) <= len_kv (%lld): "
+                              "keys are aligned to the last query",
+                              (long long)len_q, (long long)len_kv);
+    int64_t rows_q, rows_kv;
+    size_t nxq, nxkv, nout;
+    const int64_t out_cols = l->out_proj ? l->d_model : l->q_dim;
+    if (__builtin_mul_overflow(batch, len_q, &rows_q) ||
+        __builtin_mul_overflow(batch, len_kv, &rows_kv) ||
+        !checked_floats(rows_q, l->d_model, &nxq) ||
+        !checked_floats(rows_kv, l->d_model, &nxkv) ||
+        !checked_floats(rows_q, out_cols > l->q_dim ? out_cols : l->q_dim, &nout))
+        return lora_set_error(ad->err, LORA_ERR_SHAPE,
+                              "batch %lld x len %lld/%lld x width %lld overflows",
+                              (long long)batch, (long long)len_q, (long long)len_kv,
+                              (long long)l->d_model);
+    for (int t = 0; t < PROJ_COUNT; t++)
+        if (!l->proj[t].weight && (t != PROJ_O || l->out_proj))
+            return lora_set_error(ad->err, LORA_ERR_STATE,
+                                  "base weight %s is not set (lora_adapter_set_base)",
+                                  proj_names[t]);
+    int64_t bad = lora_find_nonfinite(xq, nxq);
+    if (bad < 0 && kind == SAVED_CROSS)
+        bad = lora_find_nonfinite(xkv, nxkv);
+    if (bad >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "input has a non-finite entry at index %lld", (long long)bad);
+    const attn_backend *be;
+    int st = choose_backend(ad, &be);
+    if (st != LORA_OK)
+        return st;
+
+    attn_problem p = {
+        .batch = batch, .len_q = len_q, .len_kv = len_kv,
+        .n_heads = l->n_heads, .n_kv_heads = l->n_kv_heads, .head_dim = l->head_dim,
+        .ldq = l->q_dim, .ldkv = l->kv_dim, .ldo = l->q_dim,
+        .softmax_scale = l->softmax_scale, .causal = l->causal,
+        .threads = ad->threads, .la = &ad->la,
+    };
+    const int self = kind == SAVED_SELF;
+    const size_t acts = layer_acts_floats(l, &p, self);
+    const size_t scratch = layer_scratch_floats(l, &p);
+    const size_t be_bytes = be->workspace_size(&p);
+    size_t acts_bytes, scratch_bytes;
+    if (acts == 0 || scratch == 0 || __builtin_mul_overflow(acts, sizeof(float), &acts_bytes) ||
+        __builtin_mul_overflow(scratch, sizeof(float), &scratch_bytes) ||
+        __builtin_add_overflow(scratch_bytes, be_bytes, &scratch_bytes))
+        return lora_set_error(ad->err, LORA_ERR_SHAPE, "working memory size overflows");
+    ad->saved = SAVED_NONE;
+    /* Backward's scratch is reserved here too, so a backward never allocates. */
+    if (lora_buf_reserve(&ad->mem, &ad->acts_buf, acts_bytes) != LORA_OK ||
+        lora_buf_reserve(&ad->mem, &ad->scratch, scratch_bytes) != LORA_OK)
+        return lora_set_error(ad->err, LORA_ERR_NOMEM,
+                              "cannot allocate %zu bytes of activations and working memory",
+                              acts_bytes + scratch_bytes);
+    layer_acts_carve(l, &p, self, ad->acts_buf.ptr, &ad->acts);
+    memcpy(ad->acts.xq, xq, nxq * sizeof(float));
+    if (!self)
+        memcpy(ad->acts.xkv, xkv, nxkv * sizeof(float));
+    layer_forward(l, be, &p, &ad->acts, out, ad->scratch.ptr);
+
+    ad->problem = p;
+    ad->backend = be;
+    ad->saved = kind;
+    memset(&ad->info, 0, sizeof ad->info);
+    ad->info.struct_size = sizeof ad->info;
+    ad->info.backend = be->id;
+    ad->err[0] = '\0';
+    return LORA_OK;
+}
+
+static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *dxkv,
+                        lora_saved_kind kind)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    if (!dout)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "dout is NULL");
+    if (ad->saved != kind)
+        return lora_set_error(ad->err, LORA_ERR_STATE,
+                              ad->saved == SAVED_NONE
+                                  ? "no saved forward: call %s first"
+                                  : "the saved forward is of the other kind: call %s first",
+                              kind == SAVED_SELF ? "lora_forward" : "lora_forward_cross");
+    const layer *l = &ad->layer;
+    const attn_problem *p = &ad->problem;
+    const size_t n = (size_t)(p->batch * p->len_q) *
+                     (size_t)(l->out_proj ? l->d_model : l->q_dim);
+    const int64_t bad = lora_find_nonfinite(dout, n);
+    if (bad >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "dout has a non-finite entry at index %lld", (long long)bad);
+    layer_backward(l, ad->backend, p, &ad->acts, dout, dxq, dxkv, ad->scratch.ptr);
+    ad->err[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_forward(lora_adapter *ad, const float *x, int64_t batch, int64_t seq_len,
+                          float *out)
+{
+    return run_forward(ad, x, x, batch, seq_len, seq_len, out, SAVED_SELF);
+}
+
+LORA_API int lora_backward(lora_adapter *ad, const float *dout, float *dx)
+{
+    return run_backward(ad, dout, dx, dx, SAVED_SELF);
+}
+
+LORA_API int lora_forward_cross(lora_adapter *ad, const float *xq, const float *xkv,
+                                int64_t batch, int64_t len_q, int64_t len_kv, float *out)
+{
+    return run_forward(ad, xq, xkv, batch, len_q, len_kv, out, SAVED_CROSS);
+}
+
+LORA_API int lora_backward_cross(lora_adapter *ad, const float *dout, float *dxq,
+                                 float *dxkv)
+{
+    if (ad && dxq && dxq == dxkv)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                              "dxq and dxkv must be distinct buffers");
+    return run_backward(ad, dout, dxq, dxkv, SAVED_CROSS);
+}
+
+LORA_API int lora_mse_loss(const float *out, const float *target, size_t n, double *loss,
+                           float *dout)
+{
+    if (!out || !target || !loss || n == 0)
+        return LORA_ERR_INVALID_ARG;
+    if (lora_find_nonfinite(out, n) >= 0 || lora_find_nonfinite(target, n) >= 0)
+        return LORA_ERR_NONFINITE;
+    double sum = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        const double d = (double)out[i] - (double)target[i];
+        sum += d * d;
+    }
+    if (dout)
+        for (size_t i = 0; i < n; i++)
+            dout[i] = out[i] - target[i];
+    *loss = 0.5 * sum;
+    return LORA_OK;
+}

@@ -1,0 +1,87 @@
+/* Handle layouts and helpers shared by the API layer (the only code that sees the
+ * public ABI). */
+#ifndef LORA_INTERNAL_H
+#define LORA_INTERNAL_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../../include/lora.h"
+#include "../backend/backend.h"
+#include "../layer/layer.h"
+#include "../linalg/linalg.h"
+
+#define LORA_ERRMSG_SIZE 256
+/* Largest accepted dimension (d_model, heads, head_dim, rank); products of dimensions
+ * are also checked against size_t. */
+#define LORA_MAX_DIM (INT64_C(1) << 24)
+
+/* Every allocation the library makes goes through this (a hook point for users). */
+typedef struct lora_mem {
+    void *(*alloc)(void *opaque, size_t size);
+    void (*free)(void *opaque, void *ptr);
+    void *opaque;
+} lora_mem;
+
+void *lora_mem_alloc(const lora_mem *m, size_t size);   /* 64-byte aligned, NULL on fail */
+void *lora_mem_calloc(const lora_mem *m, size_t count, size_t size);
+void lora_mem_free(const lora_mem *m, void *ptr);
+extern const lora_mem lora_mem_default;
+
+/* Config values; `set` marks explicit ones so derived defaults follow D_MODEL etc. */
+typedef struct lora_config_values {
+    int64_t d_model, n_heads, n_kv_heads, head_dim, targets, rank, rslora, causal, backend,
+        poly_degree, threads, init, out_proj;
+    uint64_t seed;
+    double alpha, softmax_scale, tolerance;
+    uint32_t set; /* bit p set when param p was given explicitly */
+} lora_config_values;
+
+struct lora_config {
+    lora_mem mem;
+    lora_config_values v;
+    char err[LORA_ERRMSG_SIZE];
+};
+
+/* Resolves derived defaults and checks that the values fit together. On failure
+ * writes a message into err and returns a status. */
+int lora_config_resolve(const lora_config_values *in, lora_config_values *out, char *err);
+int lora_config_values_get_int(const lora_config_values *v, int param, int64_t *value);
+int lora_config_values_get_double(const lora_config_values *v, int param, double *value);
+
+/* A growable, 64-byte aligned scratch buffer owned by a handle. */
+typedef struct lora_buf {
+    void *ptr;
+    size_t size;
+} lora_buf;
+/* Grows b to at least size bytes (contents lost). 0 on success, LORA_ERR_NOMEM else. */
+int lora_buf_reserve(const lora_mem *m, lora_buf *b, size_t size);
+void lora_buf_free(const lora_mem *m, lora_buf *b);
+
+typedef enum { SAVED_NONE = 0, SAVED_SELF = 1, SAVED_CROSS = 2 } lora_saved_kind;
+
+struct lora_adapter {
+    lora_mem mem;
+    lora_config_values cfg; /* resolved */
+    layer layer;
+    la_ctx la;
+    int threads;
+    /* forward state */
+    lora_saved_kind saved;
+    attn_problem problem;
+    const attn_backend *backend;
+    layer_acts acts;
+    lora_buf acts_buf;
+    lora_buf scratch;
+    lora_run_info info;
+    char err[LORA_ERRMSG_SIZE];
+};
+
+/* Writes a printf-style message into a handle's error buffer and returns status. */
+int lora_set_error(char *err, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Index of the first non-finite entry of x[0..n), or -1. */
+int64_t lora_find_nonfinite(const float *x, size_t n);
+
+#endif

@@ -1,0 +1,112 @@
+/* Version, status strings, error messages and the allocation hook. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define LORA_STR2(x) #x
+#define LORA_STR(x) LORA_STR2(x)
+
+LORA_API uint32_t lora_version_number(void) { return LORA_VERSION_NUMBER; }
+
+LORA_API const char *lora_version_string(void)
+{
+    return LORA_STR(LORA_VERSION_MAJOR) "." LORA_STR(LORA_VERSION_MINOR) "." LORA_STR(
+        LORA_VERSION_PATCH);
+}
+
+LORA_API const char *lora_status_string(int status)
+{
+    switch (status) {
+    case LORA_OK: return "ok";
+    case LORA_ERR_INVALID_ARG: return "invalid argument";
+    case LORA_ERR_SHAPE: return "inconsistent or too large dimensions";
+    case LORA_ERR_NOMEM: return "out of memory";
+    case LORA_ERR_NONFINITE: return "non-finite value (NaN or Inf) in input";
+    case LORA_ERR_UNSUPPORTED: return "unsupported by this build or backend";
+    case LORA_ERR_STATE: return "call out of order";
+    case LORA_ERR_IO: return "input/output error";
+    case LORA_ERR_FORMAT: return "malformed file";
+    case LORA_ERR_TOLERANCE: return "tolerance cannot be met by the approximate backend";
+    default: return "unknown status";
+    }
+}
+
+int lora_set_error(char *err, int status, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, LORA_ERRMSG_SIZE, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+int64_t lora_find_nonfinite(const float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i]))
+            return (int64_t)i;
+    return -1;
+}
+
+/* ---- memory ---- */
+
+static void *default_alloc(void *opaque, size_t size)
+{
+    (void)opaque;
+    void *p = NULL;
+    /* 64-byte alignment: full cache lines and AVX-512 vectors for every buffer. */
+    size_t rounded = (size + 63u) & ~(size_t)63u;
+    if (rounded < size)
+        return NULL;
+    return posix_memalign(&p, 64, rounded ? rounded : 64) == 0 ? p : NULL;
+}
+
+static void default_free(void *opaque, void *ptr)
+{
+    (void)opaque;
+    free(ptr);
+}
+
+const lora_mem lora_mem_default = {default_alloc, default_free, NULL};
+
+void *lora_mem_alloc(const lora_mem *m, size_t size) { return m->alloc(m->opaque, size); }
+
+void *lora_mem_calloc(const lora_mem *m, size_t count, size_t size)
+{
+    size_t bytes;
+    if (__builtin_mul_overflow(count, size, &bytes))
+        return NULL;
+    void *p = lora_mem_alloc(m, bytes);
+    if (p)
+        memset(p, 0, bytes);
+    return p;
+}
+
+void lora_mem_free(const lora_mem *m, void *ptr)
+{
+    if (ptr)
+        m->free(m->opaque, ptr);
+}
+
+int lora_buf_reserve(const lora_mem *m, lora_buf *b, size_t size)
+{
+    if (size <= b->size && b->ptr)
+        return LORA_OK;
+    void *p = lora_mem_alloc(m, size);
+    if (!p)
+        return LORA_ERR_NOMEM;
+    lora_mem_free(m, b->ptr);
+    b->ptr = p;
+    b->size = size;
+    return LORA_OK;
+}
+
+void lora_buf_free(const lora_mem *m, lora_buf *b)
+{
+    lora_mem_free(m, b->ptr);
+    b->ptr = NULL;
+    b->size = 0;
+}

@@ -1,0 +1,62 @@
+/* The LoRA attention layer: frozen projections with LoRA terms around an attention
+ * backend (MATH §1-2). Pure computation: callers own every buffer, sized by the
+ * *_size functions here. */
+#ifndef LORA_LAYER_H
+#define LORA_LAYER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../backend/backend.h"
+
+enum { PROJ_Q = 0, PROJ_K = 1, PROJ_V = 2, PROJ_O = 3, PROJ_COUNT = 4 };
+
+/* One projection y = x·(W + s·B·A)ᵀ + bias. */
+typedef struct layer_proj {
+    int64_t in, out;
+    float *weight; /* (out, in), NULL until set */
+    float *bias;   /* (out) or NULL */
+    int adapted;   /* has LoRA factors */
+    float *a, *b;  /* (rank, in), (out, rank) */
+    float *da, *db;
+} layer_proj;
+
+typedef struct layer {
+    int64_t d_model, n_heads, n_kv_heads, head_dim, q_dim, kv_dim, rank;
+    float lora_scale;    /* s = alpha/r or alpha/√r */
+    float softmax_scale; /* β */
+    int causal, out_proj;
+    layer_proj proj[PROJ_COUNT];
+} layer;
+
+/* Activations a forward leaves for its backward. For self-attention xkv == xq. */
+typedef struct layer_acts {
+    int64_t batch, len_q, len_kv;
+    float *xq, *xkv;         /* inputs (batch·len, d_model) */
+    float *q, *k, *v;        /* projections (rows, q_dim / kv_dim) */
+    float *attn;             /* attention output C (batch·len_q, q_dim) */
+    float *row_stat;         /* backend's per-row statistic */
+    float *xa[PROJ_COUNT];   /* X·Aᵀ (rows, rank) of adapted projections */
+} layer_acts;
+
+/* Floats of activation storage for a call; self != 0 shares xq as xkv. Carve with
+ * layer_acts_carve. Returns 0 when the count overflows size_t. */
+size_t layer_acts_floats(const layer *l, const attn_problem *p, int self);
+void layer_acts_carve(const layer *l, const attn_problem *p, int self, float *buf,
+                      layer_acts *a);
+
+/* Floats of scratch layer_forward / layer_backward need beyond the backend's own. */
+size_t layer_scratch_floats(const layer *l, const attn_problem *p);
+
+/* out: (batch·len_q, d_model) with out_proj, else (batch·len_q, q_dim). a->xq and
+ * a->xkv hold the inputs. ws: layer_scratch_floats floats, then the backend's bytes. */
+void layer_forward(const layer *l, const attn_backend *be, const attn_problem *p,
+                   layer_acts *a, float *out, float *ws);
+
+/* Accumulates dA, dB of adapted projections; dxq, dxkv (NULL or input-shaped) are
+ * overwritten; for self-attention pass the same pointer as dxq and dxkv. */
+void layer_backward(const layer *l, const attn_backend *be, const attn_problem *p,
+                    const layer_acts *a, const float *dout, float *dxq, float *dxkv,
+                    float *ws);
+
+#endif
