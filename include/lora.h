@@ -211,7 +211,10 @@ typedef struct lora_run_info {
     int64_t poly_rank;     /* feature columns k = binom(g + HEAD_DIM, HEAD_DIM), 0 EXACT */
     double error_bound;    /* certified eta: |F~ - F| <= eta*F entrywise; 0 for EXACT */
     double grad_bound;     /* after backward: certified bound on the absolute error of
-                              the returned gradient entries; 0 for EXACT */
+                              every returned gradient entry (dA, dB, dx), in exact
+                              arithmetic (MATH §4); 0 for EXACT */
+    double score_bound;    /* R >= max |S_ij - c_i| of the last forward (see
+                              lora_threshold_report); computed for every backend */
 } lora_run_info;
 
 /* Fills *info (up to info->struct_size bytes). Errors: INVALID_ARG (NULL, struct_size
@@ -251,6 +254,39 @@ LORA_API int lora_backward_cross(lora_adapter *ad, const float *dout, float *dxq
  * NONFINITE. Thread-safe (no handle). */
 LORA_API int lora_mse_loss(const float *out, const float *target, size_t n,
                            double *loss, float *dout);
+
+/* ---- Threshold estimator ------------------------------------------------------------ */
+/* What the paper's threshold says about one input, and what AUTO would do with it.
+ * The polynomial backend pays when the score bound R is small (degree g stays low),
+ * the head is narrow (k = binom(g + HEAD_DIM, HEAD_DIM) columns) and L is long. */
+typedef struct lora_threshold_report {
+    uint32_t struct_size;        /* caller sets sizeof(lora_threshold_report); fields are
+                                    only appended */
+    int32_t recommended_backend; /* what LORA_BACKEND_AUTO runs for this input:
+                                    LORA_BACKEND_EXACT or LORA_BACKEND_POLY */
+    double gamma_q, gamma_k, gamma_v; /* max |entry| of Q, K, V as the forward computes
+                                    them (adapted weights, bias included): the paper's Γ */
+    double gamma_ratio;          /* max(gamma_q, gamma_k) / sqrt(ln L), L = seq_len
+                                    (ln 2 for L = 1): the paper's statistic */
+    double score_bound;          /* R >= max |S_ij - c_i| over heads and batch, softmax
+                                    scale included; c_i = β·q_i·mean_j(k_j), the exact
+                                    per-row shift of key centring */
+    int64_t poly_degree;         /* even degree POLY would use: LORA_CFG_POLY_DEGREE if
+                                    set, else the smallest meeting TOLERANCE (0: none
+                                    within limits) */
+    int64_t poly_rank;           /* feature columns k = binom(g + HEAD_DIM, HEAD_DIM) */
+    double error_bound;          /* certified eta at that degree: |F~ - F| <= eta*F */
+    double flops_exact, flops_poly; /* modelled cost of one forward+backward of the
+                                    attention core (projections excluded) */
+} lora_threshold_report;
+
+/* Estimates the threshold statistics for self-attention on x (batch, seq_len, D_MODEL)
+ * with the adapter's current weights. Does not touch the saved forward or gradients.
+ * Cost O(batch*seq_len*D_MODEL*(D_MODEL + RANK)): the projections plus O(L*HEAD_DIM)
+ * per head. Errors: as lora_forward (INVALID_ARG, SHAPE, STATE, NONFINITE, NOMEM), and
+ * INVALID_ARG when report->struct_size is smaller than its first version. */
+LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t batch,
+                                     int64_t seq_len, lora_threshold_report *report);
 
 #ifdef __cplusplus
 }

@@ -6,18 +6,6 @@
 
 static const char *const proj_names[PROJ_COUNT] = {"W_Q", "W_K", "W_V", "W_O"};
 
-/* Picks the backend for this call. AUTO runs exact until the approximate backend and
- * its estimator exist to justify anything else. */
-static int choose_backend(lora_adapter *ad, const attn_backend **be)
-{
-    switch (ad->cfg.backend) {
-    case LORA_BACKEND_POLY:
-        return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
-                              "LORA_BACKEND_POLY is not available in this build");
-    default: *be = &attn_backend_exact; return LORA_OK;
-    }
-}
-
 static int checked_floats(int64_t rows, int64_t cols, size_t *n)
 {
     int64_t e;
@@ -27,87 +15,112 @@ static int checked_floats(int64_t rows, int64_t cols, size_t *n)
     return 1;
 }
 
-static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int64_t batch,
-                       int64_t len_q, int64_t len_kv, float *out, lora_saved_kind kind)
+int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64_t batch,
+                      int64_t len_q, int64_t len_kv, int self, attn_problem *p)
 {
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
-    if (!xq || !xkv || !out)
+    if (!xq || !xkv)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "%s is NULL",
-                              !xq ? (kind == SAVED_SELF ? "x" : "xq") : !xkv ? "xkv" : "out");
+                              self ? "x" : (!xq ? "xq" : "xkv"));
     if (batch < 1 || len_q < 1 || len_kv < 1)
         return lora_set_error(ad->err, LORA_ERR_SHAPE,
                               "batch = %lld, len_q = %lld, len_kv = %lld: each must be >= 1",
                               (long long)batch, (long long)len_q, (long long)len_kv);
-    layer *l = &ad->layer;
+    const layer *l = &ad->layer;
     if (l->causal && len_q > len_kv)
         return lora_set_error(ad->err, LORA_ERR_SHAPE,
                               "causal cross-attention needs len_q (%lld) <= len_kv (%lld): "
                               "keys are aligned to the last query",
                               (long long)len_q, (long long)len_kv);
     int64_t rows_q, rows_kv;
-    size_t nxq, nxkv, nout;
-    const int64_t out_cols = l->out_proj ? l->d_model : l->q_dim;
+    size_t nxq, nxkv;
+    const int64_t width = l->d_model > l->q_dim ? l->d_model : l->q_dim;
     if (__builtin_mul_overflow(batch, len_q, &rows_q) ||
         __builtin_mul_overflow(batch, len_kv, &rows_kv) ||
-        !checked_floats(rows_q, l->d_model, &nxq) ||
-        !checked_floats(rows_kv, l->d_model, &nxkv) ||
-        !checked_floats(rows_q, out_cols > l->q_dim ? out_cols : l->q_dim, &nout))
+        !checked_floats(rows_q, width, &nxq) || !checked_floats(rows_kv, width, &nxkv))
         return lora_set_error(ad->err, LORA_ERR_SHAPE,
                               "batch %lld x len %lld/%lld x width %lld overflows",
                               (long long)batch, (long long)len_q, (long long)len_kv,
-                              (long long)l->d_model);
+                              (long long)width);
     for (int t = 0; t < PROJ_COUNT; t++)
         if (!l->proj[t].weight && (t != PROJ_O || l->out_proj))
             return lora_set_error(ad->err, LORA_ERR_STATE,
                                   "base weight %s is not set (lora_adapter_set_base)",
                                   proj_names[t]);
+    nxq = (size_t)rows_q * (size_t)l->d_model;
+    nxkv = (size_t)rows_kv * (size_t)l->d_model;
     int64_t bad = lora_find_nonfinite(xq, nxq);
-    if (bad < 0 && kind == SAVED_CROSS)
+    if (bad < 0 && !self)
         bad = lora_find_nonfinite(xkv, nxkv);
     if (bad >= 0)
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
-                              "input has a non-finite entry at index %lld", (long long)bad);
-    const attn_backend *be;
-    int st = choose_backend(ad, &be);
-    if (st != LORA_OK)
-        return st;
-
-    attn_problem p = {
+                              "%s has a non-finite entry at index %lld",
+                              self ? "x" : (lora_find_nonfinite(xq, nxq) >= 0 ? "xq" : "xkv"),
+                              (long long)bad);
+    *p = (attn_problem){
         .batch = batch, .len_q = len_q, .len_kv = len_kv,
         .n_heads = l->n_heads, .n_kv_heads = l->n_kv_heads, .head_dim = l->head_dim,
         .ldq = l->q_dim, .ldkv = l->kv_dim, .ldo = l->q_dim,
         .softmax_scale = l->softmax_scale, .causal = l->causal,
         .threads = ad->threads, .la = &ad->la,
     };
+    return LORA_OK;
+}
+
+static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int64_t batch,
+                       int64_t len_q, int64_t len_kv, float *out, lora_saved_kind kind)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
     const int self = kind == SAVED_SELF;
+    attn_problem p;
+    int st = lora_check_inputs(ad, xq, xkv, batch, len_q, len_kv, self, &p);
+    if (st != LORA_OK)
+        return st;
+    if (!out)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "out is NULL");
+    const layer *l = &ad->layer;
     const size_t acts = layer_acts_floats(l, &p, self);
-    const size_t scratch = layer_scratch_floats(l, &p);
-    const size_t be_bytes = be->workspace_size(&p);
-    size_t acts_bytes, scratch_bytes;
-    if (acts == 0 || scratch == 0 || __builtin_mul_overflow(acts, sizeof(float), &acts_bytes) ||
-        __builtin_mul_overflow(scratch, sizeof(float), &scratch_bytes) ||
+    size_t acts_bytes;
+    if (acts == 0 || __builtin_mul_overflow(acts, sizeof(float), &acts_bytes))
+        return lora_set_error(ad->err, LORA_ERR_SHAPE, "activation size overflows");
+    ad->saved = SAVED_NONE;
+    if (lora_buf_reserve(&ad->mem, &ad->acts_buf, acts_bytes) != LORA_OK)
+        return lora_set_error(ad->err, LORA_ERR_NOMEM,
+                              "cannot allocate %zu bytes of activations", acts_bytes);
+    layer_acts_carve(l, &p, self, ad->acts_buf.ptr, &ad->acts);
+    memcpy(ad->acts.xq, xq, (size_t)(batch * len_q * l->d_model) * sizeof(float));
+    if (!self)
+        memcpy(ad->acts.xkv, xkv, (size_t)(batch * len_kv * l->d_model) * sizeof(float));
+    layer_project(l, &p, &ad->acts);
+
+    lora_plan plan;
+    st = lora_plan_call(ad, &p, ad->acts.q, ad->acts.k, &plan);
+    if (st != LORA_OK)
+        return st;
+    /* Backward's scratch is reserved here too, so a backward never allocates. */
+    const size_t be_bytes = plan.backend->workspace_size(&p);
+    size_t scratch_bytes;
+    if (__builtin_mul_overflow(layer_scratch_floats(l, &p), sizeof(float), &scratch_bytes) ||
         __builtin_add_overflow(scratch_bytes, be_bytes, &scratch_bytes))
         return lora_set_error(ad->err, LORA_ERR_SHAPE, "working memory size overflows");
-    ad->saved = SAVED_NONE;
-    /* Backward's scratch is reserved here too, so a backward never allocates. */
-    if (lora_buf_reserve(&ad->mem, &ad->acts_buf, acts_bytes) != LORA_OK ||
-        lora_buf_reserve(&ad->mem, &ad->scratch, scratch_bytes) != LORA_OK)
+    if (lora_buf_reserve(&ad->mem, &ad->scratch, scratch_bytes) != LORA_OK)
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
-                              "cannot allocate %zu bytes of activations and working memory",
-                              acts_bytes + scratch_bytes);
-    layer_acts_carve(l, &p, self, ad->acts_buf.ptr, &ad->acts);
-    memcpy(ad->acts.xq, xq, nxq * sizeof(float));
-    if (!self)
-        memcpy(ad->acts.xkv, xkv, nxkv * sizeof(float));
-    layer_forward(l, be, &p, &ad->acts, out, ad->scratch.ptr);
+                              "cannot allocate %zu bytes of working memory", scratch_bytes);
+    layer_attend(l, plan.backend, &p, &ad->acts, out, ad->scratch.ptr);
 
     ad->problem = p;
-    ad->backend = be;
+    ad->backend = plan.backend;
     ad->saved = kind;
+    ad->eta = plan.backend == &attn_backend_poly ? plan.eta : 0.0;
     memset(&ad->info, 0, sizeof ad->info);
     ad->info.struct_size = sizeof ad->info;
-    ad->info.backend = be->id;
+    ad->info.backend = plan.backend->id;
+    if (plan.backend == &attn_backend_poly) {
+        ad->info.poly_degree = plan.degree;
+        ad->info.poly_rank = plan.rank;
+        ad->info.error_bound = plan.eta;
+    }
+    ad->info.score_bound = plan.score_bound;
     ad->err[0] = '\0';
     return LORA_OK;
 }
@@ -133,7 +146,10 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
     if (bad >= 0)
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                               "dout has a non-finite entry at index %lld", (long long)bad);
-    layer_backward(l, ad->backend, p, &ad->acts, dout, dxq, dxkv, ad->scratch.ptr);
+    double grad_bound = 0.0;
+    layer_backward(l, ad->backend, p, &ad->acts, dout, dxq, dxkv, ad->scratch.ptr, ad->eta,
+                   &grad_bound);
+    ad->info.grad_bound = grad_bound;
     ad->err[0] = '\0';
     return LORA_OK;
 }

@@ -74,9 +74,33 @@ struct lora_adapter {
     layer_acts acts;
     lora_buf acts_buf;
     lora_buf scratch;
+    lora_buf estimate_buf; /* lora_threshold_estimate's own projections */
+    double eta;            /* certified η of the saved forward (0 exact) */
     lora_run_info info;
     char err[LORA_ERRMSG_SIZE];
 };
+
+/* The backend decision for one call (AUTO, forced EXACT or forced POLY). */
+typedef struct lora_plan {
+    const attn_backend *backend;
+    int degree;        /* POLY degree; also reported when EXACT runs (0 = none) */
+    int64_t rank;      /* features at that degree (0 = none) */
+    double eta;        /* certified η at that degree (+inf when not certified) */
+    double score_bound;
+    double flops_exact, flops_poly;
+    const attn_backend *auto_choice; /* what AUTO would run */
+} lora_plan;
+
+/* Decides the backend from the projected Q and K of problem p (p->poly_degree is set
+ * from the plan). Errors: TOLERANCE (POLY forced, no degree certifies the tolerance),
+ * UNSUPPORTED (POLY forced, the degree's features exceed POLY_MAX_RANK), NOMEM. */
+int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const float *k,
+                   lora_plan *plan);
+
+/* Validates a forward's inputs (pointers, shapes, base weights, finiteness) and fills
+ * the attention problem. xkv == xq for self-attention. */
+int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64_t batch,
+                      int64_t len_q, int64_t len_kv, int self, attn_problem *p);
 
 /* Writes a printf-style message into a handle's error buffer and returns status. */
 int lora_set_error(char *err, int status, const char *fmt, ...)

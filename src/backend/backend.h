@@ -46,6 +46,7 @@ typedef struct attn_backend {
 } attn_backend;
 
 extern const attn_backend attn_backend_exact;
+extern const attn_backend attn_backend_poly;
 
 /* Number of keys visible to query row i (causal alignment of attn_problem). */
 static inline int64_t attn_visible_keys(const attn_problem *p, int64_t i)

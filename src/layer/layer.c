@@ -2,6 +2,7 @@
  * gradient to the adapter"): dW is never formed, only dA and dB. */
 #include "layer.h"
 
+#include <math.h>
 #include <string.h>
 
 /* Rows each projection reads: queries for Q and the output projection, keys for K, V. */
@@ -119,26 +120,94 @@ static void proj_backward(const layer *l, const layer_proj *pr, const la_ctx *la
     }
 }
 
-void layer_forward(const layer *l, const attn_backend *be, const attn_problem *p,
-                   layer_acts *a, float *out, float *ws)
+void layer_project(const layer *l, const attn_problem *p, layer_acts *a)
 {
-    const la_ctx *la = p->la;
-    const int nt = p->threads;
     const int64_t nq = p->batch * p->len_q, nk = p->batch * p->len_kv;
-    proj_forward(l, &l->proj[PROJ_Q], la, nt, a->xq, nq, a->q, a->xa[PROJ_Q]);
-    proj_forward(l, &l->proj[PROJ_K], la, nt, a->xkv, nk, a->k, a->xa[PROJ_K]);
-    proj_forward(l, &l->proj[PROJ_V], la, nt, a->xkv, nk, a->v, a->xa[PROJ_V]);
+    proj_forward(l, &l->proj[PROJ_Q], p->la, p->threads, a->xq, nq, a->q, a->xa[PROJ_Q]);
+    proj_forward(l, &l->proj[PROJ_K], p->la, p->threads, a->xkv, nk, a->k, a->xa[PROJ_K]);
+    proj_forward(l, &l->proj[PROJ_V], p->la, p->threads, a->xkv, nk, a->v, a->xa[PROJ_V]);
+}
+
+void layer_attend(const layer *l, const attn_backend *be, const attn_problem *p,
+                  layer_acts *a, float *out, float *ws)
+{
+    const int64_t nq = p->batch * p->len_q;
     be->forward(p, a->q, a->k, a->v, a->attn, a->row_stat,
                 ws + layer_scratch_floats(l, p));
     if (l->out_proj)
-        proj_forward(l, &l->proj[PROJ_O], la, nt, a->attn, nq, out, a->xa[PROJ_O]);
+        proj_forward(l, &l->proj[PROJ_O], p->la, p->threads, a->attn, nq, out,
+                     a->xa[PROJ_O]);
     else
         memcpy(out, a->attn, (size_t)nq * (size_t)l->q_dim * sizeof(float));
 }
 
+static double max_abs(const float *x, size_t n)
+{
+    float m = 0.0f;
+    for (size_t i = 0; i < n; i++)
+        m = fabsf(x[i]) > m ? fabsf(x[i]) : m;
+    return m;
+}
+
+static double max3(double a, double b, double c)
+{
+    return a > b ? (a > c ? a : c) : (b > c ? b : c);
+}
+
+/* MATH §4 made concrete. With |F̃ − F| <= η·F entrywise and D = d·max|dO|·max|V|
+ * bounding |dP|: |ρ̃ − ρ| <= η·D, so each row of dS̃ − dS has ℓ1 norm <= η(3 + η)·D.
+ * Then per entry: dQ <= β·η(3+η)·D·max|K|; dK <= β·η(3+η)·D·Lq·G·max|Q| and
+ * dV <= η·Lq·G·max|dO| (column sums of F are at most Lq, G query heads per kv head);
+ * the attention output carries η·max|V|. Each projection gradient multiplies its dY
+ * error by the sizes and magnitudes of its other factors (dW = s·B·A chain). */
+static double grad_error_bound(const layer *l, const attn_problem *p, const layer_acts *a,
+                               const float *dattn, const float *dout, double eta)
+{
+    if (eta <= 0.0)
+        return 0.0;
+    const size_t nq = (size_t)(p->batch * p->len_q), nk = (size_t)(p->batch * p->len_kv);
+    const double qm = max_abs(a->q, nq * (size_t)l->q_dim);
+    const double km = max_abs(a->k, nk * (size_t)l->kv_dim);
+    const double vm = max_abs(a->v, nk * (size_t)l->kv_dim);
+    const double gm = max_abs(dattn, nq * (size_t)l->q_dim);
+    const double d = (double)l->head_dim, lq = (double)p->len_q;
+    const double group = (double)(l->n_heads / l->n_kv_heads), beta = fabs(l->softmax_scale);
+    const double ds_row = eta * (3.0 + eta) * d * gm * vm;
+    const double ey[PROJ_COUNT] = {beta * ds_row * km, beta * ds_row * lq * group * qm,
+                                   eta * lq * group * gm, 0.0};
+    const double s = fabs(l->lora_scale), r = (double)l->rank;
+    double bound = 0.0, dx = 0.0;
+    for (int t = PROJ_Q; t <= PROJ_V; t++) {
+        const layer_proj *pr = &l->proj[t];
+        const size_t rows = t == PROJ_Q ? nq : nk;
+        const double xm = max_abs(t == PROJ_Q ? a->xq : a->xkv, rows * (size_t)pr->in);
+        const double wm = max_abs(pr->weight, (size_t)(pr->out * pr->in));
+        double weff = wm;
+        if (pr->adapted) {
+            const double bm = max_abs(pr->b, (size_t)(pr->out * l->rank));
+            const double am = max_abs(pr->a, (size_t)(l->rank * pr->in));
+            const double xam = max_abs(a->xa[t], rows * (size_t)l->rank);
+            bound = max3(bound, s * (double)rows * (double)pr->out * ey[t] * bm * xm,
+                         s * (double)rows * ey[t] * xam);
+            weff += s * r * bm * am;
+        }
+        dx += (double)pr->out * ey[t] * weff;
+    }
+    bound = bound > dx ? bound : dx;
+    const layer_proj *po = &l->proj[PROJ_O];
+    if (l->out_proj && po->adapted) {
+        const double ec = eta * vm, gom = max_abs(dout, nq * (size_t)po->out);
+        const double bm = max_abs(po->b, (size_t)(po->out * l->rank));
+        const double am = max_abs(po->a, (size_t)(l->rank * po->in));
+        bound = max3(bound, s * (double)nq * (double)po->out * gom * bm * ec,
+                     s * (double)nq * gom * (double)po->in * am * ec);
+    }
+    return bound;
+}
+
 void layer_backward(const layer *l, const attn_backend *be, const attn_problem *p,
                     const layer_acts *a, const float *dout, float *dxq, float *dxkv,
-                    float *ws)
+                    float *ws, double eta, double *grad_bound)
 {
     const la_ctx *la = p->la;
     const int nt = p->threads;
@@ -158,4 +227,5 @@ void layer_backward(const layer *l, const attn_backend *be, const attn_problem *
     proj_backward(l, &l->proj[PROJ_K], la, nt, a->xkv, a->xa[PROJ_K], nk, dk, dxkv,
                   shared_dx, dyb);
     proj_backward(l, &l->proj[PROJ_V], la, nt, a->xkv, a->xa[PROJ_V], nk, dv, dxkv, 1, dyb);
+    *grad_bound = grad_error_bound(l, p, a, dattn, dout, eta);
 }

@@ -48,15 +48,22 @@ void layer_acts_carve(const layer *l, const attn_problem *p, int self, float *bu
 /* Floats of scratch layer_forward / layer_backward need beyond the backend's own. */
 size_t layer_scratch_floats(const layer *l, const attn_problem *p);
 
-/* out: (batch·len_q, d_model) with out_proj, else (batch·len_q, q_dim). a->xq and
- * a->xkv hold the inputs. ws: layer_scratch_floats floats, then the backend's bytes. */
-void layer_forward(const layer *l, const attn_backend *be, const attn_problem *p,
-                   layer_acts *a, float *out, float *ws);
+/* Forward in two steps, so the backend can be chosen from Q and K in between.
+ * layer_project: a->q, a->k, a->v from a->xq, a->xkv (the inputs).
+ * layer_attend: attention and output projection; out is (batch·len_q, d_model) with
+ * out_proj, else (batch·len_q, q_dim). ws: layer_scratch_floats floats, then the
+ * backend's workspace. */
+void layer_project(const layer *l, const attn_problem *p, layer_acts *a);
+void layer_attend(const layer *l, const attn_backend *be, const attn_problem *p,
+                  layer_acts *a, float *out, float *ws);
 
 /* Accumulates dA, dB of adapted projections; dxq, dxkv (NULL or input-shaped) are
- * overwritten; for self-attention pass the same pointer as dxq and dxkv. */
+ * overwritten; for self-attention pass the same pointer as dxq and dxkv.
+ * eta: the backend's certified relative error of the attention probabilities (0 for
+ * exact); *grad_bound receives the certified absolute error bound that implies on
+ * every returned gradient entry (MATH §4; exact arithmetic). */
 void layer_backward(const layer *l, const attn_backend *be, const attn_problem *p,
                     const layer_acts *a, const float *dout, float *dxq, float *dxkv,
-                    float *ws);
+                    float *ws, double eta, double *grad_bound);
 
 #endif

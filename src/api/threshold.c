@@ -1,0 +1,132 @@
+/* The threshold estimator and the per-call backend decision (MATH §3-5): the paper's
+ * Γ statistics, the score bound R, the Taylor degree meeting the tolerance, and the
+ * cost model that makes AUTO pick POLY only where it certifiably pays. */
+#include <math.h>
+#include <string.h>
+
+#include "../backend/poly_model.h"
+#include "internal.h"
+
+int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const float *k,
+                   lora_plan *plan)
+{
+    memset(plan, 0, sizeof *plan);
+    /* R needs head_dim doubles of scratch: the handle's scratch buffer serves. */
+    if (lora_buf_reserve(&ad->mem, &ad->scratch, (size_t)p->head_dim * sizeof(double)) !=
+        LORA_OK)
+        return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate scratch");
+    plan->score_bound = poly_score_bound(p, q, k, ad->scratch.ptr);
+    const double tol = ad->cfg.tolerance;
+    const int explicit_degree = ad->cfg.poly_degree > 0;
+    plan->degree = explicit_degree ? (int)ad->cfg.poly_degree
+                                   : poly_degree_for(plan->score_bound, tol);
+    plan->rank = plan->degree > 0 ? poly_rank(plan->degree, p->head_dim) : 0;
+    if (plan->rank < 0)
+        plan->rank = 0;
+    plan->eta = plan->degree > 0 ? poly_eta(plan->degree, plan->score_bound) : INFINITY;
+    plan->flops_exact = attn_flops_exact(p);
+    plan->flops_poly = plan->rank > 0 ? attn_flops_poly(p, plan->degree) : INFINITY;
+    const int certified = plan->rank > 0 && plan->eta <= tol;
+    plan->auto_choice = certified && plan->flops_poly * POLY_COST_RATIO < plan->flops_exact
+                            ? &attn_backend_poly
+                            : &attn_backend_exact;
+    switch (ad->cfg.backend) {
+    case LORA_BACKEND_EXACT: plan->backend = &attn_backend_exact; break;
+    case LORA_BACKEND_POLY:
+        if (plan->degree == 0)
+            return lora_set_error(ad->err, LORA_ERR_TOLERANCE,
+                                  "no even degree <= %d certifies tolerance %g at score "
+                                  "bound R = %g; lower R, raise LORA_CFG_TOLERANCE or set "
+                                  "LORA_CFG_POLY_DEGREE",
+                                  POLY_MAX_DEGREE, tol, plan->score_bound);
+        if (plan->rank == 0)
+            return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
+                                  "degree %d with head_dim %lld needs more than %lld "
+                                  "feature columns",
+                                  plan->degree, (long long)p->head_dim,
+                                  (long long)POLY_MAX_RANK);
+        plan->backend = &attn_backend_poly;
+        break;
+    default: plan->backend = plan->auto_choice; break;
+    }
+    p->poly_degree = plan->backend == &attn_backend_poly ? plan->degree : 0;
+    return LORA_OK;
+}
+
+static double max_abs_cols(const float *x, int64_t rows, int64_t cols)
+{
+    float m = 0.0f;
+    for (int64_t i = 0; i < rows * cols; i++)
+        m = fabsf(x[i]) > m ? fabsf(x[i]) : m;
+    return m;
+}
+
+LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t batch,
+                                     int64_t seq_len, lora_threshold_report *report)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    if (!report)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "report is NULL");
+    const size_t want = report->struct_size;
+    if (want < offsetof(lora_threshold_report, flops_poly) + sizeof(double))
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                              "report->struct_size = %zu is smaller than the first version",
+                              want);
+    attn_problem p;
+    int st = lora_check_inputs(ad, x, x, batch, seq_len, seq_len, 1, &p);
+    if (st != LORA_OK)
+        return st;
+    /* Own buffers for Q, K, V and X·Aᵀ: the saved forward stays intact. */
+    const layer *l = &ad->layer;
+    const size_t rows = (size_t)(batch * seq_len);
+    size_t floats = rows * (size_t)(l->q_dim + 2 * l->kv_dim);
+    for (int t = 0; t < PROJ_COUNT; t++)
+        if (l->proj[t].adapted)
+            floats += rows * (size_t)l->rank;
+    if (lora_buf_reserve(&ad->mem, &ad->estimate_buf, floats * sizeof(float)) != LORA_OK)
+        return lora_set_error(ad->err, LORA_ERR_NOMEM,
+                              "cannot allocate %zu bytes for the estimate",
+                              floats * sizeof(float));
+    layer_acts a;
+    memset(&a, 0, sizeof a);
+    a.xq = a.xkv = (float *)x; /* layer_project only reads the inputs */
+    a.q = ad->estimate_buf.ptr;
+    a.k = a.q + rows * (size_t)l->q_dim;
+    a.v = a.k + rows * (size_t)l->kv_dim;
+    float *next = a.v + rows * (size_t)l->kv_dim;
+    for (int t = 0; t < PROJ_COUNT; t++)
+        if (l->proj[t].adapted) {
+            a.xa[t] = next;
+            next += rows * (size_t)l->rank;
+        }
+    layer_project(l, &p, &a);
+
+    lora_plan plan;
+    /* The plan as AUTO would make it, whatever backend is configured. */
+    const int64_t configured = ad->cfg.backend;
+    ad->cfg.backend = LORA_BACKEND_AUTO;
+    st = lora_plan_call(ad, &p, a.q, a.k, &plan);
+    ad->cfg.backend = configured;
+    if (st != LORA_OK)
+        return st;
+
+    lora_threshold_report r;
+    memset(&r, 0, sizeof r);
+    r.recommended_backend = plan.auto_choice->id;
+    r.gamma_q = max_abs_cols(a.q, (int64_t)rows, l->q_dim);
+    r.gamma_k = max_abs_cols(a.k, (int64_t)rows, l->kv_dim);
+    r.gamma_v = max_abs_cols(a.v, (int64_t)rows, l->kv_dim);
+    const double ln_l = log(seq_len > 1 ? (double)seq_len : 2.0);
+    r.gamma_ratio = (r.gamma_q > r.gamma_k ? r.gamma_q : r.gamma_k) / sqrt(ln_l);
+    r.score_bound = plan.score_bound;
+    r.poly_degree = plan.rank > 0 ? plan.degree : 0;
+    r.poly_rank = r.poly_degree > 0 ? plan.rank : 0;
+    r.error_bound = r.poly_degree > 0 ? plan.eta : INFINITY;
+    r.flops_exact = plan.flops_exact;
+    r.flops_poly = plan.flops_poly;
+    r.struct_size = (uint32_t)(want < sizeof r ? want : sizeof r);
+    memcpy(report, &r, r.struct_size);
+    ad->err[0] = '\0';
+    return LORA_OK;
+}

@@ -1,0 +1,507 @@
+/* The polynomial method (MATH §3): exp(β·q·k) ≈ φ(q)·φ(k) with φ the degree-g Taylor
+ * monomial features, k = binom(g + d, d) columns. Nothing of size L × L or L × k·d is
+ * formed: rows stream in blocks of POLY_BLOCK through k × (d+1)² running states.
+ *
+ * Notation (per head): d = head_dim, V' = [V, 1] and Q' = [Q, 1] (a column of ones),
+ * dO' = [dO, −ρ] with ρ_i = ⟨dO_i, Õ_i⟩, w_i = Σ_j φ(q_i)·φ(k_j) the normaliser. Then
+ *   forward   Õ_i·w_i, w_i  = φ(q_i)·Σ_j φ(k_j) ⊗ V'_j                  (k × (d+1))
+ *   dQ_i[e]  = β/w_i · Σ_c dO'_i[c] · φ(q_i)·Σ_j φ(k_j) V'_j[c] K_j[e]   (k × (d+1)·d)
+ *   dK_j[e]  = β · Σ_c V'_j[c] · φ(k_j)·Σ_i φ(q_i)/w_i dO'_i[c] Q'_i[e] (k × (d+1)²)
+ *   dV_j[c]  = the e = d column of the same product
+ * which is MATH §3's (Ũ ⊛ dO)·((V̂ ⊛ V)ᵀ·K) − diag(ρ)·Ũ·(V̂ᵀ·K) and its transposes,
+ * re-associated so every Kronecker contraction is one BLIS product per row block.
+ *
+ * Causal attention (not in the paper): the sums over j run over a prefix. Keys before a
+ * query block's diagonal sit in the running state; the diagonal block itself is done
+ * as a small masked attention with the approximate probabilities φ(q)·φ(k)/w. dK and
+ * dV use suffix sums over query blocks, swept from the last block to the first.
+ *
+ * Key centring (exact, MATH §3): features use k_j − k̄, which shifts each score row by
+ * a constant and so leaves probabilities and gradients unchanged while shrinking R.
+ * Queries are scaled by β·c and keys by 1/c, c balancing their norms (the product of
+ * features is unchanged). */
+#include <math.h>
+#include <string.h>
+
+#include "backend.h"
+#include "poly_model.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#define WORKER_ID() ((size_t)omp_get_thread_num())
+#else
+#define WORKER_ID() ((size_t)0)
+#endif
+
+#define POLY_BLOCK 64
+
+/* The monomial table: feature m = feature parent[m] · x[var[m]] · fac[m], so every
+ * feature x^a/√(a!) is one multiply from an earlier one (a! = Π a_i!). */
+typedef struct poly_table {
+    int64_t k;
+    int32_t *parent, *var;
+    float *fac;
+} poly_table;
+
+/* Per-worker scratch; sizes in floats. */
+typedef struct poly_work {
+    float *xt;      /* (d × B) transposed, shifted, scaled rows */
+    float *phq;     /* (k × B) query features, feature-major */
+    float *phk;     /* (k × B) key features */
+    float *rows;    /* (B × (d+1)²) Kronecker rows or V' rows */
+    float *prod;    /* (B × (d+1)²) products of features with the state */
+    float *state;   /* (k × (d+1)²) running prefix/suffix state */
+    float *diag_f;  /* (B × B) diagonal-block probabilities */
+    float *diag_p;  /* (B × B) diagonal-block dP' */
+    float *kmean;   /* (d) */
+} poly_work;
+
+static int64_t task_count(const attn_problem *p) { return p->batch * p->n_kv_heads; }
+
+static int worker_count(const attn_problem *p)
+{
+    int64_t t = task_count(p);
+    return (int)(t < p->threads ? t : p->threads);
+}
+
+static size_t table_floats(int64_t k) { return 3u * (size_t)k; }
+
+static size_t work_floats(int64_t k, int64_t d)
+{
+    const size_t d1 = (size_t)d + 1, B = POLY_BLOCK;
+    return d * B + 2u * (size_t)k * B + 2u * B * d1 * d1 + (size_t)k * d1 * d1 + 2u * B * B +
+           (size_t)d + 64u;
+}
+
+static size_t poly_workspace_size(const attn_problem *p)
+{
+    const int64_t k = poly_rank(p->poly_degree, p->head_dim);
+    if (k < 0)
+        return 0;
+    return (table_floats(k) + (size_t)worker_count(p) * work_floats(k, p->head_dim)) *
+           sizeof(float);
+}
+
+static void build_table(int g, int64_t d, poly_table *t)
+{
+    /* Degree by degree; a monomial of degree t extends one of degree t−1 by a variable
+     * no smaller than that one's last, so each multi-index appears once. run = the
+     * exponent of the last variable, giving the 1/√(a_j + 1) step. */
+    int32_t *run = (int32_t *)t->fac; /* reuses fac as scratch until written */
+    int64_t m = 1, lo = 0, hi = 1;    /* previous degree occupies [lo, hi) */
+    t->parent[0] = -1;
+    t->var[0] = 0;
+    run[0] = 0;
+    for (int deg = 1; deg <= g; deg++) {
+        for (int64_t par = lo; par < hi; par++)
+            for (int64_t j = (par == 0 ? 0 : t->var[par]); j < d; j++) {
+                t->parent[m] = (int32_t)par;
+                t->var[m] = (int32_t)j;
+                run[m] = (par != 0 && t->var[par] == j) ? run[par] + 1 : 1;
+                m++;
+            }
+        lo = hi;
+        hi = m;
+    }
+    for (int64_t i = m - 1; i >= 1; i--) /* run → factor, in place */
+        t->fac[i] = 1.0f / sqrtf((float)run[i]);
+    t->fac[0] = 1.0f;
+}
+
+/* Features of n rows x (stride ld): ph (k × n, feature-major) of (x − shift)·scale. */
+static void features(const poly_table *t, int64_t d, const float *x, int64_t ld, int64_t n,
+                     const float *shift, float scale, float *xt, float *ph)
+{
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t c = 0; c < d; c++)
+            xt[c * n + r] = (x[r * ld + c] - (shift ? shift[c] : 0.0f)) * scale;
+    for (int64_t r = 0; r < n; r++)
+        ph[r] = 1.0f;
+    for (int64_t m = 1; m < t->k; m++) {
+        const float *par = ph + (int64_t)t->parent[m] * n, *xv = xt + (int64_t)t->var[m] * n;
+        float *dst = ph + m * n;
+        const float f = t->fac[m];
+        for (int64_t r = 0; r < n; r++)
+            dst[r] = par[r] * xv[r] * f;
+    }
+}
+
+/* Per-head geometry shared by forward and backward (recomputed, so bitwise equal). */
+typedef struct head_geom {
+    const float *q, *k, *v; /* head views */
+    float qscale, kscale;
+} head_geom;
+
+static void head_setup(const attn_problem *p, int64_t b, int64_t h, const float *q,
+                       const float *k, const float *v, float *kmean, head_geom *hg)
+{
+    const int64_t d = p->head_dim, g = h / (p->n_heads / p->n_kv_heads);
+    hg->q = q + b * p->len_q * p->ldq + h * d;
+    hg->k = k + b * p->len_kv * p->ldkv + g * d;
+    hg->v = v + b * p->len_kv * p->ldkv + g * d;
+    for (int64_t c = 0; c < d; c++) {
+        double s = 0.0;
+        for (int64_t j = 0; j < p->len_kv; j++)
+            s += hg->k[j * p->ldkv + c];
+        kmean[c] = (float)(s / (double)p->len_kv);
+    }
+    double qmax = 0.0, kmax = 0.0;
+    for (int64_t i = 0; i < p->len_q; i++) {
+        double s = 0.0;
+        for (int64_t c = 0; c < d; c++)
+            s += (double)hg->q[i * p->ldq + c] * hg->q[i * p->ldq + c];
+        qmax = s > qmax ? s : qmax;
+    }
+    for (int64_t j = 0; j < p->len_kv; j++) {
+        double s = 0.0;
+        for (int64_t c = 0; c < d; c++) {
+            const double x = hg->k[j * p->ldkv + c] - kmean[c];
+            s += x * x;
+        }
+        kmax = s > kmax ? s : kmax;
+    }
+    qmax = sqrt(qmax) * fabs((double)p->softmax_scale);
+    kmax = sqrt(kmax);
+    const double c = (qmax > 0.0 && kmax > 0.0) ? sqrt(kmax / qmax) : 1.0;
+    hg->qscale = (float)(p->softmax_scale * c);
+    hg->kscale = (float)(1.0 / c);
+}
+
+/* First key of query block i0's diagonal: keys before it are visible to the whole
+ * block. Without causality every key is. */
+static int64_t diag_start(const attn_problem *p, int64_t i0)
+{
+    return p->causal ? i0 + (p->len_kv - p->len_q) : p->len_kv;
+}
+
+static void key_features(const attn_problem *p, const poly_table *t, const head_geom *hg,
+                         const poly_work *w, int64_t j0, int64_t n)
+{
+    features(t, p->head_dim, hg->k + j0 * p->ldkv, p->ldkv, n, w->kmean, hg->kscale, w->xt,
+             w->phk);
+}
+
+static void query_features(const attn_problem *p, const poly_table *t, const head_geom *hg,
+                           const poly_work *w, int64_t i0, int64_t n)
+{
+    features(t, p->head_dim, hg->q + i0 * p->ldq, p->ldq, n, NULL, hg->qscale, w->xt,
+             w->phq);
+}
+
+/* diag_f (bq × bq) = masked φ(q_i)·φ(k_j) / w_i for the diagonal block at (i0, j0):
+ * key j0+jj is visible to query i0+r iff jj <= r. phq and phk hold both blocks. */
+static void diag_probs(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
+                       int64_t bq, const float *inv_w)
+{
+    la_gemm(p->la, bt, LA_T, LA_N, bq, bq, t->k, 1.0f, w->phq, bq, w->phk, bq, 0.0f,
+            w->diag_f, bq);
+    for (int64_t r = 0; r < bq; r++)
+        for (int64_t jj = 0; jj < bq; jj++)
+            w->diag_f[r * bq + jj] = jj <= r ? w->diag_f[r * bq + jj] * inv_w[r] : 0.0f;
+}
+
+static void poly_forward_head(const attn_problem *p, int bt, const poly_table *t,
+                              poly_work *w, int64_t b, int64_t h, const float *q,
+                              const float *k, const float *v, float *o, float *row_stat)
+{
+    const int64_t d = p->head_dim, d1 = d + 1, kk = t->k;
+    head_geom hg;
+    head_setup(p, b, h, q, k, v, w->kmean, &hg);
+    float *oh = o + b * p->len_q * p->ldo + h * d;
+    float *wrow = row_stat + (b * p->n_heads + h) * p->len_q;
+    memset(w->state, 0, (size_t)(kk * d1) * sizeof(float));
+    int64_t absorbed = 0;
+    for (int64_t i0 = 0; i0 < p->len_q; i0 += POLY_BLOCK) {
+        const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
+        const int64_t p0 = diag_start(p, i0);
+        /* state += Σ_j φ(k_j) ⊗ V'_j over keys now visible to the whole block */
+        while (absorbed < p0) {
+            const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
+            key_features(p, t, &hg, w, absorbed, n);
+            for (int64_t r = 0; r < n; r++) {
+                memcpy(w->rows + r * d1, hg.v + (absorbed + r) * p->ldkv,
+                       (size_t)d * sizeof(float));
+                w->rows[r * d1 + d] = 1.0f;
+            }
+            la_gemm(p->la, bt, LA_N, LA_N, kk, d1, n, 1.0f, w->phk, n, w->rows, d1, 1.0f,
+                    w->state, d1);
+            absorbed += n;
+        }
+        query_features(p, t, &hg, w, i0, bq);
+        la_gemm(p->la, bt, LA_T, LA_N, bq, d1, kk, 1.0f, w->phq, bq, w->state, d1, 0.0f,
+                w->prod, d1);
+        if (p->causal) { /* diagonal block: keys [p0, p0 + bq) */
+            float ones[POLY_BLOCK];
+            for (int64_t r = 0; r < bq; r++)
+                ones[r] = 1.0f;
+            key_features(p, t, &hg, w, p0, bq);
+            diag_probs(p, bt, t, w, bq, ones); /* unnormalised here */
+            for (int64_t r = 0; r < bq; r++) {
+                memcpy(w->rows + r * d1, hg.v + (p0 + r) * p->ldkv, (size_t)d * sizeof(float));
+                w->rows[r * d1 + d] = 1.0f;
+            }
+            la_gemm(p->la, bt, LA_N, LA_N, bq, d1, bq, 1.0f, w->diag_f, bq, w->rows, d1, 1.0f,
+                    w->prod, d1);
+        }
+        for (int64_t r = 0; r < bq; r++) {
+            const float *y = w->prod + r * d1;
+            const float inv = 1.0f / y[d];
+            for (int64_t c = 0; c < d; c++)
+                oh[(i0 + r) * p->ldo + c] = y[c] * inv;
+            wrow[i0 + r] = y[d];
+        }
+    }
+}
+
+/* dO'_i = [dO_i, −ρ_i] for a block of rows, into out (bq × (d+1)). */
+static void augmented_dout(const attn_problem *p, const float *doh, const float *oh,
+                           int64_t i0, int64_t bq, float *out)
+{
+    const int64_t d = p->head_dim;
+    for (int64_t r = 0; r < bq; r++) {
+        const float *g = doh + (i0 + r) * p->ldo, *o = oh + (i0 + r) * p->ldo;
+        float rho = 0.0f;
+        for (int64_t c = 0; c < d; c++) {
+            rho += g[c] * o[c];
+            out[r * (d + 1) + c] = g[c];
+        }
+        out[r * (d + 1) + d] = -rho;
+    }
+}
+
+static void poly_backward_head(const attn_problem *p, int bt, const poly_table *t,
+                               poly_work *w, int64_t b, int64_t h, const float *q,
+                               const float *k, const float *v, const float *o,
+                               const float *row_stat, const float *do_, float *dq, float *dk,
+                               float *dv)
+{
+    const int64_t d = p->head_dim, d1 = d + 1, kk = t->k;
+    const float beta = p->softmax_scale;
+    head_geom hg;
+    head_setup(p, b, h, q, k, v, w->kmean, &hg);
+    const int64_t g = h / (p->n_heads / p->n_kv_heads);
+    const float *oh = o + b * p->len_q * p->ldo + h * d;
+    const float *doh = do_ + b * p->len_q * p->ldo + h * d;
+    float *dqh = dq + b * p->len_q * p->ldq + h * d;
+    float *dkh = dk + b * p->len_kv * p->ldkv + g * d;
+    float *dvh = dv + b * p->len_kv * p->ldkv + g * d;
+    const float *wrow = row_stat + (b * p->n_heads + h) * p->len_q;
+    float inv_w[POLY_BLOCK];
+
+    /* Part 1, dQ: prefix state T[a, (c, e)] = Σ_j φ(k_j)[a]·V'_j[c]·K_j[e]. */
+    const int64_t tcols = d1 * d;
+    memset(w->state, 0, (size_t)(kk * tcols) * sizeof(float));
+    int64_t absorbed = 0;
+    for (int64_t i0 = 0; i0 < p->len_q; i0 += POLY_BLOCK) {
+        const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
+        const int64_t p0 = diag_start(p, i0);
+        while (absorbed < p0) {
+            const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
+            key_features(p, t, &hg, w, absorbed, n);
+            for (int64_t r = 0; r < n; r++) {
+                const float *vj = hg.v + (absorbed + r) * p->ldkv;
+                const float *kj = hg.k + (absorbed + r) * p->ldkv;
+                float *row = w->rows + r * tcols;
+                for (int64_t c = 0; c < d1; c++) {
+                    const float vc = c < d ? vj[c] : 1.0f;
+                    for (int64_t e = 0; e < d; e++)
+                        row[c * d + e] = vc * kj[e];
+                }
+            }
+            la_gemm(p->la, bt, LA_N, LA_N, kk, tcols, n, 1.0f, w->phk, n, w->rows, tcols,
+                    1.0f, w->state, tcols);
+            absorbed += n;
+        }
+        query_features(p, t, &hg, w, i0, bq);
+        la_gemm(p->la, bt, LA_T, LA_N, bq, tcols, kk, 1.0f, w->phq, bq, w->state, tcols,
+                0.0f, w->prod, tcols);
+        float *dopr = w->rows; /* rows is free again: dO' (bq × (d+1)) */
+        augmented_dout(p, doh, oh, i0, bq, dopr);
+        for (int64_t r = 0; r < bq; r++) {
+            inv_w[r] = 1.0f / wrow[i0 + r];
+            const float *y = w->prod + r * tcols, *gp = dopr + r * d1;
+            float *dqi = dqh + (i0 + r) * p->ldq;
+            for (int64_t e = 0; e < d; e++)
+                dqi[e] = 0.0f;
+            for (int64_t c = 0; c < d1; c++) {
+                const float gc = gp[c] * beta * inv_w[r];
+                for (int64_t e = 0; e < d; e++)
+                    dqi[e] += gc * y[c * d + e];
+            }
+        }
+        if (p->causal) {
+            /* Diagonal block, as exact attention with approximate probabilities:
+             * dS = F ⊙ (dO·Vᵀ − ρ), dQ += β·dS·K, dK += β·dSᵀ·Q, dV += Fᵀ·dO. */
+            key_features(p, t, &hg, w, p0, bq);
+            diag_probs(p, bt, t, w, bq, inv_w);
+            la_gemm(p->la, bt, LA_N, LA_T, bq, bq, d, 1.0f, doh + i0 * p->ldo, p->ldo,
+                    hg.v + p0 * p->ldkv, p->ldkv, 0.0f, w->diag_p, bq);
+            for (int64_t r = 0; r < bq; r++) {
+                const float rho = -dopr[r * d1 + d];
+                for (int64_t jj = 0; jj < bq; jj++)
+                    w->diag_p[r * bq + jj] = w->diag_f[r * bq + jj] * (w->diag_p[r * bq + jj] - rho);
+            }
+            la_gemm(p->la, bt, LA_N, LA_N, bq, d, bq, beta, w->diag_p, bq,
+                    hg.k + p0 * p->ldkv, p->ldkv, 1.0f, dqh + i0 * p->ldq, p->ldq);
+            la_gemm(p->la, bt, LA_T, LA_N, bq, d, bq, beta, w->diag_p, bq,
+                    hg.q + i0 * p->ldq, p->ldq, 1.0f, dkh + p0 * p->ldkv, p->ldkv);
+            la_gemm(p->la, bt, LA_T, LA_N, bq, d, bq, 1.0f, w->diag_f, bq,
+                    doh + i0 * p->ldo, p->ldo, 1.0f, dvh + p0 * p->ldkv, p->ldkv);
+        }
+    }
+
+    /* Part 2, dK and dV: suffix state S[a, (c, e)] = Σ_i φ(q_i)[a]/w_i·dO'_i[c]·Q'_i[e],
+     * swept from the last query block; key j takes S of the blocks that see all of it. */
+    const int64_t scols = d1 * d1;
+    memset(w->state, 0, (size_t)(kk * scols) * sizeof(float));
+    const int64_t nblocks = (p->len_q + POLY_BLOCK - 1) / POLY_BLOCK;
+    /* For blk = last..0: emit the keys whose diagonal block is blk (every later block,
+     * already in S, sees all of them), then add blk's queries to S. Finally emit the
+     * keys before the first diagonal, which every query sees. */
+    for (int64_t blk = nblocks - 1; blk >= -1; blk--) {
+        int64_t j_lo, j_hi;
+        if (blk >= 0) {
+            j_lo = diag_start(p, blk * POLY_BLOCK);
+            j_hi = blk + 1 < nblocks ? diag_start(p, (blk + 1) * POLY_BLOCK) : p->len_kv;
+            if (!p->causal)
+                j_lo = j_hi = p->len_kv;
+        } else {
+            j_lo = 0;
+            j_hi = diag_start(p, 0);
+        }
+        for (int64_t j0 = j_lo; j0 < j_hi; j0 += POLY_BLOCK) {
+            const int64_t n = j_hi - j0 < POLY_BLOCK ? j_hi - j0 : POLY_BLOCK;
+            key_features(p, t, &hg, w, j0, n);
+            la_gemm(p->la, bt, LA_T, LA_N, n, scols, kk, 1.0f, w->phk, n, w->state, scols,
+                    0.0f, w->prod, scols);
+            for (int64_t r = 0; r < n; r++) {
+                const float *z = w->prod + r * scols, *vj = hg.v + (j0 + r) * p->ldkv;
+                float *dkj = dkh + (j0 + r) * p->ldkv, *dvj = dvh + (j0 + r) * p->ldkv;
+                for (int64_t c = 0; c < d1; c++) {
+                    const float vc = (c < d ? vj[c] : 1.0f) * beta;
+                    for (int64_t e = 0; e < d; e++)
+                        dkj[e] += vc * z[c * d1 + e];
+                }
+                for (int64_t c = 0; c < d; c++)
+                    dvj[c] += z[c * d1 + d];
+            }
+        }
+        if (blk < 0)
+            break;
+        const int64_t i0 = blk * POLY_BLOCK;
+        const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
+        query_features(p, t, &hg, w, i0, bq);
+        float *dopr = w->prod; /* (bq × (d+1)), then rows = Kronecker rows */
+        augmented_dout(p, doh, oh, i0, bq, dopr);
+        for (int64_t r = 0; r < bq; r++) {
+            const float iw = 1.0f / wrow[i0 + r];
+            const float *qi = hg.q + (i0 + r) * p->ldq, *gp = dopr + r * d1;
+            float *row = w->rows + r * scols;
+            for (int64_t c = 0; c < d1; c++) {
+                const float gc = gp[c] * iw;
+                for (int64_t e = 0; e < d; e++)
+                    row[c * d1 + e] = gc * qi[e];
+                row[c * d1 + d] = gc;
+            }
+        }
+        la_gemm(p->la, bt, LA_N, LA_N, kk, scols, bq, 1.0f, w->phq, bq, w->rows, scols, 1.0f,
+                w->state, scols);
+    }
+}
+
+static void carve_work(const attn_problem *p, int64_t k, float *base, poly_work *w)
+{
+    const size_t d = (size_t)p->head_dim, d1 = d + 1, B = POLY_BLOCK;
+    w->xt = base;
+    w->phq = w->xt + d * B;
+    w->phk = w->phq + (size_t)k * B;
+    w->rows = w->phk + (size_t)k * B;
+    w->prod = w->rows + B * d1 * d1;
+    w->state = w->prod + B * d1 * d1;
+    w->diag_f = w->state + (size_t)k * d1 * d1;
+    w->diag_p = w->diag_f + B * B;
+    w->kmean = w->diag_p + B * B;
+}
+
+static void carve_table(const attn_problem *p, void *ws, poly_table *t, float **work0)
+{
+    t->k = poly_rank(p->poly_degree, p->head_dim);
+    t->parent = (int32_t *)ws;
+    t->var = t->parent + t->k;
+    t->fac = (float *)(t->var + t->k);
+    *work0 = t->fac + t->k;
+}
+
+/* One task = one (batch, kv head): its query heads share dK, dV rows. */
+static void poly_task(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
+                      int64_t task, int backward, const float *q, const float *k,
+                      const float *v, const float *o, float *row_stat, const float *do_,
+                      float *out, float *dq, float *dk, float *dv)
+{
+    const int64_t b = task / p->n_kv_heads, g = task % p->n_kv_heads;
+    const int64_t group = p->n_heads / p->n_kv_heads, d = p->head_dim;
+    if (backward)
+        for (int64_t j = 0; j < p->len_kv; j++) {
+            memset(dk + (b * p->len_kv + j) * p->ldkv + g * d, 0, (size_t)d * sizeof(float));
+            memset(dv + (b * p->len_kv + j) * p->ldkv + g * d, 0, (size_t)d * sizeof(float));
+        }
+    for (int64_t h = g * group; h < (g + 1) * group; h++) {
+        if (backward)
+            poly_backward_head(p, bt, t, w, b, h, q, k, v, o, row_stat, do_, dq, dk, dv);
+        else
+            poly_forward_head(p, bt, t, w, b, h, q, k, v, out, row_stat);
+    }
+}
+
+/* Same scheduling rule as the exact backend: serial tasks with threaded products when
+ * tasks are fewer than threads, else one task per worker with single-threaded ones. */
+static void poly_run(const attn_problem *p, void *ws, int backward, const float *q,
+                     const float *k, const float *v, const float *o, float *row_stat,
+                     const float *do_, float *out, float *dq, float *dk, float *dv)
+{
+    poly_table t;
+    float *work0;
+    carve_table(p, ws, &t, &work0);
+    build_table(p->poly_degree, p->head_dim, &t);
+    const size_t stride = work_floats(t.k, p->head_dim);
+    const int64_t tasks = task_count(p);
+    const int workers = worker_count(p);
+    if (workers <= 1 || tasks < p->threads) {
+        poly_work w;
+        carve_work(p, t.k, work0, &w);
+        for (int64_t task = 0; task < tasks; task++)
+            poly_task(p, p->threads, &t, &w, task, backward, q, k, v, o, row_stat, do_, out,
+                      dq, dk, dv);
+        return;
+    }
+#pragma omp parallel num_threads(workers)
+    {
+        poly_work w;
+        carve_work(p, t.k, work0 + WORKER_ID() * stride, &w);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; task++)
+            poly_task(p, 1, &t, &w, task, backward, q, k, v, o, row_stat, do_, out, dq, dk,
+                      dv);
+    }
+}
+
+static void poly_forward(const attn_problem *p, const float *q, const float *k,
+                         const float *v, float *o, float *row_stat, void *ws)
+{
+    poly_run(p, ws, 0, q, k, v, NULL, row_stat, NULL, o, NULL, NULL, NULL);
+}
+
+static void poly_backward(const attn_problem *p, const float *q, const float *k,
+                          const float *v, const float *o, const float *row_stat,
+                          const float *do_, float *dq, float *dk, float *dv, void *ws)
+{
+    poly_run(p, ws, 1, q, k, v, o, (float *)row_stat, do_, NULL, dq, dk, dv);
+}
+
+const attn_backend attn_backend_poly = {
+    .name = "poly",
+    .id = 2, /* LORA_BACKEND_POLY */
+    .workspace_size = poly_workspace_size,
+    .forward = poly_forward,
+    .backward = poly_backward,
+};
