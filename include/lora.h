@@ -101,7 +101,11 @@ typedef enum lora_config_param {
     LORA_CFG_THREADS = 14,      /* 0 = library default (all cores), else exact count */
     LORA_CFG_SEED = 15,         /* uint64 seed for initialisation (cast), default 0 */
     LORA_CFG_INIT = 16,         /* lora_init, default LORA_INIT_KAIMING_ZERO */
-    LORA_CFG_OUT_PROJ = 17      /* 0/1: the layer has an output projection W_O, default 0 */
+    LORA_CFG_OUT_PROJ = 17,     /* 0/1: the layer has an output projection W_O, default 0 */
+    LORA_CFG_MEASURE_ROWS = 18  /* int >= 0, default 0: when POLY runs, sample this many
+                                   query rows per (batch, head), compute their exact
+                                   attention rows (O(rows*L*HEAD_DIM)) and report the
+                                   measured error in lora_run_info */
 } lora_config_param;
 
 typedef enum lora_target {
@@ -215,6 +219,11 @@ typedef struct lora_run_info {
                               arithmetic (MATH §4); 0 for EXACT */
     double score_bound;    /* R >= max |S_ij - c_i| of the last forward (see
                               lora_threshold_report); computed for every backend */
+    double measured_out_error; /* with LORA_CFG_MEASURE_ROWS and POLY: max |O~ - O| /
+                              max |O| over the sampled rows of the attention output;
+                              -1 when not measured */
+    double measured_dq_error;  /* after backward, the same for dL/dQ rows; -1 when not
+                              measured */
 } lora_run_info;
 
 /* Fills *info (up to info->struct_size bytes). Errors: INVALID_ARG (NULL, struct_size

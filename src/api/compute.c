@@ -97,6 +97,8 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
     st = lora_plan_call(ad, &p, ad->acts.q, ad->acts.k, &plan);
     if (st != LORA_OK)
         return st;
+    if (plan.backend == &attn_backend_poly)
+        p.measure_rows = ad->cfg.measure_rows;
     /* Backward's scratch is reserved here too, so a backward never allocates. */
     const size_t be_bytes = plan.backend->workspace_size(&p);
     size_t scratch_bytes;
@@ -106,7 +108,8 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
     if (lora_buf_reserve(&ad->mem, &ad->scratch, scratch_bytes) != LORA_OK)
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
                               "cannot allocate %zu bytes of working memory", scratch_bytes);
-    layer_attend(l, plan.backend, &p, &ad->acts, out, ad->scratch.ptr);
+    double measured;
+    layer_attend(l, plan.backend, &p, &ad->acts, out, ad->scratch.ptr, &measured);
 
     ad->problem = p;
     ad->backend = plan.backend;
@@ -121,6 +124,8 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
         ad->info.error_bound = plan.eta;
     }
     ad->info.score_bound = plan.score_bound;
+    ad->info.measured_out_error = measured;
+    ad->info.measured_dq_error = -1.0;
     ad->err[0] = '\0';
     return LORA_OK;
 }
@@ -146,10 +151,11 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
     if (bad >= 0)
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                               "dout has a non-finite entry at index %lld", (long long)bad);
-    double grad_bound = 0.0;
+    double grad_bound = 0.0, measured;
     layer_backward(l, ad->backend, p, &ad->acts, dout, dxq, dxkv, ad->scratch.ptr, ad->eta,
-                   &grad_bound);
+                   &grad_bound, &measured);
     ad->info.grad_bound = grad_bound;
+    ad->info.measured_dq_error = measured;
     ad->err[0] = '\0';
     return LORA_OK;
 }

@@ -36,8 +36,9 @@ static const param_desc params[] = {
     [LORA_CFG_SEED] = {"LORA_CFG_SEED", PT_INT, INT64_MIN, INT64_MAX},
     [LORA_CFG_INIT] = {"LORA_CFG_INIT", PT_INT, LORA_INIT_KAIMING_ZERO, LORA_INIT_ZERO},
     [LORA_CFG_OUT_PROJ] = {"LORA_CFG_OUT_PROJ", PT_INT, 0, 1},
+    [LORA_CFG_MEASURE_ROWS] = {"LORA_CFG_MEASURE_ROWS", PT_INT, 0, LORA_MAX_DIM},
 };
-#define PARAM_LAST LORA_CFG_OUT_PROJ
+#define PARAM_LAST LORA_CFG_MEASURE_ROWS
 
 static const param_desc *find_param(int param)
 {
@@ -91,6 +92,7 @@ static int64_t *int_slot(lora_config_values *v, int param)
     case LORA_CFG_THREADS: return &v->threads;
     case LORA_CFG_INIT: return &v->init;
     case LORA_CFG_OUT_PROJ: return &v->out_proj;
+    case LORA_CFG_MEASURE_ROWS: return &v->measure_rows;
     default: return NULL; /* SEED is stored unsigned */
     }
 }

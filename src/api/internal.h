@@ -32,7 +32,7 @@ extern const lora_mem lora_mem_default;
 /* Config values; `set` marks explicit ones so derived defaults follow D_MODEL etc. */
 typedef struct lora_config_values {
     int64_t d_model, n_heads, n_kv_heads, head_dim, targets, rank, rslora, causal, backend,
-        poly_degree, threads, init, out_proj;
+        poly_degree, threads, init, out_proj, measure_rows;
     uint64_t seed;
     double alpha, softmax_scale, tolerance;
     uint32_t set; /* bit p set when param p was given explicitly */

@@ -22,6 +22,7 @@ typedef struct attn_problem {
     int threads;
     const la_ctx *la;
     int poly_degree; /* POLY only: even degree g */
+    int64_t measure_rows; /* > 0: sample this many rows per head for attn_measure */
 } attn_problem;
 
 /* Per-row statistic a forward leaves for its backward: batch*n_heads*len_q floats,
@@ -47,6 +48,15 @@ typedef struct attn_backend {
 
 extern const attn_backend attn_backend_exact;
 extern const attn_backend attn_backend_poly;
+
+/* The measured error of an approximate backend: exact rows (in double) for
+ * p->measure_rows sampled queries per (batch, head). Without do_: *out_err = max |o −
+ * o_exact| / max |o_exact| over those rows. With do_: *dq_err, the same for dq.
+ * scratch: attn_measure_scratch_floats(p) floats. */
+size_t attn_measure_scratch_floats(const attn_problem *p);
+void attn_measure(const attn_problem *p, const float *q, const float *k, const float *v,
+                  const float *o, const float *do_, const float *dq, float *scratch,
+                  double *out_err, double *dq_err);
 
 /* Number of keys visible to query row i (causal alignment of attn_problem). */
 static inline int64_t attn_visible_keys(const attn_problem *p, int64_t i)

@@ -72,7 +72,7 @@ void layer_acts_carve(const layer *l, const attn_problem *p, int self, float *bu
 size_t layer_scratch_floats(const layer *l, const attn_problem *p)
 {
     const size_t nq = (size_t)(p->batch * p->len_q), nk = (size_t)(p->batch * p->len_kv);
-    size_t n = 0;
+    size_t n = attn_measure_scratch_floats(p); /* first: it holds doubles */
     int ok = mul_add(&n, nq, 2u * (size_t)l->q_dim); /* dC, dQ */
     ok &= mul_add(&n, nk, 2u * (size_t)l->kv_dim);   /* dK, dV */
     ok &= mul_add(&n, nq > nk ? nq : nk, (size_t)l->rank); /* dY·B */
@@ -129,11 +129,14 @@ void layer_project(const layer *l, const attn_problem *p, layer_acts *a)
 }
 
 void layer_attend(const layer *l, const attn_backend *be, const attn_problem *p,
-                  layer_acts *a, float *out, float *ws)
+                  layer_acts *a, float *out, float *ws, double *measured)
 {
     const int64_t nq = p->batch * p->len_q;
     be->forward(p, a->q, a->k, a->v, a->attn, a->row_stat,
                 ws + layer_scratch_floats(l, p));
+    *measured = -1.0;
+    if (p->measure_rows > 0)
+        attn_measure(p, a->q, a->k, a->v, a->attn, NULL, NULL, ws, measured, NULL);
     if (l->out_proj)
         proj_forward(l, &l->proj[PROJ_O], p->la, p->threads, a->attn, nq, out,
                      a->xa[PROJ_O]);
@@ -207,12 +210,12 @@ static double grad_error_bound(const layer *l, const attn_problem *p, const laye
 
 void layer_backward(const layer *l, const attn_backend *be, const attn_problem *p,
                     const layer_acts *a, const float *dout, float *dxq, float *dxkv,
-                    float *ws, double eta, double *grad_bound)
+                    float *ws, double eta, double *grad_bound, double *measured)
 {
     const la_ctx *la = p->la;
     const int nt = p->threads;
     const int64_t nq = p->batch * p->len_q, nk = p->batch * p->len_kv;
-    float *dc = ws, *dq = dc + nq * l->q_dim, *dk = dq + nq * l->q_dim;
+    float *dc = ws + attn_measure_scratch_floats(p), *dq = dc + nq * l->q_dim, *dk = dq + nq * l->q_dim;
     float *dv = dk + nk * l->kv_dim, *dyb = dv + nk * l->kv_dim;
     const float *dattn = dout;
     if (l->out_proj) {
@@ -222,6 +225,9 @@ void layer_backward(const layer *l, const attn_backend *be, const attn_problem *
     }
     be->backward(p, a->q, a->k, a->v, a->attn, a->row_stat, dattn, dq, dk, dv,
                  ws + layer_scratch_floats(l, p));
+    *measured = -1.0;
+    if (p->measure_rows > 0)
+        attn_measure(p, a->q, a->k, a->v, a->attn, dattn, dq, ws, NULL, measured);
     const int shared_dx = dxq != NULL && dxq == dxkv;
     proj_backward(l, &l->proj[PROJ_Q], la, nt, a->xq, a->xa[PROJ_Q], nq, dq, dxq, 0, dyb);
     proj_backward(l, &l->proj[PROJ_K], la, nt, a->xkv, a->xa[PROJ_K], nk, dk, dxkv,

@@ -55,15 +55,17 @@ size_t layer_scratch_floats(const layer *l, const attn_problem *p);
  * backend's workspace. */
 void layer_project(const layer *l, const attn_problem *p, layer_acts *a);
 void layer_attend(const layer *l, const attn_backend *be, const attn_problem *p,
-                  layer_acts *a, float *out, float *ws);
+                  layer_acts *a, float *out, float *ws, double *measured);
 
 /* Accumulates dA, dB of adapted projections; dxq, dxkv (NULL or input-shaped) are
  * overwritten; for self-attention pass the same pointer as dxq and dxkv.
  * eta: the backend's certified relative error of the attention probabilities (0 for
  * exact); *grad_bound receives the certified absolute error bound that implies on
- * every returned gradient entry (MATH §4; exact arithmetic). */
+ * every returned gradient entry (MATH §4; exact arithmetic).
+ * *measured (both steps): the sampled error of attn_measure when p->measure_rows > 0,
+ * else -1. */
 void layer_backward(const layer *l, const attn_backend *be, const attn_problem *p,
                     const layer_acts *a, const float *dout, float *dxq, float *dxkv,
-                    float *ws, double eta, double *grad_bound);
+                    float *ws, double eta, double *grad_bound, double *measured);
 
 #endif
