@@ -1,0 +1,190 @@
+/* Shared fixtures (see helpers.h). */
+#define _DEFAULT_SOURCE /* MAP_ANONYMOUS */
+#include "helpers.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+static size_t guarded_span(size_t n, size_t *page)
+{
+    *page = (size_t)sysconf(_SC_PAGESIZE);
+    return ((n * sizeof(float) + *page - 1) / *page + 1) * *page;
+}
+
+float *guarded_alloc(size_t n)
+{
+    size_t page;
+    const size_t span = guarded_span(n, &page);
+    unsigned char *base = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                               -1, 0);
+    ck_assert_msg(base != MAP_FAILED, "mmap failed");
+    ck_assert_int_eq(mprotect(base + span - page, page, PROT_NONE), 0);
+    float *p = (float *)(base + span - page - n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        p[i] = NAN;
+    return p;
+}
+
+void guarded_free(float *p, size_t n)
+{
+    if (!p)
+        return;
+    size_t page;
+    const size_t span = guarded_span(n, &page);
+    unsigned char *end = (unsigned char *)(p + n) + page;
+    munmap(end - span, span);
+}
+
+static const int tbits[REF_NPROJ] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TARGET_V,
+                                     LORA_TARGET_O};
+
+void fill_uniform(float *x, size_t n, uint64_t seed, float gain)
+{
+    uint64_t s = seed;
+    for (size_t i = 0; i < n; i++)
+        x[i] = gain * ref_uniform_f(&s);
+}
+
+void tfx_init(tfx *f, int cross, int causal)
+{
+    memset(f, 0, sizeof *f);
+    const ref_config c = {.d_model = 8, .n_heads = 2, .n_kv_heads = 1, .rank = 2,
+                          .targets = 15, .causal = causal, .out_proj = 1, .bias = 1};
+    ck_assert_int_eq(ref_layer_init(&f->l, &c), 0);
+    ref_layer_randomize(&f->l, 11, 1.5, 0.5);
+    ck_assert_int_eq(ref_problem_init(&f->p, &f->l, cross, 2, 5, 7, 12), 0);
+    ck_assert_int_eq(ref_make_adapter(&f->l, LORA_BACKEND_EXACT, 1, &f->ad), LORA_OK);
+    const int64_t d = f->l.cfg.d_model;
+    f->nxq = (size_t)(f->p.batch * f->p.len_q * d);
+    f->nxkv = (size_t)(f->p.batch * f->p.len_kv * d);
+    f->nout = (size_t)(f->p.batch * f->p.len_q * ref_out_cols(&f->l));
+    f->xq = malloc(f->nxq * sizeof(float));
+    f->xkv = cross ? malloc(f->nxkv * sizeof(float)) : f->xq;
+    f->out = malloc(f->nout * sizeof(float));
+    f->dout = malloc(f->nout * sizeof(float));
+    f->dxq = malloc(f->nxq * sizeof(float));
+    f->dxkv = malloc(f->nxkv * sizeof(float));
+    ck_assert(f->xq && f->xkv && f->out && f->dout && f->dxq && f->dxkv);
+    ref_to_float(f->p.xq, f->xq, f->nxq);
+    ref_to_float(f->p.xkv, f->xkv, f->nxkv);
+    ref_to_float(f->p.dout, f->dout, f->nout);
+    for (int t = 0; t < REF_NPROJ; t++)
+        if (ref_is_adapted(&f->l, t))
+            f->ngrads += (size_t)(f->l.rank * (f->l.in[t] + f->l.out[t]));
+}
+
+void tfx_free(tfx *f)
+{
+    lora_adapter_destroy(f->ad);
+    if (f->xkv != f->xq)
+        free(f->xkv);
+    free(f->xq);
+    free(f->out);
+    free(f->dout);
+    free(f->dxq);
+    free(f->dxkv);
+    ref_problem_free(&f->p);
+    ref_layer_free(&f->l);
+    memset(f, 0, sizeof *f);
+}
+
+int tfx_step(tfx *f)
+{
+    int st;
+    if (f->p.cross) {
+        st = lora_forward_cross(f->ad, f->xq, f->xkv, f->p.batch, f->p.len_q, f->p.len_kv,
+                                f->out);
+        return st != LORA_OK ? st : lora_backward_cross(f->ad, f->dout, f->dxq, f->dxkv);
+    }
+    st = lora_forward(f->ad, f->xq, f->p.batch, f->p.len_q, f->out);
+    return st != LORA_OK ? st : lora_backward(f->ad, f->dout, f->dxq);
+}
+
+void tfx_grads(const tfx *f, float *dst)
+{
+    for (int t = 0; t < REF_NPROJ; t++) {
+        if (!ref_is_adapted(&f->l, t))
+            continue;
+        const size_t na = (size_t)(f->l.rank * f->l.in[t]);
+        const size_t nb = (size_t)(f->l.out[t] * f->l.rank);
+        ck_assert_int_eq(lora_adapter_get_grad(f->ad, tbits[t], LORA_A, dst, na), LORA_OK);
+        dst += na;
+        ck_assert_int_eq(lora_adapter_get_grad(f->ad, tbits[t], LORA_B, dst, nb), LORA_OK);
+        dst += nb;
+    }
+}
+
+void tfx_assert_works(tfx *f)
+{
+    ref_errors e;
+    char msg[512], desc[512];
+    ref_compare_adapter(f->ad, &f->l, &f->p, &e);
+    ck_assert_msg(e.status == LORA_OK && e.max <= TOL_F32,
+                  "adapter no longer matches the reference: %s [%s] (last error: %s)",
+                  ref_errors_format(&e, msg, sizeof msg),
+                  ref_describe(&f->l, &f->p, desc, sizeof desc),
+                  lora_adapter_last_error(f->ad));
+}
+
+float *tfx_prime(tfx *f)
+{
+    ck_assert_int_eq(tfx_step(f), LORA_OK);
+    float *snap = malloc(f->ngrads * sizeof(float));
+    ck_assert_ptr_nonnull(snap);
+    tfx_grads(f, snap);
+    double m = 0.0;
+    for (size_t i = 0; i < f->ngrads; i++)
+        m = fabs(snap[i]) > m ? fabs(snap[i]) : m;
+    ck_assert_msg(m > 0.0, "fixture gradients are all zero");
+    return snap;
+}
+
+void tfx_assert_unchanged_and_works(tfx *f, float *snap, const char *what)
+{
+    float *now = malloc(f->ngrads * sizeof(float));
+    ck_assert_ptr_nonnull(now);
+    tfx_grads(f, now);
+    ck_assert_msg(memcmp(now, snap, f->ngrads * sizeof(float)) == 0,
+                  "gradients changed by the failed call: %s", what);
+    free(now);
+    free(snap);
+    tfx_assert_works(f);
+}
+
+lora_config *cfg_new(int d_model)
+{
+    lora_config *cfg = NULL;
+    ck_assert_int_eq(lora_config_create(&cfg), LORA_OK);
+    ck_assert_ptr_nonnull(cfg);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_D_MODEL, d_model), LORA_OK);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_THREADS, 1), LORA_OK);
+    return cfg;
+}
+
+lora_adapter *adapter_new(const lora_config *cfg, uint64_t seed)
+{
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(lora_adapter_create(&ad, cfg), LORA_OK);
+    ck_assert_ptr_nonnull(ad);
+    int64_t d, h, kv, hd, op;
+    ck_assert_int_eq(lora_adapter_get_config_int(ad, LORA_CFG_D_MODEL, &d), LORA_OK);
+    ck_assert_int_eq(lora_adapter_get_config_int(ad, LORA_CFG_N_HEADS, &h), LORA_OK);
+    ck_assert_int_eq(lora_adapter_get_config_int(ad, LORA_CFG_N_KV_HEADS, &kv), LORA_OK);
+    ck_assert_int_eq(lora_adapter_get_config_int(ad, LORA_CFG_HEAD_DIM, &hd), LORA_OK);
+    ck_assert_int_eq(lora_adapter_get_config_int(ad, LORA_CFG_OUT_PROJ, &op), LORA_OK);
+    const int64_t outs[4] = {h * hd, kv * hd, kv * hd, d};
+    const int64_t ins[4] = {d, d, d, h * hd};
+    for (int t = 0; t < (op ? 4 : 3); t++) {
+        const size_t n = (size_t)(outs[t] * ins[t]);
+        float *w = malloc(n * sizeof(float));
+        ck_assert_ptr_nonnull(w);
+        fill_uniform(w, n, seed + (uint64_t)t, 1.0f / sqrtf((float)ins[t]));
+        ck_assert_int_eq(lora_adapter_set_base(ad, tbits[t], w, NULL), LORA_OK);
+        free(w);
+    }
+    return ad;
+}

@@ -1,0 +1,57 @@
+/* Fixtures shared by the suites: a small fully featured layer (GQA, biases, output
+ * projection, LoRA on Q, K, V and O) with its reference, an adapter holding the same
+ * weights, and float copies of one problem's inputs. */
+#ifndef LORA_TEST_HELPERS_H
+#define LORA_TEST_HELPERS_H
+
+#include <stddef.h>
+
+#include <check.h>
+#include <lora.h>
+
+#include "reference.h"
+
+/* The first parameter number lora.h does not define (update when params are appended). */
+#define CFG_PARAM_UNKNOWN (LORA_CFG_MEASURE_ROWS + 1)
+
+/* Library vs reference tolerance for float32 (max relative error, see reference.h). */
+#define TOL_F32 1e-4
+
+typedef struct tfx {
+    ref_layer l;
+    ref_problem p;
+    lora_adapter *ad;
+    float *xq, *xkv, *out, *dout, *dxq, *dxkv; /* xkv == xq when !p.cross */
+    size_t nxq, nxkv, nout;
+    size_t ngrads; /* floats of all gradients together (tfx_grads) */
+} tfx;
+
+/* d_model 8, 2 heads over 1 kv head, rank 2, targets Q|K|V|O, biases, out_proj,
+ * THREADS 1; batch 2, len_q 5 (len_kv 7 when cross). Asserts on failure. */
+void tfx_init(tfx *f, int cross, int causal);
+void tfx_free(tfx *f);
+/* One forward + backward (cross or self, dx wanted) on the fixture's inputs. */
+int tfx_step(tfx *f);
+/* Every gradient (dA, dB of Q, K, V, O) into dst (f->ngrads floats). */
+void tfx_grads(const tfx *f, float *dst);
+/* A fresh forward/backward still matches the reference (the adapter still works and
+ * its parameters are the reference's). Zeroes the gradients. */
+void tfx_assert_works(tfx *f);
+/* Runs tfx_step (nonzero gradients), snapshots them into a malloc'd buffer. */
+float *tfx_prime(tfx *f);
+/* Gradients equal snap exactly; then tfx_assert_works; frees snap. */
+void tfx_assert_unchanged_and_works(tfx *f, float *snap, const char *what);
+
+/* A config with D_MODEL set and THREADS = 1 (asserts). */
+lora_config *cfg_new(int d_model);
+/* An adapter from cfg with random base weights (no biases) set; asserts. */
+lora_adapter *adapter_new(const lora_config *cfg, uint64_t seed);
+/* n floats ending exactly at a PROT_NONE guard page, so reading or writing past the
+ * end faults (the test then dies with SIGSEGV). Contents poisoned with NaN. */
+float *guarded_alloc(size_t n);
+void guarded_free(float *p, size_t n);
+
+/* Fills n floats with U(-1,1)*gain. */
+void fill_uniform(float *x, size_t n, uint64_t seed, float gain);
+
+#endif

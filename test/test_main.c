@@ -1,0 +1,24 @@
+/* lora_tests: runs every suite in fork mode (a crash fails one test, not the run) and
+ * exits non-zero when any test fails. */
+#include <stdlib.h>
+
+#include <check.h>
+
+#include "suites.h"
+
+int main(void)
+{
+    SRunner *sr = srunner_create(version_suite());
+    srunner_add_suite(sr, config_suite());
+    srunner_add_suite(sr, adapter_suite());
+    srunner_add_suite(sr, reference_suite());
+    srunner_add_suite(sr, exact_suite());
+    srunner_add_suite(sr, backward_suite());
+    srunner_add_suite(sr, threads_suite());
+    srunner_add_suite(sr, errors_suite());
+    srunner_set_fork_status(sr, CK_FORK);
+    srunner_run_all(sr, CK_NORMAL);
+    const int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
