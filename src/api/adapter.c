@@ -129,6 +129,8 @@ LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
         p->db = p->da + na;
         init_factor_a(&v, t, p->a, l->rank, p->in); /* B starts at zero */
     }
+    ad->info.struct_size = sizeof ad->info;
+    ad->info.measured_out_error = ad->info.measured_dq_error = -1.0;
     *out = ad;
     return LORA_OK;
 }
@@ -313,7 +315,10 @@ LORA_API int lora_adapter_get_config_int(const lora_adapter *ad, int param, int6
         *value = ad->threads; /* the resolved count, not 0 */
         return LORA_OK;
     }
-    return lora_config_values_get_int(&ad->cfg, param, value);
+    if (lora_config_values_get_int(&ad->cfg, param, value) != LORA_OK)
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+                              "value is NULL or %d is not an integer parameter", param);
+    return LORA_OK;
 }
 
 LORA_API int lora_adapter_get_config_double(const lora_adapter *ad, int param,
@@ -321,7 +326,10 @@ LORA_API int lora_adapter_get_config_double(const lora_adapter *ad, int param,
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
-    return lora_config_values_get_double(&ad->cfg, param, value);
+    if (lora_config_values_get_double(&ad->cfg, param, value) != LORA_OK)
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+                              "value is NULL or %d is not a double parameter", param);
+    return LORA_OK;
 }
 
 LORA_API const char *lora_adapter_last_error(const lora_adapter *ad)
@@ -331,10 +339,12 @@ LORA_API const char *lora_adapter_last_error(const lora_adapter *ad)
 
 LORA_API int lora_adapter_get_run_info(const lora_adapter *ad, lora_run_info *info)
 {
-    if (!ad || !info)
+    if (!ad)
         return LORA_ERR_INVALID_ARG;
+    if (!info)
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG, "info is NULL");
     const size_t want = info->struct_size;
-    if (want < offsetof(lora_run_info, grad_bound) + sizeof(double))
+    if (want < offsetof(lora_run_info, measured_dq_error) + sizeof(double))
         return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
                               "info->struct_size = %zu is smaller than the first version",
                               want);

@@ -71,6 +71,7 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
+    ad->saved = SAVED_NONE; /* a failed forward leaves nothing to backpropagate */
     const int self = kind == SAVED_SELF;
     attn_problem p;
     int st = lora_check_inputs(ad, xq, xkv, batch, len_q, len_kv, self, &p);
@@ -83,7 +84,6 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
     size_t acts_bytes;
     if (acts == 0 || __builtin_mul_overflow(acts, sizeof(float), &acts_bytes))
         return lora_set_error(ad->err, LORA_ERR_SHAPE, "activation size overflows");
-    ad->saved = SAVED_NONE;
     if (lora_buf_reserve(&ad->mem, &ad->acts_buf, acts_bytes) != LORA_OK)
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
                               "cannot allocate %zu bytes of activations", acts_bytes);

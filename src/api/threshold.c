@@ -19,7 +19,7 @@ int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const floa
     const double tol = ad->cfg.tolerance;
     const int explicit_degree = ad->cfg.poly_degree > 0;
     plan->degree = explicit_degree ? (int)ad->cfg.poly_degree
-                                   : poly_degree_for(plan->score_bound, tol);
+                                   : poly_degree_for(plan->score_bound, tol, p->head_dim);
     plan->rank = plan->degree > 0 ? poly_rank(plan->degree, p->head_dim) : 0;
     if (plan->rank < 0)
         plan->rank = 0;
@@ -35,16 +35,18 @@ int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const floa
     case LORA_BACKEND_POLY:
         if (plan->degree == 0)
             return lora_set_error(ad->err, LORA_ERR_TOLERANCE,
-                                  "no even degree <= %d certifies tolerance %g at score "
-                                  "bound R = %g; lower R, raise LORA_CFG_TOLERANCE or set "
+                                  "no even degree within limits (k <= %lld features, state "
+                                  "<= %lld floats) certifies tolerance %g at score bound "
+                                  "R = %g; lower R, raise LORA_CFG_TOLERANCE or set "
                                   "LORA_CFG_POLY_DEGREE",
-                                  POLY_MAX_DEGREE, tol, plan->score_bound);
+                                  (long long)POLY_MAX_RANK, (long long)POLY_MAX_STATE, tol,
+                                  plan->score_bound);
         if (plan->rank == 0)
             return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
-                                  "degree %d with head_dim %lld needs more than %lld "
-                                  "feature columns",
+                                  "degree %d with head_dim %lld needs more than %lld feature "
+                                  "columns or a state above %lld floats",
                                   plan->degree, (long long)p->head_dim,
-                                  (long long)POLY_MAX_RANK);
+                                  (long long)POLY_MAX_RANK, (long long)POLY_MAX_STATE);
         plan->backend = &attn_backend_poly;
         break;
     default: plan->backend = plan->auto_choice; break;

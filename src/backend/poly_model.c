@@ -18,9 +18,9 @@ double poly_eta(int g, double r)
     return d < 1.0 ? 2.0 * d / (1.0 - d) : INFINITY;
 }
 
-int poly_degree_for(double r, double tol)
+int poly_degree_for(double r, double tol, int64_t d)
 {
-    for (int g = 2; g <= POLY_MAX_DEGREE; g += 2)
+    for (int g = 2; g <= POLY_MAX_DEGREE && poly_rank(g, d) > 0; g += 2)
         if (poly_taylor_delta(g, r) * (2.0 + tol) <= tol)
             return g;
     return 0;
@@ -37,7 +37,7 @@ int64_t poly_rank(int g, int64_t d)
         if (k > POLY_MAX_RANK)
             return -1;
     }
-    return k;
+    return k * (d + 1) * (d + 1) > POLY_MAX_STATE ? -1 : k;
 }
 
 double poly_score_bound(const attn_problem *p, const float *q, const float *k, double *mean)

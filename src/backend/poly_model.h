@@ -10,8 +10,11 @@
 
 /* Degrees above this are never chosen (k grows as binom(g + d, d)). */
 #define POLY_MAX_DEGREE 20
-/* Feature columns above this make POLY pointless and its state too large. */
-#define POLY_MAX_RANK (INT64_C(1) << 22)
+/* Feature columns above this make POLY pointless (its cost per row, ~8·k·(d+1)²
+ * flops, then exceeds exact attention's up to L in the millions). */
+#define POLY_MAX_RANK (INT64_C(1) << 16)
+/* Floats of one k × (d+1)² running state (128 MiB) above which POLY is not run. */
+#define POLY_MAX_STATE (INT64_C(1) << 25)
 
 /* δ(g, R) = e^R·R^(g+1)/(g+1)!: relative error of the degree-g Taylor polynomial of
  * exp on [-R, R]. */
@@ -19,9 +22,11 @@ double poly_taylor_delta(int g, double r);
 /* η = 2δ/(1-δ): entrywise relative error of the normalised probabilities; +inf when
  * δ >= 1. */
 double poly_eta(int g, double r);
-/* Smallest even g <= POLY_MAX_DEGREE whose η meets tol at score bound r, or 0. */
-int poly_degree_for(double r, double tol);
-/* k = binom(g + d, d), or -1 when above POLY_MAX_RANK. */
+/* Smallest even g <= POLY_MAX_DEGREE whose η meets tol at score bound r, or 0.
+ * Degrees whose poly_rank is out of limits count as not meeting it. */
+int poly_degree_for(double r, double tol, int64_t d);
+/* k = binom(g + d, d), or -1 when above POLY_MAX_RANK or when the k × (d+1)² state
+ * exceeds POLY_MAX_STATE. */
 int64_t poly_rank(int g, int64_t d);
 
 /* R ≥ max |S_ij − c_i| over every (batch, head) of p, with c_i = β·q_i·k̄ the shift of
