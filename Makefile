@@ -44,7 +44,14 @@ else
   BLIS_DEFS :=
   LIBS_PRIVATE := -lblis -lgomp -lm -lpthread
 endif
-LIB_LDLIBS := $(BLIS_LIBS) -fopenmp -lm -lpthread
+# glibc's libmvec (vector expf for the exact backend's softmax); LIBMVEC=no to skip.
+LIBMVEC ?= $(if $(wildcard $(shell $(CC) -print-file-name=libmvec.so)),yes,no)
+ifeq ($(LIBMVEC),yes)
+  BLIS_DEFS += -DLORA_HAVE_LIBMVEC
+  MVEC_LIBS := -lmvec
+  LIBS_PRIVATE += -lmvec
+endif
+LIB_LDLIBS := $(BLIS_LIBS) -fopenmp $(MVEC_LIBS) -lm -lpthread
 
 CHECK_CFLAGS ?= $(shell pkg-config --cflags check 2>/dev/null)
 CHECK_LIBS ?= $(shell pkg-config --libs check 2>/dev/null)
@@ -75,9 +82,11 @@ lib/obj/pic/%.o: src/%.c $(wildcard src/*/*.h) include/lora.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LIB_CFLAGS) -fPIC -c $< -o $@
 
+# The static archive leaves BLIS to the final link (libblis.a or libblis.so alike), so
+# it does not use the kernel-context lookup only libblis.a exports.
 lib/obj/static/%.o: src/%.c $(wildcard src/*/*.h) include/lora.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(LIB_CFLAGS) -c $< -o $@
+	$(CC) $(CFLAGS) $(filter-out -DLORA_BLIS_STATIC,$(LIB_CFLAGS)) -c $< -o $@
 
 $(SHARED): $(PIC_OBJ) src/lora.map
 	$(CC) -shared -Wl,-soname,$(SONAME) -Wl,--version-script=src/lora.map \
@@ -89,6 +98,8 @@ $(STATIC): $(STATIC_OBJ)
 	rm -f $@
 	$(AR) rcs $@ $^
 
+# Rebuilt every time: it records PREFIX/LIBDIR, which may differ between installs.
+.PHONY: lib/lora.pc
 lib/lora.pc: lora.pc.in include/lora.h
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
 	    -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
@@ -126,9 +137,17 @@ bench: deps
 	@$(MAKE) --no-print-directory bench-run
 bench-run: $(BENCHES)
 	@for b in $(BENCHES); do echo "== $$b"; $$b || exit 1; done
+	@if command -v gnuplot >/dev/null; then \
+	    gnuplot -e "csv='lib/bench/poly.csv'; out='lib/bench/poly.png'" \
+	        test/bench/poly_plot.gp 2>/dev/null && echo "wrote lib/bench/poly.png"; \
+	else echo "gnuplot not found: no figure (apt-get install gnuplot-nox)"; fi
+# Benchmarks may call BLIS themselves (a reference sgemm) with the library's BLIS flags.
+BENCH_CFLAGS := -fopenmp $(BLIS_CFLAGS) $(BLIS_DEFS)
+BENCH_LDLIBS := $(BLIS_LIBS) $(MVEC_LIBS) -lpthread
 lib/bench/%: test/bench/%.c $(wildcard test/bench/*.h) $(SHARED)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(APP_CFLAGS) -Itest/bench -o $@ $< $(APP_LDLIBS)
+	$(CC) $(CFLAGS) $(APP_CFLAGS) $(BENCH_CFLAGS) -Itest/bench -o $@ $< $(APP_LDLIBS) \
+	    $(BENCH_LDLIBS)
 
 # ---- ABI hygiene ----
 header-check:
