@@ -51,16 +51,21 @@ ifeq ($(LIBMVEC),yes)
   MVEC_LIBS := -lmvec
   LIBS_PRIVATE += -lmvec
 endif
-LIB_LDLIBS := $(BLIS_LIBS) -fopenmp $(MVEC_LIBS) -lm -lpthread
+# cJSON (Debian libcjson-dev) parses adapter_config.json and safetensors headers. Linked
+# dynamically; the version script keeps liblora from re-exporting any of it.
+CJSON_CFLAGS ?= $(patsubst -I%,-isystem %,$(shell pkg-config --cflags libcjson 2>/dev/null))
+CJSON_LIBS ?= $(or $(shell pkg-config --libs libcjson 2>/dev/null),-lcjson)
+LIBS_PRIVATE += $(CJSON_LIBS)
+LIB_LDLIBS := $(BLIS_LIBS) -fopenmp $(MVEC_LIBS) $(CJSON_LIBS) -lm -lpthread
 
 CHECK_CFLAGS ?= $(shell pkg-config --cflags check 2>/dev/null)
 CHECK_LIBS ?= $(shell pkg-config --libs check 2>/dev/null)
 
 # ---- sources ----
-LIB_SRC := $(wildcard src/api/*.c src/layer/*.c src/backend/*.c src/linalg/*.c)
+LIB_SRC := $(wildcard src/api/*.c src/layer/*.c src/backend/*.c src/linalg/*.c src/io/*.c)
 PIC_OBJ := $(patsubst src/%.c,lib/obj/pic/%.o,$(LIB_SRC))
 STATIC_OBJ := $(patsubst src/%.c,lib/obj/static/%.o,$(LIB_SRC))
-LIB_CFLAGS := $(BASE_CFLAGS) $(BLIS_CFLAGS) $(BLIS_DEFS) -Iinclude -fvisibility=hidden
+LIB_CFLAGS := $(BASE_CFLAGS) $(BLIS_CFLAGS) $(BLIS_DEFS) $(CJSON_CFLAGS) -Iinclude -fvisibility=hidden
 
 SHARED := lib/liblora.so.$(VERSION)
 STATIC := lib/liblora.a
@@ -74,6 +79,7 @@ APP_LDLIBS := -Llib -Wl,-rpath,$(CURDIR)/lib -llora -lm
 
 .PHONY: all lib check check-build demo deps install uninstall clean header-check \
         symbols-check examples bench
+.PHONY: check-bindings check-python check-rust check-cpp check-mpi
 
 all: lib
 lib: $(SHARED) $(STATIC)
@@ -113,6 +119,7 @@ $(TEST_BIN): $(TEST_SRC) $(wildcard test/*.h) $(SHARED)
 
 check-build: $(TEST_BIN) header-check symbols-check
 	$(TEST_BIN)
+	@$(MAKE) --no-print-directory check-bindings
 
 # Public entry points: install what is missing first, then run in a fresh make so the
 # probes above see the new packages.
@@ -131,6 +138,57 @@ examples: $(EXAMPLES)
 lib/examples/%: examples/%.c $(SHARED)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(APP_CFLAGS) -o $@ $< $(APP_LDLIBS)
+
+# ---- bindings and the C++/MPI examples (docs/python.md, rust.md, cpp.md, mpi.md) ----
+# check-bindings runs each part only when its toolchain is present (a message says what
+# was skipped). PYTHON_CANDIDATES: interpreters tried in order for numpy + pytest.
+PYTHON_CANDIDATES ?= python3 /usr/bin/python3
+CARGO ?= cargo
+MPICC ?= mpicc
+MPIRUN ?= mpirun
+CPP_EXAMPLE := lib/examples/cpp/example
+MPI_EXAMPLE := lib/examples/mpi/train_mpi
+
+check-bindings: check-python check-rust check-cpp check-mpi
+
+check-python: $(SHARED)
+	@py=""; for p in $(PYTHON_CANDIDATES); do \
+	    if $$p -c 'import numpy, pytest' >/dev/null 2>&1; then py=$$p; break; fi; done; \
+	if [ -z "$$py" ]; then \
+	    echo "check-python: skipped (no python3 with numpy and pytest: apt-get install python3-numpy python3-pytest)"; \
+	else \
+	    echo "check-python: $$py -m pytest src/bindings/python/tests"; \
+	    PYTHONDONTWRITEBYTECODE=1 LORA_LIBRARY=$(CURDIR)/lib/liblora.so \
+	        $$py -m pytest -q -p no:cacheprovider src/bindings/python/tests; \
+	fi
+
+# Offline and dependency-free; build output goes to lib/rust (cleaned by make clean).
+check-rust: $(SHARED)
+	@cargo=$$(command -v $(CARGO) || { [ -x "$$HOME/.cargo/bin/cargo" ] && echo "$$HOME/.cargo/bin/cargo"; } || true); \
+	if [ -z "$$cargo" ]; then \
+	    echo "check-rust: skipped (cargo not found)"; \
+	else \
+	    echo "check-rust: cargo test --offline (src/bindings/rust)"; \
+	    cd src/bindings/rust && CARGO_TARGET_DIR=$(CURDIR)/lib/rust LORA_LIB_DIR=$(CURDIR)/lib \
+	        "$$cargo" test --offline -q; \
+	fi
+
+check-cpp: $(SHARED)
+	@if command -v $(CXX) >/dev/null 2>&1; then \
+	    $(MAKE) --no-print-directory $(CPP_EXAMPLE) && $(CPP_EXAMPLE); \
+	else echo "check-cpp: skipped ($(CXX) not found)"; fi
+$(CPP_EXAMPLE): examples/cpp/example.cpp examples/cpp/lora.hpp include/lora.h $(SHARED)
+	@mkdir -p $(dir $@)
+	$(CXX) -std=c++17 $(CFLAGS) -Wall -Wextra -Wpedantic -Werror -Iinclude -Iexamples/cpp \
+	    -o $@ $< $(APP_LDLIBS)
+
+check-mpi: $(SHARED)
+	@if command -v $(MPICC) >/dev/null 2>&1 && command -v $(MPIRUN) >/dev/null 2>&1; then \
+	    $(MAKE) --no-print-directory $(MPI_EXAMPLE) && sh examples/mpi/run_test.sh $(MPI_EXAMPLE); \
+	else echo "check-mpi: skipped (mpicc/mpirun not found: apt-get install openmpi-bin libopenmpi-dev)"; fi
+$(MPI_EXAMPLE): examples/mpi/train_mpi.c include/lora.h $(SHARED)
+	@mkdir -p $(dir $@)
+	$(MPICC) $(CFLAGS) $(APP_CFLAGS) -Werror -o $@ $< $(APP_LDLIBS)
 
 # ---- benchmarks (not part of check): one program per test/bench/*.c ----
 bench: deps
@@ -179,4 +237,9 @@ uninstall:
 	    $(DESTDIR)$(LIBDIR)/liblora.a $(DESTDIR)$(PKGCONFIGDIR)/lora.pc
 
 clean:
-	rm -rf lib/obj lib/test lib/examples lib/bench lib/liblora.* lib/lora.pc
+	rm -rf lib/obj lib/test lib/examples lib/bench lib/liblora.* lib/lora.pc lib/rust
+	rm -rf lib/asan lib/tsan lib/fuzz lib/abi
+
+# ---- reliability: check-asan, check-valgrind, check-tsan, fuzz, abi-check, abi-update
+# (docs/reliability.md)
+include test/reliability.mk

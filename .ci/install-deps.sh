@@ -3,9 +3,9 @@
 # Idempotent: prints what it checks and installs only what is absent.
 # Usage: sh .ci/install-deps.sh [extra-package ...]
 set -eu
-pkgs="gcc g++ make pkg-config libblis-dev check $*"
+pkgs="gcc g++ make pkg-config libblis-dev check libcjson-dev $*"
 if ! command -v dpkg-query >/dev/null 2>&1; then
-    echo "install-deps: not a Debian-based system; install BLIS, Check and pkg-config yourself"
+    echo "install-deps: not a Debian-based system; install BLIS, Check, cJSON and pkg-config yourself"
     exit 0
 fi
 missing=""

@@ -151,6 +151,32 @@ LORA_API int lora_config_validate(lora_config *cfg);
  * valid until its next call. */
 LORA_API const char *lora_config_last_error(const lora_config *cfg);
 
+/* Memory hooks (as zstd's ZSTD_customMem). Every allocation liblora makes for a config
+ * and for the adapters created from it goes through alloc and free; nothing is
+ * allocated through any other route (BLIS's own internal buffers aside, and cJSON's
+ * parse trees while an adapter file is read or written: cJSON's hooks are global).
+ * - alloc(user_data, size) returns size bytes or NULL; a NULL becomes LORA_ERR_NOMEM
+ *   and the failed call changes nothing. It need not align: the library asks for up to
+ *   192 bytes more and aligns every buffer to 64 bytes itself. free(user_data, ptr)
+ *   receives exactly the pointers alloc returned, never NULL.
+ * - Both functions must be set (or both NULL for the default allocator).
+ * - They are called from the thread calling into liblora, never from its worker
+ *   threads; handles used from several threads at once call them concurrently.
+ * - The struct is copied: it need not outlive the call; user_data must outlive every
+ *   handle using it. */
+typedef struct lora_allocator {
+    void *(*alloc)(void *user_data, size_t size);
+    void (*free)(void *user_data, void *ptr);
+    void *user_data;
+} lora_allocator;
+
+/* lora_config_create, with the config itself and every adapter created from it (see
+ * lora_adapter_create) allocated through *allocator. allocator NULL, or both functions
+ * NULL, is the default allocator (lora_config_create).
+ * Errors: INVALID_ARG (out NULL, exactly one of alloc/free NULL), NOMEM. */
+LORA_API int lora_config_create_with_allocator(lora_config **out,
+                                               const lora_allocator *allocator);
+
 /* ---- Adapter ----------------------------------------------------------------------------- */
 /* One attention layer: frozen base projections W_Q, W_K, W_V (and W_O) with optional
  * frozen biases, plus trainable LoRA factors on the configured targets, their
@@ -161,7 +187,8 @@ typedef enum lora_factor { LORA_A = 0, LORA_B = 1 } lora_factor;
 
 /* Creates an adapter from cfg (copied; cfg may be destroyed afterwards). LoRA factors
  * are initialised from LORA_CFG_INIT and LORA_CFG_SEED; gradients are zero; base
- * weights are unset.
+ * weights are unset. The adapter allocates through cfg's allocator
+ * (lora_config_create_with_allocator) for its whole life.
  * Shapes, with q_dim = N_HEADS*HEAD_DIM and kv_dim = N_KV_HEADS*HEAD_DIM:
  *   W_Q (q_dim, D_MODEL)   W_K, W_V (kv_dim, D_MODEL)   W_O (D_MODEL, q_dim)
  * Errors: INVALID_ARG (NULL, D_MODEL unset, inconsistent values: N_KV_HEADS not
@@ -296,6 +323,184 @@ typedef struct lora_threshold_report {
  * INVALID_ARG when report->struct_size is smaller than its first version. */
 LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t batch,
                                      int64_t seq_len, lora_threshold_report *report);
+
+/* ---- Optimizer ------------------------------------------------------------------------ */
+/* Updates every LoRA factor of an adapter from its accumulated gradients, with state
+ * (moments, step count) inside an opaque handle. The update rules are PyTorch's
+ * (torch.optim.AdamW, torch.optim.SGD, torch.nn.utils.clip_grad_norm_); see
+ * docs/training.md. Parameters are zstd-style (param, value) pairs, like the config. */
+typedef struct lora_optimizer lora_optimizer;
+
+typedef enum lora_optimizer_kind {
+    LORA_OPTIMIZER_ADAMW = 0, /* AdamW, decoupled weight decay, bias correction (amsgrad
+                                 off), as torch.optim.AdamW */
+    LORA_OPTIMIZER_SGD = 1    /* SGD with optional momentum/Nesterov and L2 weight decay
+                                 added to the gradient, as torch.optim.SGD */
+} lora_optimizer_kind;
+
+typedef enum lora_optimizer_param {
+    LORA_OPT_LR = 1,            /* double >= 0, default 1e-3 */
+    LORA_OPT_BETA1 = 2,         /* AdamW: double in [0, 1), default 0.9 */
+    LORA_OPT_BETA2 = 3,         /* AdamW: double in [0, 1), default 0.999 */
+    LORA_OPT_EPS = 4,           /* AdamW: double >= 0, default 1e-8 */
+    LORA_OPT_WEIGHT_DECAY = 5,  /* double >= 0. AdamW: p -= lr*wd*p before the update,
+                                   default 0.01. SGD: g += wd*p, default 0 */
+    LORA_OPT_MOMENTUM = 6,      /* SGD: double >= 0, default 0 (plain SGD) */
+    LORA_OPT_DAMPENING = 7,     /* SGD: double in [0, 1], default 0 */
+    LORA_OPT_NESTEROV = 8,      /* SGD: int 0/1, default 0; needs MOMENTUM > 0 and
+                                   DAMPENING = 0 at the step */
+    LORA_OPT_MAX_GRAD_NORM = 9, /* double >= 0: before the update, scale all gradients by
+                                   min(1, max/(norm + 1e-6)) where norm is their global L2
+                                   norm (clip_grad_norm_); 0 = no clipping (default) */
+    LORA_OPT_STEP = 10,         /* int, read-only: steps taken since create or reset */
+    LORA_OPT_GRAD_NORM = 11     /* double, read-only: global L2 norm of the gradients at
+                                   the last step, before clipping; -1 before any step */
+} lora_optimizer_param;
+
+/* Creates an optimizer of `kind` (lora_optimizer_kind) for adapters shaped like ad
+ * (same targets, rank and projection sizes); state zero, step 0. It allocates through
+ * ad's allocator and keeps no pointer to ad. *out is NULL on failure.
+ * Errors: INVALID_ARG (NULL, unknown kind), NOMEM. */
+LORA_API int lora_optimizer_create(lora_optimizer **out, const lora_adapter *ad, int kind);
+/* Frees an optimizer. NULL is a no-op. */
+LORA_API void lora_optimizer_destroy(lora_optimizer *opt);
+/* Set a parameter; may be called between steps (learning-rate schedules). Errors:
+ * INVALID_ARG (NULL, unknown or read-only param, param of the other kind, wrong type,
+ * out of range), NONFINITE (set_double); the optimizer is then unchanged. */
+LORA_API int lora_optimizer_set_int(lora_optimizer *opt, int param, int64_t value);
+LORA_API int lora_optimizer_set_double(lora_optimizer *opt, int param, double value);
+/* Read a parameter (STEP and GRAD_NORM included). Errors: INVALID_ARG (NULL, unknown
+ * param, wrong type, param of the other kind). */
+LORA_API int lora_optimizer_get_int(const lora_optimizer *opt, int param, int64_t *value);
+LORA_API int lora_optimizer_get_double(const lora_optimizer *opt, int param,
+                                       double *value);
+/* One update of every LoRA factor of ad from its gradients (as accumulated by
+ * lora_backward; the gradients themselves are not modified, clipping included: call
+ * lora_adapter_zero_grad before the next accumulation). Increments STEP, sets GRAD_NORM,
+ * drops ad's saved forward. Arithmetic is double per element; state is double.
+ * Errors: INVALID_ARG (NULL, ad shaped unlike the optimizer's adapter, NESTEROV without
+ * MOMENTUM > 0 and DAMPENING = 0), NONFINITE (a gradient is NaN/Inf, or an update would
+ * make a parameter non-finite). On failure nothing changes (adapter and state). The
+ * message is in lora_optimizer_last_error. */
+LORA_API int lora_optimizer_step(lora_optimizer *opt, lora_adapter *ad);
+/* Zeroes the state (moments, momentum buffers) and the step count; keeps parameters.
+ * Errors: INVALID_ARG (NULL). */
+LORA_API int lora_optimizer_reset(lora_optimizer *opt);
+/* Detail of the last failed call on this optimizer ("" if none); NULL gives a static
+ * message. */
+LORA_API const char *lora_optimizer_last_error(const lora_optimizer *opt);
+
+/* All LoRA factors (or their gradients) of an adapter as one flat vector, for
+ * data-parallel averaging (one MPI_Allreduce), checkpoints and bindings. Order: targets
+ * Q, K, V, O (adapted ones only), for each A (rank, in) then B (out, rank), row-major.
+ * *count receives the total number of floats. set_params_flat checks every value
+ * before copying (NONFINITE) and drops the saved forward; set_grads_flat overwrites
+ * the accumulated gradients (NONFINITE checked too).
+ * Errors: INVALID_ARG (NULL, count not equal to lora_adapter_param_count), NONFINITE. */
+LORA_API int lora_adapter_param_count(const lora_adapter *ad, size_t *count);
+LORA_API int lora_adapter_get_params_flat(const lora_adapter *ad, float *dst, size_t count);
+LORA_API int lora_adapter_set_params_flat(lora_adapter *ad, const float *src, size_t count);
+LORA_API int lora_adapter_get_grads_flat(const lora_adapter *ad, float *dst, size_t count);
+LORA_API int lora_adapter_set_grads_flat(lora_adapter *ad, const float *src, size_t count);
+
+/* ---- Merge and serving ----------------------------------------------------------------- */
+/* Merges target's LoRA term into a caller-owned weight, in place: weight (out, in),
+ * holding W on entry, receives W + s*B*A (s = alpha/r, or alpha/sqrt(r) with rsLoRA, in
+ * double); unmerge subtracts it back. Each entry's r-term sum and the addition are done
+ * in double and rounded to float once. As PEFT's safe_merge, every result is checked
+ * before anything is written: a NaN/Inf in weight or in a result is LORA_ERR_NONFINITE
+ * and leaves weight untouched.
+ * Round trip: unmerge(merge(W)) = W' with, entrywise and with eps = FLT_EPSILON = 2^-23,
+ *     |W' - W| <= eps*(1 + 2^-22)*(|W| + s*(|B|*|A|)) + 2^-148
+ * where |B|*|A| is the product of the entrywise absolute values (derivation and
+ * measurements in docs/training.md). With B = 0 the round trip is exact.
+ * count must be out*in of target. The adapter is not changed (weight may be its base
+ * weight's buffer only when that is borrowed, and merging into a borrowed base breaks
+ * the borrow's lifetime rule while adapters use it).
+ * Errors: INVALID_ARG (NULL, bad target, target not adapted, wrong count), NONFINITE. */
+LORA_API int lora_adapter_merge(const lora_adapter *ad, int target, float *weight,
+                                size_t count);
+LORA_API int lora_adapter_unmerge(const lora_adapter *ad, int target, float *weight,
+                                  size_t count);
+
+/* Inference forward with merged weights: the same output as lora_forward (up to float
+ * rounding) computed as x*(W + s*B*A)^T + bias, with no LoRA branch. The adapter keeps
+ * its merged weights (one (out, in) float matrix per adapted projection, made as
+ * lora_adapter_merge makes them) and rebuilds them only after its base or factors
+ * change. Saves no activations: the saved forward, the gradients and the parameters are
+ * untouched, so it may be interleaved with training steps. Shapes, backend choice,
+ * run info and errors as lora_forward / lora_forward_cross (NONFINITE also when a
+ * merged weight overflows). */
+LORA_API int lora_forward_merged(lora_adapter *ad, const float *x, int64_t batch,
+                                 int64_t seq_len, float *out);
+LORA_API int lora_forward_merged_cross(lora_adapter *ad, const float *xq, const float *xkv,
+                                       int64_t batch, int64_t len_q, int64_t len_kv,
+                                       float *out);
+
+/* Uses a caller-owned frozen base projection without copying it, so many adapters
+ * share one base (multi-adapter serving). Arguments and checks as
+ * lora_adapter_set_base (the buffers are read once for NaN/Inf).
+ * Lifetime rule: weight (and bias, if not NULL) must stay valid and unchanged until
+ * ad is destroyed or this target's base is replaced (set_base or set_base_borrowed
+ * again). The library never writes to them. Several threads may run forwards of
+ * different adapters borrowing the same buffers at once.
+ * Errors: as lora_adapter_set_base (NOMEM aside). */
+LORA_API int lora_adapter_set_base_borrowed(lora_adapter *ad, int target,
+                                            const float *weight, const float *bias);
+
+/* Hot swap: copies src's LoRA factors and scaling (alpha, rsLoRA) into dst, leaving
+ * dst's base weights, backend settings, buffers and gradients alone; dst's saved
+ * forward is dropped. A server keeps one working adapter per thread (borrowing the
+ * base) and copies the requested tenant's factors in, O(rank*(in+out)) per target;
+ * or it keeps one adapter per tenant, all borrowing the base, and calls the one it
+ * needs. Errors: INVALID_ARG (NULL, src and dst differ in targets, rank or projection
+ * sizes; the message is in dst). */
+LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src);
+
+/* ---- I/O ----------------------------------------------------------------------------- */
+/* Adapter files hold the LoRA factors (not the base weights) of several layers: an
+ * adapter set is an array of adapters with one layer index each (int64 >= 0, distinct,
+ * < 2^31). Every adapter of a set must have the same targets, rank, alpha and rsLoRA.
+ * Formats: docs/format-peft.md, docs/format-gguf.md.
+ *
+ * Saving writes F32 tensors. On failure the message is in
+ * lora_adapter_last_error(adapters[0]) (when adapters and adapters[0] are not NULL).
+ * Errors: INVALID_ARG (NULL, count 0, bad or duplicate layer, adapters that differ),
+ * UNSUPPORTED (GGUF: alpha = 0, which llama.cpp reads as "scale 1"), IO, NOMEM.
+ *
+ * Loading creates one adapter per layer found, in increasing layer order, from a copy
+ * of cfg whose RANK, ALPHA, RSLORA and TARGETS are replaced by the file's (cfg supplies
+ * everything else: D_MODEL, heads, OUT_PROJ, backend, threads, allocator, ...). Base
+ * weights are unset. Call first with adapters NULL and capacity 0 to get *count (the
+ * file is fully checked then too); with capacity < the layer count it fails with
+ * INVALID_ARG and sets *count. On failure no adapter is left created and the message
+ * is in lora_config_last_error(cfg) (cfg is otherwise unchanged).
+ * Errors: INVALID_ARG (NULL, capacity), IO (cannot open or read), FORMAT (malformed,
+ * truncated or inconsistent file), UNSUPPORTED (well-formed but beyond liblora: tensors
+ * of non-attention modules, DoRA, rank/alpha patterns, other dtypes), SHAPE (factor
+ * sizes do not match cfg's layer), NONFINITE (NaN/Inf in a factor), NOMEM. */
+
+/* PEFT directory: adapter_config.json (r, lora_alpha, use_rslora, target_modules,
+ * layers_to_transform, ...) and adapter_model.safetensors with tensors
+ * base_model.model.model.layers.{i}.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight,
+ * lora_A (r, in), lora_B (out, r). dir is created if missing (parent must exist); both
+ * files are written to temporaries and renamed into place. Loading accepts F32, F16,
+ * BF16 and F64 tensors (converted to float). */
+LORA_API int lora_save_peft(const char *dir, lora_adapter *const *adapters,
+                            const int64_t *layers, size_t count);
+LORA_API int lora_load_peft(lora_adapter **adapters, int64_t *layers, size_t capacity,
+                            size_t *count, const char *dir, lora_config *cfg);
+
+/* llama.cpp GGUF LoRA adapter (GGUF v3): general.type = "adapter", adapter.type =
+ * "lora", adapter.lora.alpha (F32), general.architecture (architecture, NULL =
+ * "llama"), tensors blk.{i}.attn_{q,k,v,output}.weight.lora_a with ggml shape
+ * [in, r] and .lora_b with [r, out], i.e. row-major (r, in) and (out, r) as PEFT.
+ * GGUF has no rsLoRA flag: an rsLoRA adapter is saved with alpha*sqrt(r) (same scale)
+ * and loads as plain LoRA. Loading accepts F32, F16 and BF16 tensors, GGUF v2 and v3. */
+LORA_API int lora_save_gguf(const char *path, lora_adapter *const *adapters,
+                            const int64_t *layers, size_t count, const char *architecture);
+LORA_API int lora_load_gguf(lora_adapter **adapters, int64_t *layers, size_t capacity,
+                            size_t *count, const char *path, lora_config *cfg);
 
 #ifdef __cplusplus
 }

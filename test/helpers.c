@@ -188,3 +188,120 @@ lora_adapter *adapter_new(const lora_config *cfg, uint64_t seed)
     }
     return ad;
 }
+
+int lib_run(lora_adapter *ad, const ref_layer *l, const ref_problem *p, lib_result *r)
+{
+    memset(r, 0, sizeof *r);
+    const int64_t d = l->cfg.d_model;
+    r->nxq = (size_t)(p->batch * p->len_q * d);
+    r->nxkv = p->cross ? (size_t)(p->batch * p->len_kv * d) : 0;
+    r->nout = (size_t)(p->batch * p->len_q * ref_out_cols(l));
+    for (int t = 0; t < REF_NPROJ; t++)
+        if (ref_is_adapted(l, t))
+            r->ngrads += (size_t)(l->rank * (l->in[t] + l->out[t]));
+    float *xq = malloc(r->nxq * sizeof(float));
+    float *xkv = p->cross ? malloc(r->nxkv * sizeof(float)) : xq;
+    float *dout = malloc(r->nout * sizeof(float));
+    r->out = malloc(r->nout * sizeof(float));
+    r->dxq = malloc(r->nxq * sizeof(float));
+    r->dxkv = p->cross ? malloc(r->nxkv * sizeof(float)) : NULL;
+    r->grads = malloc((r->ngrads + 1) * sizeof(float));
+    ck_assert(xq && xkv && dout && r->out && r->dxq && r->grads && (!p->cross || r->dxkv));
+    ref_to_float(p->xq, xq, r->nxq);
+    if (p->cross)
+        ref_to_float(p->xkv, xkv, r->nxkv);
+    ref_to_float(p->dout, dout, r->nout);
+    for (size_t i = 0; i < r->nout; i++)
+        r->out[i] = NAN;
+    for (size_t i = 0; i < r->nxq; i++)
+        r->dxq[i] = NAN;
+    for (size_t i = 0; i < r->nxkv; i++)
+        r->dxkv[i] = NAN;
+    r->fwd_info.struct_size = r->info.struct_size = sizeof(lora_run_info);
+#define LRUN(expr)                \
+    do {                          \
+        const int st_ = (expr);   \
+        if (st_ != LORA_OK) {     \
+            r->status = st_;      \
+            r->call = #expr;      \
+            goto done;            \
+        }                         \
+    } while (0)
+    LRUN(lora_adapter_zero_grad(ad));
+    if (p->cross)
+        LRUN(lora_forward_cross(ad, xq, xkv, p->batch, p->len_q, p->len_kv, r->out));
+    else
+        LRUN(lora_forward(ad, xq, p->batch, p->len_q, r->out));
+    LRUN(lora_adapter_get_run_info(ad, &r->fwd_info));
+    if (p->cross)
+        LRUN(lora_backward_cross(ad, dout, r->dxq, r->dxkv));
+    else
+        LRUN(lora_backward(ad, dout, r->dxq));
+    LRUN(lora_adapter_get_run_info(ad, &r->info));
+    float *g = r->grads;
+    for (int t = 0; t < REF_NPROJ; t++) {
+        if (!ref_is_adapted(l, t))
+            continue;
+        const size_t na = (size_t)(l->rank * l->in[t]), nb = (size_t)(l->out[t] * l->rank);
+        LRUN(lora_adapter_get_grad(ad, tbits[t], LORA_A, g, na));
+        g += na;
+        LRUN(lora_adapter_get_grad(ad, tbits[t], LORA_B, g, nb));
+        g += nb;
+    }
+#undef LRUN
+done:
+    if (xkv != xq)
+        free(xkv);
+    free(xq);
+    free(dout);
+    return r->status;
+}
+
+void lib_result_free(lib_result *r)
+{
+    free(r->out);
+    free(r->dxq);
+    free(r->dxkv);
+    free(r->grads);
+    memset(r, 0, sizeof *r);
+}
+
+int lib_result_same(const lib_result *a, const lib_result *b)
+{
+    return a->nout == b->nout && a->nxq == b->nxq && a->nxkv == b->nxkv &&
+           a->ngrads == b->ngrads &&
+           memcmp(a->out, b->out, a->nout * sizeof(float)) == 0 &&
+           memcmp(a->dxq, b->dxq, a->nxq * sizeof(float)) == 0 &&
+           (a->nxkv == 0 || memcmp(a->dxkv, b->dxkv, a->nxkv * sizeof(float)) == 0) &&
+           memcmp(a->grads, b->grads, a->ngrads * sizeof(float)) == 0;
+}
+
+double problem_score_bound(const ref_layer *l, const ref_problem *p, double *vmax)
+{
+    const size_t nq = (size_t)(p->batch * p->len_q), nk = (size_t)(p->batch * p->len_kv);
+    double *q = malloc(nq * (size_t)l->q_dim * sizeof(double));
+    double *k = malloc(nk * (size_t)l->kv_dim * sizeof(double));
+    double *v = malloc(nk * (size_t)l->kv_dim * sizeof(double));
+    ck_assert(q && k && v);
+    ck_assert_int_eq(ref_activations(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, q, k, v,
+                                     NULL),
+                     0);
+    const double r = ref_score_bound(l, q, k, p->batch, p->len_q, p->len_kv);
+    if (vmax)
+        *vmax = ref_max_abs(v, nk * (size_t)l->kv_dim);
+    free(q);
+    free(k);
+    free(v);
+    return r;
+}
+
+double problem_set_score_bound(ref_layer *l, const ref_problem *p, double r)
+{
+    const double r0 = problem_score_bound(l, p, NULL);
+    if (r0 == 0.0) /* e.g. one key: centring makes every score row constant */
+        return 0.0;
+    const double beta = (double)(float)(l->softmax_scale * r / r0);
+    l->softmax_scale = beta;
+    l->cfg.softmax_scale = beta;
+    return problem_score_bound(l, p, NULL);
+}

@@ -51,6 +51,31 @@ lora_adapter *adapter_new(const lora_config *cfg, uint64_t seed);
 float *guarded_alloc(size_t n);
 void guarded_free(float *p, size_t n);
 
+/* One library forward + backward of a reference problem, captured: out, dx (dxq and,
+ * for cross-attention, dxkv), every gradient (dA then dB of each adapted target in
+ * Q, K, V, O order) and the run info after the forward and after the backward. */
+typedef struct lib_result {
+    int status;       /* first failing status, LORA_OK if none */
+    const char *call; /* name of the failing call */
+    float *out, *dxq, *dxkv, *grads; /* dxkv NULL for self-attention */
+    size_t nout, nxq, nxkv, ngrads;
+    lora_run_info fwd_info, info;
+} lib_result;
+/* zero_grad, forward(_cross), backward(_cross), get_grad on ad with p's inputs (rounded
+ * to float). Returns r->status; r must be freed with lib_result_free either way. */
+int lib_run(lora_adapter *ad, const ref_layer *l, const ref_problem *p, lib_result *r);
+void lib_result_free(lib_result *r);
+/* Bitwise equality of two results' out, dx and gradients. */
+int lib_result_same(const lib_result *a, const lib_result *b);
+
+/* R of the reference layer on problem p (ref_score_bound of its q, k); *vmax (if not
+ * NULL) = max |V|. Asserts. */
+double problem_score_bound(const ref_layer *l, const ref_problem *p, double *vmax);
+/* Sets l's softmax scale (float-representable, in l->cfg too, so adapters made from l
+ * get it) so that R on p is r; returns the R actually reached (r up to rounding), 0
+ * (scale unchanged) when R is 0 whatever the scale. */
+double problem_set_score_bound(ref_layer *l, const ref_problem *p, double r);
+
 /* Fills n floats with U(-1,1)*gain. */
 void fill_uniform(float *x, size_t n, uint64_t seed, float gain);
 

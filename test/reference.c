@@ -279,6 +279,71 @@ void ref_forward(const ref_layer *l, const double *xq, const double *xkv, int64_
     fwd_free(&f);
 }
 
+int ref_activations(const ref_layer *l, const double *xq, const double *xkv, int64_t batch,
+                    int64_t len_q, int64_t len_kv, double *q, double *k, double *v,
+                    double *attn)
+{
+    fwd f;
+    if (fwd_run(l, xq, xkv, batch, len_q, len_kv, &f, NULL) != 0)
+        return -1;
+    const size_t nq = (size_t)(batch * len_q), nk = (size_t)(batch * len_kv);
+    if (q)
+        memcpy(q, f.q, nq * (size_t)l->q_dim * sizeof(double));
+    if (k)
+        memcpy(k, f.k, nk * (size_t)l->kv_dim * sizeof(double));
+    if (v)
+        memcpy(v, f.v, nk * (size_t)l->kv_dim * sizeof(double));
+    if (attn)
+        memcpy(attn, f.c, nq * (size_t)l->q_dim * sizeof(double));
+    fwd_free(&f);
+    return 0;
+}
+
+double *ref_effective_weight(const ref_layer *l, int proj)
+{
+    return ref_has_proj(l, proj) ? effective_weight(l, proj) : NULL;
+}
+
+double ref_score_bound(const ref_layer *l, const double *q, const double *k, int64_t batch,
+                       int64_t len_q, int64_t len_kv)
+{
+    const int d = l->head_dim, group = l->n_heads / l->n_kv_heads;
+    double *mean = malloc((size_t)d * sizeof *mean);
+    if (!mean)
+        abort();
+    double r = 0.0;
+    for (int64_t b = 0; b < batch; b++)
+        for (int h = 0; h < l->n_heads; h++) {
+            const double *kh = k + b * len_kv * l->kv_dim + (int64_t)(h / group) * d;
+            const double *qh = q + b * len_q * l->q_dim + (int64_t)h * d;
+            double kmax = 0.0, qmax = 0.0;
+            for (int c = 0; c < d; c++) {
+                double s = 0.0;
+                for (int64_t j = 0; j < len_kv; j++)
+                    s += kh[j * l->kv_dim + c];
+                mean[c] = s / (double)len_kv;
+            }
+            for (int64_t j = 0; j < len_kv; j++) {
+                double s = 0.0;
+                for (int c = 0; c < d; c++) {
+                    const double x = kh[j * l->kv_dim + c] - mean[c];
+                    s += x * x;
+                }
+                kmax = s > kmax ? s : kmax;
+            }
+            for (int64_t i = 0; i < len_q; i++) {
+                double s = 0.0;
+                for (int c = 0; c < d; c++)
+                    s += qh[i * l->q_dim + c] * qh[i * l->q_dim + c];
+                qmax = s > qmax ? s : qmax;
+            }
+            const double rh = fabs(l->softmax_scale) * sqrt(qmax) * sqrt(kmax);
+            r = rh > r ? rh : r;
+        }
+    free(mean);
+    return r;
+}
+
 /* From dY (rows, out) and X (rows, in) of projection t: dA, dB (overwritten) through
  * dW = dY^T X (dA = s B^T dW, dB = s dW A^T), and dX (+)= dY W_eff if dx. */
 static void proj_grads(const ref_layer *l, int t, const double *x, const double *dy,
@@ -504,6 +569,12 @@ static const int target_bits[REF_NPROJ] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TA
 
 int ref_make_adapter(const ref_layer *l, int backend, int threads, lora_adapter **out)
 {
+    return ref_make_adapter_ex(l, backend, threads, NULL, 0, out);
+}
+
+int ref_make_adapter_ex(const ref_layer *l, int backend, int threads,
+                        const ref_param *extra, int n_extra, lora_adapter **out)
+{
     *out = NULL;
     const ref_config *c = &l->cfg;
     lora_config *cfg = NULL;
@@ -534,6 +605,13 @@ int ref_make_adapter(const ref_layer *l, int backend, int threads, lora_adapter 
     SETI(LORA_CFG_OUT_PROJ, c->out_proj);
     SETI(LORA_CFG_BACKEND, backend);
     SETI(LORA_CFG_THREADS, threads);
+    for (int i = 0; i < n_extra; i++) {
+        if (extra[i].is_double) {
+            SETD(extra[i].param, extra[i].d);
+        } else {
+            SETI(extra[i].param, extra[i].i);
+        }
+    }
 #undef SETI
 #undef SETD
     if (st == LORA_OK)

@@ -66,6 +66,20 @@ int ref_out_cols(const ref_layer *l);
 void ref_forward(const ref_layer *l, const double *xq, const double *xkv, int64_t batch,
                  int64_t len_q, int64_t len_kv, double *out);
 
+/* The activations of ref_forward, any of them NULL when not wanted: q (batch*len_q,
+ * q_dim), k and v (batch*len_kv, kv_dim), attn (batch*len_q, q_dim) the attention output
+ * before any output projection. Returns 0 or -1 (allocation). */
+int ref_activations(const ref_layer *l, const double *xq, const double *xkv, int64_t batch,
+                    int64_t len_q, int64_t len_kv, double *q, double *k, double *v,
+                    double *attn);
+/* W + s*B*A of projection proj (out, in), malloc'd (NULL on failure). */
+double *ref_effective_weight(const ref_layer *l, int proj);
+/* The score bound of lora_run_info / lora_threshold_report from the reference's q, k
+ * (as ref_activations): max over (batch, query head) of
+ * softmax_scale * max_i |q_i|_2 * max_j |k_j - mean_j k_j|_2 (key centring). */
+double ref_score_bound(const ref_layer *l, const double *q, const double *k, int64_t batch,
+                       int64_t len_q, int64_t len_kv);
+
 /* Gradients of sum(out .* dout). da/db: per projection, NULL for non-adapted (or not
  * wanted), overwritten (not accumulated). dxq: (batch, len_q, d_model), gradient
  * through the query path (Q); dxkv: (batch, len_kv, d_model), through K and V. Either
@@ -100,6 +114,17 @@ void ref_problem_free(ref_problem *p);
  * weights, biases and LoRA factors in (set_base, set_param). Returns a lora_status;
  * *out is NULL on failure. */
 int ref_make_adapter(const ref_layer *l, int backend, int threads, lora_adapter **out);
+/* One extra config parameter for ref_make_adapter_ex: set with lora_config_set_double
+ * when is_double, else lora_config_set_int. */
+typedef struct ref_param {
+    int param, is_double;
+    int64_t i;
+    double d;
+} ref_param;
+/* ref_make_adapter, then n_extra more parameters set (in order, after the others) before
+ * the adapter is created (e.g. LORA_CFG_POLY_DEGREE, _TOLERANCE, _MEASURE_ROWS). */
+int ref_make_adapter_ex(const ref_layer *l, int backend, int threads,
+                        const ref_param *extra, int n_extra, lora_adapter **out);
 
 /* Relative error of one tensor, as used everywhere here:
  *     max_i |lib_i - ref_i| / max(max_i |ref_i|, floor)

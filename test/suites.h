@@ -12,5 +12,14 @@ Suite *exact_suite(void);     /* LORA_BACKEND_EXACT vs the reference */
 Suite *backward_suite(void);  /* accumulation, zero_grad, call order */
 Suite *threads_suite(void);   /* determinism per thread count */
 Suite *errors_suite(void);    /* every bad input: status, message, adapter survives */
+Suite *poly_suite(void);      /* LORA_BACKEND_POLY vs the reference, MEASURE_ROWS */
+Suite *threshold_suite(void); /* estimator known answers, AUTO, TOLERANCE, limits */
+Suite *alloc_suite(void);     /* allocator hooks; failing the k-th allocation of a cycle */
+Suite *numerics_suite(void);  /* huge logits, tiny/huge scales, L = 1, denormals, rank > width */
+Suite *stress_suite(void);    /* threads over distinct adapters (shared borrowed base) = serial */
+Suite *optimizer_suite(void); /* AdamW/SGD vs PyTorch's rules, clipping, flat views */
+Suite *merge_suite(void);     /* merge/unmerge bound, safe merge, merged forward */
+Suite *serving_suite(void);   /* borrowed bases, hot swap, concurrent tenants */
+Suite *io_suite(void);        /* PEFT and GGUF round trips, independent readers, fuzz */
 
 #endif

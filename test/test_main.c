@@ -16,6 +16,15 @@ int main(void)
     srunner_add_suite(sr, backward_suite());
     srunner_add_suite(sr, threads_suite());
     srunner_add_suite(sr, errors_suite());
+    srunner_add_suite(sr, poly_suite());
+    srunner_add_suite(sr, threshold_suite());
+    srunner_add_suite(sr, alloc_suite());
+    srunner_add_suite(sr, numerics_suite());
+    srunner_add_suite(sr, stress_suite());
+    srunner_add_suite(sr, optimizer_suite());
+    srunner_add_suite(sr, merge_suite());
+    srunner_add_suite(sr, serving_suite());
+    srunner_add_suite(sr, io_suite());
     srunner_set_fork_status(sr, CK_FORK);
     srunner_run_all(sr, CK_NORMAL);
     const int failed = srunner_ntests_failed(sr);

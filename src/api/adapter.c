@@ -67,12 +67,16 @@ static void adapter_free_members(lora_adapter *ad)
 {
     for (int t = 0; t < PROJ_COUNT; t++) {
         layer_proj *p = &ad->layer.proj[t];
-        lora_mem_free(&ad->mem, p->weight);
-        lora_mem_free(&ad->mem, p->bias);
+        if (!ad->base_borrowed[t]) {
+            lora_mem_free(&ad->mem, p->weight);
+            lora_mem_free(&ad->mem, p->bias);
+        }
         lora_mem_free(&ad->mem, p->a); /* a, b, da, db share one block */
     }
+    lora_adapter_free_serving(ad);
     lora_buf_free(&ad->mem, &ad->acts_buf);
     lora_buf_free(&ad->mem, &ad->scratch);
+    lora_buf_free(&ad->mem, &ad->estimate_buf);
 }
 
 LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
@@ -168,13 +172,14 @@ LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *we
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                               "base bias %s has a non-finite entry at index %lld",
                               target_name(t), (long long)bad);
-    float *w = p->weight ? p->weight : lora_mem_alloc(&ad->mem, nw * sizeof(float));
+    const int owned = !ad->base_borrowed[t]; /* a borrowed buffer is never written */
+    float *w = owned && p->weight ? p->weight : lora_mem_alloc(&ad->mem, nw * sizeof(float));
     if (!w)
         return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate base weight %s",
                               target_name(t));
     float *b = NULL;
     if (bias) {
-        b = p->bias ? p->bias : lora_mem_alloc(&ad->mem, nbias * sizeof(float));
+        b = owned && p->bias ? p->bias : lora_mem_alloc(&ad->mem, nbias * sizeof(float));
         if (!b) {
             if (w != p->weight)
                 lora_mem_free(&ad->mem, w);
@@ -182,13 +187,14 @@ LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *we
                                   target_name(t));
         }
         memcpy(b, bias, nbias * sizeof(float));
-    } else {
+    } else if (owned) {
         lora_mem_free(&ad->mem, p->bias);
     }
     memcpy(w, weight, nw * sizeof(float));
     p->weight = w;
     p->bias = b;
-    ad->saved = SAVED_NONE; /* the saved activations no longer match the layer */
+    ad->base_borrowed[t] = 0;
+    lora_adapter_params_changed(ad); /* the saved activations no longer match the layer */
     ad->err[0] = '\0';
     return LORA_OK;
 }
@@ -272,7 +278,7 @@ LORA_API int lora_adapter_set_param(lora_adapter *ad, int target, int which,
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                               "src has a non-finite entry at index %lld", (long long)bad);
     memcpy(which == LORA_A ? p->a : p->b, src, n * sizeof(float));
-    ad->saved = SAVED_NONE;
+    lora_adapter_params_changed(ad);
     ad->err[0] = '\0';
     return LORA_OK;
 }

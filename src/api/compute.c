@@ -95,8 +95,11 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
 
     lora_plan plan;
     st = lora_plan_call(ad, &p, ad->acts.q, ad->acts.k, &plan);
-    if (st != LORA_OK)
+    if (st != LORA_OK) {
+        if (st == LORA_ERR_NOMEM) /* under memory pressure, keep no dead activations */
+            lora_buf_free(&ad->mem, &ad->acts_buf);
         return st;
+    }
     if (plan.backend == &attn_backend_poly)
         p.measure_rows = ad->cfg.measure_rows;
     /* Backward's scratch is reserved here too, so a backward never allocates. */
@@ -105,9 +108,12 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
     if (__builtin_mul_overflow(layer_scratch_floats(l, &p), sizeof(float), &scratch_bytes) ||
         __builtin_add_overflow(scratch_bytes, be_bytes, &scratch_bytes))
         return lora_set_error(ad->err, LORA_ERR_SHAPE, "working memory size overflows");
-    if (lora_buf_reserve(&ad->mem, &ad->scratch, scratch_bytes) != LORA_OK)
+    if (lora_buf_reserve(&ad->mem, &ad->scratch, scratch_bytes) != LORA_OK) {
+        lora_buf_free(&ad->mem, &ad->acts_buf); /* as above; scratch may have grown */
+        lora_buf_free(&ad->mem, &ad->scratch);  /* in lora_plan_call */
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
                               "cannot allocate %zu bytes of working memory", scratch_bytes);
+    }
     double measured;
     layer_attend(l, plan.backend, &p, &ad->acts, out, ad->scratch.ptr, &measured);
 

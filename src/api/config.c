@@ -56,18 +56,30 @@ static void config_defaults(lora_config_values *v)
     v->init = LORA_INIT_KAIMING_ZERO;
 }
 
-LORA_API int lora_config_create(lora_config **out)
+LORA_API int lora_config_create_with_allocator(lora_config **out,
+                                               const lora_allocator *allocator)
 {
     if (!out)
         return LORA_ERR_INVALID_ARG;
     *out = NULL;
-    lora_config *cfg = lora_mem_calloc(&lora_mem_default, 1, sizeof *cfg);
+    lora_mem mem = lora_mem_default;
+    if (allocator && (allocator->alloc || allocator->free)) {
+        if (!allocator->alloc || !allocator->free)
+            return LORA_ERR_INVALID_ARG; /* no handle yet to hold a message */
+        mem = (lora_mem){allocator->alloc, allocator->free, allocator->user_data, 1};
+    }
+    lora_config *cfg = lora_mem_calloc(&mem, 1, sizeof *cfg);
     if (!cfg)
         return LORA_ERR_NOMEM;
-    cfg->mem = lora_mem_default;
+    cfg->mem = mem;
     config_defaults(&cfg->v);
     *out = cfg;
     return LORA_OK;
+}
+
+LORA_API int lora_config_create(lora_config **out)
+{
+    return lora_config_create_with_allocator(out, NULL);
 }
 
 LORA_API void lora_config_destroy(lora_config *cfg)

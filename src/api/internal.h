@@ -17,11 +17,15 @@
  * are also checked against size_t. */
 #define LORA_MAX_DIM (INT64_C(1) << 24)
 
-/* Every allocation the library makes goes through this (a hook point for users). */
+/* Every allocation the library makes goes through this: the default (posix_memalign,
+ * already 64-byte aligned and padded) or a user's lora_allocator, which may return
+ * memory of any alignment: then `wrap` is set and lora_mem_alloc over-allocates,
+ * aligns and records the user's pointer in front of the block (status.c). */
 typedef struct lora_mem {
     void *(*alloc)(void *opaque, size_t size);
     void (*free)(void *opaque, void *ptr);
     void *opaque;
+    int wrap;
 } lora_mem;
 
 void *lora_mem_alloc(const lora_mem *m, size_t size);   /* 64-byte aligned, NULL on fail */
@@ -78,7 +82,18 @@ struct lora_adapter {
     double eta;            /* certified η of the saved forward (0 exact) */
     lora_run_info info;
     char err[LORA_ERRMSG_SIZE];
+    /* serving: borrowed bases (serving.c), the merged-weight cache (merge.c) */
+    unsigned char base_borrowed[PROJ_COUNT]; /* weight/bias of proj t are the caller's */
+    float *merged[PROJ_COUNT]; /* W + s·B·A of adapted projections, NULL = none */
+    int merged_valid;          /* merged[] matches the current base and factors */
+    lora_buf infer_buf;        /* lora_forward_merged's activations and scratch */
 };
+
+/* Called by everything that changes a base weight, a factor or the scale: drops the
+ * saved forward and the merged-weight cache (merge.c). */
+void lora_adapter_params_changed(lora_adapter *ad);
+/* Frees what merge.c owns (merged weights, inference buffer); adapter_free_members. */
+void lora_adapter_free_serving(lora_adapter *ad);
 
 /* The backend decision for one call (AUTO, forced EXACT or forced POLY). */
 typedef struct lora_plan {
@@ -106,6 +121,6 @@ int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64
 int lora_set_error(char *err, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Index of the first non-finite entry of x[0..n), or -1. */
-int64_t lora_find_nonfinite(const float *x, size_t n);
+#define lora_find_nonfinite la_find_nonfinite
 
 #endif

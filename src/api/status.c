@@ -43,13 +43,6 @@ int lora_set_error(char *err, int status, const char *fmt, ...)
     return status;
 }
 
-int64_t lora_find_nonfinite(const float *x, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(x[i]))
-            return (int64_t)i;
-    return -1;
-}
 
 /* ---- memory ---- */
 
@@ -72,9 +65,29 @@ static void default_free(void *opaque, void *ptr)
     free(ptr);
 }
 
-const lora_mem lora_mem_default = {default_alloc, default_free, NULL};
+const lora_mem lora_mem_default = {default_alloc, default_free, NULL, 0};
 
-void *lora_mem_alloc(const lora_mem *m, size_t size) { return m->alloc(m->opaque, size); }
+/* A user allocator (lora_allocator) promises no alignment: ask for size plus room to
+ * align (and to store the user's pointer just before the aligned block) plus the same
+ * 64-byte over-read pad as default_alloc. */
+#define LORA_MEM_ALIGN 64u
+#define LORA_MEM_EXTRA (3u * LORA_MEM_ALIGN) /* >= sizeof(void *) + 63 + 64 */
+
+void *lora_mem_alloc(const lora_mem *m, size_t size)
+{
+    if (!m->wrap)
+        return m->alloc(m->opaque, size);
+    size_t total;
+    if (__builtin_add_overflow(size, (size_t)LORA_MEM_EXTRA, &total))
+        return NULL;
+    unsigned char *raw = m->alloc(m->opaque, total);
+    if (!raw)
+        return NULL;
+    const uintptr_t at = ((uintptr_t)raw + sizeof(void *) + LORA_MEM_ALIGN - 1) &
+                         ~(uintptr_t)(LORA_MEM_ALIGN - 1);
+    memcpy((void *)(at - sizeof(void *)), &raw, sizeof raw);
+    return (void *)at;
+}
 
 void *lora_mem_calloc(const lora_mem *m, size_t count, size_t size)
 {
@@ -89,8 +102,14 @@ void *lora_mem_calloc(const lora_mem *m, size_t count, size_t size)
 
 void lora_mem_free(const lora_mem *m, void *ptr)
 {
-    if (ptr)
-        m->free(m->opaque, ptr);
+    if (!ptr)
+        return;
+    if (m->wrap) {
+        void *raw;
+        memcpy(&raw, (unsigned char *)ptr - sizeof(void *), sizeof raw);
+        ptr = raw;
+    }
+    m->free(m->opaque, ptr);
 }
 
 int lora_buf_reserve(const lora_mem *m, lora_buf *b, size_t size)

@@ -55,13 +55,6 @@ int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const floa
     return LORA_OK;
 }
 
-static double max_abs_cols(const float *x, int64_t rows, int64_t cols)
-{
-    float m = 0.0f;
-    for (int64_t i = 0; i < rows * cols; i++)
-        m = fabsf(x[i]) > m ? fabsf(x[i]) : m;
-    return m;
-}
 
 LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t batch,
                                      int64_t seq_len, lora_threshold_report *report)
@@ -116,9 +109,9 @@ LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t b
     lora_threshold_report r;
     memset(&r, 0, sizeof r);
     r.recommended_backend = plan.auto_choice->id;
-    r.gamma_q = max_abs_cols(a.q, (int64_t)rows, l->q_dim);
-    r.gamma_k = max_abs_cols(a.k, (int64_t)rows, l->kv_dim);
-    r.gamma_v = max_abs_cols(a.v, (int64_t)rows, l->kv_dim);
+    r.gamma_q = la_max_abs(a.q, rows * (size_t)l->q_dim);
+    r.gamma_k = la_max_abs(a.k, rows * (size_t)l->kv_dim);
+    r.gamma_v = la_max_abs(a.v, rows * (size_t)l->kv_dim);
     const double ln_l = log(seq_len > 1 ? (double)seq_len : 2.0);
     r.gamma_ratio = (r.gamma_q > r.gamma_k ? r.gamma_q : r.gamma_k) / sqrt(ln_l);
     r.score_bound = plan.score_bound;

@@ -1,193 +1,718 @@
-/* Exact softmax attention (MATH §2), blocked over query rows: each block of ATTN_BQ
- * queries forms its scores against the visible keys with one BLIS product, so the
- * working memory is O(ATTN_BQ·len_kv) per worker, never O(len_q·len_kv). The forward
- * keeps one log-sum-exp per row; the backward recomputes the probabilities from it. */
+/* Exact softmax attention (MATH §2) in FlashAttention-2 order: queries and keys are
+ * cut into tiles of ATTN_BQ × ATTN_BK and nothing of size len_q × len_kv is ever
+ * formed. The forward runs an online softmax over the key tiles of each query block
+ * and keeps the output and one log-sum-exp per row; the backward recomputes each
+ * tile's probabilities from the log-sum-exp. Causal attention skips the tiles above
+ * the diagonal. Working memory: a few tiles per worker (0.6 MB at head_dim 64), plus,
+ * when one (batch, kv head) is split over workers, dQ partials of at most
+ * ATTN_SPLIT_ROWS rows (1.8 MB at 2 threads, head_dim 64). Nothing grows with
+ * len_q·len_kv.
+ *
+ * Two implementations of the tiles, same order of work:
+ * - fused (CPUs with AVX-512, head_dim a multiple of 16): register-blocked FMA kernels
+ *   (src/linalg/avx512_kernels.h) read the operands where they lie, so the softmax
+ *   output feeds the next product without a packing pass. BLIS products cost ~30%
+ *   more here, most of it in packing the freshly computed P and dS tiles.
+ * - BLIS (everything else, and the reference the fused one is tested against): each
+ *   product is one single-threaded BLIS call (src/linalg).
+ * The elementwise softmax work is vectorised with glibc's libmvec vector expf when the
+ * build has it (LORA_HAVE_LIBMVEC); the BLIS path's kernels have an AVX-512 clone
+ * chosen at load time.
+ *
+ * Parallelism and determinism. Forward: one work unit per (batch, head, query block);
+ * each unit's arithmetic is fixed, so the schedule does not change the result.
+ * Backward: with at least as many (batch, kv head) tasks as threads (and a balanced
+ * split), each task is run by one worker and writes its dQ, dK, dV alone. Otherwise
+ * the tasks run one after another and the key blocks of a task are dealt by a fixed
+ * rule to slots that the workers take dynamically; a slot owns its dK, dV rows and adds
+ * into its own dQ partial, and the partials are summed in slot order (exact_backward).
+ * Results are bitwise identical for a given thread count (not across thread counts). */
 #include <math.h>
 #include <string.h>
 
+#include "../linalg/avx512_kernels.h"
 #include "backend.h"
 
 #ifdef _OPENMP
 #include <omp.h>
-#define WORKER_ID() ((size_t)omp_get_thread_num())
+#define WORKER_ID() ((int)omp_get_thread_num())
 #else
-#define WORKER_ID() ((size_t)0)
+#define WORKER_ID() 0
 #endif
 
-#define ATTN_BQ 64
+/* Tile sizes: S and dP tiles of ATTN_BQ × ATTN_BK floats stay in L2 (2 × 256 KB), and
+ * ATTN_BK, ATTN_BQ are at most BLIS's KC for sgemm on x86-64 (384), so the BLIS
+ * products that sum over a tile run in one pass. Multiples of 16 (the fused path's
+ * vector length). 256 and 384 measured alike for the fused path; 256 uses less memory
+ * and wastes less on causal diagonal tiles. -D overrides, for experiments. */
+#ifndef ATTN_BQ
+#define ATTN_BQ 256
+#endif
+#ifndef ATTN_BK
+#define ATTN_BK 256
+#endif
 
-/* Work is split over (batch, kv head) tasks: all query heads of one kv group write
- * the same dK, dV rows, so one task owns them and no reduction is needed. */
-static int64_t task_count(const attn_problem *p) { return p->batch * p->n_kv_heads; }
+/* Probabilities below PROB_FLUSH = 2^-64 are set to 0. A row's sum is at least 1, so
+ * what is dropped is below 2^-64·len_kv, far under float rounding; and it keeps the
+ * block products clear of subnormal numbers, which stall the FMA units (a BLIS sgemm
+ * on operands near FLT_MIN runs 20 to 200 times slower here). EXP_CLAMP keeps glibc's
+ * vector expf on its fast path (it falls back to scalar code below -87.3). */
+#define PROB_FLUSH 5.42101086e-20f /* 2^-64 */
+#define EXP_CLAMP (-87.0f)
 
-static int worker_count(const attn_problem *p)
+#if defined(LORA_HAVE_LIBMVEC) && defined(_OPENMP) && defined(__x86_64__)
+/* glibc's libmvec has vector variants of expf (_ZGVbN4v_expf ... _ZGVeN16v_expf);
+ * declaring them lets the `omp simd` loops below call them. <math.h> only does so
+ * under -ffast-math. */
+#pragma omp declare simd notinbranch
+extern float expf(float);
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__gnu_linux__)
+/* An AVX-512 clone and a baseline one of each tile kernel, picked at load time. */
+#define TILE_KERNEL __attribute__((target_clones("avx512f", "default")))
+#else
+#define TILE_KERNEL
+#endif
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Under causal attention, row i of a tile whose keys start at j0 sees
+ * tile_vis0 + (i - i0) of them, clamped to 0 .. bk, where i0 is the tile's first row. */
+static int64_t tile_vis0(const attn_problem *p, int64_t i0, int64_t j0)
 {
-    int64_t t = task_count(p);
-    return (int)(t < p->threads ? t : p->threads);
+    return i0 + 1 + (p->len_kv - p->len_q) - j0;
+}
+
+/* ---- elementwise tile kernels ----------------------------------------------------- */
+
+/* x[j] = exp(x[j] - shift) for j < n. Two loops: GCC vectorises the expf call (into
+ * libmvec) only when no select feeds it. Inlined into the kernels' clones. */
+static inline __attribute__((always_inline)) void exp_shifted(float *restrict x, int64_t n,
+                                                              float shift)
+{
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) {
+        const float t = x[j] - shift;
+        x[j] = isgreater(t, EXP_CLAMP) ? t : EXP_CLAMP;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++)
+        x[j] = expf(x[j]);
+}
+
+/* Online softmax over one tile. s (bq × bk, row stride bk) holds scaled scores; on
+ * return it holds exp(s - m_new) (0 beyond a row's visible keys). vis0 + r is the
+ * number of visible keys of row r (clamped to 0 .. bk). m, l: running row max and sum,
+ * updated; o (bq × d, row stride ldo): the output accumulator, rescaled by
+ * exp(m_old - m_new) unless first (then m, l start here). */
+TILE_KERNEL
+static void tile_online_softmax(float *restrict s, int64_t bq, int64_t bk, int causal,
+                                int64_t vis0, float *restrict m, float *restrict l,
+                                float *restrict o, int64_t ldo, int64_t d, int first)
+{
+    for (int64_t r = 0; r < bq; r++) {
+        float *restrict row = s + r * bk;
+        const int64_t vis = causal ? (vis0 + r < 0 ? 0 : (vis0 + r > bk ? bk : vis0 + r)) : bk;
+        float mx = first ? -INFINITY : m[r];
+#pragma omp simd reduction(max : mx)
+        for (int64_t j = 0; j < vis; j++)
+            mx = row[j] > mx ? row[j] : mx;
+        exp_shifted(row, vis, mx);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < vis; j++) {
+            const float pj = isgreaterequal(row[j], PROB_FLUSH) ? row[j] : 0.0f;
+            row[j] = pj;
+            sum += pj;
+        }
+        for (int64_t j = vis; j < bk; j++)
+            row[j] = 0.0f;
+        if (first) {
+            l[r] = sum;
+        } else {
+            float scale = expf(m[r] - mx);
+            scale = scale >= PROB_FLUSH ? scale : 0.0f;
+            l[r] = l[r] * scale + sum;
+            if (scale != 1.0f) {
+                float *restrict orow = o + r * ldo;
+#pragma omp simd
+                for (int64_t c = 0; c < d; c++)
+                    orow[c] *= scale;
+            }
+        }
+        m[r] = mx;
+    }
+}
+
+/* Backward tile: s (scaled scores) becomes P = exp(s - lse_r) and dp (dO·Vᵀ) becomes
+ * dS = P ⊙ (dP - ρ_r); both 0 beyond a row's visible keys (up to bk). Rows stride ld. */
+TILE_KERNEL
+static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t ld,
+                                int64_t bq, int64_t bk, int causal, int64_t vis0,
+                                const float *restrict lse, const float *restrict rho)
+{
+    for (int64_t r = 0; r < bq; r++) {
+        float *restrict prow = s + r * ld, *restrict dsrow = dp + r * ld;
+        const int64_t vis = causal ? (vis0 + r < 0 ? 0 : (vis0 + r > bk ? bk : vis0 + r)) : bk;
+        const float rr = rho[r];
+        exp_shifted(prow, vis, lse[r]);
+#pragma omp simd
+        for (int64_t j = 0; j < vis; j++) {
+            const float pj = isgreaterequal(prow[j], PROB_FLUSH) ? prow[j] : 0.0f;
+            prow[j] = pj;
+            dsrow[j] = pj * (dsrow[j] - rr);
+        }
+        for (int64_t j = vis; j < bk; j++) {
+            prow[j] = 0.0f;
+            dsrow[j] = 0.0f;
+        }
+    }
+}
+
+/* ρ_i = ⟨dO_i, O_i⟩ for bq rows. */
+TILE_KERNEL
+static void rows_dot(const float *restrict a, const float *restrict b, int64_t ld,
+                     int64_t bq, int64_t d, float *restrict out)
+{
+    for (int64_t r = 0; r < bq; r++) {
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < d; c++)
+            acc += a[r * ld + c] * b[r * ld + c];
+        out[r] = acc;
+    }
+}
+
+/* ---- work split ------------------------------------------------------------------- */
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+/* The fused AVX-512 tiles (below) run when the CPU has AVX-512 and head_dim is a whole
+ * number of vectors; otherwise the tiles are BLIS products. Building with
+ * -DLORA_EXACT_BLIS_TILES forces the BLIS tiles (for comparison). */
+static int use_fused(const attn_problem *p)
+{
+#if defined(LA_HAVE_AVX512_KERNELS) && !defined(LORA_EXACT_BLIS_TILES)
+    return p->la->avx512 && p->head_dim % 16 == 0;
+#else
+    (void)p;
+    return 0;
+#endif
+}
+
+/* Per-worker scratch in floats: S and dP tiles, four row vectors, and for the fused
+ * path the transposed Q block (forward) or K and V blocks (backward). Every part is a
+ * multiple of 16 floats, so each starts 64-byte aligned. */
+static size_t tile_floats(const attn_problem *p)
+{
+    size_t n = 2u * ATTN_BQ * ATTN_BK + 4u * ATTN_BQ;
+    if (use_fused(p))
+        n += 2u * (size_t)p->head_dim * ATTN_BK;
+    return n;
+}
+
+/* Key-split mode (below): the key blocks of a task are dealt to a fixed number of slots
+ * (work queues with a dQ partial each) that the workers take dynamically, and the query
+ * rows go in chunks of ATTN_SPLIT_ROWS, so a partial holds at most that many rows. */
+#define ATTN_SPLIT_ROWS (4 * ATTN_BQ)
+#define ATTN_SLOTS_PER_THREAD 4
+
+static int64_t split_slots(const attn_problem *p)
+{
+    return min64(ceil_div(p->len_kv, ATTN_BK), ATTN_SLOTS_PER_THREAD * (int64_t)p->threads);
+}
+
+/* Backward mode: whole (batch, kv head) tasks per worker when that keeps every worker
+ * busy, else the key blocks of each task are split over the workers. */
+static int backward_splits_keys(const attn_problem *p)
+{
+    const int64_t tasks = p->batch * p->n_kv_heads;
+    if (p->threads <= 1)
+        return 0;
+    return !(tasks % p->threads == 0 || tasks >= 4 * (int64_t)p->threads);
 }
 
 static size_t exact_workspace_size(const attn_problem *p)
 {
-    /* Two (ATTN_BQ × len_kv) blocks per worker: probabilities and their gradient. */
-    return (size_t)worker_count(p) * 2u * ATTN_BQ * (size_t)p->len_kv * sizeof(float);
+    size_t n = (size_t)p->threads * tile_floats(p);
+    if (backward_splits_keys(p)) {
+        const size_t group = (size_t)(p->n_heads / p->n_kv_heads);
+        n += (size_t)(split_slots(p) - 1) * (size_t)min64(p->len_q, ATTN_SPLIT_ROWS) *
+             group * (size_t)p->head_dim;
+    }
+    return n * sizeof(float);
 }
 
-typedef struct head_view {
-    const float *q, *k, *v, *o, *do_;
-    float *out, *dq, *dk, *dv;
-    float *lse;
-    const float *lse_in;
-} head_view;
+typedef struct tile_ws {
+    float *s, *dp;                /* ATTN_BQ × ATTN_BK */
+    float *m, *l, *rho, *scale;   /* ATTN_BQ each */
+    float *packed;                /* fused path: 2 × head_dim × ATTN_BK */
+} tile_ws;
 
-/* Scores of query rows [i0, i0+bq) against keys [0, nk), scaled, into s (bq × nk). */
-static void block_scores(const attn_problem *p, int bt, const float *q, const float *k,
-                         int64_t i0, int64_t bq, int64_t nk, float *s)
+static tile_ws worker_ws(const attn_problem *p, void *ws, int worker)
 {
-    la_gemm(p->la, bt, LA_N, LA_T, bq, nk, p->head_dim, p->softmax_scale, q + i0 * p->ldq,
-            p->ldq, k, p->ldkv, 0.0f, s, nk);
+    float *base = (float *)ws + (size_t)worker * tile_floats(p);
+    tile_ws t = {.s = base, .dp = base + ATTN_BQ * ATTN_BK};
+    t.m = t.dp + ATTN_BQ * ATTN_BK;
+    t.l = t.m + ATTN_BQ;
+    t.rho = t.l + ATTN_BQ;
+    t.scale = t.rho + ATTN_BQ;
+    t.packed = t.scale + ATTN_BQ;
+    return t;
 }
 
-static void exact_forward_task(const attn_problem *p, int64_t task, int bt, float *s,
-                               const float *q, const float *k, const float *v, float *o,
-                               float *row_stat)
+#ifdef LA_HAVE_AVX512_KERNELS
+/* ---- fused AVX-512 tiles ---------------------------------------------------------- *
+ * Every tile product is one la_tile_product call on operands as they lie: the kernels
+ * broadcast one operand from any layout (avx512_kernels.h), so only Qᵀ (forward, once
+ * per query block) and Kᵀ, Vᵀ (backward, once per key block) are transposed, and the
+ * probabilities go from the softmax straight into the next product. Layouts:
+ *   forward:  Sᵀ, P as [key][query]  (lanes run over queries: the online softmax's
+ *             row max and sum are lane-wise), O rows accumulate in place.
+ *   backward: S, P, dP, dS as [query][key]; dV, dK rows and dQ rows accumulate in place.
+ */
+
+/* dst[c·rows_pad + r] = src[r·ld + c] for r < rows, c < cols; 0 for rows <= r < rows_pad. */
+LA_AVX512 static void pack_transposed(const float *src, int64_t ld, int64_t rows,
+                                      int64_t rows_pad, int64_t cols, float *restrict dst)
 {
-    const int64_t b = task / p->n_kv_heads, kvh = task % p->n_kv_heads;
-    const int64_t group = p->n_heads / p->n_kv_heads, d = p->head_dim;
+    for (int64_t c = 0; c < cols; c++) {
+        float *restrict col = dst + c * rows_pad;
+        for (int64_t r = 0; r < rows; r++)
+            col[r] = src[r * ld + c];
+        for (int64_t r = rows; r < rows_pad; r++)
+            col[r] = 0.0f;
+    }
+}
+
+/* Online softmax over a transposed tile: st has bk rows (keys) of n <= ATTN_BQ floats
+ * (queries) holding scaled scores; it becomes exp(st - m_new) per query, 0 where masked
+ * (key kk is visible to query q iff q >= qmin0 + kk, causal only). m, l: running max
+ * and sum per query, updated; scale receives exp(m_old - m_new) (not set when first). */
+LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64_t n,
+                                           int causal, int64_t qmin0, float *restrict m,
+                                           float *restrict l, float *restrict scale,
+                                           int first)
+{
+    float mx[ATTN_BQ], sum[ATTN_BQ];
+    if (causal)
+        for (int64_t kk = 0; kk < bk; kk++) {
+            const int64_t hidden = min64(n, qmin0 + kk);
+            for (int64_t q = 0; q < hidden; q++)
+                st[kk * n + q] = -INFINITY;
+        }
+#pragma omp simd
+    for (int64_t q = 0; q < n; q++) {
+        mx[q] = first ? -INFINITY : m[q];
+        sum[q] = 0.0f;
+    }
+    for (int64_t kk = 0; kk < bk; kk++) {
+        const float *restrict row = st + kk * n;
+#pragma omp simd
+        for (int64_t q = 0; q < n; q++)
+            mx[q] = row[q] > mx[q] ? row[q] : mx[q];
+    }
+    for (int64_t kk = 0; kk < bk; kk++) {
+        float *restrict row = st + kk * n;
+#pragma omp simd
+        for (int64_t q = 0; q < n; q++) {
+            const float t = row[q] - mx[q];
+            row[q] = isgreater(t, EXP_CLAMP) ? t : EXP_CLAMP;
+        }
+#pragma omp simd
+        for (int64_t q = 0; q < n; q++)
+            row[q] = expf(row[q]);
+#pragma omp simd
+        for (int64_t q = 0; q < n; q++) {
+            row[q] = isgreaterequal(row[q], PROB_FLUSH) ? row[q] : 0.0f;
+            sum[q] += row[q];
+        }
+    }
+    if (first) {
+#pragma omp simd
+        for (int64_t q = 0; q < n; q++) {
+            l[q] = sum[q];
+            m[q] = mx[q];
+        }
+        return;
+    }
+#pragma omp simd
+    for (int64_t q = 0; q < n; q++) {
+        const float t = m[q] - mx[q];
+        scale[q] = isgreater(t, EXP_CLAMP) ? t : EXP_CLAMP;
+    }
+#pragma omp simd
+    for (int64_t q = 0; q < n; q++)
+        scale[q] = expf(scale[q]);
+#pragma omp simd
+    for (int64_t q = 0; q < n; q++) {
+        scale[q] = isgreaterequal(scale[q], PROB_FLUSH) ? scale[q] : 0.0f;
+        l[q] = l[q] * scale[q] + sum[q];
+        m[q] = mx[q];
+    }
+}
+
+LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *w, int64_t b,
+                                          int64_t h, int64_t i0, const float *q,
+                                          const float *k, const float *v, float *o,
+                                          float *row_stat)
+{
+    const int64_t d = p->head_dim, kvh = h / (p->n_heads / p->n_kv_heads);
+    const int64_t bq = min64(ATTN_BQ, p->len_q - i0), bqp = round_up(bq, 16);
+    const float *qi = q + (b * p->len_q + i0) * p->ldq + h * d;
     const float *kh = k + b * p->len_kv * p->ldkv + kvh * d;
     const float *vh = v + b * p->len_kv * p->ldkv + kvh * d;
-    for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
-        const float *qh = q + b * p->len_q * p->ldq + h * d;
-        float *oh = o + b * p->len_q * p->ldo + h * d;
-        float *lse = row_stat + (b * p->n_heads + h) * p->len_q;
-        for (int64_t i0 = 0; i0 < p->len_q; i0 += ATTN_BQ) {
-            const int64_t bq = p->len_q - i0 < ATTN_BQ ? p->len_q - i0 : ATTN_BQ;
-            const int64_t nk = attn_visible_keys(p, i0 + bq - 1);
-            block_scores(p, bt, qh, kh, i0, bq, nk, s);
+    float *oi = o + (b * p->len_q + i0) * p->ldo + h * d;
+    float *lse = row_stat + (b * p->n_heads + h) * p->len_q + i0;
+    float *qt = w->packed;
+    pack_transposed(qi, p->ldq, bq, bqp, d, qt);
+    const int64_t nk = attn_visible_keys(p, i0 + bq - 1);
+    for (int64_t j0 = 0; j0 < nk; j0 += ATTN_BK) {
+        const int64_t bk = min64(ATTN_BK, nk - j0);
+        const int first = j0 == 0;
+        /* Sᵀ[key][q] = β·Σ_c K[j0+key][c]·Q[i0+q][c] */
+        la_tile_product(1, bqp, bk, d, p->softmax_scale, qt, bqp, kh + j0 * p->ldkv,
+                        p->ldkv, w->s, bqp, 0);
+        fused_online_softmax(w->s, bk, bqp, p->causal, -tile_vis0(p, i0, j0) + 1, w->m,
+                             w->l, w->scale, first);
+        if (!first)
             for (int64_t r = 0; r < bq; r++) {
-                float *row = s + r * nk;
-                const int64_t vis = attn_visible_keys(p, i0 + r);
-                float mx = row[0];
-                for (int64_t j = 1; j < vis; j++)
-                    mx = row[j] > mx ? row[j] : mx;
-                float sum = 0.0f;
-                for (int64_t j = 0; j < vis; j++) {
-                    row[j] = expf(row[j] - mx);
-                    sum += row[j];
+                const float f = w->scale[r];
+                if (f != 1.0f) {
+                    float *restrict orow = oi + r * p->ldo;
+#pragma omp simd
+                    for (int64_t c = 0; c < d; c++)
+                        orow[c] *= f;
                 }
-                const float inv = 1.0f / sum;
-                for (int64_t j = 0; j < vis; j++)
-                    row[j] *= inv;
-                for (int64_t j = vis; j < nk; j++)
-                    row[j] = 0.0f;
-                lse[i0 + r] = mx + logf(sum);
             }
-            la_gemm(p->la, bt, LA_N, LA_N, bq, d, nk, 1.0f, s, nk, vh, p->ldkv, 0.0f,
-                    oh + i0 * p->ldo, p->ldo);
+        /* O[q][c] (+)= Σ_key P[key][q]·V[j0+key][c] */
+        la_tile_product(0, d, bq, bk, 1.0f, vh + j0 * p->ldkv, p->ldkv, w->s, bqp, oi,
+                        p->ldo, !first);
+    }
+    for (int64_t r = 0; r < bq; r++) {
+        const float inv = 1.0f / w->l[r];
+        float *restrict orow = oi + r * p->ldo;
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++)
+            orow[c] *= inv;
+        lse[r] = w->m[r] + logf(w->l[r]);
+    }
+}
+#endif
+
+/* ---- forward ---------------------------------------------------------------------- */
+
+/* Output rows [i0, i0+bq) of query head h of batch element b. */
+static void forward_block(const attn_problem *p, int nt, const tile_ws *w, int64_t b,
+                          int64_t h, int64_t i0, const float *q, const float *k,
+                          const float *v, float *o, float *row_stat)
+{
+    const int64_t d = p->head_dim, kvh = h / (p->n_heads / p->n_kv_heads);
+    const int64_t bq = min64(ATTN_BQ, p->len_q - i0);
+    const float *qi = q + (b * p->len_q + i0) * p->ldq + h * d;
+    const float *kh = k + b * p->len_kv * p->ldkv + kvh * d;
+    const float *vh = v + b * p->len_kv * p->ldkv + kvh * d;
+    float *oi = o + (b * p->len_q + i0) * p->ldo + h * d;
+    float *lse = row_stat + (b * p->n_heads + h) * p->len_q + i0;
+    const int64_t nk = attn_visible_keys(p, i0 + bq - 1);
+    for (int64_t j0 = 0; j0 < nk; j0 += ATTN_BK) {
+        const int64_t bk = min64(ATTN_BK, nk - j0);
+        const int first = j0 == 0;
+        la_gemm(p->la, nt, LA_N, LA_T, bq, bk, d, p->softmax_scale, qi, p->ldq,
+                kh + j0 * p->ldkv, p->ldkv, 0.0f, w->s, bk);
+        tile_online_softmax(w->s, bq, bk, p->causal, tile_vis0(p, i0, j0), w->m,
+                            w->l, oi, p->ldo, d, first);
+        la_gemm(p->la, nt, LA_N, LA_N, bq, d, bk, 1.0f, w->s, bk, vh + j0 * p->ldkv,
+                p->ldkv, first ? 0.0f : 1.0f, oi, p->ldo);
+    }
+    for (int64_t r = 0; r < bq; r++) {
+        const float inv = 1.0f / w->l[r];
+        float *orow = oi + r * p->ldo;
+        for (int64_t c = 0; c < d; c++)
+            orow[c] *= inv;
+        lse[r] = w->m[r] + logf(w->l[r]);
+    }
+}
+
+/* ---- backward --------------------------------------------------------------------- */
+
+/* One (batch, kv head) task, restricted to query rows [i_lo, i_hi) (multiples of
+ * ATTN_BQ, or len_q). dq_acc: where this worker adds dQ of query head h0 + g (columns
+ * g*d of row i at dq_acc + i*ld_acc). */
+typedef struct bwd_task {
+    int64_t b, kvh, h0, group;
+    int64_t i_lo, i_hi;
+    float *dq_acc;
+    int64_t ld_acc;
+} bwd_task;
+
+/* Key block [j0, j0+bk) of a task against every query block that sees it: adds into
+ * dK, dV rows of the block (owned by the caller) and into t->dq_acc. */
+static void backward_key_block(const attn_problem *p, int nt, const tile_ws *w,
+                               const bwd_task *t, int64_t j0, const float *q,
+                               const float *k, const float *v, const float *o,
+                               const float *row_stat, const float *do_, float *dk,
+                               float *dv)
+{
+    const int64_t d = p->head_dim, bk = min64(ATTN_BK, p->len_kv - j0);
+    const float *kj = k + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
+    const float *vj = v + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
+    float *dkj = dk + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
+    float *dvj = dv + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
+    /* First query row that sees key j0. */
+    const int64_t first_row = p->causal ? max64(0, j0 - (p->len_kv - p->len_q)) : 0;
+    for (int64_t g = 0; g < t->group; g++) {
+        const int64_t h = t->h0 + g;
+        const float *lse_h = row_stat + (t->b * p->n_heads + h) * p->len_q;
+        for (int64_t i0 = max64((first_row / ATTN_BQ) * ATTN_BQ, t->i_lo); i0 < t->i_hi;
+             i0 += ATTN_BQ) {
+            const int64_t bq = min64(ATTN_BQ, p->len_q - i0);
+            const size_t qoff = (size_t)((t->b * p->len_q + i0) * p->ldq + h * d);
+            const size_t ooff = (size_t)((t->b * p->len_q + i0) * p->ldo + h * d);
+            const float *qi = q + qoff, *oi = o + ooff, *doi = do_ + ooff;
+            float *dqi = t->dq_acc + i0 * t->ld_acc + g * d;
+            la_gemm(p->la, nt, LA_N, LA_T, bq, bk, d, p->softmax_scale, qi, p->ldq, kj,
+                    p->ldkv, 0.0f, w->s, bk);
+            la_gemm(p->la, nt, LA_N, LA_T, bq, bk, d, 1.0f, doi, p->ldo, vj, p->ldkv, 0.0f,
+                    w->dp, bk);
+            rows_dot(doi, oi, p->ldo, bq, d, w->rho);
+            tile_backward_probs(w->s, w->dp, bk, bq, bk, p->causal, tile_vis0(p, i0, j0),
+                                lse_h + i0, w->rho);
+            /* dV_j += Pᵀ·dO_i, dK_j += β·dSᵀ·Q_i, dQ_i += β·dS·K_j */
+            la_gemm(p->la, nt, LA_T, LA_N, bk, d, bq, 1.0f, w->s, bk, doi, p->ldo, 1.0f,
+                    dvj, p->ldkv);
+            la_gemm(p->la, nt, LA_T, LA_N, bk, d, bq, p->softmax_scale, w->dp, bk, qi,
+                    p->ldq, 1.0f, dkj, p->ldkv);
+            la_gemm(p->la, nt, LA_N, LA_N, bq, d, bk, p->softmax_scale, w->dp, bk, kj,
+                    p->ldkv, 1.0f, dqi, t->ld_acc);
         }
     }
 }
 
-static void exact_backward_task(const attn_problem *p, int64_t task, int bt, float *s,
-                                float *ds, const float *q, const float *k, const float *v,
-                                const float *o, const float *row_stat, const float *do_,
-                                float *dq, float *dk, float *dv)
+#ifdef LA_HAVE_AVX512_KERNELS
+/* backward_key_block on the fused tiles (layouts above). */
+LA_AVX512 static void fused_backward_key_block(const attn_problem *p, const tile_ws *w,
+                                               const bwd_task *t, int64_t j0,
+                                               const float *q, const float *k,
+                                               const float *v, const float *o,
+                                               const float *row_stat, const float *do_,
+                                               float *dk, float *dv)
 {
-    const int64_t b = task / p->n_kv_heads, kvh = task % p->n_kv_heads;
-    const int64_t group = p->n_heads / p->n_kv_heads, d = p->head_dim;
-    const float *kh = k + b * p->len_kv * p->ldkv + kvh * d;
-    const float *vh = v + b * p->len_kv * p->ldkv + kvh * d;
-    float *dkh = dk + b * p->len_kv * p->ldkv + kvh * d;
-    float *dvh = dv + b * p->len_kv * p->ldkv + kvh * d;
-    for (int64_t j = 0; j < p->len_kv; j++) {
-        memset(dkh + j * p->ldkv, 0, (size_t)d * sizeof(float));
-        memset(dvh + j * p->ldkv, 0, (size_t)d * sizeof(float));
-    }
-    for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
-        const float *qh = q + b * p->len_q * p->ldq + h * d;
-        const float *oh = o + b * p->len_q * p->ldo + h * d;
-        const float *doh = do_ + b * p->len_q * p->ldo + h * d;
-        float *dqh = dq + b * p->len_q * p->ldq + h * d;
-        const float *lse = row_stat + (b * p->n_heads + h) * p->len_q;
-        for (int64_t i0 = 0; i0 < p->len_q; i0 += ATTN_BQ) {
-            const int64_t bq = p->len_q - i0 < ATTN_BQ ? p->len_q - i0 : ATTN_BQ;
-            const int64_t nk = attn_visible_keys(p, i0 + bq - 1);
-            block_scores(p, bt, qh, kh, i0, bq, nk, s);
-            /* dP = dO·Vᵀ */
-            la_gemm(p->la, bt, LA_N, LA_T, bq, nk, d, 1.0f, doh + i0 * p->ldo, p->ldo, vh,
-                    p->ldkv, 0.0f, ds, nk);
-            for (int64_t r = 0; r < bq; r++) {
-                float *prow = s + r * nk, *dsrow = ds + r * nk;
-                const int64_t i = i0 + r, vis = attn_visible_keys(p, i);
-                const float *o_i = oh + i * p->ldo, *do_i = doh + i * p->ldo;
-                float rho = 0.0f; /* ρ_i = ⟨dO_i, O_i⟩ = Σ_j P_ij·dP_ij */
-                for (int64_t c = 0; c < d; c++)
-                    rho += do_i[c] * o_i[c];
-                const float l = lse[i];
-                for (int64_t j = 0; j < vis; j++) {
-                    prow[j] = expf(prow[j] - l);
-                    dsrow[j] = prow[j] * (dsrow[j] - rho);
-                }
-                for (int64_t j = vis; j < nk; j++) {
-                    prow[j] = 0.0f;
-                    dsrow[j] = 0.0f;
-                }
-            }
-            /* dQ = β·dS·K, dK += β·dSᵀ·Q, dV += Pᵀ·dO */
-            la_gemm(p->la, bt, LA_N, LA_N, bq, d, nk, p->softmax_scale, ds, nk, kh, p->ldkv,
-                    0.0f, dqh + i0 * p->ldq, p->ldq);
-            la_gemm(p->la, bt, LA_T, LA_N, nk, d, bq, p->softmax_scale, ds, nk,
-                    qh + i0 * p->ldq, p->ldq, 1.0f, dkh, p->ldkv);
-            la_gemm(p->la, bt, LA_T, LA_N, nk, d, bq, 1.0f, s, nk, doh + i0 * p->ldo,
-                    p->ldo, 1.0f, dvh, p->ldkv);
+    const int64_t d = p->head_dim, bk = min64(ATTN_BK, p->len_kv - j0);
+    const int64_t bkp = round_up(bk, 16);
+    const float *kj = k + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
+    const float *vj = v + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
+    float *dkj = dk + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
+    float *dvj = dv + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
+    float *kt = w->packed, *vt = w->packed + d * bkp;
+    pack_transposed(kj, p->ldkv, bk, bkp, d, kt);
+    pack_transposed(vj, p->ldkv, bk, bkp, d, vt);
+    const float beta = p->softmax_scale;
+    const int64_t first_row = p->causal ? max64(0, j0 - (p->len_kv - p->len_q)) : 0;
+    for (int64_t g = 0; g < t->group; g++) {
+        const int64_t h = t->h0 + g;
+        const float *lse_h = row_stat + (t->b * p->n_heads + h) * p->len_q;
+        for (int64_t i0 = max64((first_row / ATTN_BQ) * ATTN_BQ, t->i_lo); i0 < t->i_hi;
+             i0 += ATTN_BQ) {
+            const int64_t bq = min64(ATTN_BQ, p->len_q - i0);
+            const size_t qoff = (size_t)((t->b * p->len_q + i0) * p->ldq + h * d);
+            const size_t ooff = (size_t)((t->b * p->len_q + i0) * p->ldo + h * d);
+            const float *qi = q + qoff, *oi = o + ooff, *doi = do_ + ooff;
+            float *dqi = t->dq_acc + i0 * t->ld_acc + g * d;
+            /* S[q][key] = β·Σ_c Q[q][c]·K[key][c],  dP[q][key] = Σ_c dO[q][c]·V[key][c] */
+            la_tile_product(1, bkp, bq, d, beta, kt, bkp, qi, p->ldq, w->s, bkp, 0);
+            la_tile_product(1, bkp, bq, d, 1.0f, vt, bkp, doi, p->ldo, w->dp, bkp, 0);
+            rows_dot(doi, oi, p->ldo, bq, d, w->rho);
+            tile_backward_probs(w->s, w->dp, bkp, bq, bk, p->causal, tile_vis0(p, i0, j0),
+                                lse_h + i0, w->rho);
+            /* dV[key] += Σ_q P[q][key]·dO[q],  dK[key] += β·Σ_q dS[q][key]·Q[q] */
+            la_tile_product(0, d, bk, bq, 1.0f, doi, p->ldo, w->s, bkp, dvj, p->ldkv, 1);
+            la_tile_product(0, d, bk, bq, beta, qi, p->ldq, w->dp, bkp, dkj, p->ldkv, 1);
+            /* dQ[q] += β·Σ_key dS[q][key]·K[key] */
+            la_tile_product(1, d, bq, bk, beta, kj, p->ldkv, w->dp, bkp, dqi, t->ld_acc, 1);
         }
     }
 }
+#endif
 
-/* With fewer tasks than threads, tasks run one after another and BLIS gets the
- * threads; otherwise each worker runs whole tasks with single-threaded products.
- * Either way a task's arithmetic does not depend on scheduling, so results are
- * bitwise reproducible for a given thread count. */
+/* Dispatch to the fused tiles or the BLIS ones. */
+static void forward_unit(const attn_problem *p, int nt, const tile_ws *w, int64_t b,
+                         int64_t h, int64_t i0, const float *q, const float *k,
+                         const float *v, float *o, float *row_stat)
+{
+#ifdef LA_HAVE_AVX512_KERNELS
+    if (use_fused(p)) {
+        fused_forward_block(p, w, b, h, i0, q, k, v, o, row_stat);
+        return;
+    }
+#endif
+    forward_block(p, nt, w, b, h, i0, q, k, v, o, row_stat);
+}
+
+static void backward_unit(const attn_problem *p, int nt, const tile_ws *w, const bwd_task *t,
+                          int64_t j0, const float *q, const float *k, const float *v,
+                          const float *o, const float *row_stat, const float *do_,
+                          float *dk, float *dv)
+{
+#ifdef LA_HAVE_AVX512_KERNELS
+    if (use_fused(p)) {
+        fused_backward_key_block(p, w, t, j0, q, k, v, o, row_stat, do_, dk, dv);
+        return;
+    }
+#endif
+    backward_key_block(p, nt, w, t, j0, q, k, v, o, row_stat, do_, dk, dv);
+}
+
+static void zero_rows(float *x, int64_t rows, int64_t cols, int64_t ld)
+{
+    for (int64_t r = 0; r < rows; r++)
+        memset(x + r * ld, 0, (size_t)cols * sizeof(float));
+}
+
+static bwd_task make_task(const attn_problem *p, int64_t task, float *dq)
+{
+    bwd_task t;
+    t.b = task / p->n_kv_heads;
+    t.kvh = task % p->n_kv_heads;
+    t.group = p->n_heads / p->n_kv_heads;
+    t.h0 = t.kvh * t.group;
+    t.i_lo = 0;
+    t.i_hi = p->len_q;
+    t.dq_acc = dq + t.b * p->len_q * p->ldq + t.h0 * p->head_dim;
+    t.ld_acc = p->ldq;
+    return t;
+}
+
+/* One whole task: zeroes and fills its dQ, dK, dV. */
+static void backward_task(const attn_problem *p, int nt, const tile_ws *w, int64_t task,
+                          const float *q, const float *k, const float *v, const float *o,
+                          const float *row_stat, const float *do_, float *dq, float *dk,
+                          float *dv)
+{
+    const bwd_task t = make_task(p, task, dq);
+    const int64_t d = p->head_dim;
+    zero_rows(t.dq_acc, p->len_q, t.group * d, p->ldq);
+    zero_rows(dk + t.b * p->len_kv * p->ldkv + t.kvh * d, p->len_kv, d, p->ldkv);
+    zero_rows(dv + t.b * p->len_kv * p->ldkv + t.kvh * d, p->len_kv, d, p->ldkv);
+    for (int64_t j0 = 0; j0 < p->len_kv; j0 += ATTN_BK)
+        backward_unit(p, nt, w, &t, j0, q, k, v, o, row_stat, do_, dk, dv);
+}
+
 static void exact_forward(const attn_problem *p, const float *q, const float *k,
                           const float *v, float *o, float *row_stat, void *ws)
 {
-    const int64_t tasks = task_count(p);
-    const int workers = worker_count(p);
-    const size_t block = 2u * ATTN_BQ * (size_t)p->len_kv;
-    if (workers <= 1 || tasks < p->threads) {
-        for (int64_t t = 0; t < tasks; t++)
-            exact_forward_task(p, t, p->threads, (float *)ws, q, k, v, o, row_stat);
+    const int64_t nqb = ceil_div(p->len_q, ATTN_BQ), heads = p->batch * p->n_heads;
+    const int64_t units = nqb * heads;
+    const int workers = (int)min64(units, p->threads);
+    if (workers <= 1) {
+        const tile_ws w = worker_ws(p, ws, 0);
+        for (int64_t u = 0; u < units; u++)
+            forward_unit(p, p->threads, &w, (u % heads) / p->n_heads, u % p->n_heads,
+                         (u / heads) * ATTN_BQ, q, k, v, o, row_stat);
         return;
     }
 #pragma omp parallel num_threads(workers)
     {
-        float *s = (float *)ws + WORKER_ID() * block;
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tasks; t++)
-            exact_forward_task(p, t, 1, s, q, k, v, o, row_stat);
+        const tile_ws w = worker_ws(p, ws, WORKER_ID());
+        /* Last query blocks first: under causal attention they are the longest. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            const int64_t bh = u % heads, qb = nqb - 1 - u / heads;
+            forward_unit(p, 1, &w, bh / p->n_heads, bh % p->n_heads, qb * ATTN_BQ, q, k, v,
+                         o, row_stat);
+        }
     }
+}
+
+/* Slot owning key block kb of a task split over `slots`: dealt back and forth
+ * (0, 1, .., s-1, s-1, .., 0, 0, ..) so that causal tasks, whose early key blocks see
+ * more queries, come out balanced. */
+static int64_t key_block_slot(int64_t kb, int64_t slots)
+{
+    const int64_t round = kb / slots, pos = kb % slots;
+    return round % 2 == 0 ? pos : slots - 1 - pos;
 }
 
 static void exact_backward(const attn_problem *p, const float *q, const float *k,
                            const float *v, const float *o, const float *row_stat,
                            const float *do_, float *dq, float *dk, float *dv, void *ws)
 {
-    const int64_t tasks = task_count(p);
-    const int workers = worker_count(p);
-    const size_t half = ATTN_BQ * (size_t)p->len_kv;
-    if (workers <= 1 || tasks < p->threads) {
-        float *s = (float *)ws;
+    const int64_t tasks = p->batch * p->n_kv_heads;
+    if (p->threads <= 1) {
+        const tile_ws w = worker_ws(p, ws, 0);
         for (int64_t t = 0; t < tasks; t++)
-            exact_backward_task(p, t, p->threads, s, s + half, q, k, v, o, row_stat, do_,
-                                dq, dk, dv);
+            backward_task(p, 1, &w, t, q, k, v, o, row_stat, do_, dq, dk, dv);
         return;
     }
+    if (!backward_splits_keys(p)) {
+#pragma omp parallel num_threads(p->threads)
+        {
+            const tile_ws w = worker_ws(p, ws, WORKER_ID());
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < tasks; t++)
+                backward_task(p, 1, &w, t, q, k, v, o, row_stat, do_, dq, dk, dv);
+        }
+        return;
+    }
+    /* Key-split mode: tasks one after another. In each, key block kb belongs to slot
+     * key_block_slot(kb); for every chunk of query rows, the workers take the slots
+     * dynamically, and a slot runs its key blocks in order, adding dQ of the chunk into
+     * its own partial (slot 0: dQ itself). After the chunk the partials are summed into
+     * dQ in slot order. Which worker runs a slot does not change any sum, so the
+     * dynamic schedule keeps the result fixed, and it keeps both cores busy when one is
+     * slowed down (a loaded machine) or a causal slot is longer. */
+    const int64_t nkb = ceil_div(p->len_kv, ATTN_BK), d = p->head_dim;
+    const int64_t slots = split_slots(p);
+    const int workers = (int)min64(slots, p->threads);
+    const int64_t group = p->n_heads / p->n_kv_heads, width = group * d;
+    const int64_t chunk_rows = min64(p->len_q, ATTN_SPLIT_ROWS);
+    float *partials = (float *)ws + (size_t)p->threads * tile_floats(p);
+    for (int64_t task = 0; task < tasks; task++) {
+        const bwd_task whole = make_task(p, task, dq);
 #pragma omp parallel num_threads(workers)
-    {
-        float *s = (float *)ws + WORKER_ID() * 2u * half;
+        {
+            const tile_ws w = worker_ws(p, ws, WORKER_ID());
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tasks; t++)
-            exact_backward_task(p, t, 1, s, s + half, q, k, v, o, row_stat, do_, dq, dk,
-                                dv);
+            for (int64_t j = 0; j < p->len_kv; j++) {
+                const size_t off = (size_t)((whole.b * p->len_kv + j) * p->ldkv + whole.kvh * d);
+                memset(dk + off, 0, (size_t)d * sizeof(float));
+                memset(dv + off, 0, (size_t)d * sizeof(float));
+            }
+            for (int64_t c0 = 0; c0 < p->len_q; c0 += chunk_rows) {
+                const int64_t rows = min64(chunk_rows, p->len_q - c0);
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t slot = 0; slot < slots; slot++) {
+                    bwd_task t = whole;
+                    t.i_lo = c0;
+                    t.i_hi = c0 + rows;
+                    if (slot > 0) { /* row i of the chunk at partial + (i - c0)*width */
+                        t.dq_acc = partials + (size_t)(slot - 1) * (size_t)(chunk_rows * width) -
+                                   c0 * width;
+                        t.ld_acc = width;
+                    }
+                    zero_rows(t.dq_acc + c0 * t.ld_acc, rows, width, t.ld_acc);
+                    for (int64_t kb = 0; kb < nkb; kb++)
+                        if (key_block_slot(kb, slots) == slot)
+                            backward_unit(p, 1, &w, &t, kb * ATTN_BK, q, k, v, o, row_stat,
+                                          do_, dk, dv);
+                }
+#pragma omp for schedule(static)
+                for (int64_t i = c0; i < c0 + rows; i++) {
+                    float *dst = whole.dq_acc + i * p->ldq;
+                    for (int64_t sl = 1; sl < slots; sl++) {
+                        const float *src = partials +
+                                           (size_t)(sl - 1) * (size_t)(chunk_rows * width) +
+                                           (size_t)((i - c0) * width);
+                        for (int64_t c = 0; c < width; c++)
+                            dst[c] += src[c];
+                    }
+                }
+            }
+        }
     }
 }
 

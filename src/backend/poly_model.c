@@ -40,7 +40,8 @@ int64_t poly_rank(int g, int64_t d)
     return k * (d + 1) * (d + 1) > POLY_MAX_STATE ? -1 : k;
 }
 
-double poly_score_bound(const attn_problem *p, const float *q, const float *k, double *mean)
+LA_VECTOR_CLONES double poly_score_bound(const attn_problem *p, const float *q,
+                                         const float *k, double *mean)
 {
     const int64_t d = p->head_dim, group = p->n_heads / p->n_kv_heads;
     double r = 0.0;
@@ -56,6 +57,7 @@ double poly_score_bound(const attn_problem *p, const float *q, const float *k, d
             double kmax = 0.0;
             for (int64_t j = 0; j < p->len_kv; j++) {
                 double s = 0.0;
+#pragma omp simd reduction(+ : s)
                 for (int64_t c = 0; c < d; c++) {
                     const double x = kh[j * p->ldkv + c] - mean[c];
                     s += x * x;
@@ -67,6 +69,7 @@ double poly_score_bound(const attn_problem *p, const float *q, const float *k, d
                 double qmax = 0.0;
                 for (int64_t i = 0; i < p->len_q; i++) {
                     double s = 0.0;
+#pragma omp simd reduction(+ : s)
                     for (int64_t c = 0; c < d; c++)
                         s += (double)qh[i * p->ldq + c] * qh[i * p->ldq + c];
                     qmax = s > qmax ? s : qmax;

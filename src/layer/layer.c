@@ -144,13 +144,6 @@ void layer_attend(const layer *l, const attn_backend *be, const attn_problem *p,
         memcpy(out, a->attn, (size_t)nq * (size_t)l->q_dim * sizeof(float));
 }
 
-static double max_abs(const float *x, size_t n)
-{
-    float m = 0.0f;
-    for (size_t i = 0; i < n; i++)
-        m = fabsf(x[i]) > m ? fabsf(x[i]) : m;
-    return m;
-}
 
 static double max3(double a, double b, double c)
 {
@@ -168,11 +161,13 @@ static double grad_error_bound(const layer *l, const attn_problem *p, const laye
 {
     if (eta <= 0.0)
         return 0.0;
+    if (!isfinite(eta)) /* no certificate (δ >= 1); also avoids ∞·0 when dout = 0 */
+        return INFINITY;
     const size_t nq = (size_t)(p->batch * p->len_q), nk = (size_t)(p->batch * p->len_kv);
-    const double qm = max_abs(a->q, nq * (size_t)l->q_dim);
-    const double km = max_abs(a->k, nk * (size_t)l->kv_dim);
-    const double vm = max_abs(a->v, nk * (size_t)l->kv_dim);
-    const double gm = max_abs(dattn, nq * (size_t)l->q_dim);
+    const double qm = la_max_abs(a->q, nq * (size_t)l->q_dim);
+    const double km = la_max_abs(a->k, nk * (size_t)l->kv_dim);
+    const double vm = la_max_abs(a->v, nk * (size_t)l->kv_dim);
+    const double gm = la_max_abs(dattn, nq * (size_t)l->q_dim);
     const double d = (double)l->head_dim, lq = (double)p->len_q;
     const double group = (double)(l->n_heads / l->n_kv_heads), beta = fabs(l->softmax_scale);
     const double ds_row = eta * (3.0 + eta) * d * gm * vm;
@@ -183,13 +178,13 @@ static double grad_error_bound(const layer *l, const attn_problem *p, const laye
     for (int t = PROJ_Q; t <= PROJ_V; t++) {
         const layer_proj *pr = &l->proj[t];
         const size_t rows = t == PROJ_Q ? nq : nk;
-        const double xm = max_abs(t == PROJ_Q ? a->xq : a->xkv, rows * (size_t)pr->in);
-        const double wm = max_abs(pr->weight, (size_t)(pr->out * pr->in));
+        const double xm = la_max_abs(t == PROJ_Q ? a->xq : a->xkv, rows * (size_t)pr->in);
+        const double wm = la_max_abs(pr->weight, (size_t)(pr->out * pr->in));
         double weff = wm;
         if (pr->adapted) {
-            const double bm = max_abs(pr->b, (size_t)(pr->out * l->rank));
-            const double am = max_abs(pr->a, (size_t)(l->rank * pr->in));
-            const double xam = max_abs(a->xa[t], rows * (size_t)l->rank);
+            const double bm = la_max_abs(pr->b, (size_t)(pr->out * l->rank));
+            const double am = la_max_abs(pr->a, (size_t)(l->rank * pr->in));
+            const double xam = la_max_abs(a->xa[t], rows * (size_t)l->rank);
             bound = max3(bound, s * (double)rows * (double)pr->out * ey[t] * bm * xm,
                          s * (double)rows * ey[t] * xam);
             weff += s * r * bm * am;
@@ -199,9 +194,9 @@ static double grad_error_bound(const layer *l, const attn_problem *p, const laye
     bound = bound > dx ? bound : dx;
     const layer_proj *po = &l->proj[PROJ_O];
     if (l->out_proj && po->adapted) {
-        const double ec = eta * vm, gom = max_abs(dout, nq * (size_t)po->out);
-        const double bm = max_abs(po->b, (size_t)(po->out * l->rank));
-        const double am = max_abs(po->a, (size_t)(l->rank * po->in));
+        const double ec = eta * vm, gom = la_max_abs(dout, nq * (size_t)po->out);
+        const double bm = la_max_abs(po->b, (size_t)(po->out * l->rank));
+        const double am = la_max_abs(po->a, (size_t)(l->rank * po->in));
         bound = max3(bound, s * (double)nq * (double)po->out * gom * bm * ec,
                      s * (double)nq * gom * (double)po->in * am * ec);
     }

@@ -1,6 +1,7 @@
 /* BLIS behind la_*. Every call goes through the expert (_ex) interface with a per-call
- * runtime carrying the caller's thread count, so BLIS's global thread setting is never
- * read or written. */
+ * runtime (one thread; la_gemm splits larger products over its own OpenMP threads) and
+ * the context chosen in la_ctx_init, so BLIS's global thread setting and its CPU
+ * detection are never relied on. */
 #include "linalg.h"
 
 #include <blis.h>
@@ -11,12 +12,16 @@ void la_ctx_init(la_ctx *ctx, int threads)
     ctx->cntx = NULL;
     ctx->threads = threads > 0 ? threads : 1;
     ctx->arch = "blis-default";
+    ctx->avx512 = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    ctx->avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#endif
 #if defined(LORA_BLIS_STATIC) && defined(__x86_64__)
     /* BLIS 0.9 classifies AVX-512 server CPUs of this family as haswell; its skx
      * kernels run sgemm about 1.8x faster on them. The lookup is only reachable when
      * libblis.a is linked in (libblis.so does not export it). */
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+    if (ctx->avx512) {
         cntx_t *skx = bli_gks_lookup_nat_cntx(BLIS_ARCH_SKX);
         if (skx != NULL) {
             ctx->cntx = skx;
@@ -30,6 +35,28 @@ void la_ctx_init(la_ctx *ctx, int threads)
 #endif
 }
 
+/* One single-threaded BLIS call. */
+static void gemm_one(const la_ctx *ctx, la_trans ta, la_trans tb, int64_t m, int64_t n,
+                     int64_t k, float alpha, const float *a, int64_t lda, const float *b,
+                     int64_t ldb, float beta, float *c, int64_t ldc)
+{
+    rntm_t rntm;
+    bli_rntm_init(&rntm);
+    bli_rntm_set_num_threads(1, &rntm);
+    float al = alpha, be = beta;
+    /* Row-major storage: row stride ld, column stride 1. */
+    bli_sgemm_ex(ta == LA_T ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE,
+                 tb == LA_T ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE, (dim_t)m, (dim_t)n,
+                 (dim_t)k, &al, (float *)a, (inc_t)lda, 1, (float *)b, (inc_t)ldb, 1, &be,
+                 c, (inc_t)ldc, 1, (cntx_t *)ctx->cntx, &rntm);
+}
+
+/* Smallest share of a product worth a thread of its own (flops). */
+#define LA_MIN_FLOPS_PER_THREAD 4e6
+/* Row or column ranges of a split product are multiples of this (a multiple of the
+ * register block sizes of BLIS's x86-64 sgemm kernels: 32 × 12, 6 × 16, ...). */
+#define LA_SPLIT_ALIGN 96
+
 void la_gemm(const la_ctx *ctx, int nthreads, la_trans ta, la_trans tb, int64_t m,
              int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
              const float *b, int64_t ldb, float beta, float *c, int64_t ldc)
@@ -42,13 +69,33 @@ void la_gemm(const la_ctx *ctx, int nthreads, la_trans ta, la_trans tb, int64_t 
                 c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
         return;
     }
-    rntm_t rntm;
-    bli_rntm_init(&rntm);
-    bli_rntm_set_num_threads(nthreads > 0 ? nthreads : 1, &rntm);
-    float al = alpha, be = beta;
-    /* Row-major storage: row stride ld, column stride 1. */
-    bli_sgemm_ex(ta == LA_T ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE,
-                 tb == LA_T ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE, (dim_t)m, (dim_t)n,
-                 (dim_t)k, &al, (float *)a, (inc_t)lda, 1, (float *)b, (inc_t)ldb, 1, &be,
-                 c, (inc_t)ldc, 1, (cntx_t *)ctx->cntx, &rntm);
+    /* Threads split the rows or the columns of C (whichever is longer) into contiguous
+     * ranges, one single-threaded BLIS call each. BLIS's own threading is not used: its
+     * barriers spin without yielding, which stalls badly on a loaded machine, and small
+     * products are not worth splitting at all. Every entry of C is computed by the same
+     * kernel and summation order whatever the split. */
+    const double flops = 2.0 * (double)m * (double)n * (double)k;
+    int64_t nt = nthreads > 1 ? nthreads : 1;
+    if ((double)nt * LA_MIN_FLOPS_PER_THREAD > flops)
+        nt = (int64_t)(flops / LA_MIN_FLOPS_PER_THREAD);
+    const int split_rows = m >= n;
+    const int64_t len = split_rows ? m : n;
+    const int64_t chunk =
+        nt > 1 ? (len + nt - 1) / nt + LA_SPLIT_ALIGN - 1 : len;
+    const int64_t step = nt > 1 ? chunk - chunk % LA_SPLIT_ALIGN : len;
+    nt = (len + step - 1) / step;
+    if (nt <= 1) {
+        gemm_one(ctx, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+#pragma omp parallel for num_threads((int)nt) schedule(static, 1)
+    for (int64_t t = 0; t < nt; t++) {
+        const int64_t lo = t * step, cnt = lo + step < len ? step : len - lo;
+        if (split_rows) /* rows lo.. of op(A) and C */
+            gemm_one(ctx, ta, tb, cnt, n, k, alpha, ta == LA_T ? a + lo : a + lo * lda, lda,
+                     b, ldb, beta, c + lo * ldc, ldc);
+        else /* columns lo.. of op(B) and C */
+            gemm_one(ctx, ta, tb, m, cnt, k, alpha, a, lda,
+                     tb == LA_T ? b + lo * ldb : b + lo, ldb, beta, c + lo, ldc);
+    }
 }

@@ -1,0 +1,617 @@
+// lora.hpp: a header-only C++17 RAII wrapper over liblora's C API (include/lora.h).
+//
+// - lora::Config builds a lora::Adapter; handles live in std::unique_ptr with the
+//   library's destroy functions as deleters, so nothing leaks on any path.
+// - Every failing call throws lora::Error (a std::runtime_error) carrying the status
+//   code and the library's message (lora_adapter_last_error / lora_config_last_error).
+// - Tensors are passed as lora::Span<const float> (pointer + size; a std::vector, a
+//   std::array or a raw pointer and length convert to it) and returned as
+//   std::vector<float>. Sizes are checked before a pointer reaches C.
+//
+// Build: c++ -std=c++17 -Iinclude -Iexamples/cpp app.cpp -Llib -llora
+// See docs/cpp.md and examples/cpp/example.cpp.
+#ifndef LORA_HPP
+#define LORA_HPP
+
+#include <lora.h>
+
+#include <array>
+#include <initializer_list>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lora {
+
+// ---- errors ----------------------------------------------------------------------------
+
+class Error : public std::runtime_error {
+public:
+    Error(int status, std::string function, const std::string &message)
+        : std::runtime_error(function + ": " + lora_status_string(status) +
+                             (message.empty() ? "" : ": " + message)),
+          status_(status), function_(std::move(function)), message_(message) {}
+    int status() const noexcept { return status_; }
+    const std::string &function() const noexcept { return function_; }
+    const std::string &message() const noexcept { return message_; }
+
+private:
+    int status_;
+    std::string function_;
+    std::string message_;
+};
+
+// ---- a minimal span (std::span is C++20) ------------------------------------------------
+
+template <class T> class Span {
+public:
+    constexpr Span() noexcept = default;
+    constexpr Span(T *data, std::size_t size) noexcept : data_(data), size_(size) {}
+    template <class U, class A>
+    Span(std::vector<U, A> &v) noexcept : data_(v.data()), size_(v.size()) {}
+    template <class U, class A>
+    Span(const std::vector<U, A> &v) noexcept : data_(v.data()), size_(v.size()) {}
+    template <class U, std::size_t N>
+    Span(std::array<U, N> &a) noexcept : data_(a.data()), size_(N) {}
+    template <class U, std::size_t N>
+    Span(const std::array<U, N> &a) noexcept : data_(a.data()), size_(N) {}
+    template <std::size_t N> Span(T (&a)[N]) noexcept : data_(a), size_(N) {}
+    constexpr T *data() const noexcept { return data_; }
+    constexpr std::size_t size() const noexcept { return size_; }
+    constexpr bool empty() const noexcept { return size_ == 0; }
+
+private:
+    T *data_ = nullptr;
+    std::size_t size_ = 0;
+};
+
+// ---- enums -----------------------------------------------------------------------------
+
+enum class Target : int { Q = LORA_TARGET_Q, K = LORA_TARGET_K, V = LORA_TARGET_V, O = LORA_TARGET_O };
+enum class Factor : int { A = LORA_A, B = LORA_B };
+enum class Backend : int { Auto = LORA_BACKEND_AUTO, Exact = LORA_BACKEND_EXACT, Poly = LORA_BACKEND_POLY };
+enum class Init : int {
+    KaimingZero = LORA_INIT_KAIMING_ZERO,
+    Gaussian = LORA_INIT_GAUSSIAN,
+    Zero = LORA_INIT_ZERO
+};
+
+inline std::string version() { return lora_version_string(); }
+inline std::uint32_t version_number() { return lora_version_number(); }
+
+namespace detail {
+struct ConfigDeleter {
+    void operator()(lora_config *c) const noexcept { lora_config_destroy(c); }
+};
+struct AdapterDeleter {
+    void operator()(lora_adapter *a) const noexcept { lora_adapter_destroy(a); }
+};
+struct OptimizerDeleter {
+    void operator()(lora_optimizer *o) const noexcept { lora_optimizer_destroy(o); }
+};
+inline void shape_check(bool ok, const char *function, const std::string &what) {
+    if (!ok)
+        throw Error(LORA_ERR_SHAPE, function, what);
+}
+inline std::string count_msg(const char *name, std::size_t got, std::size_t want) {
+    return std::string(name) + " has " + std::to_string(got) + " values, expected " +
+           std::to_string(want);
+}
+} // namespace detail
+
+// The paper's loss: returns 1/2 * sum((out - target)^2) and writes out - target to dout
+// when dout is not empty.
+inline double mse_loss(Span<const float> out, Span<const float> target,
+                       Span<float> dout = {}) {
+    detail::shape_check(out.size() == target.size(), "mse_loss",
+                        detail::count_msg("target", target.size(), out.size()));
+    detail::shape_check(dout.empty() || dout.size() == out.size(), "mse_loss",
+                        detail::count_msg("dout", dout.size(), out.size()));
+    double loss = 0;
+    int st = lora_mse_loss(out.data(), target.data(), out.size(), &loss,
+                           dout.empty() ? nullptr : dout.data());
+    if (st != LORA_OK)
+        throw Error(st, "lora_mse_loss", "");
+    return loss;
+}
+
+class Adapter;
+
+// ---- configuration ---------------------------------------------------------------------
+
+// Builder of the LORA_CFG_* parameters; build() creates the adapter.
+class Config {
+public:
+    explicit Config(std::int64_t d_model) {
+        lora_config *c = nullptr;
+        int st = lora_config_create(&c);
+        if (st != LORA_OK)
+            throw Error(st, "lora_config_create", "");
+        cfg_.reset(c);
+        set_int(LORA_CFG_D_MODEL, d_model);
+    }
+    Config &set_int(int param, std::int64_t value) {
+        check(lora_config_set_int(cfg_.get(), param, value), "lora_config_set_int");
+        return *this;
+    }
+    Config &set_double(int param, double value) {
+        check(lora_config_set_double(cfg_.get(), param, value), "lora_config_set_double");
+        return *this;
+    }
+    Config &n_heads(std::int64_t v) { return set_int(LORA_CFG_N_HEADS, v); }
+    Config &n_kv_heads(std::int64_t v) { return set_int(LORA_CFG_N_KV_HEADS, v); }
+    Config &head_dim(std::int64_t v) { return set_int(LORA_CFG_HEAD_DIM, v); }
+    Config &rank(std::int64_t v) { return set_int(LORA_CFG_RANK, v); }
+    Config &alpha(double v) { return set_double(LORA_CFG_ALPHA, v); }
+    Config &rslora(bool v) { return set_int(LORA_CFG_RSLORA, v); }
+    Config &softmax_scale(double v) { return set_double(LORA_CFG_SOFTMAX_SCALE, v); }
+    Config &causal(bool v) { return set_int(LORA_CFG_CAUSAL, v); }
+    Config &backend(Backend b) { return set_int(LORA_CFG_BACKEND, static_cast<int>(b)); }
+    Config &tolerance(double v) { return set_double(LORA_CFG_TOLERANCE, v); }
+    Config &poly_degree(std::int64_t v) { return set_int(LORA_CFG_POLY_DEGREE, v); }
+    Config &threads(std::int64_t v) { return set_int(LORA_CFG_THREADS, v); }
+    Config &seed(std::uint64_t v) { return set_int(LORA_CFG_SEED, static_cast<std::int64_t>(v)); }
+    Config &init(Init v) { return set_int(LORA_CFG_INIT, static_cast<int>(v)); }
+    Config &out_proj(bool v) { return set_int(LORA_CFG_OUT_PROJ, v); }
+    Config &measure_rows(std::int64_t v) { return set_int(LORA_CFG_MEASURE_ROWS, v); }
+    Config &targets(std::initializer_list<Target> ts) {
+        std::int64_t mask = 0;
+        for (Target t : ts)
+            mask |= static_cast<int>(t);
+        return set_int(LORA_CFG_TARGETS, mask);
+    }
+    // Effective values (derived defaults resolved; 0 while they cannot be).
+    std::int64_t get_int(int param) const {
+        std::int64_t v = 0;
+        check(lora_config_get_int(cfg_.get(), param, &v), "lora_config_get_int");
+        return v;
+    }
+    double get_double(int param) const {
+        double v = 0;
+        check(lora_config_get_double(cfg_.get(), param, &v), "lora_config_get_double");
+        return v;
+    }
+    const lora_config *get() const noexcept { return cfg_.get(); }
+    lora_config *get() noexcept { return cfg_.get(); }
+
+    inline Adapter build() const;
+
+private:
+    void check(int st, const char *function) const {
+        if (st != LORA_OK)
+            throw Error(st, function, lora_config_last_error(cfg_.get()));
+    }
+    std::unique_ptr<lora_config, detail::ConfigDeleter> cfg_;
+};
+
+// ---- adapter ---------------------------------------------------------------------------
+
+class Adapter {
+public:
+    // Takes ownership of a handle from lora_adapter_create.
+    explicit Adapter(lora_adapter *handle) : ad_(handle) {
+        if (!handle)
+            throw Error(LORA_ERR_INVALID_ARG, "Adapter", "null handle");
+        const std::int64_t head_dim = config_int(LORA_CFG_HEAD_DIM);
+        d_model_ = static_cast<std::size_t>(config_int(LORA_CFG_D_MODEL));
+        q_dim_ = static_cast<std::size_t>(config_int(LORA_CFG_N_HEADS) * head_dim);
+        kv_dim_ = static_cast<std::size_t>(config_int(LORA_CFG_N_KV_HEADS) * head_dim);
+        out_proj_ = config_int(LORA_CFG_OUT_PROJ) != 0;
+    }
+
+    lora_adapter *get() const noexcept { return ad_.get(); }
+    std::string last_error() const { return lora_adapter_last_error(ad_.get()); }
+
+    std::int64_t config_int(int param) const {
+        std::int64_t v = 0;
+        check(lora_adapter_get_config_int(ad_.get(), param, &v), "lora_adapter_get_config_int");
+        return v;
+    }
+    double config_double(int param) const {
+        double v = 0;
+        check(lora_adapter_get_config_double(ad_.get(), param, &v),
+              "lora_adapter_get_config_double");
+        return v;
+    }
+    std::size_t d_model() const noexcept { return d_model_; }
+    std::size_t out_dim() const noexcept { return out_proj_ ? d_model_ : q_dim_; }
+
+    // (out, in) of target's base weight.
+    std::pair<std::size_t, std::size_t> base_shape(Target t) const noexcept {
+        switch (t) {
+        case Target::Q: return {q_dim_, d_model_};
+        case Target::K:
+        case Target::V: return {kv_dim_, d_model_};
+        case Target::O: break;
+        }
+        return {d_model_, q_dim_};
+    }
+
+    void set_base(Target t, Span<const float> weight, Span<const float> bias = {}) {
+        const auto [out, in] = base_shape(t);
+        detail::shape_check(weight.size() == out * in, "set_base",
+                            detail::count_msg("weight", weight.size(), out * in));
+        detail::shape_check(bias.empty() || bias.size() == out, "set_base",
+                            detail::count_msg("bias", bias.size(), out));
+        saved_ = Saved{};
+        check(lora_adapter_set_base(ad_.get(), static_cast<int>(t), weight.data(),
+                                    bias.empty() ? nullptr : bias.data()),
+              "lora_adapter_set_base");
+    }
+
+    std::pair<std::size_t, std::size_t> param_shape(Target t, Factor f) const {
+        std::int64_t r = 0, c = 0;
+        check(lora_adapter_param_shape(ad_.get(), static_cast<int>(t), static_cast<int>(f), &r,
+                                       &c),
+              "lora_adapter_param_shape");
+        return {static_cast<std::size_t>(r), static_cast<std::size_t>(c)};
+    }
+    std::vector<float> param(Target t, Factor f) const {
+        const auto [r, c] = param_shape(t, f);
+        std::vector<float> v(r * c);
+        check(lora_adapter_get_param(ad_.get(), static_cast<int>(t), static_cast<int>(f),
+                                     v.data(), v.size()),
+              "lora_adapter_get_param");
+        return v;
+    }
+    std::vector<float> grad(Target t, Factor f) const {
+        const auto [r, c] = param_shape(t, f);
+        std::vector<float> v(r * c);
+        check(lora_adapter_get_grad(ad_.get(), static_cast<int>(t), static_cast<int>(f),
+                                    v.data(), v.size()),
+              "lora_adapter_get_grad");
+        return v;
+    }
+    void set_param(Target t, Factor f, Span<const float> v) {
+        saved_ = Saved{};
+        check(lora_adapter_set_param(ad_.get(), static_cast<int>(t), static_cast<int>(f),
+                                     v.data(), v.size()),
+              "lora_adapter_set_param");
+    }
+    void zero_grad() { check(lora_adapter_zero_grad(ad_.get()), "lora_adapter_zero_grad"); }
+
+    // Uses a shared, caller-owned base without copying it (multi-adapter serving). The
+    // adapter keeps the shared_ptrs, so the buffers live as long as it may read them;
+    // do not modify them meanwhile (lora.h's lifetime rule).
+    void set_base_borrowed(Target t, std::shared_ptr<const std::vector<float>> weight,
+                           std::shared_ptr<const std::vector<float>> bias = nullptr) {
+        const auto [out, in] = base_shape(t);
+        detail::shape_check(weight && weight->size() == out * in, "set_base_borrowed",
+                            detail::count_msg("weight", weight ? weight->size() : 0, out * in));
+        detail::shape_check(!bias || bias->size() == out, "set_base_borrowed",
+                            detail::count_msg("bias", bias ? bias->size() : 0, out));
+        saved_ = Saved{};
+        check(lora_adapter_set_base_borrowed(ad_.get(), static_cast<int>(t), weight->data(),
+                                             bias ? bias->data() : nullptr),
+              "lora_adapter_set_base_borrowed");
+        borrowed_[index(t)] = {std::move(weight), std::move(bias)};
+    }
+
+    // All LoRA factors (or gradients) as one vector: targets Q, K, V, O (adapted ones),
+    // each A then B, row-major. For one MPI_Allreduce, checkpoints.
+    std::size_t param_count() const {
+        std::size_t n = 0;
+        check(lora_adapter_param_count(ad_.get(), &n), "lora_adapter_param_count");
+        return n;
+    }
+    std::vector<float> params_flat() const {
+        std::vector<float> v(param_count());
+        check(lora_adapter_get_params_flat(ad_.get(), v.data(), v.size()),
+              "lora_adapter_get_params_flat");
+        return v;
+    }
+    void set_params_flat(Span<const float> v) {
+        saved_ = Saved{};
+        check(lora_adapter_set_params_flat(ad_.get(), v.data(), v.size()),
+              "lora_adapter_set_params_flat");
+    }
+    std::vector<float> grads_flat() const {
+        std::vector<float> v(param_count());
+        check(lora_adapter_get_grads_flat(ad_.get(), v.data(), v.size()),
+              "lora_adapter_get_grads_flat");
+        return v;
+    }
+    void set_grads_flat(Span<const float> v) {
+        check(lora_adapter_set_grads_flat(ad_.get(), v.data(), v.size()),
+              "lora_adapter_set_grads_flat");
+    }
+
+    // In place: weight ((out, in), holding W) becomes W + s*B*A; unmerge subtracts it.
+    void merge(Target t, Span<float> weight) const {
+        check(lora_adapter_merge(ad_.get(), static_cast<int>(t), weight.data(), weight.size()),
+              "lora_adapter_merge");
+    }
+    void unmerge(Target t, Span<float> weight) const {
+        check(lora_adapter_unmerge(ad_.get(), static_cast<int>(t), weight.data(), weight.size()),
+              "lora_adapter_unmerge");
+    }
+    // Hot swap: src's factors and scaling into this adapter (base, settings, gradients kept).
+    void copy_params_from(const Adapter &src) {
+        saved_ = Saved{};
+        check(lora_adapter_copy_params(ad_.get(), src.get()), "lora_adapter_copy_params");
+    }
+
+    // Self-attention: x is (batch, seq_len, d_model); returns (batch, seq_len, out_dim).
+    std::vector<float> forward(Span<const float> x, std::size_t batch, std::size_t seq_len) {
+        const std::size_t xn = input(x, batch, seq_len, "x");
+        std::vector<float> out(batch * seq_len * out_dim());
+        saved_ = Saved{};
+        check(lora_forward(ad_.get(), x.data(), static_cast<std::int64_t>(batch),
+                           static_cast<std::int64_t>(seq_len), out.data()),
+              "lora_forward");
+        saved_ = Saved{1, out.size(), xn, 0};
+        return out;
+    }
+    // Backward of the last forward; returns dL/dx (empty when want_dx is false).
+    std::vector<float> backward(Span<const float> dout, bool want_dx = true) {
+        expect_saved(1, dout, "backward");
+        std::vector<float> dx(want_dx ? saved_.x : 0);
+        check(lora_backward(ad_.get(), dout.data(), want_dx ? dx.data() : nullptr),
+              "lora_backward");
+        return dx;
+    }
+    // Cross-attention: xq (batch, len_q, d_model), xkv (batch, len_kv, d_model).
+    std::vector<float> forward_cross(Span<const float> xq, Span<const float> xkv,
+                                     std::size_t batch, std::size_t len_q, std::size_t len_kv) {
+        const std::size_t qn = input(xq, batch, len_q, "xq");
+        const std::size_t kvn = input(xkv, batch, len_kv, "xkv");
+        std::vector<float> out(batch * len_q * out_dim());
+        saved_ = Saved{};
+        check(lora_forward_cross(ad_.get(), xq.data(), xkv.data(),
+                                 static_cast<std::int64_t>(batch),
+                                 static_cast<std::int64_t>(len_q),
+                                 static_cast<std::int64_t>(len_kv), out.data()),
+              "lora_forward_cross");
+        saved_ = Saved{2, out.size(), qn, kvn};
+        return out;
+    }
+    // Backward of the last forward_cross: returns (dxq, dxkv).
+    std::pair<std::vector<float>, std::vector<float>> backward_cross(Span<const float> dout) {
+        expect_saved(2, dout, "backward_cross");
+        std::vector<float> dxq(saved_.x), dxkv(saved_.xkv);
+        check(lora_backward_cross(ad_.get(), dout.data(), dxq.data(), dxkv.data()),
+              "lora_backward_cross");
+        return {std::move(dxq), std::move(dxkv)};
+    }
+
+    // Inference with merged weights: forward's result up to rounding; no activations
+    // kept, the saved forward untouched.
+    std::vector<float> forward_merged(Span<const float> x, std::size_t batch,
+                                      std::size_t seq_len) {
+        input(x, batch, seq_len, "x");
+        std::vector<float> out(batch * seq_len * out_dim());
+        check(lora_forward_merged(ad_.get(), x.data(), static_cast<std::int64_t>(batch),
+                                  static_cast<std::int64_t>(seq_len), out.data()),
+              "lora_forward_merged");
+        return out;
+    }
+    std::vector<float> forward_merged_cross(Span<const float> xq, Span<const float> xkv,
+                                            std::size_t batch, std::size_t len_q,
+                                            std::size_t len_kv) {
+        input(xq, batch, len_q, "xq");
+        input(xkv, batch, len_kv, "xkv");
+        std::vector<float> out(batch * len_q * out_dim());
+        check(lora_forward_merged_cross(ad_.get(), xq.data(), xkv.data(),
+                                        static_cast<std::int64_t>(batch),
+                                        static_cast<std::int64_t>(len_q),
+                                        static_cast<std::int64_t>(len_kv), out.data()),
+              "lora_forward_merged_cross");
+        return out;
+    }
+
+    lora_run_info run_info() const {
+        lora_run_info info{};
+        info.struct_size = sizeof info;
+        check(lora_adapter_get_run_info(ad_.get(), &info), "lora_adapter_get_run_info");
+        return info;
+    }
+    lora_threshold_report threshold_estimate(Span<const float> x, std::size_t batch,
+                                             std::size_t seq_len) {
+        input(x, batch, seq_len, "x");
+        lora_threshold_report r{};
+        r.struct_size = sizeof r;
+        check(lora_threshold_estimate(ad_.get(), x.data(), static_cast<std::int64_t>(batch),
+                                      static_cast<std::int64_t>(seq_len), &r),
+              "lora_threshold_estimate");
+        return r;
+    }
+
+private:
+    struct Saved {
+        int kind = 0; // 0 none, 1 self, 2 cross
+        std::size_t out = 0, x = 0, xkv = 0;
+    };
+    void check(int st, const char *function) const {
+        if (st != LORA_OK)
+            throw Error(st, function, lora_adapter_last_error(ad_.get()));
+    }
+    std::size_t input(Span<const float> x, std::size_t batch, std::size_t rows,
+                      const char *name) const {
+        const std::size_t want = batch * rows * d_model_;
+        detail::shape_check(batch > 0 && rows > 0 && x.size() == want, "forward",
+                            detail::count_msg(name, x.size(), want));
+        return want;
+    }
+    void expect_saved(int kind, Span<const float> dout, const char *function) const {
+        if (saved_.kind != kind)
+            throw Error(LORA_ERR_STATE, function,
+                        kind == 1 ? "no saved forward" : "no saved forward_cross");
+        detail::shape_check(dout.size() == saved_.out, function,
+                            detail::count_msg("dout", dout.size(), saved_.out));
+    }
+
+    static std::size_t index(Target t) noexcept {
+        switch (t) {
+        case Target::Q: return 0;
+        case Target::K: return 1;
+        case Target::V: return 2;
+        case Target::O: break;
+        }
+        return 3;
+    }
+    friend class Optimizer;
+
+    // Declared before ad_, so destroyed after it: borrowed buffers outlive the handle.
+    struct Borrowed {
+        std::shared_ptr<const std::vector<float>> weight, bias;
+    };
+    std::array<Borrowed, 4> borrowed_{};
+    std::unique_ptr<lora_adapter, detail::AdapterDeleter> ad_;
+    std::size_t d_model_ = 0, q_dim_ = 0, kv_dim_ = 0;
+    bool out_proj_ = false;
+    Saved saved_;
+};
+
+// ---- optimizer -------------------------------------------------------------------------
+
+enum class OptimizerKind : int { AdamW = LORA_OPTIMIZER_ADAMW, Sgd = LORA_OPTIMIZER_SGD };
+
+// AdamW / SGD with PyTorch's update rules on the factors of adapters shaped like the
+// one it was created for (lora_optimizer_*).
+class Optimizer {
+public:
+    Optimizer(const Adapter &ad, OptimizerKind kind) {
+        lora_optimizer *o = nullptr;
+        int st = lora_optimizer_create(&o, ad.get(), static_cast<int>(kind));
+        if (st != LORA_OK)
+            throw Error(st, "lora_optimizer_create", lora_adapter_last_error(ad.get()));
+        opt_.reset(o);
+    }
+    Optimizer &set_double(int param, double v) {
+        check(lora_optimizer_set_double(opt_.get(), param, v), "lora_optimizer_set_double");
+        return *this;
+    }
+    Optimizer &set_int(int param, std::int64_t v) {
+        check(lora_optimizer_set_int(opt_.get(), param, v), "lora_optimizer_set_int");
+        return *this;
+    }
+    double get_double(int param) const {
+        double v = 0;
+        check(lora_optimizer_get_double(opt_.get(), param, &v), "lora_optimizer_get_double");
+        return v;
+    }
+    std::int64_t get_int(int param) const {
+        std::int64_t v = 0;
+        check(lora_optimizer_get_int(opt_.get(), param, &v), "lora_optimizer_get_int");
+        return v;
+    }
+    Optimizer &lr(double v) { return set_double(LORA_OPT_LR, v); }
+    Optimizer &betas(double b1, double b2) {
+        return set_double(LORA_OPT_BETA1, b1).set_double(LORA_OPT_BETA2, b2);
+    }
+    Optimizer &eps(double v) { return set_double(LORA_OPT_EPS, v); }
+    Optimizer &weight_decay(double v) { return set_double(LORA_OPT_WEIGHT_DECAY, v); }
+    Optimizer &momentum(double v) { return set_double(LORA_OPT_MOMENTUM, v); }
+    Optimizer &max_grad_norm(double v) { return set_double(LORA_OPT_MAX_GRAD_NORM, v); }
+    std::int64_t step_count() const { return get_int(LORA_OPT_STEP); }
+    double grad_norm() const { return get_double(LORA_OPT_GRAD_NORM); }
+    // One update from ad's accumulated gradients (left as they are: zero_grad next).
+    void step(Adapter &ad) {
+        ad.saved_ = Adapter::Saved{};
+        check(lora_optimizer_step(opt_.get(), ad.get()), "lora_optimizer_step");
+    }
+    void reset() { check(lora_optimizer_reset(opt_.get()), "lora_optimizer_reset"); }
+    lora_optimizer *get() const noexcept { return opt_.get(); }
+
+private:
+    void check(int st, const char *function) const {
+        if (st != LORA_OK)
+            throw Error(st, function, lora_optimizer_last_error(opt_.get()));
+    }
+    std::unique_ptr<lora_optimizer, detail::OptimizerDeleter> opt_;
+};
+
+inline Adapter Config::build() const {
+    lora_adapter *ad = nullptr;
+    int st = lora_adapter_create(&ad, cfg_.get());
+    if (st != LORA_OK) {
+        // create cannot write into the const config; validate keeps the reason.
+        lora_config_validate(cfg_.get());
+        throw Error(st, "lora_adapter_create", lora_config_last_error(cfg_.get()));
+    }
+    return Adapter(ad);
+}
+
+// ---- adapter files -----------------------------------------------------------------------
+
+// A layer index and an adapter, for saving an adapter set.
+using LayerRef = std::pair<std::int64_t, const Adapter *>;
+
+namespace detail {
+template <class F> void save_set(const std::vector<LayerRef> &set, const char *fn, F call) {
+    std::vector<lora_adapter *> handles;
+    std::vector<std::int64_t> layers;
+    for (const LayerRef &l : set) {
+        if (!l.second)
+            throw Error(LORA_ERR_INVALID_ARG, fn, "null adapter");
+        handles.push_back(l.second->get());
+        layers.push_back(l.first);
+    }
+    const int st = call(handles.data(), layers.data(), handles.size());
+    if (st != LORA_OK)
+        throw Error(st, fn, handles.empty() ? "" : lora_adapter_last_error(handles[0]));
+}
+template <class F>
+std::vector<std::pair<std::int64_t, Adapter>> load_set(Config &cfg, const char *fn, F call) {
+    std::size_t n = 0;
+    int st = call(nullptr, nullptr, 0, &n, cfg.get());
+    if (st != LORA_OK)
+        throw Error(st, fn, lora_config_last_error(cfg.get()));
+    std::vector<lora_adapter *> handles(n ? n : 1, nullptr);
+    std::vector<std::int64_t> layers(n ? n : 1, 0);
+    std::size_t got = 0;
+    st = call(handles.data(), layers.data(), n, &got, cfg.get());
+    if (st != LORA_OK)
+        throw Error(st, fn, lora_config_last_error(cfg.get()));
+    std::vector<std::unique_ptr<lora_adapter, AdapterDeleter>> owned;
+    for (std::size_t i = 0; i < got; i++)
+        owned.emplace_back(handles[i]); // owned at once, whatever throws below
+    std::vector<std::pair<std::int64_t, Adapter>> out;
+    for (std::size_t i = 0; i < got; i++)
+        out.emplace_back(layers[i], Adapter(owned[i].release()));
+    return out;
+}
+} // namespace detail
+
+// PEFT directory: adapter_config.json + adapter_model.safetensors.
+inline void save_peft(const std::string &dir, const std::vector<LayerRef> &set) {
+    detail::save_set(set, "lora_save_peft", [&](lora_adapter *const *a, const std::int64_t *l,
+                                                std::size_t n) {
+        return lora_save_peft(dir.c_str(), a, l, n);
+    });
+}
+// cfg supplies what the file does not (d_model, heads, ...); returns (layer, adapter)
+// in increasing layer order, base weights unset.
+inline std::vector<std::pair<std::int64_t, Adapter>> load_peft(const std::string &dir,
+                                                               Config &cfg) {
+    return detail::load_set(cfg, "lora_load_peft",
+                            [&](lora_adapter **a, std::int64_t *l, std::size_t cap,
+                                std::size_t *n, lora_config *c) {
+                                return lora_load_peft(a, l, cap, n, dir.c_str(), c);
+                            });
+}
+// llama.cpp GGUF LoRA adapter; an empty architecture means "llama".
+inline void save_gguf(const std::string &path, const std::vector<LayerRef> &set,
+                      const std::string &architecture = "") {
+    detail::save_set(set, "lora_save_gguf", [&](lora_adapter *const *a, const std::int64_t *l,
+                                                std::size_t n) {
+        return lora_save_gguf(path.c_str(), a, l, n,
+                              architecture.empty() ? nullptr : architecture.c_str());
+    });
+}
+inline std::vector<std::pair<std::int64_t, Adapter>> load_gguf(const std::string &path,
+                                                               Config &cfg) {
+    return detail::load_set(cfg, "lora_load_gguf",
+                            [&](lora_adapter **a, std::int64_t *l, std::size_t cap,
+                                std::size_t *n, lora_config *c) {
+                                return lora_load_gguf(a, l, cap, n, path.c_str(), c);
+                            });
+}
+
+} // namespace lora
+
+#endif // LORA_HPP

@@ -1,0 +1,249 @@
+/* Merging LoRA terms into weights (W + s·B·A, in double) and the merged-weight
+ * inference forward, with its per-adapter cache of merged weights. */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+
+static int target_index(int target)
+{
+    switch (target) {
+    case LORA_TARGET_Q: return PROJ_Q;
+    case LORA_TARGET_K: return PROJ_K;
+    case LORA_TARGET_V: return PROJ_V;
+    case LORA_TARGET_O: return PROJ_O;
+    default: return -1;
+    }
+}
+
+static const char *const proj_names[PROJ_COUNT] = {"Q", "K", "V", "O"};
+
+/* The error buffer is scratch that const accessors may write (as adapter.c). */
+static char *err_buf(const lora_adapter *ad) { return ((lora_adapter *)ad)->err; }
+
+void lora_adapter_params_changed(lora_adapter *ad)
+{
+    ad->saved = SAVED_NONE;
+    ad->merged_valid = 0;
+}
+
+void lora_adapter_free_serving(lora_adapter *ad)
+{
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        lora_mem_free(&ad->mem, ad->merged[t]);
+        ad->merged[t] = NULL;
+    }
+    ad->merged_valid = 0;
+    lora_buf_free(&ad->mem, &ad->infer_buf);
+}
+
+/* The exact scale s in double (the layer keeps it rounded to float). */
+static double lora_scale_double(const lora_adapter *ad)
+{
+    const double r = (double)ad->cfg.rank;
+    return ad->cfg.rslora ? ad->cfg.alpha / sqrt(r) : ad->cfg.alpha / r;
+}
+
+#define MERGE_BLOCK 256
+
+/* dst = fl32(src + sign·s·(B·A)), every entry's r-term sum and the addition in double.
+ * dst NULL: only check. Returns the index of the first entry whose result is not
+ * finite (NaN/Inf in src included), or -1. Rows run in parallel; the result does not
+ * depend on the thread count. */
+static int64_t merge_rows(const layer_proj *p, int64_t rank, double s, double sign,
+                          const float *src, float *dst, int threads)
+{
+    const int64_t out = p->out, in = p->in;
+    int64_t first_bad = INT64_MAX;
+    const double work = (double)out * (double)in * (double)rank;
+    const int nt = work > 4e6 ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : first_bad)
+    for (int64_t i = 0; i < out; i++) {
+        double acc[MERGE_BLOCK];
+        const float *brow = p->b + i * rank;
+        for (int64_t j0 = 0; j0 < in; j0 += MERGE_BLOCK) {
+            const int64_t nj = in - j0 < MERGE_BLOCK ? in - j0 : MERGE_BLOCK;
+            for (int64_t jj = 0; jj < nj; jj++)
+                acc[jj] = 0.0;
+            for (int64_t k = 0; k < rank; k++) {
+                const double bk = (double)brow[k];
+                const float *arow = p->a + k * in + j0;
+                for (int64_t jj = 0; jj < nj; jj++)
+                    acc[jj] += bk * (double)arow[jj];
+            }
+            const float *srow = src + i * in + j0;
+            for (int64_t jj = 0; jj < nj; jj++) {
+                const float v = (float)((double)srow[jj] + sign * (s * acc[jj]));
+                if (!isfinite(v)) {
+                    if (i * in + j0 + jj < first_bad)
+                        first_bad = i * in + j0 + jj;
+                } else if (dst) {
+                    dst[i * in + j0 + jj] = v;
+                }
+            }
+        }
+    }
+    return first_bad == INT64_MAX ? -1 : first_bad;
+}
+
+static int merge_common(const lora_adapter *ad, int target, float *weight, size_t count,
+                        double sign)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    char *err = err_buf(ad);
+    const int t = target_index(target);
+    if (t < 0)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                              "target %d is not one of LORA_TARGET_Q/K/V/O", target);
+    const layer_proj *p = &ad->layer.proj[t];
+    if (!p->adapted)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                              "target %s is not adapted (not in LORA_CFG_TARGETS)",
+                              proj_names[t]);
+    if (!weight)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG, "weight is NULL");
+    const size_t n = (size_t)(p->out * p->in);
+    if (count != n)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                              "count %zu does not match W_%s's %lld x %lld = %zu elements",
+                              count, proj_names[t], (long long)p->out, (long long)p->in, n);
+    const double s = lora_scale_double(ad);
+    /* Check every result first (safe merge): the buffer is written only if all are
+     * finite. The second pass recomputes rather than allocating. */
+    const int64_t bad = merge_rows(p, ad->layer.rank, s, sign, weight, NULL, ad->threads);
+    if (bad >= 0)
+        return lora_set_error(err, LORA_ERR_NONFINITE,
+                              "%s W_%s: entry (%lld, %lld) %s; the weight is unchanged",
+                              sign > 0 ? "merging into" : "unmerging from", proj_names[t],
+                              (long long)(bad / p->in), (long long)(bad % p->in),
+                              isfinite(weight[bad]) ? "would become NaN/Inf"
+                                                    : "is NaN/Inf");
+    merge_rows(p, ad->layer.rank, s, sign, weight, weight, ad->threads);
+    err[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_adapter_merge(const lora_adapter *ad, int target, float *weight,
+                                size_t count)
+{
+    return merge_common(ad, target, weight, count, 1.0);
+}
+
+LORA_API int lora_adapter_unmerge(const lora_adapter *ad, int target, float *weight,
+                                  size_t count)
+{
+    return merge_common(ad, target, weight, count, -1.0);
+}
+
+/* Builds the merged weights of every adapted projection (base weights are set). */
+static int build_merged(lora_adapter *ad)
+{
+    if (ad->merged_valid)
+        return LORA_OK;
+    const double s = lora_scale_double(ad);
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        const layer_proj *p = &ad->layer.proj[t];
+        if (!p->adapted || !p->weight)
+            continue;
+        const size_t n = (size_t)(p->out * p->in);
+        if (!ad->merged[t]) {
+            ad->merged[t] = lora_mem_alloc(&ad->mem, n * sizeof(float));
+            if (!ad->merged[t])
+                return lora_set_error(ad->err, LORA_ERR_NOMEM,
+                                      "cannot allocate the merged weight W_%s (%zu floats)",
+                                      proj_names[t], n);
+        }
+        const int64_t bad =
+            merge_rows(p, ad->layer.rank, s, 1.0, p->weight, ad->merged[t], ad->threads);
+        if (bad >= 0)
+            return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                                  "merged weight W_%s + s*B*A overflows at (%lld, %lld)",
+                                  proj_names[t], (long long)(bad / p->in),
+                                  (long long)(bad % p->in));
+    }
+    ad->merged_valid = 1;
+    return LORA_OK;
+}
+
+static int run_forward_merged(lora_adapter *ad, const float *xq, const float *xkv,
+                              int64_t batch, int64_t len_q, int64_t len_kv, float *out,
+                              int self)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    attn_problem p;
+    int st = lora_check_inputs(ad, xq, xkv, batch, len_q, len_kv, self, &p);
+    if (st != LORA_OK)
+        return st;
+    if (!out)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "out is NULL");
+    st = build_merged(ad);
+    if (st != LORA_OK)
+        return st;
+    /* The same layer with merged weights and no LoRA branch. */
+    layer lm = ad->layer;
+    for (int t = 0; t < PROJ_COUNT; t++)
+        if (lm.proj[t].adapted) {
+            lm.proj[t].weight = ad->merged[t];
+            lm.proj[t].adapted = 0;
+        }
+    /* Own activations (the saved forward stays intact); inputs are read in place. */
+    const size_t acts = layer_acts_floats(&lm, &p, self);
+    size_t acts_bytes;
+    if (acts == 0 || __builtin_mul_overflow(acts, sizeof(float), &acts_bytes))
+        return lora_set_error(ad->err, LORA_ERR_SHAPE, "activation size overflows");
+    if (lora_buf_reserve(&ad->mem, &ad->infer_buf, acts_bytes) != LORA_OK)
+        return lora_set_error(ad->err, LORA_ERR_NOMEM,
+                              "cannot allocate %zu bytes of activations", acts_bytes);
+    layer_acts a;
+    layer_acts_carve(&lm, &p, self, ad->infer_buf.ptr, &a);
+    a.xq = (float *)xq; /* only read */
+    a.xkv = self ? a.xq : (float *)xkv;
+    layer_project(&lm, &p, &a);
+
+    lora_plan plan;
+    st = lora_plan_call(ad, &p, a.q, a.k, &plan);
+    if (st != LORA_OK)
+        return st;
+    /* The handle's scratch holds no state between calls (lora_threshold_estimate uses
+     * it too); it only grows, so a saved forward's backward still finds enough. */
+    const size_t be_bytes = plan.backend->workspace_size(&p);
+    size_t scratch_bytes;
+    if (__builtin_mul_overflow(layer_scratch_floats(&lm, &p), sizeof(float),
+                               &scratch_bytes) ||
+        __builtin_add_overflow(scratch_bytes, be_bytes, &scratch_bytes))
+        return lora_set_error(ad->err, LORA_ERR_SHAPE, "working memory size overflows");
+    if (lora_buf_reserve(&ad->mem, &ad->scratch, scratch_bytes) != LORA_OK)
+        return lora_set_error(ad->err, LORA_ERR_NOMEM,
+                              "cannot allocate %zu bytes of working memory", scratch_bytes);
+    double measured;
+    layer_attend(&lm, plan.backend, &p, &a, out, ad->scratch.ptr, &measured);
+
+    memset(&ad->info, 0, sizeof ad->info);
+    ad->info.struct_size = sizeof ad->info;
+    ad->info.backend = plan.backend->id;
+    if (plan.backend == &attn_backend_poly) {
+        ad->info.poly_degree = plan.degree;
+        ad->info.poly_rank = plan.rank;
+        ad->info.error_bound = plan.eta;
+    }
+    ad->info.score_bound = plan.score_bound;
+    ad->info.measured_out_error = -1.0;
+    ad->info.measured_dq_error = -1.0;
+    ad->err[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_forward_merged(lora_adapter *ad, const float *x, int64_t batch,
+                                 int64_t seq_len, float *out)
+{
+    return run_forward_merged(ad, x, x, batch, seq_len, seq_len, out, 1);
+}
+
+LORA_API int lora_forward_merged_cross(lora_adapter *ad, const float *xq, const float *xkv,
+                                       int64_t batch, int64_t len_q, int64_t len_kv,
+                                       float *out)
+{
+    return run_forward_merged(ad, xq, xkv, batch, len_q, len_kv, out, 0);
+}

@@ -1,0 +1,517 @@
+/* The optimizer handle: AdamW and SGD over every LoRA factor of an adapter, with
+ * clipping by global norm, following PyTorch's update rules (docs/training.md). Also
+ * the flat views of all parameters and gradients. */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+
+struct lora_optimizer {
+    lora_mem mem;
+    int kind;
+    double lr, beta1, beta2, eps, weight_decay, momentum, dampening, max_grad_norm;
+    int nesterov;
+    int64_t step;
+    double grad_norm;
+    int momentum_started; /* SGD: the momentum buffer holds a value (torch: buf set) */
+    /* shape of the adapters it serves */
+    int64_t rank;
+    int adapted[PROJ_COUNT];
+    int64_t in[PROJ_COUNT], out[PROJ_COUNT];
+    size_t n;     /* floats of all factors */
+    double *m, *v; /* AdamW: first and second moments; SGD: m = momentum buffer */
+    char err[LORA_ERRMSG_SIZE];
+};
+
+/* ---- flat views ------------------------------------------------------------------- */
+
+static size_t factor_floats(const lora_adapter *ad)
+{
+    size_t n = 0;
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        const layer_proj *p = &ad->layer.proj[t];
+        if (p->adapted)
+            n += (size_t)(ad->layer.rank * (p->in + p->out));
+    }
+    return n;
+}
+
+/* Visits the factors (grad = 0) or gradients (grad = 1) in flat order: Q, K, V, O; A
+ * then B. Calls fn(ctx, data, len, offset) per block. */
+typedef void (*block_fn)(void *ctx, float *data, size_t len, size_t offset);
+static void for_each_block(const lora_adapter *ad, int grad, block_fn fn, void *ctx)
+{
+    size_t off = 0;
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        const layer_proj *p = &ad->layer.proj[t];
+        if (!p->adapted)
+            continue;
+        const size_t na = (size_t)(ad->layer.rank * p->in), nb = (size_t)(p->out * ad->layer.rank);
+        fn(ctx, grad ? p->da : p->a, na, off);
+        off += na;
+        fn(ctx, grad ? p->db : p->b, nb, off);
+        off += nb;
+    }
+}
+
+static void copy_out(void *ctx, float *data, size_t len, size_t off)
+{
+    memcpy((float *)ctx + off, data, len * sizeof(float));
+}
+
+static void copy_in(void *ctx, float *data, size_t len, size_t off)
+{
+    memcpy(data, (const float *)ctx + off, len * sizeof(float));
+}
+
+static char *err_buf(const lora_adapter *ad) { return ((lora_adapter *)ad)->err; }
+
+LORA_API int lora_adapter_param_count(const lora_adapter *ad, size_t *count)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    if (!count)
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG, "count is NULL");
+    *count = factor_floats(ad);
+    err_buf(ad)[0] = '\0';
+    return LORA_OK;
+}
+
+static int flat_check(const lora_adapter *ad, const void *buf, size_t count,
+                      const char *name)
+{
+    if (!buf)
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG, "%s is NULL", name);
+    const size_t n = factor_floats(ad);
+    if (count != n)
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+                              "count %zu does not match the adapter's %zu parameters",
+                              count, n);
+    return LORA_OK;
+}
+
+static int flat_get(const lora_adapter *ad, float *dst, size_t count, int grad)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    int st = flat_check(ad, dst, count, "dst");
+    if (st != LORA_OK)
+        return st;
+    for_each_block(ad, grad, copy_out, dst);
+    err_buf(ad)[0] = '\0';
+    return LORA_OK;
+}
+
+static int flat_set(lora_adapter *ad, const float *src, size_t count, int grad)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    int st = flat_check(ad, src, count, "src");
+    if (st != LORA_OK)
+        return st;
+    const int64_t bad = lora_find_nonfinite(src, count);
+    if (bad >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "src has a non-finite entry at index %lld", (long long)bad);
+    for_each_block(ad, grad, copy_in, (void *)src);
+    if (!grad)
+        lora_adapter_params_changed(ad);
+    ad->err[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_adapter_get_params_flat(const lora_adapter *ad, float *dst, size_t count)
+{
+    return flat_get(ad, dst, count, 0);
+}
+
+LORA_API int lora_adapter_get_grads_flat(const lora_adapter *ad, float *dst, size_t count)
+{
+    return flat_get(ad, dst, count, 1);
+}
+
+LORA_API int lora_adapter_set_params_flat(lora_adapter *ad, const float *src, size_t count)
+{
+    return flat_set(ad, src, count, 0);
+}
+
+LORA_API int lora_adapter_set_grads_flat(lora_adapter *ad, const float *src, size_t count)
+{
+    return flat_set(ad, src, count, 1);
+}
+
+/* ---- the optimizer handle ----------------------------------------------------------- */
+
+static void set_defaults(lora_optimizer *o)
+{
+    o->lr = 1e-3;
+    o->beta1 = 0.9;
+    o->beta2 = 0.999;
+    o->eps = 1e-8;
+    o->weight_decay = o->kind == LORA_OPTIMIZER_ADAMW ? 0.01 : 0.0; /* torch defaults */
+    o->momentum = 0.0;
+    o->dampening = 0.0;
+    o->nesterov = 0;
+    o->max_grad_norm = 0.0;
+}
+
+LORA_API int lora_optimizer_create(lora_optimizer **out, const lora_adapter *ad, int kind)
+{
+    if (!out)
+        return LORA_ERR_INVALID_ARG;
+    *out = NULL;
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    if (kind != LORA_OPTIMIZER_ADAMW && kind != LORA_OPTIMIZER_SGD)
+        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+                              "optimizer kind %d is not LORA_OPTIMIZER_ADAMW or _SGD", kind);
+    lora_optimizer *o = lora_mem_calloc(&ad->mem, 1, sizeof *o);
+    if (!o)
+        return lora_set_error(err_buf(ad), LORA_ERR_NOMEM, "cannot allocate the optimizer");
+    o->mem = ad->mem;
+    o->kind = kind;
+    set_defaults(o);
+    o->grad_norm = -1.0;
+    o->rank = ad->layer.rank;
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        o->adapted[t] = ad->layer.proj[t].adapted;
+        o->in[t] = ad->layer.proj[t].in;
+        o->out[t] = ad->layer.proj[t].out;
+    }
+    o->n = factor_floats(ad);
+    /* AdamW needs two moments, SGD one momentum buffer. */
+    o->m = lora_mem_calloc(&o->mem, o->n ? o->n : 1, sizeof(double));
+    if (o->m && kind == LORA_OPTIMIZER_ADAMW)
+        o->v = lora_mem_calloc(&o->mem, o->n ? o->n : 1, sizeof(double));
+    if (!o->m || (kind == LORA_OPTIMIZER_ADAMW && !o->v)) {
+        const size_t n = o->n;
+        lora_optimizer_destroy(o);
+        return lora_set_error(err_buf(ad), LORA_ERR_NOMEM,
+                              "cannot allocate optimizer state for %zu parameters", n);
+    }
+    *out = o;
+    return LORA_OK;
+}
+
+LORA_API void lora_optimizer_destroy(lora_optimizer *opt)
+{
+    if (!opt)
+        return;
+    const lora_mem mem = opt->mem;
+    lora_mem_free(&mem, opt->m);
+    lora_mem_free(&mem, opt->v);
+    lora_mem_free(&mem, opt);
+}
+
+LORA_API const char *lora_optimizer_last_error(const lora_optimizer *opt)
+{
+    return opt ? opt->err : "NULL optimizer";
+}
+
+static char *opt_err(const lora_optimizer *o) { return ((lora_optimizer *)o)->err; }
+
+/* Which kinds a parameter applies to: bit 0 AdamW, bit 1 SGD; is_int; read_only. */
+typedef struct opt_param_desc {
+    int param, kinds, is_int, read_only;
+    const char *name;
+} opt_param_desc;
+
+static const opt_param_desc opt_params[] = {
+    {LORA_OPT_LR, 3, 0, 0, "LORA_OPT_LR"},
+    {LORA_OPT_BETA1, 1, 0, 0, "LORA_OPT_BETA1"},
+    {LORA_OPT_BETA2, 1, 0, 0, "LORA_OPT_BETA2"},
+    {LORA_OPT_EPS, 1, 0, 0, "LORA_OPT_EPS"},
+    {LORA_OPT_WEIGHT_DECAY, 3, 0, 0, "LORA_OPT_WEIGHT_DECAY"},
+    {LORA_OPT_MOMENTUM, 2, 0, 0, "LORA_OPT_MOMENTUM"},
+    {LORA_OPT_DAMPENING, 2, 0, 0, "LORA_OPT_DAMPENING"},
+    {LORA_OPT_NESTEROV, 2, 1, 0, "LORA_OPT_NESTEROV"},
+    {LORA_OPT_MAX_GRAD_NORM, 3, 0, 0, "LORA_OPT_MAX_GRAD_NORM"},
+    {LORA_OPT_STEP, 3, 1, 1, "LORA_OPT_STEP"},
+    {LORA_OPT_GRAD_NORM, 3, 0, 1, "LORA_OPT_GRAD_NORM"},
+};
+
+/* Looks param up for an access of type is_int (writing when set); NULL with the
+ * message set when refused. */
+static const opt_param_desc *opt_find(const lora_optimizer *o, int param, int is_int,
+                                      int set)
+{
+    const opt_param_desc *d = NULL;
+    for (size_t i = 0; i < sizeof opt_params / sizeof opt_params[0]; i++)
+        if (opt_params[i].param == param)
+            d = &opt_params[i];
+    if (!d) {
+        lora_set_error(opt_err(o), LORA_ERR_INVALID_ARG, "unknown optimizer parameter %d",
+                       param);
+        return NULL;
+    }
+    const char *kind = o->kind == LORA_OPTIMIZER_ADAMW ? "AdamW" : "SGD";
+    if (!((d->kinds >> (o->kind == LORA_OPTIMIZER_ADAMW ? 0 : 1)) & 1)) {
+        lora_set_error(opt_err(o), LORA_ERR_INVALID_ARG, "%s does not apply to %s", d->name,
+                       kind);
+        return NULL;
+    }
+    if (d->is_int != is_int) {
+        lora_set_error(opt_err(o), LORA_ERR_INVALID_ARG, "%s is %s parameter", d->name,
+                       d->is_int ? "an integer" : "a double");
+        return NULL;
+    }
+    if (set && d->read_only) {
+        lora_set_error(opt_err(o), LORA_ERR_INVALID_ARG, "%s is read-only", d->name);
+        return NULL;
+    }
+    return d;
+}
+
+LORA_API int lora_optimizer_set_int(lora_optimizer *opt, int param, int64_t value)
+{
+    if (!opt)
+        return LORA_ERR_INVALID_ARG;
+    const opt_param_desc *d = opt_find(opt, param, 1, 1);
+    if (!d)
+        return LORA_ERR_INVALID_ARG;
+    /* The only writable integer parameter is NESTEROV. */
+    if (value != 0 && value != 1)
+        return lora_set_error(opt->err, LORA_ERR_INVALID_ARG, "%s = %lld is not 0 or 1",
+                              d->name, (long long)value);
+    opt->nesterov = (int)value;
+    opt->err[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_optimizer_set_double(lora_optimizer *opt, int param, double value)
+{
+    if (!opt)
+        return LORA_ERR_INVALID_ARG;
+    const opt_param_desc *d = opt_find(opt, param, 0, 1);
+    if (!d)
+        return LORA_ERR_INVALID_ARG;
+    if (!isfinite(value))
+        return lora_set_error(opt->err, LORA_ERR_NONFINITE, "%s = %g is not finite",
+                              d->name, value);
+    double *slot = NULL;
+    double lo = 0.0, hi = INFINITY;
+    int hi_open = 0;
+    switch (param) {
+    case LORA_OPT_LR: slot = &opt->lr; break;
+    case LORA_OPT_BETA1: slot = &opt->beta1; hi = 1.0; hi_open = 1; break;
+    case LORA_OPT_BETA2: slot = &opt->beta2; hi = 1.0; hi_open = 1; break;
+    case LORA_OPT_EPS: slot = &opt->eps; break;
+    case LORA_OPT_WEIGHT_DECAY: slot = &opt->weight_decay; break;
+    case LORA_OPT_MOMENTUM: slot = &opt->momentum; break;
+    case LORA_OPT_DAMPENING: slot = &opt->dampening; hi = 1.0; break;
+    default: slot = &opt->max_grad_norm; break; /* LORA_OPT_MAX_GRAD_NORM */
+    }
+    if (value < lo || value > hi || (hi_open && value == hi))
+        return lora_set_error(opt->err, LORA_ERR_INVALID_ARG, "%s = %g is outside %s0, %g%s",
+                              d->name, value, "[", hi, hi_open ? ")" : "]");
+    *slot = value;
+    opt->err[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_optimizer_get_int(const lora_optimizer *opt, int param, int64_t *value)
+{
+    if (!opt)
+        return LORA_ERR_INVALID_ARG;
+    const opt_param_desc *d = opt_find(opt, param, 1, 0);
+    if (!d)
+        return LORA_ERR_INVALID_ARG;
+    if (!value)
+        return lora_set_error(opt_err(opt), LORA_ERR_INVALID_ARG, "value is NULL");
+    *value = param == LORA_OPT_STEP ? opt->step : opt->nesterov;
+    opt_err(opt)[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_optimizer_get_double(const lora_optimizer *opt, int param, double *value)
+{
+    if (!opt)
+        return LORA_ERR_INVALID_ARG;
+    const opt_param_desc *d = opt_find(opt, param, 0, 0);
+    if (!d)
+        return LORA_ERR_INVALID_ARG;
+    if (!value)
+        return lora_set_error(opt_err(opt), LORA_ERR_INVALID_ARG, "value is NULL");
+    switch (param) {
+    case LORA_OPT_LR: *value = opt->lr; break;
+    case LORA_OPT_BETA1: *value = opt->beta1; break;
+    case LORA_OPT_BETA2: *value = opt->beta2; break;
+    case LORA_OPT_EPS: *value = opt->eps; break;
+    case LORA_OPT_WEIGHT_DECAY: *value = opt->weight_decay; break;
+    case LORA_OPT_MOMENTUM: *value = opt->momentum; break;
+    case LORA_OPT_DAMPENING: *value = opt->dampening; break;
+    case LORA_OPT_MAX_GRAD_NORM: *value = opt->max_grad_norm; break;
+    default: *value = opt->grad_norm; break; /* LORA_OPT_GRAD_NORM */
+    }
+    opt_err(opt)[0] = '\0';
+    return LORA_OK;
+}
+
+LORA_API int lora_optimizer_reset(lora_optimizer *opt)
+{
+    if (!opt)
+        return LORA_ERR_INVALID_ARG;
+    memset(opt->m, 0, (opt->n ? opt->n : 1) * sizeof(double));
+    if (opt->v)
+        memset(opt->v, 0, (opt->n ? opt->n : 1) * sizeof(double));
+    opt->step = 0;
+    opt->grad_norm = -1.0;
+    opt->momentum_started = 0;
+    opt->err[0] = '\0';
+    return LORA_OK;
+}
+
+/* ---- the update ------------------------------------------------------------------- */
+
+/* Per-step constants shared by every element. */
+typedef struct step_consts {
+    double clip, lr, decay_factor; /* AdamW: p *= 1 - lr*wd */
+    double beta1, beta2, step_size, bc2_sqrt, eps;
+    double wd, momentum, dampening;
+    int nesterov, first_momentum;
+} step_consts;
+
+/* New value of one parameter; with commit, also updates the state. */
+static inline double update_one(const lora_optimizer *o, const step_consts *c, double p,
+                                double g, double *m, double *v, int commit)
+{
+    g *= c->clip;
+    if (o->kind == LORA_OPTIMIZER_ADAMW) {
+        p *= c->decay_factor;
+        const double m1 = c->beta1 * *m + (1.0 - c->beta1) * g;
+        const double v1 = c->beta2 * *v + (1.0 - c->beta2) * g * g;
+        p -= c->step_size * m1 / (sqrt(v1) / c->bc2_sqrt + c->eps);
+        if (commit) {
+            *m = m1;
+            *v = v1;
+        }
+        return p;
+    }
+    if (c->wd != 0.0)
+        g += c->wd * p;
+    if (c->momentum != 0.0) {
+        const double buf = c->first_momentum ? g : c->momentum * *m + (1.0 - c->dampening) * g;
+        if (commit)
+            *m = buf;
+        g = c->nesterov ? g + c->momentum * buf : buf;
+    }
+    return p - c->lr * g;
+}
+
+/* One pass over every factor: check (commit = 0) returns the flat index of the first
+ * parameter that would become non-finite (or -1); commit writes parameters and state. */
+static int64_t update_pass(lora_optimizer *o, lora_adapter *ad, const step_consts *c,
+                           int commit)
+{
+    size_t off = 0;
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        layer_proj *p = &ad->layer.proj[t];
+        if (!p->adapted)
+            continue;
+        for (int f = 0; f < 2; f++) {
+            float *w = f ? p->b : p->a;
+            const float *g = f ? p->db : p->da;
+            const size_t len = (size_t)(ad->layer.rank * (f ? p->out : p->in));
+            double *v = o->v ? o->v + off : NULL;
+            double dummy = 0.0;
+            for (size_t i = 0; i < len; i++) {
+                const double np = update_one(o, c, (double)w[i], (double)g[i], o->m + off + i,
+                                             v ? v + i : &dummy, commit);
+                const float nf = (float)np;
+                if (!commit) {
+                    if (!isfinite(nf))
+                        return (int64_t)(off + i);
+                } else {
+                    w[i] = nf;
+                }
+            }
+            off += len;
+        }
+    }
+    return -1;
+}
+
+LORA_API int lora_optimizer_step(lora_optimizer *opt, lora_adapter *ad)
+{
+    if (!opt)
+        return LORA_ERR_INVALID_ARG;
+    if (!ad)
+        return lora_set_error(opt->err, LORA_ERR_INVALID_ARG, "ad is NULL");
+    const char *const names = "QKVO";
+    if (ad->layer.rank != opt->rank)
+        return lora_set_error(opt->err, LORA_ERR_INVALID_ARG,
+                              "the adapter has rank %lld, the optimizer was made for %lld",
+                              (long long)ad->layer.rank, (long long)opt->rank);
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        const layer_proj *p = &ad->layer.proj[t];
+        if (p->adapted != opt->adapted[t] ||
+            (p->adapted && (p->in != opt->in[t] || p->out != opt->out[t])))
+            return lora_set_error(opt->err, LORA_ERR_INVALID_ARG,
+                                  "target %c of the adapter is shaped unlike the one the "
+                                  "optimizer was made for",
+                                  names[t]);
+    }
+    if (opt->kind == LORA_OPTIMIZER_SGD && opt->nesterov &&
+        (opt->momentum <= 0.0 || opt->dampening != 0.0))
+        return lora_set_error(opt->err, LORA_ERR_INVALID_ARG,
+                              "Nesterov momentum needs LORA_OPT_MOMENTUM > 0 and "
+                              "LORA_OPT_DAMPENING = 0");
+    /* Global L2 norm of all gradients, in double (clip_grad_norm_ with norm_type 2). */
+    double sumsq = 0.0;
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        const layer_proj *p = &ad->layer.proj[t];
+        if (!p->adapted)
+            continue;
+        const size_t len = (size_t)(ad->layer.rank * (p->in + p->out)); /* da, db adjacent */
+        for (size_t i = 0; i < len; i++) {
+            const double g = (double)p->da[i];
+            if (!isfinite(g))
+                return lora_set_error(opt->err, LORA_ERR_NONFINITE,
+                                      "gradient of target %c has a NaN/Inf entry; nothing "
+                                      "was updated",
+                                      names[t]);
+            sumsq += g * g;
+        }
+    }
+    const double norm = sqrt(sumsq);
+    step_consts c;
+    memset(&c, 0, sizeof c);
+    c.clip = 1.0;
+    if (opt->max_grad_norm > 0.0) {
+        const double coef = opt->max_grad_norm / (norm + 1e-6);
+        c.clip = coef < 1.0 ? coef : 1.0;
+    }
+    const int64_t step = opt->step + 1;
+    c.lr = opt->lr;
+    c.decay_factor = 1.0 - opt->lr * opt->weight_decay;
+    c.beta1 = opt->beta1;
+    c.beta2 = opt->beta2;
+    c.eps = opt->eps;
+    const double bc1 = 1.0 - pow(opt->beta1, (double)step);
+    const double bc2 = 1.0 - pow(opt->beta2, (double)step);
+    c.step_size = opt->lr / bc1;
+    c.bc2_sqrt = sqrt(bc2);
+    c.wd = opt->weight_decay;
+    c.momentum = opt->momentum;
+    c.dampening = opt->dampening;
+    c.nesterov = opt->nesterov;
+    c.first_momentum = !opt->momentum_started;
+    if (opt->kind == LORA_OPTIMIZER_ADAMW && (bc1 <= 0.0 || bc2 <= 0.0)) {
+        /* beta = 0 gives bc = 1; beta in (0, 1) gives bc > 0: unreachable, kept as a guard */
+        return lora_set_error(opt->err, LORA_ERR_INVALID_ARG, "bias correction is zero");
+    }
+    const int64_t bad = update_pass(opt, ad, &c, 0);
+    if (bad >= 0)
+        return lora_set_error(opt->err, LORA_ERR_NONFINITE,
+                              "the update would make parameter %lld (flat order) NaN/Inf; "
+                              "nothing was updated",
+                              (long long)bad);
+    update_pass(opt, ad, &c, 1);
+    if (opt->kind == LORA_OPTIMIZER_SGD && opt->momentum != 0.0)
+        opt->momentum_started = 1;
+    opt->step = step;
+    opt->grad_norm = norm;
+    lora_adapter_params_changed(ad);
+    opt->err[0] = '\0';
+    return LORA_OK;
+}

@@ -1,0 +1,41 @@
+"""liblora for Python: LoRA fine-tuning of one transformer attention layer.
+
+A ctypes binding (standard library + numpy) of include/lora.h. See docs/python.md.
+
+    import numpy as np, lora
+    with lora.Adapter(d_model=64, n_heads=4, rank=8, targets="qv") as ad:
+        for t in "qkv":
+            ad.set_base(t, w[t])               # (out, in), like torch.nn.Linear
+        out = ad.forward(x)                    # x: (batch, L, 64)
+        loss, dout = lora.mse_loss(out, target)
+        dx = ad.backward(dout)                 # accumulates ad.grads
+        ad.grad("q", "B")
+"""
+from . import _ffi
+from ._errors import (Status, LoraError, InvalidArgumentError, ShapeError,
+                      OutOfMemoryError, NonFiniteError, UnsupportedError, StateError,
+                      LoraIOError, FormatError, ToleranceError)
+from ._core import (Param, Target, Backend, Init, Factor, RunInfo, ThresholdReport,
+                    Adapter, Optimizer, OptParam, OptimizerKind, mse_loss, version,
+                    version_number, status_string, as_f32, save_peft, load_peft,
+                    save_gguf, load_gguf)
+
+#: Path of the liblora shared library that was loaded.
+library_path = _ffi.library_path
+#: The loaded library's version string.
+__version__ = version()
+
+
+def has(name):
+    """True when the loaded library exports the C function `name` (entry points added
+    after 0.1.0: optimizer, flat vectors, merge, borrow, adapter files)."""
+    return _ffi.has(name)
+
+__all__ = [
+    "Adapter", "Optimizer", "save_peft", "load_peft", "save_gguf", "load_gguf", "OptParam", "OptimizerKind", "RunInfo", "ThresholdReport", "mse_loss", "version", "version_number",
+    "status_string", "as_f32", "library_path", "has",
+    "Param", "Target", "Backend", "Init", "Factor", "Status",
+    "LoraError", "InvalidArgumentError", "ShapeError", "OutOfMemoryError",
+    "NonFiniteError", "UnsupportedError", "StateError", "LoraIOError", "FormatError",
+    "ToleranceError",
+]

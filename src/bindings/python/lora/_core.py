@@ -1,0 +1,956 @@
+"""The Adapter class and module-level functions over liblora's C API."""
+import ctypes
+import dataclasses
+import enum
+import os
+
+import numpy as np
+
+from . import _ffi
+from ._errors import Status, StateError, ShapeError, InvalidArgumentError, error_for
+
+_lib = _ffi.lib
+
+
+# ---- enums (values frozen in lora.h) ---------------------------------------------------
+
+class Param(enum.IntEnum):
+    """lora_config_param."""
+    D_MODEL = 1
+    N_HEADS = 2
+    N_KV_HEADS = 3
+    HEAD_DIM = 4
+    TARGETS = 5
+    RANK = 6
+    ALPHA = 7
+    RSLORA = 8
+    SOFTMAX_SCALE = 9
+    CAUSAL = 10
+    BACKEND = 11
+    TOLERANCE = 12
+    POLY_DEGREE = 13
+    THREADS = 14
+    SEED = 15
+    INIT = 16
+    OUT_PROJ = 17
+    MEASURE_ROWS = 18
+
+
+class Target(enum.IntFlag):
+    """lora_target (a bitmask in LORA_CFG_TARGETS, one value elsewhere)."""
+    Q = 1
+    K = 2
+    V = 4
+    O = 8  # noqa: E741 (the projection's name)
+
+
+class Backend(enum.IntEnum):
+    """lora_backend."""
+    AUTO = 0
+    EXACT = 1
+    POLY = 2
+
+
+class Init(enum.IntEnum):
+    """lora_init."""
+    KAIMING_ZERO = 0
+    GAUSSIAN = 1
+    ZERO = 2
+
+
+class Factor(enum.IntEnum):
+    """lora_factor."""
+    A = 0
+    B = 1
+
+
+_DOUBLE_PARAMS = {Param.ALPHA, Param.SOFTMAX_SCALE, Param.TOLERANCE}
+_TARGET_LETTERS = {"q": Target.Q, "k": Target.K, "v": Target.V, "o": Target.O}
+_TARGET_ORDER = (Target.Q, Target.K, Target.V, Target.O)
+
+
+# ---- version and status ----------------------------------------------------------------
+
+def version():
+    """The loaded library's "MAJOR.MINOR.PATCH"."""
+    return _lib.lora_version_string().decode()
+
+
+def version_number():
+    """The loaded library's MAJOR*10000 + MINOR*100 + PATCH."""
+    return int(_lib.lora_version_number())
+
+
+def status_string(status):
+    """lora_status_string: short English text for a status code."""
+    return _lib.lora_status_string(int(status)).decode()
+
+
+# ---- argument conversion ---------------------------------------------------------------
+
+def as_f32(a):
+    """`a` itself when it is a C-contiguous, aligned float32 ndarray (zero copy), else a
+    C-contiguous float32 copy."""
+    if (isinstance(a, np.ndarray) and a.dtype == np.float32
+            and a.flags.c_contiguous and a.flags.aligned):
+        return a
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _out_buffer(out, shape, name):
+    """A new float32 array of `shape`, or `out` checked to be a writable C-contiguous
+    float32 array of that shape (written in place, zero copy)."""
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 \
+            or not out.flags.c_contiguous or not out.flags.writeable \
+            or not out.flags.aligned:
+        raise InvalidArgumentError(Status.INVALID_ARG,
+                                   "%s must be a writable C-contiguous float32 ndarray" % name)
+    if out.shape != tuple(shape):
+        raise ShapeError(Status.SHAPE, "%s has shape %s, expected %s"
+                         % (name, out.shape, tuple(shape)))
+    return out
+
+
+def _ptr(a):
+    return None if a is None else a.ctypes.data
+
+
+def _need(name):
+    """Raises UnsupportedError when the loaded library lacks entry point `name`."""
+    if not _ffi.has(name):
+        from ._errors import UnsupportedError
+        raise UnsupportedError(Status.UNSUPPORTED, "the loaded liblora (%s) has no %s"
+                               % (version(), name), name)
+
+
+def _target(t):
+    """A single lora_target from Target, 'q'/'k'/'v'/'o' or an int."""
+    if isinstance(t, str):
+        try:
+            return int(_TARGET_LETTERS[t.lower()])
+        except KeyError:
+            raise InvalidArgumentError(Status.INVALID_ARG,
+                                       "unknown target %r (q, k, v or o)" % t) from None
+    return int(t)
+
+
+def _targets_mask(t):
+    """LORA_CFG_TARGETS from 'qv', ['q', 'v'], Target.Q | Target.V or an int."""
+    if isinstance(t, str):
+        return sum({_target(c) for c in t if c not in ", |+"})
+    if isinstance(t, (list, tuple, set, frozenset)):
+        return sum({_target(c) for c in t})
+    return int(t)
+
+
+def _factor(w):
+    if isinstance(w, str):
+        try:
+            return int(Factor[w.upper()])
+        except KeyError:
+            raise InvalidArgumentError(Status.INVALID_ARG,
+                                       "unknown factor %r (A or B)" % w) from None
+    return int(w)
+
+
+def _enum_value(enum_cls, v):
+    if isinstance(v, str):
+        try:
+            return int(enum_cls[v.upper()])
+        except KeyError:
+            raise InvalidArgumentError(
+                Status.INVALID_ARG, "unknown %s %r (one of %s)" % (
+                    enum_cls.__name__.lower(), v,
+                    ", ".join(m.name.lower() for m in enum_cls))) from None
+    return int(v)
+
+
+def mse_loss(out, target, want_dout=True):
+    """The paper's loss, lora_mse_loss: returns (loss, dout) with
+    loss = 1/2 * sum((out - target)**2) (accumulated in double) and dout = out - target
+    (float32, out's shape), or (loss, None) when want_dout is False."""
+    o, t = as_f32(out), as_f32(target)
+    if o.shape != t.shape:
+        raise ShapeError(Status.SHAPE, "out %s and target %s differ in shape"
+                         % (o.shape, t.shape), "mse_loss")
+    dout = np.empty(o.shape, dtype=np.float32) if want_dout else None
+    loss = ctypes.c_double()
+    st = _lib.lora_mse_loss(_ptr(o), _ptr(t), o.size, ctypes.byref(loss), _ptr(dout))
+    if st != Status.OK:
+        raise error_for(st, status_string(st), "lora_mse_loss")
+    return loss.value, dout
+
+
+# ---- reports ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What the last forward or backward ran (lora_run_info)."""
+    backend: int
+    poly_degree: int
+    poly_rank: int
+    error_bound: float
+    grad_bound: float
+    score_bound: float
+    measured_out_error: float
+    measured_dq_error: float
+
+    def asdict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdReport:
+    """The threshold statistics of one input (lora_threshold_report)."""
+    recommended_backend: int
+    gamma_q: float
+    gamma_k: float
+    gamma_v: float
+    gamma_ratio: float
+    score_bound: float
+    poly_degree: int
+    poly_rank: int
+    error_bound: float
+    flops_exact: float
+    flops_poly: float
+
+    def asdict(self):
+        return dataclasses.asdict(self)
+
+
+def _backend_or_int(v):
+    try:
+        return Backend(v)
+    except ValueError:
+        return int(v)
+
+
+def _from_struct(cls, s):
+    vals = {}
+    for f in dataclasses.fields(cls):
+        vals[f.name] = getattr(s, f.name)
+    for k in ("backend", "recommended_backend"):
+        if k in vals:
+            vals[k] = _backend_or_int(vals[k])
+    return cls(**vals)
+
+
+# ---- the adapter -----------------------------------------------------------------------
+
+def _make_config(config):
+    """A new lora_config holding the keyword configuration (the caller destroys it)."""
+    cfg = _ffi.ConfigP()
+    st = _lib.lora_config_create(ctypes.byref(cfg))
+    if st != Status.OK:
+        raise error_for(st, status_string(st), "lora_config_create")
+    try:
+        for key, value in config.items():
+            try:
+                param = Param[key.upper()]
+            except KeyError:
+                raise TypeError("unknown configuration keyword %r" % key) from None
+            if param == Param.TARGETS:
+                value = _targets_mask(value)
+            elif param == Param.BACKEND:
+                value = _enum_value(Backend, value)
+            elif param == Param.INIT:
+                value = _enum_value(Init, value)
+            if param in _DOUBLE_PARAMS:
+                st = _lib.lora_config_set_double(cfg, int(param), float(value))
+                fn = "lora_config_set_double"
+            else:
+                st = _lib.lora_config_set_int(cfg, int(param), int(value))
+                fn = "lora_config_set_int"
+            if st != Status.OK:
+                raise error_for(st, "%s: %s" % (
+                    key, _lib.lora_config_last_error(cfg).decode()), fn)
+    except BaseException:
+        _lib.lora_config_destroy(cfg)
+        raise
+    return cfg
+
+
+class Adapter:
+    """One attention layer with LoRA factors (a lora_adapter handle).
+
+    Keyword configuration, names as LORA_CFG_* in lower case:
+      d_model (required), n_heads, n_kv_heads, head_dim, targets ("qv", ["q", "v"] or a
+      Target mask), rank, alpha, rslora, softmax_scale, causal, backend ("auto",
+      "exact", "poly" or Backend), tolerance, poly_degree, threads, seed, init
+      ("kaiming_zero", "gaussian", "zero" or Init), out_proj, measure_rows.
+
+    Arrays in are float32, row-major; a C-contiguous float32 ndarray is passed to the
+    library without a copy, anything else is converted. Targets are 'q', 'k', 'v', 'o'
+    (or Target values), factors 'A'/'B' (or Factor values). Use as a context manager or
+    call close(); the handle is also freed when the object is collected.
+    """
+
+    _handle = None  # so __del__ works when __init__ failed early
+
+    def __init__(self, d_model=None, **config):
+        if d_model is not None:
+            config["d_model"] = d_model
+        cfg = _make_config(config)
+        try:
+            handle = _ffi.AdapterP()
+            st = _lib.lora_adapter_create(ctypes.byref(handle), cfg)
+            if st != Status.OK:
+                # create cannot write into the const config: validate says why.
+                _lib.lora_config_validate(cfg)
+                raise error_for(st, _lib.lora_config_last_error(cfg).decode(),
+                                "lora_adapter_create")
+        finally:
+            _lib.lora_config_destroy(cfg)
+        self._adopt(handle)
+
+    @classmethod
+    def _from_handle(cls, handle):
+        self = cls.__new__(cls)
+        self._adopt(handle)
+        return self
+
+    def _adopt(self, handle):
+        self._handle = handle
+        self._borrowed = {}  # target -> arrays a borrowed base keeps alive
+        self._saved = None  # (kind, shapes...) of the forward a backward would use
+        self._d_model = self.get_config(Param.D_MODEL)
+        self._q_dim = self.get_config(Param.N_HEADS) * self.get_config(Param.HEAD_DIM)
+        self._kv_dim = self.get_config(Param.N_KV_HEADS) * self.get_config(Param.HEAD_DIM)
+        self._out_proj = bool(self.get_config(Param.OUT_PROJ))
+        self._targets = Target(self.get_config(Param.TARGETS))
+
+    # -- lifetime --
+
+    def close(self):
+        """Frees the handle (lora_adapter_destroy). Idempotent."""
+        h, self._handle = self._handle, None
+        if h:
+            _lib.lora_adapter_destroy(h)
+        self._borrowed = {}
+
+    @property
+    def closed(self):
+        return not self._handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone
+            pass
+
+    def __repr__(self):
+        if self.closed:
+            return "<lora.Adapter closed>"
+        return ("<lora.Adapter d_model=%d n_heads=%d rank=%d targets=%s>"
+                % (self._d_model, self.get_config(Param.N_HEADS),
+                   self.get_config(Param.RANK), self.targets))
+
+    def _h(self):
+        if not self._handle:
+            raise StateError(Status.STATE, "the adapter is closed")
+        return self._handle
+
+    def _check(self, st, fn):
+        if st != Status.OK:
+            raise error_for(st, _lib.lora_adapter_last_error(self._handle).decode(), fn)
+
+    # -- configuration --
+
+    def get_config(self, param):
+        """The resolved value of a configuration parameter (Param or its name)."""
+        p = Param[param.upper()] if isinstance(param, str) else Param(param)
+        if p in _DOUBLE_PARAMS:
+            v = ctypes.c_double()
+            self._check(_lib.lora_adapter_get_config_double(self._h(), int(p),
+                                                             ctypes.byref(v)),
+                        "lora_adapter_get_config_double")
+        else:
+            v = ctypes.c_int64()
+            self._check(_lib.lora_adapter_get_config_int(self._h(), int(p),
+                                                          ctypes.byref(v)),
+                        "lora_adapter_get_config_int")
+        return v.value
+
+    @property
+    def config(self):
+        """Every parameter's resolved value, keyed by lower-case name."""
+        return {p.name.lower(): self.get_config(p) for p in Param}
+
+    @property
+    def d_model(self):
+        return self._d_model
+
+    @property
+    def q_dim(self):
+        return self._q_dim
+
+    @property
+    def kv_dim(self):
+        return self._kv_dim
+
+    @property
+    def out_dim(self):
+        """Columns of the forward's output: d_model with out_proj, else q_dim."""
+        return self._d_model if self._out_proj else self._q_dim
+
+    @property
+    def targets(self):
+        """The adapted projections, as a string such as "qv"."""
+        return "".join(n for n, t in _TARGET_LETTERS.items() if t & self._targets)
+
+    @property
+    def last_error(self):
+        """lora_adapter_last_error: detail of the last failed call ("" if none)."""
+        return _lib.lora_adapter_last_error(self._h()).decode()
+
+    # -- base weights --
+
+    def base_shape(self, target):
+        """(out, in) of the base weight of `target`."""
+        t = _target(target)
+        if t == Target.Q:
+            return (self._q_dim, self._d_model)
+        if t in (Target.K, Target.V):
+            return (self._kv_dim, self._d_model)
+        if t == Target.O:
+            return (self._d_model, self._q_dim)
+        raise InvalidArgumentError(Status.INVALID_ARG, "bad target %r" % (target,))
+
+    def set_base(self, target, weight, bias=None):
+        """Copies a frozen base projection: weight (out, in) as torch.nn.Linear, bias
+        (out,) or None. Drops the saved forward."""
+        t = _target(target)
+        shape = self.base_shape(t)
+        w = as_f32(weight)
+        if w.shape != shape:
+            raise ShapeError(Status.SHAPE, "weight has shape %s, expected %s"
+                             % (w.shape, shape), "set_base")
+        b = None
+        if bias is not None:
+            b = as_f32(bias)
+            if b.shape != (shape[0],):
+                raise ShapeError(Status.SHAPE, "bias has shape %s, expected %s"
+                                 % (b.shape, (shape[0],)), "set_base")
+        self._saved = None
+        self._check(_lib.lora_adapter_set_base(self._h(), t, _ptr(w), _ptr(b)),
+                    "lora_adapter_set_base")
+        self._borrowed.pop(t, None)
+
+    def set_base_borrowed(self, target, weight, bias=None):
+        """Uses a frozen base projection without copying it (many adapters may share
+        one). A C-contiguous float32 array is used in place; anything else is converted
+        once. The adapter keeps a reference to the arrays until the base is replaced or
+        the adapter is closed; do not modify them meanwhile."""
+        _need("lora_adapter_set_base_borrowed")
+        t = _target(target)
+        shape = self.base_shape(t)
+        w = as_f32(weight)
+        if w.shape != shape:
+            raise ShapeError(Status.SHAPE, "weight has shape %s, expected %s"
+                             % (w.shape, shape), "set_base_borrowed")
+        b = None
+        if bias is not None:
+            b = as_f32(bias)
+            if b.shape != (shape[0],):
+                raise ShapeError(Status.SHAPE, "bias has shape %s, expected %s"
+                                 % (b.shape, (shape[0],)), "set_base_borrowed")
+        self._saved = None
+        self._check(_lib.lora_adapter_set_base_borrowed(self._h(), t, _ptr(w), _ptr(b)),
+                    "lora_adapter_set_base_borrowed")
+        self._borrowed[t] = (w, b)
+
+    # -- LoRA factors and gradients --
+
+    def param_shape(self, target, which):
+        """(rows, cols) of factor `which` of `target`: A is (rank, in), B (out, rank)."""
+        r, c = ctypes.c_int64(), ctypes.c_int64()
+        self._check(_lib.lora_adapter_param_shape(self._h(), _target(target),
+                                                  _factor(which), ctypes.byref(r),
+                                                  ctypes.byref(c)),
+                    "lora_adapter_param_shape")
+        return (r.value, c.value)
+
+    def _get(self, fn, name, target, which, out):
+        shape = self.param_shape(target, which)
+        dst = _out_buffer(out, shape, "out")
+        self._check(fn(self._h(), _target(target), _factor(which), _ptr(dst), dst.size),
+                    name)
+        return dst
+
+    def param(self, target, which, out=None):
+        """A copy of LoRA factor `which` ('A'/'B') of `target`, or written into `out`."""
+        return self._get(_lib.lora_adapter_get_param, "lora_adapter_get_param",
+                         target, which, out)
+
+    def grad(self, target, which, out=None):
+        """A copy of the accumulated gradient of factor `which` of `target`."""
+        return self._get(_lib.lora_adapter_get_grad, "lora_adapter_get_grad",
+                         target, which, out)
+
+    def set_param(self, target, which, value):
+        """Copies `value` (the factor's element count, any shape) into factor `which`
+        of `target`. Drops the saved forward."""
+        src = as_f32(value)
+        self._saved = None
+        self._check(_lib.lora_adapter_set_param(self._h(), _target(target), _factor(which),
+                                                _ptr(src), src.size),
+                    "lora_adapter_set_param")
+
+    def _names(self):
+        for t in _TARGET_ORDER:
+            if t & self._targets:
+                letter = t.name.lower()
+                yield letter + ".A", letter, "A"
+                yield letter + ".B", letter, "B"
+
+    @property
+    def params(self):
+        """{"q.A": array, "q.B": array, ...}: copies of every LoRA factor."""
+        return {name: self.param(t, w) for name, t, w in self._names()}
+
+    @params.setter
+    def params(self, values):
+        for name, value in values.items():
+            t, w = name.split(".")
+            self.set_param(t, w, value)
+
+    @property
+    def grads(self):
+        """{"q.A": array, ...}: copies of every accumulated gradient."""
+        return {name: self.grad(t, w) for name, t, w in self._names()}
+
+    def zero_grad(self):
+        """Resets every gradient to zero."""
+        self._check(_lib.lora_adapter_zero_grad(self._h()), "lora_adapter_zero_grad")
+
+    # -- flat vectors (one buffer for all factors: MPI, checkpoints) --
+
+    @property
+    def param_count(self):
+        """Total floats in all LoRA factors (lora_adapter_param_count)."""
+        _need("lora_adapter_param_count")
+        n = ctypes.c_size_t()
+        self._check(_lib.lora_adapter_param_count(self._h(), ctypes.byref(n)),
+                    "lora_adapter_param_count")
+        return n.value
+
+    def get_params_flat(self, out=None):
+        """All factors as one float32 vector: targets Q, K, V, O (adapted ones), each A
+        then B, row-major."""
+        _need("lora_adapter_get_params_flat")
+        dst = _out_buffer(out, (self.param_count,), "out")
+        self._check(_lib.lora_adapter_get_params_flat(self._h(), _ptr(dst), dst.size),
+                    "lora_adapter_get_params_flat")
+        return dst
+
+    def set_params_flat(self, values):
+        """Sets all factors from one vector (get_params_flat's order)."""
+        _need("lora_adapter_set_params_flat")
+        src = as_f32(values)
+        self._saved = None
+        self._check(_lib.lora_adapter_set_params_flat(self._h(), _ptr(src), src.size),
+                    "lora_adapter_set_params_flat")
+
+    def get_grads_flat(self, out=None):
+        """All accumulated gradients as one vector (get_params_flat's order)."""
+        _need("lora_adapter_get_grads_flat")
+        dst = _out_buffer(out, (self.param_count,), "out")
+        self._check(_lib.lora_adapter_get_grads_flat(self._h(), _ptr(dst), dst.size),
+                    "lora_adapter_get_grads_flat")
+        return dst
+
+    def set_grads_flat(self, values):
+        """Overwrites the accumulated gradients (e.g. with an all-reduced average)."""
+        _need("lora_adapter_set_grads_flat")
+        src = as_f32(values)
+        self._check(_lib.lora_adapter_set_grads_flat(self._h(), _ptr(src), src.size),
+                    "lora_adapter_set_grads_flat")
+
+    # -- merge and serving --
+
+    def _merge(self, name, target, weight, inplace):
+        _need(name)
+        fn = getattr(_lib, name)
+        t = _target(target)
+        shape = self.base_shape(t)
+        if inplace:
+            w = _out_buffer(weight, shape, "weight")
+        else:
+            w = np.array(weight, dtype=np.float32, order="C", copy=True)
+            if w.shape != shape:
+                raise ShapeError(Status.SHAPE, "weight has shape %s, expected %s"
+                                 % (w.shape, shape), name)
+        self._check(fn(self._h(), t, _ptr(w), w.size), name)
+        return w
+
+    def merge(self, target, weight, inplace=False):
+        """W + s*B*A for `target` (weight (out, in) holding W): a new array, or written
+        into `weight` (C-contiguous float32) when inplace. NaN/Inf leaves it untouched
+        and raises NonFiniteError."""
+        return self._merge("lora_adapter_merge", target, weight, inplace)
+
+    def unmerge(self, target, weight, inplace=False):
+        """Subtracts s*B*A back (the inverse of merge, up to its stated rounding)."""
+        return self._merge("lora_adapter_unmerge", target, weight, inplace)
+
+    def forward_merged(self, x, out=None):
+        """Inference forward with merged weights (same result as forward up to
+        rounding); keeps no activations and leaves the saved forward alone."""
+        _need("lora_forward_merged")
+        h = self._h()
+        x3, given = self._input(x, "x")
+        o = _out_buffer(out, given[:-1] + (self.out_dim,), "out")
+        self._check(_lib.lora_forward_merged(h, _ptr(x3), x3.shape[0], x3.shape[1],
+                                             _ptr(o)), "lora_forward_merged")
+        return o
+
+    def forward_merged_cross(self, xq, xkv, out=None):
+        """forward_cross with merged weights (see forward_merged)."""
+        _need("lora_forward_merged_cross")
+        h = self._h()
+        q3, qgiven = self._input(xq, "xq")
+        kv3, kvgiven = self._input(xkv, "xkv")
+        if len(qgiven) != len(kvgiven) or q3.shape[0] != kv3.shape[0]:
+            raise ShapeError(Status.SHAPE, "xq %s and xkv %s differ in batch"
+                             % (qgiven, kvgiven))
+        o = _out_buffer(out, qgiven[:-1] + (self.out_dim,), "out")
+        self._check(_lib.lora_forward_merged_cross(h, _ptr(q3), _ptr(kv3), q3.shape[0],
+                                                   q3.shape[1], kv3.shape[1], _ptr(o)),
+                    "lora_forward_merged_cross")
+        return o
+
+    def copy_params_from(self, src):
+        """Hot swap: copies src's LoRA factors and scaling (alpha, rsLoRA) into this
+        adapter, keeping its base weights, settings and gradients."""
+        _need("lora_adapter_copy_params")
+        self._saved = None
+        self._check(_lib.lora_adapter_copy_params(self._h(), src._h()),
+                    "lora_adapter_copy_params")
+
+    # -- compute --
+
+    def _input(self, x, name):
+        """x as float32 (batch, L, d_model) plus the shape the caller gave."""
+        a = as_f32(x)
+        if a.ndim not in (2, 3) or a.shape[-1] != self._d_model or a.size == 0:
+            raise ShapeError(Status.SHAPE, "%s has shape %s, expected (batch, L, %d) or "
+                             "(L, %d)" % (name, a.shape, self._d_model, self._d_model))
+        return a.reshape((1,) + a.shape if a.ndim == 2 else a.shape), a.shape
+
+    def forward(self, x, out=None):
+        """Self-attention forward: x (batch, L, d_model) or (L, d_model); returns out
+        of shape (batch, L, out_dim) (or (L, out_dim)), written into `out` if given.
+        Keeps what backward needs."""
+        h = self._h()
+        x3, given = self._input(x, "x")
+        batch, L = x3.shape[0], x3.shape[1]
+        oshape = given[:-1] + (self.out_dim,)
+        o = _out_buffer(out, oshape, "out")
+        self._saved = None
+        self._check(_lib.lora_forward(h, _ptr(x3), batch, L, _ptr(o)), "lora_forward")
+        self._saved = ("self", oshape, given)
+        return o
+
+    def _dout(self, dout, kind):
+        if self._saved is None:
+            raise StateError(Status.STATE, "no saved forward (run forward first; "
+                             "set_base and set_param drop it)")
+        if self._saved[0] != kind:
+            raise StateError(Status.STATE, "the saved forward is %s-attention; "
+                             "call backward%s" % (self._saved[0],
+                                                  "" if self._saved[0] == "self"
+                                                  else "_cross"))
+        d = as_f32(dout)
+        oshape = self._saved[1]
+        if d.size != int(np.prod(oshape)) or d.shape[-1] != oshape[-1]:
+            raise ShapeError(Status.SHAPE, "dout has shape %s, expected %s"
+                             % (d.shape, oshape))
+        return d
+
+    def backward(self, dout, need_dx=True):
+        """Backward of the last forward: adds dL/dA, dL/dB into the gradients and
+        returns dL/dx (x's shape), or None when need_dx is False."""
+        h = self._h()
+        d = self._dout(dout, "self")
+        dx = np.empty(self._saved[2], dtype=np.float32) if need_dx else None
+        self._check(_lib.lora_backward(h, _ptr(d), _ptr(dx)), "lora_backward")
+        return dx
+
+    def forward_cross(self, xq, xkv, out=None):
+        """Cross-attention forward: queries from xq (batch, len_q, d_model), keys and
+        values from xkv (batch, len_kv, d_model); both 2-D or both 3-D."""
+        h = self._h()
+        q3, qgiven = self._input(xq, "xq")
+        kv3, kvgiven = self._input(xkv, "xkv")
+        if len(qgiven) != len(kvgiven) or q3.shape[0] != kv3.shape[0]:
+            raise ShapeError(Status.SHAPE, "xq %s and xkv %s differ in batch"
+                             % (qgiven, kvgiven))
+        oshape = qgiven[:-1] + (self.out_dim,)
+        o = _out_buffer(out, oshape, "out")
+        self._saved = None
+        self._check(_lib.lora_forward_cross(h, _ptr(q3), _ptr(kv3), q3.shape[0],
+                                            q3.shape[1], kv3.shape[1], _ptr(o)),
+                    "lora_forward_cross")
+        self._saved = ("cross", oshape, qgiven, kvgiven)
+        return o
+
+    def backward_cross(self, dout, need_dx=True):
+        """Backward of the last forward_cross: returns (dxq, dxkv), or None when need_dx
+        is False."""
+        h = self._h()
+        d = self._dout(dout, "cross")
+        dxq = dxkv = None
+        if need_dx:
+            dxq = np.empty(self._saved[2], dtype=np.float32)
+            dxkv = np.empty(self._saved[3], dtype=np.float32)
+        self._check(_lib.lora_backward_cross(h, _ptr(d), _ptr(dxq), _ptr(dxkv)),
+                    "lora_backward_cross")
+        return (dxq, dxkv) if need_dx else None
+
+    @property
+    def run_info(self):
+        """RunInfo of the last forward/backward (lora_adapter_get_run_info)."""
+        s = _ffi.RunInfoC(struct_size=ctypes.sizeof(_ffi.RunInfoC))
+        self._check(_lib.lora_adapter_get_run_info(self._h(), ctypes.byref(s)),
+                    "lora_adapter_get_run_info")
+        return _from_struct(RunInfo, s)
+
+    def threshold_estimate(self, x):
+        """The paper's threshold statistics for self-attention on x and what AUTO would
+        run (lora_threshold_estimate); leaves the saved forward and gradients alone."""
+        h = self._h()
+        x3, _ = self._input(x, "x")
+        s = _ffi.ThresholdReportC(struct_size=ctypes.sizeof(_ffi.ThresholdReportC))
+        self._check(_lib.lora_threshold_estimate(h, _ptr(x3), x3.shape[0], x3.shape[1],
+                                                 ctypes.byref(s)),
+                    "lora_threshold_estimate")
+        return _from_struct(ThresholdReport, s)
+
+
+# ---- optimizer -------------------------------------------------------------------------
+
+class OptParam(enum.IntEnum):
+    """lora_optimizer_param."""
+    LR = 1
+    BETA1 = 2
+    BETA2 = 3
+    EPS = 4
+    WEIGHT_DECAY = 5
+    MOMENTUM = 6
+    DAMPENING = 7
+    NESTEROV = 8
+    MAX_GRAD_NORM = 9
+    STEP = 10
+    GRAD_NORM = 11
+
+
+class OptimizerKind(enum.IntEnum):
+    """lora_optimizer_kind."""
+    ADAMW = 0
+    SGD = 1
+
+
+_OPT_INT_PARAMS = {OptParam.NESTEROV, OptParam.STEP}
+
+
+class Optimizer:
+    """AdamW or SGD on an adapter's LoRA factors (a lora_optimizer handle), with
+    PyTorch's update rules. Keyword parameters: lr, betas=(beta1, beta2) or beta1/beta2,
+    eps, weight_decay, momentum, dampening, nesterov, max_grad_norm.
+
+        opt = lora.Optimizer(ad, "adamw", lr=1e-3, weight_decay=0.01)
+        ad.zero_grad(); ad.forward(x); ad.backward(dout); opt.step()
+    """
+
+    _handle = None
+
+    def __init__(self, adapter, kind="adamw", **params):
+        _need("lora_optimizer_create")
+        self._adapter = adapter
+        h = _ffi.OptimizerP()
+        k = _enum_value(OptimizerKind, kind)
+        st = _lib.lora_optimizer_create(ctypes.byref(h), adapter._h(), k)
+        if st != Status.OK:
+            raise error_for(st, _lib.lora_adapter_last_error(adapter._h()).decode(),
+                            "lora_optimizer_create")
+        self._handle = h
+        self.kind = OptimizerKind(k)
+        betas = params.pop("betas", None)
+        if betas is not None:
+            params["beta1"], params["beta2"] = betas
+        for key, value in params.items():
+            self.set(key, value)
+
+    def _h(self):
+        if not self._handle:
+            raise StateError(Status.STATE, "the optimizer is closed")
+        return self._handle
+
+    def _check(self, st, fn):
+        if st != Status.OK:
+            raise error_for(st, _lib.lora_optimizer_last_error(self._handle).decode(), fn)
+
+    @staticmethod
+    def _param(param):
+        if isinstance(param, str):
+            try:
+                return OptParam[param.upper()]
+            except KeyError:
+                raise TypeError("unknown optimizer parameter %r" % param) from None
+        return OptParam(param)
+
+    def set(self, param, value):
+        """Sets a parameter (OptParam or its name), e.g. set("lr", 1e-4)."""
+        p = self._param(param)
+        if p in _OPT_INT_PARAMS:
+            self._check(_lib.lora_optimizer_set_int(self._h(), int(p), int(value)),
+                        "lora_optimizer_set_int")
+        else:
+            self._check(_lib.lora_optimizer_set_double(self._h(), int(p), float(value)),
+                        "lora_optimizer_set_double")
+
+    def get(self, param):
+        """Reads a parameter (STEP and GRAD_NORM included)."""
+        p = self._param(param)
+        if p in _OPT_INT_PARAMS:
+            v = ctypes.c_int64()
+            self._check(_lib.lora_optimizer_get_int(self._h(), int(p), ctypes.byref(v)),
+                        "lora_optimizer_get_int")
+        else:
+            v = ctypes.c_double()
+            self._check(_lib.lora_optimizer_get_double(self._h(), int(p), ctypes.byref(v)),
+                        "lora_optimizer_get_double")
+        return v.value
+
+    @property
+    def lr(self):
+        return self.get(OptParam.LR)
+
+    @lr.setter
+    def lr(self, value):
+        self.set(OptParam.LR, value)
+
+    @property
+    def step_count(self):
+        """Steps taken since creation or reset()."""
+        return self.get(OptParam.STEP)
+
+    @property
+    def grad_norm(self):
+        """Global L2 norm of the gradients at the last step, before clipping (-1 before
+        any step)."""
+        return self.get(OptParam.GRAD_NORM)
+
+    def step(self, adapter=None):
+        """One update of every factor of `adapter` (default: the one given at creation)
+        from its accumulated gradients (which are left as they are: zero_grad before
+        the next accumulation)."""
+        ad = self._adapter if adapter is None else adapter
+        h = self._h()
+        ad._saved = None
+        self._check(_lib.lora_optimizer_step(h, ad._h()), "lora_optimizer_step")
+
+    def reset(self):
+        """Zeroes the moments/momentum and the step count."""
+        self._check(_lib.lora_optimizer_reset(self._h()), "lora_optimizer_reset")
+
+    def close(self):
+        h, self._handle = self._handle, None
+        if h:
+            _lib.lora_optimizer_destroy(h)
+
+    @property
+    def closed(self):
+        return not self._handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ---- adapter files (PEFT directory, llama.cpp GGUF) ------------------------------------
+
+def _adapter_set(adapters, layers):
+    if isinstance(adapters, Adapter):
+        adapters = [adapters]
+    if isinstance(adapters, dict):
+        layers, adapters = list(adapters.keys()), list(adapters.values())
+    adapters = list(adapters)
+    if layers is None:
+        layers = list(range(len(adapters)))
+    layers = list(layers)
+    if len(layers) != len(adapters) or not adapters:
+        raise InvalidArgumentError(Status.INVALID_ARG, "%d adapters and %d layers"
+                                   % (len(adapters), len(layers)))
+    arr = (_ffi.AdapterP * len(adapters))(*[a._h() for a in adapters])
+    lay = (ctypes.c_int64 * len(layers))(*[int(v) for v in layers])
+    return adapters, arr, lay
+
+
+def _save(name, path, adapters, layers, *extra):
+    _need(name)
+    ads, arr, lay = _adapter_set(adapters, layers)
+    st = getattr(_lib, name)(os.fsencode(path), arr, lay, len(ads), *extra)
+    if st != Status.OK:
+        raise error_for(st, _lib.lora_adapter_last_error(arr[0]).decode(), name)
+
+
+def _load(name, path, config):
+    _need(name)
+    cfg = _make_config(config)
+    try:
+        count = ctypes.c_size_t()
+        st = getattr(_lib, name)(None, None, 0, ctypes.byref(count), os.fsencode(path), cfg)
+        if st != Status.OK:
+            raise error_for(st, _lib.lora_config_last_error(cfg).decode(), name)
+        n = count.value
+        arr = (_ffi.AdapterP * max(n, 1))()
+        lay = (ctypes.c_int64 * max(n, 1))()
+        st = getattr(_lib, name)(arr, lay, n, ctypes.byref(count), os.fsencode(path), cfg)
+        if st != Status.OK:
+            raise error_for(st, _lib.lora_config_last_error(cfg).decode(), name)
+        return {int(lay[i]): Adapter._from_handle(arr[i]) for i in range(count.value)}
+    finally:
+        _lib.lora_config_destroy(cfg)
+
+
+def save_peft(directory, adapters, layers=None):
+    """Writes a PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    `adapters`: an Adapter, a list (layers default to 0, 1, ...) or {layer: Adapter}."""
+    _save("lora_save_peft", directory, adapters, layers)
+
+
+def load_peft(directory, **config):
+    """Reads a PEFT adapter directory: {layer: Adapter}. The keyword configuration
+    supplies what the file does not (d_model, n_heads, out_proj, backend, ...); rank,
+    alpha, rslora and targets come from the file. Base weights are unset."""
+    return _load("lora_load_peft", directory, config)
+
+
+def save_gguf(path, adapters, layers=None, architecture=None):
+    """Writes a llama.cpp GGUF LoRA adapter (architecture default "llama")."""
+    _save("lora_save_gguf", path, adapters, layers,
+          None if architecture is None else architecture.encode())
+
+
+def load_gguf(path, **config):
+    """Reads a llama.cpp GGUF LoRA adapter: {layer: Adapter} (see load_peft)."""
+    return _load("lora_load_gguf", path, config)

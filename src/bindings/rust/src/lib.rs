@@ -1,0 +1,1400 @@
+//! Safe Rust bindings to liblora: LoRA fine-tuning of one transformer attention layer.
+//!
+//! [`sys`] has the raw `extern "C"` declarations of `include/lora.h`; the crate root
+//! wraps them: a [`Config`] builder, an [`Adapter`] that frees its handle on drop,
+//! `Result<_, LoraError>` everywhere (status and the library's message) and slices
+//! whose lengths are checked before any pointer reaches C.
+//!
+//! ```no_run
+//! use lora::{Config, Target, Factor, Backend};
+//! # fn main() -> Result<(), lora::LoraError> {
+//! let mut ad = Config::new(8).n_heads(2).rank(2).backend(Backend::Exact).build()?;
+//! let w = vec![0.1f32; 64];
+//! for t in [Target::Q, Target::K, Target::V] {
+//!     ad.set_base(t, &w, None)?;              // (out, in), like torch.nn.Linear
+//! }
+//! let x = vec![0.5f32; 2 * 4 * 8];             // (batch 2, seq_len 4, d_model 8)
+//! let out = ad.forward(&x, 2, 4)?;
+//! let (loss, dout) = lora::mse_loss(&out, &vec![0.0; out.len()])?;
+//! ad.backward(&dout, None)?;                   // accumulates the gradients
+//! let g = ad.grad(Target::Q, Factor::B)?;
+//! # let _ = (loss, g); Ok(()) }
+//! ```
+//!
+//! Tensors are row-major `f32`; shapes are given as in the C header. An [`Adapter`] is
+//! `Send` (one thread at a time may use it) but not `Sync`, as the C API requires.
+
+pub mod sys;
+
+use std::ffi::CStr;
+use std::fmt;
+use std::os::raw::{c_char, c_int};
+use std::ptr;
+use std::sync::Arc;
+
+// ---- errors ----------------------------------------------------------------------------
+
+/// `lora_status` values other than `LORA_OK`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    InvalidArg,
+    Shape,
+    NoMem,
+    NonFinite,
+    Unsupported,
+    State,
+    Io,
+    Format,
+    Tolerance,
+    /// A code outside the enum this binding knows (a newer library).
+    Unknown(i32),
+}
+
+impl Status {
+    /// The status for a C return code (`None` for `LORA_OK`).
+    pub fn from_code(code: i32) -> Option<Status> {
+        Some(match code {
+            sys::LORA_OK => return None,
+            sys::LORA_ERR_INVALID_ARG => Status::InvalidArg,
+            sys::LORA_ERR_SHAPE => Status::Shape,
+            sys::LORA_ERR_NOMEM => Status::NoMem,
+            sys::LORA_ERR_NONFINITE => Status::NonFinite,
+            sys::LORA_ERR_UNSUPPORTED => Status::Unsupported,
+            sys::LORA_ERR_STATE => Status::State,
+            sys::LORA_ERR_IO => Status::Io,
+            sys::LORA_ERR_FORMAT => Status::Format,
+            sys::LORA_ERR_TOLERANCE => Status::Tolerance,
+            c => Status::Unknown(c),
+        })
+    }
+
+    /// The C value of this status.
+    pub fn code(self) -> i32 {
+        match self {
+            Status::InvalidArg => sys::LORA_ERR_INVALID_ARG,
+            Status::Shape => sys::LORA_ERR_SHAPE,
+            Status::NoMem => sys::LORA_ERR_NOMEM,
+            Status::NonFinite => sys::LORA_ERR_NONFINITE,
+            Status::Unsupported => sys::LORA_ERR_UNSUPPORTED,
+            Status::State => sys::LORA_ERR_STATE,
+            Status::Io => sys::LORA_ERR_IO,
+            Status::Format => sys::LORA_ERR_FORMAT,
+            Status::Tolerance => sys::LORA_ERR_TOLERANCE,
+            Status::Unknown(c) => c,
+        }
+    }
+}
+
+/// A failed liblora call: the status, the library's detail message
+/// (`lora_adapter_last_error` / `lora_config_last_error`, or the binding's own check)
+/// and the C function (or wrapper method) that failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraError {
+    pub status: Status,
+    pub message: String,
+    pub function: &'static str,
+}
+
+impl LoraError {
+    fn new(status: Status, function: &'static str, message: impl Into<String>) -> Self {
+        LoraError {
+            status,
+            message: message.into(),
+            function,
+        }
+    }
+    /// The C status code.
+    pub fn code(&self) -> i32 {
+        self.status.code()
+    }
+}
+
+impl fmt::Display for LoraError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.function, status_string(self.code()))?;
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for LoraError {}
+
+pub type Result<T> = std::result::Result<T, LoraError>;
+
+fn cstr(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: the library returns NUL-terminated strings that live at least until the
+    // next call on the same handle; we copy at once.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+fn shape_error(function: &'static str, message: String) -> LoraError {
+    LoraError::new(Status::Shape, function, message)
+}
+
+// ---- version ---------------------------------------------------------------------------
+
+/// The loaded library's "MAJOR.MINOR.PATCH".
+pub fn version_string() -> String {
+    cstr(unsafe { sys::lora_version_string() })
+}
+
+/// The loaded library's MAJOR*10000 + MINOR*100 + PATCH (compare with
+/// [`sys::LORA_VERSION_NUMBER`], the header this crate was written against).
+pub fn version_number() -> u32 {
+    unsafe { sys::lora_version_number() }
+}
+
+/// `lora_status_string`: short English text for a status code.
+pub fn status_string(code: i32) -> String {
+    cstr(unsafe { sys::lora_status_string(code) })
+}
+
+/// The paper's loss, `lora_mse_loss`: `(1/2 * sum((out - target)^2), out - target)`.
+pub fn mse_loss(out: &[f32], target: &[f32]) -> Result<(f64, Vec<f32>)> {
+    if out.len() != target.len() {
+        return Err(shape_error(
+            "mse_loss",
+            format!("out has {} values, target {}", out.len(), target.len()),
+        ));
+    }
+    let mut dout = vec![0f32; out.len()];
+    let mut loss = 0f64;
+    let st = unsafe {
+        sys::lora_mse_loss(
+            out.as_ptr(),
+            target.as_ptr(),
+            out.len(),
+            &mut loss,
+            dout.as_mut_ptr(),
+        )
+    };
+    match Status::from_code(st) {
+        None => Ok((loss, dout)),
+        Some(s) => Err(LoraError::new(s, "lora_mse_loss", status_string(st))),
+    }
+}
+
+// ---- enums -----------------------------------------------------------------------------
+
+/// One projection of the layer (`lora_target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+}
+
+impl Target {
+    pub const ALL: [Target; 4] = [Target::Q, Target::K, Target::V, Target::O];
+    pub fn code(self) -> c_int {
+        match self {
+            Target::Q => sys::LORA_TARGET_Q,
+            Target::K => sys::LORA_TARGET_K,
+            Target::V => sys::LORA_TARGET_V,
+            Target::O => sys::LORA_TARGET_O,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Q => "q",
+            Target::K => "k",
+            Target::V => "v",
+            Target::O => "o",
+        }
+    }
+}
+
+/// A LoRA factor: A (rank, in) or B (out, rank).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Factor {
+    A,
+    B,
+}
+
+impl Factor {
+    pub fn code(self) -> c_int {
+        match self {
+            Factor::A => sys::LORA_A,
+            Factor::B => sys::LORA_B,
+        }
+    }
+}
+
+/// Attention backend (`lora_backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Auto,
+    Exact,
+    Poly,
+    /// A value this binding does not know (a newer library).
+    Other(i32),
+}
+
+impl Backend {
+    pub fn code(self) -> c_int {
+        match self {
+            Backend::Auto => sys::LORA_BACKEND_AUTO,
+            Backend::Exact => sys::LORA_BACKEND_EXACT,
+            Backend::Poly => sys::LORA_BACKEND_POLY,
+            Backend::Other(c) => c,
+        }
+    }
+    pub fn from_code(c: i32) -> Backend {
+        match c {
+            sys::LORA_BACKEND_AUTO => Backend::Auto,
+            sys::LORA_BACKEND_EXACT => Backend::Exact,
+            sys::LORA_BACKEND_POLY => Backend::Poly,
+            c => Backend::Other(c),
+        }
+    }
+}
+
+/// Initialisation of the LoRA factors (`lora_init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Init {
+    KaimingZero,
+    Gaussian,
+    Zero,
+}
+
+impl Init {
+    pub fn code(self) -> c_int {
+        match self {
+            Init::KaimingZero => sys::LORA_INIT_KAIMING_ZERO,
+            Init::Gaussian => sys::LORA_INIT_GAUSSIAN,
+            Init::Zero => sys::LORA_INIT_ZERO,
+        }
+    }
+}
+
+// ---- configuration ---------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Value {
+    Int(i64),
+    Double(f64),
+}
+
+/// A builder for [`Adapter`]: the `LORA_CFG_*` parameters, applied in order by
+/// [`Config::build`]. Each setter names its parameter; [`Config::set_int`] and
+/// [`Config::set_double`] take any parameter code.
+#[derive(Debug, Clone)]
+pub struct Config {
+    values: Vec<(c_int, Value)>,
+}
+
+macro_rules! int_setters {
+    ($($(#[$m:meta])* $name:ident => $param:ident),* $(,)?) => {$(
+        $(#[$m])*
+        pub fn $name(self, value: i64) -> Self { self.set_int(sys::$param, value) }
+    )*};
+}
+
+impl Config {
+    /// A configuration with `LORA_CFG_D_MODEL = d_model` and every other default.
+    pub fn new(d_model: i64) -> Self {
+        Config {
+            values: vec![(sys::LORA_CFG_D_MODEL, Value::Int(d_model))],
+        }
+    }
+    /// Sets an integer parameter by its `LORA_CFG_*` code.
+    pub fn set_int(mut self, param: c_int, value: i64) -> Self {
+        self.values.push((param, Value::Int(value)));
+        self
+    }
+    /// Sets a double parameter by its `LORA_CFG_*` code.
+    pub fn set_double(mut self, param: c_int, value: f64) -> Self {
+        self.values.push((param, Value::Double(value)));
+        self
+    }
+    int_setters! {
+        /// Query heads (default 1).
+        n_heads => LORA_CFG_N_HEADS,
+        /// Key/value heads dividing n_heads (GQA/MQA), default n_heads.
+        n_kv_heads => LORA_CFG_N_KV_HEADS,
+        /// Per-head width, default d_model / n_heads.
+        head_dim => LORA_CFG_HEAD_DIM,
+        /// LoRA rank r (default 8).
+        rank => LORA_CFG_RANK,
+        /// Even degree >= 2 of the polynomial backend; 0 = from the tolerance.
+        poly_degree => LORA_CFG_POLY_DEGREE,
+        /// 0 = all cores, else exactly this many threads.
+        threads => LORA_CFG_THREADS,
+        /// Query rows per (batch, head) checked exactly when POLY runs.
+        measure_rows => LORA_CFG_MEASURE_ROWS,
+    }
+    /// Initialisation seed (stored as uint64).
+    pub fn seed(self, seed: u64) -> Self {
+        self.set_int(sys::LORA_CFG_SEED, seed as i64)
+    }
+    /// LoRA alpha (default rank, so s = 1).
+    pub fn alpha(self, alpha: f64) -> Self {
+        self.set_double(sys::LORA_CFG_ALPHA, alpha)
+    }
+    /// β of softmax(β·Q·Kᵀ), default 1/sqrt(head_dim).
+    pub fn softmax_scale(self, scale: f64) -> Self {
+        self.set_double(sys::LORA_CFG_SOFTMAX_SCALE, scale)
+    }
+    /// Certified bound on the relative error of POLY's attention probabilities.
+    pub fn tolerance(self, eta: f64) -> Self {
+        self.set_double(sys::LORA_CFG_TOLERANCE, eta)
+    }
+    /// s = alpha/sqrt(r) instead of alpha/r.
+    pub fn rslora(self, on: bool) -> Self {
+        self.set_int(sys::LORA_CFG_RSLORA, on as i64)
+    }
+    /// Causal mask (bottom-right aligned for cross-attention).
+    pub fn causal(self, on: bool) -> Self {
+        self.set_int(sys::LORA_CFG_CAUSAL, on as i64)
+    }
+    /// The layer has an output projection W_O.
+    pub fn out_proj(self, on: bool) -> Self {
+        self.set_int(sys::LORA_CFG_OUT_PROJ, on as i64)
+    }
+    /// The adapted projections (default Q and V).
+    pub fn targets(self, targets: &[Target]) -> Self {
+        let mask = targets.iter().fold(0i64, |m, t| m | t.code() as i64);
+        self.set_int(sys::LORA_CFG_TARGETS, mask)
+    }
+    pub fn backend(self, backend: Backend) -> Self {
+        self.set_int(sys::LORA_CFG_BACKEND, backend.code() as i64)
+    }
+    pub fn init(self, init: Init) -> Self {
+        self.set_int(sys::LORA_CFG_INIT, init.code() as i64)
+    }
+
+    /// A `lora_config` holding these values (destroyed when the guard drops).
+    fn raw(&self) -> Result<ConfigHandle> {
+        let mut cfg: *mut sys::lora_config = ptr::null_mut();
+        let st = unsafe { sys::lora_config_create(&mut cfg) };
+        if let Some(s) = Status::from_code(st) {
+            return Err(LoraError::new(s, "lora_config_create", status_string(st)));
+        }
+        let h = ConfigHandle(cfg);
+        for &(param, value) in &self.values {
+            let (st, f) = match value {
+                Value::Int(v) => (
+                    unsafe { sys::lora_config_set_int(cfg, param, v) },
+                    "lora_config_set_int",
+                ),
+                Value::Double(v) => (
+                    unsafe { sys::lora_config_set_double(cfg, param, v) },
+                    "lora_config_set_double",
+                ),
+            };
+            h.check(st, f)?;
+        }
+        Ok(h)
+    }
+
+    /// Creates the adapter. A refused value or combination gives the library's reason.
+    pub fn build(&self) -> Result<Adapter> {
+        let cfg = self.raw()?;
+        let mut h: *mut sys::lora_adapter = ptr::null_mut();
+        let st = unsafe { sys::lora_adapter_create(&mut h, cfg.0) };
+        if st != sys::LORA_OK {
+            // create cannot write into the const config: validate keeps the reason.
+            unsafe { sys::lora_config_validate(cfg.0) };
+            return Err(cfg.error(st, "lora_adapter_create"));
+        }
+        drop(cfg);
+        Adapter::from_handle(h)
+    }
+}
+
+/// An owned `lora_config`, destroyed on drop.
+struct ConfigHandle(*mut sys::lora_config);
+
+impl Drop for ConfigHandle {
+    fn drop(&mut self) {
+        unsafe { sys::lora_config_destroy(self.0) }
+    }
+}
+
+impl ConfigHandle {
+    fn error(&self, st: c_int, function: &'static str) -> LoraError {
+        LoraError::new(
+            Status::from_code(st).unwrap_or(Status::Unknown(st)),
+            function,
+            cstr(unsafe { sys::lora_config_last_error(self.0) }),
+        )
+    }
+    fn check(&self, st: c_int, function: &'static str) -> Result<()> {
+        if st == sys::LORA_OK {
+            Ok(())
+        } else {
+            Err(self.error(st, function))
+        }
+    }
+}
+
+// ---- reports ---------------------------------------------------------------------------
+
+/// What the last forward or backward ran (`lora_run_info`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunInfo {
+    pub backend: Backend,
+    pub poly_degree: i64,
+    pub poly_rank: i64,
+    pub error_bound: f64,
+    pub grad_bound: f64,
+    pub score_bound: f64,
+    pub measured_out_error: f64,
+    pub measured_dq_error: f64,
+}
+
+/// The threshold statistics of one input (`lora_threshold_report`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ThresholdReport {
+    pub recommended_backend: Backend,
+    pub gamma_q: f64,
+    pub gamma_k: f64,
+    pub gamma_v: f64,
+    pub gamma_ratio: f64,
+    pub score_bound: f64,
+    pub poly_degree: i64,
+    pub poly_rank: i64,
+    pub error_bound: f64,
+    pub flops_exact: f64,
+    pub flops_poly: f64,
+}
+
+// ---- adapter ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Saved {
+    None,
+    SelfAttn { out: usize, x: usize },
+    Cross { out: usize, xq: usize, xkv: usize },
+}
+
+/// One attention layer with LoRA factors: a `lora_adapter` handle, freed on drop.
+pub struct Adapter {
+    h: *mut sys::lora_adapter,
+    d_model: usize,
+    q_dim: usize,
+    kv_dim: usize,
+    out_proj: bool,
+    targets: Vec<Target>,
+    saved: Saved,
+    /// Bases used in place (set_base_borrowed), kept alive as long as the C side may
+    /// read them; indexed by Target position (Q, K, V, O).
+    borrowed: [Option<Borrowed>; 4],
+}
+
+/// A borrowed base weight and its optional bias.
+type Borrowed = (Arc<[f32]>, Option<Arc<[f32]>>);
+
+fn target_index(t: Target) -> usize {
+    match t {
+        Target::Q => 0,
+        Target::K => 1,
+        Target::V => 2,
+        Target::O => 3,
+    }
+}
+
+// SAFETY: lora.h: "one handle is used by one thread at a time; there is no
+// process-global mutable state". &mut self methods and !Sync enforce that.
+unsafe impl Send for Adapter {}
+
+impl Drop for Adapter {
+    fn drop(&mut self) {
+        unsafe { sys::lora_adapter_destroy(self.h) }
+    }
+}
+
+impl fmt::Debug for Adapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Adapter")
+            .field("d_model", &self.d_model)
+            .field("q_dim", &self.q_dim)
+            .field("kv_dim", &self.kv_dim)
+            .field("targets", &self.targets)
+            .finish()
+    }
+}
+
+impl Adapter {
+    fn from_handle(h: *mut sys::lora_adapter) -> Result<Adapter> {
+        let mut ad = Adapter {
+            h,
+            d_model: 0,
+            q_dim: 0,
+            kv_dim: 0,
+            out_proj: false,
+            targets: Vec::new(),
+            saved: Saved::None,
+            borrowed: Default::default(),
+        };
+        let head_dim = ad.config_int(sys::LORA_CFG_HEAD_DIM)? as usize;
+        ad.d_model = ad.config_int(sys::LORA_CFG_D_MODEL)? as usize;
+        ad.q_dim = ad.config_int(sys::LORA_CFG_N_HEADS)? as usize * head_dim;
+        ad.kv_dim = ad.config_int(sys::LORA_CFG_N_KV_HEADS)? as usize * head_dim;
+        ad.out_proj = ad.config_int(sys::LORA_CFG_OUT_PROJ)? != 0;
+        let mask = ad.config_int(sys::LORA_CFG_TARGETS)? as c_int;
+        ad.targets = Target::ALL
+            .iter()
+            .copied()
+            .filter(|t| mask & t.code() != 0)
+            .collect();
+        Ok(ad)
+    }
+
+    /// The raw handle, for calls into [`sys`]. It stays owned by this Adapter.
+    pub fn as_ptr(&self) -> *mut sys::lora_adapter {
+        self.h
+    }
+
+    fn check(&self, st: c_int, function: &'static str) -> Result<()> {
+        match Status::from_code(st) {
+            None => Ok(()),
+            Some(s) => Err(LoraError::new(s, function, self.last_error())),
+        }
+    }
+
+    /// `lora_adapter_last_error`: detail of the last failed call ("" if none).
+    pub fn last_error(&self) -> String {
+        cstr(unsafe { sys::lora_adapter_last_error(self.h) })
+    }
+
+    /// A resolved integer configuration parameter (`LORA_CFG_*` code).
+    pub fn config_int(&self, param: c_int) -> Result<i64> {
+        let mut v = 0i64;
+        self.check(
+            unsafe { sys::lora_adapter_get_config_int(self.h, param, &mut v) },
+            "lora_adapter_get_config_int",
+        )?;
+        Ok(v)
+    }
+
+    /// A resolved double configuration parameter (ALPHA, SOFTMAX_SCALE, TOLERANCE).
+    pub fn config_double(&self, param: c_int) -> Result<f64> {
+        let mut v = 0f64;
+        self.check(
+            unsafe { sys::lora_adapter_get_config_double(self.h, param, &mut v) },
+            "lora_adapter_get_config_double",
+        )?;
+        Ok(v)
+    }
+
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+    /// n_heads * head_dim.
+    pub fn q_dim(&self) -> usize {
+        self.q_dim
+    }
+    /// n_kv_heads * head_dim.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+    /// Columns of the forward's output: d_model with an output projection, else q_dim.
+    pub fn out_dim(&self) -> usize {
+        if self.out_proj {
+            self.d_model
+        } else {
+            self.q_dim
+        }
+    }
+    /// The adapted projections, in Q, K, V, O order.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// (out, in) of the base weight of `target`.
+    pub fn base_shape(&self, target: Target) -> (usize, usize) {
+        match target {
+            Target::Q => (self.q_dim, self.d_model),
+            Target::K | Target::V => (self.kv_dim, self.d_model),
+            Target::O => (self.d_model, self.q_dim),
+        }
+    }
+
+    /// Copies a frozen base projection: `weight` (out, in) row-major, `bias` (out).
+    pub fn set_base(&mut self, target: Target, weight: &[f32], bias: Option<&[f32]>) -> Result<()> {
+        let (o, i) = self.base_shape(target);
+        if weight.len() != o * i {
+            return Err(shape_error(
+                "set_base",
+                format!("weight has {} values, expected {}x{}", weight.len(), o, i),
+            ));
+        }
+        if let Some(b) = bias {
+            if b.len() != o {
+                return Err(shape_error(
+                    "set_base",
+                    format!("bias has {} values, expected {}", b.len(), o),
+                ));
+            }
+        }
+        self.saved = Saved::None;
+        let bp = bias.map_or(ptr::null(), |b| b.as_ptr());
+        self.check(
+            unsafe { sys::lora_adapter_set_base(self.h, target.code(), weight.as_ptr(), bp) },
+            "lora_adapter_set_base",
+        )?;
+        self.borrowed[target_index(target)] = None;
+        Ok(())
+    }
+
+    /// Uses a shared frozen base projection without copying it (multi-adapter serving):
+    /// the adapter holds the `Arc`s, so the buffers outlive every use, and `[f32]`
+    /// behind an `Arc` cannot change, as the C lifetime rule requires.
+    pub fn set_base_borrowed(
+        &mut self,
+        target: Target,
+        weight: Arc<[f32]>,
+        bias: Option<Arc<[f32]>>,
+    ) -> Result<()> {
+        let (o, i) = self.base_shape(target);
+        if weight.len() != o * i {
+            return Err(shape_error(
+                "set_base_borrowed",
+                format!("weight has {} values, expected {}x{}", weight.len(), o, i),
+            ));
+        }
+        if let Some(b) = &bias {
+            if b.len() != o {
+                return Err(shape_error(
+                    "set_base_borrowed",
+                    format!("bias has {} values, expected {}", b.len(), o),
+                ));
+            }
+        }
+        self.saved = Saved::None;
+        let bp = bias.as_ref().map_or(ptr::null(), |b| b.as_ptr());
+        self.check(
+            unsafe {
+                sys::lora_adapter_set_base_borrowed(self.h, target.code(), weight.as_ptr(), bp)
+            },
+            "lora_adapter_set_base_borrowed",
+        )?;
+        // Replaces (and releases) any earlier borrow of this target only after the
+        // library has switched to the new buffers.
+        self.borrowed[target_index(target)] = Some((weight, bias));
+        Ok(())
+    }
+
+    /// (rows, cols) of a LoRA factor: A is (rank, in), B is (out, rank).
+    pub fn param_shape(&self, target: Target, which: Factor) -> Result<(usize, usize)> {
+        let (mut r, mut c) = (0i64, 0i64);
+        self.check(
+            unsafe {
+                sys::lora_adapter_param_shape(self.h, target.code(), which.code(), &mut r, &mut c)
+            },
+            "lora_adapter_param_shape",
+        )?;
+        Ok((r as usize, c as usize))
+    }
+
+    /// Copies a LoRA factor into `dst` (its exact element count).
+    pub fn param_into(&self, target: Target, which: Factor, dst: &mut [f32]) -> Result<()> {
+        self.check(
+            unsafe {
+                sys::lora_adapter_get_param(
+                    self.h,
+                    target.code(),
+                    which.code(),
+                    dst.as_mut_ptr(),
+                    dst.len(),
+                )
+            },
+            "lora_adapter_get_param",
+        )
+    }
+
+    /// Copies an accumulated gradient into `dst` (the factor's element count).
+    pub fn grad_into(&self, target: Target, which: Factor, dst: &mut [f32]) -> Result<()> {
+        self.check(
+            unsafe {
+                sys::lora_adapter_get_grad(
+                    self.h,
+                    target.code(),
+                    which.code(),
+                    dst.as_mut_ptr(),
+                    dst.len(),
+                )
+            },
+            "lora_adapter_get_grad",
+        )
+    }
+
+    /// A copy of a LoRA factor, row-major.
+    pub fn param(&self, target: Target, which: Factor) -> Result<Vec<f32>> {
+        let (r, c) = self.param_shape(target, which)?;
+        let mut v = vec![0f32; r * c];
+        self.param_into(target, which, &mut v)?;
+        Ok(v)
+    }
+
+    /// A copy of the accumulated gradient of a LoRA factor.
+    pub fn grad(&self, target: Target, which: Factor) -> Result<Vec<f32>> {
+        let (r, c) = self.param_shape(target, which)?;
+        let mut v = vec![0f32; r * c];
+        self.grad_into(target, which, &mut v)?;
+        Ok(v)
+    }
+
+    /// Copies `src` (the factor's exact element count) into a LoRA factor.
+    pub fn set_param(&mut self, target: Target, which: Factor, src: &[f32]) -> Result<()> {
+        self.saved = Saved::None;
+        self.check(
+            unsafe {
+                sys::lora_adapter_set_param(
+                    self.h,
+                    target.code(),
+                    which.code(),
+                    src.as_ptr(),
+                    src.len(),
+                )
+            },
+            "lora_adapter_set_param",
+        )
+    }
+
+    /// Resets every gradient to zero.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        self.check(
+            unsafe { sys::lora_adapter_zero_grad(self.h) },
+            "lora_adapter_zero_grad",
+        )
+    }
+
+    /// Total floats in all LoRA factors.
+    pub fn param_count(&self) -> Result<usize> {
+        let mut n = 0usize;
+        self.check(
+            unsafe { sys::lora_adapter_param_count(self.h, &mut n) },
+            "lora_adapter_param_count",
+        )?;
+        Ok(n)
+    }
+
+    /// All factors as one vector: targets Q, K, V, O (adapted ones), each A then B,
+    /// row-major.
+    pub fn params_flat(&self) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; self.param_count()?];
+        self.check(
+            unsafe { sys::lora_adapter_get_params_flat(self.h, v.as_mut_ptr(), v.len()) },
+            "lora_adapter_get_params_flat",
+        )?;
+        Ok(v)
+    }
+
+    /// Sets all factors from one vector in [`Adapter::params_flat`]'s order.
+    pub fn set_params_flat(&mut self, src: &[f32]) -> Result<()> {
+        self.saved = Saved::None;
+        self.check(
+            unsafe { sys::lora_adapter_set_params_flat(self.h, src.as_ptr(), src.len()) },
+            "lora_adapter_set_params_flat",
+        )
+    }
+
+    /// All accumulated gradients into `dst` (param_count floats).
+    pub fn grads_flat_into(&self, dst: &mut [f32]) -> Result<()> {
+        self.check(
+            unsafe { sys::lora_adapter_get_grads_flat(self.h, dst.as_mut_ptr(), dst.len()) },
+            "lora_adapter_get_grads_flat",
+        )
+    }
+
+    /// All accumulated gradients as one vector.
+    pub fn grads_flat(&self) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; self.param_count()?];
+        self.grads_flat_into(&mut v)?;
+        Ok(v)
+    }
+
+    /// Overwrites the accumulated gradients (e.g. with an all-reduced average).
+    pub fn set_grads_flat(&mut self, src: &[f32]) -> Result<()> {
+        self.check(
+            unsafe { sys::lora_adapter_set_grads_flat(self.h, src.as_ptr(), src.len()) },
+            "lora_adapter_set_grads_flat",
+        )
+    }
+
+    /// In place: `weight` ((out, in), holding W) becomes W + s·B·A of `target`. A
+    /// NaN/Inf result is `NonFinite` and leaves `weight` untouched.
+    pub fn merge(&self, target: Target, weight: &mut [f32]) -> Result<()> {
+        self.check(
+            unsafe {
+                sys::lora_adapter_merge(self.h, target.code(), weight.as_mut_ptr(), weight.len())
+            },
+            "lora_adapter_merge",
+        )
+    }
+
+    /// In place: subtracts s·B·A of `target` back (the inverse of [`Adapter::merge`] up
+    /// to its documented rounding).
+    pub fn unmerge(&self, target: Target, weight: &mut [f32]) -> Result<()> {
+        self.check(
+            unsafe {
+                sys::lora_adapter_unmerge(self.h, target.code(), weight.as_mut_ptr(), weight.len())
+            },
+            "lora_adapter_unmerge",
+        )
+    }
+
+    /// Hot swap: copies `src`'s factors and scaling into this adapter, keeping its
+    /// base weights, settings and gradients.
+    pub fn copy_params_from(&mut self, src: &Adapter) -> Result<()> {
+        self.saved = Saved::None;
+        self.check(
+            unsafe { sys::lora_adapter_copy_params(self.h, src.h) },
+            "lora_adapter_copy_params",
+        )
+    }
+
+    /// Inference forward with merged weights (as [`Adapter::forward`] up to rounding);
+    /// keeps no activations and leaves the saved forward alone.
+    pub fn forward_merged(&mut self, x: &[f32], batch: usize, seq_len: usize) -> Result<Vec<f32>> {
+        self.input_len("x", x.len(), batch, seq_len)?;
+        let mut out = vec![0f32; batch * seq_len * self.out_dim()];
+        self.check(
+            unsafe {
+                sys::lora_forward_merged(
+                    self.h,
+                    x.as_ptr(),
+                    batch as i64,
+                    seq_len as i64,
+                    out.as_mut_ptr(),
+                )
+            },
+            "lora_forward_merged",
+        )?;
+        Ok(out)
+    }
+
+    /// Cross-attention with merged weights (see [`Adapter::forward_merged`]).
+    pub fn forward_merged_cross(
+        &mut self,
+        xq: &[f32],
+        xkv: &[f32],
+        batch: usize,
+        len_q: usize,
+        len_kv: usize,
+    ) -> Result<Vec<f32>> {
+        self.input_len("xq", xq.len(), batch, len_q)?;
+        self.input_len("xkv", xkv.len(), batch, len_kv)?;
+        let mut out = vec![0f32; batch * len_q * self.out_dim()];
+        self.check(
+            unsafe {
+                sys::lora_forward_merged_cross(
+                    self.h,
+                    xq.as_ptr(),
+                    xkv.as_ptr(),
+                    batch as i64,
+                    len_q as i64,
+                    len_kv as i64,
+                    out.as_mut_ptr(),
+                )
+            },
+            "lora_forward_merged_cross",
+        )?;
+        Ok(out)
+    }
+
+    fn input_len(&self, name: &str, len: usize, batch: usize, rows: usize) -> Result<usize> {
+        if batch == 0 || rows == 0 {
+            return Err(shape_error(
+                "forward",
+                format!("batch = {batch}, length = {rows}: each must be >= 1"),
+            ));
+        }
+        let want = batch
+            .checked_mul(rows)
+            .and_then(|n| n.checked_mul(self.d_model))
+            .ok_or_else(|| shape_error("forward", "sizes overflow".into()))?;
+        if len != want {
+            return Err(shape_error(
+                "forward",
+                format!(
+                    "{name} has {len} values, expected {batch}x{rows}x{}",
+                    self.d_model
+                ),
+            ));
+        }
+        Ok(want)
+    }
+
+    /// Self-attention forward into `out` ((batch, seq_len, out_dim)); keeps what
+    /// backward needs. `x` is (batch, seq_len, d_model).
+    pub fn forward_into(
+        &mut self,
+        x: &[f32],
+        batch: usize,
+        seq_len: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let xn = self.input_len("x", x.len(), batch, seq_len)?;
+        let on = batch * seq_len * self.out_dim();
+        if out.len() != on {
+            return Err(shape_error(
+                "forward",
+                format!("out has {} values, expected {on}", out.len()),
+            ));
+        }
+        self.saved = Saved::None;
+        self.check(
+            unsafe {
+                sys::lora_forward(
+                    self.h,
+                    x.as_ptr(),
+                    batch as i64,
+                    seq_len as i64,
+                    out.as_mut_ptr(),
+                )
+            },
+            "lora_forward",
+        )?;
+        self.saved = Saved::SelfAttn { out: on, x: xn };
+        Ok(())
+    }
+
+    /// Self-attention forward; returns out (batch, seq_len, out_dim).
+    pub fn forward(&mut self, x: &[f32], batch: usize, seq_len: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; batch.saturating_mul(seq_len).saturating_mul(self.out_dim())];
+        self.forward_into(x, batch, seq_len, &mut out)?;
+        Ok(out)
+    }
+
+    fn no_forward(function: &'static str, what: &str) -> LoraError {
+        LoraError::new(
+            Status::State,
+            function,
+            format!("no saved {what} (set_base and set_param drop it)"),
+        )
+    }
+
+    /// Backward of the last [`Adapter::forward`]: adds dL/dA, dL/dB into the gradients
+    /// and writes dL/dx into `dx` when given (x's length).
+    pub fn backward(&mut self, dout: &[f32], dx: Option<&mut [f32]>) -> Result<()> {
+        let (on, xn) = match self.saved {
+            Saved::SelfAttn { out, x } => (out, x),
+            _ => return Err(Self::no_forward("backward", "forward")),
+        };
+        if dout.len() != on {
+            return Err(shape_error(
+                "backward",
+                format!("dout has {} values, expected {on}", dout.len()),
+            ));
+        }
+        let dxp = match dx {
+            None => ptr::null_mut(),
+            Some(d) if d.len() == xn => d.as_mut_ptr(),
+            Some(d) => {
+                return Err(shape_error(
+                    "backward",
+                    format!("dx has {} values, expected {xn}", d.len()),
+                ))
+            }
+        };
+        self.check(
+            unsafe { sys::lora_backward(self.h, dout.as_ptr(), dxp) },
+            "lora_backward",
+        )
+    }
+
+    /// Cross-attention forward: queries from `xq` (batch, len_q, d_model), keys and
+    /// values from `xkv` (batch, len_kv, d_model); returns (batch, len_q, out_dim).
+    pub fn forward_cross(
+        &mut self,
+        xq: &[f32],
+        xkv: &[f32],
+        batch: usize,
+        len_q: usize,
+        len_kv: usize,
+    ) -> Result<Vec<f32>> {
+        let qn = self.input_len("xq", xq.len(), batch, len_q)?;
+        let kvn = self.input_len("xkv", xkv.len(), batch, len_kv)?;
+        let on = batch * len_q * self.out_dim();
+        let mut out = vec![0f32; on];
+        self.saved = Saved::None;
+        self.check(
+            unsafe {
+                sys::lora_forward_cross(
+                    self.h,
+                    xq.as_ptr(),
+                    xkv.as_ptr(),
+                    batch as i64,
+                    len_q as i64,
+                    len_kv as i64,
+                    out.as_mut_ptr(),
+                )
+            },
+            "lora_forward_cross",
+        )?;
+        self.saved = Saved::Cross {
+            out: on,
+            xq: qn,
+            xkv: kvn,
+        };
+        Ok(out)
+    }
+
+    /// Backward of the last [`Adapter::forward_cross`]; `dxq`, `dxkv` receive the input
+    /// gradients when given.
+    pub fn backward_cross(
+        &mut self,
+        dout: &[f32],
+        dxq: Option<&mut [f32]>,
+        dxkv: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let (on, qn, kvn) = match self.saved {
+            Saved::Cross { out, xq, xkv } => (out, xq, xkv),
+            _ => return Err(Self::no_forward("backward_cross", "forward_cross")),
+        };
+        if dout.len() != on {
+            return Err(shape_error(
+                "backward_cross",
+                format!("dout has {} values, expected {on}", dout.len()),
+            ));
+        }
+        let p = |d: Option<&mut [f32]>, n: usize, name: &str| -> Result<*mut f32> {
+            match d {
+                None => Ok(ptr::null_mut()),
+                Some(d) if d.len() == n => Ok(d.as_mut_ptr()),
+                Some(d) => Err(shape_error(
+                    "backward_cross",
+                    format!("{name} has {} values, expected {n}", d.len()),
+                )),
+            }
+        };
+        let (pq, pkv) = (p(dxq, qn, "dxq")?, p(dxkv, kvn, "dxkv")?);
+        self.check(
+            unsafe { sys::lora_backward_cross(self.h, dout.as_ptr(), pq, pkv) },
+            "lora_backward_cross",
+        )
+    }
+
+    /// What the last forward/backward ran.
+    pub fn run_info(&self) -> Result<RunInfo> {
+        let mut s = sys::lora_run_info {
+            struct_size: std::mem::size_of::<sys::lora_run_info>() as u32,
+            ..Default::default()
+        };
+        self.check(
+            unsafe { sys::lora_adapter_get_run_info(self.h, &mut s) },
+            "lora_adapter_get_run_info",
+        )?;
+        Ok(RunInfo {
+            backend: Backend::from_code(s.backend),
+            poly_degree: s.poly_degree,
+            poly_rank: s.poly_rank,
+            error_bound: s.error_bound,
+            grad_bound: s.grad_bound,
+            score_bound: s.score_bound,
+            measured_out_error: s.measured_out_error,
+            measured_dq_error: s.measured_dq_error,
+        })
+    }
+
+    /// The paper's threshold statistics for self-attention on `x` and what AUTO would
+    /// run; leaves the saved forward and the gradients alone.
+    pub fn threshold_estimate(
+        &mut self,
+        x: &[f32],
+        batch: usize,
+        seq_len: usize,
+    ) -> Result<ThresholdReport> {
+        self.input_len("x", x.len(), batch, seq_len)?;
+        let mut s = sys::lora_threshold_report {
+            struct_size: std::mem::size_of::<sys::lora_threshold_report>() as u32,
+            ..Default::default()
+        };
+        self.check(
+            unsafe {
+                sys::lora_threshold_estimate(
+                    self.h,
+                    x.as_ptr(),
+                    batch as i64,
+                    seq_len as i64,
+                    &mut s,
+                )
+            },
+            "lora_threshold_estimate",
+        )?;
+        Ok(ThresholdReport {
+            recommended_backend: Backend::from_code(s.recommended_backend),
+            gamma_q: s.gamma_q,
+            gamma_k: s.gamma_k,
+            gamma_v: s.gamma_v,
+            gamma_ratio: s.gamma_ratio,
+            score_bound: s.score_bound,
+            poly_degree: s.poly_degree,
+            poly_rank: s.poly_rank,
+            error_bound: s.error_bound,
+            flops_exact: s.flops_exact,
+            flops_poly: s.flops_poly,
+        })
+    }
+}
+
+// ---- optimizer -------------------------------------------------------------------------
+
+/// Which update rule an [`Optimizer`] applies (`lora_optimizer_kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OptimizerKind {
+    /// torch.optim.AdamW: decoupled weight decay, bias correction.
+    AdamW,
+    /// torch.optim.SGD: optional momentum, dampening, Nesterov, L2 weight decay.
+    Sgd,
+}
+
+/// AdamW or SGD on the LoRA factors of adapters shaped like the one it was created
+/// for (a `lora_optimizer` handle, freed on drop). Parameters are the `LORA_OPT_*`
+/// codes in [`sys`]; the common ones have setters.
+pub struct Optimizer {
+    h: *mut sys::lora_optimizer,
+    kind: OptimizerKind,
+}
+
+// SAFETY: as Adapter: one thread at a time, no global state.
+unsafe impl Send for Optimizer {}
+
+impl Drop for Optimizer {
+    fn drop(&mut self) {
+        unsafe { sys::lora_optimizer_destroy(self.h) }
+    }
+}
+
+impl fmt::Debug for Optimizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Optimizer")
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl Optimizer {
+    /// A new optimizer for adapters shaped like `ad`; state zero, step 0, PyTorch's
+    /// defaults (AdamW: lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0.01).
+    pub fn new(ad: &Adapter, kind: OptimizerKind) -> Result<Optimizer> {
+        let code = match kind {
+            OptimizerKind::AdamW => sys::LORA_OPTIMIZER_ADAMW,
+            OptimizerKind::Sgd => sys::LORA_OPTIMIZER_SGD,
+        };
+        let mut h: *mut sys::lora_optimizer = ptr::null_mut();
+        let st = unsafe { sys::lora_optimizer_create(&mut h, ad.h, code) };
+        ad.check(st, "lora_optimizer_create")?;
+        Ok(Optimizer { h, kind })
+    }
+    pub fn adamw(ad: &Adapter) -> Result<Optimizer> {
+        Optimizer::new(ad, OptimizerKind::AdamW)
+    }
+    pub fn sgd(ad: &Adapter) -> Result<Optimizer> {
+        Optimizer::new(ad, OptimizerKind::Sgd)
+    }
+    pub fn kind(&self) -> OptimizerKind {
+        self.kind
+    }
+
+    fn check(&self, st: c_int, function: &'static str) -> Result<()> {
+        match Status::from_code(st) {
+            None => Ok(()),
+            Some(s) => Err(LoraError::new(s, function, self.last_error())),
+        }
+    }
+    /// `lora_optimizer_last_error`.
+    pub fn last_error(&self) -> String {
+        cstr(unsafe { sys::lora_optimizer_last_error(self.h) })
+    }
+    pub fn set_double(&mut self, param: c_int, value: f64) -> Result<&mut Self> {
+        self.check(
+            unsafe { sys::lora_optimizer_set_double(self.h, param, value) },
+            "lora_optimizer_set_double",
+        )?;
+        Ok(self)
+    }
+    pub fn set_int(&mut self, param: c_int, value: i64) -> Result<&mut Self> {
+        self.check(
+            unsafe { sys::lora_optimizer_set_int(self.h, param, value) },
+            "lora_optimizer_set_int",
+        )?;
+        Ok(self)
+    }
+    pub fn get_double(&self, param: c_int) -> Result<f64> {
+        let mut v = 0f64;
+        self.check(
+            unsafe { sys::lora_optimizer_get_double(self.h, param, &mut v) },
+            "lora_optimizer_get_double",
+        )?;
+        Ok(v)
+    }
+    pub fn get_int(&self, param: c_int) -> Result<i64> {
+        let mut v = 0i64;
+        self.check(
+            unsafe { sys::lora_optimizer_get_int(self.h, param, &mut v) },
+            "lora_optimizer_get_int",
+        )?;
+        Ok(v)
+    }
+    pub fn lr(&mut self, lr: f64) -> Result<&mut Self> {
+        self.set_double(sys::LORA_OPT_LR, lr)
+    }
+    pub fn betas(&mut self, beta1: f64, beta2: f64) -> Result<&mut Self> {
+        self.set_double(sys::LORA_OPT_BETA1, beta1)?
+            .set_double(sys::LORA_OPT_BETA2, beta2)
+    }
+    pub fn eps(&mut self, eps: f64) -> Result<&mut Self> {
+        self.set_double(sys::LORA_OPT_EPS, eps)
+    }
+    pub fn weight_decay(&mut self, wd: f64) -> Result<&mut Self> {
+        self.set_double(sys::LORA_OPT_WEIGHT_DECAY, wd)
+    }
+    pub fn momentum(&mut self, m: f64) -> Result<&mut Self> {
+        self.set_double(sys::LORA_OPT_MOMENTUM, m)
+    }
+    pub fn max_grad_norm(&mut self, max: f64) -> Result<&mut Self> {
+        self.set_double(sys::LORA_OPT_MAX_GRAD_NORM, max)
+    }
+    /// Steps taken since creation or reset.
+    pub fn step_count(&self) -> Result<i64> {
+        self.get_int(sys::LORA_OPT_STEP)
+    }
+    /// Global L2 norm of the gradients at the last step, before clipping (-1 before
+    /// any step).
+    pub fn grad_norm(&self) -> Result<f64> {
+        self.get_double(sys::LORA_OPT_GRAD_NORM)
+    }
+    /// One update of every factor of `ad` from its accumulated gradients (left as they
+    /// are: zero them before the next accumulation). Drops ad's saved forward.
+    pub fn step(&mut self, ad: &mut Adapter) -> Result<()> {
+        ad.saved = Saved::None;
+        self.check(
+            unsafe { sys::lora_optimizer_step(self.h, ad.h) },
+            "lora_optimizer_step",
+        )
+    }
+    /// Zeroes the moments / momentum buffers and the step count.
+    pub fn reset(&mut self) -> Result<()> {
+        self.check(
+            unsafe { sys::lora_optimizer_reset(self.h) },
+            "lora_optimizer_reset",
+        )
+    }
+}
+
+// ---- adapter files ---------------------------------------------------------------------
+
+fn c_path(p: &std::path::Path, function: &'static str) -> Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| LoraError::new(Status::InvalidArg, function, "path contains a NUL byte"))
+}
+
+fn save_set(
+    set: &[(i64, &Adapter)],
+    function: &'static str,
+    call: impl FnOnce(*const *mut sys::lora_adapter, *const i64, usize) -> c_int,
+) -> Result<()> {
+    let handles: Vec<*mut sys::lora_adapter> = set.iter().map(|(_, a)| a.h).collect();
+    let layers: Vec<i64> = set.iter().map(|(l, _)| *l).collect();
+    let st = call(handles.as_ptr(), layers.as_ptr(), set.len());
+    match Status::from_code(st) {
+        None => Ok(()),
+        Some(s) => Err(LoraError::new(
+            s,
+            function,
+            set.first().map(|(_, a)| a.last_error()).unwrap_or_default(),
+        )),
+    }
+}
+
+type LoadFn = unsafe extern "C" fn(
+    *mut *mut sys::lora_adapter,
+    *mut i64,
+    usize,
+    *mut usize,
+    *const c_char,
+    *mut sys::lora_config,
+) -> c_int;
+
+fn load_set(
+    path: &std::path::Path,
+    cfg: &Config,
+    f: LoadFn,
+    function: &'static str,
+) -> Result<Vec<(i64, Adapter)>> {
+    let p = c_path(path, function)?;
+    let c = cfg.raw()?;
+    let mut n = 0usize;
+    c.check(
+        unsafe { f(ptr::null_mut(), ptr::null_mut(), 0, &mut n, p.as_ptr(), c.0) },
+        function,
+    )?;
+    let mut handles = vec![ptr::null_mut(); n.max(1)];
+    let mut layers = vec![0i64; n.max(1)];
+    let mut got = 0usize;
+    c.check(
+        unsafe {
+            f(
+                handles.as_mut_ptr(),
+                layers.as_mut_ptr(),
+                n,
+                &mut got,
+                p.as_ptr(),
+                c.0,
+            )
+        },
+        function,
+    )?;
+    let mut out = Vec::with_capacity(got);
+    let mut err = None;
+    for i in 0..got {
+        // Every handle is owned from here on, also when an earlier one failed.
+        match Adapter::from_handle(handles[i]) {
+            Ok(ad) => out.push((layers[i], ad)),
+            Err(e) => err = Some(e),
+        }
+    }
+    match err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// Writes a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
+/// holding `(layer, adapter)` pairs; the adapters must share targets, rank and alpha.
+pub fn save_peft(dir: impl AsRef<std::path::Path>, set: &[(i64, &Adapter)]) -> Result<()> {
+    let p = c_path(dir.as_ref(), "lora_save_peft")?;
+    save_set(set, "lora_save_peft", |a, l, n| unsafe {
+        sys::lora_save_peft(p.as_ptr(), a, l, n)
+    })
+}
+
+/// Reads a PEFT adapter directory: `(layer, adapter)` in increasing layer order. `cfg`
+/// supplies what the file does not (d_model, heads, out_proj, backend, ...); rank,
+/// alpha, rsLoRA and targets come from the file. Base weights are unset.
+pub fn load_peft(dir: impl AsRef<std::path::Path>, cfg: &Config) -> Result<Vec<(i64, Adapter)>> {
+    load_set(dir.as_ref(), cfg, sys::lora_load_peft, "lora_load_peft")
+}
+
+/// Writes a llama.cpp GGUF LoRA adapter; `architecture` None is "llama".
+pub fn save_gguf(
+    path: impl AsRef<std::path::Path>,
+    set: &[(i64, &Adapter)],
+    architecture: Option<&str>,
+) -> Result<()> {
+    let p = c_path(path.as_ref(), "lora_save_gguf")?;
+    let arch = architecture
+        .map(std::ffi::CString::new)
+        .transpose()
+        .map_err(|_| LoraError::new(Status::InvalidArg, "lora_save_gguf", "NUL in architecture"))?;
+    let ap = arch.as_ref().map_or(ptr::null(), |a| a.as_ptr());
+    save_set(set, "lora_save_gguf", |a, l, n| unsafe {
+        sys::lora_save_gguf(p.as_ptr(), a, l, n, ap)
+    })
+}
+
+/// Reads a llama.cpp GGUF LoRA adapter (see [`load_peft`]).
+pub fn load_gguf(path: impl AsRef<std::path::Path>, cfg: &Config) -> Result<Vec<(i64, Adapter)>> {
+    load_set(path.as_ref(), cfg, sys::lora_load_gguf, "lora_load_gguf")
+}

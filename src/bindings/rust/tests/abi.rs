@@ -1,0 +1,308 @@
+//! The hand-written declarations in `lora::sys` against the C header and library.
+use lora::sys;
+use std::mem::{offset_of, size_of};
+use std::process::Command;
+
+/// Sizes, offsets and constants as a C compiler sees lora.h: compiles and runs a probe
+/// program with $CC (default `cc`). Skipped with a message when no compiler or header.
+#[test]
+fn layouts_and_constants_match_c_compiler() {
+    let inc = env!("LORA_INCLUDE_DIR");
+    if inc.is_empty() {
+        eprintln!("skipped: lora.h not found next to the crate");
+        return;
+    }
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let dir = std::env::temp_dir().join(format!("lora-abi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("probe.c");
+    let exe = dir.join("probe");
+    let mut c = String::from("#include <stdio.h>\n#include <stddef.h>\n#include <lora.h>\n");
+    c.push_str("#define S(t) printf(#t \" %zu\\n\", sizeof(t));\n");
+    c.push_str("#define O(t, f) printf(#t \".\" #f \" %zu\\n\", offsetof(t, f));\n");
+    c.push_str("#define V(n) printf(#n \" %ld\\n\", (long)(n));\nint main(void){\n");
+    c.push_str("S(lora_run_info) S(lora_threshold_report) S(lora_allocator)\n");
+    for f in RUN_INFO_FIELDS {
+        c.push_str(&format!("O(lora_run_info, {})\n", f.0));
+    }
+    for f in REPORT_FIELDS {
+        c.push_str(&format!("O(lora_threshold_report, {})\n", f.0));
+    }
+    for f in ALLOCATOR_FIELDS {
+        c.push_str(&format!("O(lora_allocator, {})\n", f.0));
+    }
+    for (n, _) in constants() {
+        c.push_str(&format!("V({n})\n"));
+    }
+    c.push_str("return 0;}\n");
+    std::fs::write(&src, c).unwrap();
+    let status = Command::new(&cc)
+        .args(["-std=c99", "-I", inc, "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        other => {
+            eprintln!("skipped: {cc} could not compile the probe ({other:?})");
+            return;
+        }
+    }
+    let out = String::from_utf8(Command::new(&exe).output().unwrap().stdout).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let c_val = |key: &str| -> i64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{key} missing from the probe's output"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        c_val("lora_run_info") as usize,
+        size_of::<sys::lora_run_info>()
+    );
+    assert_eq!(
+        c_val("lora_threshold_report") as usize,
+        size_of::<sys::lora_threshold_report>()
+    );
+    for (f, rust_off) in RUN_INFO_FIELDS {
+        assert_eq!(
+            c_val(&format!("lora_run_info.{f}")) as usize,
+            *rust_off,
+            "lora_run_info.{f}"
+        );
+    }
+    for (f, rust_off) in REPORT_FIELDS {
+        assert_eq!(
+            c_val(&format!("lora_threshold_report.{f}")) as usize,
+            *rust_off,
+            "lora_threshold_report.{f}"
+        );
+    }
+    assert_eq!(
+        c_val("lora_allocator") as usize,
+        size_of::<sys::lora_allocator>()
+    );
+    for (f, rust_off) in ALLOCATOR_FIELDS {
+        assert_eq!(
+            c_val(&format!("lora_allocator.{f}")) as usize,
+            *rust_off,
+            "lora_allocator.{f}"
+        );
+    }
+    let n = constants().len();
+    for (name, v) in constants() {
+        assert_eq!(c_val(name), v, "{name}");
+    }
+    println!(
+        "abi: 3 struct sizes, {} offsets, {n} constants match the C compiler",
+        RUN_INFO_FIELDS.len() + REPORT_FIELDS.len() + ALLOCATOR_FIELDS.len()
+    );
+}
+
+const RUN_INFO_FIELDS: &[(&str, usize)] = &[
+    ("struct_size", offset_of!(sys::lora_run_info, struct_size)),
+    ("backend", offset_of!(sys::lora_run_info, backend)),
+    ("poly_degree", offset_of!(sys::lora_run_info, poly_degree)),
+    ("poly_rank", offset_of!(sys::lora_run_info, poly_rank)),
+    ("error_bound", offset_of!(sys::lora_run_info, error_bound)),
+    ("grad_bound", offset_of!(sys::lora_run_info, grad_bound)),
+    ("score_bound", offset_of!(sys::lora_run_info, score_bound)),
+    (
+        "measured_out_error",
+        offset_of!(sys::lora_run_info, measured_out_error),
+    ),
+    (
+        "measured_dq_error",
+        offset_of!(sys::lora_run_info, measured_dq_error),
+    ),
+];
+
+const REPORT_FIELDS: &[(&str, usize)] = &[
+    (
+        "struct_size",
+        offset_of!(sys::lora_threshold_report, struct_size),
+    ),
+    (
+        "recommended_backend",
+        offset_of!(sys::lora_threshold_report, recommended_backend),
+    ),
+    ("gamma_q", offset_of!(sys::lora_threshold_report, gamma_q)),
+    ("gamma_k", offset_of!(sys::lora_threshold_report, gamma_k)),
+    ("gamma_v", offset_of!(sys::lora_threshold_report, gamma_v)),
+    (
+        "gamma_ratio",
+        offset_of!(sys::lora_threshold_report, gamma_ratio),
+    ),
+    (
+        "score_bound",
+        offset_of!(sys::lora_threshold_report, score_bound),
+    ),
+    (
+        "poly_degree",
+        offset_of!(sys::lora_threshold_report, poly_degree),
+    ),
+    (
+        "poly_rank",
+        offset_of!(sys::lora_threshold_report, poly_rank),
+    ),
+    (
+        "error_bound",
+        offset_of!(sys::lora_threshold_report, error_bound),
+    ),
+    (
+        "flops_exact",
+        offset_of!(sys::lora_threshold_report, flops_exact),
+    ),
+    (
+        "flops_poly",
+        offset_of!(sys::lora_threshold_report, flops_poly),
+    ),
+];
+
+const ALLOCATOR_FIELDS: &[(&str, usize)] = &[
+    ("alloc", offset_of!(sys::lora_allocator, alloc)),
+    ("free", offset_of!(sys::lora_allocator, free)),
+    ("user_data", offset_of!(sys::lora_allocator, user_data)),
+];
+
+fn constants() -> Vec<(&'static str, i64)> {
+    macro_rules! c {
+        ($($n:ident),* $(,)?) => { vec![$((stringify!($n), sys::$n as i64)),*] };
+    }
+    c![
+        LORA_VERSION_MAJOR,
+        LORA_VERSION_MINOR,
+        LORA_VERSION_PATCH,
+        LORA_VERSION_NUMBER,
+        LORA_OK,
+        LORA_ERR_INVALID_ARG,
+        LORA_ERR_SHAPE,
+        LORA_ERR_NOMEM,
+        LORA_ERR_NONFINITE,
+        LORA_ERR_UNSUPPORTED,
+        LORA_ERR_STATE,
+        LORA_ERR_IO,
+        LORA_ERR_FORMAT,
+        LORA_ERR_TOLERANCE,
+        LORA_CFG_D_MODEL,
+        LORA_CFG_N_HEADS,
+        LORA_CFG_N_KV_HEADS,
+        LORA_CFG_HEAD_DIM,
+        LORA_CFG_TARGETS,
+        LORA_CFG_RANK,
+        LORA_CFG_ALPHA,
+        LORA_CFG_RSLORA,
+        LORA_CFG_SOFTMAX_SCALE,
+        LORA_CFG_CAUSAL,
+        LORA_CFG_BACKEND,
+        LORA_CFG_TOLERANCE,
+        LORA_CFG_POLY_DEGREE,
+        LORA_CFG_THREADS,
+        LORA_CFG_SEED,
+        LORA_CFG_INIT,
+        LORA_CFG_OUT_PROJ,
+        LORA_CFG_MEASURE_ROWS,
+        LORA_TARGET_Q,
+        LORA_TARGET_K,
+        LORA_TARGET_V,
+        LORA_TARGET_O,
+        LORA_BACKEND_AUTO,
+        LORA_BACKEND_EXACT,
+        LORA_BACKEND_POLY,
+        LORA_INIT_KAIMING_ZERO,
+        LORA_INIT_GAUSSIAN,
+        LORA_INIT_ZERO,
+        LORA_A,
+        LORA_B,
+        LORA_OPTIMIZER_ADAMW,
+        LORA_OPTIMIZER_SGD,
+        LORA_OPT_LR,
+        LORA_OPT_BETA1,
+        LORA_OPT_BETA2,
+        LORA_OPT_EPS,
+        LORA_OPT_WEIGHT_DECAY,
+        LORA_OPT_MOMENTUM,
+        LORA_OPT_DAMPENING,
+        LORA_OPT_NESTEROV,
+        LORA_OPT_MAX_GRAD_NORM,
+        LORA_OPT_STEP,
+        LORA_OPT_GRAD_NORM,
+    ]
+}
+
+/// The library itself: it writes back min(struct_size, its sizeof), so a large
+/// struct_size reads the library's size; sentinel values check a few offsets.
+#[test]
+fn library_agrees_on_struct_sizes() {
+    let ad = lora::Config::new(4).build().unwrap();
+    #[repr(C)]
+    struct Big {
+        info: sys::lora_run_info,
+        pad: [u8; 256],
+    }
+    let mut big = Big {
+        info: sys::lora_run_info::default(),
+        pad: [0xAB; 256],
+    };
+    big.info.struct_size = size_of::<Big>() as u32;
+    big.info.backend = 77;
+    big.info.measured_out_error = 5.0;
+    let st = unsafe { sys::lora_adapter_get_run_info(ad.as_ptr(), &mut big.info) };
+    assert_eq!(st, sys::LORA_OK);
+    assert_eq!(
+        big.info.struct_size as usize,
+        size_of::<sys::lora_run_info>()
+    );
+    assert_eq!(big.info.backend, 0); // no forward yet
+    assert_eq!(big.info.measured_out_error, -1.0);
+    assert_eq!(big.info.measured_dq_error, -1.0);
+    assert!(big.pad.iter().all(|&b| b == 0xAB));
+    // A struct_size below the first version is refused.
+    let mut small = sys::lora_run_info {
+        struct_size: 8,
+        ..Default::default()
+    };
+    let st = unsafe { sys::lora_adapter_get_run_info(ad.as_ptr(), &mut small) };
+    assert_eq!(st, sys::LORA_ERR_INVALID_ARG);
+}
+
+#[test]
+fn library_agrees_on_report_size() {
+    let mut ad = lora::Config::new(4).build().unwrap();
+    let w = vec![0.1f32; 16];
+    for t in [lora::Target::Q, lora::Target::K, lora::Target::V] {
+        ad.set_base(t, &w, None).unwrap();
+    }
+    #[repr(C)]
+    struct Big {
+        rep: sys::lora_threshold_report,
+        pad: [u8; 256],
+    }
+    let mut big = Big {
+        rep: sys::lora_threshold_report::default(),
+        pad: [0xCD; 256],
+    };
+    big.rep.struct_size = size_of::<Big>() as u32;
+    let x = [0.5f32; 3 * 4];
+    let st = unsafe { sys::lora_threshold_estimate(ad.as_ptr(), x.as_ptr(), 1, 3, &mut big.rep) };
+    assert_eq!(st, sys::LORA_OK);
+    assert_eq!(
+        big.rep.struct_size as usize,
+        size_of::<sys::lora_threshold_report>()
+    );
+    assert!(big.rep.flops_exact > 0.0 && big.rep.gamma_q > 0.0);
+    assert!(big.pad.iter().all(|&b| b == 0xCD));
+}
+
+#[test]
+fn version_matches_header() {
+    assert_eq!(lora::version_number() / 10000, sys::LORA_VERSION_MAJOR);
+    assert!(lora::version_number() >= sys::LORA_VERSION_NUMBER);
+    let v = lora::version_string();
+    let parts: Vec<u32> = v.split('.').map(|p| p.parse().unwrap()).collect();
+    assert_eq!(
+        parts[0] * 10000 + parts[1] * 100 + parts[2],
+        lora::version_number()
+    );
+}

@@ -1,0 +1,45 @@
+/* safetensors (Hugging Face): an 8-byte little-endian header length N, N bytes of JSON
+ * ({"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}),
+ * then the raw little-endian tensor data; offsets are relative to the data start. */
+#ifndef LORA_IO_SAFETENSORS_H
+#define LORA_IO_SAFETENSORS_H
+
+#include "io.h"
+
+#define ST_MAX_DIMS 8
+#define ST_MAX_HEADER (100u << 20) /* as the reference implementation */
+
+typedef struct st_tensor {
+    const char *name;  /* owned by the parsed JSON */
+    const char *dtype; /* "F32", "F16", ... (every safetensors dtype is accepted here) */
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    const unsigned char *data; /* inside the file buffer, nbytes in bounds */
+    size_t nbytes;
+} st_tensor;
+
+typedef struct st_file {
+    void *json; /* cJSON root, kept while names are in use */
+    st_tensor *t;
+    size_t n;
+} st_file;
+
+/* Parses and fully checks a safetensors file held in buf[0..size): header length,
+ * JSON, dtypes, shapes, element counts against data_offsets, offsets within the data,
+ * no two tensors overlapping. Errors: FORMAT, NOMEM (message in err). */
+int st_parse(const lora_mem *m, const unsigned char *buf, size_t size, st_file *out,
+             char *err);
+void st_free(const lora_mem *m, st_file *f);
+
+/* One F32 matrix to write. */
+typedef struct st_entry {
+    const char *name; /* ASCII without '"' or '\\' */
+    int64_t rows, cols;
+    const float *data;
+} st_entry;
+
+/* Serialises entries (in the given order) with __metadata__ {"format": "pt"}; the
+ * header is space-padded so the data starts 8-byte aligned. Errors: NOMEM. */
+int st_write(const lora_mem *m, const st_entry *e, size_t n, io_bytes *out);
+
+#endif
