@@ -360,7 +360,8 @@ typedef enum lora_optimizer_param {
 /* Creates an optimizer of `kind` (lora_optimizer_kind) for adapters shaped like ad
  * (same targets, rank and projection sizes); state zero, step 0. It allocates through
  * ad's allocator and keeps no pointer to ad. *out is NULL on failure.
- * Errors: INVALID_ARG (NULL, unknown kind), NOMEM. */
+ * Errors: INVALID_ARG (NULL, unknown kind), NOMEM; the message is in
+ * lora_adapter_last_error(ad). */
 LORA_API int lora_optimizer_create(lora_optimizer **out, const lora_adapter *ad, int kind);
 /* Frees an optimizer. NULL is a no-op. */
 LORA_API void lora_optimizer_destroy(lora_optimizer *opt);
