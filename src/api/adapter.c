@@ -5,7 +5,7 @@
 
 #include "internal.h"
 
-static int target_index(int target)
+int lora_target_index(int target)
 {
     switch (target) {
     case LORA_TARGET_Q: return PROJ_Q;
@@ -16,7 +16,7 @@ static int target_index(int target)
     }
 }
 
-static const char *target_name(int idx) { return (const char *[]){"Q", "K", "V", "O"}[idx]; }
+const char *const lora_proj_names[PROJ_COUNT] = {"Q", "K", "V", "O"};
 
 /* ---- seeded initialisation (splitmix64: tiny, stateless between calls) ---- */
 
@@ -147,12 +147,10 @@ LORA_API void lora_adapter_destroy(lora_adapter *ad)
     lora_mem_free(&ad->mem, ad);
 }
 
-LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *weight,
-                                   const float *bias)
+int lora_check_base(lora_adapter *ad, int target, const float *weight, const float *bias,
+                    int *proj)
 {
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
-    const int t = target_index(target);
+    const int t = lora_target_index(target);
     if (t < 0)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
                               "target %d is not one of LORA_TARGET_Q/K/V/O", target);
@@ -161,22 +159,36 @@ LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *we
                               "the layer has no output projection (LORA_CFG_OUT_PROJ = 0)");
     if (!weight)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "weight is NULL");
-    layer_proj *p = &ad->layer.proj[t];
-    const size_t nw = (size_t)(p->out * p->in), nbias = (size_t)p->out;
-    int64_t bad = lora_find_nonfinite(weight, nw);
+    const layer_proj *p = &ad->layer.proj[t];
+    int64_t bad = lora_find_nonfinite(weight, (size_t)(p->out * p->in));
     if (bad >= 0)
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                               "base weight %s has a non-finite entry at index %lld",
-                              target_name(t), (long long)bad);
-    if (bias && (bad = lora_find_nonfinite(bias, nbias)) >= 0)
+                              lora_proj_names[t], (long long)bad);
+    if (bias && (bad = lora_find_nonfinite(bias, (size_t)p->out)) >= 0)
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                               "base bias %s has a non-finite entry at index %lld",
-                              target_name(t), (long long)bad);
+                              lora_proj_names[t], (long long)bad);
+    *proj = t;
+    return LORA_OK;
+}
+
+LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *weight,
+                                   const float *bias)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    int t;
+    const int st = lora_check_base(ad, target, weight, bias, &t);
+    if (st != LORA_OK)
+        return st;
+    layer_proj *p = &ad->layer.proj[t];
+    const size_t nw = (size_t)(p->out * p->in), nbias = (size_t)p->out;
     const int owned = !ad->base_borrowed[t]; /* a borrowed buffer is never written */
     float *w = owned && p->weight ? p->weight : lora_mem_alloc(&ad->mem, nw * sizeof(float));
     if (!w)
         return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate base weight %s",
-                              target_name(t));
+                              lora_proj_names[t]);
     float *b = NULL;
     if (bias) {
         b = owned && p->bias ? p->bias : lora_mem_alloc(&ad->mem, nbias * sizeof(float));
@@ -184,7 +196,7 @@ LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *we
             if (w != p->weight)
                 lora_mem_free(&ad->mem, w);
             return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate base bias %s",
-                                  target_name(t));
+                                  lora_proj_names[t]);
         }
         memcpy(b, bias, nbias * sizeof(float));
     } else if (owned) {
@@ -203,7 +215,7 @@ LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *we
 static const layer_proj *factor_proj(const lora_adapter *ad, int target, int which,
                                      size_t *count, char *err)
 {
-    const int t = target_index(target);
+    const int t = lora_target_index(target);
     if (t < 0) {
         lora_set_error(err, LORA_ERR_INVALID_ARG,
                        "target %d is not one of LORA_TARGET_Q/K/V/O", target);
@@ -217,15 +229,13 @@ static const layer_proj *factor_proj(const lora_adapter *ad, int target, int whi
     const layer_proj *p = &ad->layer.proj[t];
     if (!p->adapted) {
         lora_set_error(err, LORA_ERR_INVALID_ARG,
-                       "target %s is not adapted (not in LORA_CFG_TARGETS)", target_name(t));
+                       "target %s is not adapted (not in LORA_CFG_TARGETS)", lora_proj_names[t]);
         return NULL;
     }
     *count = (size_t)(which == LORA_A ? ad->layer.rank * p->in : p->out * ad->layer.rank);
     return p;
 }
 
-/* The error buffer is the one field a const accessor may write: it is scratch. */
-static char *err_buf(const lora_adapter *ad) { return ((lora_adapter *)ad)->err; }
 
 static int copy_factor(const lora_adapter *ad, int target, int which, float *dst,
                        size_t count, int grad)
@@ -233,17 +243,17 @@ static int copy_factor(const lora_adapter *ad, int target, int which, float *dst
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     size_t n;
-    const layer_proj *p = factor_proj(ad, target, which, &n, err_buf(ad));
+    const layer_proj *p = factor_proj(ad, target, which, &n, lora_err_buf(ad));
     if (!p)
         return LORA_ERR_INVALID_ARG;
     if (!dst)
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG, "dst is NULL");
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "dst is NULL");
     if (count != n)
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
                               "count %zu does not match the factor's %zu elements", count, n);
     const float *src = grad ? (which == LORA_A ? p->da : p->db) : (which == LORA_A ? p->a : p->b);
     memcpy(dst, src, n * sizeof(float));
-    err_buf(ad)[0] = '\0';
+    lora_err_buf(ad)[0] = '\0';
     return LORA_OK;
 }
 
@@ -289,14 +299,14 @@ LORA_API int lora_adapter_param_shape(const lora_adapter *ad, int target, int wh
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     size_t n;
-    const layer_proj *p = factor_proj(ad, target, which, &n, err_buf(ad));
+    const layer_proj *p = factor_proj(ad, target, which, &n, lora_err_buf(ad));
     if (!p)
         return LORA_ERR_INVALID_ARG;
     if (!rows || !cols)
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG, "rows or cols is NULL");
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "rows or cols is NULL");
     *rows = which == LORA_A ? ad->layer.rank : p->out;
     *cols = which == LORA_A ? p->in : ad->layer.rank;
-    err_buf(ad)[0] = '\0';
+    lora_err_buf(ad)[0] = '\0';
     return LORA_OK;
 }
 
@@ -322,7 +332,7 @@ LORA_API int lora_adapter_get_config_int(const lora_adapter *ad, int param, int6
         return LORA_OK;
     }
     if (lora_config_values_get_int(&ad->cfg, param, value) != LORA_OK)
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
                               "value is NULL or %d is not an integer parameter", param);
     return LORA_OK;
 }
@@ -333,7 +343,7 @@ LORA_API int lora_adapter_get_config_double(const lora_adapter *ad, int param,
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     if (lora_config_values_get_double(&ad->cfg, param, value) != LORA_OK)
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
                               "value is NULL or %d is not a double parameter", param);
     return LORA_OK;
 }
@@ -348,10 +358,10 @@ LORA_API int lora_adapter_get_run_info(const lora_adapter *ad, lora_run_info *in
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     if (!info)
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG, "info is NULL");
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "info is NULL");
     const size_t want = info->struct_size;
     if (want < offsetof(lora_run_info, measured_dq_error) + sizeof(double))
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
                               "info->struct_size = %zu is smaller than the first version",
                               want);
     lora_run_info full = ad->info;

@@ -103,16 +103,13 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
     if (plan.backend == &attn_backend_poly)
         p.measure_rows = ad->cfg.measure_rows;
     /* Backward's scratch is reserved here too, so a backward never allocates. */
-    const size_t be_bytes = plan.backend->workspace_size(&p);
-    size_t scratch_bytes;
-    if (__builtin_mul_overflow(layer_scratch_floats(l, &p), sizeof(float), &scratch_bytes) ||
-        __builtin_add_overflow(scratch_bytes, be_bytes, &scratch_bytes))
-        return lora_set_error(ad->err, LORA_ERR_SHAPE, "working memory size overflows");
-    if (lora_buf_reserve(&ad->mem, &ad->scratch, scratch_bytes) != LORA_OK) {
-        lora_buf_free(&ad->mem, &ad->acts_buf); /* as above; scratch may have grown */
-        lora_buf_free(&ad->mem, &ad->scratch);  /* in lora_plan_call */
-        return lora_set_error(ad->err, LORA_ERR_NOMEM,
-                              "cannot allocate %zu bytes of working memory", scratch_bytes);
+    st = lora_reserve_scratch(ad, l, &p, &plan);
+    if (st != LORA_OK) {
+        if (st == LORA_ERR_NOMEM) { /* as above; scratch may have grown in the plan */
+            lora_buf_free(&ad->mem, &ad->acts_buf);
+            lora_buf_free(&ad->mem, &ad->scratch);
+        }
+        return st;
     }
     double measured;
     layer_attend(l, plan.backend, &p, &ad->acts, out, ad->scratch.ptr, &measured);
@@ -121,19 +118,38 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
     ad->backend = plan.backend;
     ad->saved = kind;
     ad->eta = plan.backend == &attn_backend_poly ? plan.eta : 0.0;
-    memset(&ad->info, 0, sizeof ad->info);
-    ad->info.struct_size = sizeof ad->info;
-    ad->info.backend = plan.backend->id;
-    if (plan.backend == &attn_backend_poly) {
-        ad->info.poly_degree = plan.degree;
-        ad->info.poly_rank = plan.rank;
-        ad->info.error_bound = plan.eta;
-    }
-    ad->info.score_bound = plan.score_bound;
-    ad->info.measured_out_error = measured;
-    ad->info.measured_dq_error = -1.0;
+    lora_record_run(ad, &plan, measured);
     ad->err[0] = '\0';
     return LORA_OK;
+}
+
+int lora_reserve_scratch(lora_adapter *ad, const layer *l, const attn_problem *p,
+                         const lora_plan *plan)
+{
+    const size_t be_bytes = plan->backend->workspace_size(p);
+    size_t bytes;
+    if (__builtin_mul_overflow(layer_scratch_floats(l, p), sizeof(float), &bytes) ||
+        __builtin_add_overflow(bytes, be_bytes, &bytes))
+        return lora_set_error(ad->err, LORA_ERR_SHAPE, "working memory size overflows");
+    if (lora_buf_reserve(&ad->mem, &ad->scratch, bytes) != LORA_OK)
+        return lora_set_error(ad->err, LORA_ERR_NOMEM,
+                              "cannot allocate %zu bytes of working memory", bytes);
+    return LORA_OK;
+}
+
+void lora_record_run(lora_adapter *ad, const lora_plan *plan, double measured_out)
+{
+    memset(&ad->info, 0, sizeof ad->info);
+    ad->info.struct_size = sizeof ad->info;
+    ad->info.backend = plan->backend->id;
+    if (plan->backend == &attn_backend_poly) {
+        ad->info.poly_degree = plan->degree;
+        ad->info.poly_rank = plan->rank;
+        ad->info.error_bound = plan->eta;
+    }
+    ad->info.score_bound = plan->score_bound;
+    ad->info.measured_out_error = measured_out;
+    ad->info.measured_dq_error = -1.0;
 }
 
 static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *dxkv,

@@ -117,6 +117,23 @@ int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const floa
 int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64_t batch,
                       int64_t len_q, int64_t len_kv, int self, attn_problem *p);
 
+/* PROJ_* index of a lora_target value (one bit), or -1. */
+int lora_target_index(int target);
+/* "Q", "K", "V", "O" by PROJ_* index, for messages. */
+extern const char *const lora_proj_names[PROJ_COUNT];
+/* The error buffer of a handle reached through a const pointer: scratch that
+ * accessors may write. */
+static inline char *lora_err_buf(const lora_adapter *ad) { return ((lora_adapter *)ad)->err; }
+/* Validates a base weight (and optional bias) for target as set_base does; on success
+ * *proj is its PROJ_* index. */
+int lora_check_base(lora_adapter *ad, int target, const float *weight, const float *bias,
+                    int *proj);
+/* Reserves the handle's scratch for layer_attend/layer_backward with plan's backend. */
+int lora_reserve_scratch(lora_adapter *ad, const layer *l, const attn_problem *p,
+                         const lora_plan *plan);
+/* Records in ad->info what a forward with plan ran. */
+void lora_record_run(lora_adapter *ad, const lora_plan *plan, double measured_out);
+
 /* Writes a printf-style message into a handle's error buffer and returns status. */
 int lora_set_error(char *err, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -5,22 +5,6 @@
 
 #include "internal.h"
 
-static int target_index(int target)
-{
-    switch (target) {
-    case LORA_TARGET_Q: return PROJ_Q;
-    case LORA_TARGET_K: return PROJ_K;
-    case LORA_TARGET_V: return PROJ_V;
-    case LORA_TARGET_O: return PROJ_O;
-    default: return -1;
-    }
-}
-
-static const char *const proj_names[PROJ_COUNT] = {"Q", "K", "V", "O"};
-
-/* The error buffer is scratch that const accessors may write (as adapter.c). */
-static char *err_buf(const lora_adapter *ad) { return ((lora_adapter *)ad)->err; }
-
 void lora_adapter_params_changed(lora_adapter *ad)
 {
     ad->saved = SAVED_NONE;
@@ -91,8 +75,8 @@ static int merge_common(const lora_adapter *ad, int target, float *weight, size_
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
-    char *err = err_buf(ad);
-    const int t = target_index(target);
+    char *err = lora_err_buf(ad);
+    const int t = lora_target_index(target);
     if (t < 0)
         return lora_set_error(err, LORA_ERR_INVALID_ARG,
                               "target %d is not one of LORA_TARGET_Q/K/V/O", target);
@@ -100,14 +84,14 @@ static int merge_common(const lora_adapter *ad, int target, float *weight, size_
     if (!p->adapted)
         return lora_set_error(err, LORA_ERR_INVALID_ARG,
                               "target %s is not adapted (not in LORA_CFG_TARGETS)",
-                              proj_names[t]);
+                              lora_proj_names[t]);
     if (!weight)
         return lora_set_error(err, LORA_ERR_INVALID_ARG, "weight is NULL");
     const size_t n = (size_t)(p->out * p->in);
     if (count != n)
         return lora_set_error(err, LORA_ERR_INVALID_ARG,
                               "count %zu does not match W_%s's %lld x %lld = %zu elements",
-                              count, proj_names[t], (long long)p->out, (long long)p->in, n);
+                              count, lora_proj_names[t], (long long)p->out, (long long)p->in, n);
     const double s = lora_scale_double(ad);
     /* Check every result first (safe merge): the buffer is written only if all are
      * finite. The second pass recomputes rather than allocating. */
@@ -115,7 +99,7 @@ static int merge_common(const lora_adapter *ad, int target, float *weight, size_
     if (bad >= 0)
         return lora_set_error(err, LORA_ERR_NONFINITE,
                               "%s W_%s: entry (%lld, %lld) %s; the weight is unchanged",
-                              sign > 0 ? "merging into" : "unmerging from", proj_names[t],
+                              sign > 0 ? "merging into" : "unmerging from", lora_proj_names[t],
                               (long long)(bad / p->in), (long long)(bad % p->in),
                               isfinite(weight[bad]) ? "would become NaN/Inf"
                                                     : "is NaN/Inf");
@@ -152,14 +136,14 @@ static int build_merged(lora_adapter *ad)
             if (!ad->merged[t])
                 return lora_set_error(ad->err, LORA_ERR_NOMEM,
                                       "cannot allocate the merged weight W_%s (%zu floats)",
-                                      proj_names[t], n);
+                                      lora_proj_names[t], n);
         }
         const int64_t bad =
             merge_rows(p, ad->layer.rank, s, 1.0, p->weight, ad->merged[t], ad->threads);
         if (bad >= 0)
             return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                                   "merged weight W_%s + s*B*A overflows at (%lld, %lld)",
-                                  proj_names[t], (long long)(bad / p->in),
+                                  lora_proj_names[t], (long long)(bad / p->in),
                                   (long long)(bad % p->in));
     }
     ad->merged_valid = 1;
@@ -208,29 +192,12 @@ static int run_forward_merged(lora_adapter *ad, const float *xq, const float *xk
         return st;
     /* The handle's scratch holds no state between calls (lora_threshold_estimate uses
      * it too); it only grows, so a saved forward's backward still finds enough. */
-    const size_t be_bytes = plan.backend->workspace_size(&p);
-    size_t scratch_bytes;
-    if (__builtin_mul_overflow(layer_scratch_floats(&lm, &p), sizeof(float),
-                               &scratch_bytes) ||
-        __builtin_add_overflow(scratch_bytes, be_bytes, &scratch_bytes))
-        return lora_set_error(ad->err, LORA_ERR_SHAPE, "working memory size overflows");
-    if (lora_buf_reserve(&ad->mem, &ad->scratch, scratch_bytes) != LORA_OK)
-        return lora_set_error(ad->err, LORA_ERR_NOMEM,
-                              "cannot allocate %zu bytes of working memory", scratch_bytes);
+    st = lora_reserve_scratch(ad, &lm, &p, &plan);
+    if (st != LORA_OK)
+        return st;
     double measured;
     layer_attend(&lm, plan.backend, &p, &a, out, ad->scratch.ptr, &measured);
-
-    memset(&ad->info, 0, sizeof ad->info);
-    ad->info.struct_size = sizeof ad->info;
-    ad->info.backend = plan.backend->id;
-    if (plan.backend == &attn_backend_poly) {
-        ad->info.poly_degree = plan.degree;
-        ad->info.poly_rank = plan.rank;
-        ad->info.error_bound = plan.eta;
-    }
-    ad->info.score_bound = plan.score_bound;
-    ad->info.measured_out_error = -1.0;
-    ad->info.measured_dq_error = -1.0;
+    lora_record_run(ad, &plan, measured);
     ad->err[0] = '\0';
     return LORA_OK;
 }

@@ -64,16 +64,15 @@ static void copy_in(void *ctx, float *data, size_t len, size_t off)
     memcpy(data, (const float *)ctx + off, len * sizeof(float));
 }
 
-static char *err_buf(const lora_adapter *ad) { return ((lora_adapter *)ad)->err; }
 
 LORA_API int lora_adapter_param_count(const lora_adapter *ad, size_t *count)
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     if (!count)
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG, "count is NULL");
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "count is NULL");
     *count = factor_floats(ad);
-    err_buf(ad)[0] = '\0';
+    lora_err_buf(ad)[0] = '\0';
     return LORA_OK;
 }
 
@@ -81,10 +80,10 @@ static int flat_check(const lora_adapter *ad, const void *buf, size_t count,
                       const char *name)
 {
     if (!buf)
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG, "%s is NULL", name);
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "%s is NULL", name);
     const size_t n = factor_floats(ad);
     if (count != n)
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
                               "count %zu does not match the adapter's %zu parameters",
                               count, n);
     return LORA_OK;
@@ -98,7 +97,7 @@ static int flat_get(const lora_adapter *ad, float *dst, size_t count, int grad)
     if (st != LORA_OK)
         return st;
     for_each_block(ad, grad, copy_out, dst);
-    err_buf(ad)[0] = '\0';
+    lora_err_buf(ad)[0] = '\0';
     return LORA_OK;
 }
 
@@ -163,11 +162,11 @@ LORA_API int lora_optimizer_create(lora_optimizer **out, const lora_adapter *ad,
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     if (kind != LORA_OPTIMIZER_ADAMW && kind != LORA_OPTIMIZER_SGD)
-        return lora_set_error(err_buf(ad), LORA_ERR_INVALID_ARG,
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
                               "optimizer kind %d is not LORA_OPTIMIZER_ADAMW or _SGD", kind);
     lora_optimizer *o = lora_mem_calloc(&ad->mem, 1, sizeof *o);
     if (!o)
-        return lora_set_error(err_buf(ad), LORA_ERR_NOMEM, "cannot allocate the optimizer");
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_NOMEM, "cannot allocate the optimizer");
     o->mem = ad->mem;
     o->kind = kind;
     set_defaults(o);
@@ -186,7 +185,7 @@ LORA_API int lora_optimizer_create(lora_optimizer **out, const lora_adapter *ad,
     if (!o->m || (kind == LORA_OPTIMIZER_ADAMW && !o->v)) {
         const size_t n = o->n;
         lora_optimizer_destroy(o);
-        return lora_set_error(err_buf(ad), LORA_ERR_NOMEM,
+        return lora_set_error(lora_err_buf(ad), LORA_ERR_NOMEM,
                               "cannot allocate optimizer state for %zu parameters", n);
     }
     *out = o;

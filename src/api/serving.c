@@ -5,44 +5,16 @@
 
 #include "internal.h"
 
-static int target_index(int target)
-{
-    switch (target) {
-    case LORA_TARGET_Q: return PROJ_Q;
-    case LORA_TARGET_K: return PROJ_K;
-    case LORA_TARGET_V: return PROJ_V;
-    case LORA_TARGET_O: return PROJ_O;
-    default: return -1;
-    }
-}
-
-static const char *const proj_names[PROJ_COUNT] = {"Q", "K", "V", "O"};
-
 LORA_API int lora_adapter_set_base_borrowed(lora_adapter *ad, int target,
                                             const float *weight, const float *bias)
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
-    const int t = target_index(target);
-    if (t < 0)
-        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
-                              "target %d is not one of LORA_TARGET_Q/K/V/O", target);
-    if (t == PROJ_O && !ad->layer.out_proj)
-        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
-                              "the layer has no output projection (LORA_CFG_OUT_PROJ = 0)");
-    if (!weight)
-        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "weight is NULL");
+    int t;
+    const int st = lora_check_base(ad, target, weight, bias, &t);
+    if (st != LORA_OK)
+        return st;
     layer_proj *p = &ad->layer.proj[t];
-    const size_t nw = (size_t)(p->out * p->in), nbias = (size_t)p->out;
-    int64_t bad = lora_find_nonfinite(weight, nw);
-    if (bad >= 0)
-        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
-                              "base weight %s has a non-finite entry at index %lld",
-                              proj_names[t], (long long)bad);
-    if (bias && (bad = lora_find_nonfinite(bias, nbias)) >= 0)
-        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
-                              "base bias %s has a non-finite entry at index %lld",
-                              proj_names[t], (long long)bad);
     if (!ad->base_borrowed[t]) {
         lora_mem_free(&ad->mem, p->weight);
         lora_mem_free(&ad->mem, p->bias);
@@ -76,12 +48,12 @@ LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src
         const layer_proj *ps = &ls->proj[t], *pd = &ld->proj[t];
         if (ps->adapted != pd->adapted)
             return lora_set_error(dst->err, LORA_ERR_INVALID_ARG,
-                                  "target %s is adapted in %s only", proj_names[t],
+                                  "target %s is adapted in %s only", lora_proj_names[t],
                                   ps->adapted ? "src" : "dst");
         if (ps->adapted && (ps->in != pd->in || ps->out != pd->out))
             return lora_set_error(dst->err, LORA_ERR_INVALID_ARG,
                                   "projection %s is %lld x %lld in src, %lld x %lld in dst",
-                                  proj_names[t], (long long)ps->out, (long long)ps->in,
+                                  lora_proj_names[t], (long long)ps->out, (long long)ps->in,
                                   (long long)pd->out, (long long)pd->in);
     }
     for (int t = 0; t < PROJ_COUNT; t++) {
