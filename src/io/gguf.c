@@ -535,21 +535,14 @@ static int parse_gguf(const lora_mem *m, const unsigned char *buf, size_t size,
 LORA_API int lora_load_gguf(lora_adapter **adapters, int64_t *layers, size_t capacity,
                             size_t *count, const char *path, lora_config *cfg)
 {
-    if (!cfg)
-        return LORA_ERR_INVALID_ARG;
+    int st = io_check_load_args(adapters, layers, capacity, count, path, "path", cfg);
+    if (st != LORA_OK)
+        return st;
     char *err = cfg->err;
-    if (!count)
-        return lora_set_error(err, LORA_ERR_INVALID_ARG, "count is NULL");
-    *count = 0;
-    if (!path)
-        return lora_set_error(err, LORA_ERR_INVALID_ARG, "path is NULL");
-    if (capacity > 0 && (!adapters || !layers))
-        return lora_set_error(err, LORA_ERR_INVALID_ARG, "%s is NULL with capacity %zu",
-                              !adapters ? "adapters" : "layers", capacity);
     const lora_mem *m = &cfg->mem;
     unsigned char *buf = NULL;
     size_t size = 0;
-    int st = io_read_file(m, path, GGUF_MAX_FILE, &buf, &size, err);
+    st = io_read_file(m, path, GGUF_MAX_FILE, &buf, &size, err);
     if (st != LORA_OK)
         return st;
     io_header h;

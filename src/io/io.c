@@ -12,7 +12,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-const char *const io_proj_names[PROJ_COUNT] = {"Q", "K", "V", "O"};
 
 /* ---- growable arrays ------------------------------------------------------------- */
 
@@ -333,7 +332,7 @@ int io_check_set(lora_adapter *const *adapters, const int64_t *layers, size_t co
                 return lora_set_error(a0->err, LORA_ERR_INVALID_ARG,
                                       "adapters[%zu] differs from adapters[0] in target %s "
                                       "(adapted or shape)",
-                                      i, io_proj_names[t]);
+                                      i, lora_proj_names[t]);
         }
     }
     layer_ref *refs = lora_mem_calloc(&a0->mem, count, sizeof *refs);
@@ -418,7 +417,7 @@ int io_build_adapters(io_factors *f, const io_header *h, lora_config *cfg,
                 return lora_set_error(err, LORA_ERR_FORMAT,
                                       "layer %lld has lora_%s but not lora_%s of target %s",
                                       (long long)lay, ab == 1 ? "A" : "B",
-                                      ab == 1 ? "B" : "A", io_proj_names[t]);
+                                      ab == 1 ? "B" : "A", lora_proj_names[t]);
             if (ab == 3)
                 targets |= target_bits[t];
         }
@@ -533,5 +532,21 @@ int io_build_adapters(io_factors *f, const io_header *h, lora_config *cfg,
     }
     *count = made;
     err[0] = '\0';
+    return LORA_OK;
+}
+
+int io_check_load_args(lora_adapter **adapters, int64_t *layers, size_t capacity,
+                       size_t *count, const char *file, const char *what, lora_config *cfg)
+{
+    if (!cfg)
+        return LORA_ERR_INVALID_ARG;
+    if (!count)
+        return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG, "count is NULL");
+    *count = 0;
+    if (!file)
+        return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG, "%s is NULL", what);
+    if (capacity > 0 && (!adapters || !layers))
+        return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG, "%s is NULL with capacity %zu",
+                              !adapters ? "adapters" : "layers", capacity);
     return LORA_OK;
 }

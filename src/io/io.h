@@ -74,6 +74,10 @@ const char *io_dtype_name(io_dtype dtype);
  * [0, 2^31), same targets, rank, projection sizes, alpha and rsLoRA. The message goes
  * to adapters[0] (if any). On success *order (count indices into adapters, in
  * increasing layer order) is allocated through adapters[0]'s mem. Returns a status. */
+/* Checks the arguments every lora_load_* shares (message into cfg); sets *count = 0.
+ * what: "path" or "dir", the name of the file argument. */
+int io_check_load_args(lora_adapter **adapters, int64_t *layers, size_t capacity,
+                       size_t *count, const char *file, const char *what, lora_config *cfg);
 int io_check_set(lora_adapter *const *adapters, const int64_t *layers, size_t count,
                  size_t **order);
 /* The exact LoRA scale of an adapter (alpha/r or alpha/sqrt(r)) and its parts. */
@@ -97,6 +101,5 @@ int io_build_adapters(io_factors *f, const io_header *h, lora_config *cfg,
                       size_t *count);
 
 /* Names used in messages. */
-extern const char *const io_proj_names[PROJ_COUNT];
 
 #endif

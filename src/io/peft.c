@@ -280,17 +280,10 @@ out:
 LORA_API int lora_load_peft(lora_adapter **adapters, int64_t *layers, size_t capacity,
                             size_t *count, const char *dir, lora_config *cfg)
 {
-    if (!cfg)
-        return LORA_ERR_INVALID_ARG;
+    int st = io_check_load_args(adapters, layers, capacity, count, dir, "dir", cfg);
+    if (st != LORA_OK)
+        return st;
     char *err = cfg->err;
-    if (!count)
-        return lora_set_error(err, LORA_ERR_INVALID_ARG, "count is NULL");
-    *count = 0;
-    if (!dir)
-        return lora_set_error(err, LORA_ERR_INVALID_ARG, "dir is NULL");
-    if (capacity > 0 && (!adapters || !layers))
-        return lora_set_error(err, LORA_ERR_INVALID_ARG, "%s is NULL with capacity %zu",
-                              !adapters ? "adapters" : "layers", capacity);
     const lora_mem *m = &cfg->mem;
     char path[4096];
     if (!join_path(path, sizeof path, dir, PEFT_WEIGHTS))
@@ -298,7 +291,7 @@ LORA_API int lora_load_peft(lora_adapter **adapters, int64_t *layers, size_t cap
     io_header h;
     char cpath[4096];
     join_path(cpath, sizeof cpath, dir, PEFT_CONFIG);
-    int st = read_config(m, cpath, &h, err);
+    st = read_config(m, cpath, &h, err);
     if (st != LORA_OK)
         return st;
     unsigned char *buf = NULL;
