@@ -80,12 +80,20 @@ FUZZ_OBJ := $(patsubst src/%.c,lib/fuzz/obj/%.o,$(LIB_SRC))
 lib/fuzz/obj/%.o: src/%.c $(wildcard src/*/*.h) include/lora.h
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_LIB_FLAGS) $(filter-out -fopenmp -Wmissing-prototypes,$(LIB_CFLAGS)) \
-	    -Wno-unknown-pragmas -Wno-unused-command-line-argument -c $< -o $@
+	    -Wno-unknown-pragmas -Wno-unused-variable -Wno-unused-command-line-argument -c $< -o $@
 lib/fuzz/%: test/fuzz/%.c test/fuzz/fuzz_common.h $(FUZZ_OBJ)
 	$(FUZZ_CC) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
 	    -std=c11 -D_POSIX_C_SOURCE=200809L -Iinclude -Itest/fuzz -o $@ $< $(FUZZ_OBJ) \
-	    $(BLIS_LIBS) $(FUZZ_GOMP) $(MVEC_LIBS) -lm -lpthread
+	    $(filter-out -fopenmp,$(LIB_LDLIBS)) $(FUZZ_GOMP)
 fuzz-build: $(addprefix lib/fuzz/,$(FUZZ_TARGETS))
+.SECONDARY: $(FUZZ_OBJ) # reached through the pattern rule above: keep them
+# Regenerates the committed seed corpora test/fuzz/corpus_*/ (after a format change).
+fuzz-seeds: $(SHARED)
+	@mkdir -p lib/fuzz
+	$(CC) $(CFLAGS) $(APP_CFLAGS) -o lib/fuzz/make_seeds test/fuzz/make_seeds.c $(APP_LDLIBS)
+	rm -rf lib/fuzz/seeds && mkdir -p lib/fuzz/seeds && lib/fuzz/make_seeds lib/fuzz/seeds
+	for c in config gguf safetensors peft_json; do rm -rf test/fuzz/corpus_$$c; \
+	    cp -r lib/fuzz/seeds/corpus_$$c test/fuzz/; done
 # Each target runs FUZZ_SECONDS on a copy of its seed corpus (the committed seeds stay
 # as they are); crashes are written to lib/fuzz/crash-* and fail the run.
 fuzz: reliability-deps
@@ -146,5 +154,5 @@ abi-update-run: lib/abi/current.abi lib/abi/symbols.txt
 	@echo "abi-update: wrote $(ABI_DIR)/liblora.abi and $(ABI_DIR)/symbols.txt ($$(wc -l < $(ABI_DIR)/symbols.txt) symbols): commit them"
 
 .PHONY: reliability-deps check-asan check-asan-run check-valgrind check-valgrind-run \
-        check-tsan check-tsan-run fuzz fuzz-run fuzz-build abi-check abi-check-run \
+        check-tsan check-tsan-run fuzz fuzz-run fuzz-build fuzz-seeds abi-check abi-check-run \
         abi-update abi-update-run lib/abi/current.abi lib/abi/symbols.txt

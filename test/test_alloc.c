@@ -1,7 +1,9 @@
 /* alloc_suite: the allocator hooks (lora_config_create_with_allocator) and allocation
  * failure. A counting allocator fails the k-th allocation, for every k, of a full
  * cycle: config create, adapter create, set_base, set_param, forward, backward,
- * threshold estimate, cross forward/backward, buffer growth, destroy. Each injected
+ * threshold estimate, cross forward/backward, buffer growth, an optimizer step, merged
+ * forward, borrowed base, hot swap (copy_params), PEFT and GGUF save and load, destroy.
+ * Each injected
  * failure must return LORA_ERR_NOMEM, keep no block it allocated (live blocks do not
  * grow; a failed forward may release its dead activations), leave a message on a
  * live handle, and leave the handle usable: the
@@ -12,6 +14,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <check.h>
 #include <lora.h>
@@ -86,6 +90,9 @@ static const cycle_case cycle_cases[] = {
 /* Everything a cycle computes, compared bitwise between cycles. */
 typedef struct cycle_out {
     float *out1, *dx1, *out2, *dxq2, *dxkv2, *out3, *grads;
+    float *merged, *stepped, *loaded_peft, *loaded_gguf; /* merged: out1-sized; others:
+                                                           every factor (nparams) */
+    size_t nparams;
     size_t nout1, nx1, nout2, nxq2, nxkv2, nout3, ngrads;
     lora_threshold_report report;
     lora_run_info info;
@@ -119,6 +126,11 @@ static void cycle_out_init(cycle_out *o, const ref_layer *l, const ref_problem *
     o->dxkv2 = falloc(o->nxkv2);
     o->out3 = falloc(o->nout3);
     o->grads = falloc(o->ngrads);
+    o->nparams = o->ngrads; /* as many factors as gradients */
+    o->merged = falloc(o->nout1);
+    o->stepped = falloc(o->nparams);
+    o->loaded_peft = falloc(o->nparams);
+    o->loaded_gguf = falloc(o->nparams);
 }
 
 static void cycle_out_free(cycle_out *o)
@@ -130,6 +142,10 @@ static void cycle_out_free(cycle_out *o)
     free(o->dxkv2);
     free(o->out3);
     free(o->grads);
+    free(o->merged);
+    free(o->stepped);
+    free(o->loaded_peft);
+    free(o->loaded_gguf);
 }
 
 typedef struct cycle_ctx {
@@ -137,6 +153,7 @@ typedef struct cycle_ctx {
     lora_config *cfg;
     lora_adapter *ad;
     int nomem;      /* NOMEM statuses seen (and retried) */
+    const char *dir; /* where save/load write */
     const char *where; /* call that failed */
 } cycle_ctx;
 
@@ -161,6 +178,23 @@ typedef struct cycle_ctx {
         ck_assert_msg(st_ == LORA_OK, "%s: status %d (%s), fail_at %ld: %s", #call, st_,   \
                       lora_status_string(st_), (c)->t.fail_at,                             \
                       (c)->ad ? lora_adapter_last_error((c)->ad) : "");                    \
+    } while (0)
+
+/* As STEP, for a call that may keep what it built before the failure as a cache owned
+ * by the handle (lora_forward_merged keeps the merged weights of the projections it
+ * merged): live blocks may grow; the destroy at the end of the cycle must still free
+ * everything, and results must not change. */
+#define STEP_CACHE(c, handle_err, call)                                                    \
+    do {                                                                                   \
+        int st_ = (call);                                                                  \
+        if (st_ == LORA_ERR_NOMEM) {                                                       \
+            (c)->nomem++;                                                                  \
+            const char *m_ = (handle_err);                                                 \
+            ck_assert_msg(m_ && m_[0], "%s: NOMEM without a message", #call);              \
+            st_ = (call);                                                                  \
+        }                                                                                  \
+        ck_assert_msg(st_ == LORA_OK, "%s: status %d (%s), fail_at %ld", #call, st_,       \
+                      lora_status_string(st_), (c)->t.fail_at);                            \
     } while (0)
 
 /* Create calls: on NOMEM the output handle must be NULL. */
@@ -199,10 +233,11 @@ static void set_bases(cycle_ctx *c, const ref_layer *l, int with_bias)
 /* The full cycle with allocation number fail_at failing (0: none). Fills o. */
 static void run_cycle(const cycle_case *cc, const ref_layer *l, const ref_problem *self,
                       const ref_problem *cross, const ref_problem *big, long fail_at,
-                      cycle_out *o, cycle_ctx *c)
+                      cycle_out *o, cycle_ctx *c, const char *dir)
 {
     memset(c, 0, sizeof *c);
     c->t.fail_at = fail_at;
+    c->dir = dir;
     const lora_allocator a = {t_alloc, t_free, &c->t};
     float buf[256];
 
@@ -285,6 +320,80 @@ static void run_cycle(const cycle_case *cc, const ref_layer *l, const ref_proble
     free(x);
     free(dout);
 
+    /* Optimizer: create (NOMEM leaves *out NULL and a message on the adapter), step. */
+    {
+        lora_optimizer *opt = NULL;
+        STEP_CREATE(c, opt, lora_optimizer_create(&opt, c->ad, LORA_OPTIMIZER_ADAMW));
+        STEP(c, lora_optimizer_last_error(opt), lora_optimizer_step(opt, c->ad));
+        lora_optimizer_destroy(opt);
+        ck_assert_int_eq(lora_adapter_get_params_flat(c->ad, o->stepped, o->nparams), LORA_OK);
+    }
+    /* Merged forward: merged weights and the inference buffer are allocated. */
+    x = falloc(o->nx1);
+    ref_to_float(self->xq, x, o->nx1);
+    STEP_CACHE(c, lora_adapter_last_error(c->ad),
+               lora_forward_merged(c->ad, x, self->batch, self->len_q, o->merged));
+    free(x);
+    /* Save and load, PEFT and GGUF, through a config on the same allocator. */
+    for (int gguf = 0; gguf < 2; gguf++) {
+        char path[256];
+        snprintf(path, sizeof path, "%s/%s", c->dir, gguf ? "a.gguf" : "peft");
+        lora_adapter *const set[1] = {c->ad};
+        const int64_t layer0[1] = {5};
+        STEP(c, lora_adapter_last_error(c->ad),
+             gguf ? lora_save_gguf(path, set, layer0, 1, NULL) : lora_save_peft(path, set, layer0, 1));
+        lora_config *lc = NULL;
+        const lora_allocator la = {t_alloc, t_free, &c->t};
+        STEP_CREATE(c, lc, lora_config_create_with_allocator(&lc, &la));
+        ck_assert_int_eq(lora_config_set_int(lc, LORA_CFG_D_MODEL, rc->d_model), LORA_OK);
+        ck_assert_int_eq(lora_config_set_int(lc, LORA_CFG_N_HEADS, rc->n_heads), LORA_OK);
+        ck_assert_int_eq(lora_config_set_int(lc, LORA_CFG_N_KV_HEADS, rc->n_kv_heads), LORA_OK);
+        ck_assert_int_eq(lora_config_set_int(lc, LORA_CFG_OUT_PROJ, rc->out_proj), LORA_OK);
+        ck_assert_int_eq(lora_config_set_int(lc, LORA_CFG_THREADS, 1), LORA_OK);
+        lora_adapter *loaded[2] = {NULL, NULL};
+        int64_t layers[2];
+        size_t count = 0;
+        const long live0 = c->t.live;
+        int st = gguf ? lora_load_gguf(loaded, layers, 2, &count, path, lc)
+                      : lora_load_peft(loaded, layers, 2, &count, path, lc);
+        if (st == LORA_ERR_NOMEM) {
+            c->nomem++;
+            ck_assert_msg(c->t.live == live0 && !loaded[0] && !loaded[1],
+                          "load (gguf %d) failed with NOMEM but kept blocks or adapters "
+                          "(fail_at %ld)", gguf, c->t.fail_at);
+            ck_assert(lora_config_last_error(lc)[0] != '\0');
+            st = gguf ? lora_load_gguf(loaded, layers, 2, &count, path, lc)
+                      : lora_load_peft(loaded, layers, 2, &count, path, lc);
+        }
+        ck_assert_msg(st == LORA_OK, "load (gguf %d): %d: %s", gguf, st,
+                      lora_config_last_error(lc));
+        ck_assert(count == 1 && layers[0] == 5 && loaded[0] && !loaded[1]);
+        ck_assert_int_eq(lora_adapter_get_params_flat(loaded[0], gguf ? o->loaded_gguf
+                                                                      : o->loaded_peft,
+                                                      o->nparams),
+                         LORA_OK);
+        /* Hot swap the loaded factors back into the working adapter. */
+        STEP(c, lora_adapter_last_error(c->ad), lora_adapter_copy_params(c->ad, loaded[0]));
+        lora_adapter_destroy(loaded[0]);
+        lora_config_destroy(lc);
+    }
+    /* A borrowed base (no copy, nothing allocated), then an owned one again. */
+    {
+        float *wk = falloc((size_t)(l->out[REF_K] * l->in[REF_K]));
+        ref_to_float(l->w[REF_K], wk, (size_t)(l->out[REF_K] * l->in[REF_K]));
+        STEP(c, lora_adapter_last_error(c->ad),
+             lora_adapter_set_base_borrowed(c->ad, LORA_TARGET_K, wk, NULL));
+        x = falloc(o->nx1);
+        float *tmp = falloc(o->nout1);
+        ref_to_float(self->xq, x, o->nx1);
+        STEP(c, lora_adapter_last_error(c->ad), lora_forward(c->ad, x, self->batch, self->len_q, tmp));
+        STEP(c, lora_adapter_last_error(c->ad),
+             lora_adapter_set_base(c->ad, LORA_TARGET_K, wk, NULL));
+        free(x);
+        free(tmp);
+        free(wk);
+    }
+
     /* Replacing a base drops its bias block and the saved forward. */
     ref_to_float(l->w[REF_Q], buf, (size_t)(l->out[REF_Q] * l->in[REF_Q]));
     STEP(c, lora_adapter_last_error(c->ad), lora_adapter_set_base(c->ad, LORA_TARGET_Q, buf, NULL));
@@ -330,6 +439,10 @@ static void assert_same_results(const cycle_out *a, const cycle_out *b, long k)
                   "fail_at %ld: threshold report differs", k);
     ck_assert_msg(memcmp(&a->info, &b->info, sizeof a->info) == 0,
                   "fail_at %ld: run info differs", k);
+    ck_assert_msg(same(a->merged, b->merged, a->nout1), "fail_at %ld: merged out differs", k);
+    ck_assert_msg(same(a->stepped, b->stepped, a->nparams), "fail_at %ld: optimizer step differs", k);
+    ck_assert_msg(same(a->loaded_peft, b->loaded_peft, a->nparams), "fail_at %ld: PEFT load differs", k);
+    ck_assert_msg(same(a->loaded_gguf, b->loaded_gguf, a->nparams), "fail_at %ld: GGUF load differs", k);
 }
 
 /* Every k from 1 to the number of allocations of an unfailed cycle. _i: cycle_cases. */
@@ -348,8 +461,10 @@ START_TEST(test_fail_kth_allocation)
 
     cycle_out clean, run;
     cycle_ctx c;
+    char dir[64] = "/tmp/lora_alloc_XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
     cycle_out_init(&clean, &l, &self, &cross, &big);
-    run_cycle(cc, &l, &self, &cross, &big, 0, &clean, &c);
+    run_cycle(cc, &l, &self, &cross, &big, 0, &clean, &c, dir);
     const long total = c.t.calls;
     ck_assert_msg(total >= 8, "%s: only %ld allocations in a full cycle", cc->name, total);
     ck_assert_int_eq(c.nomem, 0);
@@ -357,7 +472,7 @@ START_TEST(test_fail_kth_allocation)
     long injected = 0;
     for (long k = 1; k <= total; k++) {
         cycle_out_init(&run, &l, &self, &cross, &big);
-        run_cycle(cc, &l, &self, &cross, &big, k, &run, &c);
+        run_cycle(cc, &l, &self, &cross, &big, k, &run, &c, dir);
         ck_assert_msg(c.t.injected == 1 && c.nomem == 1,
                       "%s: allocation %ld failed %ld times, %d NOMEM statuses seen", cc->name,
                       k, c.t.injected, c.nomem);
@@ -367,6 +482,16 @@ START_TEST(test_fail_kth_allocation)
     }
     ck_assert_int_eq(injected, total);
     cycle_out_free(&clean);
+    char path[128];
+    snprintf(path, sizeof path, "%s/peft/adapter_config.json", dir);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/peft/adapter_model.safetensors", dir);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/peft", dir);
+    rmdir(path);
+    snprintf(path, sizeof path, "%s/a.gguf", dir);
+    unlink(path);
+    rmdir(dir);
     ref_problem_free(&self);
     ref_problem_free(&cross);
     ref_problem_free(&big);

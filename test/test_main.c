@@ -1,6 +1,7 @@
 /* lora_tests: runs every suite in fork mode (a crash fails one test, not the run) and
  * exits non-zero when any test fails. */
 #include <stdlib.h>
+#include <string.h>
 
 #include <check.h>
 
@@ -25,7 +26,9 @@ int main(void)
     srunner_add_suite(sr, merge_suite());
     srunner_add_suite(sr, serving_suite());
     srunner_add_suite(sr, io_suite());
-    srunner_set_fork_status(sr, CK_FORK);
+    /* Fork mode, unless CK_FORK=no (valgrind, TSan, debuggers: docs/reliability.md). */
+    const char *fork_env = getenv("CK_FORK");
+    srunner_set_fork_status(sr, fork_env && strcmp(fork_env, "no") == 0 ? CK_NOFORK : CK_FORK);
     srunner_run_all(sr, CK_NORMAL);
     const int failed = srunner_ntests_failed(sr);
     srunner_free(sr);

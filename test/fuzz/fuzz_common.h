@@ -2,6 +2,7 @@
 #ifndef LORA_FUZZ_COMMON_H
 #define LORA_FUZZ_COMMON_H
 
+#include <dirent.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -100,17 +101,41 @@ static inline void fz_check_status(int st, const char *what)
     }
 }
 
-/* A private directory for the loaders' files (tmpfs when there is one). */
+static char fz_dir[64];
+
+static void fz_remove_tree(const char *path)
+{
+    DIR *d = opendir(path);
+    if (!d) {
+        unlink(path);
+        return;
+    }
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        char sub[512];
+        snprintf(sub, sizeof sub, "%s/%s", path, de->d_name);
+        fz_remove_tree(sub);
+    }
+    closedir(d);
+    rmdir(path);
+}
+
+static void fz_cleanup(void) { fz_remove_tree(fz_dir); }
+
+/* A private directory for the loaders' files (tmpfs when there is one), removed at
+ * exit. */
 static inline const char *fz_tmpdir(void)
 {
-    static char dir[64];
-    if (!dir[0]) {
-        snprintf(dir, sizeof dir, "%s/lora_fuzz_XXXXXX",
+    if (!fz_dir[0]) {
+        snprintf(fz_dir, sizeof fz_dir, "%s/lora_fuzz_XXXXXX",
                  access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
-        if (!mkdtemp(dir))
+        if (!mkdtemp(fz_dir))
             abort();
+        atexit(fz_cleanup);
     }
-    return dir;
+    return fz_dir;
 }
 
 static inline void fz_write(const char *path, const uint8_t *data, size_t size)
