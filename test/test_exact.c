@@ -173,6 +173,149 @@ START_TEST(test_exact_block_boundaries_cross)
 }
 END_TEST
 
+/* Tile boundaries of the FA-2 order (src/backend/exact.c): 256 x 256 tiles, query
+ * chunks of 1024 rows in the key-split backward, the fused AVX-512 tiles for head_dim
+ * 16 and 64 and the BLIS tiles for head_dim 24. The double reference is O(L^2 * d),
+ * so d_model is small and a run has at most 2 heads over 1 kv head. */
+static const int tile_lengths[] = {255, 256, 257, 511, 512, 513, 1023, 1024, 1025};
+#define N_TILE_LENGTHS ((int)(sizeof tile_lengths / sizeof tile_lengths[0]))
+static const int tile_head_dims[] = {16, 64, 24};
+
+/* A config with head_dim hd independent of d_model: one head (batch 1, so with 2
+ * threads the backward splits the key blocks over slots) or 2 heads over 1 kv head
+ * (GQA; batch 2, one task per worker with 2 threads). */
+static ref_config tile_config(int hd, int gqa, int causal)
+{
+    ref_config c = {.d_model = 4, .n_heads = gqa ? 2 : 1, .n_kv_heads = 1, .head_dim = hd,
+                    .rank = 2, .targets = 7, .causal = causal, .out_proj = 1};
+    return c;
+}
+
+/* Self-attention, one head, batch 1, 2 threads (key-split backward): head_dim 16 and
+ * 24 at every length, causal and not (_i < 36); head_dim 64 at every length, causal
+ * and not alternating (causal at 1023 and 1025). */
+START_TEST(test_exact_tiles_self_split)
+{
+    int hd, li, causal;
+    if (_i < 4 * N_TILE_LENGTHS) {
+        hd = _i < 2 * N_TILE_LENGTHS ? 16 : 24;
+        li = (_i / 2) % N_TILE_LENGTHS;
+        causal = _i & 1;
+    } else {
+        hd = 64;
+        li = _i - 4 * N_TILE_LENGTHS;
+        causal = (li + 1) & 1;
+    }
+    const ref_config c = tile_config(hd, 0, causal);
+    run_case(&c, 0, 1, tile_lengths[li], 0, 2, 7000 + (uint64_t)_i);
+}
+END_TEST
+#define N_TILES_SELF_SPLIT (5 * N_TILE_LENGTHS)
+
+/* Self-attention, GQA 2/1, batch 2, with 1 thread (serial backward) or 2 (one task per
+ * worker): lengths 255..513 with every head_dim (_i < 18, each head_dim meeting every
+ * combination of causal and thread count), then 1024 with head_dim 24 and 1025 with
+ * head_dim 16. */
+START_TEST(test_exact_tiles_self_gqa)
+{
+    int hdi, li;
+    if (_i < 18) {
+        hdi = _i / 6;
+        li = _i % 6;
+    } else {
+        li = 7 + (_i - 18);
+        hdi = li == 7 ? 2 : 0;
+    }
+    const int causal = (li + hdi) & 1, threads = 1 + ((li / 2 + hdi) & 1);
+    const ref_config c = tile_config(tile_head_dims[hdi], 1, causal);
+    run_case(&c, 0, 2, tile_lengths[li], 0, threads, 8000 + (uint64_t)_i);
+}
+END_TEST
+#define N_TILES_SELF_GQA 20
+
+/* One head, batch 1, 2 threads, causal: lengths around 2048 (two full query chunks of
+ * the key-split backward, and one row more). */
+START_TEST(test_exact_tiles_self_long)
+{
+    static const int ls[2] = {2047, 2049};
+    const ref_config c = tile_config(16, 0, 1);
+    run_case(&c, 0, 1, ls[_i], 0, 2, 9000 + (uint64_t)_i);
+}
+END_TEST
+
+/* Cross-attention with len_q != len_kv around the tile and chunk boundaries (causal
+ * only with len_q <= len_kv: the diagonal is offset by len_kv - len_q). gqa: 2 heads
+ * over 1 kv head; batch 1 with 2 threads is the key-split backward (one head: also
+ * with GQA, whose dQ partials are 2 heads wide), batch 2 one task per worker. */
+typedef struct tile_cross_case {
+    int len_q, len_kv, causal, hd, gqa, batch, threads;
+} tile_cross_case;
+static const tile_cross_case tile_cross_cases[] = {
+    /* causal, len_q < len_kv */
+    {255, 256, 1, 16, 0, 1, 2},
+    {256, 257, 1, 64, 0, 1, 2},
+    {257, 513, 1, 24, 0, 1, 2},
+    {511, 513, 1, 16, 1, 2, 2},
+    {512, 1024, 1, 16, 0, 1, 2},
+    {513, 1025, 1, 24, 0, 1, 1},
+    {1023, 1024, 1, 16, 0, 1, 2},
+    {1024, 1025, 1, 24, 0, 1, 2},
+    {255, 1025, 1, 64, 0, 1, 2},
+    {1, 1025, 1, 16, 0, 1, 2},
+    {257, 1023, 1, 24, 1, 2, 2},
+    {1023, 1025, 1, 16, 0, 1, 1},
+    {513, 1025, 1, 16, 1, 1, 2},
+    /* non-causal, both orders */
+    {1025, 255, 0, 16, 0, 1, 2},
+    {1024, 257, 0, 64, 0, 1, 2},
+    {1025, 513, 0, 24, 0, 1, 2},
+    {1023, 511, 0, 16, 1, 2, 1},
+    {513, 1025, 0, 16, 0, 1, 2},
+    {256, 1023, 0, 24, 0, 1, 2},
+    {257, 512, 0, 16, 0, 1, 1},
+    {1025, 1024, 0, 24, 0, 1, 2},
+    {1024, 1, 0, 64, 0, 1, 2},
+    {511, 257, 0, 24, 1, 2, 2},
+    {1025, 257, 0, 24, 1, 1, 2},
+};
+#define N_TILE_CROSS ((int)(sizeof tile_cross_cases / sizeof tile_cross_cases[0]))
+
+START_TEST(test_exact_tiles_cross)
+{
+    const tile_cross_case *k = &tile_cross_cases[_i];
+    const ref_config c = tile_config(k->hd, k->gqa, k->causal);
+    run_case(&c, 1, k->batch, k->len_q, k->len_kv, k->threads, 10000 + (uint64_t)_i);
+}
+END_TEST
+
+/* The key-split backward is bitwise deterministic at a fixed thread count: two runs at
+ * L = 1025, 2 threads (5 key blocks over 5 slots, two query chunks) give the same out,
+ * dx and gradients. Fused (16, 64) and BLIS (24) tiles, causal and not. */
+START_TEST(test_exact_tiles_split_deterministic)
+{
+    const ref_config c = tile_config(tile_head_dims[_i / 2], 0, _i & 1);
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 11000 + (uint64_t)_i, 1.5, 0.5);
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 1, 1025, 0, 11100 + (uint64_t)_i), 0);
+    lib_result r[2];
+    for (int run = 0; run < 2; run++) {
+        lora_adapter *ad = NULL;
+        ck_assert_int_eq(ref_make_adapter(&l, LORA_BACKEND_EXACT, 2, &ad), LORA_OK);
+        ck_assert_int_eq(lib_run(ad, &l, &p, &r[run]), LORA_OK);
+        lora_adapter_destroy(ad);
+    }
+    char desc[512];
+    ck_assert_msg(lib_result_same(&r[0], &r[1]), "two runs differ [%s, threads=2]",
+                  ref_describe(&l, &p, desc, sizeof desc));
+    lib_result_free(&r[0]);
+    lib_result_free(&r[1]);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 /* Scores of about +-1e4: the softmax subtracts the row max, outputs stay finite and
  * equal the reference. */
 START_TEST(test_exact_large_logits)
@@ -354,6 +497,14 @@ Suite *exact_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, test_exact_block_boundaries_self, 0, N_LENGTHS);
     tcase_add_loop_test(tc, test_exact_block_boundaries_cross, 0, N_LENGTHS);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("tile_boundaries");
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, test_exact_tiles_self_split, 0, N_TILES_SELF_SPLIT);
+    tcase_add_loop_test(tc, test_exact_tiles_self_gqa, 0, N_TILES_SELF_GQA);
+    tcase_add_loop_test(tc, test_exact_tiles_self_long, 0, 2);
+    tcase_add_loop_test(tc, test_exact_tiles_cross, 0, N_TILE_CROSS);
+    tcase_add_loop_test(tc, test_exact_tiles_split_deterministic, 0, 6);
     suite_add_tcase(s, tc);
     tc = tcase_create("large_logits");
     tcase_set_timeout(tc, 60);
