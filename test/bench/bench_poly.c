@@ -3,8 +3,8 @@
  * score bound R, with POLY's measured error. One head, batch 1, W_Q = W_K = W_V = I
  * (so Q = K = V = x and R is set by the input scale), LoRA rank 8 on Q, K, V.
  *
- *   bench_poly [--full] [--csv FILE] [--reps N] [--dim D]
- * Default: L in {1k, 4k, 16k, 64k}. --full adds 128k and 256k for POLY (EXACT is
+ *   bench_poly [--full] [--csv FILE] [--reps N] [--dim D] [--degree G]
+ * Default: L in {1k, 4k, 16k, 64k}. --full: every doubling from 1k to 256k (EXACT is
  * timed up to 64k only: beyond it one exact run takes minutes).
  * Cases whose modelled time exceeds a budget are listed as skipped, not timed. */
 #include <lora.h>
@@ -122,6 +122,7 @@ int main(int argc, char **argv)
 {
     int full = 0, reps = 3, threads = 2;
     int64_t only_dim = 0;
+    int only_degree = 0;
     const char *csv_path = "lib/bench/poly.csv";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--full"))
@@ -132,8 +133,10 @@ int main(int argc, char **argv)
             reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--dim") && i + 1 < argc)
             only_dim = atoll(argv[++i]);
+        else if (!strcmp(argv[i], "--degree") && i + 1 < argc)
+            only_degree = atoi(argv[++i]);
         else {
-            fprintf(stderr, "usage: %s [--full] [--csv FILE] [--reps N] [--dim D]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--full] [--csv FILE] [--reps N] [--dim D] [--degree G]\n", argv[0]);
             return 2;
         }
     }
@@ -146,8 +149,10 @@ int main(int argc, char **argv)
     }
     fprintf(csv, "head_dim,L,R,backend,degree,rank,seconds,speedup,eta,measured_out_err,"
                  "measured_dq_err\n");
-    const int64_t lens[] = {1024, 4096, 16384, 65536, 131072, 262144};
-    const int nlens = full ? 6 : 4;
+    const int64_t lens_default[] = {1024, 4096, 16384, 65536};
+    const int64_t lens_full[] = {1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144};
+    const int64_t *lens = full ? lens_full : lens_default;
+    const int nlens = full ? 9 : 4;
     const int64_t dims[] = {8, 16, 32, 64};
     const double rs[] = {0.25, 0.5, 1.0, 2.0, 4.0};
     const double budget = full ? 120.0 : 30.0; /* seconds a single timed run may take */
@@ -173,20 +178,25 @@ int main(int argc, char **argv)
                 lora_adapter_destroy(ad);
             }
             for (int g = 2; g <= 4; g += 2) {
+                if (only_degree && g != only_degree)
+                    continue;
                 /* k = binom(g + d, d); POLY costs ~8·k·(d+1)² flops per row. */
                 double k = 1.0;
                 for (int i = 1; i <= g; i++)
                     k = k * (double)(d + i) / i;
                 const double poly_model = 8.0 * k * (d + 1.0) * (d + 1.0) * (double)L / 50e9;
-                const double poly_mem = k * (d + 1.0) * (d + 1.0) * 4.0;
+                const double poly_state = k * (d + 1.0) * (d + 1.0); /* floats */
+                /* The library's limits (poly_model.h): k <= 2^16, state <= 2^25 floats. */
+                const int beyond = k > 65536.0 || poly_state > 33554432.0;
                 for (int ri = 0; ri < 5; ri++) {
                     const double R = rs[ri];
-                    if (poly_model > budget || poly_mem > 2e9) {
+                    if (beyond || poly_model > budget) {
                         if (ri == 0)
-                            printf("%5lld %7lld   all %3d %8.0f %10.3g %10s (skipped: model "
-                                   "%.0f s, state %.0f MB)\n",
-                                   (long long)d, (long long)L, g, k, t_exact, "-", poly_model,
-                                   poly_mem / 1e6);
+                            printf("%5lld %7lld   all %3d %8.0f %10.3g %10s (skipped: %s, "
+                                   "model %.0f s)\n",
+                                   (long long)d, (long long)L, g, k, t_exact, "-",
+                                   beyond ? "beyond POLY's limits" : "over budget",
+                                   poly_model);
                         continue;
                     }
                     /* Timing does not depend on R either: time at every R only at the
