@@ -107,6 +107,21 @@ static inline __attribute__((always_inline)) void exp_shifted(float *restrict x,
         x[j] = expf(x[j]);
 }
 
+/* dst[q] = exp(a[q] - b[q]) for q < n, clamped as exp_shifted (dst may alias a). */
+static inline __attribute__((always_inline)) void exp_diff(float *dst, const float *a,
+                                                           const float *restrict b,
+                                                           int64_t n)
+{
+#pragma omp simd
+    for (int64_t q = 0; q < n; q++) {
+        const float t = a[q] - b[q];
+        dst[q] = isgreater(t, EXP_CLAMP) ? t : EXP_CLAMP;
+    }
+#pragma omp simd
+    for (int64_t q = 0; q < n; q++)
+        dst[q] = expf(dst[q]);
+}
+
 /* Online softmax over one tile. s (bq × bk, row stride bk) holds scaled scores; on
  * return it holds exp(s - m_new) (0 beyond a row's visible keys). vis0 + r is the
  * number of visible keys of row r (clamped to 0 .. bk). m, l: running row max and sum,
@@ -323,14 +338,7 @@ LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64
     }
     for (int64_t kk = 0; kk < bk; kk++) {
         float *restrict row = st + kk * n;
-#pragma omp simd
-        for (int64_t q = 0; q < n; q++) {
-            const float t = row[q] - mx[q];
-            row[q] = isgreater(t, EXP_CLAMP) ? t : EXP_CLAMP;
-        }
-#pragma omp simd
-        for (int64_t q = 0; q < n; q++)
-            row[q] = expf(row[q]);
+        exp_diff(row, row, mx, n);
 #pragma omp simd
         for (int64_t q = 0; q < n; q++) {
             row[q] = isgreaterequal(row[q], PROB_FLUSH) ? row[q] : 0.0f;
@@ -345,14 +353,7 @@ LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64
         }
         return;
     }
-#pragma omp simd
-    for (int64_t q = 0; q < n; q++) {
-        const float t = m[q] - mx[q];
-        scale[q] = isgreater(t, EXP_CLAMP) ? t : EXP_CLAMP;
-    }
-#pragma omp simd
-    for (int64_t q = 0; q < n; q++)
-        scale[q] = expf(scale[q]);
+    exp_diff(scale, m, mx, n);
 #pragma omp simd
     for (int64_t q = 0; q < n; q++) {
         scale[q] = isgreaterequal(scale[q], PROB_FLUSH) ? scale[q] : 0.0f;
