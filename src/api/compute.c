@@ -103,7 +103,8 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
     if (plan.backend == &attn_backend_poly)
         p.measure_rows = ad->cfg.measure_rows;
     /* Backward's scratch is reserved here too, so a backward never allocates. */
-    st = lora_reserve_scratch(ad, l, &p, &plan);
+    const size_t io = lora_io_floats(l, &p, kind);
+    st = lora_reserve_scratch(ad, l, &p, &plan, io);
     if (st != LORA_OK) {
         if (st == LORA_ERR_NOMEM) { /* as above; scratch may have grown in the plan */
             lora_buf_free(&ad->mem, &ad->acts_buf);
@@ -111,8 +112,12 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
         }
         return st;
     }
+    /* out is computed in the handle's (padded) scratch, then copied to the caller. */
+    float *out_own = ad->scratch.ptr;
     double measured;
-    layer_attend(l, plan.backend, &p, &ad->acts, out, ad->scratch.ptr, &measured);
+    layer_attend(l, plan.backend, &p, &ad->acts, out_own, out_own + io, &measured);
+    memcpy(out, out_own, (size_t)(batch * len_q) *
+                             (size_t)(l->out_proj ? l->d_model : l->q_dim) * sizeof(float));
 
     ad->problem = p;
     ad->backend = plan.backend;
@@ -123,12 +128,25 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
     return LORA_OK;
 }
 
+size_t lora_io_floats(const layer *l, const attn_problem *p, lora_saved_kind kind)
+{
+    /* Each term is at most SIZE_MAX / 8 (lora_check_inputs): the sum cannot overflow. */
+    const size_t nq = (size_t)(p->batch * p->len_q), nk = (size_t)(p->batch * p->len_kv);
+    size_t n = nq * (size_t)(l->out_proj ? l->d_model : l->q_dim);
+    if (kind != SAVED_NONE)
+        n += nq * (size_t)l->d_model;
+    if (kind == SAVED_CROSS)
+        n += nk * (size_t)l->d_model;
+    return (n + 15u) & ~(size_t)15u;
+}
+
 int lora_reserve_scratch(lora_adapter *ad, const layer *l, const attn_problem *p,
-                         const lora_plan *plan)
+                         const lora_plan *plan, size_t io_floats)
 {
     const size_t be_bytes = plan->backend->workspace_size(p);
     size_t bytes;
-    if (__builtin_mul_overflow(layer_scratch_floats(l, p), sizeof(float), &bytes) ||
+    if (__builtin_add_overflow(layer_scratch_floats(l, p), io_floats, &bytes) ||
+        __builtin_mul_overflow(bytes, sizeof(float), &bytes) ||
         __builtin_add_overflow(bytes, be_bytes, &bytes))
         return lora_set_error(ad->err, LORA_ERR_SHAPE, "working memory size overflows");
     if (lora_buf_reserve(&ad->mem, &ad->scratch, bytes) != LORA_OK)
@@ -173,9 +191,21 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
     if (bad >= 0)
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                               "dout has a non-finite entry at index %lld", (long long)bad);
+    /* dout and dx live in the front of the scratch the forward reserved
+     * (lora_io_floats): every gemm operand is a padded library buffer. */
+    float *const dout_own = ad->scratch.ptr, *const dx_own = dout_own + n;
+    const size_t nxq = (size_t)(p->batch * p->len_q) * (size_t)l->d_model;
+    const size_t nxkv = (size_t)(p->batch * p->len_kv) * (size_t)l->d_model;
+    float *const dxq_own = dxq ? dx_own : NULL;
+    float *const dxkv_own = !dxkv ? NULL : dxkv == dxq ? dxq_own : dx_own + nxq;
+    memcpy(dout_own, dout, n * sizeof(float));
     double grad_bound = 0.0, measured;
-    layer_backward(l, ad->backend, p, &ad->acts, dout, dxq, dxkv, ad->scratch.ptr, ad->eta,
-                   &grad_bound, &measured);
+    layer_backward(l, ad->backend, p, &ad->acts, dout_own, dxq_own, dxkv_own,
+                   dout_own + lora_io_floats(l, p, kind), ad->eta, &grad_bound, &measured);
+    if (dxq)
+        memcpy(dxq, dxq_own, nxq * sizeof(float));
+    if (dxkv && dxkv != dxq)
+        memcpy(dxkv, dxkv_own, nxkv * sizeof(float));
     ad->info.grad_bound = grad_bound;
     ad->info.measured_dq_error = measured;
     ad->err[0] = '\0';

@@ -128,9 +128,17 @@ static inline char *lora_err_buf(const lora_adapter *ad) { return ((lora_adapter
  * *proj is its PROJ_* index. */
 int lora_check_base(lora_adapter *ad, int target, const float *weight, const float *bias,
                     int *proj);
-/* Reserves the handle's scratch for layer_attend/layer_backward with plan's backend. */
+/* Floats at the front of the handle's scratch for library-owned copies of the caller's
+ * gemm operands (BLIS kernels may read a float past an operand's end: only padded
+ * library buffers are safe, docs/reliability.md): out, or dout in a backward
+ * (rows_q, out width); then for kind SELF dx (rows_q, d_model), for kind CROSS dxq and
+ * dxkv (rows_kv, d_model); SAVED_NONE (inference) has out only. A multiple of 16 floats
+ * (64 bytes), so the layer's scratch after it keeps its alignment. */
+size_t lora_io_floats(const layer *l, const attn_problem *p, lora_saved_kind kind);
+/* Reserves the handle's scratch: io_floats (lora_io_floats), then layer_attend /
+ * layer_backward's with plan's backend. */
 int lora_reserve_scratch(lora_adapter *ad, const layer *l, const attn_problem *p,
-                         const lora_plan *plan);
+                         const lora_plan *plan, size_t io_floats);
 /* Records in ad->info what a forward with plan ran. */
 void lora_record_run(lora_adapter *ad, const lora_plan *plan, double measured_out);
 

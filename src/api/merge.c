@@ -172,7 +172,8 @@ static int run_forward_merged(lora_adapter *ad, const float *xq, const float *xk
             lm.proj[t].weight = ad->merged[t];
             lm.proj[t].adapted = 0;
         }
-    /* Own activations (the saved forward stays intact); inputs are read in place. */
+    /* Own activations (the saved forward stays intact), inputs copied in: every gemm
+     * operand is a padded library buffer (lora_io_floats). */
     const size_t acts = layer_acts_floats(&lm, &p, self);
     size_t acts_bytes;
     if (acts == 0 || __builtin_mul_overflow(acts, sizeof(float), &acts_bytes))
@@ -182,8 +183,9 @@ static int run_forward_merged(lora_adapter *ad, const float *xq, const float *xk
                               "cannot allocate %zu bytes of activations", acts_bytes);
     layer_acts a;
     layer_acts_carve(&lm, &p, self, ad->infer_buf.ptr, &a);
-    a.xq = (float *)xq; /* only read */
-    a.xkv = self ? a.xq : (float *)xkv;
+    memcpy(a.xq, xq, (size_t)(batch * len_q * lm.d_model) * sizeof(float));
+    if (!self)
+        memcpy(a.xkv, xkv, (size_t)(batch * len_kv * lm.d_model) * sizeof(float));
     layer_project(&lm, &p, &a);
 
     lora_plan plan;
@@ -192,11 +194,15 @@ static int run_forward_merged(lora_adapter *ad, const float *xq, const float *xk
         return st;
     /* The handle's scratch holds no state between calls (lora_threshold_estimate uses
      * it too); it only grows, so a saved forward's backward still finds enough. */
-    st = lora_reserve_scratch(ad, &lm, &p, &plan);
+    const size_t io = lora_io_floats(&lm, &p, SAVED_NONE);
+    st = lora_reserve_scratch(ad, &lm, &p, &plan, io);
     if (st != LORA_OK)
         return st;
+    float *out_own = ad->scratch.ptr;
     double measured;
-    layer_attend(&lm, plan.backend, &p, &a, out, ad->scratch.ptr, &measured);
+    layer_attend(&lm, plan.backend, &p, &a, out_own, out_own + io, &measured);
+    memcpy(out, out_own, (size_t)(batch * len_q) *
+                             (size_t)(lm.out_proj ? lm.d_model : lm.q_dim) * sizeof(float));
     lora_record_run(ad, &plan, measured);
     ad->err[0] = '\0';
     return LORA_OK;

@@ -72,20 +72,22 @@ LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t b
     int st = lora_check_inputs(ad, x, x, batch, seq_len, seq_len, 1, &p);
     if (st != LORA_OK)
         return st;
-    /* Own buffers for Q, K, V and X·Aᵀ: the saved forward stays intact. */
+    /* Own buffers for Q, K, V, X·Aᵀ and a copy of x (a gemm operand, so a padded
+     * library buffer: lora_io_floats): the saved forward stays intact. */
     const layer *l = &ad->layer;
     const size_t rows = (size_t)(batch * seq_len);
-    size_t floats = rows * (size_t)(l->q_dim + 2 * l->kv_dim);
+    int64_t width = l->q_dim + 2 * l->kv_dim + l->d_model, bytes;
     for (int t = 0; t < PROJ_COUNT; t++)
         if (l->proj[t].adapted)
-            floats += rows * (size_t)l->rank;
-    if (lora_buf_reserve(&ad->mem, &ad->estimate_buf, floats * sizeof(float)) != LORA_OK)
+            width += l->rank;
+    if (__builtin_mul_overflow((int64_t)rows, width, &bytes) ||
+        __builtin_mul_overflow(bytes, (int64_t)sizeof(float), &bytes))
+        return lora_set_error(ad->err, LORA_ERR_SHAPE, "estimate buffer size overflows");
+    if (lora_buf_reserve(&ad->mem, &ad->estimate_buf, (size_t)bytes) != LORA_OK)
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
-                              "cannot allocate %zu bytes for the estimate",
-                              floats * sizeof(float));
+                              "cannot allocate %lld bytes for the estimate", (long long)bytes);
     layer_acts a;
     memset(&a, 0, sizeof a);
-    a.xq = a.xkv = (float *)x; /* layer_project only reads the inputs */
     a.q = ad->estimate_buf.ptr;
     a.k = a.q + rows * (size_t)l->q_dim;
     a.v = a.k + rows * (size_t)l->kv_dim;
@@ -95,6 +97,8 @@ LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t b
             a.xa[t] = next;
             next += rows * (size_t)l->rank;
         }
+    a.xq = a.xkv = next;
+    memcpy(a.xq, x, rows * (size_t)l->d_model * sizeof(float));
     layer_project(l, &p, &a);
 
     lora_plan plan;
