@@ -51,10 +51,15 @@ void fill_uniform(float *x, size_t n, uint64_t seed, float gain)
 
 void tfx_init(tfx *f, int cross, int causal)
 {
-    memset(f, 0, sizeof *f);
     const ref_config c = {.d_model = 8, .n_heads = 2, .n_kv_heads = 1, .rank = 2,
                           .targets = 15, .causal = causal, .out_proj = 1, .bias = 1};
-    ck_assert_int_eq(ref_layer_init(&f->l, &c), 0);
+    tfx_init_config(f, &c, cross);
+}
+
+void tfx_init_config(tfx *f, const ref_config *c, int cross)
+{
+    memset(f, 0, sizeof *f);
+    ck_assert_int_eq(ref_layer_init(&f->l, c), 0);
     ref_layer_randomize(&f->l, 11, 1.5, 0.5);
     ck_assert_int_eq(ref_problem_init(&f->p, &f->l, cross, 2, 5, 7, 12), 0);
     ck_assert_int_eq(ref_make_adapter(&f->l, LORA_BACKEND_EXACT, 1, &f->ad), LORA_OK);

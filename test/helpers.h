@@ -29,6 +29,8 @@ typedef struct tfx {
 /* d_model 8, 2 heads over 1 kv head, rank 2, targets Q|K|V|O, biases, out_proj,
  * THREADS 1; batch 2, len_q 5 (len_kv 7 when cross). Asserts on failure. */
 void tfx_init(tfx *f, int cross, int causal);
+/* The same with another layer configuration. */
+void tfx_init_config(tfx *f, const ref_config *c, int cross);
 void tfx_free(tfx *f);
 /* One forward + backward (cross or self, dx wanted) on the fixture's inputs. */
 int tfx_step(tfx *f);

@@ -654,33 +654,6 @@ static int proj_of(int target)
     }
 }
 
-/* tfx_init with another layer configuration (for PRE_QV). */
-static void fixture_init(tfx *f, const ref_config *c, int cross)
-{
-    memset(f, 0, sizeof *f);
-    ck_assert_int_eq(ref_layer_init(&f->l, c), 0);
-    ref_layer_randomize(&f->l, 11, 1.5, 0.5);
-    ck_assert_int_eq(ref_problem_init(&f->p, &f->l, cross, 2, 5, 7, 12), 0);
-    ck_assert_int_eq(ref_make_adapter(&f->l, LORA_BACKEND_EXACT, 1, &f->ad), LORA_OK);
-    const int64_t d = f->l.cfg.d_model;
-    f->nxq = (size_t)(f->p.batch * f->p.len_q * d);
-    f->nxkv = (size_t)(f->p.batch * f->p.len_kv * d);
-    f->nout = (size_t)(f->p.batch * f->p.len_q * ref_out_cols(&f->l));
-    f->xq = malloc(f->nxq * sizeof(float));
-    f->xkv = cross ? malloc(f->nxkv * sizeof(float)) : f->xq;
-    f->out = malloc(f->nout * sizeof(float));
-    f->dout = malloc(f->nout * sizeof(float));
-    f->dxq = malloc(f->nxq * sizeof(float));
-    f->dxkv = malloc(f->nxkv * sizeof(float));
-    ck_assert(f->xq && f->xkv && f->out && f->dout && f->dxq && f->dxkv);
-    ref_to_float(f->p.xq, f->xq, f->nxq);
-    ref_to_float(f->p.xkv, f->xkv, f->nxkv);
-    ref_to_float(f->p.dout, f->dout, f->nout);
-    for (int t = 0; t < REF_NPROJ; t++)
-        if (ref_is_adapted(&f->l, t))
-            f->ngrads += (size_t)(f->l.rank * (f->l.in[t] + f->l.out[t]));
-}
-
 /* Replaces the fixture's adapter by one holding the same factors and every base but
  * projection `missing`. */
 static void drop_base(tfx *f, int missing)
@@ -766,7 +739,7 @@ static void env_setup(row_env *e, int pre)
     if (pre == PRE_QV) {
         const ref_config c = {.d_model = 8, .n_heads = 2, .n_kv_heads = 1, .rank = 2,
                               .bias = 1}; /* targets default Q|V, no out-proj */
-        fixture_init(&e->f, &c, 0);
+        tfx_init_config(&e->f, &c, 0);
         e->snap = tfx_prime(&e->f);
         return;
     }
