@@ -425,21 +425,27 @@ class Adapter:
             return (self._d_model, self._q_dim)
         raise InvalidArgumentError(Status.INVALID_ARG, "bad target %r" % (target,))
 
-    def set_base(self, target, weight, bias=None):
-        """Copies a frozen base projection: weight (out, in) as torch.nn.Linear, bias
-        (out,) or None. Drops the saved forward."""
+    def _base_arrays(self, target, weight, bias, fn):
+        """(target index, weight, bias) as float32 arrays of the base's shapes, or
+        ShapeError naming fn."""
         t = _target(target)
         shape = self.base_shape(t)
         w = as_f32(weight)
         if w.shape != shape:
             raise ShapeError(Status.SHAPE, "weight has shape %s, expected %s"
-                             % (w.shape, shape), "set_base")
+                             % (w.shape, shape), fn)
         b = None
         if bias is not None:
             b = as_f32(bias)
             if b.shape != (shape[0],):
                 raise ShapeError(Status.SHAPE, "bias has shape %s, expected %s"
-                                 % (b.shape, (shape[0],)), "set_base")
+                                 % (b.shape, (shape[0],)), fn)
+        return t, w, b
+
+    def set_base(self, target, weight, bias=None):
+        """Copies a frozen base projection: weight (out, in) as torch.nn.Linear, bias
+        (out,) or None. Drops the saved forward."""
+        t, w, b = self._base_arrays(target, weight, bias, "set_base")
         self._saved = None
         self._check(_lib.lora_adapter_set_base(self._h(), t, _ptr(w), _ptr(b)),
                     "lora_adapter_set_base")
@@ -451,18 +457,7 @@ class Adapter:
         once. The adapter keeps a reference to the arrays until the base is replaced or
         the adapter is closed; do not modify them meanwhile."""
         _need("lora_adapter_set_base_borrowed")
-        t = _target(target)
-        shape = self.base_shape(t)
-        w = as_f32(weight)
-        if w.shape != shape:
-            raise ShapeError(Status.SHAPE, "weight has shape %s, expected %s"
-                             % (w.shape, shape), "set_base_borrowed")
-        b = None
-        if bias is not None:
-            b = as_f32(bias)
-            if b.shape != (shape[0],):
-                raise ShapeError(Status.SHAPE, "bias has shape %s, expected %s"
-                                 % (b.shape, (shape[0],)), "set_base_borrowed")
+        t, w, b = self._base_arrays(target, weight, bias, "set_base_borrowed")
         self._saved = None
         self._check(_lib.lora_adapter_set_base_borrowed(self._h(), t, _ptr(w), _ptr(b)),
                     "lora_adapter_set_base_borrowed")
