@@ -303,18 +303,8 @@ static int parse_name(const unsigned char *s, size_t len, int64_t *layer_idx, in
     if (!dot || (*layer_idx = io_parse_layer(p, (size_t)(dot - p))) < 0)
         return 0;
     p = dot + 1;
-    for (int t = 0; t < PROJ_COUNT; t++) {
-        const size_t tl = strlen(tensor_names[t]);
-        if (strncmp(p, tensor_names[t], tl) != 0)
-            continue;
-        const char *r = p + tl;
-        if (strcmp(r, ".weight.lora_a") == 0 || strcmp(r, ".weight.lora_b") == 0) {
-            *target = t;
-            *which = r[13] == 'a' ? LORA_A : LORA_B;
-            return 1;
-        }
-    }
-    return 0;
+    return io_match_factor(p, tensor_names, ".weight.lora_a", ".weight.lora_b", target,
+                           which);
 }
 
 typedef struct tensor_span {

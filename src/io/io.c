@@ -550,3 +550,20 @@ int io_check_load_args(lora_adapter **adapters, int64_t *layers, size_t capacity
                               !adapters ? "adapters" : "layers", capacity);
     return LORA_OK;
 }
+
+int io_match_factor(const char *s, const char *const names[PROJ_COUNT], const char *suffix_a,
+                    const char *suffix_b, int *target, int *which)
+{
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        const size_t n = strlen(names[t]);
+        if (strncmp(s, names[t], n) != 0)
+            continue;
+        const int a = strcmp(s + n, suffix_a) == 0, b = strcmp(s + n, suffix_b) == 0;
+        if (a || b) {
+            *target = t;
+            *which = a ? LORA_A : LORA_B;
+            return 1;
+        }
+    }
+    return 0;
+}

@@ -78,6 +78,10 @@ const char *io_dtype_name(io_dtype dtype);
  * what: "path" or "dir", the name of the file argument. */
 int io_check_load_args(lora_adapter **adapters, int64_t *layers, size_t capacity,
                        size_t *count, const char *file, const char *what, lora_config *cfg);
+/* s is names[t] followed exactly by suffix_a or suffix_b: sets *target = t and
+ * *which = LORA_A / LORA_B and returns 1; else 0. */
+int io_match_factor(const char *s, const char *const names[PROJ_COUNT], const char *suffix_a,
+                    const char *suffix_b, int *target, int *which);
 int io_check_set(lora_adapter *const *adapters, const int64_t *layers, size_t count,
                  size_t **order);
 /* The exact LoRA scale of an adapter (alpha/r or alpha/sqrt(r)) and its parts. */

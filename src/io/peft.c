@@ -163,18 +163,8 @@ static int parse_name(const char *name, int64_t *layer_idx, int *target, int *wh
     if (strncmp(s, attn, sizeof attn - 1) != 0)
         return 0;
     s += sizeof attn - 1;
-    for (int t = 0; t < PROJ_COUNT; t++) {
-        const size_t ml = strlen(module_names[t]);
-        if (strncmp(s, module_names[t], ml) != 0)
-            continue;
-        const char *r = s + ml;
-        if (strcmp(r, ".lora_A.weight") == 0 || strcmp(r, ".lora_B.weight") == 0) {
-            *target = t;
-            *which = r[6] == 'A' ? LORA_A : LORA_B;
-            return 1;
-        }
-    }
-    return 0;
+    return io_match_factor(s, module_names, ".lora_A.weight", ".lora_B.weight", target,
+                           which);
 }
 
 static int dtype_of(const char *s, io_dtype *d)
