@@ -318,9 +318,12 @@ typedef struct lora_threshold_report {
 
 /* Estimates the threshold statistics for self-attention on x (batch, seq_len, D_MODEL)
  * with the adapter's current weights. Does not touch the saved forward or gradients.
- * Cost O(batch*seq_len*D_MODEL*(D_MODEL + RANK)): the projections plus O(L*HEAD_DIM)
- * per head. Errors: as lora_forward (INVALID_ARG, SHAPE, STATE, NONFINITE, NOMEM), and
- * INVALID_ARG when report->struct_size is smaller than its first version. */
+ * Cost O(batch*seq_len*D_MODEL*(Q_DIM + 2*KV_DIM)): one product with the merged
+ * weights [W_Q; W_K; W_V] + s*B*A in row blocks, Q, K, V never stored, plus
+ * O(L*HEAD_DIM) per head. score_bound equals a forward's up to float rounding.
+ * Errors: as lora_forward (INVALID_ARG, SHAPE, STATE, NONFINITE, NOMEM), NONFINITE
+ * when a merged weight overflows, and INVALID_ARG when report->struct_size is smaller
+ * than its first version. */
 LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t batch,
                                      int64_t seq_len, lora_threshold_report *report);
 

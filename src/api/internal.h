@@ -78,7 +78,7 @@ struct lora_adapter {
     layer_acts acts;
     lora_buf acts_buf;
     lora_buf scratch;
-    lora_buf estimate_buf; /* lora_threshold_estimate's own projections */
+    lora_buf estimate_buf; /* lora_threshold_estimate's workspace (layer_qkv_stats) */
     double eta;            /* certified η of the saved forward (0 exact) */
     lora_run_info info;
     char err[LORA_ERRMSG_SIZE];

@@ -7,15 +7,12 @@
 #include "../backend/poly_model.h"
 #include "internal.h"
 
-int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const float *k,
-                   lora_plan *plan)
+/* The plan for score bound r under the given backend setting. */
+static int plan_for_bound(lora_adapter *ad, attn_problem *p, double r, int64_t backend,
+                          lora_plan *plan)
 {
     memset(plan, 0, sizeof *plan);
-    /* R needs head_dim doubles of scratch: the handle's scratch buffer serves. */
-    if (lora_buf_reserve(&ad->mem, &ad->scratch, (size_t)p->head_dim * sizeof(double)) !=
-        LORA_OK)
-        return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate scratch");
-    plan->score_bound = poly_score_bound(p, q, k, ad->scratch.ptr);
+    plan->score_bound = r;
     const double tol = ad->cfg.tolerance;
     const int explicit_degree = ad->cfg.poly_degree > 0;
     plan->degree = explicit_degree ? (int)ad->cfg.poly_degree
@@ -30,7 +27,7 @@ int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const floa
     plan->auto_choice = certified && plan->flops_poly * POLY_COST_RATIO < plan->flops_exact
                             ? &attn_backend_poly
                             : &attn_backend_exact;
-    switch (ad->cfg.backend) {
+    switch (backend) {
     case LORA_BACKEND_EXACT: plan->backend = &attn_backend_exact; break;
     case LORA_BACKEND_POLY:
         if (plan->degree == 0)
@@ -55,6 +52,17 @@ int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const floa
     return LORA_OK;
 }
 
+int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const float *k,
+                   lora_plan *plan)
+{
+    /* R needs head_dim doubles of scratch: the handle's scratch buffer serves. */
+    if (lora_buf_reserve(&ad->mem, &ad->scratch, (size_t)p->head_dim * sizeof(double)) !=
+        LORA_OK)
+        return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate scratch");
+    return plan_for_bound(ad, p, poly_score_bound(p, q, k, ad->scratch.ptr), ad->cfg.backend,
+                          plan);
+}
+
 
 LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t batch,
                                      int64_t seq_len, lora_threshold_report *report)
@@ -72,50 +80,33 @@ LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t b
     int st = lora_check_inputs(ad, x, x, batch, seq_len, seq_len, 1, &p);
     if (st != LORA_OK)
         return st;
-    /* Own buffers for Q, K, V, X·Aᵀ and a copy of x (a gemm operand, so a padded
-     * library buffer: lora_io_floats): the saved forward stays intact. */
+    /* The projections' statistics block by block in the handle's own buffer: the saved
+     * forward stays intact and Q, K, V are never stored. */
     const layer *l = &ad->layer;
-    const size_t rows = (size_t)(batch * seq_len);
-    int64_t width = l->q_dim + 2 * l->kv_dim + l->d_model, bytes;
-    for (int t = 0; t < PROJ_COUNT; t++)
-        if (l->proj[t].adapted)
-            width += l->rank;
-    if (__builtin_mul_overflow((int64_t)rows, width, &bytes) ||
-        __builtin_mul_overflow(bytes, (int64_t)sizeof(float), &bytes))
+    const size_t floats = layer_qkv_stats_floats(l, &p);
+    size_t bytes;
+    if (floats == 0 || __builtin_mul_overflow(floats, sizeof(float), &bytes))
         return lora_set_error(ad->err, LORA_ERR_SHAPE, "estimate buffer size overflows");
-    if (lora_buf_reserve(&ad->mem, &ad->estimate_buf, (size_t)bytes) != LORA_OK)
+    if (lora_buf_reserve(&ad->mem, &ad->estimate_buf, bytes) != LORA_OK)
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
-                              "cannot allocate %lld bytes for the estimate", (long long)bytes);
-    layer_acts a;
-    memset(&a, 0, sizeof a);
-    a.q = ad->estimate_buf.ptr;
-    a.k = a.q + rows * (size_t)l->q_dim;
-    a.v = a.k + rows * (size_t)l->kv_dim;
-    float *next = a.v + rows * (size_t)l->kv_dim;
-    for (int t = 0; t < PROJ_COUNT; t++)
-        if (l->proj[t].adapted) {
-            a.xa[t] = next;
-            next += rows * (size_t)l->rank;
-        }
-    a.xq = a.xkv = next;
-    memcpy(a.xq, x, rows * (size_t)l->d_model * sizeof(float));
-    layer_project(l, &p, &a);
-
-    lora_plan plan;
+                              "cannot allocate %zu bytes for the estimate", bytes);
+    layer_qkv_stats_result stats;
+    const int bad = layer_qkv_stats(l, &p, x, ad->estimate_buf.ptr, &stats);
+    if (bad >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "W_%s + s*B*A has a non-finite entry", lora_proj_names[bad]);
     /* The plan as AUTO would make it, whatever backend is configured. */
-    const int64_t configured = ad->cfg.backend;
-    ad->cfg.backend = LORA_BACKEND_AUTO;
-    st = lora_plan_call(ad, &p, a.q, a.k, &plan);
-    ad->cfg.backend = configured;
+    lora_plan plan;
+    st = plan_for_bound(ad, &p, stats.score_bound, LORA_BACKEND_AUTO, &plan);
     if (st != LORA_OK)
         return st;
 
     lora_threshold_report r;
     memset(&r, 0, sizeof r);
     r.recommended_backend = plan.auto_choice->id;
-    r.gamma_q = la_max_abs(a.q, rows * (size_t)l->q_dim);
-    r.gamma_k = la_max_abs(a.k, rows * (size_t)l->kv_dim);
-    r.gamma_v = la_max_abs(a.v, rows * (size_t)l->kv_dim);
+    r.gamma_q = stats.max_abs[PROJ_Q];
+    r.gamma_k = stats.max_abs[PROJ_K];
+    r.gamma_v = stats.max_abs[PROJ_V];
     const double ln_l = log(seq_len > 1 ? (double)seq_len : 2.0);
     r.gamma_ratio = (r.gamma_q > r.gamma_k ? r.gamma_q : r.gamma_k) / sqrt(ln_l);
     r.score_bound = plan.score_bound;

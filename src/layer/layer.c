@@ -230,3 +230,41 @@ void layer_backward(const layer *l, const attn_backend *be, const attn_problem *
     proj_backward(l, &l->proj[PROJ_V], la, nt, a->xkv, a->xa[PROJ_V], nk, dv, dxkv, 1, dyb);
     *grad_bound = grad_error_bound(l, p, a, dattn, dout, eta);
 }
+
+#define MERGE_BLOCK 256
+
+int64_t layer_merge_rows(const layer_proj *p, int64_t rank, double s, double sign,
+                         const float *src, float *dst, int threads)
+{
+    const int64_t out = p->out, in = p->in;
+    int64_t first_bad = INT64_MAX;
+    const double work = (double)out * (double)in * (double)rank;
+    const int nt = work > 4e6 ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : first_bad)
+    for (int64_t i = 0; i < out; i++) {
+        double acc[MERGE_BLOCK];
+        const float *brow = p->b + i * rank;
+        for (int64_t j0 = 0; j0 < in; j0 += MERGE_BLOCK) {
+            const int64_t nj = in - j0 < MERGE_BLOCK ? in - j0 : MERGE_BLOCK;
+            for (int64_t jj = 0; jj < nj; jj++)
+                acc[jj] = 0.0;
+            for (int64_t k = 0; k < rank; k++) {
+                const double bk = (double)brow[k];
+                const float *arow = p->a + k * in + j0;
+                for (int64_t jj = 0; jj < nj; jj++)
+                    acc[jj] += bk * (double)arow[jj];
+            }
+            const float *srow = src + i * in + j0;
+            for (int64_t jj = 0; jj < nj; jj++) {
+                const float v = (float)((double)srow[jj] + sign * (s * acc[jj]));
+                if (!isfinite(v)) {
+                    if (i * in + j0 + jj < first_bad)
+                        first_bad = i * in + j0 + jj;
+                } else if (dst) {
+                    dst[i * in + j0 + jj] = v;
+                }
+            }
+        }
+    }
+    return first_bad == INT64_MAX ? -1 : first_bad;
+}

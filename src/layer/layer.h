@@ -68,4 +68,27 @@ void layer_backward(const layer *l, const attn_backend *be, const attn_problem *
                     const layer_acts *a, const float *dout, float *dxq, float *dxkv,
                     float *ws, double eta, double *grad_bound, double *measured);
 
+/* What the threshold estimator needs of self-attention's Q, K, V on x (p->batch ×
+ * p->len_q rows), computed without storing them: max |entry| of each (bias and LoRA
+ * included; index PROJ_Q/K/V) and the score bound R of poly_score_bound, with the key
+ * mean taken as x̄·W_Kᵀ + b_K (equal to the mean key up to rounding). */
+typedef struct layer_qkv_stats_result {
+    double max_abs[3];
+    double score_bound;
+} layer_qkv_stats_result;
+/* ws: layer_qkv_stats_floats floats (0: the size overflows). Returns -1, or the
+ * PROJ_* index of a projection whose merged weight W + s·B·A is not finite (out is
+ * then not filled). */
+size_t layer_qkv_stats_floats(const layer *l, const attn_problem *p);
+int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float *ws,
+                    layer_qkv_stats_result *out);
+
+/* The effective weight of an adapted projection: dst = fl32(src + sign·s·(B·A)), each
+ * entry's r-term sum and the addition in double; src and dst are (out, in), dst may be
+ * src, or NULL to only check. Returns the index of the first entry whose result is not
+ * finite (NaN/Inf in src included; dst keeps its old value there), or -1. Rows run in
+ * parallel on up to `threads` threads; the result does not depend on their number. */
+int64_t layer_merge_rows(const layer_proj *p, int64_t rank, double s, double sign,
+                         const float *src, float *dst, int threads);
+
 #endif

@@ -3,9 +3,11 @@
  * score bound R, with POLY's measured error. One head, batch 1, W_Q = W_K = W_V = I
  * (so Q = K = V = x and R is set by the input scale), LoRA rank 8 on Q, K, V.
  *
- *   bench_poly [--full] [--csv FILE] [--reps N] [--dim D] [--degree G]
- * Default: L in {1k, 4k, 16k, 64k}. --full: every doubling from 1k to 256k (EXACT is
- * timed up to 64k only: beyond it one exact run takes minutes).
+ *   bench_poly [--full] [--csv FILE] [--reps N] [--dim D] [--degree G] [--threads T]
+ *              [--estimator]
+ * Default: L in {1k, 4k, 16k, 64k}, 2 threads. --full: every doubling from 1k to 256k
+ * (EXACT is timed up to 64k only: beyond it one exact run takes minutes).
+ * --estimator: only the estimator's cost against one exact backward.
  * Cases whose modelled time exceeds a budget are listed as skipped, not timed. */
 #include <lora.h>
 #include <math.h>
@@ -120,7 +122,7 @@ static double time_fwd_bwd(lora_adapter *ad, const float *x, int64_t L, int64_t 
 
 int main(int argc, char **argv)
 {
-    int full = 0, reps = 3, threads = 2;
+    int full = 0, reps = 3, threads = 2, estimator_only = 0;
     int64_t only_dim = 0;
     int only_degree = 0;
     const char *csv_path = "lib/bench/poly.csv";
@@ -135,8 +137,15 @@ int main(int argc, char **argv)
             only_dim = atoll(argv[++i]);
         else if (!strcmp(argv[i], "--degree") && i + 1 < argc)
             only_degree = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+            threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--estimator"))
+            estimator_only = 1;
         else {
-            fprintf(stderr, "usage: %s [--full] [--csv FILE] [--reps N] [--dim D] [--degree G]\n", argv[0]);
+            fprintf(stderr,
+                    "usage: %s [--full] [--csv FILE] [--reps N] [--dim D] [--degree G] "
+                    "[--threads T] [--estimator]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -160,7 +169,7 @@ int main(int argc, char **argv)
            lora_version_string(), threads, reps);
     printf("%5s %7s %5s %3s %8s %10s %10s %8s %10s %10s\n", "d", "L", "R", "g", "k",
            "exact_s", "poly_s", "speedup", "meas_out", "meas_dq");
-    for (int di = 0; di < 4; di++) {
+    for (int di = 0; di < 4 && !estimator_only; di++) {
         const int64_t d = dims[di];
         if (only_dim && d != only_dim)
             continue;
@@ -235,10 +244,11 @@ int main(int argc, char **argv)
         float *dout = malloc((size_t)(L * d) * sizeof(float));
         for (int64_t i = 0; i < L * d; i++)
             dout[i] = 0.01f;
-        double te[15], tb[15];
+        enum { EST_REPS = 9 };
+        double te[EST_REPS], tb[EST_REPS];
         lora_threshold_report rep = {.struct_size = sizeof rep};
         CHECK(lora_forward(ad, x, 1, L, out));
-        for (int r = 0; r < 5; r++) {
+        for (int r = 0; r < EST_REPS; r++) {
             double t0 = now();
             CHECK(lora_threshold_estimate(ad, x, 1, L, &rep));
             te[r] = now() - t0;
@@ -246,11 +256,12 @@ int main(int argc, char **argv)
             CHECK(lora_backward(ad, dout, NULL));
             tb[r] = now() - t0;
         }
-        qsort(te, 5, sizeof te[0], cmp_double);
-        qsort(tb, 5, sizeof tb[0], cmp_double);
+        qsort(te, EST_REPS, sizeof te[0], cmp_double);
+        qsort(tb, EST_REPS, sizeof tb[0], cmp_double);
         printf("estimator at L = %lld, d_model %lld: %.3g ms vs exact backward %.3g ms "
                "(%.2f%%)\n",
-               (long long)L, (long long)d, te[2] * 1e3, tb[2] * 1e3, 100.0 * te[2] / tb[2]);
+               (long long)L, (long long)d, te[EST_REPS / 2] * 1e3, tb[EST_REPS / 2] * 1e3,
+               100.0 * te[EST_REPS / 2] / tb[EST_REPS / 2]);
         free(out);
         free(dout);
         free(x);
