@@ -237,20 +237,27 @@ LORA_API const char *lora_adapter_last_error(const lora_adapter *ad);
 /* What the last forward or backward on an adapter ran. */
 typedef struct lora_run_info {
     uint32_t struct_size;  /* caller sets sizeof(lora_run_info); fields only appended */
-    int32_t backend;       /* LORA_BACKEND_EXACT or _POLY (0 before any forward) */
-    int64_t poly_degree;   /* even degree g used by POLY, 0 for EXACT */
-    int64_t poly_rank;     /* feature columns k = binom(g + HEAD_DIM, HEAD_DIM), 0 EXACT */
-    double error_bound;    /* certified eta: |F~ - F| <= eta*F entrywise; 0 for EXACT */
+    int32_t backend;       /* LORA_BACKEND_POLY when POLY ran on at least one kv-head
+                              group (see poly_groups), else _EXACT (0 before any
+                              forward) */
+    int64_t poly_degree;   /* largest even degree g POLY ran at, 0 for EXACT */
+    int64_t poly_rank;     /* its feature columns k = binom(g + HEAD_DIM, HEAD_DIM) */
+    double error_bound;    /* largest certified eta over the POLY groups: |F~ - F| <=
+                              eta*F entrywise; 0 for EXACT */
     double grad_bound;     /* after backward: certified bound on the absolute error of
                               every returned gradient entry (dA, dB, dx), in exact
                               arithmetic (MATH §4); 0 for EXACT */
     double score_bound;    /* R >= max |S_ij - c_i| of the last forward (see
                               lora_threshold_report); computed for every backend */
     double measured_out_error; /* with LORA_CFG_MEASURE_ROWS and POLY: max |O~ - O| /
-                              max |O| over the sampled rows of the attention output;
-                              -1 when not measured */
+                              max |O| over the sampled rows of the attention output
+                              (the largest over runs of POLY groups); -1 when not
+                              measured */
     double measured_dq_error;  /* after backward, the same for dL/dQ rows; -1 when not
                               measured */
+    int64_t poly_groups;   /* kv-head groups (each with its N_HEADS / N_KV_HEADS query
+                              heads) that ran POLY, each at the degree its own score
+                              bound needs; the others ran EXACT */
 } lora_run_info;
 
 /* Fills *info (up to info->struct_size bytes). Errors: INVALID_ARG (NULL, struct_size
@@ -299,7 +306,8 @@ typedef struct lora_threshold_report {
     uint32_t struct_size;        /* caller sets sizeof(lora_threshold_report); fields are
                                     only appended */
     int32_t recommended_backend; /* what LORA_BACKEND_AUTO runs for this input:
-                                    LORA_BACKEND_EXACT or LORA_BACKEND_POLY */
+                                    LORA_BACKEND_POLY when it runs POLY on at least one
+                                    kv-head group (poly_groups), else _EXACT */
     double gamma_q, gamma_k, gamma_v; /* max |entry| of Q, K, V as the forward computes
                                     them (adapted weights, bias included): the paper's Γ */
     double gamma_ratio;          /* max(gamma_q, gamma_k) / sqrt(ln L), L = seq_len
@@ -307,13 +315,16 @@ typedef struct lora_threshold_report {
     double score_bound;          /* R >= max |S_ij - c_i| over heads and batch, softmax
                                     scale included; c_i = β·q_i·mean_j(k_j), the exact
                                     per-row shift of key centring */
-    int64_t poly_degree;         /* even degree POLY would use: LORA_CFG_POLY_DEGREE if
-                                    set, else the smallest meeting TOLERANCE (0: none
-                                    within limits) */
+    int64_t poly_degree;         /* even degree POLY needs at R (the most any kv-head
+                                    group needs): LORA_CFG_POLY_DEGREE if set, else the
+                                    smallest meeting TOLERANCE (0: none within limits) */
     int64_t poly_rank;           /* feature columns k = binom(g + HEAD_DIM, HEAD_DIM) */
     double error_bound;          /* certified eta at that degree: |F~ - F| <= eta*F */
     double flops_exact, flops_poly; /* modelled cost of one forward+backward of the
                                     attention core (projections excluded) */
+    int64_t poly_groups;         /* kv-head groups AUTO runs on POLY: a group goes POLY
+                                    when a degree certifies TOLERANCE at its own R and
+                                    its modelled cost is below half of EXACT's */
 } lora_threshold_report;
 
 /* Estimates the threshold statistics for self-attention on x (batch, seq_len, D_MODEL)

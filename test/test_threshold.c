@@ -664,6 +664,93 @@ END_TEST
 /* AUTO decides per call: one adapter alternating long small-R inputs (POLY) with short
  * ones (EXACT) and a large-R long one (EXACT) gives each call's backend, the right
  * results, and bitwise the same results when an input comes back. */
+/* AUTO decides per kv-head group. A GQA layer (4 query heads of 4 on 2 kv heads)
+ * with R = 0.1, then the second kv head's keys scaled by 16 (W_K, bias and B rows:
+ * exact), so its R is up to 1.6: AUTO runs the first group on POLY (g = 2) and the
+ * second on EXACT (g = 10 would certify but cost more). The second group's output
+ * columns equal the reference to float precision, the first's are within η·max|V|,
+ * and every result is within the tolerance. Forced POLY runs both groups, each at
+ * the degree of its own R, and the run info reports the larger degree and η. Causal
+ * too, at L = 1024. */
+START_TEST(test_auto_per_group)
+{
+    const ref_config c = {.d_model = 8, .n_heads = 4, .n_kv_heads = 2, .head_dim = 4,
+                          .rank = 2, .targets = 7, .bias = 1, .causal = _i};
+    const double tol = 1e-3;
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 1500 + (uint64_t)_i, 1.0, 0.5);
+    /* causal POLY pays from L ~ 924 at d_h 4 (the diagonal blocks) */
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 2, _i ? 1024 : 300, 0, 1600 + (uint64_t)_i), 0);
+    problem_set_score_bound(&l, &p, 0.1);
+    for (int row = 4; row < 8; row++) { /* kv head 1: rows 4..7 of the key projection */
+        for (int m = 0; m < l.cfg.d_model; m++)
+            l.w[REF_K][row * l.cfg.d_model + m] *= 16.0;
+        l.bias[REF_K][row] *= 16.0;
+        for (int r = 0; r < l.rank; r++)
+            l.b[REF_K][row * l.rank + r] *= 16.0;
+    }
+    double vmax;
+    const double rr = problem_score_bound(&l, &p, &vmax);
+    const size_t nx = (size_t)(p.batch * p.len_q * l.cfg.d_model);
+    const size_t nout = (size_t)(p.batch * p.len_q * l.q_dim);
+    float *x = malloc(nx * sizeof(float)), *out = malloc(nout * sizeof(float));
+    double *ref_out = malloc(nout * sizeof(double));
+    ck_assert(x && out && ref_out);
+    ref_to_float(p.xq, x, nx);
+    ref_forward(&l, p.xq, p.xq, p.batch, p.len_q, p.len_q, ref_out);
+    const double omax = ref_max_abs(ref_out, nout);
+    char desc[512];
+    ref_describe(&l, &p, desc, sizeof desc);
+    const int backends[] = {LORA_BACKEND_AUTO, LORA_BACKEND_POLY};
+    for (int bi = 0; bi < 2; bi++) {
+        const ref_param xp[] = {{LORA_CFG_TOLERANCE, 1, 0, tol}};
+        lora_adapter *ad = NULL;
+        ck_assert_int_eq(ref_make_adapter_ex(&l, backends[bi], 1, xp, 1, &ad), LORA_OK);
+        const lora_threshold_report r = estimate(ad, x, p.batch, p.len_q);
+        ck_assert_msg(close_rel(r.score_bound, rr, 1e-5) && r.poly_groups == 1 &&
+                          r.recommended_backend == LORA_BACKEND_POLY && r.poly_degree == 10,
+                      "backend %d: poly_groups %lld, " REPORT_FMT "; reference R %.9g [%s]",
+                      backends[bi], (long long)r.poly_groups, REPORT_ARGS(r), rr, desc);
+        ck_assert_int_eq(lora_forward(ad, x, p.batch, p.len_q, out), LORA_OK);
+        const lora_run_info info = run_info(ad);
+        const int64_t want_groups = backends[bi] == LORA_BACKEND_AUTO ? 1 : 2;
+        const int64_t want_degree = backends[bi] == LORA_BACKEND_AUTO ? 2 : 10;
+        ck_assert_msg(info.backend == LORA_BACKEND_POLY && info.poly_groups == want_groups &&
+                          info.poly_degree == want_degree && info.error_bound > 0.0 &&
+                          info.error_bound <= tol,
+                      "backend %d: ran %d, poly_groups %lld, degree %lld, eta %g [%s]",
+                      backends[bi], info.backend, (long long)info.poly_groups,
+                      (long long)info.poly_degree, info.error_bound, desc);
+        /* per head: heads 0, 1 read kv head 0 (POLY), heads 2, 3 kv head 1 */
+        for (int h = 0; h < 4; h++) {
+            double err = 0.0;
+            for (int64_t i = 0; i < p.batch * p.len_q; i++)
+                for (int cc = 0; cc < 4; cc++) {
+                    const size_t at = (size_t)(i * l.q_dim + h * 4 + cc);
+                    err = fmax(err, fabs(out[at] - ref_out[at]));
+                }
+            const int exact = h >= 2 && backends[bi] == LORA_BACKEND_AUTO;
+            const double allowed = (exact ? 0.0 : info.error_bound * vmax) + 1e-5 * omax;
+            ck_assert_msg(err <= allowed, "backend %d, head %d (%s): max error %g > %g [%s]",
+                          backends[bi], h, exact ? "exact" : "poly", err, allowed, desc);
+        }
+        ref_errors e;
+        char msg[512];
+        ref_compare_adapter(ad, &l, &p, &e);
+        ck_assert_msg(e.status == LORA_OK && e.max <= tol, "backend %d: %s [%s]", backends[bi],
+                      ref_errors_format(&e, msg, sizeof msg), desc);
+        lora_adapter_destroy(ad);
+    }
+    free(x);
+    free(out);
+    free(ref_out);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 START_TEST(test_auto_per_call)
 {
     const ref_config c = {.d_model = 8, .n_heads = 2, .rank = 2, .targets = 15,
@@ -988,12 +1075,22 @@ START_TEST(test_estimate_bad_inputs)
     } while (0)
     BAD(lora_threshold_estimate(ad, NULL, 2, 20, &r), LORA_ERR_INVALID_ARG);
     BAD(lora_threshold_estimate(ad, x, 2, 20, NULL), LORA_ERR_INVALID_ARG);
+    /* the first version ends with flops_poly */
+    const uint32_t first_size = (uint32_t)offsetof(lora_threshold_report, poly_groups);
     const uint32_t small_sizes[] = {0, 4, (uint32_t)offsetof(lora_threshold_report, flops_poly),
-                                    (uint32_t)sizeof r - 1};
+                                    first_size - 1};
     for (size_t i = 0; i < sizeof small_sizes / sizeof small_sizes[0]; i++) {
         r.struct_size = small_sizes[i];
         BAD(lora_threshold_estimate(ad, x, 2, 20, &r), LORA_ERR_INVALID_ARG);
     }
+    /* a caller built against the first version: filled up to flops_poly, no further */
+    memset(&r, 0x5A, sizeof r);
+    r.struct_size = first_size;
+    ck_assert_int_eq(lora_threshold_estimate(ad, x, 2, 20, &r), LORA_OK);
+    ck_assert_msg(r.struct_size == first_size && r.flops_exact > 0.0 &&
+                      ((const unsigned char *)&r)[first_size] == 0x5A,
+                  "first-version report: struct_size %u, flops_exact %g", r.struct_size,
+                  r.flops_exact);
     r.struct_size = sizeof r;
     BAD(lora_threshold_estimate(ad, x, 0, 20, &r), LORA_ERR_SHAPE);
     BAD(lora_threshold_estimate(ad, x, 2, 0, &r), LORA_ERR_SHAPE);
@@ -1076,6 +1173,7 @@ Suite *threshold_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, test_auto_dispatch, 0, N_ACASES);
     tcase_add_test(tc, test_auto_per_call);
+    tcase_add_loop_test(tc, test_auto_per_group, 0, 2); /* non-causal, causal */
     suite_add_tcase(s, tc);
     tc = tcase_create("forced");
     tcase_set_timeout(tc, 60);

@@ -74,12 +74,15 @@ struct lora_adapter {
     /* forward state */
     lora_saved_kind saved;
     attn_problem problem;
-    const attn_backend *backend;
     layer_acts acts;
     lora_buf acts_buf;
     lora_buf scratch;
     lora_buf estimate_buf; /* lora_threshold_estimate's workspace (layer_qkv_stats) */
-    double eta;            /* certified η of the saved forward (0 exact) */
+    double eta;            /* largest certified η of the saved forward (0 exact) */
+    /* Per kv-head group (n_kv_heads each, one block): the score bounds and POLY degrees
+     * (0 = EXACT) of the last plan, and the degrees the saved forward ran. */
+    double *group_r;
+    int *plan_degree, *saved_degree;
     lora_run_info info;
     char err[LORA_ERRMSG_SIZE];
     /* serving: borrowed bases (serving.c), the merged-weight cache (merge.c) */
@@ -95,20 +98,24 @@ void lora_adapter_params_changed(lora_adapter *ad);
 /* Frees what merge.c owns (merged weights, inference buffer); adapter_free_members. */
 void lora_adapter_free_serving(lora_adapter *ad);
 
-/* The backend decision for one call (AUTO, forced EXACT or forced POLY). */
+/* The backend decision for one call, per kv-head group (AUTO, forced EXACT or forced
+ * POLY). */
 typedef struct lora_plan {
-    const attn_backend *backend;
-    int degree;        /* POLY degree; also reported when EXACT runs (0 = none) */
-    int64_t rank;      /* features at that degree (0 = none) */
-    double eta;        /* certified η at that degree (+inf when not certified) */
-    double score_bound;
+    int *group_degree;   /* per kv group: POLY degree, 0 = EXACT (the handle's plan_degree) */
+    int64_t poly_groups; /* kv groups that run POLY */
+    int run_degree;      /* over the POLY groups: largest degree, its feature count, */
+    int64_t run_rank;    /* and the largest certified η (0 when none runs POLY) */
+    double run_eta;
+    int degree;          /* at the layer's R (the largest): the degree POLY needs (also */
+    int64_t rank;        /* the explicit one; 0 = none), its features and η (+inf when */
+    double eta;          /* not certified): what the estimator reports */
+    double score_bound;  /* R, the largest over the groups */
     double flops_exact, flops_poly;
-    const attn_backend *auto_choice; /* what AUTO would run */
 } lora_plan;
 
-/* Decides the backend from the projected Q and K of problem p (p->poly_degree is set
- * from the plan). Errors: TOLERANCE (POLY forced, no degree certifies the tolerance),
- * UNSUPPORTED (POLY forced, the degree's features exceed POLY_MAX_RANK), NOMEM. */
+/* Decides the backends from the projected Q and K of problem p. Errors: TOLERANCE
+ * (POLY forced, no degree certifies the tolerance), UNSUPPORTED (POLY forced, the
+ * degree's features exceed POLY_MAX_RANK), NOMEM. */
 int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const float *k,
                    lora_plan *plan);
 
@@ -136,7 +143,7 @@ int lora_check_base(lora_adapter *ad, int target, const float *weight, const flo
  * (64 bytes), so the layer's scratch after it keeps its alignment. */
 size_t lora_io_floats(const layer *l, const attn_problem *p, lora_saved_kind kind);
 /* Reserves the handle's scratch: io_floats (lora_io_floats), then layer_attend /
- * layer_backward's with plan's backend. */
+ * layer_backward's with plan's backends. */
 int lora_reserve_scratch(lora_adapter *ad, const layer *l, const attn_problem *p,
                          const lora_plan *plan, size_t io_floats);
 /* Records in ad->info what a forward with plan ran. */

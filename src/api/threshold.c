@@ -7,48 +7,75 @@
 #include "../backend/poly_model.h"
 #include "internal.h"
 
-/* The plan for score bound r under the given backend setting. */
-static int plan_for_bound(lora_adapter *ad, attn_problem *p, double r, int64_t backend,
-                          lora_plan *plan)
+/* The degree a group at score bound r uses: the explicit one, else the smallest that
+ * meets the tolerance (0: none within limits). */
+static int degree_at(const lora_adapter *ad, double r, int64_t head_dim)
+{
+    return ad->cfg.poly_degree > 0 ? (int)ad->cfg.poly_degree
+                                   : poly_degree_for(r, ad->cfg.tolerance, head_dim);
+}
+
+/* Features of degree g at head_dim (0: none, or beyond the limits). */
+static int64_t rank_at(int g, int64_t head_dim)
+{
+    const int64_t k = g > 0 ? poly_rank(g, head_dim) : 0;
+    return k > 0 ? k : 0;
+}
+
+/* The plan for the score bounds in ad->group_r under the given backend setting: each
+ * kv-head group runs POLY at its own degree, or EXACT. */
+static int plan_for_bounds(lora_adapter *ad, attn_problem *p, int64_t backend,
+                           lora_plan *plan)
 {
     memset(plan, 0, sizeof *plan);
-    plan->score_bound = r;
+    const int64_t d = p->head_dim, groups = p->n_kv_heads;
     const double tol = ad->cfg.tolerance;
-    const int explicit_degree = ad->cfg.poly_degree > 0;
-    plan->degree = explicit_degree ? (int)ad->cfg.poly_degree
-                                   : poly_degree_for(plan->score_bound, tol, p->head_dim);
-    plan->rank = plan->degree > 0 ? poly_rank(plan->degree, p->head_dim) : 0;
-    if (plan->rank < 0)
-        plan->rank = 0;
+    for (int64_t g = 0; g < groups; g++)
+        plan->score_bound = fmax(plan->score_bound, ad->group_r[g]);
+    /* The layer as a whole (at the largest R): the report, and forced POLY's errors;
+     * degrees only grow with R, so every group has a degree when this one does. */
+    plan->degree = degree_at(ad, plan->score_bound, d);
+    plan->rank = rank_at(plan->degree, d);
     plan->eta = plan->degree > 0 ? poly_eta(plan->degree, plan->score_bound) : INFINITY;
     plan->flops_exact = attn_flops_exact(p);
     plan->flops_poly = plan->rank > 0 ? attn_flops_poly(p, plan->degree) : INFINITY;
-    const int certified = plan->rank > 0 && plan->eta <= tol;
-    plan->auto_choice = certified && plan->flops_poly * POLY_COST_RATIO < plan->flops_exact
-                            ? &attn_backend_poly
-                            : &attn_backend_exact;
-    switch (backend) {
-    case LORA_BACKEND_EXACT: plan->backend = &attn_backend_exact; break;
-    case LORA_BACKEND_POLY:
-        if (plan->degree == 0)
-            return lora_set_error(ad->err, LORA_ERR_TOLERANCE,
-                                  "no even degree within limits (k <= %lld features, state "
-                                  "<= %lld floats) certifies tolerance %g at score bound "
-                                  "R = %g; lower R, raise LORA_CFG_TOLERANCE or set "
-                                  "LORA_CFG_POLY_DEGREE",
-                                  (long long)POLY_MAX_RANK, (long long)POLY_MAX_STATE, tol,
-                                  plan->score_bound);
-        if (plan->rank == 0)
-            return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
-                                  "degree %d with head_dim %lld needs more than %lld feature "
-                                  "columns or a state above %lld floats",
-                                  plan->degree, (long long)p->head_dim,
-                                  (long long)POLY_MAX_RANK, (long long)POLY_MAX_STATE);
-        plan->backend = &attn_backend_poly;
-        break;
-    default: plan->backend = plan->auto_choice; break;
+    if (backend == LORA_BACKEND_POLY && plan->degree == 0)
+        return lora_set_error(ad->err, LORA_ERR_TOLERANCE,
+                              "no even degree within limits (k <= %lld features, state "
+                              "<= %lld floats) certifies tolerance %g at score bound "
+                              "R = %g; lower R, raise LORA_CFG_TOLERANCE or set "
+                              "LORA_CFG_POLY_DEGREE",
+                              (long long)POLY_MAX_RANK, (long long)POLY_MAX_STATE, tol,
+                              plan->score_bound);
+    if (backend == LORA_BACKEND_POLY && plan->rank == 0)
+        return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
+                              "degree %d with head_dim %lld needs more than %lld feature "
+                              "columns or a state above %lld floats",
+                              plan->degree, (long long)d, (long long)POLY_MAX_RANK,
+                              (long long)POLY_MAX_STATE);
+    plan->group_degree = ad->plan_degree;
+    for (int64_t g = 0; g < groups; g++) {
+        const int deg = degree_at(ad, ad->group_r[g], d);
+        const int64_t k = rank_at(deg, d);
+        const double eta = k > 0 ? poly_eta(deg, ad->group_r[g]) : INFINITY;
+        int run = 0;
+        if (backend == LORA_BACKEND_POLY)
+            run = deg;
+        else if (backend != LORA_BACKEND_EXACT) /* AUTO: certified and cheaper */
+            run = k > 0 && eta <= tol &&
+                          attn_flops_poly(p, deg) * POLY_COST_RATIO < plan->flops_exact
+                      ? deg
+                      : 0;
+        ad->plan_degree[g] = run;
+        if (run > 0) {
+            plan->poly_groups++;
+            if (run > plan->run_degree) {
+                plan->run_degree = run;
+                plan->run_rank = k;
+            }
+            plan->run_eta = fmax(plan->run_eta, eta);
+        }
     }
-    p->poly_degree = plan->backend == &attn_backend_poly ? plan->degree : 0;
     return LORA_OK;
 }
 
@@ -59,8 +86,8 @@ int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const floa
     if (lora_buf_reserve(&ad->mem, &ad->scratch, (size_t)p->head_dim * sizeof(double)) !=
         LORA_OK)
         return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate scratch");
-    return plan_for_bound(ad, p, poly_score_bound(p, q, k, ad->scratch.ptr), ad->cfg.backend,
-                          plan);
+    poly_score_bound(p, q, k, ad->scratch.ptr, ad->group_r);
+    return plan_for_bounds(ad, p, ad->cfg.backend, plan);
 }
 
 
@@ -90,20 +117,21 @@ LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t b
     if (lora_buf_reserve(&ad->mem, &ad->estimate_buf, bytes) != LORA_OK)
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
                               "cannot allocate %zu bytes for the estimate", bytes);
-    layer_qkv_stats_result stats;
+    layer_qkv_stats_result stats = {.group_r = ad->group_r};
     const int bad = layer_qkv_stats(l, &p, x, ad->estimate_buf.ptr, &stats);
     if (bad >= 0)
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                               "W_%s + s*B*A has a non-finite entry", lora_proj_names[bad]);
     /* The plan as AUTO would make it, whatever backend is configured. */
     lora_plan plan;
-    st = plan_for_bound(ad, &p, stats.score_bound, LORA_BACKEND_AUTO, &plan);
+    st = plan_for_bounds(ad, &p, LORA_BACKEND_AUTO, &plan);
     if (st != LORA_OK)
         return st;
 
     lora_threshold_report r;
     memset(&r, 0, sizeof r);
-    r.recommended_backend = plan.auto_choice->id;
+    r.recommended_backend = plan.poly_groups > 0 ? LORA_BACKEND_POLY : LORA_BACKEND_EXACT;
+    r.poly_groups = plan.poly_groups;
     r.gamma_q = stats.max_abs[PROJ_Q];
     r.gamma_k = stats.max_abs[PROJ_K];
     r.gamma_v = stats.max_abs[PROJ_V];

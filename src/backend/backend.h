@@ -21,7 +21,7 @@ typedef struct attn_problem {
     int causal; /* key j visible to query i iff j <= i + (len_kv - len_q) */
     int threads;
     const la_ctx *la;
-    int poly_degree; /* POLY only: even degree g */
+    int poly_degree; /* POLY only: even degree g (set per run by route.c) */
     int64_t measure_rows; /* > 0: sample this many rows per head for attn_measure */
 } attn_problem;
 
@@ -48,6 +48,24 @@ typedef struct attn_backend {
 
 extern const attn_backend attn_backend_exact;
 extern const attn_backend attn_backend_poly;
+
+/* A call split over backends by kv-head group (route.c): degree[g] (n_kv_heads
+ * entries) is the POLY degree of kv group g and its query heads, 0 for EXACT. The
+ * row statistics (attn_row_stat_count(p) floats) are laid out per run of equal
+ * degree, so a backward must get the degrees of its forward. ws: at least
+ * attn_route_workspace bytes. */
+size_t attn_route_workspace(const attn_problem *p, const int *degree);
+void attn_route_forward(const attn_problem *p, const int *degree, const float *q,
+                        const float *k, const float *v, float *o, float *row_stat, void *ws);
+void attn_route_backward(const attn_problem *p, const int *degree, const float *q,
+                         const float *k, const float *v, const float *o,
+                         const float *row_stat, const float *do_, float *dq, float *dk,
+                         float *dv, void *ws);
+/* attn_measure over the POLY groups (the output without do_, dq with it): the largest
+ * of their relative errors, or -1 when none ran POLY or p->measure_rows is 0. */
+double attn_route_measure(const attn_problem *p, const int *degree, const float *q,
+                          const float *k, const float *v, const float *o, const float *do_,
+                          const float *dq, float *scratch);
 
 /* The measured error of an approximate backend: exact rows (in double) for
  * p->measure_rows sampled queries per (batch, head). Without do_: *out_err = max |o −

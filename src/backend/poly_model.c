@@ -41,10 +41,12 @@ int64_t poly_rank(int g, int64_t d)
 }
 
 LA_VECTOR_CLONES double poly_score_bound(const attn_problem *p, const float *q,
-                                         const float *k, double *mean)
+                                         const float *k, double *mean, double *group_r)
 {
     const int64_t d = p->head_dim, group = p->n_heads / p->n_kv_heads;
     double r = 0.0;
+    for (int64_t g = 0; g < p->n_kv_heads; g++)
+        group_r[g] = 0.0;
     for (int64_t b = 0; b < p->batch; b++)
         for (int64_t g = 0; g < p->n_kv_heads; g++) {
             const float *kh = k + b * p->len_kv * p->ldkv + g * d;
@@ -75,6 +77,7 @@ LA_VECTOR_CLONES double poly_score_bound(const attn_problem *p, const float *q,
                     qmax = s > qmax ? s : qmax;
                 }
                 const double rh = fabs((double)p->softmax_scale) * sqrt(qmax * kmax);
+                group_r[g] = rh > group_r[g] ? rh : group_r[g];
                 r = rh > r ? rh : r;
             }
         }

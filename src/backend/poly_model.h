@@ -31,9 +31,10 @@ int64_t poly_rank(int g, int64_t d);
 
 /* R ≥ max |S_ij − c_i| over every (batch, head) of p, with c_i = β·q_i·k̄ the shift of
  * key centring: β·max_i‖q_i‖₂·max_j‖k_j − k̄‖₂ per head, maxed. O(L·d) per head.
+ * group_r (n_kv_heads entries) receives the same maximum per kv-head group.
  * mean: scratch of head_dim doubles. */
 double poly_score_bound(const attn_problem *p, const float *q, const float *k,
-                        double *mean);
+                        double *mean, double *group_r);
 
 /* Modelled flops of one forward+backward of the attention core. */
 double attn_flops_exact(const attn_problem *p);

@@ -128,15 +128,13 @@ void layer_project(const layer *l, const attn_problem *p, layer_acts *a)
     proj_forward(l, &l->proj[PROJ_V], p->la, p->threads, a->xkv, nk, a->v, a->xa[PROJ_V]);
 }
 
-void layer_attend(const layer *l, const attn_backend *be, const attn_problem *p,
-                  layer_acts *a, float *out, float *ws, double *measured)
+void layer_attend(const layer *l, const int *degree, const attn_problem *p, layer_acts *a,
+                  float *out, float *ws, double *measured)
 {
     const int64_t nq = p->batch * p->len_q;
-    be->forward(p, a->q, a->k, a->v, a->attn, a->row_stat,
-                ws + layer_scratch_floats(l, p));
-    *measured = -1.0;
-    if (p->measure_rows > 0)
-        attn_measure(p, a->q, a->k, a->v, a->attn, NULL, NULL, ws, measured, NULL);
+    attn_route_forward(p, degree, a->q, a->k, a->v, a->attn, a->row_stat,
+                       ws + layer_scratch_floats(l, p));
+    *measured = attn_route_measure(p, degree, a->q, a->k, a->v, a->attn, NULL, NULL, ws);
     if (l->out_proj)
         proj_forward(l, &l->proj[PROJ_O], p->la, p->threads, a->attn, nq, out,
                      a->xa[PROJ_O]);
@@ -203,7 +201,7 @@ static double grad_error_bound(const layer *l, const attn_problem *p, const laye
     return bound;
 }
 
-void layer_backward(const layer *l, const attn_backend *be, const attn_problem *p,
+void layer_backward(const layer *l, const int *degree, const attn_problem *p,
                     const layer_acts *a, const float *dout, float *dxq, float *dxkv,
                     float *ws, double eta, double *grad_bound, double *measured)
 {
@@ -218,11 +216,9 @@ void layer_backward(const layer *l, const attn_backend *be, const attn_problem *
                       dyb);
         dattn = dc;
     }
-    be->backward(p, a->q, a->k, a->v, a->attn, a->row_stat, dattn, dq, dk, dv,
-                 ws + layer_scratch_floats(l, p));
-    *measured = -1.0;
-    if (p->measure_rows > 0)
-        attn_measure(p, a->q, a->k, a->v, a->attn, dattn, dq, ws, NULL, measured);
+    attn_route_backward(p, degree, a->q, a->k, a->v, a->attn, a->row_stat, dattn, dq, dk,
+                        dv, ws + layer_scratch_floats(l, p));
+    *measured = attn_route_measure(p, degree, a->q, a->k, a->v, a->attn, dattn, dq, ws);
     const int shared_dx = dxq != NULL && dxq == dxkv;
     proj_backward(l, &l->proj[PROJ_Q], la, nt, a->xq, a->xa[PROJ_Q], nq, dq, dxq, 0, dyb);
     proj_backward(l, &l->proj[PROJ_K], la, nt, a->xkv, a->xa[PROJ_K], nk, dk, dxkv,

@@ -298,6 +298,8 @@ int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float
     /* Maxima over the blocks of each batch element, then R over its heads. */
     const int64_t group = nh / l->n_kv_heads;
     double amax[3] = {0.0, 0.0, 0.0}, r = 0.0;
+    for (int64_t g = 0; g < l->n_kv_heads; g++)
+        out->group_r[g] = 0.0;
     for (int64_t b = 0; b < p->batch; b++) {
         double *acc = w.slot + b * s.blocks_per_batch * 2 * s.slots;
         for (int64_t t = 1; t < s.blocks_per_batch; t++) {
@@ -312,6 +314,8 @@ int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float
         for (int64_t h = 0; h < nh; h++) {
             const double rh = fabs((double)p->softmax_scale) *
                               sqrt(acc[2 * h] * acc[2 * (nh + h / group)]);
+            double *rg = &out->group_r[h / group];
+            *rg = rh > *rg ? rh : *rg;
             r = rh > r ? rh : r;
         }
     }

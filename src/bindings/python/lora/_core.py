@@ -196,6 +196,7 @@ class RunInfo:
     score_bound: float
     measured_out_error: float
     measured_dq_error: float
+    poly_groups: int
 
     def asdict(self):
         return dataclasses.asdict(self)
@@ -215,6 +216,7 @@ class ThresholdReport:
     error_bound: float
     flops_exact: float
     flops_poly: float
+    poly_groups: int
 
     def asdict(self):
         return dataclasses.asdict(self)

@@ -49,6 +49,7 @@ class RunInfoC(ctypes.Structure):
         ("score_bound", ctypes.c_double),
         ("measured_out_error", ctypes.c_double),
         ("measured_dq_error", ctypes.c_double),
+        ("poly_groups", ctypes.c_int64),
     ]
 
 
@@ -67,6 +68,7 @@ class ThresholdReportC(ctypes.Structure):
         ("error_bound", ctypes.c_double),
         ("flops_exact", ctypes.c_double),
         ("flops_poly", ctypes.c_double),
+        ("poly_groups", ctypes.c_int64),
     ]
 
 

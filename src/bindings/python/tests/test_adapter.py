@@ -39,8 +39,9 @@ def test_struct_layout_matches_library():
         info = ctypes.cast(buf, ctypes.POINTER(_ffi.RunInfoC)).contents
         info.struct_size = 512
         assert lora._ffi.lib.lora_adapter_get_run_info(ad._handle, ctypes.byref(info)) == 0
-        assert info.struct_size == ctypes.sizeof(_ffi.RunInfoC) == 64
+        assert info.struct_size == ctypes.sizeof(_ffi.RunInfoC) == 72
         assert info.measured_out_error == -1.0 and info.measured_dq_error == -1.0
+        assert info.poly_groups == 0
     ad, _ = reference.make_layer(np.random.default_rng(0), d_model=4)
     buf = (ctypes.c_ubyte * 512)()
     rep = ctypes.cast(buf, ctypes.POINTER(_ffi.ThresholdReportC)).contents
@@ -48,7 +49,7 @@ def test_struct_layout_matches_library():
     x = np.ones((1, 3, 4), dtype=np.float32)
     assert _ffi.lib.lora_threshold_estimate(ad._handle, x.ctypes.data, 1, 3,
                                             ctypes.byref(rep)) == 0
-    assert rep.struct_size == ctypes.sizeof(_ffi.ThresholdReportC) == 88
+    assert rep.struct_size == ctypes.sizeof(_ffi.ThresholdReportC) == 96
     assert rep.flops_exact > 0 and rep.recommended_backend in (1, 2)
 
 

@@ -447,6 +447,8 @@ pub struct RunInfo {
     pub score_bound: f64,
     pub measured_out_error: f64,
     pub measured_dq_error: f64,
+    /// kv-head groups that ran POLY (the others ran EXACT).
+    pub poly_groups: i64,
 }
 
 /// The threshold statistics of one input (`lora_threshold_report`).
@@ -463,6 +465,8 @@ pub struct ThresholdReport {
     pub error_bound: f64,
     pub flops_exact: f64,
     pub flops_poly: f64,
+    /// kv-head groups AUTO runs on POLY.
+    pub poly_groups: i64,
 }
 
 // ---- adapter ---------------------------------------------------------------------------
@@ -1093,6 +1097,7 @@ impl Adapter {
             score_bound: s.score_bound,
             measured_out_error: s.measured_out_error,
             measured_dq_error: s.measured_dq_error,
+            poly_groups: s.poly_groups,
         })
     }
 
@@ -1133,6 +1138,7 @@ impl Adapter {
             error_bound: s.error_bound,
             flops_exact: s.flops_exact,
             flops_poly: s.flops_poly,
+            poly_groups: s.poly_groups,
         })
     }
 }

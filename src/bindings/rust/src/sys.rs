@@ -121,6 +121,7 @@ pub struct lora_run_info {
     pub score_bound: c_double,
     pub measured_out_error: c_double,
     pub measured_dq_error: c_double,
+    pub poly_groups: i64,
 }
 
 /// `struct lora_threshold_report`: the threshold statistics of one input.
@@ -139,6 +140,7 @@ pub struct lora_threshold_report {
     pub error_bound: c_double,
     pub flops_exact: c_double,
     pub flops_poly: c_double,
+    pub poly_groups: i64,
 }
 
 extern "C" {

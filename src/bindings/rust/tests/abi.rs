@@ -116,6 +116,7 @@ const RUN_INFO_FIELDS: &[(&str, usize)] = &[
         "measured_dq_error",
         offset_of!(sys::lora_run_info, measured_dq_error),
     ),
+    ("poly_groups", offset_of!(sys::lora_run_info, poly_groups)),
 ];
 
 const REPORT_FIELDS: &[(&str, usize)] = &[
@@ -157,6 +158,10 @@ const REPORT_FIELDS: &[(&str, usize)] = &[
     (
         "flops_poly",
         offset_of!(sys::lora_threshold_report, flops_poly),
+    ),
+    (
+        "poly_groups",
+        offset_of!(sys::lora_threshold_report, poly_groups),
     ),
 ];
 
