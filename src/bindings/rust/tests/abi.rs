@@ -1,6 +1,6 @@
 //! The hand-written declarations in `lora::sys` against the C header and library.
 use lora::sys;
-use std::mem::{offset_of, size_of};
+use std::mem::size_of;
 use std::process::Command;
 
 /// Sizes, offsets and constants as a C compiler sees lora.h: compiles and runs a probe
@@ -22,13 +22,13 @@ fn layouts_and_constants_match_c_compiler() {
     c.push_str("#define O(t, f) printf(#t \".\" #f \" %zu\\n\", offsetof(t, f));\n");
     c.push_str("#define V(n) printf(#n \" %ld\\n\", (long)(n));\nint main(void){\n");
     c.push_str("S(lora_run_info) S(lora_threshold_report) S(lora_allocator)\n");
-    for f in RUN_INFO_FIELDS {
+    for f in run_info_fields() {
         c.push_str(&format!("O(lora_run_info, {})\n", f.0));
     }
-    for f in REPORT_FIELDS {
+    for f in report_fields() {
         c.push_str(&format!("O(lora_threshold_report, {})\n", f.0));
     }
-    for f in ALLOCATOR_FIELDS {
+    for f in allocator_fields() {
         c.push_str(&format!("O(lora_allocator, {})\n", f.0));
     }
     for (n, _) in constants() {
@@ -65,17 +65,17 @@ fn layouts_and_constants_match_c_compiler() {
         c_val("lora_threshold_report") as usize,
         size_of::<sys::lora_threshold_report>()
     );
-    for (f, rust_off) in RUN_INFO_FIELDS {
+    for (f, rust_off) in run_info_fields() {
         assert_eq!(
             c_val(&format!("lora_run_info.{f}")) as usize,
-            *rust_off,
+            rust_off,
             "lora_run_info.{f}"
         );
     }
-    for (f, rust_off) in REPORT_FIELDS {
+    for (f, rust_off) in report_fields() {
         assert_eq!(
             c_val(&format!("lora_threshold_report.{f}")) as usize,
-            *rust_off,
+            rust_off,
             "lora_threshold_report.{f}"
         );
     }
@@ -83,10 +83,10 @@ fn layouts_and_constants_match_c_compiler() {
         c_val("lora_allocator") as usize,
         size_of::<sys::lora_allocator>()
     );
-    for (f, rust_off) in ALLOCATOR_FIELDS {
+    for (f, rust_off) in allocator_fields() {
         assert_eq!(
             c_val(&format!("lora_allocator.{f}")) as usize,
-            *rust_off,
+            rust_off,
             "lora_allocator.{f}"
         );
     }
@@ -96,80 +96,40 @@ fn layouts_and_constants_match_c_compiler() {
     }
     println!(
         "abi: 3 struct sizes, {} offsets, {n} constants match the C compiler",
-        RUN_INFO_FIELDS.len() + REPORT_FIELDS.len() + ALLOCATOR_FIELDS.len()
+        run_info_fields().len() + report_fields().len() + allocator_fields().len()
     );
 }
 
-const RUN_INFO_FIELDS: &[(&str, usize)] = &[
-    ("struct_size", offset_of!(sys::lora_run_info, struct_size)),
-    ("backend", offset_of!(sys::lora_run_info, backend)),
-    ("poly_degree", offset_of!(sys::lora_run_info, poly_degree)),
-    ("poly_rank", offset_of!(sys::lora_run_info, poly_rank)),
-    ("error_bound", offset_of!(sys::lora_run_info, error_bound)),
-    ("grad_bound", offset_of!(sys::lora_run_info, grad_bound)),
-    ("score_bound", offset_of!(sys::lora_run_info, score_bound)),
-    (
-        "measured_out_error",
-        offset_of!(sys::lora_run_info, measured_out_error),
-    ),
-    (
-        "measured_dq_error",
-        offset_of!(sys::lora_run_info, measured_dq_error),
-    ),
-    ("poly_groups", offset_of!(sys::lora_run_info, poly_groups)),
-];
+/// Byte offset of a field (`std::mem::offset_of!` needs Rust 1.77; Debian 12 has 1.63).
+macro_rules! offset_of {
+    ($t:ty, $f:ident) => {{
+        let u = std::mem::MaybeUninit::<$t>::uninit();
+        let base = u.as_ptr();
+        // SAFETY: addr_of! takes the field's address without reading the value.
+        let field = unsafe { std::ptr::addr_of!((*base).$f) };
+        field as usize - base as usize
+    }};
+}
 
-const REPORT_FIELDS: &[(&str, usize)] = &[
-    (
-        "struct_size",
-        offset_of!(sys::lora_threshold_report, struct_size),
-    ),
-    (
-        "recommended_backend",
-        offset_of!(sys::lora_threshold_report, recommended_backend),
-    ),
-    ("gamma_q", offset_of!(sys::lora_threshold_report, gamma_q)),
-    ("gamma_k", offset_of!(sys::lora_threshold_report, gamma_k)),
-    ("gamma_v", offset_of!(sys::lora_threshold_report, gamma_v)),
-    (
-        "gamma_ratio",
-        offset_of!(sys::lora_threshold_report, gamma_ratio),
-    ),
-    (
-        "score_bound",
-        offset_of!(sys::lora_threshold_report, score_bound),
-    ),
-    (
-        "poly_degree",
-        offset_of!(sys::lora_threshold_report, poly_degree),
-    ),
-    (
-        "poly_rank",
-        offset_of!(sys::lora_threshold_report, poly_rank),
-    ),
-    (
-        "error_bound",
-        offset_of!(sys::lora_threshold_report, error_bound),
-    ),
-    (
-        "flops_exact",
-        offset_of!(sys::lora_threshold_report, flops_exact),
-    ),
-    (
-        "flops_poly",
-        offset_of!(sys::lora_threshold_report, flops_poly),
-    ),
-    (
-        "poly_groups",
-        offset_of!(sys::lora_threshold_report, poly_groups),
-    ),
-];
+/// (name, Rust offset) of each listed field of a `sys` struct.
+macro_rules! fields {
+    ($t:ty: $($f:ident),* $(,)?) => { vec![$((stringify!($f), offset_of!($t, $f))),*] };
+}
 
-const ALLOCATOR_FIELDS: &[(&str, usize)] = &[
-    ("alloc", offset_of!(sys::lora_allocator, alloc)),
-    ("free", offset_of!(sys::lora_allocator, free)),
-    ("user_data", offset_of!(sys::lora_allocator, user_data)),
-];
+fn run_info_fields() -> Vec<(&'static str, usize)> {
+    fields!(sys::lora_run_info: struct_size, backend, poly_degree, poly_rank, error_bound,
+            grad_bound, score_bound, measured_out_error, measured_dq_error, poly_groups)
+}
+
+fn report_fields() -> Vec<(&'static str, usize)> {
+    fields!(sys::lora_threshold_report: struct_size, recommended_backend, gamma_q, gamma_k,
+            gamma_v, gamma_ratio, score_bound, poly_degree, poly_rank, error_bound,
+            flops_exact, flops_poly, poly_groups)
+}
+
+fn allocator_fields() -> Vec<(&'static str, usize)> {
+    fields!(sys::lora_allocator: alloc, free, user_data)
+}
 
 fn constants() -> Vec<(&'static str, i64)> {
     macro_rules! c {
