@@ -28,6 +28,48 @@ static double lora_scale_double(const lora_adapter *ad)
     return ad->cfg.rslora ? ad->cfg.alpha / sqrt(r) : ad->cfg.alpha / r;
 }
 
+#define MERGE_BLOCK 256
+
+/* dst = fl32(src + sign·s·(B·A)), every entry's r-term sum and the addition in double.
+ * dst NULL: only check. Returns the index of the first entry whose result is not
+ * finite (NaN/Inf in src included), or -1. Rows run in parallel; the result does not
+ * depend on the thread count. */
+static int64_t merge_rows(const layer_proj *p, int64_t rank, double s, double sign,
+                          const float *src, float *dst, int threads)
+{
+    const int64_t out = p->out, in = p->in;
+    int64_t first_bad = INT64_MAX;
+    const double work = (double)out * (double)in * (double)rank;
+    const int nt = work > 4e6 ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : first_bad)
+    for (int64_t i = 0; i < out; i++) {
+        double acc[MERGE_BLOCK];
+        const float *brow = p->b + i * rank;
+        for (int64_t j0 = 0; j0 < in; j0 += MERGE_BLOCK) {
+            const int64_t nj = in - j0 < MERGE_BLOCK ? in - j0 : MERGE_BLOCK;
+            for (int64_t jj = 0; jj < nj; jj++)
+                acc[jj] = 0.0;
+            for (int64_t k = 0; k < rank; k++) {
+                const double bk = (double)brow[k];
+                const float *arow = p->a + k * in + j0;
+                for (int64_t jj = 0; jj < nj; jj++)
+                    acc[jj] += bk * (double)arow[jj];
+            }
+            const float *srow = src + i * in + j0;
+            for (int64_t jj = 0; jj < nj; jj++) {
+                const float v = (float)((double)srow[jj] + sign * (s * acc[jj]));
+                if (!isfinite(v)) {
+                    if (i * in + j0 + jj < first_bad)
+                        first_bad = i * in + j0 + jj;
+                } else if (dst) {
+                    dst[i * in + j0 + jj] = v;
+                }
+            }
+        }
+    }
+    return first_bad == INT64_MAX ? -1 : first_bad;
+}
+
 static int merge_common(const lora_adapter *ad, int target, float *weight, size_t count,
                         double sign)
 {
@@ -53,8 +95,7 @@ static int merge_common(const lora_adapter *ad, int target, float *weight, size_
     const double s = lora_scale_double(ad);
     /* Check every result first (safe merge): the buffer is written only if all are
      * finite. The second pass recomputes rather than allocating. */
-    const int64_t bad =
-        layer_merge_rows(p, ad->layer.rank, s, sign, weight, NULL, ad->threads);
+    const int64_t bad = merge_rows(p, ad->layer.rank, s, sign, weight, NULL, ad->threads);
     if (bad >= 0)
         return lora_set_error(err, LORA_ERR_NONFINITE,
                               "%s W_%s: entry (%lld, %lld) %s; the weight is unchanged",
@@ -62,7 +103,7 @@ static int merge_common(const lora_adapter *ad, int target, float *weight, size_
                               (long long)(bad / p->in), (long long)(bad % p->in),
                               isfinite(weight[bad]) ? "would become NaN/Inf"
                                                     : "is NaN/Inf");
-    layer_merge_rows(p, ad->layer.rank, s, sign, weight, weight, ad->threads);
+    merge_rows(p, ad->layer.rank, s, sign, weight, weight, ad->threads);
     err[0] = '\0';
     return LORA_OK;
 }
@@ -98,7 +139,7 @@ static int build_merged(lora_adapter *ad)
                                       lora_proj_names[t], n);
         }
         const int64_t bad =
-            layer_merge_rows(p, ad->layer.rank, s, 1.0, p->weight, ad->merged[t], ad->threads);
+            merge_rows(p, ad->layer.rank, s, 1.0, p->weight, ad->merged[t], ad->threads);
         if (bad >= 0)
             return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                                   "merged weight W_%s + s*B*A overflows at (%lld, %lld)",

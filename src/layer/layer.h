@@ -85,12 +85,4 @@ size_t layer_qkv_stats_floats(const layer *l, const attn_problem *p);
 int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float *ws,
                     layer_qkv_stats_result *out);
 
-/* The effective weight of an adapted projection: dst = fl32(src + sign·s·(B·A)), each
- * entry's r-term sum and the addition in double; src and dst are (out, in), dst may be
- * src, or NULL to only check. Returns the index of the first entry whose result is not
- * finite (NaN/Inf in src included; dst keeps its old value there), or -1. Rows run in
- * parallel on up to `threads` threads; the result does not depend on their number. */
-int64_t layer_merge_rows(const layer_proj *p, int64_t rank, double s, double sign,
-                         const float *src, float *dst, int threads);
-
 #endif

@@ -125,11 +125,11 @@ size_t layer_qkv_stats_floats(const layer *l, const attn_problem *p)
     return carve(l, p, &s, NULL, NULL);
 }
 
-/* Rows r0 .. r0+n-1 of [W_Q; W_K; W_V] + s·[B·A] and of the stacked biases into w and
- * bias. Returns the PROJ_* index of a projection whose merged weight is not finite,
- * else -1. */
-static int stack_rows(const layer *l, int64_t r0, int64_t n, float *w, float *bias,
-                      int threads)
+/* Rows r0 .. r0+n-1 of [W_Q; W_K; W_V] + s·[B·A] (one float product per projection:
+ * the estimate needs no more) and of the stacked biases into w and bias. Returns the
+ * PROJ_* index of a projection whose merged weight is not finite, else -1. */
+static int stack_rows(const layer *l, const la_ctx *la, int64_t r0, int64_t n, float *w,
+                      float *bias, int threads)
 {
     const int64_t in = l->d_model;
     int64_t start = 0;
@@ -140,15 +140,12 @@ static int stack_rows(const layer *l, int64_t r0, int64_t n, float *w, float *bi
         if (lo < hi) {
             const int64_t i0 = lo - start, rows = hi - lo;
             float *dst = w + (lo - r0) * in;
+            memcpy(dst, pr->weight + i0 * in, (size_t)(rows * in) * sizeof(float));
             if (pr->adapted) {
-                layer_proj part = *pr;
-                part.out = rows;
-                part.b = pr->b + i0 * l->rank;
-                if (layer_merge_rows(&part, l->rank, (double)l->lora_scale, 1.0,
-                                     pr->weight + i0 * in, dst, threads) >= 0)
+                la_gemm(la, threads, LA_N, LA_N, rows, in, l->rank, l->lora_scale,
+                        pr->b + i0 * l->rank, l->rank, pr->a, in, 1.0f, dst, in);
+                if (la_find_nonfinite(dst, (size_t)(rows * in)) >= 0)
                     return t;
-            } else {
-                memcpy(dst, pr->weight + i0 * in, (size_t)(rows * in) * sizeof(float));
             }
             for (int64_t i = 0; i < rows; i++)
                 bias[lo - r0 + i] = pr->bias ? pr->bias[i0 + i] : 0.0f;
@@ -227,7 +224,7 @@ static void input_means(const attn_problem *p, const stats_shape *s, const float
                         double *colsum)
 {
     const int64_t len = p->len_q, dm = s->d_model;
-    const int nt = (double)len * (double)p->batch * (double)dm > 1e6 ? s->nt : 1;
+    const int nt = (double)len * (double)p->batch * (double)dm > 1e5 ? s->nt : 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < s->sum_tasks; t++) {
         const int64_t b = t / s->sums_per_batch, i0 = (t % s->sums_per_batch) * SUM_BLOCK;
@@ -258,7 +255,7 @@ int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float
 
     for (int64_t s0 = 0; s0 < s.slots; s0 += s.panel_slots) {
         const int64_t ns = s.slots - s0 < s.panel_slots ? s.slots - s0 : s.panel_slots;
-        const int bad = stack_rows(l, s0 * d, ns * d, w.w, w.bias, s.nt);
+        const int bad = stack_rows(l, p->la, s0 * d, ns * d, w.w, w.bias, s.nt);
         if (bad >= 0)
             return bad;
         /* The key mean of the key columns in this panel: x̄·W_Kᵀ + b_K. */
