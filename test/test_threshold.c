@@ -282,6 +282,35 @@ END_TEST
 
 /* Random layers with GQA, biases, LoRA with B != 0 on every target, batch 2: Γ, R and
  * the degree fields against the double reference. */
+/* What an estimate on p's input should report, from the reference: Γ of Q, K, V and
+ * R. *x receives the input in float (malloc'd). */
+typedef struct ref_expect {
+    double gq, gk, gv, r;
+} ref_expect;
+
+static ref_expect reference_expect(const ref_layer *l, const ref_problem *p, float **x)
+{
+    const size_t nq = (size_t)(p->batch * p->len_q);
+    double *q = malloc(nq * (size_t)l->q_dim * sizeof(double));
+    double *k = malloc(nq * (size_t)l->kv_dim * sizeof(double));
+    double *v = malloc(nq * (size_t)l->kv_dim * sizeof(double));
+    *x = malloc(nq * (size_t)l->cfg.d_model * sizeof(float));
+    ck_assert(q && k && v && *x);
+    ck_assert_int_eq(
+        ref_activations(l, p->xq, p->xq, p->batch, p->len_q, p->len_q, q, k, v, NULL), 0);
+    ref_to_float(p->xq, *x, nq * (size_t)l->cfg.d_model);
+    const ref_expect e = {
+        .gq = ref_max_abs(q, nq * (size_t)l->q_dim),
+        .gk = ref_max_abs(k, nq * (size_t)l->kv_dim),
+        .gv = ref_max_abs(v, nq * (size_t)l->kv_dim),
+        .r = ref_score_bound(l, q, k, p->batch, p->len_q, p->len_q),
+    };
+    free(q);
+    free(k);
+    free(v);
+    return e;
+}
+
 START_TEST(test_estimate_random_layers)
 {
     static const struct {
@@ -307,19 +336,9 @@ START_TEST(test_estimate_random_layers)
         ck_assert_int_eq(ref_problem_init(&p, &l, 0, rc[c].batch, rc[c].len, 0, 400 + c), 0);
         if (c == 3) /* small R: AUTO picks POLY (d_h 8 at L = 700) */
             problem_set_score_bound(&l, &p, 0.05);
-        const size_t nq = (size_t)(p.batch * p.len_q);
-        double *q = malloc(nq * (size_t)l.q_dim * sizeof(double));
-        double *k = malloc(nq * (size_t)l.kv_dim * sizeof(double));
-        double *v = malloc(nq * (size_t)l.kv_dim * sizeof(double));
-        float *x = malloc(nq * (size_t)l.cfg.d_model * sizeof(float));
-        ck_assert(q && k && v && x);
-        ck_assert_int_eq(ref_activations(&l, p.xq, p.xq, p.batch, p.len_q, p.len_q, q, k, v, NULL),
-                         0);
-        ref_to_float(p.xq, x, nq * (size_t)l.cfg.d_model);
-        const double gq = ref_max_abs(q, nq * (size_t)l.q_dim);
-        const double gk = ref_max_abs(k, nq * (size_t)l.kv_dim);
-        const double gv = ref_max_abs(v, nq * (size_t)l.kv_dim);
-        const double rr = ref_score_bound(&l, q, k, p.batch, p.len_q, p.len_q);
+        float *x;
+        const ref_expect ex = reference_expect(&l, &p, &x);
+        const double gq = ex.gq, gk = ex.gk, gv = ex.gv, rr = ex.r;
         const ref_param xp[] = {{LORA_CFG_TOLERANCE, 1, 0, rc[c].tol}};
         lora_adapter *ad = NULL;
         ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_AUTO, 1, xp, 1, &ad), LORA_OK);
@@ -350,9 +369,6 @@ START_TEST(test_estimate_random_layers)
                       r.score_bound);
         lib_result_free(&res);
         lora_adapter_destroy(ad);
-        free(q);
-        free(k);
-        free(v);
         free(x);
         ref_problem_free(&p);
         ref_layer_free(&l);
@@ -397,19 +413,9 @@ START_TEST(test_estimate_blocks_and_panels)
         const int64_t last = ((int64_t)c % p.batch + 1) * p.len_q - 1;
         for (int64_t m = 0; m < l.cfg.d_model; m++)
             p.xq[last * l.cfg.d_model + m] *= 4.0; /* exact in float */
-        const size_t nq = (size_t)(p.batch * p.len_q);
-        double *q = malloc(nq * (size_t)l.q_dim * sizeof(double));
-        double *k = malloc(nq * (size_t)l.kv_dim * sizeof(double));
-        double *v = malloc(nq * (size_t)l.kv_dim * sizeof(double));
-        float *x = malloc(nq * (size_t)l.cfg.d_model * sizeof(float));
-        ck_assert(q && k && v && x);
-        ck_assert_int_eq(ref_activations(&l, p.xq, p.xq, p.batch, p.len_q, p.len_q, q, k, v, NULL),
-                         0);
-        ref_to_float(p.xq, x, nq * (size_t)l.cfg.d_model);
-        const double gq = ref_max_abs(q, nq * (size_t)l.q_dim);
-        const double gk = ref_max_abs(k, nq * (size_t)l.kv_dim);
-        const double gv = ref_max_abs(v, nq * (size_t)l.kv_dim);
-        const double rr = ref_score_bound(&l, q, k, p.batch, p.len_q, p.len_q);
+        float *x;
+        const ref_expect ex = reference_expect(&l, &p, &x);
+        const double gq = ex.gq, gk = ex.gk, gv = ex.gv, rr = ex.r;
         /* Rounding of the key mean is absolute, on the scale of the uncentred bound
          * (it shows when keys barely spread: with one key the true R is 0). */
         const double r_slack = 1e-6 * l.softmax_scale * l.head_dim * gq * gk;
@@ -433,9 +439,6 @@ START_TEST(test_estimate_blocks_and_panels)
                               threads);
             lora_adapter_destroy(ad);
         }
-        free(q);
-        free(k);
-        free(v);
         free(x);
         ref_problem_free(&p);
         ref_layer_free(&l);
