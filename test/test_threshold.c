@@ -673,19 +673,22 @@ END_TEST
  * second on EXACT (g = 10 would certify but cost more). The second group's output
  * columns equal the reference to float precision, the first's are within η·max|V|,
  * and every result is within the tolerance. Forced POLY runs both groups, each at
- * the degree of its own R, and the run info reports the larger degree and η. Causal
- * too, at L = 1024. */
+ * the degree of its own R, and the run info reports the larger degree and η. Also
+ * causal at L = 1024 and cross-attention (200 queries, 320 keys). */
 START_TEST(test_auto_per_group)
 {
+    const int causal = _i == 1, cross = _i == 2;
     const ref_config c = {.d_model = 8, .n_heads = 4, .n_kv_heads = 2, .head_dim = 4,
-                          .rank = 2, .targets = 7, .bias = 1, .causal = _i};
+                          .rank = 2, .targets = 7, .bias = 1, .causal = causal};
     const double tol = 1e-3;
     ref_layer l;
     ref_problem p;
     ck_assert_int_eq(ref_layer_init(&l, &c), 0);
     ref_layer_randomize(&l, 1500 + (uint64_t)_i, 1.0, 0.5);
     /* causal POLY pays from L ~ 924 at d_h 4 (the diagonal blocks) */
-    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 2, _i ? 1024 : 300, 0, 1600 + (uint64_t)_i), 0);
+    ck_assert_int_eq(ref_problem_init(&p, &l, cross, 2, causal ? 1024 : cross ? 200 : 300, 320,
+                                      1600 + (uint64_t)_i),
+                     0);
     problem_set_score_bound(&l, &p, 0.1);
     for (int row = 4; row < 8; row++) { /* kv head 1: rows 4..7 of the key projection */
         for (int m = 0; m < l.cfg.d_model; m++)
@@ -697,12 +700,15 @@ START_TEST(test_auto_per_group)
     double vmax;
     const double rr = problem_score_bound(&l, &p, &vmax);
     const size_t nx = (size_t)(p.batch * p.len_q * l.cfg.d_model);
+    const size_t nxkv = (size_t)(p.batch * p.len_kv * l.cfg.d_model);
     const size_t nout = (size_t)(p.batch * p.len_q * l.q_dim);
-    float *x = malloc(nx * sizeof(float)), *out = malloc(nout * sizeof(float));
+    float *x = malloc(nx * sizeof(float)), *xkv = malloc(nxkv * sizeof(float));
+    float *out = malloc(nout * sizeof(float));
     double *ref_out = malloc(nout * sizeof(double));
-    ck_assert(x && out && ref_out);
+    ck_assert(x && xkv && out && ref_out);
     ref_to_float(p.xq, x, nx);
-    ref_forward(&l, p.xq, p.xq, p.batch, p.len_q, p.len_q, ref_out);
+    ref_to_float(p.xkv, xkv, nxkv);
+    ref_forward(&l, p.xq, p.xkv, p.batch, p.len_q, p.len_kv, ref_out);
     const double omax = ref_max_abs(ref_out, nout);
     char desc[512];
     ref_describe(&l, &p, desc, sizeof desc);
@@ -711,13 +717,19 @@ START_TEST(test_auto_per_group)
         const ref_param xp[] = {{LORA_CFG_TOLERANCE, 1, 0, tol}};
         lora_adapter *ad = NULL;
         ck_assert_int_eq(ref_make_adapter_ex(&l, backends[bi], 1, xp, 1, &ad), LORA_OK);
-        const lora_threshold_report r = estimate(ad, x, p.batch, p.len_q);
-        ck_assert_msg(close_rel(r.score_bound, rr, 1e-5) && r.poly_groups == 1 &&
-                          r.recommended_backend == LORA_BACKEND_POLY && r.poly_degree == 10,
-                      "backend %d: poly_groups %lld, " REPORT_FMT "; reference R %.9g [%s]",
-                      backends[bi], (long long)r.poly_groups, REPORT_ARGS(r), rr, desc);
-        ck_assert_int_eq(lora_forward(ad, x, p.batch, p.len_q, out), LORA_OK);
+        if (!cross) { /* the estimator is for self-attention */
+            const lora_threshold_report r = estimate(ad, x, p.batch, p.len_q);
+            ck_assert_msg(close_rel(r.score_bound, rr, 1e-5) && r.poly_groups == 1 &&
+                              r.recommended_backend == LORA_BACKEND_POLY && r.poly_degree == 10,
+                          "backend %d: poly_groups %lld, " REPORT_FMT "; reference R %.9g [%s]",
+                          backends[bi], (long long)r.poly_groups, REPORT_ARGS(r), rr, desc);
+        }
+        ck_assert_int_eq(cross ? lora_forward_cross(ad, x, xkv, p.batch, p.len_q, p.len_kv, out)
+                               : lora_forward(ad, x, p.batch, p.len_q, out),
+                         LORA_OK);
         const lora_run_info info = run_info(ad);
+        ck_assert_msg(close_rel(info.score_bound, rr, 1e-5), "backend %d: R %.9g, reference %.9g",
+                      backends[bi], info.score_bound, rr);
         const int64_t want_groups = backends[bi] == LORA_BACKEND_AUTO ? 1 : 2;
         const int64_t want_degree = backends[bi] == LORA_BACKEND_AUTO ? 2 : 10;
         ck_assert_msg(info.backend == LORA_BACKEND_POLY && info.poly_groups == want_groups &&
@@ -747,6 +759,7 @@ START_TEST(test_auto_per_group)
         lora_adapter_destroy(ad);
     }
     free(x);
+    free(xkv);
     free(out);
     free(ref_out);
     ref_problem_free(&p);
@@ -1176,7 +1189,7 @@ Suite *threshold_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, test_auto_dispatch, 0, N_ACASES);
     tcase_add_test(tc, test_auto_per_call);
-    tcase_add_loop_test(tc, test_auto_per_group, 0, 2); /* non-causal, causal */
+    tcase_add_loop_test(tc, test_auto_per_group, 0, 3); /* self, causal, cross */
     suite_add_tcase(s, tc);
     tc = tcase_create("forced");
     tcase_set_timeout(tc, 60);
