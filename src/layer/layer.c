@@ -73,7 +73,7 @@ size_t layer_scratch_floats(const layer *l, const attn_problem *p)
 {
     const size_t nq = (size_t)(p->batch * p->len_q), nk = (size_t)(p->batch * p->len_kv);
     size_t n = attn_measure_scratch_floats(p); /* first: it holds doubles */
-    int ok = mul_add(&n, nq, 2u * (size_t)l->q_dim); /* dC, dQ */
+    int ok = mul_add(&n, nq, (l->out_proj ? 2u : 1u) * (size_t)l->q_dim); /* [dC,] dQ */
     ok &= mul_add(&n, nk, 2u * (size_t)l->kv_dim);   /* dK, dV */
     ok &= mul_add(&n, nq > nk ? nq : nk, (size_t)l->rank); /* dY·B */
     return ok ? n : 0;
@@ -208,7 +208,9 @@ void layer_backward(const layer *l, const int *degree, const attn_problem *p,
     const la_ctx *la = p->la;
     const int nt = p->threads;
     const int64_t nq = p->batch * p->len_q, nk = p->batch * p->len_kv;
-    float *dc = ws + attn_measure_scratch_floats(p), *dq = dc + nq * l->q_dim, *dk = dq + nq * l->q_dim;
+    /* dC (the attention output's gradient) only exists with an output projection */
+    float *dc = ws + attn_measure_scratch_floats(p);
+    float *dq = dc + (l->out_proj ? nq * l->q_dim : 0), *dk = dq + nq * l->q_dim;
     float *dv = dk + nk * l->kv_dim, *dyb = dv + nk * l->kv_dim;
     const float *dattn = dout;
     if (l->out_proj) {
