@@ -116,8 +116,8 @@ typedef struct lora_plan {
 /* Decides the backends from the projected Q and K of problem p. Errors: TOLERANCE
  * (POLY forced, no degree certifies the tolerance), UNSUPPORTED (POLY forced, the
  * degree's features exceed POLY_MAX_RANK), NOMEM. */
-int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const float *k,
-                   lora_plan *plan);
+int lora_plan_call(lora_adapter *ad, const attn_problem *p, const float *q,
+                   const float *k, lora_plan *plan);
 
 /* Validates a forward's inputs (pointers, shapes, base weights, finiteness) and fills
  * the attention problem. xkv == xq for self-attention. */

@@ -24,7 +24,7 @@ static int64_t rank_at(int g, int64_t head_dim)
 
 /* The plan for the score bounds in ad->group_r under the given backend setting: each
  * kv-head group runs POLY at its own degree, or EXACT. */
-static int plan_for_bounds(lora_adapter *ad, attn_problem *p, int64_t backend,
+static int plan_for_bounds(lora_adapter *ad, const attn_problem *p, int64_t backend,
                            lora_plan *plan)
 {
     memset(plan, 0, sizeof *plan);
@@ -79,8 +79,8 @@ static int plan_for_bounds(lora_adapter *ad, attn_problem *p, int64_t backend,
     return LORA_OK;
 }
 
-int lora_plan_call(lora_adapter *ad, attn_problem *p, const float *q, const float *k,
-                   lora_plan *plan)
+int lora_plan_call(lora_adapter *ad, const attn_problem *p, const float *q,
+                   const float *k, lora_plan *plan)
 {
     /* R needs head_dim doubles of scratch: the handle's scratch buffer serves. */
     if (lora_buf_reserve(&ad->mem, &ad->scratch, (size_t)p->head_dim * sizeof(double)) !=

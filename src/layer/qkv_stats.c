@@ -62,15 +62,17 @@ static stats_shape shape_of(const layer *l, const attn_problem *p)
     return s;
 }
 
-/* *n += a·b floats rounded up to 16 (64 bytes); 0 on overflow. */
-static int add_chunk(size_t *n, int64_t a, int64_t b)
+/* Reserves a·b floats at *n, rounded up to 16 (64 bytes), and returns where they start;
+ * clears *ok on overflow. */
+static size_t take(size_t *n, int64_t a, int64_t b, int *ok)
 {
+    const size_t at = *n;
     int64_t m;
     size_t r;
     if (__builtin_mul_overflow(a, b, &m) || __builtin_add_overflow((size_t)m, (size_t)15, &r) ||
         __builtin_add_overflow(*n, r & ~(size_t)15, n))
-        return 0;
-    return 1;
+        *ok = 0;
+    return at;
 }
 
 typedef struct stats_ws {
@@ -88,32 +90,27 @@ static size_t carve(const layer *l, const attn_problem *p, const stats_shape *s,
                     stats_ws *w)
 {
     const int64_t panel = s->panel_slots * s->d;
-    size_t n = 0, at[7] = {0};
-    int ok = add_chunk(&n, panel, s->d_model);
-    at[1] = n;
-    ok &= add_chunk(&n, panel, 1);
-    at[6] = n;
-    ok &= add_chunk(&n, s->d, 1);
-    at[2] = n;
-    ok &= add_chunk(&n, p->batch, l->kv_dim);
-    at[3] = n;
-    ok &= add_chunk(&n, s->sum_tasks, 2 * s->d_model);
-    at[4] = n;
-    ok &= add_chunk(&n, s->tasks, 4 * s->slots);
-    at[5] = n;
-    size_t per = 0;
-    ok &= add_chunk(&per, s->blk, s->d_model) && add_chunk(&per, s->blk, panel);
-    ok &= add_chunk(&n, s->nt, (int64_t)per);
+    size_t n = 0, per = 0;
+    int ok = 1;
+    const size_t w_at = take(&n, panel, s->d_model, &ok);
+    const size_t bias_at = take(&n, panel, 1, &ok);
+    const size_t zero_at = take(&n, s->d, 1, &ok);
+    const size_t kmean_at = take(&n, p->batch, l->kv_dim, &ok);
+    const size_t colsum_at = take(&n, s->sum_tasks, 2 * s->d_model, &ok); /* doubles */
+    const size_t slot_at = take(&n, s->tasks, 4 * s->slots, &ok);        /* doubles */
+    take(&per, s->blk, s->d_model, &ok);
+    take(&per, s->blk, panel, &ok);
+    const size_t worker_at = take(&n, s->nt, (int64_t)per, &ok);
     if (!ok)
         return 0;
     if (ws) {
-        w->w = ws;
-        w->bias = ws + at[1];
-        w->zero = ws + at[6];
-        w->kmean = ws + at[2];
-        w->colsum = (double *)(void *)(ws + at[3]);
-        w->slot = (double *)(void *)(ws + at[4]);
-        w->worker = ws + at[5];
+        w->w = ws + w_at;
+        w->bias = ws + bias_at;
+        w->zero = ws + zero_at;
+        w->kmean = ws + kmean_at;
+        w->colsum = (double *)(void *)(ws + colsum_at);
+        w->slot = (double *)(void *)(ws + slot_at);
+        w->worker = ws + worker_at;
         w->worker_floats = per;
     }
     return n;
