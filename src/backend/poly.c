@@ -75,7 +75,7 @@ static size_t work_floats(int64_t k, int64_t d)
 
 static size_t poly_workspace_size(const attn_problem *p)
 {
-    const int64_t k = poly_rank(p->poly_degree, p->head_dim);
+    const int64_t k = poly_params_of(&p->params).features;
     if (k < 0)
         return 0;
     return (table_floats(k) + (size_t)worker_count(p) * work_floats(k, p->head_dim)) *
@@ -425,7 +425,7 @@ static void carve_work(const attn_problem *p, int64_t k, float *base, poly_work 
 
 static void carve_table(const attn_problem *p, void *ws, poly_table *t, float **work0)
 {
-    t->k = poly_rank(p->poly_degree, p->head_dim);
+    t->k = poly_params_of(&p->params).features;
     t->parent = (int32_t *)ws;
     t->var = t->parent + t->k;
     t->fac = (float *)(t->var + t->k);
@@ -462,7 +462,7 @@ static void poly_run(const attn_problem *p, void *ws, int backward, const float 
     poly_table t;
     float *work0;
     carve_table(p, ws, &t, &work0);
-    build_table(p->poly_degree, p->head_dim, &t);
+    build_table((int)poly_params_of(&p->params).degree, p->head_dim, &t);
     const size_t stride = work_floats(t.k, p->head_dim);
     const int64_t tasks = task_count(p);
     const int workers = worker_count(p);
@@ -500,7 +500,9 @@ static void poly_backward(const attn_problem *p, const float *q, const float *k,
 
 const attn_backend attn_backend_poly = {
     .name = "poly",
-    .id = 2, /* LORA_BACKEND_POLY */
+    .id = LORA_BACKEND_POLY,
+    .approximate = 1,
+    .plan = poly_plan,
     .workspace_size = poly_workspace_size,
     .forward = poly_forward,
     .backward = poly_backward,
