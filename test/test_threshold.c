@@ -18,7 +18,7 @@
 
 /* The limits of MATH §3 / lora.h as the library documents them (src/backend/poly_model.h):
  * k = binom(g + d, d) <= 2^16 columns, k·(d+1)^2 <= 2^25 floats of state, g <= 20. */
-#define MAX_RANK (INT64_C(1) << 16)
+#define MAX_FEATURES (INT64_C(1) << 16)
 #define MAX_STATE (INT64_C(1) << 25)
 #define MAX_DEGREE 20
 
@@ -35,7 +35,7 @@ static int within_limits(int g, int64_t d)
     if (d > 64 && g > 2)
         return 0; /* binom(g + d, d) > 2^16 already: keeps binom() from overflowing */
     const int64_t k = binom(g + d, d);
-    return k <= MAX_RANK && k * (d + 1) * (d + 1) <= MAX_STATE;
+    return k <= MAX_FEATURES && k * (d + 1) * (d + 1) <= MAX_STATE;
 }
 
 static double taylor_delta(int g, double r)
@@ -1000,6 +1000,76 @@ START_TEST(test_poly_limits)
 }
 END_TEST
 
+/* AUTO always finds a backend: exact attention plans every problem, so no input,
+ * tolerance or explicit degree makes AUTO fail where POLY cannot run (wide heads, a
+ * huge R, a tolerance no degree meets, a degree beyond the feature limits; self,
+ * causal and cross-attention, GQA). Each call runs EXACT on every kv-head group and
+ * matches the reference; the merged forward and the estimate agree. */
+START_TEST(test_auto_always_plans)
+{
+    static const struct {
+        int head_dim, heads, kv_heads, degree, causal, cross;
+        double r, tol;
+    } pc[] = {
+        {128, 2, 1, 0, 0, 0, 40.0, 1e-12}, /* no degree within limits at d_h 128 */
+        {64, 4, 2, 20, 0, 0, 0.05, 1e-3},  /* explicit degree beyond the limits */
+        {4, 4, 2, 0, 1, 0, 30.0, 1e-9},    /* causal GQA, R far too large */
+        {2, 2, 1, 2, 0, 1, 8.0, 1e-6},     /* cross: explicit degree, eta above tol */
+        {8, 4, 4, 0, 1, 1, 1e3, 1e-3},     /* exp(R) overflows: no certificate at all */
+    };
+    const int i = _i;
+    const ref_config c = {.d_model = 8, .n_heads = pc[i].heads, .n_kv_heads = pc[i].kv_heads,
+                          .head_dim = pc[i].head_dim, .rank = 2, .targets = 7,
+                          .causal = pc[i].causal};
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 2100 + (uint64_t)i, 1.0, 0.5);
+    ck_assert_int_eq(ref_problem_init(&p, &l, pc[i].cross, 2, 40, 48, 2200 + (uint64_t)i), 0);
+    problem_set_score_bound(&l, &p, pc[i].r);
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, pc[i].degree, 0.0},
+                            {LORA_CFG_TOLERANCE, 1, 0, pc[i].tol}};
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_AUTO, 1, xp, 2, &ad), LORA_OK);
+    ref_errors e;
+    char msg[512], desc[512];
+    ref_describe(&l, &p, desc, sizeof desc);
+    ref_compare_adapter(ad, &l, &p, &e);
+    ck_assert_msg(e.status == LORA_OK && e.max <= TOL_F32, "case %d: %s [%s]", i,
+                  ref_errors_format(&e, msg, sizeof msg), desc);
+    lora_run_info info = run_info(ad);
+    ck_assert_msg(info.backend == LORA_BACKEND_EXACT && info.poly_groups == 0 &&
+                      info.error_bound == 0.0 && info.grad_bound == 0.0,
+                  "case %d: AUTO ran %d on %lld POLY groups, eta %g [%s]", i, info.backend,
+                  (long long)info.poly_groups, info.error_bound, desc);
+    const size_t nx = (size_t)(p.batch * p.len_q * l.cfg.d_model);
+    const size_t nxkv = (size_t)(p.batch * p.len_kv * l.cfg.d_model);
+    float *x = malloc(nx * sizeof(float)), *xkv = malloc(nxkv * sizeof(float));
+    float *out = malloc((size_t)(p.batch * p.len_q * l.q_dim) * sizeof(float));
+    ck_assert(x && xkv && out);
+    ref_to_float(p.xq, x, nx);
+    ref_to_float(p.xkv, xkv, nxkv);
+    const int st = pc[i].cross
+                       ? lora_forward_merged_cross(ad, x, xkv, p.batch, p.len_q, p.len_kv, out)
+                       : lora_forward_merged(ad, x, p.batch, p.len_q, out);
+    info = run_info(ad);
+    ck_assert_msg(st == LORA_OK && info.backend == LORA_BACKEND_EXACT,
+                  "case %d: merged forward %s, backend %d (%s)", i, lora_status_string(st),
+                  info.backend, lora_adapter_last_error(ad));
+    if (!pc[i].cross) {
+        const lora_threshold_report r = estimate(ad, x, p.batch, p.len_q);
+        ck_assert_msg(r.recommended_backend == LORA_BACKEND_EXACT && r.poly_groups == 0,
+                      "case %d: " REPORT_FMT, i, REPORT_ARGS(r));
+    }
+    free(x);
+    free(xkv);
+    free(out);
+    lora_adapter_destroy(ad);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 /* ---- 6. bad inputs -------------------------------------------------------------------- */
 
 START_TEST(test_new_params_bad_values)
@@ -1195,6 +1265,7 @@ Suite *threshold_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_forced_poly_tolerance);
     tcase_add_test(tc, test_poly_limits);
+    tcase_add_loop_test(tc, test_auto_always_plans, 0, 5);
     suite_add_tcase(s, tc);
     tc = tcase_create("bad_inputs");
     tcase_add_test(tc, test_new_params_bad_values);

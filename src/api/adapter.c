@@ -77,7 +77,7 @@ static void adapter_free_members(lora_adapter *ad)
     lora_buf_free(&ad->mem, &ad->acts_buf);
     lora_buf_free(&ad->mem, &ad->scratch);
     lora_buf_free(&ad->mem, &ad->estimate_buf);
-    lora_mem_free(&ad->mem, ad->group_r); /* group_r, plan_degree, saved_degree: one block */
+    lora_mem_free(&ad->mem, ad->group_r); /* group_r, plan_groups, saved_groups: one block */
 }
 
 LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
@@ -135,14 +135,15 @@ LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
         init_factor_a(&v, t, p->a, l->rank, p->in); /* B starts at zero */
     }
     const size_t groups = (size_t)v.n_kv_heads;
-    ad->group_r = lora_mem_alloc(&ad->mem, groups * (sizeof(double) + 2 * sizeof(int)));
+    ad->group_r =
+        lora_mem_alloc(&ad->mem, groups * (sizeof(double) + 2 * sizeof(attn_group_plan)));
     if (!ad->group_r) {
         adapter_free_members(ad);
         lora_mem_free(&ad->mem, ad);
         return LORA_ERR_NOMEM;
     }
-    ad->plan_degree = (int *)(void *)(ad->group_r + groups);
-    ad->saved_degree = ad->plan_degree + groups;
+    ad->plan_groups = (attn_group_plan *)(void *)(ad->group_r + groups);
+    ad->saved_groups = ad->plan_groups + groups;
     ad->info.struct_size = sizeof ad->info;
     ad->info.measured_out_error = ad->info.measured_dq_error = -1.0;
     *out = ad;

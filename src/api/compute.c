@@ -115,12 +115,12 @@ static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int6
     /* out is computed in the handle's (padded) scratch, then copied to the caller. */
     float *out_own = ad->scratch.ptr;
     double measured;
-    layer_attend(l, plan.group_degree, &p, &ad->acts, out_own, out_own + io, &measured);
+    layer_attend(l, plan.groups, &p, &ad->acts, out_own, out_own + io, &measured);
     memcpy(out, out_own, (size_t)(batch * len_q) *
                              (size_t)(l->out_proj ? l->d_model : l->q_dim) * sizeof(float));
 
     ad->problem = p;
-    memcpy(ad->saved_degree, plan.group_degree, (size_t)p.n_kv_heads * sizeof(int));
+    memcpy(ad->saved_groups, plan.groups, (size_t)p.n_kv_heads * sizeof *plan.groups);
     ad->saved = kind;
     ad->eta = plan.run_eta;
     lora_record_run(ad, &plan, measured);
@@ -143,7 +143,7 @@ size_t lora_io_floats(const layer *l, const attn_problem *p, lora_saved_kind kin
 int lora_reserve_scratch(lora_adapter *ad, const layer *l, const attn_problem *p,
                          const lora_plan *plan, size_t io_floats)
 {
-    const size_t be_bytes = attn_route_workspace(p, plan->group_degree);
+    const size_t be_bytes = attn_dispatch_workspace(p, plan->groups);
     size_t bytes;
     if (__builtin_add_overflow(layer_scratch_floats(l, p), io_floats, &bytes) ||
         __builtin_mul_overflow(bytes, sizeof(float), &bytes) ||
@@ -161,8 +161,8 @@ void lora_record_run(lora_adapter *ad, const lora_plan *plan, double measured_ou
     ad->info.struct_size = sizeof ad->info;
     ad->info.backend = plan->poly_groups > 0 ? LORA_BACKEND_POLY : LORA_BACKEND_EXACT;
     ad->info.poly_groups = plan->poly_groups;
-    ad->info.poly_degree = plan->run_degree;
-    ad->info.poly_rank = plan->run_rank;
+    ad->info.poly_degree = plan->run_order;
+    ad->info.poly_rank = plan->run_features;
     ad->info.error_bound = plan->run_eta;
     ad->info.score_bound = plan->score_bound;
     ad->info.measured_out_error = measured_out;
@@ -199,7 +199,7 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
     float *const dxkv_own = !dxkv ? NULL : dxkv == dxq ? dxq_own : dx_own + nxq;
     memcpy(dout_own, dout, n * sizeof(float));
     double grad_bound = 0.0, measured;
-    layer_backward(l, ad->saved_degree, p, &ad->acts, dout_own, dxq_own, dxkv_own,
+    layer_backward(l, ad->saved_groups, p, &ad->acts, dout_own, dxq_own, dxkv_own,
                    dout_own + lora_io_floats(l, p, kind), ad->eta, &grad_bound, &measured);
     if (dxq)
         memcpy(dxq, dxq_own, nxq * sizeof(float));

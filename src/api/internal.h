@@ -79,10 +79,10 @@ struct lora_adapter {
     lora_buf scratch;
     lora_buf estimate_buf; /* lora_threshold_estimate's workspace (layer_qkv_stats) */
     double eta;            /* largest certified η of the saved forward (0 exact) */
-    /* Per kv-head group (n_kv_heads each, one block): the score bounds and POLY degrees
-     * (0 = EXACT) of the last plan, and the degrees the saved forward ran. */
+    /* Per kv-head group (n_kv_heads each, one block): the score bounds and backends
+     * of the last plan, and the plan the saved forward ran. */
     double *group_r;
-    int *plan_degree, *saved_degree;
+    attn_group_plan *plan_groups, *saved_groups;
     lora_run_info info;
     char err[LORA_ERRMSG_SIZE];
     /* serving: borrowed bases (serving.c), the merged-weight cache (merge.c) */
@@ -98,24 +98,21 @@ void lora_adapter_params_changed(lora_adapter *ad);
 /* Frees what merge.c owns (merged weights, inference buffer); adapter_free_members. */
 void lora_adapter_free_serving(lora_adapter *ad);
 
-/* The backend decision for one call, per kv-head group (AUTO, forced EXACT or forced
- * POLY). */
+/* The backend decision for one call, per kv-head group (AUTO, or a forced backend),
+ * and what the run info reports of it. */
 typedef struct lora_plan {
-    int *group_degree;   /* per kv group: POLY degree, 0 = EXACT (the handle's plan_degree) */
-    int64_t poly_groups; /* kv groups that run POLY */
-    int run_degree;      /* over the POLY groups: largest degree, its feature count, */
-    int64_t run_rank;    /* and the largest certified η (0 when none runs POLY) */
-    double run_eta;
-    int degree;          /* at the layer's R (the largest): the degree POLY needs (also */
-    int64_t rank;        /* the explicit one; 0 = none), its features and η (+inf when */
-    double eta;          /* not certified): what the estimator reports */
-    double score_bound;  /* R, the largest over the groups */
-    double flops_exact, flops_poly;
+    attn_group_plan *groups; /* per kv group (the handle's plan_groups) */
+    int64_t poly_groups;     /* kv groups on an approximate backend (POLY) */
+    int64_t run_order;       /* over those: the largest order (POLY degree), its */
+    int64_t run_features;    /* feature count, and the largest certified η (0 */
+    double run_eta;          /* when every group runs exact) */
+    double score_bound;      /* R, the largest over the groups */
 } lora_plan;
 
-/* Decides the backends from the projected Q and K of problem p. Errors: TOLERANCE
- * (POLY forced, no degree certifies the tolerance), UNSUPPORTED (POLY forced, the
- * degree's features exceed POLY_MAX_RANK), NOMEM. */
+/* Decides the backends from the projected Q and K of problem p (attn_dispatch_plan).
+ * Errors: a forced backend's reason it cannot run (POLY: TOLERANCE when no degree
+ * certifies the tolerance, UNSUPPORTED when the degree's features exceed the limits),
+ * NOMEM. */
 int lora_plan_call(lora_adapter *ad, const attn_problem *p, const float *q,
                    const float *k, lora_plan *plan);
 

@@ -200,7 +200,7 @@ static int run_forward_merged(lora_adapter *ad, const float *xq, const float *xk
         return st;
     float *out_own = ad->scratch.ptr;
     double measured;
-    layer_attend(&lm, plan.group_degree, &p, &a, out_own, out_own + io, &measured);
+    layer_attend(&lm, plan.groups, &p, &a, out_own, out_own + io, &measured);
     memcpy(out, out_own, (size_t)(batch * len_q) *
                              (size_t)(lm.out_proj ? lm.d_model : lm.q_dim) * sizeof(float));
     lora_record_run(ad, &plan, measured);

@@ -1,13 +1,23 @@
 /* The attention-core backend layer: every backend computes softmax attention and its
- * gradient for all (batch, head) pairs of one call, behind one table of functions.
- * Projections and LoRA terms live in src/layer; a backend sees only Q, K, V. */
+ * gradient for all (batch, head) pairs of one call, behind one table of functions, and
+ * answers a planning question (can it run, at what cost, with what error, with which
+ * parameters); the dispatcher picks per kv-head group from the answers. Projections
+ * and LoRA terms live in src/layer; a backend sees only Q, K, V. */
 #ifndef LORA_BACKEND_H
 #define LORA_BACKEND_H
 
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../../include/lora.h" /* enum values only: ids, statuses, parameters */
 #include "../linalg/linalg.h"
+
+/* A backend's private parameters for one run (POLY: its degree), written by its plan
+ * and read by its kernels. The dispatcher only copies and compares them, so a plan
+ * fills every byte (start from all zeros). */
+typedef struct attn_params {
+    int64_t word[2];
+} attn_params;
 
 /* One call's attention problem. Q, dQ, O, dO rows have ldq/ldo floats, K, V, dK, dV
  * rows ldkv; head h occupies columns h*head_dim .. (h+1)*head_dim - 1; batch element b
@@ -21,7 +31,7 @@ typedef struct attn_problem {
     int causal; /* key j visible to query i iff j <= i + (len_kv - len_q) */
     int threads;
     const la_ctx *la;
-    int poly_degree; /* POLY only: even degree g (set per run by route.c) */
+    attn_params params;   /* the running backend's, from its plan (set per run) */
     int64_t measure_rows; /* > 0: sample this many rows per head for attn_measure */
 } attn_problem;
 
@@ -32,9 +42,38 @@ static inline size_t attn_row_stat_count(const attn_problem *p)
     return (size_t)p->batch * (size_t)p->n_heads * (size_t)p->len_q;
 }
 
+/* What a call asks of its attention, for the backends' plans. */
+typedef struct attn_options {
+    int backend;      /* LORA_BACKEND_AUTO: the dispatcher picks; else the id to run */
+    double tolerance; /* the largest certified error AUTO accepts (LORA_CFG_TOLERANCE) */
+    /* The resolved configuration, for a backend's own LORA_CFG_* parameters. */
+    const void *config;
+    int (*get_int)(const void *config, int param, int64_t *value);
+} attn_options;
+
+/* A backend's answer to "can you run this problem at this score bound, at what cost,
+ * with what error, with which parameters". */
+typedef struct attn_offer {
+    int status;       /* LORA_OK: can run; else why not (a LORA_ERR_* with a message) */
+    double eta;       /* certified bound on the probabilities' entrywise relative error:
+                         0 exact, +inf none */
+    double flops;     /* modelled flops of one forward + backward */
+    double cost;      /* flops weighted by the kernels' speed relative to exact's (what
+                         AUTO compares) */
+    int64_t order;    /* what the reports show: approximation order (POLY: the degree) */
+    int64_t features; /* and feature columns; both 0 for exact attention */
+    attn_params params;
+} attn_offer;
+
 typedef struct attn_backend {
     const char *name;
-    int id; /* lora_backend value */
+    int id;          /* lora_backend value */
+    int approximate; /* has an error LORA_CFG_MEASURE_ROWS measures */
+    /* The planning question for p (any number of kv-head groups) whose score bound
+     * (attn_score_bound) is r: fills *offer. When offer->status is not LORA_OK, says
+     * why in why (why_size bytes). Pure: no allocation, no globals. */
+    void (*plan)(const attn_problem *p, double r, const attn_options *o, attn_offer *offer,
+                 char *why, size_t why_size);
     /* Bytes of scratch forward or backward needs (64-byte aligned by the caller). */
     size_t (*workspace_size)(const attn_problem *p);
     /* o = softmax(scale·Q·Kᵀ)·V per head; fills row_stat. Cannot fail. */
@@ -46,26 +85,59 @@ typedef struct attn_backend {
                      const float *do_, float *dq, float *dk, float *dv, void *ws);
 } attn_backend;
 
-extern const attn_backend attn_backend_exact;
-extern const attn_backend attn_backend_poly;
+/* Every backend (table.c), NULL-terminated, in order of preference at equal cost;
+ * exact attention is first and plans every problem. */
+extern const attn_backend *const attn_backends[];
 
-/* A call split over backends by kv-head group (route.c): degree[g] (n_kv_heads
- * entries) is the POLY degree of kv group g and its query heads, 0 for EXACT. The
- * row statistics (attn_row_stat_count(p) floats) are laid out per run of equal
- * degree, so a backward must get the degrees of its forward. ws: at least
- * attn_route_workspace bytes. */
-size_t attn_route_workspace(const attn_problem *p, const int *degree);
-void attn_route_forward(const attn_problem *p, const int *degree, const float *q,
-                        const float *k, const float *v, float *o, float *row_stat, void *ws);
-void attn_route_backward(const attn_problem *p, const int *degree, const float *q,
-                         const float *k, const float *v, const float *o,
-                         const float *row_stat, const float *do_, float *dq, float *dk,
-                         float *dv, void *ws);
-/* attn_measure over the POLY groups (the output without do_, dq with it): the largest
- * of their relative errors, or -1 when none ran POLY or p->measure_rows is 0. */
-double attn_route_measure(const attn_problem *p, const int *degree, const float *q,
-                          const float *k, const float *v, const float *o, const float *do_,
-                          const float *dq, float *scratch);
+/* The backend of a lora_backend id, or NULL. */
+const attn_backend *attn_backend_of(int id);
+
+/* R ≥ max |S_ij − c_i| over every (batch, head) of p, with c_i = β·q_i·k̄ the shift of
+ * key centring: β·max_i‖q_i‖₂·max_j‖k_j − k̄‖₂ per head, maxed. O(L·d) per head.
+ * group_r (n_kv_heads entries) receives the same maximum per kv-head group; the score
+ * bound is what every backend's plan starts from. mean: scratch of head_dim doubles. */
+double attn_score_bound(const attn_problem *p, const float *q, const float *k,
+                        double *mean, double *group_r);
+
+/* One kv-head group's part of a plan: the backend that runs it, with its parameters
+ * and what its offer reported. */
+typedef struct attn_group_plan {
+    const attn_backend *backend;
+    attn_params params;
+    double eta;
+    int64_t order, features;
+} attn_group_plan;
+
+/* Plans every kv-head group g of p at its score bound group_r[g] (dispatch.c). AUTO
+ * (o->backend) asks every backend and keeps the cheapest whose certified error meets
+ * o->tolerance; exact attention always does, so AUTO always plans. A forced backend
+ * runs every group if it can run the whole layer at the largest bound, else its
+ * status is returned with its reason in err (err_size bytes). */
+int attn_dispatch_plan(const attn_problem *p, const double *group_r, const attn_options *o,
+                       attn_group_plan *groups, char *err, size_t err_size);
+/* Backend id's offer for all of p at score bound r (what the estimator reports). */
+void attn_dispatch_offer(const attn_problem *p, int id, double r, const attn_options *o,
+                         attn_offer *offer);
+
+/* Running a plan (groups: n_kv_heads entries). Consecutive groups with the same
+ * backend and parameters run as one problem; the row statistics
+ * (attn_row_stat_count(p) floats) are laid out run after run, so a backward must get
+ * the plan of its forward. ws: at least attn_dispatch_workspace bytes. */
+size_t attn_dispatch_workspace(const attn_problem *p, const attn_group_plan *groups);
+void attn_dispatch_forward(const attn_problem *p, const attn_group_plan *groups,
+                           const float *q, const float *k, const float *v, float *o,
+                           float *row_stat, void *ws);
+void attn_dispatch_backward(const attn_problem *p, const attn_group_plan *groups,
+                            const float *q, const float *k, const float *v, const float *o,
+                            const float *row_stat, const float *do_, float *dq, float *dk,
+                            float *dv, void *ws);
+/* attn_measure over the groups of approximate backends (the output without do_, dq
+ * with it): the largest of their relative errors, or -1 when none ran or
+ * p->measure_rows is 0. */
+double attn_dispatch_measure(const attn_problem *p, const attn_group_plan *groups,
+                             const float *q, const float *k, const float *v,
+                             const float *o, const float *do_, const float *dq,
+                             float *scratch);
 
 /* The measured error of an approximate backend: exact rows (in double) for
  * p->measure_rows sampled queries per (batch, head). Without do_: *out_err = max |o −

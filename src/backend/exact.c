@@ -722,9 +722,28 @@ static void exact_backward(const attn_problem *p, const float *q, const float *k
     }
 }
 
+/* Modelled flops of one forward+backward: 4·Lq·Lkv·d forward, 8·Lq·Lkv·d backward per
+ * head; causal halves it. */
+static double exact_flops(const attn_problem *p)
+{
+    const double per_head = 12.0 * (double)p->len_q * (double)p->len_kv * (double)p->head_dim;
+    return (double)p->batch * (double)p->n_heads * per_head * (p->causal ? 0.5 : 1.0);
+}
+
+/* Exact attention runs every problem, with no error: AUTO's fallback. */
+static void exact_plan(const attn_problem *p, double r, const attn_options *o,
+                       attn_offer *offer, char *why, size_t why_size)
+{
+    (void)r, (void)o, (void)why, (void)why_size;
+    memset(offer, 0, sizeof *offer);
+    offer->status = LORA_OK;
+    offer->flops = offer->cost = exact_flops(p);
+}
+
 const attn_backend attn_backend_exact = {
     .name = "exact",
-    .id = 1, /* LORA_BACKEND_EXACT */
+    .id = LORA_BACKEND_EXACT,
+    .plan = exact_plan,
     .workspace_size = exact_workspace_size,
     .forward = exact_forward,
     .backward = exact_backward,

@@ -75,7 +75,7 @@ static size_t work_floats(int64_t k, int64_t d)
 
 static size_t poly_workspace_size(const attn_problem *p)
 {
-    const int64_t k = poly_rank(p->poly_degree, p->head_dim);
+    const int64_t k = poly_params_of(&p->params).features;
     if (k < 0)
         return 0;
     return (table_floats(k) + (size_t)worker_count(p) * work_floats(k, p->head_dim)) *
@@ -269,58 +269,103 @@ static void augmented_dout(const attn_problem *p, const float *doh, const float 
     }
 }
 
-static void poly_backward_head(const attn_problem *p, int bt, const poly_table *t,
-                               poly_work *w, int64_t b, int64_t h, const float *q,
-                               const float *k, const float *v, const float *o,
-                               const float *row_stat, const float *do_, float *dq, float *dk,
-                               float *dv)
-{
-    const int64_t d = p->head_dim, d1 = d + 1, kk = t->k;
-    const float beta = p->softmax_scale;
+/* One head's views for its backward: the geometry, the saved forward and the gradients
+ * (dk, dv rows are its kv head's, shared by the group's query heads). */
+typedef struct head_grads {
     head_geom hg;
-    head_setup(p, b, h, q, k, v, w->kmean, &hg);
-    const int64_t g = h / (p->n_heads / p->n_kv_heads);
-    const float *oh = o + b * p->len_q * p->ldo + h * d;
-    const float *doh = do_ + b * p->len_q * p->ldo + h * d;
-    float *dqh = dq + b * p->len_q * p->ldq + h * d;
-    float *dkh = dk + b * p->len_kv * p->ldkv + g * d;
-    float *dvh = dv + b * p->len_kv * p->ldkv + g * d;
-    const float *wrow = row_stat + (b * p->n_heads + h) * p->len_q;
-    float inv_w[POLY_BLOCK];
+    const float *oh, *doh, *wrow;
+    float *dqh, *dkh, *dvh;
+} head_grads;
 
-    /* Part 1, dQ: prefix state T[a, (c, e)] = Σ_j φ(k_j)[a]·V'_j[c]·K_j[e]. */
-    const int64_t tcols = d1 * d;
-    memset(w->state, 0, (size_t)(kk * tcols) * sizeof(float));
+static void head_grads_setup(const attn_problem *p, poly_work *w, int64_t b, int64_t h,
+                             const float *q, const float *k, const float *v, const float *o,
+                             const float *row_stat, const float *do_, float *dq, float *dk,
+                             float *dv, head_grads *hd)
+{
+    const int64_t d = p->head_dim, g = h / (p->n_heads / p->n_kv_heads);
+    head_setup(p, b, h, q, k, v, w->kmean, &hd->hg);
+    hd->oh = o + b * p->len_q * p->ldo + h * d;
+    hd->doh = do_ + b * p->len_q * p->ldo + h * d;
+    hd->wrow = row_stat + (b * p->n_heads + h) * p->len_q;
+    hd->dqh = dq + b * p->len_q * p->ldq + h * d;
+    hd->dkh = dk + b * p->len_kv * p->ldkv + g * d;
+    hd->dvh = dv + b * p->len_kv * p->ldkv + g * d;
+}
+
+/* The causal diagonal block of query block i0 (keys [p0, p0 + bq)), as exact attention
+ * with approximate probabilities: dS = F ⊙ (dO·Vᵀ − ρ), dQ += β·dS·K, dK += β·dSᵀ·Q,
+ * dV += Fᵀ·dO. phq holds the block's query features; dopr its dO' rows. */
+static void backward_diag_block(const attn_problem *p, int bt, const poly_table *t,
+                                poly_work *w, const head_grads *hd, int64_t i0, int64_t p0,
+                                int64_t bq, const float *inv_w, const float *dopr)
+{
+    const int64_t d1 = p->head_dim + 1, d = p->head_dim;
+    const float beta = p->softmax_scale;
+    const head_geom *hg = &hd->hg;
+    key_features(p, t, hg, w, p0, bq);
+    diag_probs(p, bt, t, w, bq, inv_w);
+    la_gemm(p->la, bt, LA_N, LA_T, bq, bq, d, 1.0f, hd->doh + i0 * p->ldo, p->ldo,
+            hg->v + p0 * p->ldkv, p->ldkv, 0.0f, w->diag_p, bq);
+    for (int64_t r = 0; r < bq; r++) {
+        const float rho = -dopr[r * d1 + d];
+        for (int64_t jj = 0; jj < bq; jj++)
+            w->diag_p[r * bq + jj] = w->diag_f[r * bq + jj] * (w->diag_p[r * bq + jj] - rho);
+    }
+    la_gemm(p->la, bt, LA_N, LA_N, bq, d, bq, beta, w->diag_p, bq, hg->k + p0 * p->ldkv,
+            p->ldkv, 1.0f, hd->dqh + i0 * p->ldq, p->ldq);
+    la_gemm(p->la, bt, LA_T, LA_N, bq, d, bq, beta, w->diag_p, bq, hg->q + i0 * p->ldq,
+            p->ldq, 1.0f, hd->dkh + p0 * p->ldkv, p->ldkv);
+    la_gemm(p->la, bt, LA_T, LA_N, bq, d, bq, 1.0f, w->diag_f, bq, hd->doh + i0 * p->ldo,
+            p->ldo, 1.0f, hd->dvh + p0 * p->ldkv, p->ldkv);
+}
+
+/* state += Σ_j φ(k_j) ⊗ (V'_j ⊗ K_j) over keys [j0, j0 + n): the dQ prefix state. */
+static void absorb_keys_dq(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
+                           const head_geom *hg, int64_t j0, int64_t n)
+{
+    const int64_t d = p->head_dim, d1 = d + 1, tcols = d1 * d;
+    key_features(p, t, hg, w, j0, n);
+    for (int64_t r = 0; r < n; r++) {
+        const float *vj = hg->v + (j0 + r) * p->ldkv;
+        const float *kj = hg->k + (j0 + r) * p->ldkv;
+        float *row = w->rows + r * tcols;
+        for (int64_t c = 0; c < d1; c++) {
+            const float vc = c < d ? vj[c] : 1.0f;
+            for (int64_t e = 0; e < d; e++)
+                row[c * d + e] = vc * kj[e];
+        }
+    }
+    la_gemm(p->la, bt, LA_N, LA_N, t->k, tcols, n, 1.0f, w->phk, n, w->rows, tcols, 1.0f,
+            w->state, tcols);
+}
+
+/* Part 1, dQ: prefix state T[a, (c, e)] = Σ_j φ(k_j)[a]·V'_j[c]·K_j[e], swept over the
+ * query blocks; causal blocks add their diagonal block. */
+static void backward_dq(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
+                        const head_grads *hd)
+{
+    const int64_t d = p->head_dim, d1 = d + 1, tcols = d1 * d;
+    const float beta = p->softmax_scale;
+    float inv_w[POLY_BLOCK];
+    memset(w->state, 0, (size_t)(t->k * tcols) * sizeof(float));
     int64_t absorbed = 0;
     for (int64_t i0 = 0; i0 < p->len_q; i0 += POLY_BLOCK) {
         const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
         const int64_t p0 = diag_start(p, i0);
         while (absorbed < p0) {
             const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
-            key_features(p, t, &hg, w, absorbed, n);
-            for (int64_t r = 0; r < n; r++) {
-                const float *vj = hg.v + (absorbed + r) * p->ldkv;
-                const float *kj = hg.k + (absorbed + r) * p->ldkv;
-                float *row = w->rows + r * tcols;
-                for (int64_t c = 0; c < d1; c++) {
-                    const float vc = c < d ? vj[c] : 1.0f;
-                    for (int64_t e = 0; e < d; e++)
-                        row[c * d + e] = vc * kj[e];
-                }
-            }
-            la_gemm(p->la, bt, LA_N, LA_N, kk, tcols, n, 1.0f, w->phk, n, w->rows, tcols,
-                    1.0f, w->state, tcols);
+            absorb_keys_dq(p, bt, t, w, &hd->hg, absorbed, n);
             absorbed += n;
         }
-        query_features(p, t, &hg, w, i0, bq);
-        la_gemm(p->la, bt, LA_T, LA_N, bq, tcols, kk, 1.0f, w->phq, bq, w->state, tcols,
+        query_features(p, t, &hd->hg, w, i0, bq);
+        la_gemm(p->la, bt, LA_T, LA_N, bq, tcols, t->k, 1.0f, w->phq, bq, w->state, tcols,
                 0.0f, w->prod, tcols);
         float *dopr = w->rows; /* rows is free again: dO' (bq × (d+1)) */
-        augmented_dout(p, doh, oh, i0, bq, dopr);
+        augmented_dout(p, hd->doh, hd->oh, i0, bq, dopr);
         for (int64_t r = 0; r < bq; r++) {
-            inv_w[r] = 1.0f / wrow[i0 + r];
+            inv_w[r] = 1.0f / hd->wrow[i0 + r];
             const float *y = w->prod + r * tcols, *gp = dopr + r * d1;
-            float *dqi = dqh + (i0 + r) * p->ldq;
+            float *dqi = hd->dqh + (i0 + r) * p->ldq;
             for (int64_t e = 0; e < d; e++)
                 dqi[e] = 0.0f;
             for (int64_t c = 0; c < d1; c++) {
@@ -329,84 +374,93 @@ static void poly_backward_head(const attn_problem *p, int bt, const poly_table *
                     dqi[e] += gc * y[c * d + e];
             }
         }
-        if (p->causal) {
-            /* Diagonal block, as exact attention with approximate probabilities:
-             * dS = F ⊙ (dO·Vᵀ − ρ), dQ += β·dS·K, dK += β·dSᵀ·Q, dV += Fᵀ·dO. */
-            key_features(p, t, &hg, w, p0, bq);
-            diag_probs(p, bt, t, w, bq, inv_w);
-            la_gemm(p->la, bt, LA_N, LA_T, bq, bq, d, 1.0f, doh + i0 * p->ldo, p->ldo,
-                    hg.v + p0 * p->ldkv, p->ldkv, 0.0f, w->diag_p, bq);
-            for (int64_t r = 0; r < bq; r++) {
-                const float rho = -dopr[r * d1 + d];
-                for (int64_t jj = 0; jj < bq; jj++)
-                    w->diag_p[r * bq + jj] = w->diag_f[r * bq + jj] * (w->diag_p[r * bq + jj] - rho);
-            }
-            la_gemm(p->la, bt, LA_N, LA_N, bq, d, bq, beta, w->diag_p, bq,
-                    hg.k + p0 * p->ldkv, p->ldkv, 1.0f, dqh + i0 * p->ldq, p->ldq);
-            la_gemm(p->la, bt, LA_T, LA_N, bq, d, bq, beta, w->diag_p, bq,
-                    hg.q + i0 * p->ldq, p->ldq, 1.0f, dkh + p0 * p->ldkv, p->ldkv);
-            la_gemm(p->la, bt, LA_T, LA_N, bq, d, bq, 1.0f, w->diag_f, bq,
-                    doh + i0 * p->ldo, p->ldo, 1.0f, dvh + p0 * p->ldkv, p->ldkv);
-        }
+        if (p->causal)
+            backward_diag_block(p, bt, t, w, hd, i0, p0, bq, inv_w, dopr);
     }
+}
 
-    /* Part 2, dK and dV: suffix state S[a, (c, e)] = Σ_i φ(q_i)[a]/w_i·dO'_i[c]·Q'_i[e],
-     * swept from the last query block; key j takes S of the blocks that see all of it. */
-    const int64_t scols = d1 * d1;
-    memset(w->state, 0, (size_t)(kk * scols) * sizeof(float));
-    const int64_t nblocks = (p->len_q + POLY_BLOCK - 1) / POLY_BLOCK;
-    /* For blk = last..0: emit the keys whose diagonal block is blk (every later block,
-     * already in S, sees all of them), then add blk's queries to S. Finally emit the
-     * keys before the first diagonal, which every query sees. */
-    for (int64_t blk = nblocks - 1; blk >= -1; blk--) {
-        int64_t j_lo, j_hi;
-        if (blk >= 0) {
-            j_lo = diag_start(p, blk * POLY_BLOCK);
-            j_hi = blk + 1 < nblocks ? diag_start(p, (blk + 1) * POLY_BLOCK) : p->len_kv;
-            if (!p->causal)
-                j_lo = j_hi = p->len_kv;
-        } else {
-            j_lo = 0;
-            j_hi = diag_start(p, 0);
-        }
-        for (int64_t j0 = j_lo; j0 < j_hi; j0 += POLY_BLOCK) {
-            const int64_t n = j_hi - j0 < POLY_BLOCK ? j_hi - j0 : POLY_BLOCK;
-            key_features(p, t, &hg, w, j0, n);
-            la_gemm(p->la, bt, LA_T, LA_N, n, scols, kk, 1.0f, w->phk, n, w->state, scols,
-                    0.0f, w->prod, scols);
-            for (int64_t r = 0; r < n; r++) {
-                const float *z = w->prod + r * scols, *vj = hg.v + (j0 + r) * p->ldkv;
-                float *dkj = dkh + (j0 + r) * p->ldkv, *dvj = dvh + (j0 + r) * p->ldkv;
-                for (int64_t c = 0; c < d1; c++) {
-                    const float vc = (c < d ? vj[c] : 1.0f) * beta;
-                    for (int64_t e = 0; e < d; e++)
-                        dkj[e] += vc * z[c * d1 + e];
-                }
-                for (int64_t c = 0; c < d; c++)
-                    dvj[c] += z[c * d1 + d];
-            }
-        }
-        if (blk < 0)
-            break;
-        const int64_t i0 = blk * POLY_BLOCK;
-        const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
-        query_features(p, t, &hg, w, i0, bq);
-        float *dopr = w->prod; /* (bq × (d+1)), then rows = Kronecker rows */
-        augmented_dout(p, doh, oh, i0, bq, dopr);
-        for (int64_t r = 0; r < bq; r++) {
-            const float iw = 1.0f / wrow[i0 + r];
-            const float *qi = hg.q + (i0 + r) * p->ldq, *gp = dopr + r * d1;
-            float *row = w->rows + r * scols;
+/* dK, dV of keys [j_lo, j_hi) from the suffix state S (every query in it sees them). */
+static void emit_keys(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
+                      const head_grads *hd, int64_t j_lo, int64_t j_hi)
+{
+    const int64_t d = p->head_dim, d1 = d + 1, scols = d1 * d1;
+    const float beta = p->softmax_scale;
+    for (int64_t j0 = j_lo; j0 < j_hi; j0 += POLY_BLOCK) {
+        const int64_t n = j_hi - j0 < POLY_BLOCK ? j_hi - j0 : POLY_BLOCK;
+        key_features(p, t, &hd->hg, w, j0, n);
+        la_gemm(p->la, bt, LA_T, LA_N, n, scols, t->k, 1.0f, w->phk, n, w->state, scols,
+                0.0f, w->prod, scols);
+        for (int64_t r = 0; r < n; r++) {
+            const float *z = w->prod + r * scols, *vj = hd->hg.v + (j0 + r) * p->ldkv;
+            float *dkj = hd->dkh + (j0 + r) * p->ldkv, *dvj = hd->dvh + (j0 + r) * p->ldkv;
             for (int64_t c = 0; c < d1; c++) {
-                const float gc = gp[c] * iw;
+                const float vc = (c < d ? vj[c] : 1.0f) * beta;
                 for (int64_t e = 0; e < d; e++)
-                    row[c * d1 + e] = gc * qi[e];
-                row[c * d1 + d] = gc;
+                    dkj[e] += vc * z[c * d1 + e];
             }
+            for (int64_t c = 0; c < d; c++)
+                dvj[c] += z[c * d1 + d];
         }
-        la_gemm(p->la, bt, LA_N, LA_N, kk, scols, bq, 1.0f, w->phq, bq, w->rows, scols, 1.0f,
-                w->state, scols);
     }
+}
+
+/* S += Σ_i φ(q_i)/w_i ⊗ (dO'_i ⊗ Q'_i) over query block i0 (bq rows). */
+static void absorb_queries(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
+                           const head_grads *hd, int64_t i0, int64_t bq)
+{
+    const int64_t d = p->head_dim, d1 = d + 1, scols = d1 * d1;
+    query_features(p, t, &hd->hg, w, i0, bq);
+    float *dopr = w->prod; /* (bq × (d+1)), then rows = Kronecker rows */
+    augmented_dout(p, hd->doh, hd->oh, i0, bq, dopr);
+    for (int64_t r = 0; r < bq; r++) {
+        const float iw = 1.0f / hd->wrow[i0 + r];
+        const float *qi = hd->hg.q + (i0 + r) * p->ldq, *gp = dopr + r * d1;
+        float *row = w->rows + r * scols;
+        for (int64_t c = 0; c < d1; c++) {
+            const float gc = gp[c] * iw;
+            for (int64_t e = 0; e < d; e++)
+                row[c * d1 + e] = gc * qi[e];
+            row[c * d1 + d] = gc;
+        }
+    }
+    la_gemm(p->la, bt, LA_N, LA_N, t->k, scols, bq, 1.0f, w->phq, bq, w->rows, scols, 1.0f,
+            w->state, scols);
+}
+
+/* Part 2, dK and dV: suffix state S[a, (c, e)] = Σ_i φ(q_i)[a]/w_i·dO'_i[c]·Q'_i[e],
+ * swept from the last query block; key j takes S of the blocks that see all of it.
+ * For blk = last..0: emit the keys whose diagonal block is blk (every later block,
+ * already in S, sees all of them), then add blk's queries to S. Finally emit the keys
+ * before the first diagonal, which every query sees. */
+static void backward_dkdv(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
+                          const head_grads *hd)
+{
+    const int64_t d1 = p->head_dim + 1;
+    memset(w->state, 0, (size_t)(t->k * d1 * d1) * sizeof(float));
+    const int64_t nblocks = (p->len_q + POLY_BLOCK - 1) / POLY_BLOCK;
+    for (int64_t blk = nblocks - 1; blk >= 0; blk--) {
+        int64_t j_lo = diag_start(p, blk * POLY_BLOCK);
+        int64_t j_hi = blk + 1 < nblocks ? diag_start(p, (blk + 1) * POLY_BLOCK) : p->len_kv;
+        if (!p->causal)
+            j_lo = j_hi = p->len_kv;
+        emit_keys(p, bt, t, w, hd, j_lo, j_hi);
+        const int64_t i0 = blk * POLY_BLOCK;
+        absorb_queries(p, bt, t, w, hd, i0,
+                       p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK);
+    }
+    emit_keys(p, bt, t, w, hd, 0, diag_start(p, 0));
+}
+
+static void poly_backward_head(const attn_problem *p, int bt, const poly_table *t,
+                               poly_work *w, int64_t b, int64_t h, const float *q,
+                               const float *k, const float *v, const float *o,
+                               const float *row_stat, const float *do_, float *dq, float *dk,
+                               float *dv)
+{
+    head_grads hd;
+    head_grads_setup(p, w, b, h, q, k, v, o, row_stat, do_, dq, dk, dv, &hd);
+    backward_dq(p, bt, t, w, &hd);
+    backward_dkdv(p, bt, t, w, &hd);
 }
 
 static void carve_work(const attn_problem *p, int64_t k, float *base, poly_work *w)
@@ -425,7 +479,7 @@ static void carve_work(const attn_problem *p, int64_t k, float *base, poly_work 
 
 static void carve_table(const attn_problem *p, void *ws, poly_table *t, float **work0)
 {
-    t->k = poly_rank(p->poly_degree, p->head_dim);
+    t->k = poly_params_of(&p->params).features;
     t->parent = (int32_t *)ws;
     t->var = t->parent + t->k;
     t->fac = (float *)(t->var + t->k);
@@ -462,7 +516,7 @@ static void poly_run(const attn_problem *p, void *ws, int backward, const float 
     poly_table t;
     float *work0;
     carve_table(p, ws, &t, &work0);
-    build_table(p->poly_degree, p->head_dim, &t);
+    build_table((int)poly_params_of(&p->params).degree, p->head_dim, &t);
     const size_t stride = work_floats(t.k, p->head_dim);
     const int64_t tasks = task_count(p);
     const int workers = worker_count(p);
@@ -500,7 +554,9 @@ static void poly_backward(const attn_problem *p, const float *q, const float *k,
 
 const attn_backend attn_backend_poly = {
     .name = "poly",
-    .id = 2, /* LORA_BACKEND_POLY */
+    .id = LORA_BACKEND_POLY,
+    .approximate = 1,
+    .plan = poly_plan,
     .workspace_size = poly_workspace_size,
     .forward = poly_forward,
     .backward = poly_backward,

@@ -1,7 +1,7 @@
 #include "poly_model.h"
 
 #include <math.h>
-#include <string.h>
+#include <stdio.h>
 
 double poly_taylor_delta(int g, double r)
 {
@@ -20,80 +20,29 @@ double poly_eta(int g, double r)
 
 int poly_degree_for(double r, double tol, int64_t d)
 {
-    for (int g = 2; g <= POLY_MAX_DEGREE && poly_rank(g, d) > 0; g += 2)
+    for (int g = 2; g <= POLY_MAX_DEGREE && poly_feature_count(g, d) > 0; g += 2)
         if (poly_taylor_delta(g, r) * (2.0 + tol) <= tol)
             return g;
     return 0;
 }
 
-int64_t poly_rank(int g, int64_t d)
+int64_t poly_feature_count(int g, int64_t d)
 {
     /* binom(g + d, g) = Π_{i=1..g} (d + i)/i, exact in integers at every step. */
-    if (d > POLY_MAX_RANK)
+    if (d > POLY_MAX_FEATURES)
         return -1;
     int64_t k = 1; /* k <= 2^22 and d + i < 2^23 before each step: no overflow */
     for (int64_t i = 1; i <= g; i++) {
         k = k * (d + i) / i;
-        if (k > POLY_MAX_RANK)
+        if (k > POLY_MAX_FEATURES)
             return -1;
     }
     return k * (d + 1) * (d + 1) > POLY_MAX_STATE ? -1 : k;
 }
 
-LA_VECTOR_CLONES double poly_score_bound(const attn_problem *p, const float *q,
-                                         const float *k, double *mean, double *group_r)
+double poly_flops(const attn_problem *p, int g)
 {
-    const int64_t d = p->head_dim, group = p->n_heads / p->n_kv_heads;
-    double r = 0.0;
-    for (int64_t g = 0; g < p->n_kv_heads; g++)
-        group_r[g] = 0.0;
-    for (int64_t b = 0; b < p->batch; b++)
-        for (int64_t g = 0; g < p->n_kv_heads; g++) {
-            const float *kh = k + b * p->len_kv * p->ldkv + g * d;
-            memset(mean, 0, (size_t)d * sizeof *mean);
-            for (int64_t j = 0; j < p->len_kv; j++)
-                for (int64_t c = 0; c < d; c++)
-                    mean[c] += kh[j * p->ldkv + c];
-            for (int64_t c = 0; c < d; c++)
-                mean[c] /= (double)p->len_kv;
-            double kmax = 0.0;
-            for (int64_t j = 0; j < p->len_kv; j++) {
-                double s = 0.0;
-#pragma omp simd reduction(+ : s)
-                for (int64_t c = 0; c < d; c++) {
-                    const double x = kh[j * p->ldkv + c] - mean[c];
-                    s += x * x;
-                }
-                kmax = s > kmax ? s : kmax;
-            }
-            for (int64_t h = g * group; h < (g + 1) * group; h++) {
-                const float *qh = q + b * p->len_q * p->ldq + h * d;
-                double qmax = 0.0;
-                for (int64_t i = 0; i < p->len_q; i++) {
-                    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t c = 0; c < d; c++)
-                        s += (double)qh[i * p->ldq + c] * qh[i * p->ldq + c];
-                    qmax = s > qmax ? s : qmax;
-                }
-                const double rh = fabs((double)p->softmax_scale) * sqrt(qmax * kmax);
-                group_r[g] = rh > group_r[g] ? rh : group_r[g];
-                r = rh > r ? rh : r;
-            }
-        }
-    return r;
-}
-
-double attn_flops_exact(const attn_problem *p)
-{
-    /* 4·Lq·Lkv·d forward, 8·Lq·Lkv·d backward per head; causal halves it. */
-    const double per_head = 12.0 * (double)p->len_q * (double)p->len_kv * (double)p->head_dim;
-    return (double)p->batch * (double)p->n_heads * per_head * (p->causal ? 0.5 : 1.0);
-}
-
-double attn_flops_poly(const attn_problem *p, int g)
-{
-    const double d = (double)p->head_dim, k = (double)poly_rank(g, p->head_dim);
+    const double d = (double)p->head_dim, k = (double)poly_feature_count(g, p->head_dim);
     const double lq = (double)p->len_q, lkv = (double)p->len_kv;
     /* Per query row: features, forward product, dQ contraction, suffix-state update.
      * Per key row: features, forward state, prefix state, dK/dV emission. Causal adds
@@ -103,4 +52,42 @@ double attn_flops_poly(const attn_problem *p, int g)
     double feat = 3.0 * (lq + lkv) * 3.0 * k;
     double diag = p->causal ? lq * 64.0 * (3.0 * 2.0 * k + 8.0 * d) : 0.0;
     return (double)p->batch * (double)p->n_heads * (fwd + bwd + feat + diag);
+}
+
+void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offer *offer,
+               char *why, size_t why_size)
+{
+    int64_t fixed = 0; /* LORA_CFG_POLY_DEGREE: 0 = from the tolerance */
+    if (o->get_int && o->get_int(o->config, LORA_CFG_POLY_DEGREE, &fixed) != LORA_OK)
+        fixed = 0;
+    const int64_t d = p->head_dim;
+    const int g = fixed > 0 ? (int)fixed : poly_degree_for(r, o->tolerance, d);
+    const int64_t k = g > 0 ? poly_feature_count(g, d) : -1;
+    memset(offer, 0, sizeof *offer);
+    offer->eta = offer->flops = offer->cost = INFINITY;
+    if (g == 0) {
+        offer->status = LORA_ERR_TOLERANCE;
+        snprintf(why, why_size,
+                 "no even degree within limits (k <= %lld features, state <= %lld floats) "
+                 "certifies tolerance %g at score bound R = %g; lower R, raise "
+                 "LORA_CFG_TOLERANCE or set LORA_CFG_POLY_DEGREE",
+                 (long long)POLY_MAX_FEATURES, (long long)POLY_MAX_STATE, o->tolerance, r);
+        return;
+    }
+    if (k <= 0) {
+        offer->status = LORA_ERR_UNSUPPORTED;
+        snprintf(why, why_size,
+                 "degree %d with head_dim %lld needs more than %lld feature columns or a "
+                 "state above %lld floats",
+                 g, (long long)d, (long long)POLY_MAX_FEATURES, (long long)POLY_MAX_STATE);
+        return;
+    }
+    const poly_params pp = {.degree = g, .features = k};
+    memcpy(&offer->params, &pp, sizeof pp);
+    offer->status = LORA_OK;
+    offer->eta = poly_eta(g, r);
+    offer->flops = poly_flops(p, g);
+    offer->cost = offer->flops * POLY_COST_RATIO;
+    offer->order = g;
+    offer->features = k;
 }

@@ -128,13 +128,13 @@ void layer_project(const layer *l, const attn_problem *p, layer_acts *a)
     proj_forward(l, &l->proj[PROJ_V], p->la, p->threads, a->xkv, nk, a->v, a->xa[PROJ_V]);
 }
 
-void layer_attend(const layer *l, const int *degree, const attn_problem *p, layer_acts *a,
-                  float *out, float *ws, double *measured)
+void layer_attend(const layer *l, const attn_group_plan *plan, const attn_problem *p,
+                  layer_acts *a, float *out, float *ws, double *measured)
 {
     const int64_t nq = p->batch * p->len_q;
-    attn_route_forward(p, degree, a->q, a->k, a->v, a->attn, a->row_stat,
-                       ws + layer_scratch_floats(l, p));
-    *measured = attn_route_measure(p, degree, a->q, a->k, a->v, a->attn, NULL, NULL, ws);
+    attn_dispatch_forward(p, plan, a->q, a->k, a->v, a->attn, a->row_stat,
+                          ws + layer_scratch_floats(l, p));
+    *measured = attn_dispatch_measure(p, plan, a->q, a->k, a->v, a->attn, NULL, NULL, ws);
     if (l->out_proj)
         proj_forward(l, &l->proj[PROJ_O], p->la, p->threads, a->attn, nq, out,
                      a->xa[PROJ_O]);
@@ -201,7 +201,7 @@ static double grad_error_bound(const layer *l, const attn_problem *p, const laye
     return bound;
 }
 
-void layer_backward(const layer *l, const int *degree, const attn_problem *p,
+void layer_backward(const layer *l, const attn_group_plan *plan, const attn_problem *p,
                     const layer_acts *a, const float *dout, float *dxq, float *dxkv,
                     float *ws, double eta, double *grad_bound, double *measured)
 {
@@ -218,9 +218,9 @@ void layer_backward(const layer *l, const int *degree, const attn_problem *p,
                       dyb);
         dattn = dc;
     }
-    attn_route_backward(p, degree, a->q, a->k, a->v, a->attn, a->row_stat, dattn, dq, dk,
-                        dv, ws + layer_scratch_floats(l, p));
-    *measured = attn_route_measure(p, degree, a->q, a->k, a->v, a->attn, dattn, dq, ws);
+    attn_dispatch_backward(p, plan, a->q, a->k, a->v, a->attn, a->row_stat, dattn, dq, dk,
+                           dv, ws + layer_scratch_floats(l, p));
+    *measured = attn_dispatch_measure(p, plan, a->q, a->k, a->v, a->attn, dattn, dq, ws);
     const int shared_dx = dxq != NULL && dxq == dxkv;
     proj_backward(l, &l->proj[PROJ_Q], la, nt, a->xq, a->xa[PROJ_Q], nq, dq, dxq, 0, dyb);
     proj_backward(l, &l->proj[PROJ_K], la, nt, a->xkv, a->xa[PROJ_K], nk, dk, dxkv,

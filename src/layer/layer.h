@@ -50,27 +50,27 @@ size_t layer_scratch_floats(const layer *l, const attn_problem *p);
 
 /* Forward in two steps, so the backends can be chosen from Q and K in between.
  * layer_project: a->q, a->k, a->v from a->xq, a->xkv (the inputs).
- * layer_attend: attention, each kv-head group on the backend its degree names
- * (attn_route_forward), and the output projection; out is (batch·len_q, d_model) with
- * out_proj, else (batch·len_q, q_dim). ws: layer_scratch_floats floats, then
- * attn_route_workspace bytes. */
+ * layer_attend: attention, each kv-head group on the backend its plan names (plan:
+ * n_kv_heads entries, attn_dispatch_forward), and the output projection; out is
+ * (batch·len_q, d_model) with out_proj, else (batch·len_q, q_dim). ws:
+ * layer_scratch_floats floats, then attn_dispatch_workspace bytes. */
 void layer_project(const layer *l, const attn_problem *p, layer_acts *a);
-void layer_attend(const layer *l, const int *degree, const attn_problem *p, layer_acts *a,
-                  float *out, float *ws, double *measured);
+void layer_attend(const layer *l, const attn_group_plan *plan, const attn_problem *p,
+                  layer_acts *a, float *out, float *ws, double *measured);
 
 /* Accumulates dA, dB of adapted projections; dxq, dxkv (NULL or input-shaped) are
- * overwritten; for self-attention pass the same pointer as dxq and dxkv. degree: the
+ * overwritten; for self-attention pass the same pointer as dxq and dxkv. plan: the
  * forward's. eta: the largest certified relative error of the attention probabilities
  * over the kv groups (0 when all ran exact); *grad_bound receives the certified
  * absolute error bound that implies on every returned gradient entry (MATH §4; exact
- * arithmetic). *measured (both steps): attn_route_measure's sampled error. */
-void layer_backward(const layer *l, const int *degree, const attn_problem *p,
+ * arithmetic). *measured (both steps): attn_dispatch_measure's sampled error. */
+void layer_backward(const layer *l, const attn_group_plan *plan, const attn_problem *p,
                     const layer_acts *a, const float *dout, float *dxq, float *dxkv,
                     float *ws, double eta, double *grad_bound, double *measured);
 
 /* What the threshold estimator needs of self-attention's Q, K, V on x (p->batch ×
  * p->len_q rows), computed without storing them: max |entry| of each (bias and LoRA
- * included; index PROJ_Q/K/V) and the score bounds R of poly_score_bound per kv-head
+ * included; index PROJ_Q/K/V) and the score bounds R of attn_score_bound per kv-head
  * group (group_r, n_kv_heads entries) and over all (score_bound), with the key mean
  * taken as x̄·W_Kᵀ + b_K (equal to the mean key up to rounding). */
 typedef struct layer_qkv_stats_result {
