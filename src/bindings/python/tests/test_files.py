@@ -109,7 +109,8 @@ def adapter_set():
         rng = np.random.default_rng(i)
         for t in ad.targets:
             for f in "AB":
-                ad.set_param(t, f, rng.standard_normal(ad.param_shape(t, f)))
+                ad.set_param(t, f, rng.standard_normal(ad.param_shape(t, f))
+                             .astype(np.float32))
         ads[layer] = ad
     return ads
 
