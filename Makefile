@@ -79,7 +79,7 @@ APP_LDLIBS := -Llib -Wl,-rpath,$(CURDIR)/lib -llora -lm
 
 .PHONY: all lib check check-build demo deps install uninstall clean header-check \
         symbols-check examples bench
-.PHONY: check-bindings check-python check-rust check-cpp check-mpi
+.PHONY: check-bindings check-python check-python-install check-rust check-cpp check-mpi
 
 all: lib
 lib: $(SHARED) $(STATIC)
@@ -149,7 +149,7 @@ MPIRUN ?= mpirun
 CPP_EXAMPLE := lib/examples/cpp/example
 MPI_EXAMPLE := lib/examples/mpi/train_mpi
 
-check-bindings: check-python check-rust check-cpp check-mpi
+check-bindings: check-python check-python-install check-rust check-cpp check-mpi
 
 check-python: $(SHARED)
 	@py=""; for p in $(PYTHON_CANDIDATES); do \
@@ -161,6 +161,14 @@ check-python: $(SHARED)
 	    PYTHONDONTWRITEBYTECODE=1 LORA_LIBRARY=$(CURDIR)/lib/liblora.so \
 	        $$py -m pytest -q -p no:cacheprovider src/bindings/python/tests; \
 	fi
+
+# pip install of the package into a venv (offline), tested from outside the tree.
+check-python-install: $(SHARED)
+	@py=""; for p in $(PYTHON_CANDIDATES); do \
+	    if $$p -c 'import numpy, pytest' >/dev/null 2>&1; then py=$$p; break; fi; done; \
+	if [ -z "$$py" ]; then echo "check-python-install: skipped (no python3 with numpy and pytest)"; \
+	else sh src/bindings/python/tests/install_check.sh "$$py" $(CURDIR)/lib/$(SONAME) \
+	    $(CURDIR)/lib/python-install; fi
 
 # Offline and dependency-free; build output goes to lib/rust (cleaned by make clean).
 check-rust: $(SHARED)
@@ -237,7 +245,8 @@ uninstall:
 	    $(DESTDIR)$(LIBDIR)/liblora.a $(DESTDIR)$(PKGCONFIGDIR)/lora.pc
 
 clean:
-	rm -rf lib/obj lib/test lib/examples lib/bench lib/liblora.* lib/lora.pc lib/rust
+	rm -rf lib/obj lib/test lib/examples lib/bench lib/liblora.* lib/lora.pc lib/rust \
+	    lib/python-install
 	rm -rf lib/asan lib/tsan lib/fuzz lib/abi
 
 # ---- reliability: check-asan, check-valgrind, check-tsan, fuzz, abi-check, abi-update
