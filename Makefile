@@ -178,7 +178,10 @@ check-rust: $(SHARED)
 	else \
 	    echo "check-rust: cargo test --offline (src/bindings/rust)"; \
 	    cd src/bindings/rust && CARGO_TARGET_DIR=$(CURDIR)/lib/rust LORA_LIB_DIR=$(CURDIR)/lib \
-	        "$$cargo" test --offline -q; \
+	        "$$cargo" test --offline -q && \
+	    echo "check-rust: cargo run --offline (a dependent crate, without LD_LIBRARY_PATH)" && \
+	    cd dependent && env -u LD_LIBRARY_PATH CARGO_TARGET_DIR=$(CURDIR)/lib/rust/dependent \
+	        LORA_LIB_DIR=$(CURDIR)/lib "$$cargo" run --offline -q; \
 	fi
 
 check-cpp: $(SHARED)
