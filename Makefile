@@ -236,6 +236,7 @@ symbols-check: $(SHARED)
 install: lib lib/lora.pc
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR)
 	install -m 644 include/lora.h $(DESTDIR)$(INCLUDEDIR)/lora.h
+	install -m 644 examples/cpp/lora.hpp $(DESTDIR)$(INCLUDEDIR)/lora.hpp
 	install -m 755 $(SHARED) $(DESTDIR)$(LIBDIR)/
 	ln -sf liblora.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
 	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/liblora.so
@@ -243,7 +244,8 @@ install: lib lib/lora.pc
 	install -m 644 lib/lora.pc $(DESTDIR)$(PKGCONFIGDIR)/lora.pc
 
 uninstall:
-	rm -f $(DESTDIR)$(INCLUDEDIR)/lora.h $(DESTDIR)$(LIBDIR)/liblora.so.$(VERSION) \
+	rm -f $(DESTDIR)$(INCLUDEDIR)/lora.h $(DESTDIR)$(INCLUDEDIR)/lora.hpp \
+	    $(DESTDIR)$(LIBDIR)/liblora.so.$(VERSION) \
 	    $(DESTDIR)$(LIBDIR)/$(SONAME) $(DESTDIR)$(LIBDIR)/liblora.so \
 	    $(DESTDIR)$(LIBDIR)/liblora.a $(DESTDIR)$(PKGCONFIGDIR)/lora.pc
 
