@@ -488,7 +488,6 @@ class Adapter:
         one). A C-contiguous float32 array is used in place; anything else is converted
         once. The adapter keeps a reference to the arrays until the base is replaced or
         the adapter is closed; do not modify them meanwhile."""
-        _need("lora_adapter_set_base_borrowed")
         t, w, b = self._base_arrays(target, weight, bias, "set_base_borrowed")
         self._saved = None
         self._check(_lib.lora_adapter_set_base_borrowed(self._h(), t, _ptr(w), _ptr(b)),
@@ -564,7 +563,6 @@ class Adapter:
     @property
     def param_count(self):
         """Total floats in all LoRA factors (lora_adapter_param_count)."""
-        _need("lora_adapter_param_count")
         n = ctypes.c_size_t()
         self._check(_lib.lora_adapter_param_count(self._h(), ctypes.byref(n)),
                     "lora_adapter_param_count")
@@ -573,7 +571,6 @@ class Adapter:
     def get_params_flat(self, out=None):
         """All factors as one float32 vector: targets Q, K, V, O (adapted ones), each A
         then B, row-major."""
-        _need("lora_adapter_get_params_flat")
         dst = _out_buffer(out, (self.param_count,), "out")
         self._check(_lib.lora_adapter_get_params_flat(self._h(), _ptr(dst), dst.size),
                     "lora_adapter_get_params_flat")
@@ -581,7 +578,6 @@ class Adapter:
 
     def set_params_flat(self, values):
         """Sets all factors from one vector (get_params_flat's order)."""
-        _need("lora_adapter_set_params_flat")
         src = as_f32(values, "values")
         self._saved = None
         self._check(_lib.lora_adapter_set_params_flat(self._h(), _ptr(src), src.size),
@@ -589,7 +585,6 @@ class Adapter:
 
     def get_grads_flat(self, out=None):
         """All accumulated gradients as one vector (get_params_flat's order)."""
-        _need("lora_adapter_get_grads_flat")
         dst = _out_buffer(out, (self.param_count,), "out")
         self._check(_lib.lora_adapter_get_grads_flat(self._h(), _ptr(dst), dst.size),
                     "lora_adapter_get_grads_flat")
@@ -597,7 +592,6 @@ class Adapter:
 
     def set_grads_flat(self, values):
         """Overwrites the accumulated gradients (e.g. with an all-reduced average)."""
-        _need("lora_adapter_set_grads_flat")
         src = as_f32(values, "values")
         self._check(_lib.lora_adapter_set_grads_flat(self._h(), _ptr(src), src.size),
                     "lora_adapter_set_grads_flat")
@@ -605,7 +599,6 @@ class Adapter:
     # -- merge and serving --
 
     def _merge(self, name, target, weight, inplace):
-        _need(name)
         fn = getattr(_lib, name)
         t = _target(target)
         shape = self.base_shape(t)
@@ -632,7 +625,6 @@ class Adapter:
     def forward_merged(self, x, out=None):
         """Inference forward with merged weights (same result as forward up to
         rounding); keeps no activations and leaves the saved forward alone."""
-        _need("lora_forward_merged")
         h = self._h()
         x3, given = self._input(x, "x")
         o = _out_buffer(out, given[:-1] + (self.out_dim,), "out")
@@ -642,7 +634,6 @@ class Adapter:
 
     def forward_merged_cross(self, xq, xkv, out=None):
         """forward_cross with merged weights (see forward_merged)."""
-        _need("lora_forward_merged_cross")
         h = self._h()
         q3, qgiven = self._input(xq, "xq")
         kv3, kvgiven = self._input(xkv, "xkv")
@@ -658,7 +649,6 @@ class Adapter:
     def copy_params_from(self, src):
         """Hot swap: copies src's LoRA factors and scaling (alpha, rsLoRA) into this
         adapter, keeping its base weights, settings and gradients."""
-        _need("lora_adapter_copy_params")
         self._saved = None
         self._check(_lib.lora_adapter_copy_params(self._h(), src._h()),
                     "lora_adapter_copy_params")
@@ -967,7 +957,6 @@ def _adapter_set(adapters, layers):
 
 
 def _save(name, path, adapters, layers, *extra):
-    _need(name)
     ads, arr, lay = _adapter_set(adapters, layers)
     st = getattr(_lib, name)(os.fsencode(path), arr, lay, len(ads), *extra)
     if st != Status.OK:
@@ -975,7 +964,6 @@ def _save(name, path, adapters, layers, *extra):
 
 
 def _load(name, path, config):
-    _need(name)
     cfg = _make_config(config)
     try:
         count = ctypes.c_size_t()

@@ -1,7 +1,6 @@
 """Adapter files written by liblora, read back by independent readers written here with
 json + numpy only (no liblora code): PEFT's safetensors and llama.cpp's GGUF."""
 import json
-import os
 import struct
 
 import numpy as np
