@@ -79,7 +79,7 @@ APP_LDLIBS := -Llib -Wl,-rpath,$(CURDIR)/lib -llora -lm
 
 .PHONY: all lib check check-build demo deps install uninstall clean header-check \
         symbols-check examples bench
-.PHONY: check-bindings check-python check-rust check-cpp check-mpi
+.PHONY: check-bindings check-python check-python-install check-rust check-cpp check-mpi
 
 all: lib
 lib: $(SHARED) $(STATIC)
@@ -149,7 +149,7 @@ MPIRUN ?= mpirun
 CPP_EXAMPLE := lib/examples/cpp/example
 MPI_EXAMPLE := lib/examples/mpi/train_mpi
 
-check-bindings: check-python check-rust check-cpp check-mpi
+check-bindings: check-python check-python-install check-rust check-cpp check-mpi
 
 check-python: $(SHARED)
 	@py=""; for p in $(PYTHON_CANDIDATES); do \
@@ -162,6 +162,14 @@ check-python: $(SHARED)
 	        $$py -m pytest -q -p no:cacheprovider src/bindings/python/tests; \
 	fi
 
+# pip install of the package into a venv (offline), tested from outside the tree.
+check-python-install: $(SHARED)
+	@py=""; for p in $(PYTHON_CANDIDATES); do \
+	    if $$p -c 'import numpy, pytest' >/dev/null 2>&1; then py=$$p; break; fi; done; \
+	if [ -z "$$py" ]; then echo "check-python-install: skipped (no python3 with numpy and pytest)"; \
+	else sh src/bindings/python/tests/install_check.sh "$$py" $(CURDIR)/lib/$(SONAME) \
+	    $(CURDIR)/lib/python-install; fi
+
 # Offline and dependency-free; build output goes to lib/rust (cleaned by make clean).
 check-rust: $(SHARED)
 	@cargo=$$(command -v $(CARGO) || { [ -x "$$HOME/.cargo/bin/cargo" ] && echo "$$HOME/.cargo/bin/cargo"; } || true); \
@@ -170,7 +178,10 @@ check-rust: $(SHARED)
 	else \
 	    echo "check-rust: cargo test --offline (src/bindings/rust)"; \
 	    cd src/bindings/rust && CARGO_TARGET_DIR=$(CURDIR)/lib/rust LORA_LIB_DIR=$(CURDIR)/lib \
-	        "$$cargo" test --offline -q; \
+	        "$$cargo" test --offline -q && \
+	    echo "check-rust: cargo run --offline (a dependent crate, without LD_LIBRARY_PATH)" && \
+	    cd dependent && env -u LD_LIBRARY_PATH CARGO_TARGET_DIR=$(CURDIR)/lib/rust/dependent \
+	        LORA_LIB_DIR=$(CURDIR)/lib "$$cargo" run --offline -q; \
 	fi
 
 check-cpp: $(SHARED)
@@ -225,6 +236,7 @@ symbols-check: $(SHARED)
 install: lib lib/lora.pc
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR)
 	install -m 644 include/lora.h $(DESTDIR)$(INCLUDEDIR)/lora.h
+	install -m 644 examples/cpp/lora.hpp $(DESTDIR)$(INCLUDEDIR)/lora.hpp
 	install -m 755 $(SHARED) $(DESTDIR)$(LIBDIR)/
 	ln -sf liblora.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
 	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/liblora.so
@@ -232,12 +244,14 @@ install: lib lib/lora.pc
 	install -m 644 lib/lora.pc $(DESTDIR)$(PKGCONFIGDIR)/lora.pc
 
 uninstall:
-	rm -f $(DESTDIR)$(INCLUDEDIR)/lora.h $(DESTDIR)$(LIBDIR)/liblora.so.$(VERSION) \
+	rm -f $(DESTDIR)$(INCLUDEDIR)/lora.h $(DESTDIR)$(INCLUDEDIR)/lora.hpp \
+	    $(DESTDIR)$(LIBDIR)/liblora.so.$(VERSION) \
 	    $(DESTDIR)$(LIBDIR)/$(SONAME) $(DESTDIR)$(LIBDIR)/liblora.so \
 	    $(DESTDIR)$(LIBDIR)/liblora.a $(DESTDIR)$(PKGCONFIGDIR)/lora.pc
 
 clean:
-	rm -rf lib/obj lib/test lib/examples lib/bench lib/liblora.* lib/lora.pc lib/rust
+	rm -rf lib/obj lib/test lib/examples lib/bench lib/liblora.* lib/lora.pc lib/rust \
+	    lib/python-install
 	rm -rf lib/asan lib/tsan lib/fuzz lib/abi
 
 # ---- reliability: check-asan, check-valgrind, check-tsan, fuzz, abi-check, abi-update

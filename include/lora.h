@@ -297,6 +297,12 @@ LORA_API int lora_backward_cross(lora_adapter *ad, const float *dout, float *dxq
  * NONFINITE. Thread-safe (no handle). */
 LORA_API int lora_mse_loss(const float *out, const float *target, size_t n,
                            double *loss, float *dout);
+/* torch.nn.MSELoss's mean reduction: *loss = (1/n) * sum_i (out_i - target_i)^2
+ * accumulated in double; dout (NULL or n floats) = (2/n) * (out - target), its gradient.
+ * Learning rates tuned with torch.nn.MSELoss carry over. Errors as lora_mse_loss.
+ * Thread-safe (no handle). */
+LORA_API int lora_mse_loss_mean(const float *out, const float *target, size_t n,
+                                double *loss, float *dout);
 
 /* ---- Threshold estimator ------------------------------------------------------------ */
 /* What the paper's threshold says about one input, and what AUTO would do with it.
@@ -393,8 +399,9 @@ LORA_API int lora_optimizer_get_double(const lora_optimizer *opt, int param,
  * lora_backward; the gradients themselves are not modified, clipping included: call
  * lora_adapter_zero_grad before the next accumulation). Increments STEP, sets GRAD_NORM,
  * drops ad's saved forward. Arithmetic is double per element; state is double.
- * Errors: INVALID_ARG (NULL, ad shaped unlike the optimizer's adapter, NESTEROV without
- * MOMENTUM > 0 and DAMPENING = 0), NONFINITE (a gradient is NaN/Inf, or an update would
+ * Errors: INVALID_ARG (NULL, ad shaped unlike the optimizer's adapter, an optimizer made
+ * for a set of more than one adapter, NESTEROV without MOMENTUM > 0 and DAMPENING = 0),
+ * NONFINITE (a gradient is NaN/Inf, or an update would
  * make a parameter non-finite). On failure nothing changes (adapter and state). The
  * message is in lora_optimizer_last_error. */
 LORA_API int lora_optimizer_step(lora_optimizer *opt, lora_adapter *ad);
@@ -417,6 +424,26 @@ LORA_API int lora_adapter_get_params_flat(const lora_adapter *ad, float *dst, si
 LORA_API int lora_adapter_set_params_flat(lora_adapter *ad, const float *src, size_t count);
 LORA_API int lora_adapter_get_grads_flat(const lora_adapter *ad, float *dst, size_t count);
 LORA_API int lora_adapter_set_grads_flat(lora_adapter *ad, const float *src, size_t count);
+
+/* One optimizer over a set of adapters (the LoRA layers of a whole model), as
+ * torch.optim over model.parameters(): the state covers every factor of the set, and
+ * LORA_OPT_MAX_GRAD_NORM clips by the global L2 norm over all of them (PyTorch's
+ * clip_grad_norm_(model.parameters())); GRAD_NORM reports that norm. lora_optimizer_create
+ * is this with the set of one adapter. The optimizer keeps the shapes of adapters[0..n-1],
+ * in order, and no pointer to them; it allocates through adapters[0]'s allocator.
+ * Errors: INVALID_ARG (out or adapters NULL, n = 0, an entry NULL or repeated, unknown
+ * kind), NOMEM; *out is NULL on failure, the message is in
+ * lora_adapter_last_error(adapters[0]) (when that is not NULL). */
+LORA_API int lora_optimizer_create_set(lora_optimizer **out,
+                                       const lora_adapter *const *adapters, size_t n,
+                                       int kind);
+/* One update of every factor of the set from the gradients (see lora_optimizer_step):
+ * adapters[i] must be shaped as the i-th adapter given at creation, n the same count,
+ * no entry repeated. lora_optimizer_step(opt, ad) works only for a set of one.
+ * Errors as lora_optimizer_step, plus INVALID_ARG (adapters NULL, n unlike the
+ * creation's, an entry NULL or repeated). On failure no adapter and no state changes. */
+LORA_API int lora_optimizer_step_set(lora_optimizer *opt, lora_adapter *const *adapters,
+                                     size_t n);
 
 /* ---- Merge and serving ----------------------------------------------------------------- */
 /* Merges target's LoRA term into a caller-owned weight, in place: weight (out, in),

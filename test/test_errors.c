@@ -61,6 +61,7 @@ typedef enum entry_point {
     EP_MERGE, EP_UNMERGE, EP_FORWARD_MERGED, EP_FORWARD_MERGED_CROSS, EP_SET_BASE_BORROWED,
     EP_COPY_PARAMS,
     EP_SAVE_PEFT, EP_LOAD_PEFT, EP_SAVE_GGUF, EP_LOAD_GGUF,
+    EP_OPT_CREATE_SET, EP_OPT_STEP_SET, EP_MSE_LOSS_MEAN,
     EP_COUNT
 } entry_point;
 
@@ -119,6 +120,9 @@ static const char *const ep_names[EP_COUNT] = {
     [EP_LOAD_PEFT] = "lora_load_peft",
     [EP_SAVE_GGUF] = "lora_save_gguf",
     [EP_LOAD_GGUF] = "lora_load_gguf",
+    [EP_OPT_CREATE_SET] = "lora_optimizer_create_set",
+    [EP_OPT_STEP_SET] = "lora_optimizer_step_set",
+    [EP_MSE_LOSS_MEAN] = "lora_mse_loss_mean",
 };
 
 /* ---- states before the call --------------------------------------------------------- */
@@ -235,7 +239,8 @@ typedef struct bad_row {
  * (param i0), set_base(target i0), set/get_param and get_grad (target i0, which i1,
  * count i2), param_shape (target i0, which i1), get_config_* (param i0), forward and
  * estimate (batch i0, seq_len i1), forward_cross (batch i0, len_q i1, len_kv i2),
- * mse_loss (n i0), status_string (status i0).
+ * mse_loss and mse_loss_mean (n i0), status_string (status i0), optimizer_create_set
+ * (kind i0, n i2), optimizer_step_set (n i2).
  * Float buffers: set_base (weight 0, bias 1), set_param/get_* (src/dst 0), forward
  * (x 0, out 1), backward (dout 0, dx 1), forward_cross (xq 0, xkv 1, out 2),
  * backward_cross (dout 0, dxq 1, dxkv 2), mse_loss (out 0, target 1, dout 2),
@@ -468,6 +473,12 @@ static const bad_row bad_rows[] = {
     ROW(EP_MSE_LOSS, PRE_NONE, M_INT(0, 0), INV, "n 0"),
     ROW(EP_MSE_LOSS, PRE_NONE, M_NAN(0), NONF, "NaN in out"),
     ROW(EP_MSE_LOSS, PRE_NONE, M_INF(1), NONF, "-Inf in target"),
+    ROW(EP_MSE_LOSS_MEAN, PRE_NONE, M_NULL(0), INV, "out NULL"),
+    ROW(EP_MSE_LOSS_MEAN, PRE_NONE, M_NULL(1), INV, "target NULL"),
+    ROW(EP_MSE_LOSS_MEAN, PRE_NONE, M_VNULL(0), INV, "loss NULL"),
+    ROW(EP_MSE_LOSS_MEAN, PRE_NONE, M_INT(0, 0), INV, "n 0"),
+    ROW(EP_MSE_LOSS_MEAN, PRE_NONE, M_NAN(0), NONF, "NaN in out"),
+    ROW(EP_MSE_LOSS_MEAN, PRE_NONE, M_INF(1), NONF, "-Inf in target"),
 
     /* ---- threshold estimator ---- */
     ROW(EP_THRESHOLD_ESTIMATE, PRE_SELF, M_HANDLE, INV, "ad NULL"),
@@ -527,6 +538,20 @@ static const bad_row bad_rows[] = {
     ROW(EP_OPT_STEP, PRE_OPT, M_OTHER_AD, INV, "ad shaped unlike the optimizer's"),
     ROW(EP_OPT_STEP, PRE_OPT_NESTEROV, M_NONE, INV, "NESTEROV without MOMENTUM"),
     ROW(EP_OPT_RESET, PRE_OPT, M_HANDLE, INV, "opt NULL"),
+    ROW(EP_OPT_CREATE_SET, PRE_SELF, M_OUT, INV, "out NULL"),
+    ROW(EP_OPT_CREATE_SET, PRE_SELF, M_VNULL(0), INV, "adapters NULL"),
+    ROW(EP_OPT_CREATE_SET, PRE_SELF, M_INT(2, 0), INV, "n 0"),
+    ROW(EP_OPT_CREATE_SET, PRE_SELF, M_AD0, INV, "adapters[0] NULL"),
+    ROW(EP_OPT_CREATE_SET, PRE_SELF, M_AD2, INV, "adapters[1] NULL"),
+    ROW(EP_OPT_CREATE_SET, PRE_SELF, M_DUP, INV, "one adapter twice"),
+    ROW(EP_OPT_CREATE_SET, PRE_SELF, M_INT(0, 2), INV, "unknown kind 2"),
+    ROW(EP_OPT_STEP_SET, PRE_OPT, M_HANDLE, INV, "opt NULL"),
+    ROW(EP_OPT_STEP_SET, PRE_OPT, M_VNULL(0), INV, "adapters NULL"),
+    ROW(EP_OPT_STEP_SET, PRE_OPT, M_INT(2, 0), INV, "n 0, made for 1"),
+    ROW(EP_OPT_STEP_SET, PRE_OPT, M_INT(2, 2), INV, "n 2, made for 1"),
+    ROW(EP_OPT_STEP_SET, PRE_OPT, M_AD0, INV, "adapters[0] NULL"),
+    ROW(EP_OPT_STEP_SET, PRE_OPT, M_OTHER_AD, INV, "adapters[0] shaped unlike"),
+    ROW(EP_OPT_STEP_SET, PRE_OPT_NESTEROV, M_NONE, INV, "NESTEROV without MOMENTUM"),
 
     /* ---- flat parameters and gradients ---- */
     ROW(EP_PARAM_COUNT, PRE_SELF, M_HANDLE, INV, "ad NULL"),
@@ -925,6 +950,22 @@ static void files_and_adapters(const bad_row *r, row_env *e, call_args *a)
     }
     if (ep == EP_OPT_STEP && !other)
         a->ad2 = (lora_adapter_destroy(a->ad2), NULL); /* steps the fixture's own adapter */
+    if (ep == EP_OPT_CREATE_SET || ep == EP_OPT_STEP_SET) {
+        /* create_set: the fixture's adapter and a twin; step_set: the fixture's alone
+         * (the optimizer's set), or one of rank 3. */
+        if (ep == EP_OPT_CREATE_SET || other) {
+            lora_config *cfg = fixture_cfg(f, 0, other ? 3 : 0);
+            ck_assert_int_eq(lora_adapter_create(&a->ad2, cfg), LORA_OK);
+            lora_config_destroy(cfg);
+        }
+        a->adv[0] = ep == EP_OPT_STEP_SET && other ? a->ad2 : f->ad;
+        a->adv[1] = ep == EP_OPT_CREATE_SET ? a->ad2 : NULL;
+        if (r->m.kind == MK_DUP_LAYER)
+            a->adv[1] = a->adv[0];
+        if (r->m.kind == MK_AD2_NULL)
+            a->adv[1] = NULL;
+        return;
+    }
     if (ep != EP_SAVE_PEFT && ep != EP_SAVE_GGUF && ep != EP_LOAD_PEFT && ep != EP_LOAD_GGUF)
         return;
     snprintf(a->tmp, sizeof a->tmp, "/tmp/lora_errors_XXXXXX");
@@ -1006,6 +1047,8 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     case EP_OPT_SET_DOUBLE: a->i[0] = LORA_OPT_LR; a->d = 1e-3; break;
     case EP_OPT_GET_INT: a->i[0] = LORA_OPT_STEP; break;
     case EP_OPT_GET_DOUBLE: a->i[0] = LORA_OPT_LR; break;
+    case EP_OPT_CREATE_SET: a->i[0] = LORA_OPTIMIZER_ADAMW; a->i[2] = 2; break;
+    case EP_OPT_STEP_SET: a->i[2] = 1; break;
     case EP_GET_PARAMS_FLAT:
     case EP_SET_PARAMS_FLAT:
     case EP_GET_GRADS_FLAT:
@@ -1046,7 +1089,8 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
         a->i[1] = f->p.len_q;
         a->i[2] = f->p.len_kv;
         break;
-    case EP_MSE_LOSS: a->i[0] = 16; break;
+    case EP_MSE_LOSS:
+    case EP_MSE_LOSS_MEAN: a->i[0] = 16; break;
     default: break;
     }
     apply_int(&r->m2, a);
@@ -1124,6 +1168,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
         a->buf[2] = guarded_copy(NULL, f->nxkv);
         break;
     case EP_MSE_LOSS:
+    case EP_MSE_LOSS_MEAN:
         for (int k = 0; k < 3; k++) {
             a->n[k] = 16;
             a->buf[k] = guarded_alloc(16);
@@ -1269,6 +1314,15 @@ static int invoke(int ep, row_env *e, call_args *a)
     case EP_MSE_LOSS:
         return lora_mse_loss(b[0], b[1], (size_t)a->i[0], a->null_vptr[0] ? NULL : &a->loss,
                              b[2]);
+    case EP_MSE_LOSS_MEAN:
+        return lora_mse_loss_mean(b[0], b[1], (size_t)a->i[0],
+                                  a->null_vptr[0] ? NULL : &a->loss, b[2]);
+    case EP_OPT_CREATE_SET:
+        return lora_optimizer_create_set(a->null_out ? NULL : &a->opt_out,
+                                         a->null_adv ? NULL
+                                                     : (const lora_adapter *const *)a->adv,
+                                         count, (int)a->i[0]);
+    case EP_OPT_STEP_SET: return lora_optimizer_step_set(opt, a->null_adv ? NULL : a->adv, count);
     case EP_THRESHOLD_ESTIMATE:
         return lora_threshold_estimate(ad, b[0], a->i[0], a->i[1],
                                        a->null_vptr[0] ? NULL : &a->report);
@@ -1328,6 +1382,7 @@ static const char *row_message(const bad_row *r, const row_env *e, const call_ar
         return NULL; /* no handle was made */
     switch (r->ep) {
     case EP_MSE_LOSS:
+    case EP_MSE_LOSS_MEAN:
     case EP_CONFIG_CREATE:
     case EP_CONFIG_CREATE_WITH_ALLOCATOR:
     case EP_ADAPTER_CREATE: /* lora_config_validate gives it: checked below */
@@ -1337,8 +1392,12 @@ static const char *row_message(const bad_row *r, const row_env *e, const call_ar
     case EP_OPT_GET_INT:
     case EP_OPT_GET_DOUBLE:
     case EP_OPT_STEP:
+    case EP_OPT_STEP_SET:
     case EP_OPT_RESET:
         return a->null_handle ? NULL : lora_optimizer_last_error(e->opt);
+    case EP_OPT_CREATE_SET: /* in adapters[0], when there is one */
+        return a->null_adv || a->i[2] == 0 || !a->adv[0] ? NULL
+                                                         : lora_adapter_last_error(a->adv[0]);
     case EP_SAVE_PEFT:
     case EP_SAVE_GGUF:
         return a->null_adv || !a->adv[0] ? NULL : lora_adapter_last_error(a->adv[0]);
@@ -1384,7 +1443,8 @@ START_TEST(test_bad_input_row)
             for (int k = 0; k < 4; k++)
                 ck_assert_msg(a.loaded[k] == NULL, "%s: a failed load left adapter %d", what, k);
         if (r->ep == EP_CONFIG_CREATE || r->ep == EP_CONFIG_CREATE_WITH_ALLOCATOR ||
-            r->ep == EP_ADAPTER_CREATE || r->ep == EP_OPT_CREATE)
+            r->ep == EP_ADAPTER_CREATE || r->ep == EP_OPT_CREATE ||
+            r->ep == EP_OPT_CREATE_SET)
             ck_assert_msg(a.cfg_out == NULL && a.ad_out == NULL && a.opt_out == NULL,
                           "%s: a handle was returned with an error", what);
     }

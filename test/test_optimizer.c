@@ -1,7 +1,8 @@
 /* optimizer_suite: AdamW and SGD against independent double-precision implementations of
  * PyTorch's update rules (torch.optim.AdamW, torch.optim.SGD, clip_grad_norm_) over
- * several steps, training end to end, parameters and errors; the flat parameter and
- * gradient views. */
+ * several steps, training end to end, parameters and errors; one optimizer over a set
+ * of adapters with clipping by the global norm; the flat parameter and gradient
+ * views. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -549,6 +550,303 @@ START_TEST(test_flat_views)
 }
 END_TEST
 
+/* ---- one optimizer over a set of adapters (a model) ------------------------------- */
+
+enum { SET_N = 3 };
+
+/* Three adapters of different shapes: a model's LoRA layers. */
+static void make_model(lora_adapter *ads[SET_N], size_t counts[SET_N], size_t *total)
+{
+    fx_spec s[SET_N] = {fx_default(), fx_default(), fx_default()};
+    s[1].targets = LORA_TARGET_Q | LORA_TARGET_V;
+    s[1].rank = 2;
+    s[2].targets = LORA_TARGET_K | LORA_TARGET_O;
+    s[2].rank = 3;
+    *total = 0;
+    for (int k = 0; k < SET_N; k++) {
+        ads[k] = fx_adapter_nobase(&s[k], 40 + (uint64_t)k);
+        ck_assert_int_eq(lora_adapter_param_count(ads[k], &counts[k]), LORA_OK);
+        *total += counts[k];
+    }
+}
+
+/* Largest |lib - ref| / tol over the set, tol as in compare_with_reference. */
+static double set_error(lora_adapter *ads[SET_N], const size_t counts[SET_N],
+                        const double *p, double lr, int step)
+{
+    double worst = 0.0;
+    size_t off = 0;
+    for (int k = 0; k < SET_N; k++) {
+        float *pf = fx_params(ads[k], &(size_t){0});
+        for (size_t i = 0; i < counts[k]; i++) {
+            const double tol = (step + 1) * 0x1p-23 * (fabs(p[off + i]) + lr);
+            const double r = fabs((double)pf[i] - p[off + i]) / tol;
+            worst = r > worst ? r : worst;
+        }
+        off += counts[k];
+        free(pf);
+    }
+    return worst;
+}
+
+/* 10 steps of lora_optimizer_step_set against the reference run on the concatenation
+ * of the three adapters' parameters, clipped by their global norm (torch.optim over
+ * model.parameters() after clip_grad_norm_(model.parameters())). The gradients of the
+ * adapters differ in scale, so clipping each adapter by its own norm would give other
+ * parameters: a second reference doing that must disagree. */
+static void compare_set_with_reference(const ref_opt *o)
+{
+    lora_adapter *ads[SET_N];
+    size_t counts[SET_N], n;
+    make_model(ads, counts, &n);
+    lora_optimizer *opt = NULL;
+    ck_assert_int_eq(lora_optimizer_create_set(&opt, (const lora_adapter *const *)ads, SET_N,
+                                               o->adamw ? LORA_OPTIMIZER_ADAMW
+                                                        : LORA_OPTIMIZER_SGD),
+                     LORA_OK);
+    set_opt(opt, o);
+    double *p = malloc(n * sizeof(double)), *m = calloc(n, sizeof(double));
+    double *v = calloc(n, sizeof(double)), *g = malloc(n * sizeof(double));
+    double *pl = malloc(n * sizeof(double)), *ml = calloc(n, sizeof(double));
+    double *vl = calloc(n, sizeof(double));
+    size_t off = 0;
+    for (int k = 0; k < SET_N; k++) {
+        float *pf = fx_params(ads[k], &(size_t){0});
+        ref_to_double(pf, p + off, counts[k]);
+        off += counts[k];
+        free(pf);
+    }
+    memcpy(pl, p, n * sizeof(double));
+    int buf_set = 0, buf_set_l = 0, clipped = 0;
+    double per_layer_gap = 0.0;
+    static const float layer_scale[SET_N] = {1.0f, 0.05f, 3.0f};
+    static const float step_scale[] = {0.02f, 2.0f, 0.3f, 8.0f, 0.05f};
+    for (int step = 1; step <= 10; step++) {
+        off = 0;
+        for (int k = 0; k < SET_N; k++) {
+            float *gf = malloc(counts[k] * sizeof(float));
+            fill_uniform(gf, counts[k], 500u + 10u * (uint64_t)step + (uint64_t)k,
+                         layer_scale[k] * step_scale[(step - 1) % 5]);
+            ck_assert_int_eq(lora_adapter_set_grads_flat(ads[k], gf, counts[k]), LORA_OK);
+            ref_to_double(gf, g + off, counts[k]);
+            off += counts[k];
+            free(gf);
+        }
+        /* The per-layer alternative, on its own copy of the state. */
+        double *gl = malloc(n * sizeof(double));
+        memcpy(gl, g, n * sizeof(double));
+        off = 0;
+        for (int k = 0; k < SET_N; k++) {
+            ref_clip(gl + off, counts[k], o->max_norm);
+            off += counts[k];
+        }
+        const double norm = ref_clip(g, n, o->max_norm);
+        clipped += norm > o->max_norm;
+        if (o->adamw) {
+            ref_adamw_step(o, p, m, v, g, n, step);
+            ref_adamw_step(o, pl, ml, vl, gl, n, step);
+        } else {
+            ref_sgd_step(o, p, m, &buf_set, g, n);
+            ref_sgd_step(o, pl, ml, &buf_set_l, gl, n);
+        }
+        free(gl);
+        ck_assert_msg(lora_optimizer_step_set(opt, ads, SET_N) == LORA_OK, "step %d: %s", step,
+                      lora_optimizer_last_error(opt));
+        double gn = 0.0;
+        ck_assert_int_eq(lora_optimizer_get_double(opt, LORA_OPT_GRAD_NORM, &gn), LORA_OK);
+        ck_assert_msg(fabs(gn - norm) <= 1e-12 * norm, "grad norm %.17g vs %.17g", gn, norm);
+        const double worst = set_error(ads, counts, p, o->lr, step);
+        ck_assert_msg(worst <= 1.0, "%s step %d: error/tol %g against the global-norm reference",
+                      o->adamw ? "AdamW" : "SGD", step, worst);
+        const double gap = set_error(ads, counts, pl, o->lr, step);
+        per_layer_gap = gap > per_layer_gap ? gap : per_layer_gap;
+    }
+    ck_assert_msg(clipped > 0 && clipped < 10, "clipping active on %d of 10 steps", clipped);
+    ck_assert_msg(per_layer_gap > 100.0,
+                  "clipping per adapter would agree too (error/tol %g): the test cannot tell",
+                  per_layer_gap);
+    free(p);
+    free(m);
+    free(v);
+    free(g);
+    free(pl);
+    free(ml);
+    free(vl);
+    lora_optimizer_destroy(opt);
+    for (int k = 0; k < SET_N; k++)
+        lora_adapter_destroy(ads[k]);
+}
+
+START_TEST(test_optimizer_set_matches_pytorch)
+{
+    const ref_opt cases[] = {
+        {1, 2e-2, 0.9, 0.99, 1e-8, 0.05, 0, 0, 1.0, 0},     /* AdamW, clipping */
+        {0, 0.05, 0, 0, 0, 0.01, 0.9, 0.0, 1.0, 1},        /* SGD Nesterov, clipping */
+    };
+    compare_set_with_reference(&cases[_i]);
+}
+END_TEST
+
+/* lora_optimizer_create is the set of one: both give the same parameters bit for bit,
+ * and lora_optimizer_step_set steps a single-adapter optimizer. */
+START_TEST(test_optimizer_set_of_one)
+{
+    fx_spec s = fx_default();
+    lora_adapter *a = fx_adapter_nobase(&s, 3), *b = fx_adapter_nobase(&s, 3);
+    lora_optimizer *single = NULL, *set = NULL;
+    ck_assert_int_eq(lora_optimizer_create(&single, a, LORA_OPTIMIZER_ADAMW), LORA_OK);
+    const lora_adapter *one[1] = {b};
+    ck_assert_int_eq(lora_optimizer_create_set(&set, one, 1, LORA_OPTIMIZER_ADAMW), LORA_OK);
+    size_t n;
+    float *g = fx_params(a, &n);
+    for (int step = 0; step < 3; step++) {
+        fill_uniform(g, n, 70u + (uint64_t)step, 1.0f);
+        ck_assert_int_eq(lora_adapter_set_grads_flat(a, g, n), LORA_OK);
+        ck_assert_int_eq(lora_adapter_set_grads_flat(b, g, n), LORA_OK);
+        ck_assert_int_eq(lora_optimizer_step(single, a), LORA_OK);
+        ck_assert_int_eq(step % 2 ? lora_optimizer_step(set, b)
+                                  : lora_optimizer_step_set(set, &b, 1),
+                         LORA_OK);
+    }
+    float *pa = fx_params(a, &n), *pb = fx_params(b, &n);
+    ck_assert(memcmp(pa, pb, n * sizeof(float)) == 0);
+    free(g);
+    free(pa);
+    free(pb);
+    lora_optimizer_destroy(single);
+    lora_optimizer_destroy(set);
+    lora_adapter_destroy(a);
+    lora_adapter_destroy(b);
+}
+END_TEST
+
+/* Bad sets: each call fails with INVALID_ARG or NONFINITE, a message, and no adapter
+ * or state changed. */
+START_TEST(test_optimizer_set_errors)
+{
+    lora_adapter *ads[SET_N];
+    size_t counts[SET_N], n;
+    make_model(ads, counts, &n);
+    const lora_adapter *const *cads = (const lora_adapter *const *)ads;
+    lora_optimizer *opt = NULL;
+    ck_assert_int_eq(lora_optimizer_create_set(NULL, cads, SET_N, 0), LORA_ERR_INVALID_ARG);
+    ck_assert_int_eq(lora_optimizer_create_set(&opt, NULL, SET_N, 0), LORA_ERR_INVALID_ARG);
+    ck_assert_int_eq(lora_optimizer_create_set(&opt, cads, 0, 0), LORA_ERR_INVALID_ARG);
+    const lora_adapter *holes[SET_N] = {ads[0], NULL, ads[2]};
+    ck_assert_int_eq(lora_optimizer_create_set(&opt, holes, SET_N, 0), LORA_ERR_INVALID_ARG);
+    ck_assert_str_eq(lora_adapter_last_error(ads[0]), "adapters[1] is NULL");
+    const lora_adapter *twice[SET_N] = {ads[0], ads[1], ads[0]};
+    ck_assert_int_eq(lora_optimizer_create_set(&opt, twice, SET_N, 0), LORA_ERR_INVALID_ARG);
+    ck_assert(strstr(lora_adapter_last_error(ads[0]), "adapters[0] and adapters[2]") != NULL);
+    ck_assert_int_eq(lora_optimizer_create_set(&opt, cads, SET_N, 7), LORA_ERR_INVALID_ARG);
+    ck_assert(strstr(lora_adapter_last_error(ads[0]), "kind") != NULL);
+    ck_assert_ptr_null(opt);
+
+    ck_assert_int_eq(lora_optimizer_create_set(&opt, cads, SET_N, LORA_OPTIMIZER_SGD), LORA_OK);
+    ck_assert_int_eq(lora_optimizer_set_double(opt, LORA_OPT_LR, 0.1), LORA_OK);
+    float *before[SET_N];
+    for (int k = 0; k < SET_N; k++) {
+        float *gf = malloc(counts[k] * sizeof(float));
+        fill_uniform(gf, counts[k], 90u + (uint64_t)k, 1.0f);
+        ck_assert_int_eq(lora_adapter_set_grads_flat(ads[k], gf, counts[k]), LORA_OK);
+        free(gf);
+        before[k] = fx_params(ads[k], &(size_t){0});
+    }
+    lora_adapter *swapped[SET_N] = {ads[0], ads[2], ads[1]};
+    lora_adapter *dup[SET_N] = {ads[0], ads[1], ads[1]};
+    lora_adapter *hole[SET_N] = {ads[0], ads[1], NULL};
+    const struct {
+        lora_adapter *const *set;
+        size_t n;
+        const char *msg;
+    } bad[] = {
+        {NULL, SET_N, "adapters is NULL"},
+        {ads, 2, "n = 2 adapters, the optimizer was made for 3"},
+        {ads, 4, "n = 4"},
+        {hole, SET_N, "adapters[2] is NULL"},
+        {dup, SET_N, "adapters[1] and adapters[2] are the same adapter"},
+        {swapped, SET_N, "adapters[1] has rank 3, the optimizer was made for 2"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ck_assert_msg(lora_optimizer_step_set(opt, bad[i].set, bad[i].n) == LORA_ERR_INVALID_ARG,
+                      "case %zu", i);
+        ck_assert_msg(strstr(lora_optimizer_last_error(opt), bad[i].msg) != NULL,
+                      "case %zu: \"%s\"", i, lora_optimizer_last_error(opt));
+    }
+    ck_assert_int_eq(lora_optimizer_step_set(NULL, ads, SET_N), LORA_ERR_INVALID_ARG);
+    /* The one-adapter step refuses an optimizer of a set of three. */
+    ck_assert_int_eq(lora_optimizer_step(opt, ads[0]), LORA_ERR_INVALID_ARG);
+    ck_assert(strstr(lora_optimizer_last_error(opt), "lora_optimizer_step_set") != NULL);
+    /* An update overflowing a parameter of the last adapter: nothing moves anywhere. */
+    ck_assert_int_eq(lora_optimizer_set_double(opt, LORA_OPT_LR, 1e300), LORA_OK);
+    ck_assert_int_eq(lora_optimizer_step_set(opt, ads, SET_N), LORA_ERR_NONFINITE);
+    for (int k = 0; k < SET_N; k++) {
+        float *now = fx_params(ads[k], &(size_t){0});
+        ck_assert_msg(memcmp(now, before[k], counts[k] * sizeof(float)) == 0,
+                      "a failed step changed adapter %d", k);
+        free(now);
+    }
+    int64_t steps = -1;
+    ck_assert_int_eq(lora_optimizer_get_int(opt, LORA_OPT_STEP, &steps), LORA_OK);
+    ck_assert_int_eq(steps, 0);
+    /* Good: the same shapes from other handles, in order. */
+    ck_assert_int_eq(lora_optimizer_set_double(opt, LORA_OPT_LR, 0.1), LORA_OK);
+    ck_assert_int_eq(lora_optimizer_step_set(opt, ads, SET_N), LORA_OK);
+    ck_assert_str_eq(lora_optimizer_last_error(opt), "");
+    for (int k = 0; k < SET_N; k++) {
+        float *now = fx_params(ads[k], &(size_t){0});
+        ck_assert_msg(memcmp(now, before[k], counts[k] * sizeof(float)) != 0,
+                      "adapter %d did not move", k);
+        free(now);
+        free(before[k]);
+    }
+    lora_optimizer_destroy(opt);
+    for (int k = 0; k < SET_N; k++)
+        lora_adapter_destroy(ads[k]);
+}
+END_TEST
+
+/* A NaN gradient in one adapter of the set (from a real backward) stops the step for
+ * all of them. */
+START_TEST(test_optimizer_set_nan_gradient)
+{
+    lora_adapter *ads[SET_N];
+    size_t counts[SET_N], n;
+    make_model(ads, counts, &n);
+    fx_spec s = fx_default();
+    lora_adapter *with_base = fx_adapter(&s, 4);
+    lora_adapter_destroy(ads[0]);
+    ads[0] = with_base;
+    const int64_t len = 3;
+    const size_t nx = (size_t)(len * s.d_model);
+    float *x = malloc(nx * sizeof(float)), *y = malloc(nx * sizeof(float));
+    float *dout = malloc(nx * sizeof(float));
+    fill_uniform(x, nx, 1, 1.0f);
+    for (size_t i = 0; i < nx; i++)
+        dout[i] = 3e38f;
+    ck_assert_int_eq(lora_forward(ads[0], x, 1, len, y), LORA_OK);
+    ck_assert_int_eq(lora_backward(ads[0], dout, NULL), LORA_OK);
+    ck_assert_int_eq(lora_backward(ads[0], dout, NULL), LORA_OK); /* overflows */
+    lora_optimizer *opt = NULL;
+    ck_assert_int_eq(lora_optimizer_create_set(&opt, (const lora_adapter *const *)ads, SET_N,
+                                               LORA_OPTIMIZER_ADAMW),
+                     LORA_OK);
+    float *p1 = fx_params(ads[1], &(size_t){0});
+    ck_assert_int_eq(lora_optimizer_step_set(opt, ads, SET_N), LORA_ERR_NONFINITE);
+    ck_assert(strstr(lora_optimizer_last_error(opt), "of adapters[0]") != NULL);
+    float *p1_after = fx_params(ads[1], &(size_t){0});
+    ck_assert(memcmp(p1, p1_after, counts[1] * sizeof(float)) == 0);
+    free(p1);
+    free(p1_after);
+    free(x);
+    free(y);
+    free(dout);
+    lora_optimizer_destroy(opt);
+    for (int k = 0; k < SET_N; k++)
+        lora_adapter_destroy(ads[k]);
+}
+END_TEST
+
 Suite *optimizer_suite(void)
 {
     Suite *s = suite_create("optimizer");
@@ -557,6 +855,7 @@ Suite *optimizer_suite(void)
     tcase_add_loop_test(tc, test_adamw_matches_pytorch, 0, 5);
     tcase_add_loop_test(tc, test_sgd_matches_pytorch, 0, 4);
     tcase_add_loop_test(tc, test_optimizer_trains, 0, 2);
+    tcase_add_loop_test(tc, test_optimizer_set_matches_pytorch, 0, 2);
     suite_add_tcase(s, tc);
     tc = tcase_create("api");
     tcase_set_timeout(tc, 30);
@@ -565,6 +864,9 @@ Suite *optimizer_suite(void)
     tcase_add_test(tc, test_optimizer_step_failures_change_nothing);
     tcase_add_test(tc, test_optimizer_nan_gradient);
     tcase_add_test(tc, test_flat_views);
+    tcase_add_test(tc, test_optimizer_set_of_one);
+    tcase_add_test(tc, test_optimizer_set_errors);
+    tcase_add_test(tc, test_optimizer_set_nan_gradient);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -1,4 +1,5 @@
-/* version_suite: version number/string, status strings, lora_mse_loss. */
+/* version_suite: version number/string, status strings, lora_mse_loss and
+ * lora_mse_loss_mean. */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -109,6 +110,60 @@ START_TEST(test_mse_errors)
 }
 END_TEST
 
+/* torch.nn.MSELoss (reduction "mean"): loss = mean((out - target)^2), gradient
+ * 2*(out - target)/n; the paper's loss and its dout are the same numbers scaled. */
+START_TEST(test_mse_mean_known_answer)
+{
+    const float out[4] = {1.0f, 2.0f, 3.0f, -0.5f};
+    const float target[4] = {0.0f, 0.0f, 1.0f, 0.5f};
+    float dout[4] = {9, 9, 9, 9};
+    double loss = -1.0;
+    ck_assert_int_eq(lora_mse_loss_mean(out, target, 4, &loss, dout), LORA_OK);
+    ck_assert_double_eq_tol(loss, (1.0 + 4.0 + 4.0 + 1.0) / 4.0, 1e-12);
+    const float want[4] = {0.5f, 1.0f, 1.0f, -0.5f}; /* 2/4 * (out - target) */
+    for (int i = 0; i < 4; i++)
+        ck_assert_float_eq(dout[i], want[i]);
+    ck_assert_int_eq(lora_mse_loss_mean(out, target, 4, &loss, NULL), LORA_OK);
+    ck_assert_double_eq_tol(loss, 2.5, 1e-12);
+    /* n = 3: 2/3 is rounded to float once, then multiplies (out - target). */
+    ck_assert_int_eq(lora_mse_loss_mean(out, target, 3, &loss, dout), LORA_OK);
+    ck_assert_double_eq_tol(loss, 9.0 / 3.0, 1e-12);
+    ck_assert_float_eq(dout[1], (float)(2.0 / 3.0) * 2.0f);
+    ck_assert_float_eq(dout[3], -0.5f); /* past n: untouched since the n = 4 call */
+    /* Half the paper's loss times 2/n, for random data of odd length. */
+    enum { N = 37 };
+    float o[N], t[N], d_sum[N], d_mean[N];
+    for (int i = 0; i < N; i++) {
+        o[i] = (float)sin(1.7 * i);
+        t[i] = (float)cos(0.3 * i);
+    }
+    double half = 0.0, mean = 0.0;
+    ck_assert_int_eq(lora_mse_loss(o, t, N, &half, d_sum), LORA_OK);
+    ck_assert_int_eq(lora_mse_loss_mean(o, t, N, &mean, d_mean), LORA_OK);
+    ck_assert_msg(fabs(mean - 2.0 * half / N) <= 1e-15 * mean, "%.17g vs %.17g", mean,
+                  2.0 * half / N);
+    for (int i = 0; i < N; i++)
+        ck_assert_float_eq(d_mean[i], (float)(2.0 / N) * d_sum[i]);
+}
+END_TEST
+
+START_TEST(test_mse_mean_errors)
+{
+    const float a[2] = {1.0f, 2.0f}, b[2] = {0.0f, 1.0f};
+    float dout[2] = {7.0f, 7.0f};
+    double loss = 42.0;
+    ck_assert_int_eq(lora_mse_loss_mean(NULL, b, 2, &loss, dout), LORA_ERR_INVALID_ARG);
+    ck_assert_int_eq(lora_mse_loss_mean(a, NULL, 2, &loss, dout), LORA_ERR_INVALID_ARG);
+    ck_assert_int_eq(lora_mse_loss_mean(a, b, 2, NULL, dout), LORA_ERR_INVALID_ARG);
+    ck_assert_int_eq(lora_mse_loss_mean(a, b, 0, &loss, dout), LORA_ERR_INVALID_ARG);
+    const float nan_[2] = {1.0f, NAN};
+    ck_assert_int_eq(lora_mse_loss_mean(nan_, b, 2, &loss, dout), LORA_ERR_NONFINITE);
+    ck_assert_int_eq(lora_mse_loss_mean(a, nan_, 2, &loss, dout), LORA_ERR_NONFINITE);
+    /* A failed call writes nothing. */
+    ck_assert(loss == 42.0 && dout[0] == 7.0f && dout[1] == 7.0f);
+}
+END_TEST
+
 Suite *version_suite(void)
 {
     Suite *s = suite_create("version");
@@ -121,6 +176,8 @@ Suite *version_suite(void)
     tcase_add_test(tc, test_mse_known_answer);
     tcase_add_test(tc, test_mse_accumulates_in_double);
     tcase_add_test(tc, test_mse_errors);
+    tcase_add_test(tc, test_mse_mean_known_answer);
+    tcase_add_test(tc, test_mse_mean_errors);
     suite_add_tcase(s, tc);
     return s;
 }

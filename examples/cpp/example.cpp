@@ -26,6 +26,26 @@ std::vector<float> randn(std::size_t n, float scale, std::mt19937 &gen) {
     return v;
 }
 
+// A builder returned from a function: setters on a temporary return Config&&.
+lora::Config layer_config(std::size_t d_model, std::size_t heads) {
+    return lora::Config(static_cast<std::int64_t>(d_model))
+        .n_heads(static_cast<std::int64_t>(heads))
+        .threads(1);
+}
+
+// Copies of a Config are independent and keep derived defaults derived.
+bool config_copies_work() {
+    const lora::Config base = layer_config(kDModel, kHeads);
+    lora::Config wider = base;
+    wider.n_heads(2).rank(3);
+    lora::Config assigned(8);
+    assigned = wider;
+    return base.get_int(LORA_CFG_HEAD_DIM) == static_cast<std::int64_t>(kDModel / kHeads) &&
+           base.get_int(LORA_CFG_RANK) == 8 && wider.get_int(LORA_CFG_HEAD_DIM) == 16 &&
+           wider.get_int(LORA_CFG_RANK) == 3 && assigned.get_int(LORA_CFG_D_MODEL) == 32 &&
+           assigned.get_int(LORA_CFG_HEAD_DIM) == 16;
+}
+
 } // namespace
 
 int main() {
@@ -110,13 +130,14 @@ int main() {
         const std::string dir =
             (std::filesystem::temp_directory_path() / "lora-cpp-example-peft").string();
         lora::save_peft(dir, {{0, &student}});
-        lora::Config load_cfg(kDModel);
-        load_cfg.n_heads(kHeads).threads(1);
-        if (load_cfg.get_int(LORA_CFG_HEAD_DIM) != kDModel / kHeads)
+        const lora::Config load_cfg = layer_config(kDModel, kHeads); // const is fine
+        if (load_cfg.get_int(LORA_CFG_HEAD_DIM) != kDModel / kHeads || !config_copies_work())
             return 1;
         auto loaded = lora::load_peft(dir, load_cfg);
-        const bool same_params =
-            loaded.size() == 1 && loaded[0].second.params_flat() == student.params_flat();
+        auto again = lora::load_peft(dir, lora::Config(kDModel).n_heads(kHeads)); // temporary
+        const bool same_params = loaded.size() == 1 && again.size() == 1 &&
+                                 loaded[0].second.params_flat() == student.params_flat() &&
+                                 again[0].second.params_flat() == student.params_flat();
         std::printf("PEFT save/load (%s): %zu layer(s), factors %s\n", dir.c_str(),
                     loaded.size(), same_params ? "identical" : "DIFFER");
         std::filesystem::remove_all(dir);

@@ -123,47 +123,64 @@ class Adapter;
 
 // ---- configuration ---------------------------------------------------------------------
 
-// Builder of the LORA_CFG_* parameters; build() creates the adapter.
+// Builder of the LORA_CFG_* parameters; build() creates the adapter. Copyable: a copy
+// is a new lora_config with the same parameters set in the same order (derived
+// defaults stay derived). Setters chain on lvalues (Config &) and on temporaries
+// (Config &&), so `return lora::Config(d).n_heads(h);` moves the builder out.
 class Config {
 public:
-    explicit Config(std::int64_t d_model) {
-        lora_config *c = nullptr;
-        int st = lora_config_create(&c);
-        if (st != LORA_OK)
-            throw Error(st, "lora_config_create", "");
-        cfg_.reset(c);
+    explicit Config(std::int64_t d_model) : cfg_(create()) {
         set_int(LORA_CFG_D_MODEL, d_model);
     }
-    Config &set_int(int param, std::int64_t value) {
-        check(lora_config_set_int(cfg_.get(), param, value), "lora_config_set_int");
+    Config(const Config &other) : cfg_(create()) {
+        for (const Setting &s : other.settings_)
+            apply(s);
+    }
+    Config(Config &&) noexcept = default;
+    Config &operator=(const Config &other) {
+        if (this != &other)
+            *this = Config(other);
         return *this;
     }
-    Config &set_double(int param, double value) {
-        check(lora_config_set_double(cfg_.get(), param, value), "lora_config_set_double");
-        return *this;
+    Config &operator=(Config &&) noexcept = default;
+    ~Config() = default;
+
+    Config &set_int(int param, std::int64_t value) & {
+        return apply({param, true, value, 0.0});
     }
-    Config &n_heads(std::int64_t v) { return set_int(LORA_CFG_N_HEADS, v); }
-    Config &n_kv_heads(std::int64_t v) { return set_int(LORA_CFG_N_KV_HEADS, v); }
-    Config &head_dim(std::int64_t v) { return set_int(LORA_CFG_HEAD_DIM, v); }
-    Config &rank(std::int64_t v) { return set_int(LORA_CFG_RANK, v); }
-    Config &alpha(double v) { return set_double(LORA_CFG_ALPHA, v); }
-    Config &rslora(bool v) { return set_int(LORA_CFG_RSLORA, v); }
-    Config &softmax_scale(double v) { return set_double(LORA_CFG_SOFTMAX_SCALE, v); }
-    Config &causal(bool v) { return set_int(LORA_CFG_CAUSAL, v); }
-    Config &backend(Backend b) { return set_int(LORA_CFG_BACKEND, static_cast<int>(b)); }
-    Config &tolerance(double v) { return set_double(LORA_CFG_TOLERANCE, v); }
-    Config &poly_degree(std::int64_t v) { return set_int(LORA_CFG_POLY_DEGREE, v); }
-    Config &threads(std::int64_t v) { return set_int(LORA_CFG_THREADS, v); }
-    Config &seed(std::uint64_t v) { return set_int(LORA_CFG_SEED, static_cast<std::int64_t>(v)); }
-    Config &init(Init v) { return set_int(LORA_CFG_INIT, static_cast<int>(v)); }
-    Config &out_proj(bool v) { return set_int(LORA_CFG_OUT_PROJ, v); }
-    Config &measure_rows(std::int64_t v) { return set_int(LORA_CFG_MEASURE_ROWS, v); }
-    Config &targets(std::initializer_list<Target> ts) {
-        std::int64_t mask = 0;
-        for (Target t : ts)
-            mask |= static_cast<int>(t);
-        return set_int(LORA_CFG_TARGETS, mask);
+    Config &set_double(int param, double value) & {
+        return apply({param, false, 0, value});
     }
+    Config &&set_int(int param, std::int64_t value) && {
+        return std::move(set_int(param, value));
+    }
+    Config &&set_double(int param, double value) && {
+        return std::move(set_double(param, value));
+    }
+
+// Each named setter, for lvalues and for temporaries.
+#define LORA_HPP_SETTER(name, type, call)                                                  \
+    Config &name(type v) & { return call; }                                                \
+    Config &&name(type v) && { return std::move(call); }
+    LORA_HPP_SETTER(n_heads, std::int64_t, set_int(LORA_CFG_N_HEADS, v))
+    LORA_HPP_SETTER(n_kv_heads, std::int64_t, set_int(LORA_CFG_N_KV_HEADS, v))
+    LORA_HPP_SETTER(head_dim, std::int64_t, set_int(LORA_CFG_HEAD_DIM, v))
+    LORA_HPP_SETTER(rank, std::int64_t, set_int(LORA_CFG_RANK, v))
+    LORA_HPP_SETTER(alpha, double, set_double(LORA_CFG_ALPHA, v))
+    LORA_HPP_SETTER(rslora, bool, set_int(LORA_CFG_RSLORA, v))
+    LORA_HPP_SETTER(softmax_scale, double, set_double(LORA_CFG_SOFTMAX_SCALE, v))
+    LORA_HPP_SETTER(causal, bool, set_int(LORA_CFG_CAUSAL, v))
+    LORA_HPP_SETTER(backend, Backend, set_int(LORA_CFG_BACKEND, static_cast<int>(v)))
+    LORA_HPP_SETTER(tolerance, double, set_double(LORA_CFG_TOLERANCE, v))
+    LORA_HPP_SETTER(poly_degree, std::int64_t, set_int(LORA_CFG_POLY_DEGREE, v))
+    LORA_HPP_SETTER(threads, std::int64_t, set_int(LORA_CFG_THREADS, v))
+    LORA_HPP_SETTER(seed, std::uint64_t, set_int(LORA_CFG_SEED, static_cast<std::int64_t>(v)))
+    LORA_HPP_SETTER(init, Init, set_int(LORA_CFG_INIT, static_cast<int>(v)))
+    LORA_HPP_SETTER(out_proj, bool, set_int(LORA_CFG_OUT_PROJ, v))
+    LORA_HPP_SETTER(measure_rows, std::int64_t, set_int(LORA_CFG_MEASURE_ROWS, v))
+    LORA_HPP_SETTER(targets, std::initializer_list<Target>, set_int(LORA_CFG_TARGETS, mask(v)))
+#undef LORA_HPP_SETTER
+
     // Effective values (derived defaults resolved; 0 while they cannot be).
     std::int64_t get_int(int param) const {
         std::int64_t v = 0;
@@ -181,11 +198,40 @@ public:
     inline Adapter build() const;
 
 private:
+    struct Setting {
+        int param;
+        bool is_int;
+        std::int64_t i;
+        double d;
+    };
+    static lora_config *create() {
+        lora_config *c = nullptr;
+        const int st = lora_config_create(&c);
+        if (st != LORA_OK)
+            throw Error(st, "lora_config_create", "");
+        return c;
+    }
+    static std::int64_t mask(std::initializer_list<Target> ts) {
+        std::int64_t m = 0;
+        for (Target t : ts)
+            m |= static_cast<int>(t);
+        return m;
+    }
+    // Sets one parameter and remembers it, for copies.
+    Config &apply(const Setting &s) {
+        if (s.is_int)
+            check(lora_config_set_int(cfg_.get(), s.param, s.i), "lora_config_set_int");
+        else
+            check(lora_config_set_double(cfg_.get(), s.param, s.d), "lora_config_set_double");
+        settings_.push_back(s);
+        return *this;
+    }
     void check(int st, const char *function) const {
         if (st != LORA_OK)
             throw Error(st, function, lora_config_last_error(cfg_.get()));
     }
     std::unique_ptr<lora_config, detail::ConfigDeleter> cfg_;
+    std::vector<Setting> settings_;
 };
 
 // ---- adapter ---------------------------------------------------------------------------
@@ -556,7 +602,9 @@ template <class F> void save_set(const std::vector<LayerRef> &set, const char *f
         throw Error(st, fn, handles.empty() ? "" : lora_adapter_last_error(handles[0]));
 }
 template <class F>
-std::vector<std::pair<std::int64_t, Adapter>> load_set(Config &cfg, const char *fn, F call) {
+std::vector<std::pair<std::int64_t, Adapter>> load_set(const Config &config, const char *fn,
+                                                       F call) {
+    Config cfg(config); // the C loaders write their message into the config
     std::size_t n = 0;
     int st = call(nullptr, nullptr, 0, &n, cfg.get());
     if (st != LORA_OK)
@@ -584,10 +632,10 @@ inline void save_peft(const std::string &dir, const std::vector<LayerRef> &set) 
         return lora_save_peft(dir.c_str(), a, l, n);
     });
 }
-// cfg supplies what the file does not (d_model, heads, ...); returns (layer, adapter)
-// in increasing layer order, base weights unset.
+// cfg (const: a temporary works) supplies what the file does not (d_model, heads,
+// ...); returns (layer, adapter) in increasing layer order, base weights unset.
 inline std::vector<std::pair<std::int64_t, Adapter>> load_peft(const std::string &dir,
-                                                               Config &cfg) {
+                                                               const Config &cfg) {
     return detail::load_set(cfg, "lora_load_peft",
                             [&](lora_adapter **a, std::int64_t *l, std::size_t cap,
                                 std::size_t *n, lora_config *c) {
@@ -604,7 +652,7 @@ inline void save_gguf(const std::string &path, const std::vector<LayerRef> &set,
     });
 }
 inline std::vector<std::pair<std::int64_t, Adapter>> load_gguf(const std::string &path,
-                                                               Config &cfg) {
+                                                               const Config &cfg) {
     return detail::load_set(cfg, "lora_load_gguf",
                             [&](lora_adapter **a, std::int64_t *l, std::size_t cap,
                                 std::size_t *n, lora_config *c) {

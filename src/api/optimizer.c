@@ -1,10 +1,19 @@
-/* The optimizer handle: AdamW and SGD over every LoRA factor of an adapter, with
- * clipping by global norm, following PyTorch's update rules (docs/training.md). Also
- * the flat views of all parameters and gradients. */
+/* The optimizer handle: AdamW and SGD over every LoRA factor of a set of adapters (one
+ * adapter is the set of one), with clipping by the global norm over the whole set,
+ * following PyTorch's update rules (docs/training.md). Also the flat views of all
+ * parameters and gradients. */
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "internal.h"
+
+/* The shape of one adapter of the set, as it was at creation. */
+typedef struct opt_member {
+    int64_t rank;
+    int adapted[PROJ_COUNT];
+    int64_t in[PROJ_COUNT], out[PROJ_COUNT];
+} opt_member;
 
 struct lora_optimizer {
     lora_mem mem;
@@ -14,11 +23,9 @@ struct lora_optimizer {
     int64_t step;
     double grad_norm;
     int momentum_started; /* SGD: the momentum buffer holds a value (torch: buf set) */
-    /* shape of the adapters it serves */
-    int64_t rank;
-    int adapted[PROJ_COUNT];
-    int64_t in[PROJ_COUNT], out[PROJ_COUNT];
-    size_t n;     /* floats of all factors */
+    size_t n_members;
+    opt_member *members; /* the shape of each adapter of the set, in order */
+    size_t n;     /* floats of all factors of the set */
     double *m, *v; /* AdamW: first and second moments; SGD: m = momentum buffer */
     char err[LORA_ERRMSG_SIZE];
 };
@@ -154,42 +161,98 @@ static void set_defaults(lora_optimizer *o)
     o->max_grad_norm = 0.0;
 }
 
-LORA_API int lora_optimizer_create(lora_optimizer **out, const lora_adapter *ad, int kind)
+/* Names adapter i of a call in messages: "ad" for the one-adapter entry points. */
+static const char *member_name(char *buf, size_t size, int single, size_t i)
+{
+    if (single)
+        return "ad";
+    snprintf(buf, size, "adapters[%zu]", i);
+    return buf;
+}
+
+/* INVALID_ARG when an entry of adapters is NULL or repeated (a repeated adapter would
+ * be updated twice); the message goes to err when there is one. */
+static int check_set(const lora_adapter *const *adapters, size_t n, char *err, int single)
+{
+    char name[40];
+    for (size_t i = 0; i < n; i++) {
+        if (!adapters[i])
+            return err ? lora_set_error(err, LORA_ERR_INVALID_ARG, "%s is NULL",
+                                        member_name(name, sizeof name, single, i))
+                       : LORA_ERR_INVALID_ARG;
+        for (size_t j = 0; j < i; j++)
+            if (adapters[j] == adapters[i])
+                return err ? lora_set_error(err, LORA_ERR_INVALID_ARG,
+                                            "adapters[%zu] and adapters[%zu] are the same "
+                                            "adapter", j, i)
+                           : LORA_ERR_INVALID_ARG;
+    }
+    return LORA_OK;
+}
+
+static int create_set(lora_optimizer **out, const lora_adapter *const *adapters, size_t n,
+                      int kind, int single)
 {
     if (!out)
         return LORA_ERR_INVALID_ARG;
     *out = NULL;
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
+    if (!adapters || n == 0)
+        return LORA_ERR_INVALID_ARG; /* no adapter to hold a message */
+    char *err = adapters[0] ? lora_err_buf(adapters[0]) : NULL;
+    int st = check_set(adapters, n, err, single);
+    if (st != LORA_OK)
+        return st;
     if (kind != LORA_OPTIMIZER_ADAMW && kind != LORA_OPTIMIZER_SGD)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
                               "optimizer kind %d is not LORA_OPTIMIZER_ADAMW or _SGD", kind);
-    lora_optimizer *o = lora_mem_calloc(&ad->mem, 1, sizeof *o);
-    if (!o)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_NOMEM, "cannot allocate the optimizer");
-    o->mem = ad->mem;
+    const lora_mem *mem = &adapters[0]->mem;
+    lora_optimizer *o = lora_mem_calloc(mem, 1, sizeof *o);
+    if (o)
+        o->members = lora_mem_calloc(mem, n, sizeof *o->members);
+    if (!o || !o->members) {
+        lora_mem_free(mem, o);
+        return lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate the optimizer");
+    }
+    o->mem = *mem;
     o->kind = kind;
     set_defaults(o);
     o->grad_norm = -1.0;
-    o->rank = ad->layer.rank;
-    for (int t = 0; t < PROJ_COUNT; t++) {
-        o->adapted[t] = ad->layer.proj[t].adapted;
-        o->in[t] = ad->layer.proj[t].in;
-        o->out[t] = ad->layer.proj[t].out;
+    o->n_members = n;
+    for (size_t i = 0; i < n; i++) {
+        const lora_adapter *ad = adapters[i];
+        opt_member *m = &o->members[i];
+        m->rank = ad->layer.rank;
+        for (int t = 0; t < PROJ_COUNT; t++) {
+            m->adapted[t] = ad->layer.proj[t].adapted;
+            m->in[t] = ad->layer.proj[t].in;
+            m->out[t] = ad->layer.proj[t].out;
+        }
+        o->n += factor_floats(ad);
     }
-    o->n = factor_floats(ad);
     /* AdamW needs two moments, SGD one momentum buffer. */
     o->m = lora_mem_calloc(&o->mem, o->n ? o->n : 1, sizeof(double));
     if (o->m && kind == LORA_OPTIMIZER_ADAMW)
         o->v = lora_mem_calloc(&o->mem, o->n ? o->n : 1, sizeof(double));
     if (!o->m || (kind == LORA_OPTIMIZER_ADAMW && !o->v)) {
-        const size_t n = o->n;
+        const size_t floats = o->n;
         lora_optimizer_destroy(o);
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_NOMEM,
-                              "cannot allocate optimizer state for %zu parameters", n);
+        return lora_set_error(err, LORA_ERR_NOMEM,
+                              "cannot allocate optimizer state for %zu parameters", floats);
     }
     *out = o;
     return LORA_OK;
+}
+
+LORA_API int lora_optimizer_create(lora_optimizer **out, const lora_adapter *ad, int kind)
+{
+    return create_set(out, &ad, 1, kind, 1);
+}
+
+LORA_API int lora_optimizer_create_set(lora_optimizer **out,
+                                       const lora_adapter *const *adapters, size_t n,
+                                       int kind)
+{
+    return create_set(out, adapters, n, kind, 0);
 }
 
 LORA_API void lora_optimizer_destroy(lora_optimizer *opt)
@@ -199,6 +262,7 @@ LORA_API void lora_optimizer_destroy(lora_optimizer *opt)
     const lora_mem mem = opt->mem;
     lora_mem_free(&mem, opt->m);
     lora_mem_free(&mem, opt->v);
+    lora_mem_free(&mem, opt->members);
     lora_mem_free(&mem, opt);
 }
 
@@ -397,37 +461,156 @@ static inline double update_one(const lora_optimizer *o, const step_consts *c, d
     return p - c->lr * g;
 }
 
-/* One pass over every factor: check (commit = 0) returns the flat index of the first
- * parameter that would become non-finite (or -1); commit writes parameters and state. */
-static int64_t update_pass(lora_optimizer *o, lora_adapter *ad, const step_consts *c,
-                           int commit)
+/* One pass over every factor of the set: check (commit = 0) returns the flat index
+ * (over the set) of the first parameter that would become non-finite (or -1); commit
+ * writes parameters and state. */
+static int64_t update_pass(lora_optimizer *o, lora_adapter *const *adapters,
+                           const step_consts *c, int commit)
 {
     size_t off = 0;
-    for (int t = 0; t < PROJ_COUNT; t++) {
-        layer_proj *p = &ad->layer.proj[t];
-        if (!p->adapted)
-            continue;
-        for (int f = 0; f < 2; f++) {
-            float *w = f ? p->b : p->a;
-            const float *g = f ? p->db : p->da;
-            const size_t len = (size_t)(ad->layer.rank * (f ? p->out : p->in));
-            double *v = o->v ? o->v + off : NULL;
-            double dummy = 0.0;
-            for (size_t i = 0; i < len; i++) {
-                const double np = update_one(o, c, (double)w[i], (double)g[i], o->m + off + i,
-                                             v ? v + i : &dummy, commit);
-                const float nf = (float)np;
-                if (!commit) {
-                    if (!isfinite(nf))
-                        return (int64_t)(off + i);
-                } else {
-                    w[i] = nf;
+    for (size_t k = 0; k < o->n_members; k++) {
+        lora_adapter *ad = adapters[k];
+        for (int t = 0; t < PROJ_COUNT; t++) {
+            layer_proj *p = &ad->layer.proj[t];
+            if (!p->adapted)
+                continue;
+            for (int f = 0; f < 2; f++) {
+                float *w = f ? p->b : p->a;
+                const float *g = f ? p->db : p->da;
+                const size_t len = (size_t)(ad->layer.rank * (f ? p->out : p->in));
+                double *v = o->v ? o->v + off : NULL;
+                double dummy = 0.0;
+                for (size_t i = 0; i < len; i++) {
+                    const double np = update_one(o, c, (double)w[i], (double)g[i],
+                                                 o->m + off + i, v ? v + i : &dummy, commit);
+                    const float nf = (float)np;
+                    if (!commit) {
+                        if (!isfinite(nf))
+                            return (int64_t)(off + i);
+                    } else {
+                        w[i] = nf;
+                    }
                 }
+                off += len;
             }
-            off += len;
         }
     }
     return -1;
+}
+
+/* INVALID_ARG unless every adapter is shaped as its member was at creation. */
+static int check_shapes(lora_optimizer *opt, lora_adapter *const *adapters, int single)
+{
+    char name[40];
+    for (size_t k = 0; k < opt->n_members; k++) {
+        const lora_adapter *ad = adapters[k];
+        const opt_member *m = &opt->members[k];
+        if (ad->layer.rank != m->rank)
+            return lora_set_error(opt->err, LORA_ERR_INVALID_ARG,
+                                  "%s has rank %lld, the optimizer was made for %lld",
+                                  member_name(name, sizeof name, single, k),
+                                  (long long)ad->layer.rank, (long long)m->rank);
+        for (int t = 0; t < PROJ_COUNT; t++) {
+            const layer_proj *p = &ad->layer.proj[t];
+            if (p->adapted != m->adapted[t] ||
+                (p->adapted && (p->in != m->in[t] || p->out != m->out[t])))
+                return lora_set_error(opt->err, LORA_ERR_INVALID_ARG,
+                                      "target %s of %s is shaped unlike the one the "
+                                      "optimizer was made for",
+                                      lora_proj_names[t],
+                                      member_name(name, sizeof name, single, k));
+        }
+    }
+    return LORA_OK;
+}
+
+/* Global L2 norm of every gradient of the set, in double (clip_grad_norm_ with
+ * norm_type 2 over all parameters); NONFINITE names the first NaN/Inf. */
+static int global_grad_norm(lora_optimizer *opt, lora_adapter *const *adapters, int single,
+                            double *norm)
+{
+    char name[40];
+    double sumsq = 0.0;
+    for (size_t k = 0; k < opt->n_members; k++) {
+        const lora_adapter *ad = adapters[k];
+        for (int t = 0; t < PROJ_COUNT; t++) {
+            const layer_proj *p = &ad->layer.proj[t];
+            if (!p->adapted)
+                continue;
+            const size_t len = (size_t)(ad->layer.rank * (p->in + p->out)); /* da, db adjacent */
+            for (size_t i = 0; i < len; i++) {
+                const double g = (double)p->da[i];
+                if (!isfinite(g))
+                    return lora_set_error(opt->err, LORA_ERR_NONFINITE,
+                                          "gradient of target %s of %s has a NaN/Inf entry; "
+                                          "nothing was updated",
+                                          lora_proj_names[t],
+                                          member_name(name, sizeof name, single, k));
+                sumsq += g * g;
+            }
+        }
+    }
+    *norm = sqrt(sumsq);
+    return LORA_OK;
+}
+
+static step_consts make_step_consts(const lora_optimizer *opt, double norm, int64_t step)
+{
+    step_consts c;
+    memset(&c, 0, sizeof c);
+    c.clip = 1.0;
+    if (opt->max_grad_norm > 0.0) {
+        const double coef = opt->max_grad_norm / (norm + 1e-6);
+        c.clip = coef < 1.0 ? coef : 1.0;
+    }
+    c.lr = opt->lr;
+    c.decay_factor = 1.0 - opt->lr * opt->weight_decay;
+    c.beta1 = opt->beta1;
+    c.beta2 = opt->beta2;
+    c.eps = opt->eps;
+    /* beta in [0, 1) keeps both bias corrections > 0 */
+    c.step_size = opt->lr / (1.0 - pow(opt->beta1, (double)step));
+    c.bc2_sqrt = sqrt(1.0 - pow(opt->beta2, (double)step));
+    c.wd = opt->weight_decay;
+    c.momentum = opt->momentum;
+    c.dampening = opt->dampening;
+    c.nesterov = opt->nesterov;
+    c.first_momentum = !opt->momentum_started;
+    return c;
+}
+
+/* The step over the set; adapters holds n_members valid, distinct handles. */
+static int step_set(lora_optimizer *opt, lora_adapter *const *adapters, int single)
+{
+    int st = check_shapes(opt, adapters, single);
+    if (st != LORA_OK)
+        return st;
+    if (opt->kind == LORA_OPTIMIZER_SGD && opt->nesterov &&
+        (opt->momentum <= 0.0 || opt->dampening != 0.0))
+        return lora_set_error(opt->err, LORA_ERR_INVALID_ARG,
+                              "Nesterov momentum needs LORA_OPT_MOMENTUM > 0 and "
+                              "LORA_OPT_DAMPENING = 0");
+    double norm = 0.0;
+    st = global_grad_norm(opt, adapters, single, &norm);
+    if (st != LORA_OK)
+        return st;
+    const int64_t step = opt->step + 1;
+    const step_consts c = make_step_consts(opt, norm, step);
+    const int64_t bad = update_pass(opt, adapters, &c, 0);
+    if (bad >= 0)
+        return lora_set_error(opt->err, LORA_ERR_NONFINITE,
+                              "the update would make parameter %lld (flat order) NaN/Inf; "
+                              "nothing was updated",
+                              (long long)bad);
+    update_pass(opt, adapters, &c, 1);
+    if (opt->kind == LORA_OPTIMIZER_SGD && opt->momentum != 0.0)
+        opt->momentum_started = 1;
+    opt->step = step;
+    opt->grad_norm = norm;
+    for (size_t k = 0; k < opt->n_members; k++)
+        lora_adapter_params_changed(adapters[k]);
+    opt->err[0] = '\0';
+    return LORA_OK;
 }
 
 LORA_API int lora_optimizer_step(lora_optimizer *opt, lora_adapter *ad)
@@ -436,81 +619,26 @@ LORA_API int lora_optimizer_step(lora_optimizer *opt, lora_adapter *ad)
         return LORA_ERR_INVALID_ARG;
     if (!ad)
         return lora_set_error(opt->err, LORA_ERR_INVALID_ARG, "ad is NULL");
-    const char *const names = "QKVO";
-    if (ad->layer.rank != opt->rank)
+    if (opt->n_members != 1)
         return lora_set_error(opt->err, LORA_ERR_INVALID_ARG,
-                              "the adapter has rank %lld, the optimizer was made for %lld",
-                              (long long)ad->layer.rank, (long long)opt->rank);
-    for (int t = 0; t < PROJ_COUNT; t++) {
-        const layer_proj *p = &ad->layer.proj[t];
-        if (p->adapted != opt->adapted[t] ||
-            (p->adapted && (p->in != opt->in[t] || p->out != opt->out[t])))
-            return lora_set_error(opt->err, LORA_ERR_INVALID_ARG,
-                                  "target %c of the adapter is shaped unlike the one the "
-                                  "optimizer was made for",
-                                  names[t]);
-    }
-    if (opt->kind == LORA_OPTIMIZER_SGD && opt->nesterov &&
-        (opt->momentum <= 0.0 || opt->dampening != 0.0))
+                              "the optimizer serves %zu adapters: use lora_optimizer_step_set",
+                              opt->n_members);
+    return step_set(opt, &ad, 1);
+}
+
+LORA_API int lora_optimizer_step_set(lora_optimizer *opt, lora_adapter *const *adapters,
+                                     size_t n)
+{
+    if (!opt)
+        return LORA_ERR_INVALID_ARG;
+    if (!adapters)
+        return lora_set_error(opt->err, LORA_ERR_INVALID_ARG, "adapters is NULL");
+    if (n != opt->n_members)
         return lora_set_error(opt->err, LORA_ERR_INVALID_ARG,
-                              "Nesterov momentum needs LORA_OPT_MOMENTUM > 0 and "
-                              "LORA_OPT_DAMPENING = 0");
-    /* Global L2 norm of all gradients, in double (clip_grad_norm_ with norm_type 2). */
-    double sumsq = 0.0;
-    for (int t = 0; t < PROJ_COUNT; t++) {
-        const layer_proj *p = &ad->layer.proj[t];
-        if (!p->adapted)
-            continue;
-        const size_t len = (size_t)(ad->layer.rank * (p->in + p->out)); /* da, db adjacent */
-        for (size_t i = 0; i < len; i++) {
-            const double g = (double)p->da[i];
-            if (!isfinite(g))
-                return lora_set_error(opt->err, LORA_ERR_NONFINITE,
-                                      "gradient of target %c has a NaN/Inf entry; nothing "
-                                      "was updated",
-                                      names[t]);
-            sumsq += g * g;
-        }
-    }
-    const double norm = sqrt(sumsq);
-    step_consts c;
-    memset(&c, 0, sizeof c);
-    c.clip = 1.0;
-    if (opt->max_grad_norm > 0.0) {
-        const double coef = opt->max_grad_norm / (norm + 1e-6);
-        c.clip = coef < 1.0 ? coef : 1.0;
-    }
-    const int64_t step = opt->step + 1;
-    c.lr = opt->lr;
-    c.decay_factor = 1.0 - opt->lr * opt->weight_decay;
-    c.beta1 = opt->beta1;
-    c.beta2 = opt->beta2;
-    c.eps = opt->eps;
-    const double bc1 = 1.0 - pow(opt->beta1, (double)step);
-    const double bc2 = 1.0 - pow(opt->beta2, (double)step);
-    c.step_size = opt->lr / bc1;
-    c.bc2_sqrt = sqrt(bc2);
-    c.wd = opt->weight_decay;
-    c.momentum = opt->momentum;
-    c.dampening = opt->dampening;
-    c.nesterov = opt->nesterov;
-    c.first_momentum = !opt->momentum_started;
-    if (opt->kind == LORA_OPTIMIZER_ADAMW && (bc1 <= 0.0 || bc2 <= 0.0)) {
-        /* beta = 0 gives bc = 1; beta in (0, 1) gives bc > 0: unreachable, kept as a guard */
-        return lora_set_error(opt->err, LORA_ERR_INVALID_ARG, "bias correction is zero");
-    }
-    const int64_t bad = update_pass(opt, ad, &c, 0);
-    if (bad >= 0)
-        return lora_set_error(opt->err, LORA_ERR_NONFINITE,
-                              "the update would make parameter %lld (flat order) NaN/Inf; "
-                              "nothing was updated",
-                              (long long)bad);
-    update_pass(opt, ad, &c, 1);
-    if (opt->kind == LORA_OPTIMIZER_SGD && opt->momentum != 0.0)
-        opt->momentum_started = 1;
-    opt->step = step;
-    opt->grad_norm = norm;
-    lora_adapter_params_changed(ad);
-    opt->err[0] = '\0';
-    return LORA_OK;
+                              "n = %zu adapters, the optimizer was made for %zu", n,
+                              opt->n_members);
+    const int st = check_set((const lora_adapter *const *)adapters, n, opt->err, 0);
+    if (st != LORA_OK)
+        return st;
+    return step_set(opt, adapters, 0);
 }

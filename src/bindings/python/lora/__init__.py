@@ -14,10 +14,10 @@ A ctypes binding (standard library + numpy) of include/lora.h. See docs/python.m
 from . import _ffi
 from ._errors import (Status, LoraError, InvalidArgumentError, ShapeError,
                       OutOfMemoryError, NonFiniteError, UnsupportedError, StateError,
-                      LoraIOError, FormatError, ToleranceError)
+                      LoraIOError, FormatError, ToleranceError, DtypeError)
 from ._core import (Param, Target, Backend, Init, Factor, RunInfo, ThresholdReport,
-                    Adapter, Optimizer, OptParam, OptimizerKind, mse_loss, version,
-                    version_number, status_string, as_f32, save_peft, load_peft,
+                    Adapter, Optimizer, OptParam, OptimizerKind, mse_loss, mse_loss_mean,
+                    version, version_number, status_string, as_f32, save_peft, load_peft,
                     save_gguf, load_gguf)
 
 #: Path of the liblora shared library that was loaded.
@@ -27,15 +27,16 @@ __version__ = version()
 
 
 def has(name):
-    """True when the loaded library exports the C function `name` (entry points added
-    after 0.1.0: optimizer, flat vectors, merge, borrow, adapter files)."""
+    """True when the loaded library exports the C function `name` (for entry points
+    added after 0.1.0, such as lora_optimizer_create_set and lora_mse_loss_mean)."""
     return _ffi.has(name)
 
 __all__ = [
-    "Adapter", "Optimizer", "save_peft", "load_peft", "save_gguf", "load_gguf", "OptParam", "OptimizerKind", "RunInfo", "ThresholdReport", "mse_loss", "version", "version_number",
+    "Adapter", "Optimizer", "save_peft", "load_peft", "save_gguf", "load_gguf", "OptParam", "OptimizerKind", "RunInfo", "ThresholdReport", "mse_loss",
+    "mse_loss_mean", "version", "version_number",
     "status_string", "as_f32", "library_path", "has",
     "Param", "Target", "Backend", "Init", "Factor", "Status",
     "LoraError", "InvalidArgumentError", "ShapeError", "OutOfMemoryError",
     "NonFiniteError", "UnsupportedError", "StateError", "LoraIOError", "FormatError",
-    "ToleranceError",
+    "ToleranceError", "DtypeError",
 ]

@@ -7,7 +7,8 @@ import os
 import numpy as np
 
 from . import _ffi
-from ._errors import Status, StateError, ShapeError, InvalidArgumentError, error_for
+from ._errors import (Status, StateError, ShapeError, InvalidArgumentError, DtypeError,
+                      error_for)
 
 _lib = _ffi.lib
 
@@ -88,13 +89,30 @@ def status_string(status):
 
 # ---- argument conversion ---------------------------------------------------------------
 
-def as_f32(a):
-    """`a` itself when it is a C-contiguous, aligned float32 ndarray (zero copy), else a
-    C-contiguous float32 copy."""
-    if (isinstance(a, np.ndarray) and a.dtype == np.float32
-            and a.flags.c_contiguous and a.flags.aligned):
-        return a
-    return np.ascontiguousarray(a, dtype=np.float32)
+def as_f32(a, name="array"):
+    """`a` as a C-contiguous float32 ndarray: `a` itself when it already is one (zero
+    copy), else a contiguous copy of the same values. An array (anything with a dtype:
+    numpy, a CPU torch tensor, requires_grad or not) must be float32: float64 and every
+    other dtype raise DtypeError naming `name` rather than being converted silently.
+    Python sequences and numbers (no dtype) are converted to float32."""
+    if isinstance(a, np.ndarray):
+        arr = a
+    elif getattr(a, "dtype", None) is not None:
+        if hasattr(a, "detach"):  # a torch tensor: read its memory, not its graph
+            a = a.detach()
+        if str(a.dtype) not in ("float32", "torch.float32"):
+            raise DtypeError(Status.INVALID_ARG, "%s is %s; liblora computes in float32: "
+                             "convert it explicitly" % (name, a.dtype))
+        arr = np.asarray(a)
+    else:
+        return np.ascontiguousarray(a, dtype=np.float32)
+    if arr.dtype != np.float32:
+        raise DtypeError(Status.INVALID_ARG, "%s is %s; liblora computes in float32: "
+                         "convert it explicitly (%s.astype(numpy.float32))"
+                         % (name, arr.dtype, name))
+    if arr.flags.c_contiguous and arr.flags.aligned:
+        return arr
+    return np.ascontiguousarray(arr)
 
 
 def _out_buffer(out, shape, name):
@@ -167,20 +185,32 @@ def _enum_value(enum_cls, v):
     return int(v)
 
 
+def _mse(name, out, target, want_dout):
+    o, t = as_f32(out, "out"), as_f32(target, "target")
+    if o.shape != t.shape:
+        raise ShapeError(Status.SHAPE, "out %s and target %s differ in shape"
+                         % (o.shape, t.shape), name)
+    dout = np.empty(o.shape, dtype=np.float32) if want_dout else None
+    loss = ctypes.c_double()
+    st = getattr(_lib, name)(_ptr(o), _ptr(t), o.size, ctypes.byref(loss), _ptr(dout))
+    if st != Status.OK:
+        raise error_for(st, status_string(st), name)
+    return loss.value, dout
+
+
 def mse_loss(out, target, want_dout=True):
     """The paper's loss, lora_mse_loss: returns (loss, dout) with
     loss = 1/2 * sum((out - target)**2) (accumulated in double) and dout = out - target
     (float32, out's shape), or (loss, None) when want_dout is False."""
-    o, t = as_f32(out), as_f32(target)
-    if o.shape != t.shape:
-        raise ShapeError(Status.SHAPE, "out %s and target %s differ in shape"
-                         % (o.shape, t.shape), "mse_loss")
-    dout = np.empty(o.shape, dtype=np.float32) if want_dout else None
-    loss = ctypes.c_double()
-    st = _lib.lora_mse_loss(_ptr(o), _ptr(t), o.size, ctypes.byref(loss), _ptr(dout))
-    if st != Status.OK:
-        raise error_for(st, status_string(st), "lora_mse_loss")
-    return loss.value, dout
+    return _mse("lora_mse_loss", out, target, want_dout)
+
+
+def mse_loss_mean(out, target, want_dout=True):
+    """torch.nn.MSELoss() (mean reduction), lora_mse_loss_mean: returns (loss, dout) with
+    loss = mean((out - target)**2) (accumulated in double) and dout = 2*(out - target)/n
+    its gradient (float32, out's shape; n = out.size), or (loss, None)."""
+    _need("lora_mse_loss_mean")
+    return _mse("lora_mse_loss_mean", out, target, want_dout)
 
 
 # ---- reports ---------------------------------------------------------------------------
@@ -432,13 +462,13 @@ class Adapter:
         ShapeError naming fn."""
         t = _target(target)
         shape = self.base_shape(t)
-        w = as_f32(weight)
+        w = as_f32(weight, "weight")
         if w.shape != shape:
             raise ShapeError(Status.SHAPE, "weight has shape %s, expected %s"
                              % (w.shape, shape), fn)
         b = None
         if bias is not None:
-            b = as_f32(bias)
+            b = as_f32(bias, "bias")
             if b.shape != (shape[0],):
                 raise ShapeError(Status.SHAPE, "bias has shape %s, expected %s"
                                  % (b.shape, (shape[0],)), fn)
@@ -458,7 +488,6 @@ class Adapter:
         one). A C-contiguous float32 array is used in place; anything else is converted
         once. The adapter keeps a reference to the arrays until the base is replaced or
         the adapter is closed; do not modify them meanwhile."""
-        _need("lora_adapter_set_base_borrowed")
         t, w, b = self._base_arrays(target, weight, bias, "set_base_borrowed")
         self._saved = None
         self._check(_lib.lora_adapter_set_base_borrowed(self._h(), t, _ptr(w), _ptr(b)),
@@ -496,7 +525,7 @@ class Adapter:
     def set_param(self, target, which, value):
         """Copies `value` (the factor's element count, any shape) into factor `which`
         of `target`. Drops the saved forward."""
-        src = as_f32(value)
+        src = as_f32(value, "value")
         self._saved = None
         self._check(_lib.lora_adapter_set_param(self._h(), _target(target), _factor(which),
                                                 _ptr(src), src.size),
@@ -534,7 +563,6 @@ class Adapter:
     @property
     def param_count(self):
         """Total floats in all LoRA factors (lora_adapter_param_count)."""
-        _need("lora_adapter_param_count")
         n = ctypes.c_size_t()
         self._check(_lib.lora_adapter_param_count(self._h(), ctypes.byref(n)),
                     "lora_adapter_param_count")
@@ -543,7 +571,6 @@ class Adapter:
     def get_params_flat(self, out=None):
         """All factors as one float32 vector: targets Q, K, V, O (adapted ones), each A
         then B, row-major."""
-        _need("lora_adapter_get_params_flat")
         dst = _out_buffer(out, (self.param_count,), "out")
         self._check(_lib.lora_adapter_get_params_flat(self._h(), _ptr(dst), dst.size),
                     "lora_adapter_get_params_flat")
@@ -551,15 +578,13 @@ class Adapter:
 
     def set_params_flat(self, values):
         """Sets all factors from one vector (get_params_flat's order)."""
-        _need("lora_adapter_set_params_flat")
-        src = as_f32(values)
+        src = as_f32(values, "values")
         self._saved = None
         self._check(_lib.lora_adapter_set_params_flat(self._h(), _ptr(src), src.size),
                     "lora_adapter_set_params_flat")
 
     def get_grads_flat(self, out=None):
         """All accumulated gradients as one vector (get_params_flat's order)."""
-        _need("lora_adapter_get_grads_flat")
         dst = _out_buffer(out, (self.param_count,), "out")
         self._check(_lib.lora_adapter_get_grads_flat(self._h(), _ptr(dst), dst.size),
                     "lora_adapter_get_grads_flat")
@@ -567,22 +592,20 @@ class Adapter:
 
     def set_grads_flat(self, values):
         """Overwrites the accumulated gradients (e.g. with an all-reduced average)."""
-        _need("lora_adapter_set_grads_flat")
-        src = as_f32(values)
+        src = as_f32(values, "values")
         self._check(_lib.lora_adapter_set_grads_flat(self._h(), _ptr(src), src.size),
                     "lora_adapter_set_grads_flat")
 
     # -- merge and serving --
 
     def _merge(self, name, target, weight, inplace):
-        _need(name)
         fn = getattr(_lib, name)
         t = _target(target)
         shape = self.base_shape(t)
         if inplace:
             w = _out_buffer(weight, shape, "weight")
         else:
-            w = np.array(weight, dtype=np.float32, order="C", copy=True)
+            w = np.array(as_f32(weight, "weight"), order="C", copy=True)
             if w.shape != shape:
                 raise ShapeError(Status.SHAPE, "weight has shape %s, expected %s"
                                  % (w.shape, shape), name)
@@ -602,7 +625,6 @@ class Adapter:
     def forward_merged(self, x, out=None):
         """Inference forward with merged weights (same result as forward up to
         rounding); keeps no activations and leaves the saved forward alone."""
-        _need("lora_forward_merged")
         h = self._h()
         x3, given = self._input(x, "x")
         o = _out_buffer(out, given[:-1] + (self.out_dim,), "out")
@@ -612,7 +634,6 @@ class Adapter:
 
     def forward_merged_cross(self, xq, xkv, out=None):
         """forward_cross with merged weights (see forward_merged)."""
-        _need("lora_forward_merged_cross")
         h = self._h()
         q3, qgiven = self._input(xq, "xq")
         kv3, kvgiven = self._input(xkv, "xkv")
@@ -628,7 +649,6 @@ class Adapter:
     def copy_params_from(self, src):
         """Hot swap: copies src's LoRA factors and scaling (alpha, rsLoRA) into this
         adapter, keeping its base weights, settings and gradients."""
-        _need("lora_adapter_copy_params")
         self._saved = None
         self._check(_lib.lora_adapter_copy_params(self._h(), src._h()),
                     "lora_adapter_copy_params")
@@ -637,7 +657,7 @@ class Adapter:
 
     def _input(self, x, name):
         """x as float32 (batch, L, d_model) plus the shape the caller gave."""
-        a = as_f32(x)
+        a = as_f32(x, name)
         if a.ndim not in (2, 3) or a.shape[-1] != self._d_model or a.size == 0:
             raise ShapeError(Status.SHAPE, "%s has shape %s, expected (batch, L, %d) or "
                              "(L, %d)" % (name, a.shape, self._d_model, self._d_model))
@@ -666,7 +686,7 @@ class Adapter:
                              "call backward%s" % (self._saved[0],
                                                   "" if self._saved[0] == "self"
                                                   else "_cross"))
-        d = as_f32(dout)
+        d = as_f32(dout, "dout")
         oshape = self._saved[1]
         if d.size != int(np.prod(oshape)) or d.shape[-1] != oshape[-1]:
             raise ShapeError(Status.SHAPE, "dout has shape %s, expected %s"
@@ -760,25 +780,39 @@ _OPT_INT_PARAMS = {OptParam.NESTEROV, OptParam.STEP}
 
 
 class Optimizer:
-    """AdamW or SGD on an adapter's LoRA factors (a lora_optimizer handle), with
-    PyTorch's update rules. Keyword parameters: lr, betas=(beta1, beta2) or beta1/beta2,
-    eps, weight_decay, momentum, dampening, nesterov, max_grad_norm.
+    """AdamW or SGD on LoRA factors (a lora_optimizer handle), with PyTorch's update
+    rules, over one adapter or a set of adapters (a whole model: one state, and
+    max_grad_norm clips by the global norm over every factor of the set, as
+    torch.nn.utils.clip_grad_norm_(model.parameters())). Keyword parameters: lr,
+    betas=(beta1, beta2) or beta1/beta2, eps, weight_decay, momentum, dampening,
+    nesterov, max_grad_norm.
 
         opt = lora.Optimizer(ad, "adamw", lr=1e-3, weight_decay=0.01)
+        opt = lora.Optimizer([layer0, layer1], "adamw", lr=1e-3, max_grad_norm=1.0)
         ad.zero_grad(); ad.forward(x); ad.backward(dout); opt.step()
     """
 
     _handle = None
 
-    def __init__(self, adapter, kind="adamw", **params):
-        _need("lora_optimizer_create")
-        self._adapter = adapter
-        h = _ffi.OptimizerP()
+    def __init__(self, adapters, kind="adamw", **params):
         k = _enum_value(OptimizerKind, kind)
-        st = _lib.lora_optimizer_create(ctypes.byref(h), adapter._h(), k)
+        self._single = isinstance(adapters, Adapter)
+        self._adapters = [adapters] if self._single else list(adapters)
+        h = _ffi.OptimizerP()
+        if self._single:
+            st = _lib.lora_optimizer_create(ctypes.byref(h), adapters._h(), k)
+            fn = "lora_optimizer_create"
+        else:
+            _need("lora_optimizer_create_set")
+            if not self._adapters:
+                raise InvalidArgumentError(Status.INVALID_ARG, "the adapter set is empty",
+                                           "lora_optimizer_create_set")
+            arr = _handles(self._adapters)
+            st = _lib.lora_optimizer_create_set(ctypes.byref(h), arr, len(arr), k)
+            fn = "lora_optimizer_create_set"
         if st != Status.OK:
-            raise error_for(st, _lib.lora_adapter_last_error(adapter._h()).decode(),
-                            "lora_optimizer_create")
+            raise error_for(st, _lib.lora_adapter_last_error(
+                self._adapters[0]._h()).decode(), fn)
         self._handle = h
         self.kind = OptimizerKind(k)
         betas = params.pop("betas", None)
@@ -786,6 +820,11 @@ class Optimizer:
             params["beta1"], params["beta2"] = betas
         for key, value in params.items():
             self.set(key, value)
+
+    @property
+    def adapters(self):
+        """The adapters given at creation (a list; one element for a single adapter)."""
+        return list(self._adapters)
 
     def _h(self):
         if not self._handle:
@@ -847,14 +886,24 @@ class Optimizer:
         any step)."""
         return self.get(OptParam.GRAD_NORM)
 
-    def step(self, adapter=None):
-        """One update of every factor of `adapter` (default: the one given at creation)
-        from its accumulated gradients (which are left as they are: zero_grad before
-        the next accumulation)."""
-        ad = self._adapter if adapter is None else adapter
+    def step(self, adapters=None):
+        """One update of every factor from the accumulated gradients (which are left as
+        they are: zero_grad before the next accumulation). `adapters` defaults to those
+        given at creation; another adapter (or list, in the same order) of the same
+        shapes may be given instead."""
         h = self._h()
-        ad._saved = None
-        self._check(_lib.lora_optimizer_step(h, ad._h()), "lora_optimizer_step")
+        if adapters is None:
+            ads = self._adapters
+        else:
+            ads = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+        for ad in ads:
+            ad._saved = None
+        if self._single and len(ads) == 1:
+            self._check(_lib.lora_optimizer_step(h, ads[0]._h()), "lora_optimizer_step")
+            return
+        _need("lora_optimizer_step_set")
+        arr = _handles(ads)
+        self._check(_lib.lora_optimizer_step_set(h, arr, len(arr)), "lora_optimizer_step_set")
 
     def reset(self):
         """Zeroes the moments/momentum and the step count."""
@@ -883,6 +932,11 @@ class Optimizer:
             pass
 
 
+def _handles(adapters):
+    """A C array of the adapters' handles."""
+    return (_ffi.AdapterP * len(adapters))(*[a._h() for a in adapters])
+
+
 # ---- adapter files (PEFT directory, llama.cpp GGUF) ------------------------------------
 
 def _adapter_set(adapters, layers):
@@ -897,13 +951,12 @@ def _adapter_set(adapters, layers):
     if len(layers) != len(adapters) or not adapters:
         raise InvalidArgumentError(Status.INVALID_ARG, "%d adapters and %d layers"
                                    % (len(adapters), len(layers)))
-    arr = (_ffi.AdapterP * len(adapters))(*[a._h() for a in adapters])
+    arr = _handles(adapters)
     lay = (ctypes.c_int64 * len(layers))(*[int(v) for v in layers])
     return adapters, arr, lay
 
 
 def _save(name, path, adapters, layers, *extra):
-    _need(name)
     ads, arr, lay = _adapter_set(adapters, layers)
     st = getattr(_lib, name)(os.fsencode(path), arr, lay, len(ads), *extra)
     if st != Status.OK:
@@ -911,7 +964,6 @@ def _save(name, path, adapters, layers, *extra):
 
 
 def _load(name, path, config):
-    _need(name)
     cfg = _make_config(config)
     try:
         count = ctypes.c_size_t()

@@ -42,6 +42,11 @@ class InvalidArgumentError(LoraError, ValueError):
     """LORA_ERR_INVALID_ARG."""
 
 
+class DtypeError(InvalidArgumentError, TypeError):
+    """An array that is not float32 (float64 included): the binding never narrows
+    precision behind the caller's back. Convert explicitly (``x.astype(np.float32)``)."""
+
+
 class ShapeError(LoraError, ValueError):
     """LORA_ERR_SHAPE (also raised by the binding for arrays of the wrong shape)."""
 

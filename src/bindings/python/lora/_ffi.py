@@ -2,20 +2,26 @@
 
 The library is looked for, in order, at:
   1. $LORA_LIBRARY (a path to liblora.so; when set, nothing else is tried),
-  2. the build tree: lib/liblora.so of the checkout this package sits in,
-  3. the system: ctypes.util.find_library("lora"), then "liblora.so.<major>".
+  2. the path recorded when the package was installed (lora/_install.py: $LORA_LIBRARY
+     at install time, else pkg-config's libdir of lora, else the checkout's lib/),
+  3. the build tree: lib/liblora.so of the checkout this package sits in (uninstalled),
+  4. pkg-config: liblora.so.<major> in `pkg-config --variable=libdir lora`,
+  5. the system loader: ctypes.util.find_library("lora"), then "liblora.so.<major>".
+When none loads, ImportError lists every path tried and why it failed.
 """
 import ctypes
 import ctypes.util
 import os
+import shutil
+import subprocess
 
 #: Major version this binding was written for (the header's LORA_VERSION_MAJOR).
 ABI_MAJOR = 0
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.normpath(os.path.join(_HERE, "..", "..", "..", ".."))
 #: The build tree's library: <repo>/lib/liblora.so from <repo>/src/bindings/python/lora.
-BUILD_TREE_LIBRARY = os.path.normpath(
-    os.path.join(_HERE, "..", "..", "..", "..", "lib", "liblora.so"))
+BUILD_TREE_LIBRARY = os.path.join(_REPO, "lib", "liblora.so")
 
 
 class _Config(ctypes.Structure):
@@ -80,7 +86,7 @@ _d = ctypes.c_double
 _p = ctypes.c_void_p      # float * / const float *: numpy data pointers or None (NULL)
 _s = ctypes.c_char_p
 
-# name: (restype, argtypes). Every function of lora.h 0.1.
+# name: (restype, argtypes). Every function of lora.h 0.1.0, the baseline.
 _PROTOTYPES = {
     "lora_version_number": (_u32, []),
     "lora_version_string": (_s, []),
@@ -113,11 +119,6 @@ _PROTOTYPES = {
     "lora_mse_loss": (_i, [_p, _p, _sz, ctypes.POINTER(_d), _p]),
     "lora_threshold_estimate": (_i, [AdapterP, _p, _i64, _i64,
                                      ctypes.POINTER(ThresholdReportC)]),
-}
-
-# Entry points added after 0.1.0: declared when the loaded library exports them
-# (has(name) tells); the Python API raises UnsupportedError otherwise.
-_OPTIONAL_PROTOTYPES = {
     "lora_optimizer_create": (_i, [ctypes.POINTER(OptimizerP), AdapterP, _i]),
     "lora_optimizer_destroy": (None, [OptimizerP]),
     "lora_optimizer_set_int": (_i, [OptimizerP, _i, _i64]),
@@ -146,33 +147,74 @@ _OPTIONAL_PROTOTYPES = {
                             ctypes.POINTER(_sz), _s, ConfigP]),
 }
 
+# Entry points added after 0.1.0 (the baseline above): declared when the loaded library
+# exports them (has(name) tells); the Python API raises UnsupportedError otherwise.
+_OPTIONAL_PROTOTYPES = {
+    "lora_optimizer_create_set": (_i, [ctypes.POINTER(OptimizerP), ctypes.POINTER(AdapterP),
+                                       _sz, _i]),
+    "lora_optimizer_step_set": (_i, [OptimizerP, ctypes.POINTER(AdapterP), _sz]),
+    "lora_mse_loss_mean": (_i, [_p, _p, _sz, ctypes.POINTER(_d), _p]),
+}
+
+
+def _installed_library():
+    """The path recorded at install time, or None (running from a checkout)."""
+    try:
+        from . import _install
+    except ImportError:
+        return None
+    return getattr(_install, "LIBRARY", None) or None
+
+
+def _pkg_config_library():
+    """liblora.so.<major> in pkg-config's libdir of lora, or None."""
+    if not shutil.which("pkg-config"):
+        return None
+    try:
+        libdir = subprocess.run(["pkg-config", "--variable=libdir", "lora"],
+                                capture_output=True, text=True, timeout=10,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return os.path.join(libdir, "liblora.so.%d" % ABI_MAJOR) if libdir else None
+
 
 def _candidates():
+    """[(where, path)] in the order tried."""
     env = os.environ.get("LORA_LIBRARY")
     if env:
-        return [env]
-    out = [BUILD_TREE_LIBRARY]
+        return [("$LORA_LIBRARY", env)]
+    out = []
+    installed = _installed_library()
+    if installed:
+        out.append(("recorded at install", installed))
+    if os.path.exists(os.path.join(_REPO, "include", "lora.h")):  # a checkout
+        out.append(("build tree", BUILD_TREE_LIBRARY))
+    pc = _pkg_config_library()
+    if pc:
+        out.append(("pkg-config lora", pc))
     found = ctypes.util.find_library("lora")
     if found:
-        out.append(found)
-    out.append("liblora.so.%d" % ABI_MAJOR)
+        out.append(("find_library", found))
+    out.append(("system loader", "liblora.so.%d" % ABI_MAJOR))
     return out
 
 
 def _load():
     tried = []
-    for path in _candidates():
+    for where, path in _candidates():
         if os.path.sep in path and not os.path.exists(path):
-            tried.append("%s (no such file)" % path)
+            tried.append("%s: %s (no such file)" % (where, path))
             continue
         try:
             lib = ctypes.CDLL(path)
         except OSError as e:
-            tried.append("%s (%s)" % (path, e))
+            tried.append("%s: %s (%s)" % (where, path, e))
             continue
         return lib, path
     raise ImportError("lora: cannot load liblora; tried: " + "; ".join(tried) +
-                      ". Build it with `make` or set LORA_LIBRARY=/path/to/liblora.so")
+                      ". Build it with `make` (and `make install`), or set "
+                      "LORA_LIBRARY=/path/to/liblora.so")
 
 
 lib, library_path = _load()
@@ -195,5 +237,5 @@ if _major != ABI_MAJOR:
 
 
 def has(name):
-    """True when the loaded library exports `name` (for entry points added after 0.1)."""
+    """True when the loaded library exports `name` (for entry points added after 0.1.0)."""
     return hasattr(lib, name)

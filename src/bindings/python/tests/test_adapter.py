@@ -1,6 +1,9 @@
 """Behaviour of the Adapter class: configuration, parameters, compute, reports."""
 import ctypes
 import gc
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -99,11 +102,14 @@ def test_params_roundtrip(rng):
         ad.params = new
         for k, v in ad.params.items():
             assert v.dtype == np.float32 and np.array_equal(v, new[k])
-        # float64, Fortran order and flat inputs are converted
-        f = np.asfortranarray(rng.standard_normal((8, 2)))
+        # Fortran order and flat float32 inputs are accepted; float64 is refused
+        f = np.asfortranarray(rng.standard_normal((8, 2)).astype(np.float32))
         ad.set_param("k", "B", f)
-        assert np.allclose(ad.param("k", "B"), f.astype(np.float32))
-        ad.set_param("k", "B", f.astype(np.float32).ravel())
+        assert np.array_equal(ad.param("k", "B"), f)
+        ad.set_param("k", "B", f.ravel())
+        with pytest.raises(lora.DtypeError, match="value is float64"):
+            ad.set_param("k", "B", f.astype(np.float64))
+        assert np.array_equal(ad.param("k", "B"), f)
         # out= receives the copy in place
         buf = np.zeros((2, 8), dtype=np.float32)
         assert ad.param("q", "A", out=buf) is buf
@@ -114,8 +120,12 @@ def test_as_f32_zero_copy():
     a = np.zeros((3, 4), dtype=np.float32)
     assert lora.as_f32(a) is a
     assert lora.as_f32(a.T) is not a.T and lora.as_f32(a.T).flags.c_contiguous
-    assert lora.as_f32(a.astype(np.float64)).dtype == np.float32
-    assert lora.as_f32([[1, 2]]).dtype == np.float32
+    assert lora.as_f32([[1, 2]]).dtype == np.float32  # plain sequences are converted
+    for dtype in (np.float64, np.float16, np.int32):
+        with pytest.raises(lora.DtypeError, match="x is " + np.dtype(dtype).name):
+            lora.as_f32(a.astype(dtype), "x")
+    with pytest.raises(TypeError):  # DtypeError is a TypeError and a LoraError
+        lora.as_f32(np.float64(1.0))
 
 
 def test_forward_shapes_and_out_buffer(rng):
@@ -130,10 +140,12 @@ def test_forward_shapes_and_out_buffer(rng):
     # out= is written in place
     buf = np.empty((3, 5, 8), dtype=np.float32)
     assert ad.forward(x, out=buf) is buf and np.array_equal(buf, out)
-    # a non-contiguous / float64 x gives the same result
+    # a non-contiguous x gives the same result; float64 is refused, not cast
     xt = np.ascontiguousarray(x.transpose(1, 0, 2)).transpose(1, 0, 2)
     assert not xt.flags.c_contiguous
-    assert np.array_equal(ad.forward(xt.astype(np.float64)), out)
+    assert np.array_equal(ad.forward(xt), out)
+    with pytest.raises(lora.DtypeError, match="x is float64"):
+        ad.forward(x.astype(np.float64))
 
 
 def test_backward_accumulates_and_zero_grad(rng):
@@ -154,7 +166,7 @@ def test_backward_accumulates_and_zero_grad(rng):
 
 def test_mse_loss():
     out = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
-    t = np.array([[0.0, 2.0], [1.0, 8.0]])
+    t = np.array([[0.0, 2.0], [1.0, 8.0]], np.float32)
     loss, dout = lora.mse_loss(out, t)
     assert loss == pytest.approx(0.5 * (1 + 0 + 4 + 16))
     assert np.array_equal(dout, np.array([[1, 0], [2, -4]], dtype=np.float32))
@@ -225,7 +237,7 @@ def test_base_replacement_drops_forward(rng):
     ad, P = reference.make_layer(rng, d_model=8, rank=2)
     x = rng.standard_normal((1, 3, 8)).astype(np.float32)
     ad.forward(x)
-    ad.set_base("q", P["Wq"])
+    ad.set_base("q", P["Wq"].astype(np.float32))
     with pytest.raises(lora.StateError):
         ad.backward(np.ones((1, 3, 8), dtype=np.float32))
 
@@ -233,8 +245,36 @@ def test_base_replacement_drops_forward(rng):
 def test_library_search_order(monkeypatch):
     from lora import _ffi
     monkeypatch.setenv("LORA_LIBRARY", "/somewhere/liblora.so")
-    assert _ffi._candidates() == ["/somewhere/liblora.so"]
+    assert _ffi._candidates() == [("$LORA_LIBRARY", "/somewhere/liblora.so")]
     monkeypatch.delenv("LORA_LIBRARY")
+    monkeypatch.setattr(_ffi, "_installed_library", lambda: "/opt/lora/liblora.so.0")
+    monkeypatch.setattr(_ffi, "_pkg_config_library", lambda: "/usr/local/lib/liblora.so.0")
     c = _ffi._candidates()
-    assert c[0] == _ffi.BUILD_TREE_LIBRARY and c[-1] == "liblora.so.0"
+    where = [w for w, _ in c]
+    checkout = os.path.exists(os.path.join(_ffi._REPO, "include", "lora.h"))
+    want = ["recorded at install"] + (["build tree"] if checkout else []) + ["pkg-config lora"]
+    assert where[:len(want)] == want
+    assert c[0][1] == "/opt/lora/liblora.so.0" and c[-1] == ("system loader", "liblora.so.0")
     assert _ffi.BUILD_TREE_LIBRARY.endswith("lib/liblora.so")
+
+
+def test_load_error_names_every_path_tried(monkeypatch):
+    from lora import _ffi
+    monkeypatch.setattr(_ffi, "_candidates", lambda: [
+        ("recorded at install", "/nonexistent/liblora.so.0"),
+        ("system loader", "liblora-not-a-library.so.9")])
+    with pytest.raises(ImportError) as e:
+        _ffi._load()
+    msg = str(e.value)
+    assert "recorded at install: /nonexistent/liblora.so.0 (no such file)" in msg
+    assert "system loader: liblora-not-a-library.so.9 (" in msg
+    assert "LORA_LIBRARY" in msg
+
+
+def test_import_fails_clearly_without_a_library():
+    env = dict(os.environ, LORA_LIBRARY="/nonexistent/liblora.so",
+               PYTHONPATH=os.path.dirname(os.path.dirname(lora.__file__)))
+    r = subprocess.run([sys.executable, "-c", "import lora"], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and "/nonexistent/liblora.so (no such file)" in r.stderr

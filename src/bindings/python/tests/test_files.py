@@ -1,7 +1,6 @@
 """Adapter files written by liblora, read back by independent readers written here with
 json + numpy only (no liblora code): PEFT's safetensors and llama.cpp's GGUF."""
 import json
-import os
 import struct
 
 import numpy as np
@@ -109,7 +108,8 @@ def adapter_set():
         rng = np.random.default_rng(i)
         for t in ad.targets:
             for f in "AB":
-                ad.set_param(t, f, rng.standard_normal(ad.param_shape(t, f)))
+                ad.set_param(t, f, rng.standard_normal(ad.param_shape(t, f))
+                             .astype(np.float32))
         ads[layer] = ad
     return ads
 

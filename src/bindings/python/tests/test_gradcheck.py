@@ -43,7 +43,7 @@ def test_self_attention_gradients(name):
     rng = np.random.default_rng(42)
     ad, P = reference.make_layer(rng, **CASES[name])
     x = rng.standard_normal((2, 5, ad.d_model)).astype(np.float32)
-    target = rng.standard_normal((2, 5, ad.out_dim))
+    target = rng.standard_normal((2, 5, ad.out_dim)).astype(np.float32)
     x64 = x.astype(np.float64)
 
     out = ad.forward(x)
@@ -66,8 +66,8 @@ def test_cross_attention_gradients():
                                  causal=True)
     xq = rng.standard_normal((2, 3, 8))
     xkv = rng.standard_normal((2, 5, 8))
-    target = rng.standard_normal((2, 3, 8))
-    out = ad.forward_cross(xq, xkv)
+    target = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    out = ad.forward_cross(xq.astype(np.float32), xkv.astype(np.float32))
     _, dout = lora.mse_loss(out, target)
     dxq, dxkv = ad.backward_cross(dout)
 
@@ -96,7 +96,7 @@ def test_finite_differences_through_the_library():
         def f(delta):
             bb = b.copy()
             bb[i] += delta
-            ad.set_param("q", "B", bb)
+            ad.set_param("q", "B", bb.astype(np.float32))
             return lora.mse_loss(ad.forward(x), target, want_dout=False)[0]
         fd = (f(h) - f(-h)) / (2 * h)
         assert abs(fd - g[i]) <= 1e-2 * max(1.0, abs(fd)), (i, fd, g[i])

@@ -90,3 +90,87 @@ def test_adamw_matches_torch_optim():
         torch.nn.utils.clip_grad_norm_([tp], 1.0)
         topt.step()
     assert np.allclose(ad.get_params_flat(), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def model_of_three(seed):
+    """Three adapters of different shapes (a model's LoRA layers), with base weights."""
+    rng = np.random.default_rng(seed)
+    specs = [dict(d_model=8, n_heads=2, rank=2, targets="qv"),
+             dict(d_model=8, n_heads=2, n_kv_heads=1, rank=3, targets="qkv"),
+             dict(d_model=8, n_heads=2, rank=4, targets="qkvo", out_proj=True)]
+    return [reference.make_layer(rng, **s)[0] for s in specs]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_set_optimizer_matches_torch_optim_with_global_clipping(kind):
+    """One optimizer over 3 adapters, 10 steps on real gradients, against torch.optim
+    over the same parameters after clip_grad_norm_(all parameters). A torch run that
+    clips each adapter by its own norm must disagree (the test can tell the two)."""
+    if not lora.has("lora_optimizer_create_set"):
+        pytest.skip("liblora has no lora_optimizer_create_set")
+    ads = model_of_three(21)
+    rng = np.random.default_rng(22)
+    xs = [rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(10)]
+    targets = [rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(10)]
+    hyper = dict(lr=0.02, weight_decay=0.05)
+    if kind == "adamw":
+        hyper.update(betas=(0.9, 0.95), eps=1e-8)
+        make = lambda ps: torch.optim.AdamW(ps, **hyper)  # noqa: E731
+    else:
+        hyper.update(momentum=0.9, nesterov=True)
+        make = lambda ps: torch.optim.SGD(ps, **hyper)  # noqa: E731
+    max_norm = 100.0  # the steps of large gradients (every third) are clipped
+    opt = lora.Optimizer(ads, kind, max_grad_norm=max_norm, **hyper)
+    assert opt.adapters == ads
+    tps = [torch.tensor(a.get_params_flat(), dtype=torch.float64, requires_grad=True)
+           for a in ads]
+    lps = [t.detach().clone().requires_grad_(True) for t in tps]  # clipped per adapter
+    topt, lopt = make(tps), make(lps)
+    clipped, per_layer_gap = 0, 0.0
+    for step in range(10):
+        grads = []
+        for k, ad in enumerate(ads):
+            ad.zero_grad()
+            out = ad.forward(xs[step])
+            scale = [1.0, 0.05, 4.0][k] * (3.0 if step % 3 == 1 else 0.3)
+            _, dout = lora.mse_loss(out, targets[step])
+            ad.backward(dout * np.float32(scale), need_dx=False)
+            grads.append(ad.get_grads_flat())
+        opt.step()
+        for t, lt, g in zip(tps, lps, grads):
+            t.grad = torch.tensor(g, dtype=torch.float64)
+            lt.grad = torch.tensor(g, dtype=torch.float64)
+        norm = torch.nn.utils.clip_grad_norm_(tps, max_norm)
+        for lt in lps:
+            torch.nn.utils.clip_grad_norm_([lt], max_norm)
+        topt.step()
+        lopt.step()
+        clipped += float(norm) > max_norm
+        assert opt.grad_norm == pytest.approx(float(norm), rel=1e-12)
+        for k, (ad, t, lt) in enumerate(zip(ads, tps, lps)):
+            got = ad.get_params_flat()
+            want = t.detach().numpy()
+            assert np.allclose(got, want, rtol=1e-5, atol=1e-6), (step, k)
+            per_layer_gap = max(per_layer_gap, np.abs(got - lt.detach().numpy()).max())
+    assert 0 < clipped < 10
+    assert per_layer_gap > 1e-4
+
+
+def test_mse_loss_mean_matches_torch_mseloss():
+    if not lora.has("lora_mse_loss_mean"):
+        pytest.skip("liblora has no lora_mse_loss_mean")
+    rng = np.random.default_rng(5)
+    for shape in [(7,), (3, 5, 4), (2, 33, 16)]:
+        out = rng.standard_normal(shape).astype(np.float32)
+        target = rng.standard_normal(shape).astype(np.float32)
+        loss, dout = lora.mse_loss_mean(out, target)
+        tout = torch.tensor(out, requires_grad=True)
+        tloss = torch.nn.MSELoss()(tout, torch.tensor(target))
+        tloss.backward()
+        assert loss == pytest.approx(float(tloss), rel=1e-6)
+        assert dout.shape == out.shape and dout.dtype == np.float32
+        assert np.allclose(dout, tout.grad.numpy(), rtol=1e-6, atol=0), shape
+        # float64 oracle for the value: the mean is accumulated in double
+        t64 = torch.nn.MSELoss()(torch.tensor(out, dtype=torch.float64),
+                                 torch.tensor(target, dtype=torch.float64))
+        assert loss == pytest.approx(float(t64), rel=1e-12)

@@ -1,5 +1,6 @@
-"""Entry points added after 0.1.0: optimizer, flat vectors, merge, borrowed bases, hot
-swap. Each test is skipped when the loaded library lacks the function."""
+"""Training and serving entry points: optimizer (one adapter or a set), flat vectors,
+merge, borrowed bases, hot swap. Tests of entry points added after 0.1.0 are skipped
+when the loaded library lacks them."""
 import gc
 
 import numpy as np
@@ -37,7 +38,7 @@ def test_flat_vectors(layer):
     with pytest.raises(lora.InvalidArgumentError):
         ad.set_params_flat(new[:-1])
     with pytest.raises(lora.NonFiniteError):
-        ad.set_grads_flat(np.full(n, np.nan))
+        ad.set_grads_flat(np.full(n, np.nan, np.float32))
 
 
 def adamw_reference(p, grads, lr, b1, b2, eps, wd, max_norm=0.0):
@@ -147,7 +148,7 @@ def test_training_loop_with_adamw():
     target = teacher.forward(x)
     student = lora.Adapter(d_model=8, n_heads=2, rank=2, threads=1, seed=9)
     for t in "qkv":
-        student.set_base(t, P["W" + t], P["b" + t])
+        student.set_base(t, P["W" + t].astype(np.float32), P["b" + t].astype(np.float32))
     opt = lora.Optimizer(student, "adamw", lr=0.02, weight_decay=0.0)
     losses = []
     for _ in range(60):
@@ -184,7 +185,7 @@ def test_merge_unmerge(layer):
         ad.merge("q", bad, inplace=True)
     assert np.array_equal(bad, keep, equal_nan=True)
     with pytest.raises(lora.ShapeError):
-        ad.merge("q", np.zeros((8, 7)))
+        ad.merge("q", np.zeros((8, 7), np.float32))
     with pytest.raises(lora.InvalidArgumentError):
         ad.merge("q", np.zeros((8, 8)), inplace=True)  # float64: not writable in place
 
@@ -222,3 +223,72 @@ def test_borrowed_base_and_hot_swap():
     other = lora.Adapter(d_model=8, n_heads=2, rank=3)
     with pytest.raises(lora.InvalidArgumentError):
         tenants[1].copy_params_from(other)
+
+
+def test_set_optimizer_clips_by_the_global_norm():
+    """Three adapters, one optimizer: the numpy AdamW rule on the concatenated
+    parameters, clipped by the norm of all gradients together."""
+    need("lora_optimizer_create_set")
+    rng = np.random.default_rng(8)
+    ads = [reference.make_layer(rng, d_model=8, n_heads=2, rank=r, targets=t)[0]
+           for r, t in [(2, "qv"), (3, "qkv"), (1, "k")]]
+    p0 = np.concatenate([a.get_params_flat() for a in ads])
+    sizes = [a.param_count for a in ads]
+    grads = [np.concatenate([rng.standard_normal(n).astype(np.float32) * s
+                             for n, s in zip(sizes, [1.0, 0.1, 5.0])]) * np.float32(f)
+             for f in [0.05, 3.0, 0.1, 2.0, 0.02]]
+    opt = lora.Optimizer(ads, "adamw", lr=0.01, betas=(0.8, 0.99), eps=1e-6,
+                         weight_decay=0.1, max_grad_norm=1.0)
+    for g in grads:
+        for a, part in zip(ads, np.split(g, np.cumsum(sizes)[:-1])):
+            a.set_grads_flat(part)
+        opt.step()
+    assert opt.step_count == 5
+    assert opt.grad_norm == pytest.approx(np.linalg.norm(grads[-1].astype(np.float64)),
+                                          rel=1e-6)
+    ref = adamw_reference(p0, grads, 0.01, 0.8, 0.99, 1e-6, 0.1, 1.0)
+    got = np.concatenate([a.get_params_flat() for a in ads])
+    assert np.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_set_optimizer_errors():
+    need("lora_optimizer_create_set")
+    rng = np.random.default_rng(9)
+    a, _ = reference.make_layer(rng, d_model=8, n_heads=2, rank=2)
+    b, _ = reference.make_layer(rng, d_model=8, n_heads=2, rank=3)
+    with pytest.raises(lora.InvalidArgumentError, match="empty"):
+        lora.Optimizer([], "sgd")
+    with pytest.raises(lora.InvalidArgumentError, match="same adapter") as e:
+        lora.Optimizer([a, b, a], "sgd")
+    assert e.value.function == "lora_optimizer_create_set"
+    opt = lora.Optimizer([a, b], "sgd", lr=0.1)
+    for ad in (a, b):
+        ad.set_grads_flat(np.ones(ad.param_count, np.float32))
+    before = [a.get_params_flat(), b.get_params_flat()]
+    with pytest.raises(lora.InvalidArgumentError, match="made for 2"):
+        opt.step([a])
+    with pytest.raises(lora.InvalidArgumentError, match="adapters\\[0\\] has rank 3"):
+        opt.step([b, a])
+    with pytest.raises(lora.InvalidArgumentError, match="same adapter"):
+        opt.step([a, a])
+    assert np.array_equal(a.get_params_flat(), before[0])
+    assert np.array_equal(b.get_params_flat(), before[1])
+    opt.step()
+    assert not np.array_equal(a.get_params_flat(), before[0])
+    assert not np.array_equal(b.get_params_flat(), before[1])
+    # A list of one is a set of one; a bare adapter the classic optimizer.
+    single = lora.Optimizer([a], "sgd")
+    single.step()
+    assert single.step_count == 1
+
+
+def test_mse_loss_mean():
+    need("lora_mse_loss_mean")
+    out = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    t = np.array([[0.0, 2.0], [1.0, 8.0]], np.float32)
+    loss, dout = lora.mse_loss_mean(out, t)
+    assert loss == pytest.approx((1 + 0 + 4 + 16) / 4)
+    assert np.array_equal(dout, np.float32(0.5) * (out - t))
+    assert lora.mse_loss_mean(out, t, want_dout=False)[1] is None
+    with pytest.raises(lora.DtypeError):
+        lora.mse_loss_mean(out, t.astype(np.float64))

@@ -154,18 +154,24 @@ pub fn status_string(code: i32) -> String {
     cstr(unsafe { sys::lora_status_string(code) })
 }
 
-/// The paper's loss, `lora_mse_loss`: `(1/2 * sum((out - target)^2), out - target)`.
-pub fn mse_loss(out: &[f32], target: &[f32]) -> Result<(f64, Vec<f32>)> {
+type LossFn = unsafe extern "C" fn(*const f32, *const f32, usize, *mut f64, *mut f32) -> c_int;
+
+fn loss_with(
+    f: LossFn,
+    function: &'static str,
+    out: &[f32],
+    target: &[f32],
+) -> Result<(f64, Vec<f32>)> {
     if out.len() != target.len() {
         return Err(shape_error(
-            "mse_loss",
+            function,
             format!("out has {} values, target {}", out.len(), target.len()),
         ));
     }
     let mut dout = vec![0f32; out.len()];
     let mut loss = 0f64;
     let st = unsafe {
-        sys::lora_mse_loss(
+        f(
             out.as_ptr(),
             target.as_ptr(),
             out.len(),
@@ -175,8 +181,19 @@ pub fn mse_loss(out: &[f32], target: &[f32]) -> Result<(f64, Vec<f32>)> {
     };
     match Status::from_code(st) {
         None => Ok((loss, dout)),
-        Some(s) => Err(LoraError::new(s, "lora_mse_loss", status_string(st))),
+        Some(s) => Err(LoraError::new(s, function, status_string(st))),
     }
+}
+
+/// The paper's loss, `lora_mse_loss`: `(1/2 * sum((out - target)^2), out - target)`.
+pub fn mse_loss(out: &[f32], target: &[f32]) -> Result<(f64, Vec<f32>)> {
+    loss_with(sys::lora_mse_loss, "lora_mse_loss", out, target)
+}
+
+/// `torch.nn.MSELoss()`'s mean, `lora_mse_loss_mean`:
+/// `(mean((out - target)^2), 2 * (out - target) / n)`.
+pub fn mse_loss_mean(out: &[f32], target: &[f32]) -> Result<(f64, Vec<f32>)> {
+    loss_with(sys::lora_mse_loss_mean, "lora_mse_loss_mean", out, target)
 }
 
 // ---- enums -----------------------------------------------------------------------------
@@ -1155,8 +1172,9 @@ pub enum OptimizerKind {
 }
 
 /// AdamW or SGD on the LoRA factors of adapters shaped like the one it was created
-/// for (a `lora_optimizer` handle, freed on drop). Parameters are the `LORA_OPT_*`
-/// codes in [`sys`]; the common ones have setters.
+/// for, or of a set of adapters (a model: [`Optimizer::new_set`], clipping by the
+/// global norm over the set). A `lora_optimizer` handle, freed on drop. Parameters are
+/// the `LORA_OPT_*` codes in [`sys`]; the common ones have setters.
 pub struct Optimizer {
     h: *mut sys::lora_optimizer,
     kind: OptimizerKind,
@@ -1190,6 +1208,27 @@ impl Optimizer {
         let mut h: *mut sys::lora_optimizer = ptr::null_mut();
         let st = unsafe { sys::lora_optimizer_create(&mut h, ad.h, code) };
         ad.check(st, "lora_optimizer_create")?;
+        Ok(Optimizer { h, kind })
+    }
+    /// One optimizer over a set of adapters (`lora_optimizer_create_set`): one state,
+    /// and `max_grad_norm` clips by the global norm over every factor of the set
+    /// (PyTorch's `clip_grad_norm_(model.parameters())`). Step with [`Optimizer::step_set`].
+    pub fn new_set(adapters: &[&Adapter], kind: OptimizerKind) -> Result<Optimizer> {
+        let code = match kind {
+            OptimizerKind::AdamW => sys::LORA_OPTIMIZER_ADAMW,
+            OptimizerKind::Sgd => sys::LORA_OPTIMIZER_SGD,
+        };
+        let first = adapters.first().ok_or_else(|| {
+            LoraError::new(
+                Status::InvalidArg,
+                "lora_optimizer_create_set",
+                "the adapter set is empty",
+            )
+        })?;
+        let hs: Vec<*const sys::lora_adapter> = adapters.iter().map(|a| a.h as *const _).collect();
+        let mut h: *mut sys::lora_optimizer = ptr::null_mut();
+        let st = unsafe { sys::lora_optimizer_create_set(&mut h, hs.as_ptr(), hs.len(), code) };
+        first.check(st, "lora_optimizer_create_set")?;
         Ok(Optimizer { h, kind })
     }
     pub fn adamw(ad: &Adapter) -> Result<Optimizer> {
@@ -1277,6 +1316,19 @@ impl Optimizer {
         self.check(
             unsafe { sys::lora_optimizer_step(self.h, ad.h) },
             "lora_optimizer_step",
+        )
+    }
+    /// One update of every factor of the set, in the order given at creation
+    /// (`lora_optimizer_step_set`). Drops each adapter's saved forward.
+    pub fn step_set(&mut self, adapters: &mut [&mut Adapter]) -> Result<()> {
+        let mut hs = Vec::with_capacity(adapters.len());
+        for ad in adapters.iter_mut() {
+            ad.saved = Saved::None;
+            hs.push(ad.h);
+        }
+        self.check(
+            unsafe { sys::lora_optimizer_step_set(self.h, hs.as_ptr(), hs.len()) },
+            "lora_optimizer_step_set",
         )
     }
     /// Zeroes the moments / momentum buffers and the step count.

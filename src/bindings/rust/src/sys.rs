@@ -245,6 +245,13 @@ extern "C" {
         loss: *mut c_double,
         dout: *mut f32,
     ) -> c_int;
+    pub fn lora_mse_loss_mean(
+        out: *const f32,
+        target: *const f32,
+        n: usize,
+        loss: *mut c_double,
+        dout: *mut f32,
+    ) -> c_int;
 
     pub fn lora_threshold_estimate(
         ad: *mut lora_adapter,
@@ -301,6 +308,17 @@ extern "C" {
         ad: *mut lora_adapter,
         src: *const f32,
         count: usize,
+    ) -> c_int;
+    pub fn lora_optimizer_create_set(
+        out: *mut *mut lora_optimizer,
+        adapters: *const *const lora_adapter,
+        n: usize,
+        kind: c_int,
+    ) -> c_int;
+    pub fn lora_optimizer_step_set(
+        opt: *mut lora_optimizer,
+        adapters: *const *mut lora_adapter,
+        n: usize,
     ) -> c_int;
 
     // ---- Merge and serving ----

@@ -291,3 +291,55 @@ fn peft_and_gguf_roundtrip() {
     assert_eq!(e.status, Status::InvalidArg);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One optimizer over two adapters: SGD with the global-norm clip moves both by
+/// lr * g * min(1, max / |g|) with |g| the norm of both gradients together.
+#[test]
+fn set_optimizer_clips_by_global_norm() {
+    let (mut a, _) = layer(30);
+    let (mut b, _) = layer(40);
+    let n = a.param_count().unwrap();
+    let ga = rnd(n, 31, 1.0);
+    let gb = rnd(n, 41, 3.0);
+    a.set_grads_flat(&ga).unwrap();
+    b.set_grads_flat(&gb).unwrap();
+    let (pa, pb) = (a.params_flat().unwrap(), b.params_flat().unwrap());
+    let mut opt = Optimizer::new_set(&[&a, &b], lora::OptimizerKind::Sgd).unwrap();
+    opt.lr(0.1).unwrap().max_grad_norm(1.0).unwrap();
+    opt.step_set(&mut [&mut a, &mut b]).unwrap();
+    let norm: f64 = ga
+        .iter()
+        .chain(gb.iter())
+        .map(|&g| (g as f64) * (g as f64))
+        .sum::<f64>()
+        .sqrt();
+    assert!((opt.grad_norm().unwrap() - norm).abs() <= 1e-12 * norm);
+    let coef = 1.0 / (norm + 1e-6);
+    for (p, p0, g) in [
+        (a.params_flat().unwrap(), pa, ga),
+        (b.params_flat().unwrap(), pb, gb),
+    ] {
+        for i in 0..n {
+            let want = p0[i] as f64 - 0.1 * coef * g[i] as f64;
+            assert!((p[i] as f64 - want).abs() <= 1e-6, "{} vs {}", p[i], want);
+        }
+    }
+    // The set's size and order are checked; the one-adapter step refuses a set.
+    let e = opt.step_set(&mut [&mut a]).unwrap_err();
+    assert_eq!(e.status, Status::InvalidArg);
+    assert!(e.message.contains("made for 2"), "{}", e.message);
+    assert_eq!(opt.step(&mut a).unwrap_err().status, Status::InvalidArg);
+    assert!(Optimizer::new_set(&[], lora::OptimizerKind::AdamW).is_err());
+    assert_eq!(opt.step_count().unwrap(), 1);
+}
+
+#[test]
+fn mse_loss_mean_is_torch_mseloss() {
+    let (loss, dout) = lora::mse_loss_mean(&[1.0, 2.0, 3.0, 4.0], &[0.0, 2.0, 1.0, 8.0]).unwrap();
+    assert!((loss - 21.0 / 4.0).abs() < 1e-12);
+    assert_eq!(dout, vec![0.5, 0.0, 1.0, -2.0]);
+    assert_eq!(
+        lora::mse_loss_mean(&[1.0], &[f32::NAN]).unwrap_err().status,
+        Status::NonFinite
+    );
+}
