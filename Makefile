@@ -89,7 +89,7 @@ APP_LDLIBS := -Llib -Wl,-rpath,$(CURDIR)/lib -llora -lm
 
 .PHONY: all lib check check-build check-c check-c-run demo deps install uninstall clean \
         header-check symbols-check static-symbols-check include-check deps-check \
-        install-check amalgamation amalgamation-check check-vendor examples bench
+        install-check amalgamation amalgamation-check check-vendor print-sources examples bench
 .PHONY: check-bindings check-python check-rust check-cpp check-mpi
 
 all: lib
@@ -302,7 +302,10 @@ install-check: lib
 	    echo "install-check: minimal-static still needs liblora.so"; exit 1; fi
 	@echo "install-check: relocated install found by pkg-config --define-prefix; examples/minimal runs against liblora.so and liblora.a"
 
-# ---- amalgamation: lib/amalgamation/liblora.c (docs/vendoring.md) ----
+# ---- vendoring (docs/vendoring.md): the source list and the amalgamation ----
+print-sources:
+	@echo $(LIB_SRC)
+
 AMALG_DIR := lib/amalgamation
 AMALG := $(AMALG_DIR)/liblora.c
 amalgamation: $(AMALG)

@@ -148,8 +148,8 @@ def main():
             print("include-check: " + e)
         sys.exit("include-check: %d problem(s); the rules are in tools/check_includes.py"
                  % len(errors))
-    print("include-check: %d files under src/ follow the include rules of %s"
-          % (files, DESIGN))
+    print("include-check: %d files under src/ follow the include rules of %s%s"
+          % (files, DESIGN, " but the %d known violations above" % len(seen) if seen else ""))
 
 
 def forbidden(folder, target):
