@@ -334,6 +334,11 @@ amalgamation-check: $(AMALG)
 	    -o $(AMALG_CHECK)/probe test/vendor/probe.c $(AMALG_LIBS)
 	$(AMALG_CHECK)/probe
 	@echo "amalgamation-check: $(AMALG) builds alone, defines only lora_*, keeps the fast paths"
+	@# The generator on test/amalgamate/: names two files both define stay apart.
+	$(PYTHON) tools/amalgamate.py --root test/amalgamate -o $(AMALG_CHECK)/fixture
+	$(CC) -std=c11 $(WARN) -Werror -I$(AMALG_CHECK)/fixture -o $(AMALG_CHECK)/fixture/test \
+	    test/amalgamate/main.c $(AMALG_CHECK)/fixture/liblora.c
+	$(AMALG_CHECK)/fixture/test
 
 # A CMake project vendoring the amalgamation (test/vendor/CMakeLists.txt) runs
 # examples/minimal.c; skipped when cmake is missing (.ci/run installs it).

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes liblora as one C file (docs/vendoring.md): OUT/liblora.c and OUT/lora.h.
 
-    python3 tools/amalgamate.py [-o lib/amalgamation] [src/x/y.c ...]
+    python3 tools/amalgamate.py [-o lib/amalgamation] [--root DIR] [src/x/y.c ...]
 
 Sources default to src/*/*.c (bindings excluded), in layer order: linalg, backend,
 layer, api, io. Every private header is inlined where it is first included, and
@@ -227,8 +227,15 @@ class Source:
         try:
             self.units = top_level_units(c_tokens(self.clean)) if parse else []
         except SystemExit as e:
-            fail("%s: %s" % (path, e))
+            if path.endswith(".c"):
+                fail("%s: %s" % (path, e))
+            self.units = []  # a fragment (X-macro list): declares nothing to rewrite
         self.macros = []
+        dirs = [d.strip() for _, _, d in directives(self.clean)]
+        guard = re.match(r"#\s*ifndef\s+(\w+)$", dirs[0]) if dirs else None
+        self.guarded = bool(dirs) and (re.match(r"#\s*pragma\s+once", dirs[0]) is not None or (
+            guard is not None and len(dirs) > 1 and
+            re.match(r"#\s*define\s+%s\b" % guard.group(1), dirs[1]) is not None))
         for _, _, d in directives(self.clean):
             m = re.match(r"\s*#\s*define\s+([A-Za-z_]\w*)", d)
             if m and m.group(1) not in self.macros:
@@ -258,6 +265,7 @@ def resolve(including, inc):
     fail("%s: cannot find \"%s\"" % (including, inc))
 
 
+FEATURE_MACRO = re.compile(r"(?m)^[ \t]*#[ \t]*define[ \t]+(_[A-Z_]*_SOURCE)\b[^\n]*$")
 QUOTE_INCLUDE = re.compile(r'(?m)^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[^\n]*$')
 
 
@@ -292,8 +300,12 @@ def make_static(src, internal):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--out", default="lib/amalgamation")
+    ap.add_argument("--root", help="the tree to read (default: this one); for the tests")
     ap.add_argument("sources", nargs="*")
     args = ap.parse_args()
+    global ROOT
+    if args.root:
+        ROOT = os.path.abspath(args.root)
     sources = args.sources or sorted(glob.glob("src/*/*.c", root_dir=ROOT))
     sources = [os.path.normpath(s) for s in sources if not s.startswith("src/bindings/")]
     sources.sort(key=lambda s: (LAYER_ORDER.index(s.split("/")[1])
@@ -364,9 +376,9 @@ def main():
             out.append(text[pos:m.start()])
             h = resolve(path, m.group(1))
             line = text.count("\n", 0, m.end()) + 2
-            if h in emitted:
+            if h in emitted and (h == "include/lora.h" or headers[h].guarded):
                 out.append("/* #include \"%s\": above */" % h)
-            else:
+            else:  # the first time, or each time for a header meant to be included again
                 emitted.add(h)
                 out.append("/* #include \"%s\" */\n" % h)
                 emit_file(h, make_static(headers[h], internal))
@@ -380,6 +392,15 @@ def main():
                " * do not edit. Build: cc -std=c11 -O2 -c liblora.c <BLIS and cJSON -I flags>\n"
                " * (-fopenmp while the library uses OpenMP); link with BLIS, cJSON, -lm.\n"
                " * See docs/vendoring.md. */\n" % (version, len(sources)))
+    # Feature-test macros act only before the first system header: a source file's own
+    # go to the top (and out of the file), the Makefile's _POSIX_C_SOURCE after them.
+    features = {}
+    for s in sources:
+        for m in FEATURE_MACRO.finditer(parsed[s].text):
+            if parsed[s].clean[m.start():m.end()].lstrip().startswith("#"):
+                features.setdefault(m.group(1), m.group(0).strip())
+    for name, line in features.items():
+        out.append("#ifndef %s\n%s\n#endif\n" % (name, line))
     out.append("#ifndef _POSIX_C_SOURCE\n#define _POSIX_C_SOURCE 200809L\n#endif\n")
     out.append("#define LORA_AMALGAMATION 1\n")
     out.append("/* Internal functions and variables: static here (some may go unused). */\n"
@@ -391,8 +412,10 @@ def main():
         mine = sorted(colliding & file_scope[s])
         out.append("\n/* ==== %s ==== */\n" % s)
         out.extend("#define %s %s_%s\n" % (n, n, stem) for n in mine)
-        emit_file(s, make_static(parsed[s], internal))
-        out.extend("#undef %s\n" % n for n in parsed[s].macros + mine)
+        body = FEATURE_MACRO.sub(lambda m: "/* %s: at the top */" % m.group(1),
+                                 make_static(parsed[s], internal))
+        emit_file(s, body)
+        out.extend("#undef %s\n" % n for n in parsed[s].macros + mine if n not in features)
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "liblora.c"), "w", encoding="utf-8") as f:
