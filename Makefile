@@ -35,13 +35,15 @@ else
   BLIS_CFLAGS ?= -isystem $(BLIS_FLAVOUR_DIR)
   BLIS_LIBDIR ?= $(patsubst /usr/include/%,/usr/lib/%,$(BLIS_FLAVOUR_DIR))
 endif
+# src/build_config.h derives the feature macros below when a build does not give them;
+# the Makefile states them so that the probes here decide.
 ifeq ($(BLIS_LINK),static)
   BLIS_LIBS ?= -Wl,--exclude-libs,ALL $(BLIS_LIBDIR)/libblis.a
   BLIS_DEFS := -DLORA_BLIS_STATIC
   LIBS_PRIVATE := -lblis -lgomp -lm -lpthread
 else
   BLIS_LIBS ?= -L$(BLIS_LIBDIR) -Wl,-rpath,$(BLIS_LIBDIR) -lblis
-  BLIS_DEFS :=
+  BLIS_DEFS := -DLORA_NO_BLIS_LOOKUP
   LIBS_PRIVATE := -lblis -lgomp -lm -lpthread
 endif
 # glibc's libmvec (vector expf for the exact backend's softmax); LIBMVEC=no to skip.
@@ -50,6 +52,8 @@ ifeq ($(LIBMVEC),yes)
   BLIS_DEFS += -DLORA_HAVE_LIBMVEC
   MVEC_LIBS := -lmvec
   LIBS_PRIVATE += -lmvec
+else
+  BLIS_DEFS += -DLORA_NO_LIBMVEC
 endif
 # cJSON (Debian libcjson-dev) parses adapter_config.json and safetensors headers. Linked
 # dynamically; the version script keeps liblora from re-exporting any of it.
@@ -66,6 +70,12 @@ LIB_SRC := $(wildcard src/api/*.c src/layer/*.c src/backend/*.c src/linalg/*.c s
 PIC_OBJ := $(patsubst src/%.c,lib/obj/pic/%.o,$(LIB_SRC))
 STATIC_OBJ := $(patsubst src/%.c,lib/obj/static/%.o,$(LIB_SRC))
 LIB_CFLAGS := $(BASE_CFLAGS) $(BLIS_CFLAGS) $(BLIS_DEFS) $(CJSON_CFLAGS) -Iinclude -fvisibility=hidden
+# Every object rule writes a .d file next to its object (headers it included, each also
+# as an empty target so a deleted header is no error): touching a header rebuilds only
+# the objects that include it. Objects also depend on OBJ_STAMP, created once, so that
+# objects of a tree built before dependency files existed are rebuilt once.
+DEPFLAGS := -MMD -MP
+OBJ_STAMP := lib/obj/.depfiles
 
 SHARED := lib/liblora.so.$(VERSION)
 STATIC := lib/liblora.a
@@ -77,22 +87,30 @@ BENCHES := $(patsubst test/bench/%.c,lib/bench/%,$(wildcard test/bench/*.c))
 APP_CFLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L $(WARN) -Iinclude
 APP_LDLIBS := -Llib -Wl,-rpath,$(CURDIR)/lib -llora -lm
 
-.PHONY: all lib check check-build demo deps install uninstall clean header-check \
-        symbols-check examples bench
+.PHONY: all lib check check-build check-c check-c-run demo deps install uninstall clean \
+        header-check symbols-check static-symbols-check include-check deps-check \
+        install-check amalgamation amalgamation-check check-vendor print-sources examples bench
 .PHONY: check-bindings check-python check-python-install check-rust check-cpp check-mpi
 
 all: lib
 lib: $(SHARED) $(STATIC)
 
-lib/obj/pic/%.o: src/%.c $(wildcard src/*/*.h) include/lora.h
+$(OBJ_STAMP):
+	@mkdir -p $(dir $@) && touch $@
+
+lib/obj/pic/%.o: src/%.c $(OBJ_STAMP)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(LIB_CFLAGS) -fPIC -c $< -o $@
+	$(CC) $(CFLAGS) $(LIB_CFLAGS) $(DEPFLAGS) -fPIC -c $< -o $@
 
 # The static archive leaves BLIS to the final link (libblis.a or libblis.so alike), so
-# it does not use the kernel-context lookup only libblis.a exports.
-lib/obj/static/%.o: src/%.c $(wildcard src/*/*.h) include/lora.h
+# it reaches the kernel-context lookup only libblis.a exports through a weak reference
+# (src/build_config.h): used when the program links libblis.a.
+lib/obj/static/%.o: src/%.c $(OBJ_STAMP)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(filter-out -DLORA_BLIS_STATIC,$(LIB_CFLAGS)) -c $< -o $@
+	$(CC) $(CFLAGS) $(filter-out -DLORA_BLIS_STATIC -DLORA_NO_BLIS_LOOKUP,$(LIB_CFLAGS)) \
+	    $(DEPFLAGS) -c $< -o $@
+
+-include $(PIC_OBJ:.o=.d) $(STATIC_OBJ:.o=.d)
 
 $(SHARED): $(PIC_OBJ) src/lora.map
 	$(CC) -shared -Wl,-soname,$(SONAME) -Wl,--version-script=src/lora.map \
@@ -100,15 +118,29 @@ $(SHARED): $(PIC_OBJ) src/lora.map
 	ln -sf liblora.so.$(VERSION) lib/$(SONAME)
 	ln -sf $(SONAME) lib/liblora.so
 
+# One relocatable object (ld -r) with every symbol but the lora_* API made local: the
+# objects are built with -fvisibility=hidden, and --localize-hidden turns those
+# internals into file-local symbols, so a program linking liblora.a sees only lora_*
+# (target_clones' ifunc symbols are not hidden, hence the keep-global list too).
+LD ?= ld
+OBJCOPY ?= objcopy
+STATIC_ONE := lib/obj/liblora-static.o
 $(STATIC): $(STATIC_OBJ)
-	rm -f $@
-	$(AR) rcs $@ $^
+	rm -f $@ $(STATIC_ONE)
+	$(LD) -r -o $(STATIC_ONE) $^
+	$(OBJCOPY) --localize-hidden --wildcard --keep-global-symbol='lora_*' $(STATIC_ONE)
+	$(AR) rcs $@ $(STATIC_ONE)
 
 # Rebuilt every time: it records PREFIX/LIBDIR, which may differ between installs.
+# LIBDIR and INCLUDEDIR under PREFIX are written relative to ${prefix}, so
+# `pkg-config --define-prefix` finds a tree that was moved after installation.
+PC_LIBDIR := $(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))
+PC_INCLUDEDIR := $(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))
 .PHONY: lib/lora.pc
 lib/lora.pc: lora.pc.in include/lora.h
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
-	    -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
+	@mkdir -p lib
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(PC_LIBDIR)|' \
+	    -e 's|@INCLUDEDIR@|$(PC_INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
 	    -e 's|@LIBS_PRIVATE@|$(LIBS_PRIVATE)|' $< > $@
 
 # ---- tests ----
@@ -117,14 +149,22 @@ $(TEST_BIN): $(TEST_SRC) $(wildcard test/*.h) $(SHARED)
 	$(CC) $(CFLAGS) $(APP_CFLAGS) $(CHECK_CFLAGS) -Itest -o $@ $(TEST_SRC) \
 	    $(APP_LDLIBS) $(CHECK_LIBS)
 
-check-build: $(TEST_BIN) header-check symbols-check
+check-c-run: $(TEST_BIN)
 	$(TEST_BIN)
+
+# deps-check alone first: it changes header times for a moment, which a parallel
+# compile must not see.
+check-build: check-c-run header-check symbols-check static-symbols-check include-check
+	@$(MAKE) --no-print-directory deps-check
+	@$(MAKE) --no-print-directory install-check amalgamation-check check-vendor
 	@$(MAKE) --no-print-directory check-bindings
 
 # Public entry points: install what is missing first, then run in a fresh make so the
-# probes above see the new packages.
+# probes above see the new packages. check-c is the C suites alone (the inner loop).
 check: deps
 	@$(MAKE) --no-print-directory check-build
+check-c: deps
+	@$(MAKE) --no-print-directory check-c-run
 
 demo: deps
 	@$(MAKE) --no-print-directory lib/examples/demo
@@ -232,6 +272,99 @@ symbols-check: $(SHARED)
 	if [ -n "$$bad" ]; then echo "symbols-check: non-lora symbols exported:"; echo "$$bad"; exit 1; fi; \
 	echo "symbols-check: $$(nm -D --defined-only $(SHARED) | grep -c ' T lora_') lora_* functions, nothing else exported"
 
+static-symbols-check: $(STATIC)
+	@bad=$$(nm -g --defined-only $(STATIC) | awk 'NF == 3 {print $$3}' | grep -v '^lora_'); \
+	if [ -n "$$bad" ]; then echo "static-symbols-check: liblora.a defines non-lora symbols:"; \
+	    echo "$$bad"; exit 1; fi; \
+	echo "static-symbols-check: liblora.a defines $$(nm -g --defined-only $(STATIC) | grep -c ' T lora_') lora_* functions, nothing else"
+
+# ---- build checks (docs/design.md, docs/vendoring.md) ----
+PYTHON ?= python3
+include-check:
+	@$(PYTHON) test/tools/check_includes.py
+
+# Each header made newer in turn must rebuild exactly the objects including it.
+deps-check: $(PIC_OBJ) $(STATIC_OBJ)
+	@MAKE="$(MAKE)" $(PYTHON) test/tools/check_deps.py $(PIC_OBJ) $(STATIC_OBJ)
+
+# Installs to a staging DESTDIR, moves the tree elsewhere, and builds examples/minimal.c
+# from what `pkg-config --define-prefix` says there: once against liblora.so, once
+# against liblora.a with the Libs.private (no liblora.so in the result).
+IC_DIR := $(CURDIR)/lib/install-check
+IC_PREFIX := /opt/lora-install-check
+IC_MOVED := $(IC_DIR)/moved
+IC_CFLAGS := $(filter-out -Iinclude,$(APP_CFLAGS))
+IC_PC = PKG_CONFIG_PATH=$(IC_MOVED)/lib/pkgconfig pkg-config --define-prefix
+install-check: lib
+	@rm -rf $(IC_DIR)
+	@$(MAKE) --no-print-directory install DESTDIR=$(IC_DIR)/stage PREFIX=$(IC_PREFIX) \
+	    LIBDIR=$(IC_PREFIX)/lib INCLUDEDIR=$(IC_PREFIX)/include \
+	    PKGCONFIGDIR=$(IC_PREFIX)/lib/pkgconfig >/dev/null
+	@mv $(IC_DIR)/stage$(IC_PREFIX) $(IC_MOVED)
+	@flags="$$($(IC_PC) --cflags --libs lora)"; \
+	case "$$flags" in *$(IC_MOVED)/include*$(IC_MOVED)/lib*) ;; \
+	    *) echo "install-check: pkg-config --define-prefix gave: $$flags"; exit 1;; esac; \
+	set -x; $(CC) $(IC_CFLAGS) -o $(IC_DIR)/minimal examples/minimal.c $$flags \
+	    -Wl,-rpath,$(IC_MOVED)/lib && $(IC_DIR)/minimal >/dev/null
+	@flags="$$($(IC_PC) --static --cflags --libs lora | sed 's/-llora\b/-l:liblora.a/')"; \
+	set -x; $(CC) $(IC_CFLAGS) -o $(IC_DIR)/minimal-static examples/minimal.c $$flags && \
+	    $(IC_DIR)/minimal-static >/dev/null
+	@if readelf -d $(IC_DIR)/minimal-static | grep -q 'liblora\.so'; then \
+	    echo "install-check: minimal-static still needs liblora.so"; exit 1; fi
+	@echo "install-check: relocated install found by pkg-config --define-prefix; examples/minimal runs against liblora.so and liblora.a"
+
+# ---- vendoring (docs/vendoring.md): the source list and the amalgamation ----
+print-sources:
+	@echo $(LIB_SRC)
+
+AMALG_DIR := lib/amalgamation
+AMALG := $(AMALG_DIR)/liblora.c
+amalgamation: $(AMALG)
+$(AMALG): src/tools/amalgamate.py $(LIB_SRC) $(wildcard src/*.h src/*/*.h) include/lora.h
+	$(PYTHON) src/tools/amalgamate.py -o $(AMALG_DIR) $(LIB_SRC)
+
+# Built as a vendor would: `cc -c` with only BLIS's and cJSON's include flags (and the
+# OpenMP flag while the library uses OpenMP), warnings as errors. Then: only lora_*
+# defined, libmvec's vector expf used without any -D, and a program linking libblis.a
+# gets the AVX-512 kernel context on CPUs that have it (test/vendor/probe.c).
+AMALG_CHECK := lib/amalgamation/check
+AMALG_OMP := $(filter -fopenmp,$(BASE_CFLAGS))
+AMALG_LIBS := $(BLIS_LIBDIR)/libblis.a $(filter-out -lblis,$(LIBS_PRIVATE))
+amalgamation-check: $(AMALG)
+	@mkdir -p $(AMALG_CHECK)
+	$(CC) $(CFLAGS) $(WARN) -Werror $(AMALG_OMP) $(BLIS_CFLAGS) $(CJSON_CFLAGS) -c $(AMALG) \
+	    -o $(AMALG_CHECK)/liblora.o
+	@bad=$$(nm -g --defined-only $(AMALG_CHECK)/liblora.o | awk 'NF == 3 {print $$3}' | grep -v '^lora_'); \
+	if [ -n "$$bad" ]; then echo "amalgamation-check: non-lora symbols defined:"; echo "$$bad"; exit 1; fi
+	@if [ "$(LIBMVEC)" = yes ] && ! nm $(AMALG_CHECK)/liblora.o | grep -q '_ZGV.*expf'; then \
+	    echo "amalgamation-check: libmvec's vector expf is not used"; exit 1; fi
+	$(CC) $(filter-out -Iinclude,$(APP_CFLAGS)) -I$(AMALG_DIR) -o $(AMALG_CHECK)/minimal examples/minimal.c \
+	    $(AMALG_CHECK)/liblora.o $(AMALG_LIBS)
+	$(AMALG_CHECK)/minimal >/dev/null
+	$(CC) $(CFLAGS) $(AMALG_OMP) $(BLIS_CFLAGS) $(CJSON_CFLAGS) -I$(AMALG_DIR) \
+	    -o $(AMALG_CHECK)/probe test/vendor/probe.c $(AMALG_LIBS)
+	$(AMALG_CHECK)/probe
+	@echo "amalgamation-check: $(AMALG) builds alone, defines only lora_*, keeps the fast paths"
+	@# The generator on test/amalgamate/: names two files both define stay apart.
+	$(PYTHON) src/tools/amalgamate.py --root test/amalgamate -o $(AMALG_CHECK)/fixture
+	$(CC) -std=c11 $(WARN) -Werror -I$(AMALG_CHECK)/fixture -o $(AMALG_CHECK)/fixture/test \
+	    test/amalgamate/main.c $(AMALG_CHECK)/fixture/liblora.c
+	$(AMALG_CHECK)/fixture/test
+
+# A CMake project vendoring the amalgamation (test/vendor/CMakeLists.txt) runs
+# examples/minimal.c; skipped when cmake is missing (.ci/run installs it).
+CMAKE ?= cmake
+check-vendor: $(AMALG)
+	@if command -v $(CMAKE) >/dev/null 2>&1; then \
+	    rm -rf lib/vendor && \
+	    $(CMAKE) -S test/vendor -B lib/vendor -DLORA_AMALGAMATION_DIR=$(CURDIR)/$(AMALG_DIR) \
+	        -DLORA_EXAMPLE=$(CURDIR)/examples/minimal.c >lib/vendor.log 2>&1 && \
+	    $(CMAKE) --build lib/vendor >>lib/vendor.log 2>&1 && \
+	    (cd lib/vendor && ctest --output-on-failure >>../vendor.log 2>&1) || \
+	    { cat lib/vendor.log; echo "check-vendor: the CMake vendoring test failed"; exit 1; }; \
+	    echo "check-vendor: a CMake project built the amalgamation and ran examples/minimal.c"; \
+	else echo "check-vendor: skipped (cmake not found: apt-get install cmake)"; fi
+
 # ---- install ----
 install: lib lib/lora.pc
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR)
@@ -252,6 +385,7 @@ uninstall:
 clean:
 	rm -rf lib/obj lib/test lib/examples lib/bench lib/liblora.* lib/lora.pc lib/rust \
 	    lib/python-install
+	rm -rf lib/amalgamation lib/install-check lib/vendor lib/vendor.log
 	rm -rf lib/asan lib/tsan lib/fuzz lib/abi
 
 # ---- reliability: check-asan, check-valgrind, check-tsan, fuzz, abi-check, abi-update

@@ -14,9 +14,10 @@ reliability-deps:
 # $(1) name, $(2) compiler, $(3) compile+link flags, $(4) library C flags
 define SAN_BUILD
 $(1)_OBJ := $$(patsubst src/%.c,lib/$(1)/obj/%.o,$$(LIB_SRC))
-lib/$(1)/obj/%.o: src/%.c $$(wildcard src/*/*.h) include/lora.h
+lib/$(1)/obj/%.o: src/%.c $$(OBJ_STAMP)
 	@mkdir -p $$(dir $$@)
-	$(2) $(3) $(4) -fPIC -c $$< -o $$@
+	$(2) $(3) $(4) $$(DEPFLAGS) -fPIC -c $$< -o $$@
+-include $$($(1)_OBJ:.o=.d)
 lib/$(1)/liblora.so: $$($(1)_OBJ) src/lora.map
 	$(2) $(3) -shared -Wl,-soname,$$(SONAME) -Wl,--version-script=src/lora.map \
 	    -o $$@ $$($(1)_OBJ) $$(LIB_LDLIBS)
@@ -77,10 +78,12 @@ FUZZ_LIB_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer-no-link,addre
     -fno-sanitize-recover=all
 FUZZ_GOMP := $(shell $(CC) -print-file-name=libgomp.so)
 FUZZ_OBJ := $(patsubst src/%.c,lib/fuzz/obj/%.o,$(LIB_SRC))
-lib/fuzz/obj/%.o: src/%.c $(wildcard src/*/*.h) include/lora.h
+lib/fuzz/obj/%.o: src/%.c $(OBJ_STAMP)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_LIB_FLAGS) $(filter-out -fopenmp -Wmissing-prototypes,$(LIB_CFLAGS)) \
-	    -Wno-unknown-pragmas -Wno-unused-variable -Wno-unused-command-line-argument -c $< -o $@
+	    -Wno-unknown-pragmas -Wno-unused-variable -Wno-unused-command-line-argument \
+	    $(DEPFLAGS) -c $< -o $@
+-include $(FUZZ_OBJ:.o=.d)
 lib/fuzz/%: test/fuzz/%.c test/fuzz/fuzz_common.h $(FUZZ_OBJ)
 	$(FUZZ_CC) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
 	    -std=c11 -D_POSIX_C_SOURCE=200809L -Iinclude -Itest/fuzz -o $@ $< $(FUZZ_OBJ) \
@@ -120,9 +123,10 @@ fuzz-run: fuzz-build
 ABI_DIR := test/abi
 ABI_LIB := lib/abi/liblora.so
 ABI_OBJ := $(patsubst src/%.c,lib/abi/obj/%.o,$(LIB_SRC))
-lib/abi/obj/%.o: src/%.c $(wildcard src/*/*.h) include/lora.h
+lib/abi/obj/%.o: src/%.c $(OBJ_STAMP)
 	@mkdir -p $(dir $@)
-	$(CC) -O0 -g $(LIB_CFLAGS) -fPIC -c $< -o $@
+	$(CC) -O0 -g $(LIB_CFLAGS) $(DEPFLAGS) -fPIC -c $< -o $@
+-include $(ABI_OBJ:.o=.d)
 $(ABI_LIB): $(ABI_OBJ) src/lora.map
 	$(CC) -shared -Wl,-soname,$(SONAME) -Wl,--version-script=src/lora.map -o $@ $(ABI_OBJ) \
 	    $(LIB_LDLIBS)

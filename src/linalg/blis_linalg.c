@@ -6,6 +6,14 @@
 
 #include <blis.h>
 
+#if defined(LORA_BLIS_LOOKUP_WEAK)
+/* Defined when the final link has libblis.a; NULL with libblis.so (src/build_config.h). */
+#pragma weak bli_gks_lookup_nat_cntx
+#define BLIS_LOOKUP_LINKED (&bli_gks_lookup_nat_cntx != NULL)
+#else
+#define BLIS_LOOKUP_LINKED 1
+#endif
+
 void la_ctx_init(la_ctx *ctx, int threads)
 {
     bli_init();
@@ -17,11 +25,11 @@ void la_ctx_init(la_ctx *ctx, int threads)
     ctx->avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 #endif
-#if defined(LORA_BLIS_STATIC) && defined(__x86_64__)
+#if (defined(LORA_BLIS_STATIC) || defined(LORA_BLIS_LOOKUP_WEAK)) && defined(__x86_64__)
     /* BLIS 0.9 classifies AVX-512 server CPUs of this family as haswell; its skx
      * kernels run sgemm about 1.8x faster on them. The lookup is only reachable when
      * libblis.a is linked in (libblis.so does not export it). */
-    if (ctx->avx512) {
+    if (ctx->avx512 && BLIS_LOOKUP_LINKED) {
         cntx_t *skx = bli_gks_lookup_nat_cntx(BLIS_ARCH_SKX);
         if (skx != NULL) {
             ctx->cntx = skx;

@@ -3,6 +3,8 @@
 #ifndef LORA_LINALG_H
 #define LORA_LINALG_H
 
+#include "../build_config.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
