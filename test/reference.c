@@ -814,22 +814,21 @@ void ref_backward_ex(const ref_layer *l, const ref_attn_args *args, const double
         xkv = xq;
     if (fwd_run(&cx, xq, xkv, &f, NULL) != 0)
         abort();
-    const int64_t nq = batch * len_q, nk = batch * len_kv, oc = ref_out_cols(l);
-    double *dout_valid = malloc((size_t)(nq * oc + 1) * sizeof(double));
+    const int64_t nq = batch * len_q, nk = batch * len_kv;
     double *dc = malloc((size_t)(nq * l->q_dim + 1) * sizeof(double));
     double *dq = calloc((size_t)(nq * l->q_dim + 1), sizeof(double));
     double *dk = calloc((size_t)(nk * l->kv_dim + 1), sizeof(double));
     double *dv = calloc((size_t)(nk * l->kv_dim + 1), sizeof(double));
     double *dp = malloc((size_t)(len_q * len_kv + 1) * sizeof(double));
-    if (!dout_valid || !dc || !dq || !dk || !dv || !dp)
+    if (!dc || !dq || !dk || !dv || !dp)
         abort();
-    memcpy(dout_valid, dout, (size_t)(nq * oc) * sizeof(double));
-    zero_padded_rows(&cx, dout_valid, oc); /* padded rows' dout is ignored */
+    /* A padded query's dout needs no masking: its row of P and of C is 0, so it reaches
+     * neither dS, dV nor dW_O (the frozen bias has no gradient). */
     if (l->cfg.out_proj) {
         /* out = C W_O^T + b: dC = dout W_O, and the O adapter from dW_O = dout^T C. */
-        proj_grads(&cx, REF_O, f.c, f.xd[REF_O], dout_valid, nq, f.weff[REF_O], g, dc, 0);
+        proj_grads(&cx, REF_O, f.c, f.xd[REF_O], dout, nq, f.weff[REF_O], g, dc, 0);
     } else {
-        memcpy(dc, dout_valid, (size_t)(nq * l->q_dim) * sizeof(double));
+        memcpy(dc, dout, (size_t)(nq * l->q_dim) * sizeof(double));
     }
     for (int64_t b = 0; b < batch; b++)
         for (int h = 0; h < l->n_heads; h++) {
@@ -842,7 +841,6 @@ void ref_backward_ex(const ref_layer *l, const ref_attn_args *args, const double
     proj_grads(&cx, REF_Q, xq, f.xd[REF_Q], dq, nq, f.weff[REF_Q], g, g->dxq, 0);
     proj_grads(&cx, REF_K, xkv, f.xd[REF_K], dk, nk, f.weff[REF_K], g, g->dxkv, 0);
     proj_grads(&cx, REF_V, xkv, f.xd[REF_V], dv, nk, f.weff[REF_V], g, g->dxkv, 1);
-    free(dout_valid);
     free(dc);
     free(dq);
     free(dk);
