@@ -312,6 +312,7 @@ START_TEST(test_attn_zero_freqs_equal_no_rope)
     ck_assert_int_eq(ref_layer_set_rope_freqs(&bt.l, zeros, 2), 0);
     run_full(&bt, NULL, o2, &g2);
     ck_assert_msg(max_diff(&bt, o1, &g1, o2, &g2) > 1e-3, "RoPE had no effect to begin with");
+    ref_grads_free(&g1);
     ref_grads_free(&g2);
     bt.l.cfg.rope = REF_ROPE_NONE;
     run_full(&bt, NULL, o1, &g1);
