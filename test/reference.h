@@ -18,6 +18,18 @@
 
 enum { REF_Q = 0, REF_K = 1, REF_V = 2, REF_O = 3, REF_NPROJ = 4 };
 
+/* RoPE layouts and the config parameter numbers of spec API-0.2.md section 1 (fixed by
+ * the spec; lora.h names them LORA_ROPE_* and LORA_CFG_ROPE ... LORA_CFG_DROPOUT). */
+enum { REF_ROPE_NONE = 0, REF_ROPE_HALF = 1, REF_ROPE_INTERLEAVED = 2 };
+enum {
+    REF_CFG_ROPE = 19,
+    REF_CFG_ROPE_THETA = 20,
+    REF_CFG_ROPE_DIM = 21,
+    REF_CFG_WINDOW = 22,
+    REF_CFG_SOFTCAP = 23,
+    REF_CFG_DROPOUT = 24
+};
+
 /* A layer configuration. Fields marked "0 = default" are left unset in the library
  * config, so the library's own defaults are exercised; the reference resolves them the
  * way lora.h documents. */
@@ -33,7 +45,15 @@ typedef struct ref_config {
     double softmax_scale; /* 0 = default (1/sqrt(head_dim)) */
     int causal;           /* 0/1 */
     int out_proj;         /* 0/1 */
-    int bias;             /* 0/1: every projection gets a bias */
+    int bias;             /* 0/1: every projection gets a bias (free one to drop it) */
+    /* 0.2 attention (spec API-0.2.md section 1); all 0 = the 0.1 layer. */
+    int rope;             /* REF_ROPE_NONE (0), _HALF or _INTERLEAVED */
+    double rope_theta;    /* 0 = default (10000) */
+    int rope_dim;         /* 0 = default (head_dim); even, in [2, head_dim] */
+    int window;           /* 0 = none; see ref_attn_visible */
+    double softcap;       /* 0 = none; S <- c*tanh(S/c) after the softmax scale */
+    double dropout;       /* p in [0, 1): the LoRA branches see x*keep/(1-p), the keep
+                             masks coming with each call (ref_attn_args) */
 } ref_config;
 
 /* A layer: resolved configuration plus weights in double. a[t], b[t] are NULL for
@@ -46,6 +66,7 @@ typedef struct ref_layer {
     double lora_scale, softmax_scale; /* resolved s and beta */
     int64_t in[REF_NPROJ], out[REF_NPROJ];
     double *w[REF_NPROJ], *bias[REF_NPROJ], *a[REF_NPROJ], *b[REF_NPROJ];
+    double *rope_freqs; /* NULL: THETA's table; else rope_dim/2 values (ref_layer_set_rope_freqs) */
 } ref_layer;
 
 /* Allocates a layer with zero weights. Returns 0 on success, -1 on a bad config or
@@ -174,5 +195,92 @@ float ref_uniform_f(uint64_t *state);
 /* Conversions between float and double arrays. */
 void ref_to_float(const double *src, float *dst, size_t n);
 void ref_to_double(const float *src, double *dst, size_t n);
+
+/* ---- 0.2 attention: RoPE, lengths, positions, segments, window, softcap, dropout ---- */
+/* Per-call arguments, mirroring lora_attn_args (zero-initialise; NULL = default). A call
+ * is self-attention when xkv is NULL or equal to xq and len_kv == len_q; then kv_lens,
+ * kv_seg and kv_pos default to q_lens, q_seg and q_pos (the keys are the query tokens).
+ *   q_lens, kv_lens (batch): valid rows, right padding. Padded query rows give out = 0
+ *       (after W_O and its bias), their dout is ignored; padded keys are never seen.
+ *   q_pos (batch, len_q): default (len_kv - len_q) + i. kv_pos (batch, len_kv): default j.
+ *   q_seg, kv_seg (batch, len): query i sees key j only when the ids are equal; in
+ *       cross-attention a NULL side counts as all 0.
+ *   keep[t] (rows, in[t]) of 0/1 bytes: the dropout mask of target t's LoRA input (rows =
+ *       batch*len_q for Q and O, batch*len_kv for K and V). Used only when cfg.dropout > 0,
+ *       !infer and keep[t] != NULL; then that LoRA branch sees x*keep/(1-p).
+ * A query row that sees no key has attention output 0 and passes no gradient. */
+typedef struct ref_attn_args {
+    int infer; /* 1: no dropout (LORA_FWD_INFER) */
+    const int64_t *q_lens, *kv_lens;
+    const int64_t *q_pos, *kv_pos;
+    const int32_t *q_seg, *kv_seg;
+    const uint8_t *keep[REF_NPROJ];
+} ref_attn_args;
+
+/* ref_forward, ref_activations and ref_backward with per-call arguments; args NULL gives
+ * exactly those. ref_activations_ex's q and k are after RoPE (what the scores use). */
+void ref_forward_ex(const ref_layer *l, const ref_attn_args *args, const double *xq,
+                    const double *xkv, int64_t batch, int64_t len_q, int64_t len_kv,
+                    double *out);
+int ref_activations_ex(const ref_layer *l, const ref_attn_args *args, const double *xq,
+                       const double *xkv, int64_t batch, int64_t len_q, int64_t len_kv,
+                       double *q, double *k, double *v, double *attn);
+void ref_backward_ex(const ref_layer *l, const ref_attn_args *args, const double *xq,
+                     const double *xkv, int64_t batch, int64_t len_q, int64_t len_kv,
+                     const double *dout, ref_grads *g);
+
+/* Whether query i of batch element b sees key j (1/0), self as above:
+ *   i < q_len, j < kv_len, equal segment ids, then with d = pos_i - pos_j:
+ *   causal: d >= 0; WINDOW W > 0: causal 0 <= d < W, non-causal |d| < W. */
+int ref_attn_visible(const ref_layer *l, const ref_attn_args *args, int self, int64_t batch,
+                     int64_t len_q, int64_t len_kv, int64_t b, int64_t i, int64_t j);
+
+/* RoPE. The resolved rotary width (cfg.rope_dim or head_dim) and the inverse frequencies
+ * the layer uses (rope_dim/2 values): its own table, else THETA^(-2i/rope_dim). A pair
+ * (a, b) = (i, i + rope_dim/2) for HALF, (2i, 2i + 1) for INTERLEAVED, turns by
+ * pos * inv_freq[i]: (x_a, x_b) <- (x_a cos - x_b sin, x_b cos + x_a sin). */
+int ref_rope_dim(const ref_layer *l);
+void ref_rope_inv_freq(const ref_layer *l, double *inv_freq);
+/* Replaces the THETA table (lora_adapter_set_rope_freqs): n must be rope_dim/2, values
+ * finite and >= 0. Returns 0 or -1. */
+int ref_layer_set_rope_freqs(ref_layer *l, const double *inv_freq, size_t n);
+/* Rotates one head vector x (head_dim values) in place by pos; inverse = 1 turns back. */
+void ref_rope_rotate(const ref_layer *l, const double *inv_freq, int64_t pos, double *x,
+                     int inverse);
+
+/* The Q/K row permutation between the HALF (Hugging Face) and INTERLEAVED (Meta, GGUF
+ * llama) layouts. src, dst: (n_heads*head_dim, cols) row-major, distinct. Per head, the
+ * first rope_dim rows go from HALF order (i, i + rope_dim/2) to INTERLEAVED order
+ * (2i, 2i + 1): dst[h*hd + 2i + c] = src[h*hd + c*rope_dim/2 + i], c in {0, 1}; rows
+ * past rope_dim stay. inverse = 1 maps INTERLEAVED back to HALF. With rope_dim = head_dim
+ * this is convert_hf_to_gguf.py's LlamaModel.permute(w, n_head, n_head_kv) (n_heads =
+ * n_head for attn_q, n_head_kv for attn_k): apply it to W_Q, W_K, their biases (cols 1)
+ * and LoRA B (cols rank); A and V are untouched. A HALF layer and an INTERLEAVED layer
+ * holding the permuted rows compute the same attention. */
+void ref_rope_permute_rows(const double *src, double *dst, int n_heads, int head_dim,
+                           int rope_dim, int64_t cols, int inverse);
+
+/* RoPE frequency recipes (docs/models.md), each writing dim/2 inverse frequencies for a
+ * rotary width dim and base theta:
+ *   theta:  theta^(-2i/dim)
+ *   linear: theta^(-2i/dim) / factor                    (position interpolation)
+ *   ntk:    theta'^(-2i/dim), theta' = theta * factor^(dim/(dim-2))   (NTK-aware; the
+ *           dynamic variant uses factor' = factor*L/L_orig - (factor - 1) when L > L_orig)
+ *   llama3: Llama 3.1 (factor 8, low 1, high 4, original context 8192)
+ *   yarn:   YaRN's ramp between interpolation and extrapolation (beta_fast 32, beta_slow
+ *           1 by default); returns the attention factor m = 0.1 ln(factor) + 1 that YaRN
+ *           multiplies cos and sin by: with rope_dim = head_dim it scales every score by
+ *           m^2, so set SOFTMAX_SCALE = m^2 / sqrt(head_dim). */
+void ref_rope_freqs_theta(double theta, int dim, double *inv_freq);
+void ref_rope_freqs_linear(double theta, int dim, double factor, double *inv_freq);
+void ref_rope_freqs_ntk(double theta, int dim, double factor, double *inv_freq);
+void ref_rope_freqs_llama3(double theta, int dim, double factor, double low_freq_factor,
+                           double high_freq_factor, double original_context,
+                           double *inv_freq);
+double ref_rope_freqs_yarn(double theta, int dim, double factor, double original_context,
+                           double beta_fast, double beta_slow, double *inv_freq);
+
+/* A random dropout keep mask: n bytes, each 0 with probability p (splitmix64 from seed). */
+void ref_dropout_keep_random(uint64_t seed, double p, size_t n, uint8_t *keep);
 
 #endif

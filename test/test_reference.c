@@ -10,6 +10,7 @@
 #include <lora.h>
 
 #include "helpers.h"
+#include "reference_tests.h"
 #include "suites.h"
 
 #define FD_STEP 1e-5
@@ -250,5 +251,7 @@ Suite *reference_suite(void)
     tcase_add_test(tc, test_known_answer_gqa_mapping);
     tcase_add_test(tc, test_known_answer_lora_scale);
     suite_add_tcase(s, tc);
+    reference_attn_tests(s);
+    reference_models_tests(s);
     return s;
 }
