@@ -60,7 +60,7 @@ static void init_factor_a(const lora_config_values *c, int proj, float *a, int64
 static int default_threads(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : (n > 1024 ? 1024 : (int)n);
+    return n < 1 ? 1 : (n > LORA_MAX_THREADS ? LORA_MAX_THREADS : (int)n);
 }
 
 static void adapter_free_members(lora_adapter *ad)

@@ -11,6 +11,7 @@
 #include "../backend/backend.h"
 #include "../layer/layer.h"
 #include "../linalg/linalg.h"
+#include "config_params.h"
 
 #define LORA_ERRMSG_SIZE 256
 /* Largest accepted dimension (d_model, heads, head_dim, rank); products of dimensions
@@ -33,13 +34,13 @@ void *lora_mem_calloc(const lora_mem *m, size_t count, size_t size);
 void lora_mem_free(const lora_mem *m, void *ptr);
 extern const lora_mem lora_mem_default;
 
-/* Config values; `set` marks explicit ones so derived defaults follow D_MODEL etc. */
+/* Config values, one field per row of config_params.h; set[p] marks the explicit ones
+ * so derived defaults follow D_MODEL etc. */
 typedef struct lora_config_values {
-    int64_t d_model, n_heads, n_kv_heads, head_dim, targets, rank, rslora, causal, backend,
-        poly_degree, threads, init, out_proj, measure_rows;
-    uint64_t seed;
-    double alpha, softmax_scale, tolerance;
-    uint32_t set; /* bit p set when param p was given explicitly */
+#define CFG_FIELD(num, name, field, type, low, high, def, flags) CFG_CTYPE_##type field;
+    LORA_CONFIG_PARAMS(CFG_FIELD)
+#undef CFG_FIELD
+    unsigned char set[LORA_CFG_PARAM_END];
 } lora_config_values;
 
 struct lora_config {
