@@ -73,7 +73,7 @@ static void adapter_free_members(lora_adapter *ad)
         }
         lora_mem_free(&ad->mem, p->a); /* a, b, da, db share one block */
     }
-    lora_adapter_free_serving(ad);
+    lora_adapter_free_merged(ad);
     lora_buf_free(&ad->mem, &ad->acts_buf);
     lora_buf_free(&ad->mem, &ad->scratch);
     lora_buf_free(&ad->mem, &ad->estimate_buf);
