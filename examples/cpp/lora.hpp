@@ -79,6 +79,13 @@ enum class Init : int {
     Gaussian = LORA_INIT_GAUSSIAN,
     Zero = LORA_INIT_ZERO
 };
+enum class Rope : int {
+    None = LORA_ROPE_NONE,
+    Half = LORA_ROPE_HALF,
+    Interleaved = LORA_ROPE_INTERLEAVED
+};
+enum class Compute : int { F32 = LORA_COMPUTE_F32, Bf16 = LORA_COMPUTE_BF16 };
+enum class ForwardFlag : int { Infer = LORA_FWD_INFER };
 
 inline std::string version() { return lora_version_string(); }
 inline std::uint32_t version_number() { return lora_version_number(); }
@@ -158,6 +165,13 @@ public:
     Config &init(Init v) { return set_int(LORA_CFG_INIT, static_cast<int>(v)); }
     Config &out_proj(bool v) { return set_int(LORA_CFG_OUT_PROJ, v); }
     Config &measure_rows(std::int64_t v) { return set_int(LORA_CFG_MEASURE_ROWS, v); }
+    Config &rope(Rope v) { return set_int(LORA_CFG_ROPE, static_cast<int>(v)); }
+    Config &rope_theta(double v) { return set_double(LORA_CFG_ROPE_THETA, v); }
+    Config &rope_dim(std::int64_t v) { return set_int(LORA_CFG_ROPE_DIM, v); }
+    Config &window(std::int64_t v) { return set_int(LORA_CFG_WINDOW, v); }
+    Config &softcap(double v) { return set_double(LORA_CFG_SOFTCAP, v); }
+    Config &dropout(double v) { return set_double(LORA_CFG_DROPOUT, v); }
+    Config &compute(Compute v) { return set_int(LORA_CFG_COMPUTE, static_cast<int>(v)); }
     Config &targets(std::initializer_list<Target> ts) {
         std::int64_t mask = 0;
         for (Target t : ts)
