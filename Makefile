@@ -226,9 +226,16 @@ check-rust: $(SHARED)
 
 check-cpp: $(SHARED)
 	@if command -v $(CXX) >/dev/null 2>&1; then \
-	    $(MAKE) --no-print-directory $(CPP_EXAMPLE) && $(CPP_EXAMPLE); \
+	    $(MAKE) --no-print-directory $(CPP_EXAMPLE) $(CPP_CONSTANTS) && $(CPP_EXAMPLE) && \
+	    $(CPP_CONSTANTS) include/lora.h; \
 	else echo "check-cpp: skipped ($(CXX) not found)"; fi
 $(CPP_EXAMPLE): examples/cpp/example.cpp examples/cpp/lora.hpp include/lora.h $(SHARED)
+	@mkdir -p $(dir $@)
+	$(CXX) -std=c++17 $(CFLAGS) -Wall -Wextra -Wpedantic -Werror -Iinclude -Iexamples/cpp \
+	    -o $@ $< $(APP_LDLIBS)
+# lora.hpp's enums and Config setters against the enums of lora.h.
+CPP_CONSTANTS := lib/examples/cpp/constants_test
+$(CPP_CONSTANTS): examples/cpp/constants_test.cpp examples/cpp/lora.hpp include/lora.h $(SHARED)
 	@mkdir -p $(dir $@)
 	$(CXX) -std=c++17 $(CFLAGS) -Wall -Wextra -Wpedantic -Werror -Iinclude -Iexamples/cpp \
 	    -o $@ $< $(APP_LDLIBS)

@@ -102,10 +102,31 @@ typedef enum lora_config_param {
     LORA_CFG_SEED = 15,         /* uint64 seed for initialisation (cast), default 0 */
     LORA_CFG_INIT = 16,         /* lora_init, default LORA_INIT_KAIMING_ZERO */
     LORA_CFG_OUT_PROJ = 17,     /* 0/1: the layer has an output projection W_O, default 0 */
-    LORA_CFG_MEASURE_ROWS = 18  /* int >= 0, default 0: when POLY runs, sample this many
+    LORA_CFG_MEASURE_ROWS = 18, /* int >= 0, default 0: when POLY runs, sample this many
                                    query rows per (batch, head), compute their exact
                                    attention rows (O(rows*L*HEAD_DIM)) and report the
                                    measured error in lora_run_info */
+    /* 19-25: the setters, getters and lora_config_validate take them; until this build
+     * computes them, lora_adapter_create refuses a value other than the default with
+     * LORA_ERR_UNSUPPORTED (lora_config_validate names the parameter). */
+    LORA_CFG_ROPE = 19,         /* lora_rope, default LORA_ROPE_NONE: rotary position
+                                   embedding of Q and K after projection (bias and LoRA
+                                   included), per head, before the scores */
+    LORA_CFG_ROPE_THETA = 20,   /* double > 0, default 10000: inv_freq[i] =
+                                   THETA^(-2i/ROPE_DIM), i < ROPE_DIM/2 */
+    LORA_CFG_ROPE_DIM = 21,     /* even int in [2, HEAD_DIM] (the upper bound checked by
+                                   lora_adapter_create), default HEAD_DIM: only the first
+                                   ROPE_DIM dims of each head rotate (partial rotary) */
+    LORA_CFG_WINDOW = 22,       /* int >= 0, default 0 = none. Causal: key j is visible to
+                                   query i only when 0 <= pos_i - pos_j < WINDOW;
+                                   non-causal: |pos_i - pos_j| < WINDOW */
+    LORA_CFG_SOFTCAP = 23,      /* double >= 0, default 0 = none: S <- c*tanh(S/c) after
+                                   the softmax scale, before masking (Gemma 2) */
+    LORA_CFG_DROPOUT = 24,      /* double in [0, 1), default 0: PEFT's lora_dropout on the
+                                   input of every LoRA branch (inverted scaling 1/(1-p)),
+                                   mask from SEED and the training-forward count;
+                                   inference forwards never drop */
+    LORA_CFG_COMPUTE = 25       /* lora_compute, default LORA_COMPUTE_F32 */
 } lora_config_param;
 
 typedef enum lora_target {
@@ -121,6 +142,20 @@ typedef enum lora_backend {
     LORA_BACKEND_POLY = 2   /* polynomial method, nearly linear in L, approximate */
 } lora_backend;
 
+typedef enum lora_rope {
+    LORA_ROPE_NONE = 0,       /* no rotary embedding */
+    LORA_ROPE_HALF = 1,       /* HF Llama / GPT-NeoX "rotate_half": dim i pairs with
+                                 i + ROPE_DIM/2 */
+    LORA_ROPE_INTERLEAVED = 2 /* GPT-J / Meta checkpoints / GGUF llama: dim 2i pairs
+                                 with 2i+1 */
+} lora_rope;
+
+typedef enum lora_compute {
+    LORA_COMPUTE_F32 = 0, /* products in fp32 */
+    LORA_COMPUTE_BF16 = 1 /* products take bf16 operands with fp32 accumulation;
+                             statistics, factors, gradients and state stay fp32 */
+} lora_compute;
+
 typedef enum lora_init {
     LORA_INIT_KAIMING_ZERO = 0, /* A ~ Kaiming-uniform (a = sqrt(5)), B = 0: as PEFT */
     LORA_INIT_GAUSSIAN = 1,     /* A ~ N(0, (1/r)^2), B = 0: PEFT's "gaussian" */
@@ -135,8 +170,10 @@ LORA_API void lora_config_destroy(lora_config *cfg);
 /* Sets an integer parameter. Errors: INVALID_ARG (NULL cfg, unknown param, a param
  * that takes a double, value out of range); the config is then unchanged. */
 LORA_API int lora_config_set_int(lora_config *cfg, int param, int64_t value);
-/* Sets a double parameter (ALPHA, SOFTMAX_SCALE, TOLERANCE). Errors as set_int; a
- * non-finite value is LORA_ERR_NONFINITE. */
+/* Sets a double parameter (ALPHA, SOFTMAX_SCALE, TOLERANCE, ROPE_THETA, SOFTCAP,
+ * DROPOUT). Errors as set_int; a non-finite value is LORA_ERR_NONFINITE. ALPHA,
+ * SOFTMAX_SCALE and SOFTCAP are computed in float: a value that does not fit one
+ * (|value| > FLT_MAX, or nonzero below FLT_MIN) is LORA_ERR_INVALID_ARG. */
 LORA_API int lora_config_set_double(lora_config *cfg, int param, double value);
 /* Reads a parameter's effective value: an unset derived default is resolved from the
  * other values (HEAD_DIM = D_MODEL / N_HEADS, ...) and reads as 0 while it cannot be.
@@ -265,22 +302,31 @@ typedef struct lora_run_info {
 LORA_API int lora_adapter_get_run_info(const lora_adapter *ad, lora_run_info *info);
 
 /* ---- Compute ----------------------------------------------------------------------------- */
+/* Flags of a forward's per-call arguments (the flags field of the 0.2 per-call
+ * argument struct). */
+typedef enum lora_forward_flag {
+    LORA_FWD_INFER = 1 /* save nothing for backward, no dropout: parameters, gradients
+                          and every saved forward stay untouched */
+} lora_forward_flag;
+
 /* Self-attention forward.
  * x:   (batch, seq_len, D_MODEL), finite.
  * out: (batch, seq_len, D_MODEL) with OUT_PROJ, else (batch, seq_len, q_dim).
  * Keeps what backward needs (a copy of x and the activations: O(batch*seq_len*width)).
  * Errors: INVALID_ARG (NULL), SHAPE (batch or seq_len < 1, sizes overflow), STATE (a
- * base weight unset), NONFINITE (x), NOMEM, TOLERANCE (POLY forced, unreachable).
- * On failure out is unspecified and the adapter keeps its parameters and gradients
- * (the saved forward is dropped). */
+ * base weight unset), NONFINITE (x, or an output entry that overflows float: finite
+ * inputs too large for the layer), NOMEM, TOLERANCE (POLY forced, unreachable).
+ * On failure out is unspecified (untouched for NONFINITE) and the adapter keeps its
+ * parameters and gradients (the saved forward is dropped). */
 LORA_API int lora_forward(lora_adapter *ad, const float *x, int64_t batch,
                           int64_t seq_len, float *out);
 /* Backward of the last lora_forward. dout has out's shape, finite. Adds dL/dA and
  * dL/dB of every target into the adapter's gradients (accumulates, as torch; see
  * lora_adapter_zero_grad). dx: NULL or (batch, seq_len, D_MODEL), overwritten with
  * dL/dx. May be called more than once per forward.
- * Errors: INVALID_ARG (NULL ad/dout), STATE (no saved lora_forward), NONFINITE, NOMEM;
- * on failure the gradients are unchanged. */
+ * Errors: INVALID_ARG (NULL ad/dout), STATE (no saved lora_forward), NONFINITE (dout,
+ * or a gradient or dx entry that overflows float), NOMEM; on failure the gradients and
+ * dx are unchanged and the saved forward is kept. */
 LORA_API int lora_backward(lora_adapter *ad, const float *dout, float *dx);
 /* Cross-attention: queries from xq (batch, len_q, D_MODEL), keys and values from xkv
  * (batch, len_kv, D_MODEL). out is (batch, len_q, ...) as for lora_forward. Causal
@@ -294,7 +340,8 @@ LORA_API int lora_backward_cross(lora_adapter *ad, const float *dout, float *dxq
                                  float *dxkv);
 /* The paper's loss: *loss = 1/2 * sum_i (out_i - target_i)^2 accumulated in double;
  * dout (NULL or n floats) = out - target. Errors: INVALID_ARG (NULL, n = 0),
- * NONFINITE. Thread-safe (no handle). */
+ * NONFINITE (out or target, or a dout entry that overflows float; *loss and dout are
+ * then unchanged). Thread-safe (no handle). */
 LORA_API int lora_mse_loss(const float *out, const float *target, size_t n,
                            double *loss, float *dout);
 /* torch.nn.MSELoss's mean reduction: *loss = (1/n) * sum_i (out_i - target_i)^2

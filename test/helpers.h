@@ -12,7 +12,7 @@
 #include "reference.h"
 
 /* The first parameter number lora.h does not define (update when params are appended). */
-#define CFG_PARAM_UNKNOWN (LORA_CFG_MEASURE_ROWS + 1)
+#define CFG_PARAM_UNKNOWN (LORA_CFG_COMPUTE + 1)
 
 /* Library vs reference tolerance for float32 (max relative error, see reference.h). */
 #define TOL_F32 1e-4

@@ -1,7 +1,9 @@
 /* config_suite: defaults, derived defaults, per-parameter bounds, wrong types,
  * lora_config_validate / lora_adapter_create consistency checks. */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <check.h>
@@ -53,6 +55,13 @@ START_TEST(test_config_defaults)
     ck_assert_int_eq(geti(cfg, LORA_CFG_INIT), LORA_INIT_KAIMING_ZERO);
     ck_assert_int_eq(geti(cfg, LORA_CFG_OUT_PROJ), 0);
     ck_assert_int_eq(geti(cfg, LORA_CFG_MEASURE_ROWS), 0);
+    ck_assert_int_eq(geti(cfg, LORA_CFG_ROPE), LORA_ROPE_NONE);
+    ck_assert_double_eq(getd(cfg, LORA_CFG_ROPE_THETA), 10000.0);
+    ck_assert_int_eq(geti(cfg, LORA_CFG_ROPE_DIM), 0); /* = HEAD_DIM, not derivable yet */
+    ck_assert_int_eq(geti(cfg, LORA_CFG_WINDOW), 0);
+    ck_assert_double_eq(getd(cfg, LORA_CFG_SOFTCAP), 0.0);
+    ck_assert_double_eq(getd(cfg, LORA_CFG_DROPOUT), 0.0);
+    ck_assert_int_eq(geti(cfg, LORA_CFG_COMPUTE), LORA_COMPUTE_F32);
     lora_config_destroy(cfg);
     lora_config_destroy(NULL); /* no-op */
 }
@@ -63,9 +72,11 @@ START_TEST(test_config_derived_defaults)
     lora_config *cfg = fresh();
     ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_D_MODEL, 64), LORA_OK);
     ck_assert_int_eq(geti(cfg, LORA_CFG_HEAD_DIM), 64);
+    ck_assert_int_eq(geti(cfg, LORA_CFG_ROPE_DIM), 64);
     ck_assert_double_eq_tol(getd(cfg, LORA_CFG_SOFTMAX_SCALE), 0.125, 1e-15);
     ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_N_HEADS, 4), LORA_OK);
     ck_assert_int_eq(geti(cfg, LORA_CFG_HEAD_DIM), 16);
+    ck_assert_int_eq(geti(cfg, LORA_CFG_ROPE_DIM), 16);
     ck_assert_int_eq(geti(cfg, LORA_CFG_N_KV_HEADS), 4);
     ck_assert_double_eq_tol(getd(cfg, LORA_CFG_SOFTMAX_SCALE), 0.25, 1e-15);
     ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_RANK, 16), LORA_OK);
@@ -118,6 +129,10 @@ START_TEST(test_config_int_bounds)
         {LORA_CFG_INIT, LORA_INIT_GAUSSIAN, {-1, 3}, 2},
         {LORA_CFG_OUT_PROJ, 1, {-1, 2}, 2},
         {LORA_CFG_MEASURE_ROWS, 3, {-1, INT64_MIN}, 2},
+        {LORA_CFG_ROPE, LORA_ROPE_HALF, {-1, 3, 100}, 3},
+        {LORA_CFG_ROPE_DIM, 4, {0, 1, 3, -2}, 4},
+        {LORA_CFG_WINDOW, 16, {-1, INT64_MIN}, 2},
+        {LORA_CFG_COMPUTE, LORA_COMPUTE_BF16, {-1, 2}, 2},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         lora_config *cfg = fresh();
@@ -154,7 +169,11 @@ START_TEST(test_config_int_accepted)
         {LORA_CFG_INIT, 1},         {LORA_CFG_INIT, 2},       {LORA_CFG_OUT_PROJ, 0},
         {LORA_CFG_OUT_PROJ, 1},     {LORA_CFG_SEED, 0},       {LORA_CFG_SEED, -1},
         {LORA_CFG_SEED, INT64_MAX}, {LORA_CFG_SEED, INT64_MIN}, {LORA_CFG_MEASURE_ROWS, 0},
-        {LORA_CFG_MEASURE_ROWS, 16},
+        {LORA_CFG_MEASURE_ROWS, 16}, {LORA_CFG_ROPE, LORA_ROPE_NONE},
+        {LORA_CFG_ROPE, LORA_ROPE_HALF}, {LORA_CFG_ROPE, LORA_ROPE_INTERLEAVED},
+        {LORA_CFG_ROPE_DIM, 2},     {LORA_CFG_ROPE_DIM, 128}, {LORA_CFG_WINDOW, 0},
+        {LORA_CFG_WINDOW, 4096},    {LORA_CFG_WINDOW, INT64_MAX},
+        {LORA_CFG_COMPUTE, LORA_COMPUTE_F32}, {LORA_CFG_COMPUTE, LORA_COMPUTE_BF16},
     };
     lora_config *cfg = fresh();
     for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
@@ -187,6 +206,15 @@ START_TEST(test_config_double_bounds)
         {LORA_CFG_ALPHA, 3.5, NAN, LORA_ERR_NONFINITE},
         {LORA_CFG_ALPHA, 3.5, INFINITY, LORA_ERR_NONFINITE},
         {LORA_CFG_ALPHA, 3.5, -INFINITY, LORA_ERR_NONFINITE},
+        {LORA_CFG_ROPE_THETA, 500000.0, 0.0, LORA_ERR_INVALID_ARG},
+        {LORA_CFG_ROPE_THETA, 500000.0, -1.0, LORA_ERR_INVALID_ARG},
+        {LORA_CFG_ROPE_THETA, 500000.0, NAN, LORA_ERR_NONFINITE},
+        {LORA_CFG_SOFTCAP, 50.0, -1.0, LORA_ERR_INVALID_ARG},
+        {LORA_CFG_SOFTCAP, 50.0, INFINITY, LORA_ERR_NONFINITE},
+        {LORA_CFG_DROPOUT, 0.1, 1.0, LORA_ERR_INVALID_ARG},
+        {LORA_CFG_DROPOUT, 0.1, -0.1, LORA_ERR_INVALID_ARG},
+        {LORA_CFG_DROPOUT, 0.1, 1.5, LORA_ERR_INVALID_ARG},
+        {LORA_CFG_DROPOUT, 0.1, NAN, LORA_ERR_NONFINITE},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         ck_assert_int_eq(lora_config_set_double(cfg, cases[i].param, cases[i].good), LORA_OK);
@@ -204,7 +232,9 @@ START_TEST(test_config_double_bounds)
     } ok[] = {{LORA_CFG_ALPHA, 16.5},        {LORA_CFG_ALPHA, 0.5},
               {LORA_CFG_ALPHA, -2.0},        {LORA_CFG_SOFTMAX_SCALE, 0.125},
               {LORA_CFG_SOFTMAX_SCALE, 1e-6}, {LORA_CFG_TOLERANCE, 1e-6},
-              {LORA_CFG_TOLERANCE, 0.5}};
+              {LORA_CFG_TOLERANCE, 0.5},     {LORA_CFG_ROPE_THETA, 1e6},
+              {LORA_CFG_SOFTCAP, 0.0},       {LORA_CFG_SOFTCAP, 30.0},
+              {LORA_CFG_DROPOUT, 0.0},       {LORA_CFG_DROPOUT, 0.999}};
     for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
         ck_assert_int_eq(lora_config_set_double(cfg, ok[i].param, ok[i].v), LORA_OK);
         ck_assert_double_eq(getd(cfg, ok[i].param), ok[i].v);
@@ -232,15 +262,17 @@ START_TEST(test_config_unknown_params_and_types)
         ck_assert_int_eq(lora_config_get_double(cfg, p, &dv), LORA_ERR_INVALID_ARG);
     }
     /* Wrong type, both ways: rejected, value unchanged. */
-    const int int_params[] = {LORA_CFG_D_MODEL, LORA_CFG_RANK, LORA_CFG_THREADS,
-                              LORA_CFG_SEED, LORA_CFG_OUT_PROJ};
+    const int int_params[] = {LORA_CFG_D_MODEL, LORA_CFG_RANK,   LORA_CFG_THREADS,
+                              LORA_CFG_SEED,    LORA_CFG_OUT_PROJ, LORA_CFG_ROPE,
+                              LORA_CFG_ROPE_DIM, LORA_CFG_WINDOW, LORA_CFG_COMPUTE};
     for (size_t i = 0; i < sizeof int_params / sizeof int_params[0]; i++) {
         double dv;
         ck_assert_int_eq(lora_config_set_double(cfg, int_params[i], 8.0), LORA_ERR_INVALID_ARG);
         ck_assert(lora_config_last_error(cfg)[0] != '\0');
         ck_assert_int_eq(lora_config_get_double(cfg, int_params[i], &dv), LORA_ERR_INVALID_ARG);
     }
-    const int dbl_params[] = {LORA_CFG_ALPHA, LORA_CFG_SOFTMAX_SCALE, LORA_CFG_TOLERANCE};
+    const int dbl_params[] = {LORA_CFG_ALPHA,      LORA_CFG_SOFTMAX_SCALE, LORA_CFG_TOLERANCE,
+                              LORA_CFG_ROPE_THETA, LORA_CFG_SOFTCAP,       LORA_CFG_DROPOUT};
     for (size_t i = 0; i < sizeof dbl_params / sizeof dbl_params[0]; i++) {
         int64_t iv;
         ck_assert_int_eq(lora_config_set_int(cfg, dbl_params[i], 1), LORA_ERR_INVALID_ARG);
@@ -358,6 +390,120 @@ START_TEST(test_config_copied_by_create)
 }
 END_TEST
 
+/* Parameters computed in float must fit one: refused when set (the value is named),
+ * like a value read from an adapter file (test_nonfinite.c). */
+START_TEST(test_config_float_params_fit_float)
+{
+    lora_config *cfg = fresh();
+    const struct {
+        int param;
+        const char *name;
+        double good, bad;
+    } cases[] = {
+        {LORA_CFG_ALPHA, "LORA_CFG_ALPHA", 16.0, 1e300},
+        {LORA_CFG_ALPHA, "LORA_CFG_ALPHA", 16.0, -1e300},
+        {LORA_CFG_ALPHA, "LORA_CFG_ALPHA", 16.0, 1e39},
+        {LORA_CFG_ALPHA, "LORA_CFG_ALPHA", 16.0, 3.5e38},
+        {LORA_CFG_ALPHA, "LORA_CFG_ALPHA", 16.0, 1e-300}, /* would round to 0 */
+        {LORA_CFG_SOFTMAX_SCALE, "LORA_CFG_SOFTMAX_SCALE", 0.5, 1e39},
+        {LORA_CFG_SOFTMAX_SCALE, "LORA_CFG_SOFTMAX_SCALE", 0.5, 1e-50},
+        {LORA_CFG_SOFTCAP, "LORA_CFG_SOFTCAP", 30.0, 1e39},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        ck_assert_int_eq(lora_config_set_double(cfg, cases[i].param, cases[i].good), LORA_OK);
+        const int st = lora_config_set_double(cfg, cases[i].param, cases[i].bad);
+        ck_assert_msg(st == LORA_ERR_INVALID_ARG, "%s = %g: status %d", cases[i].name,
+                      cases[i].bad, st);
+        const char *msg = lora_config_last_error(cfg);
+        char value[32];
+        snprintf(value, sizeof value, "%g", cases[i].bad);
+        ck_assert_msg(strstr(msg, cases[i].name) && strstr(msg, value) && strstr(msg, "float"),
+                      "%s = %g: message '%s'", cases[i].name, cases[i].bad, msg);
+        ck_assert_double_eq(getd(cfg, cases[i].param), cases[i].good);
+    }
+    /* The float range's ends, and 0 where the range allows it. */
+    const struct {
+        int param;
+        double v;
+    } ok[] = {{LORA_CFG_ALPHA, FLT_MAX},        {LORA_CFG_ALPHA, -FLT_MAX},
+              {LORA_CFG_ALPHA, FLT_MIN},        {LORA_CFG_ALPHA, 0.0},
+              {LORA_CFG_SOFTMAX_SCALE, FLT_MAX}, {LORA_CFG_SOFTMAX_SCALE, FLT_MIN},
+              {LORA_CFG_SOFTCAP, FLT_MAX},      {LORA_CFG_TOLERANCE, 1e300}, /* double */
+              {LORA_CFG_ROPE_THETA, 1e300}};                                  /* double */
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        ck_assert_msg(lora_config_set_double(cfg, ok[i].param, ok[i].v) == LORA_OK,
+                      "param %d = %g refused: %s", ok[i].param, ok[i].v,
+                      lora_config_last_error(cfg));
+        ck_assert_double_eq(getd(cfg, ok[i].param), ok[i].v);
+    }
+    lora_config_destroy(cfg);
+}
+END_TEST
+
+/* ROPE_DIM: even in [2, HEAD_DIM]; the upper bound is checked when the values meet. */
+START_TEST(test_config_rope_dim_checked_at_create)
+{
+    lora_config *cfg = cfg_new(32);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_N_HEADS, 4), LORA_OK); /* head 8 */
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_ROPE_DIM, 10), LORA_OK);
+    assert_refused(cfg, LORA_ERR_INVALID_ARG, "ROPE_DIM 10 > HEAD_DIM 8");
+    ck_assert_msg(strstr(lora_config_last_error(cfg), "LORA_CFG_ROPE_DIM") != NULL,
+                  "message '%s'", lora_config_last_error(cfg));
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_ROPE_DIM, 8), LORA_OK);
+    assert_accepted(cfg, "ROPE_DIM = HEAD_DIM (the default, set explicitly)");
+    lora_config_destroy(cfg);
+
+    /* With rotation on, an odd HEAD_DIM needs an explicit even ROPE_DIM. */
+    cfg = cfg_new(36);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_N_HEADS, 4), LORA_OK); /* head 9 */
+    assert_accepted(cfg, "odd HEAD_DIM without rotation");
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_ROPE, LORA_ROPE_HALF), LORA_OK);
+    assert_refused(cfg, LORA_ERR_INVALID_ARG, "ROPE with the odd derived ROPE_DIM 9");
+    lora_config_destroy(cfg);
+}
+END_TEST
+
+/* Parameters 19-25 are accepted by the setters, but until the library computes them
+ * an adapter with a non-default value is refused (UNSUPPORTED, the parameter named),
+ * never silently built without it. The default, even set explicitly, is accepted. */
+START_TEST(test_config_reserved_params_refused_until_computed)
+{
+    const struct {
+        int param;
+        const char *name;
+        int is_double;
+        double other, def;
+    } cases[] = {
+        {LORA_CFG_ROPE, "LORA_CFG_ROPE", 0, LORA_ROPE_HALF, LORA_ROPE_NONE},
+        {LORA_CFG_ROPE, "LORA_CFG_ROPE", 0, LORA_ROPE_INTERLEAVED, LORA_ROPE_NONE},
+        {LORA_CFG_ROPE_THETA, "LORA_CFG_ROPE_THETA", 1, 500000.0, 10000.0},
+        {LORA_CFG_ROPE_DIM, "LORA_CFG_ROPE_DIM", 0, 4, 8},
+        {LORA_CFG_WINDOW, "LORA_CFG_WINDOW", 0, 16, 0},
+        {LORA_CFG_SOFTCAP, "LORA_CFG_SOFTCAP", 1, 50.0, 0.0},
+        {LORA_CFG_DROPOUT, "LORA_CFG_DROPOUT", 1, 0.1, 0.0},
+        {LORA_CFG_COMPUTE, "LORA_CFG_COMPUTE", 0, LORA_COMPUTE_BF16, LORA_COMPUTE_F32},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        lora_config *cfg = cfg_new(32);
+        ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_N_HEADS, 4), LORA_OK);
+        const int p = cases[i].param;
+        int st = cases[i].is_double ? lora_config_set_double(cfg, p, cases[i].other)
+                                    : lora_config_set_int(cfg, p, (int64_t)cases[i].other);
+        ck_assert_msg(st == LORA_OK, "%s = %g: the setter refused it", cases[i].name,
+                      cases[i].other);
+        assert_refused(cfg, LORA_ERR_UNSUPPORTED, cases[i].name);
+        ck_assert_msg(strstr(lora_config_last_error(cfg), cases[i].name) != NULL,
+                      "%s: message '%s' does not name it", cases[i].name,
+                      lora_config_last_error(cfg));
+        st = cases[i].is_double ? lora_config_set_double(cfg, p, cases[i].def)
+                                : lora_config_set_int(cfg, p, (int64_t)cases[i].def);
+        ck_assert_int_eq(st, LORA_OK);
+        assert_accepted(cfg, cases[i].name);
+        lora_config_destroy(cfg);
+    }
+}
+END_TEST
+
 Suite *config_suite(void)
 {
     Suite *s = suite_create("config");
@@ -371,6 +517,9 @@ Suite *config_suite(void)
     tcase_add_test(tc, test_config_validate_consistency);
     tcase_add_test(tc, test_config_overflowing_sizes);
     tcase_add_test(tc, test_config_copied_by_create);
+    tcase_add_test(tc, test_config_float_params_fit_float);
+    tcase_add_test(tc, test_config_rope_dim_checked_at_create);
+    tcase_add_test(tc, test_config_reserved_params_refused_until_computed);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -79,6 +79,13 @@ enum class Init : int {
     Gaussian = LORA_INIT_GAUSSIAN,
     Zero = LORA_INIT_ZERO
 };
+enum class Rope : int {
+    None = LORA_ROPE_NONE,
+    Half = LORA_ROPE_HALF,
+    Interleaved = LORA_ROPE_INTERLEAVED
+};
+enum class Compute : int { F32 = LORA_COMPUTE_F32, Bf16 = LORA_COMPUTE_BF16 };
+enum class ForwardFlag : int { Infer = LORA_FWD_INFER };
 
 inline std::string version() { return lora_version_string(); }
 inline std::uint32_t version_number() { return lora_version_number(); }
@@ -178,6 +185,13 @@ public:
     LORA_HPP_SETTER(init, Init, set_int(LORA_CFG_INIT, static_cast<int>(v)))
     LORA_HPP_SETTER(out_proj, bool, set_int(LORA_CFG_OUT_PROJ, v))
     LORA_HPP_SETTER(measure_rows, std::int64_t, set_int(LORA_CFG_MEASURE_ROWS, v))
+    LORA_HPP_SETTER(rope, Rope, set_int(LORA_CFG_ROPE, static_cast<int>(v)))
+    LORA_HPP_SETTER(rope_theta, double, set_double(LORA_CFG_ROPE_THETA, v))
+    LORA_HPP_SETTER(rope_dim, std::int64_t, set_int(LORA_CFG_ROPE_DIM, v))
+    LORA_HPP_SETTER(window, std::int64_t, set_int(LORA_CFG_WINDOW, v))
+    LORA_HPP_SETTER(softcap, double, set_double(LORA_CFG_SOFTCAP, v))
+    LORA_HPP_SETTER(dropout, double, set_double(LORA_CFG_DROPOUT, v))
+    LORA_HPP_SETTER(compute, Compute, set_int(LORA_CFG_COMPUTE, static_cast<int>(v)))
     LORA_HPP_SETTER(targets, std::initializer_list<Target>, set_int(LORA_CFG_TARGETS, mask(v)))
 #undef LORA_HPP_SETTER
 

@@ -60,7 +60,7 @@ static void init_factor_a(const lora_config_values *c, int proj, float *a, int64
 static int default_threads(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : (n > 1024 ? 1024 : (int)n);
+    return n < 1 ? 1 : (n > LORA_MAX_THREADS ? LORA_MAX_THREADS : (int)n);
 }
 
 static void adapter_free_members(lora_adapter *ad)
@@ -73,7 +73,7 @@ static void adapter_free_members(lora_adapter *ad)
         }
         lora_mem_free(&ad->mem, p->a); /* a, b, da, db share one block */
     }
-    lora_adapter_free_serving(ad);
+    lora_adapter_free_merged(ad);
     lora_buf_free(&ad->mem, &ad->acts_buf);
     lora_buf_free(&ad->mem, &ad->scratch);
     lora_buf_free(&ad->mem, &ad->estimate_buf);

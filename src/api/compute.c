@@ -1,10 +1,10 @@
-/* Forward and backward entry points: validation, backend choice, buffers; the
- * arithmetic is in src/layer and src/backend. */
+/* Forward and backward entry points: validation, backend choice, buffers, and checks
+ * that results fit float; the arithmetic is in src/layer and src/backend. lora_forward
+ * and lora_forward_merged (merge.c) share one forward core, lora_forward_layer. */
+#include <math.h>
 #include <string.h>
 
 #include "internal.h"
-
-static const char *const proj_names[PROJ_COUNT] = {"W_Q", "W_K", "W_V", "W_O"};
 
 static int checked_floats(int64_t rows, int64_t cols, size_t *n)
 {
@@ -44,8 +44,8 @@ int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64
     for (int t = 0; t < PROJ_COUNT; t++)
         if (!l->proj[t].weight && (t != PROJ_O || l->out_proj))
             return lora_set_error(ad->err, LORA_ERR_STATE,
-                                  "base weight %s is not set (lora_adapter_set_base)",
-                                  proj_names[t]);
+                                  "base weight W_%s is not set (lora_adapter_set_base)",
+                                  lora_proj_names[t]);
     nxq = (size_t)rows_q * (size_t)l->d_model;
     nxkv = (size_t)rows_kv * (size_t)l->d_model;
     int64_t bad = lora_find_nonfinite(xq, nxq);
@@ -66,64 +66,105 @@ int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64
     return LORA_OK;
 }
 
-static int run_forward(lora_adapter *ad, const float *xq, const float *xkv, int64_t batch,
-                       int64_t len_q, int64_t len_kv, float *out, lora_saved_kind kind)
+/* Output floats of a call: rows_q x (D_MODEL with an output projection, else q_dim). */
+static size_t out_floats(const layer *l, const attn_problem *p)
 {
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
-    ad->saved = SAVED_NONE; /* a failed forward leaves nothing to backpropagate */
-    const int self = kind == SAVED_SELF;
-    attn_problem p;
-    int st = lora_check_inputs(ad, xq, xkv, batch, len_q, len_kv, self, &p);
+    return (size_t)(p->batch * p->len_q) * (size_t)(l->out_proj ? l->d_model : l->q_dim);
+}
+
+int lora_forward_begin(lora_adapter *ad, const lora_forward_args *a, attn_problem *p)
+{
+    const int st =
+        lora_check_inputs(ad, a->xq, a->xkv, a->batch, a->len_q, a->len_kv, a->self, p);
     if (st != LORA_OK)
         return st;
-    if (!out)
+    if (!a->out)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "out is NULL");
-    const layer *l = &ad->layer;
-    const size_t acts = layer_acts_floats(l, &p, self);
+    return LORA_OK;
+}
+
+/* Copies the inputs into the activations and projects them. */
+static int project_inputs(lora_adapter *ad, const layer *l, const lora_forward_args *a,
+                          const attn_problem *p, lora_buf *acts_buf, layer_acts *acts)
+{
+    const size_t n_acts = layer_acts_floats(l, p, a->self);
     size_t acts_bytes;
-    if (acts == 0 || __builtin_mul_overflow(acts, sizeof(float), &acts_bytes))
+    if (n_acts == 0 || __builtin_mul_overflow(n_acts, sizeof(float), &acts_bytes))
         return lora_set_error(ad->err, LORA_ERR_SHAPE, "activation size overflows");
-    if (lora_buf_reserve(&ad->mem, &ad->acts_buf, acts_bytes) != LORA_OK)
+    if (lora_buf_reserve(&ad->mem, acts_buf, acts_bytes) != LORA_OK)
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
                               "cannot allocate %zu bytes of activations", acts_bytes);
-    layer_acts_carve(l, &p, self, ad->acts_buf.ptr, &ad->acts);
-    memcpy(ad->acts.xq, xq, (size_t)(batch * len_q * l->d_model) * sizeof(float));
-    if (!self)
-        memcpy(ad->acts.xkv, xkv, (size_t)(batch * len_kv * l->d_model) * sizeof(float));
-    layer_project(l, &p, &ad->acts);
+    layer_acts_carve(l, p, a->self, acts_buf->ptr, acts);
+    memcpy(acts->xq, a->xq, (size_t)(a->batch * a->len_q * l->d_model) * sizeof(float));
+    if (!a->self)
+        memcpy(acts->xkv, a->xkv, (size_t)(a->batch * a->len_kv * l->d_model) * sizeof(float));
+    layer_project(l, p, acts);
+    return LORA_OK;
+}
 
-    lora_plan plan;
-    st = lora_plan_call(ad, &p, ad->acts.q, ad->acts.k, &plan);
+int lora_forward_layer(lora_adapter *ad, const layer *l, const lora_forward_args *a,
+                       attn_problem *p, lora_buf *acts_buf, layer_acts *acts, lora_plan *plan)
+{
+    /* A training forward has dropped its saved forward: under memory pressure it keeps
+     * no dead buffers. An inference forward leaves the scratch a saved forward's
+     * backward needs; the scratch only grows, so that backward still finds enough. */
+    const int training = a->kind != SAVED_NONE;
+    int st = project_inputs(ad, l, a, p, acts_buf, acts);
+    if (st != LORA_OK)
+        return st;
+    st = lora_plan_call(ad, p, acts->q, acts->k, plan);
     if (st != LORA_OK) {
-        if (st == LORA_ERR_NOMEM) /* under memory pressure, keep no dead activations */
-            lora_buf_free(&ad->mem, &ad->acts_buf);
+        if (st == LORA_ERR_NOMEM && training)
+            lora_buf_free(&ad->mem, acts_buf);
         return st;
     }
-    if (plan.poly_groups > 0)
-        p.measure_rows = ad->cfg.measure_rows;
-    /* Backward's scratch is reserved here too, so a backward never allocates. */
-    const size_t io = lora_io_floats(l, &p, kind);
-    st = lora_reserve_scratch(ad, l, &p, &plan, io);
+    if (training && plan->poly_groups > 0)
+        p->measure_rows = ad->cfg.measure_rows;
+    /* A training forward reserves its backward's scratch too: a backward never
+     * allocates. */
+    const size_t io = lora_io_floats(l, p, a->kind);
+    st = lora_reserve_scratch(ad, l, p, plan, io);
     if (st != LORA_OK) {
-        if (st == LORA_ERR_NOMEM) { /* as above; scratch may have grown in the plan */
-            lora_buf_free(&ad->mem, &ad->acts_buf);
+        if (st == LORA_ERR_NOMEM && training) { /* scratch may have grown in the plan */
+            lora_buf_free(&ad->mem, acts_buf);
             lora_buf_free(&ad->mem, &ad->scratch);
         }
         return st;
     }
-    /* out is computed in the handle's (padded) scratch, then copied to the caller. */
+    /* out is computed in the handle's (padded) scratch, checked, then copied. */
     float *out_own = ad->scratch.ptr;
     double measured;
-    layer_attend(l, plan.groups, &p, &ad->acts, out_own, out_own + io, &measured);
-    memcpy(out, out_own, (size_t)(batch * len_q) *
-                             (size_t)(l->out_proj ? l->d_model : l->q_dim) * sizeof(float));
+    layer_attend(l, plan->groups, p, acts, out_own, out_own + io, &measured);
+    const size_t n_out = out_floats(l, p);
+    const int64_t bad = lora_find_nonfinite(out_own, n_out);
+    if (bad >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "out would have a NaN/Inf at index %lld: the finite inputs "
+                              "overflow float in this layer (x or the weights too large)",
+                              (long long)bad);
+    memcpy(a->out, out_own, n_out * sizeof(float));
+    lora_record_run(ad, plan, measured);
+    return LORA_OK;
+}
 
+/* lora_forward and lora_forward_cross: the core on the adapter's own layer, keeping
+ * the activations for the backward. */
+static int run_forward(lora_adapter *ad, const lora_forward_args *a)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    ad->saved = SAVED_NONE; /* a failed forward leaves nothing to backpropagate */
+    attn_problem p;
+    lora_plan plan;
+    int st = lora_forward_begin(ad, a, &p);
+    if (st == LORA_OK)
+        st = lora_forward_layer(ad, &ad->layer, a, &p, &ad->acts_buf, &ad->acts, &plan);
+    if (st != LORA_OK)
+        return st;
     ad->problem = p;
     memcpy(ad->saved_groups, plan.groups, (size_t)p.n_kv_heads * sizeof *plan.groups);
-    ad->saved = kind;
+    ad->saved = a->kind;
     ad->eta = plan.run_eta;
-    lora_record_run(ad, &plan, measured);
     ad->err[0] = '\0';
     return LORA_OK;
 }
@@ -137,6 +178,8 @@ size_t lora_io_floats(const layer *l, const attn_problem *p, lora_saved_kind kin
         n += nq * (size_t)l->d_model;
     if (kind == SAVED_CROSS)
         n += nk * (size_t)l->d_model;
+    if (kind != SAVED_NONE)
+        n += lora_factor_floats(l); /* the gradients before a backward */
     return (n + 15u) & ~(size_t)15u;
 }
 
@@ -169,6 +212,38 @@ void lora_record_run(lora_adapter *ad, const lora_plan *plan, double measured_ou
     ad->info.measured_dq_error = -1.0;
 }
 
+static void find_nonfinite_block(void *ctx, float *data, size_t len, size_t offset)
+{
+    int64_t *first = ctx;
+    const int64_t i = *first < 0 ? lora_find_nonfinite(data, len) : -1;
+    if (i >= 0)
+        *first = (int64_t)offset + i;
+}
+
+/* After layer_backward: NONFINITE when a gradient or a requested dx overflowed. */
+static int check_backward_results(lora_adapter *ad, const float *dxq, const float *dxkv,
+                                  size_t nxq, size_t nxkv, lora_saved_kind kind)
+{
+    int64_t bad = -1;
+    lora_for_each_factor(ad, 1, find_nonfinite_block, &bad);
+    if (bad >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "gradient entry %lld (flat order) would overflow float: dout "
+                              "or the activations are too large; the gradients are unchanged",
+                              (long long)bad);
+    const char *name = kind == SAVED_SELF ? "dx" : "dxq";
+    if (dxq && (bad = lora_find_nonfinite(dxq, nxq)) < 0 && dxkv && dxkv != dxq) {
+        bad = lora_find_nonfinite(dxkv, nxkv);
+        name = "dxkv";
+    }
+    if (bad >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "%s would have a NaN/Inf at index %lld: dout or the weights are "
+                              "too large; the gradients are unchanged",
+                              name, (long long)bad);
+    return LORA_OK;
+}
+
 static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *dxkv,
                         lora_saved_kind kind)
 {
@@ -184,23 +259,30 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
                               kind == SAVED_SELF ? "lora_forward" : "lora_forward_cross");
     const layer *l = &ad->layer;
     const attn_problem *p = &ad->problem;
-    const size_t n = (size_t)(p->batch * p->len_q) *
-                     (size_t)(l->out_proj ? l->d_model : l->q_dim);
+    const size_t n = out_floats(l, p);
     const int64_t bad = lora_find_nonfinite(dout, n);
     if (bad >= 0)
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                               "dout has a non-finite entry at index %lld", (long long)bad);
-    /* dout and dx live in the front of the scratch the forward reserved
-     * (lora_io_floats): every gemm operand is a padded library buffer. */
+    /* dout, dx and the gradients' prior values live in the front of the scratch the
+     * forward reserved (lora_io_floats): every gemm operand is a padded library buffer,
+     * and a backward whose results overflow puts the gradients back. */
     float *const dout_own = ad->scratch.ptr, *const dx_own = dout_own + n;
     const size_t nxq = (size_t)(p->batch * p->len_q) * (size_t)l->d_model;
     const size_t nxkv = (size_t)(p->batch * p->len_kv) * (size_t)l->d_model;
     float *const dxq_own = dxq ? dx_own : NULL;
     float *const dxkv_own = !dxkv ? NULL : dxkv == dxq ? dxq_own : dx_own + nxq;
+    float *const grads_before = dx_own + nxq + (kind == SAVED_CROSS ? nxkv : 0);
     memcpy(dout_own, dout, n * sizeof(float));
+    lora_for_each_factor(ad, 1, lora_flat_copy_out, grads_before);
     double grad_bound = 0.0, measured;
     layer_backward(l, ad->saved_groups, p, &ad->acts, dout_own, dxq_own, dxkv_own,
                    dout_own + lora_io_floats(l, p, kind), ad->eta, &grad_bound, &measured);
+    const int st = check_backward_results(ad, dxq_own, dxkv_own, nxq, nxkv, kind);
+    if (st != LORA_OK) {
+        lora_for_each_factor(ad, 1, lora_flat_copy_in, grads_before);
+        return st;
+    }
     if (dxq)
         memcpy(dxq, dxq_own, nxq * sizeof(float));
     if (dxkv && dxkv != dxq)
@@ -214,7 +296,8 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
 LORA_API int lora_forward(lora_adapter *ad, const float *x, int64_t batch, int64_t seq_len,
                           float *out)
 {
-    return run_forward(ad, x, x, batch, seq_len, seq_len, out, SAVED_SELF);
+    const lora_forward_args a = {x, x, batch, seq_len, seq_len, out, 1, SAVED_SELF};
+    return run_forward(ad, &a);
 }
 
 LORA_API int lora_backward(lora_adapter *ad, const float *dout, float *dx)
@@ -225,7 +308,8 @@ LORA_API int lora_backward(lora_adapter *ad, const float *dout, float *dx)
 LORA_API int lora_forward_cross(lora_adapter *ad, const float *xq, const float *xkv,
                                 int64_t batch, int64_t len_q, int64_t len_kv, float *out)
 {
-    return run_forward(ad, xq, xkv, batch, len_q, len_kv, out, SAVED_CROSS);
+    const lora_forward_args a = {xq, xkv, batch, len_q, len_kv, out, 0, SAVED_CROSS};
+    return run_forward(ad, &a);
 }
 
 LORA_API int lora_backward_cross(lora_adapter *ad, const float *dout, float *dxq,
@@ -245,10 +329,14 @@ LORA_API int lora_mse_loss(const float *out, const float *target, size_t n, doub
     if (lora_find_nonfinite(out, n) >= 0 || lora_find_nonfinite(target, n) >= 0)
         return LORA_ERR_NONFINITE;
     double sum = 0.0;
+    int overflow = 0; /* a dout entry out - target beyond float */
     for (size_t i = 0; i < n; i++) {
         const double d = (double)out[i] - (double)target[i];
         sum += d * d;
+        overflow |= dout && !isfinite(out[i] - target[i]);
     }
+    if (overflow || !isfinite(sum))
+        return LORA_ERR_NONFINITE;
     if (dout)
         for (size_t i = 0; i < n; i++)
             dout[i] = out[i] - target[i];

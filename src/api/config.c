@@ -1,59 +1,83 @@
-/* The config handle: a table of parameters, each checked on its own when set and
- * together when an adapter is created. */
+/* The config handle: the parameters of config_params.h, each checked on its own when
+ * set and together when an adapter is created. */
+#include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "internal.h"
 
 /* Largest element count of one tensor the library accepts (2^40 floats = 4 TiB). */
 #define LORA_MAX_ELEMS (INT64_C(1) << 40)
-#define LORA_MAX_POLY_DEGREE 20
-#define LORA_MAX_THREADS 1024
 
-typedef enum { PT_INT, PT_DOUBLE } param_type;
+/* The table's numbers are lora.h's. */
+#define CFG_CHECK_NUMBER(num, name, field, type, low, high, def, flags) \
+    _Static_assert(name == num, #name " is not " #num " in lora.h");
+LORA_CONFIG_PARAMS(CFG_CHECK_NUMBER)
+#undef CFG_CHECK_NUMBER
+
+typedef enum { CFG_INT, CFG_U64, CFG_DOUBLE } param_type;
 
 typedef struct param_desc {
-    const char *name;
+    const char *name; /* "LORA_CFG_..." */
     param_type type;
-    int64_t min, max; /* PT_INT range */
+    unsigned flags;
+    size_t offset;           /* of the field in lora_config_values */
+    int64_t imin, imax, idef; /* CFG_INT, CFG_U64 */
+    double dmin, dmax, ddef;  /* CFG_DOUBLE */
 } param_desc;
 
-static const param_desc params[] = {
-    [LORA_CFG_D_MODEL] = {"LORA_CFG_D_MODEL", PT_INT, 1, LORA_MAX_DIM},
-    [LORA_CFG_N_HEADS] = {"LORA_CFG_N_HEADS", PT_INT, 1, LORA_MAX_DIM},
-    [LORA_CFG_N_KV_HEADS] = {"LORA_CFG_N_KV_HEADS", PT_INT, 1, LORA_MAX_DIM},
-    [LORA_CFG_HEAD_DIM] = {"LORA_CFG_HEAD_DIM", PT_INT, 1, LORA_MAX_DIM},
-    [LORA_CFG_TARGETS] = {"LORA_CFG_TARGETS", PT_INT, 1, 15},
-    [LORA_CFG_RANK] = {"LORA_CFG_RANK", PT_INT, 1, LORA_MAX_DIM},
-    [LORA_CFG_ALPHA] = {"LORA_CFG_ALPHA", PT_DOUBLE, 0, 0},
-    [LORA_CFG_RSLORA] = {"LORA_CFG_RSLORA", PT_INT, 0, 1},
-    [LORA_CFG_SOFTMAX_SCALE] = {"LORA_CFG_SOFTMAX_SCALE", PT_DOUBLE, 0, 0},
-    [LORA_CFG_CAUSAL] = {"LORA_CFG_CAUSAL", PT_INT, 0, 1},
-    [LORA_CFG_BACKEND] = {"LORA_CFG_BACKEND", PT_INT, LORA_BACKEND_AUTO, LORA_BACKEND_POLY},
-    [LORA_CFG_TOLERANCE] = {"LORA_CFG_TOLERANCE", PT_DOUBLE, 0, 0},
-    [LORA_CFG_POLY_DEGREE] = {"LORA_CFG_POLY_DEGREE", PT_INT, 0, LORA_MAX_POLY_DEGREE},
-    [LORA_CFG_THREADS] = {"LORA_CFG_THREADS", PT_INT, 0, LORA_MAX_THREADS},
-    [LORA_CFG_SEED] = {"LORA_CFG_SEED", PT_INT, INT64_MIN, INT64_MAX},
-    [LORA_CFG_INIT] = {"LORA_CFG_INIT", PT_INT, LORA_INIT_KAIMING_ZERO, LORA_INIT_ZERO},
-    [LORA_CFG_OUT_PROJ] = {"LORA_CFG_OUT_PROJ", PT_INT, 0, 1},
-    [LORA_CFG_MEASURE_ROWS] = {"LORA_CFG_MEASURE_ROWS", PT_INT, 0, LORA_MAX_DIM},
-};
-#define PARAM_LAST LORA_CFG_MEASURE_ROWS
+#define CFG_RANGE_INT(low, high, def) .imin = (low), .imax = (high), .idef = (def)
+#define CFG_RANGE_U64(low, high, def) .imin = (low), .imax = (high), .idef = (def)
+#define CFG_RANGE_DOUBLE(low, high, def) .dmin = (low), .dmax = (high), .ddef = (def)
+#define CFG_DESC(num, pname, field, ptype, low, high, def, pflags)                     \
+    [num] = {.name = #pname, .type = CFG_##ptype, .flags = (pflags),                   \
+             .offset = offsetof(lora_config_values, field),                            \
+             CFG_RANGE_##ptype(low, high, def)},
+static const param_desc params[LORA_CFG_PARAM_END] = {LORA_CONFIG_PARAMS(CFG_DESC)};
+#undef CFG_DESC
 
 static const param_desc *find_param(int param)
 {
-    return (param >= 1 && param <= PARAM_LAST) ? &params[param] : NULL;
+    return (param >= 1 && param < LORA_CFG_PARAM_END) ? &params[param] : NULL;
+}
+
+/* The field of d in v, by type. */
+static int64_t *int_field(lora_config_values *v, const param_desc *d)
+{
+    return (int64_t *)(void *)((char *)v + d->offset);
+}
+static uint64_t *u64_field(lora_config_values *v, const param_desc *d)
+{
+    return (uint64_t *)(void *)((char *)v + d->offset);
+}
+static double *double_field(lora_config_values *v, const param_desc *d)
+{
+    return (double *)(void *)((char *)v + d->offset);
+}
+static double double_value(const lora_config_values *v, const param_desc *d)
+{
+    return *(const double *)(const void *)((const char *)v + d->offset);
+}
+
+/* Puts param p back to its table default (a derived one is resolved later). */
+static void reset_param(lora_config_values *v, int p)
+{
+    const param_desc *d = &params[p];
+    if (d->type == CFG_INT)
+        *int_field(v, d) = d->idef;
+    else if (d->type == CFG_U64)
+        *u64_field(v, d) = (uint64_t)d->idef;
+    else
+        *double_field(v, d) = d->ddef;
+    v->set[p] = 0;
 }
 
 static void config_defaults(lora_config_values *v)
 {
     memset(v, 0, sizeof *v);
-    v->n_heads = 1;
-    v->targets = LORA_TARGET_Q | LORA_TARGET_V;
-    v->rank = 8;
-    v->backend = LORA_BACKEND_AUTO;
-    v->tolerance = 1e-3;
-    v->init = LORA_INIT_KAIMING_ZERO;
+    for (int p = 1; p < LORA_CFG_PARAM_END; p++)
+        reset_param(v, p);
 }
 
 LORA_API int lora_config_create_with_allocator(lora_config **out,
@@ -88,35 +112,41 @@ LORA_API void lora_config_destroy(lora_config *cfg)
         lora_mem_free(&cfg->mem, cfg);
 }
 
-static int64_t *int_slot(lora_config_values *v, int param)
+/* Kept as float without overflowing to Inf or underflowing to 0 (or a subnormal). */
+static int fits_float(double x)
 {
-    switch (param) {
-    case LORA_CFG_D_MODEL: return &v->d_model;
-    case LORA_CFG_N_HEADS: return &v->n_heads;
-    case LORA_CFG_N_KV_HEADS: return &v->n_kv_heads;
-    case LORA_CFG_HEAD_DIM: return &v->head_dim;
-    case LORA_CFG_TARGETS: return &v->targets;
-    case LORA_CFG_RANK: return &v->rank;
-    case LORA_CFG_RSLORA: return &v->rslora;
-    case LORA_CFG_CAUSAL: return &v->causal;
-    case LORA_CFG_BACKEND: return &v->backend;
-    case LORA_CFG_POLY_DEGREE: return &v->poly_degree;
-    case LORA_CFG_THREADS: return &v->threads;
-    case LORA_CFG_INIT: return &v->init;
-    case LORA_CFG_OUT_PROJ: return &v->out_proj;
-    case LORA_CFG_MEASURE_ROWS: return &v->measure_rows;
-    default: return NULL; /* SEED is stored unsigned */
-    }
+    const double a = fabs(x);
+    return a <= FLT_MAX && (a == 0.0 || a >= FLT_MIN);
 }
 
-static double *double_slot(lora_config_values *v, int param)
+static int check_int(const param_desc *d, int64_t value, char *err)
 {
-    switch (param) {
-    case LORA_CFG_ALPHA: return &v->alpha;
-    case LORA_CFG_SOFTMAX_SCALE: return &v->softmax_scale;
-    case LORA_CFG_TOLERANCE: return &v->tolerance;
-    default: return NULL;
-    }
+    if (value < d->imin || value > d->imax)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                              "%s = %lld is out of range [%lld, %lld]", d->name,
+                              (long long)value, (long long)d->imin, (long long)d->imax);
+    if ((d->flags & CFG_EVEN) && value % 2 != 0)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG, "%s = %lld must be even", d->name,
+                              (long long)value);
+    return LORA_OK;
+}
+
+static int check_double(const param_desc *d, double value, char *err)
+{
+    if (!isfinite(value))
+        return lora_set_error(err, LORA_ERR_NONFINITE, "%s must be finite", d->name);
+    const int low_open = (d->flags & CFG_LOW_OPEN) != 0;
+    const int high_open = (d->flags & CFG_HIGH_OPEN) != 0;
+    if (value < d->dmin || value > d->dmax || (low_open && value == d->dmin) ||
+        (high_open && value == d->dmax))
+        return lora_set_error(err, LORA_ERR_INVALID_ARG, "%s = %g is out of range %c%g, %g%c",
+                              d->name, value, low_open ? '(' : '[', d->dmin, d->dmax,
+                              high_open ? ')' : ']');
+    if ((d->flags & CFG_AS_FLOAT) && !fits_float(value))
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                              "%s = %g does not fit a float (0 or |value| in [%g, %g])",
+                              d->name, value, (double)FLT_MIN, (double)FLT_MAX);
+    return LORA_OK;
 }
 
 LORA_API int lora_config_set_int(lora_config *cfg, int param, int64_t value)
@@ -126,23 +156,17 @@ LORA_API int lora_config_set_int(lora_config *cfg, int param, int64_t value)
     const param_desc *d = find_param(param);
     if (!d)
         return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG, "unknown parameter %d", param);
-    if (d->type != PT_INT)
+    if (d->type == CFG_DOUBLE)
         return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG,
                               "%s takes a double: use lora_config_set_double", d->name);
-    if (value < d->min || value > d->max)
-        return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG,
-                              "%s = %lld is out of range [%lld, %lld]", d->name,
-                              (long long)value, (long long)d->min, (long long)d->max);
-    if (param == LORA_CFG_POLY_DEGREE && value % 2 != 0)
-        return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG,
-                              "LORA_CFG_POLY_DEGREE = %lld must be even (odd Taylor "
-                              "polynomials of exp can be negative)",
-                              (long long)value);
-    if (param == LORA_CFG_SEED)
-        cfg->v.seed = (uint64_t)value;
+    const int st = check_int(d, value, cfg->err);
+    if (st != LORA_OK)
+        return st;
+    if (d->type == CFG_U64)
+        *u64_field(&cfg->v, d) = (uint64_t)value;
     else
-        *int_slot(&cfg->v, param) = value;
-    cfg->v.set |= 1u << param;
+        *int_field(&cfg->v, d) = value;
+    cfg->v.set[param] = 1;
     cfg->err[0] = '\0';
     return LORA_OK;
 }
@@ -154,34 +178,68 @@ LORA_API int lora_config_set_double(lora_config *cfg, int param, double value)
     const param_desc *d = find_param(param);
     if (!d)
         return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG, "unknown parameter %d", param);
-    if (d->type != PT_DOUBLE)
+    if (d->type != CFG_DOUBLE)
         return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG,
                               "%s takes an integer: use lora_config_set_int", d->name);
-    if (!isfinite(value))
-        return lora_set_error(cfg->err, LORA_ERR_NONFINITE, "%s must be finite", d->name);
-    if (param != LORA_CFG_ALPHA && !(value > 0.0))
-        return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG, "%s = %g must be > 0",
-                              d->name, value);
-    *double_slot(&cfg->v, param) = value;
-    cfg->v.set |= 1u << param;
+    const int st = check_double(d, value, cfg->err);
+    if (st != LORA_OK)
+        return st;
+    *double_field(&cfg->v, d) = value;
+    cfg->v.set[param] = 1;
     cfg->err[0] = '\0';
     return LORA_OK;
 }
 
-/* Derived defaults without consistency checks: what a getter reports. */
+/* Derived defaults (the table's CFG_DERIVED rows) without consistency checks: what a
+ * getter reports. */
 static void resolve_defaults(lora_config_values *v)
 {
-    const uint32_t set = v->set;
-    if (!(set & (1u << LORA_CFG_N_KV_HEADS)))
+    if (!v->set[LORA_CFG_N_KV_HEADS])
         v->n_kv_heads = v->n_heads;
-    if (!(set & (1u << LORA_CFG_HEAD_DIM)))
+    if (!v->set[LORA_CFG_HEAD_DIM])
         v->head_dim = (v->d_model > 0 && v->d_model % v->n_heads == 0)
                           ? v->d_model / v->n_heads
                           : 0;
-    if (!(set & (1u << LORA_CFG_ALPHA)))
+    if (!v->set[LORA_CFG_ALPHA])
         v->alpha = (double)v->rank;
-    if (!(set & (1u << LORA_CFG_SOFTMAX_SCALE)))
+    if (!v->set[LORA_CFG_SOFTMAX_SCALE])
         v->softmax_scale = v->head_dim > 0 ? 1.0 / sqrt((double)v->head_dim) : 0.0;
+    if (!v->set[LORA_CFG_ROPE_DIM])
+        v->rope_dim = v->head_dim;
+}
+
+/* Whether param p of the resolved values v equals what it resolves to when unset. */
+static int is_default(const lora_config_values *v, int p)
+{
+    const param_desc *d = &params[p];
+    lora_config_values def = *v;
+    reset_param(&def, p);
+    resolve_defaults(&def);
+    if (d->type == CFG_DOUBLE)
+        return double_value(&def, d) == double_value(v, d);
+    return memcmp((const char *)&def + d->offset, (const char *)v + d->offset,
+                  sizeof(int64_t)) == 0;
+}
+
+/* Each value on its own again (a config copied inside the library bypasses the
+ * setters), then the parameters this build cannot compute yet. */
+static int check_values(const lora_config_values *v, char *err)
+{
+    for (int p = 1; p < LORA_CFG_PARAM_END; p++) {
+        const param_desc *d = &params[p];
+        if (d->type == CFG_DOUBLE && v->set[p]) {
+            const int st = check_double(d, double_value(v, d), err);
+            if (st != LORA_OK)
+                return st;
+        }
+    }
+    for (int p = 1; p < LORA_CFG_PARAM_END; p++)
+        if ((params[p].flags & CFG_NOT_COMPUTED) && !is_default(v, p))
+            return lora_set_error(err, LORA_ERR_UNSUPPORTED,
+                                  "%s: this build computes only its default value (the "
+                                  "parameter is reserved for liblora 0.2)",
+                                  params[p].name);
+    return LORA_OK;
 }
 
 int lora_config_resolve(const lora_config_values *in, lora_config_values *out, char *err)
@@ -202,6 +260,15 @@ int lora_config_resolve(const lora_config_values *in, lora_config_values *out, c
     if ((v.targets & LORA_TARGET_O) && !v.out_proj)
         return lora_set_error(err, LORA_ERR_INVALID_ARG,
                               "LORA_TARGET_O needs LORA_CFG_OUT_PROJ = 1");
+    if (v.rope_dim > v.head_dim)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                              "LORA_CFG_ROPE_DIM = %lld exceeds LORA_CFG_HEAD_DIM = %lld",
+                              (long long)v.rope_dim, (long long)v.head_dim);
+    if (v.rope != LORA_ROPE_NONE && v.rope_dim % 2 != 0)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                              "LORA_CFG_ROPE needs an even LORA_CFG_ROPE_DIM: HEAD_DIM = %lld "
+                              "is odd, set LORA_CFG_ROPE_DIM",
+                              (long long)v.head_dim);
     int64_t q_dim, w_elems, a_elems;
     if (__builtin_mul_overflow(v.n_heads, v.head_dim, &q_dim) ||
         __builtin_mul_overflow(q_dim > v.d_model ? q_dim : v.d_model, v.d_model, &w_elems) ||
@@ -211,6 +278,9 @@ int lora_config_resolve(const lora_config_values *in, lora_config_values *out, c
                               "layer too large: d_model %lld, %lld heads of %lld, rank %lld",
                               (long long)v.d_model, (long long)v.n_heads,
                               (long long)v.head_dim, (long long)v.rank);
+    const int st = check_values(&v, err);
+    if (st != LORA_OK)
+        return st;
     *out = v;
     return LORA_OK;
 }
@@ -218,25 +288,24 @@ int lora_config_resolve(const lora_config_values *in, lora_config_values *out, c
 int lora_config_values_get_int(const lora_config_values *in, int param, int64_t *value)
 {
     const param_desc *d = find_param(param);
-    if (!value || !d || d->type != PT_INT)
+    if (!value || !d || d->type == CFG_DOUBLE)
         return LORA_ERR_INVALID_ARG;
     lora_config_values v = *in;
     resolve_defaults(&v);
-    *value = param == LORA_CFG_SEED ? (int64_t)v.seed : *int_slot(&v, param);
+    *value = d->type == CFG_U64 ? (int64_t)*u64_field(&v, d) : *int_field(&v, d);
     return LORA_OK;
 }
 
 int lora_config_values_get_double(const lora_config_values *in, int param, double *value)
 {
     const param_desc *d = find_param(param);
-    if (!value || !d || d->type != PT_DOUBLE)
+    if (!value || !d || d->type != CFG_DOUBLE)
         return LORA_ERR_INVALID_ARG;
     lora_config_values v = *in;
     resolve_defaults(&v);
-    *value = *double_slot(&v, param);
+    *value = *double_field(&v, d);
     return LORA_OK;
 }
-
 /* The message buffer is the one field a const accessor may write: it is scratch. */
 static char *config_err(const lora_config *cfg) { return ((lora_config *)cfg)->err; }
 

@@ -11,6 +11,7 @@
 #include "../backend/backend.h"
 #include "../layer/layer.h"
 #include "../linalg/linalg.h"
+#include "config_params.h"
 
 #define LORA_ERRMSG_SIZE 256
 /* Largest accepted dimension (d_model, heads, head_dim, rank); products of dimensions
@@ -20,7 +21,7 @@
 /* Every allocation the library makes goes through this: the default (posix_memalign,
  * already 64-byte aligned and padded) or a user's lora_allocator, which may return
  * memory of any alignment: then `wrap` is set and lora_mem_alloc over-allocates,
- * aligns and records the user's pointer in front of the block (status.c). */
+ * aligns and records the user's pointer in front of the block (alloc.c). */
 typedef struct lora_mem {
     void *(*alloc)(void *opaque, size_t size);
     void (*free)(void *opaque, void *ptr);
@@ -33,13 +34,13 @@ void *lora_mem_calloc(const lora_mem *m, size_t count, size_t size);
 void lora_mem_free(const lora_mem *m, void *ptr);
 extern const lora_mem lora_mem_default;
 
-/* Config values; `set` marks explicit ones so derived defaults follow D_MODEL etc. */
+/* Config values, one field per row of config_params.h; set[p] marks the explicit ones
+ * so derived defaults follow D_MODEL etc. */
 typedef struct lora_config_values {
-    int64_t d_model, n_heads, n_kv_heads, head_dim, targets, rank, rslora, causal, backend,
-        poly_degree, threads, init, out_proj, measure_rows;
-    uint64_t seed;
-    double alpha, softmax_scale, tolerance;
-    uint32_t set; /* bit p set when param p was given explicitly */
+#define CFG_FIELD(num, name, field, type, low, high, def, flags) CFG_CTYPE_##type field;
+    LORA_CONFIG_PARAMS(CFG_FIELD)
+#undef CFG_FIELD
+    unsigned char set[LORA_CFG_PARAM_END];
 } lora_config_values;
 
 struct lora_config {
@@ -93,10 +94,20 @@ struct lora_adapter {
 };
 
 /* Called by everything that changes a base weight, a factor or the scale: drops the
- * saved forward and the merged-weight cache (merge.c). */
+ * saved forward and the merged-weight cache (params_changed.c). */
 void lora_adapter_params_changed(lora_adapter *ad);
 /* Frees what merge.c owns (merged weights, inference buffer); adapter_free_members. */
-void lora_adapter_free_serving(lora_adapter *ad);
+void lora_adapter_free_merged(lora_adapter *ad);
+
+/* Flat views (flat.c). Floats of all factors of a layer (= of all its gradients). */
+size_t lora_factor_floats(const layer *l);
+/* Visits the factors (grad = 0) or gradients (grad = 1) in flat order: Q, K, V, O
+ * (adapted ones), A then B; fn(ctx, block, len, offset in the flat vector) per block. */
+typedef void (*lora_block_fn)(void *ctx, float *data, size_t len, size_t offset);
+void lora_for_each_factor(const lora_adapter *ad, int grad, lora_block_fn fn, void *ctx);
+/* Block functions: copy a block to / from the flat vector ctx (float *). */
+void lora_flat_copy_out(void *ctx, float *data, size_t len, size_t offset);
+void lora_flat_copy_in(void *ctx, float *data, size_t len, size_t offset);
 
 /* The backend decision for one call, per kv-head group (AUTO, or a forced backend),
  * and what the run info reports of it. */
@@ -115,6 +126,25 @@ typedef struct lora_plan {
  * NOMEM. */
 int lora_plan_call(lora_adapter *ad, const attn_problem *p, const float *q,
                    const float *k, lora_plan *plan);
+
+/* One forward call's arguments. kind SAVED_SELF / SAVED_CROSS: a training forward
+ * (keeps activations for its backward); SAVED_NONE: inference (lora_forward_merged). */
+typedef struct lora_forward_args {
+    const float *xq, *xkv; /* xkv == xq for self-attention */
+    int64_t batch, len_q, len_kv;
+    float *out;
+    int self;
+    lora_saved_kind kind;
+} lora_forward_args;
+/* Validates a call's inputs and output pointer, filling the attention problem. */
+int lora_forward_begin(lora_adapter *ad, const lora_forward_args *a, attn_problem *p);
+/* The forward core (compute.c), for layer l (the adapter's own, or merge.c's copy with
+ * merged weights): copies the inputs into acts (carved from acts_buf), projects,
+ * plans, reserves scratch, attends, checks that out is finite (NONFINITE, out
+ * untouched, otherwise) and records the run. */
+int lora_forward_layer(lora_adapter *ad, const layer *l, const lora_forward_args *a,
+                       attn_problem *p, lora_buf *acts_buf, layer_acts *acts,
+                       lora_plan *plan);
 
 /* Validates a forward's inputs (pointers, shapes, base weights, finiteness) and fills
  * the attention problem. xkv == xq for self-attention. */
@@ -136,7 +166,8 @@ int lora_check_base(lora_adapter *ad, int target, const float *weight, const flo
  * gemm operands (BLIS kernels may read a float past an operand's end: only padded
  * library buffers are safe, docs/reliability.md): out, or dout in a backward
  * (rows_q, out width); then for kind SELF dx (rows_q, d_model), for kind CROSS dxq and
- * dxkv (rows_kv, d_model); SAVED_NONE (inference) has out only. A multiple of 16 floats
+ * dxkv (rows_kv, d_model), then for both the gradients' values before the backward
+ * (lora_factor_floats); SAVED_NONE (inference) has out only. A multiple of 16 floats
  * (64 bytes), so the layer's scratch after it keeps its alignment. */
 size_t lora_io_floats(const layer *l, const attn_problem *p, lora_saved_kind kind);
 /* Reserves the handle's scratch: io_floats (lora_io_floats), then layer_attend /

@@ -5,13 +5,7 @@
 
 #include "internal.h"
 
-void lora_adapter_params_changed(lora_adapter *ad)
-{
-    ad->saved = SAVED_NONE;
-    ad->merged_valid = 0;
-}
-
-void lora_adapter_free_serving(lora_adapter *ad)
+void lora_adapter_free_merged(lora_adapter *ad)
 {
     for (int t = 0; t < PROJ_COUNT; t++) {
         lora_mem_free(&ad->mem, ad->merged[t]);
@@ -150,73 +144,44 @@ static int build_merged(lora_adapter *ad)
     return LORA_OK;
 }
 
-static int run_forward_merged(lora_adapter *ad, const float *xq, const float *xkv,
-                              int64_t batch, int64_t len_q, int64_t len_kv, float *out,
-                              int self)
+/* lora_forward_merged[_cross]: the forward core on a copy of the layer with merged
+ * weights and no LoRA branch, in its own activations (the saved forward stays
+ * intact). */
+static int run_forward_merged(lora_adapter *ad, const lora_forward_args *a)
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     attn_problem p;
-    int st = lora_check_inputs(ad, xq, xkv, batch, len_q, len_kv, self, &p);
+    int st = lora_forward_begin(ad, a, &p);
+    if (st == LORA_OK)
+        st = build_merged(ad);
     if (st != LORA_OK)
         return st;
-    if (!out)
-        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "out is NULL");
-    st = build_merged(ad);
-    if (st != LORA_OK)
-        return st;
-    /* The same layer with merged weights and no LoRA branch. */
     layer lm = ad->layer;
     for (int t = 0; t < PROJ_COUNT; t++)
         if (lm.proj[t].adapted) {
             lm.proj[t].weight = ad->merged[t];
             lm.proj[t].adapted = 0;
         }
-    /* Own activations (the saved forward stays intact), inputs copied in: every gemm
-     * operand is a padded library buffer (lora_io_floats). */
-    const size_t acts = layer_acts_floats(&lm, &p, self);
-    size_t acts_bytes;
-    if (acts == 0 || __builtin_mul_overflow(acts, sizeof(float), &acts_bytes))
-        return lora_set_error(ad->err, LORA_ERR_SHAPE, "activation size overflows");
-    if (lora_buf_reserve(&ad->mem, &ad->infer_buf, acts_bytes) != LORA_OK)
-        return lora_set_error(ad->err, LORA_ERR_NOMEM,
-                              "cannot allocate %zu bytes of activations", acts_bytes);
-    layer_acts a;
-    layer_acts_carve(&lm, &p, self, ad->infer_buf.ptr, &a);
-    memcpy(a.xq, xq, (size_t)(batch * len_q * lm.d_model) * sizeof(float));
-    if (!self)
-        memcpy(a.xkv, xkv, (size_t)(batch * len_kv * lm.d_model) * sizeof(float));
-    layer_project(&lm, &p, &a);
-
+    layer_acts acts;
     lora_plan plan;
-    st = lora_plan_call(ad, &p, a.q, a.k, &plan);
-    if (st != LORA_OK)
-        return st;
-    /* The handle's scratch holds no state between calls (lora_threshold_estimate uses
-     * it too); it only grows, so a saved forward's backward still finds enough. */
-    const size_t io = lora_io_floats(&lm, &p, SAVED_NONE);
-    st = lora_reserve_scratch(ad, &lm, &p, &plan, io);
-    if (st != LORA_OK)
-        return st;
-    float *out_own = ad->scratch.ptr;
-    double measured;
-    layer_attend(&lm, plan.groups, &p, &a, out_own, out_own + io, &measured);
-    memcpy(out, out_own, (size_t)(batch * len_q) *
-                             (size_t)(lm.out_proj ? lm.d_model : lm.q_dim) * sizeof(float));
-    lora_record_run(ad, &plan, measured);
-    ad->err[0] = '\0';
-    return LORA_OK;
+    st = lora_forward_layer(ad, &lm, a, &p, &ad->infer_buf, &acts, &plan);
+    if (st == LORA_OK)
+        ad->err[0] = '\0';
+    return st;
 }
 
 LORA_API int lora_forward_merged(lora_adapter *ad, const float *x, int64_t batch,
                                  int64_t seq_len, float *out)
 {
-    return run_forward_merged(ad, x, x, batch, seq_len, seq_len, out, 1);
+    const lora_forward_args a = {x, x, batch, seq_len, seq_len, out, 1, SAVED_NONE};
+    return run_forward_merged(ad, &a);
 }
 
 LORA_API int lora_forward_merged_cross(lora_adapter *ad, const float *xq, const float *xkv,
                                        int64_t batch, int64_t len_q, int64_t len_kv,
                                        float *out)
 {
-    return run_forward_merged(ad, xq, xkv, batch, len_q, len_kv, out, 0);
+    const lora_forward_args a = {xq, xkv, batch, len_q, len_kv, out, 0, SAVED_NONE};
+    return run_forward_merged(ad, &a);
 }

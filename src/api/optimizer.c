@@ -1,7 +1,6 @@
 /* The optimizer handle: AdamW and SGD over every LoRA factor of a set of adapters (one
  * adapter is the set of one), with clipping by the global norm over the whole set,
- * following PyTorch's update rules (docs/training.md). Also the flat views of all
- * parameters and gradients. */
+ * following PyTorch's update rules (docs/training.md). The flat views are in flat.c. */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -29,122 +28,6 @@ struct lora_optimizer {
     double *m, *v; /* AdamW: first and second moments; SGD: m = momentum buffer */
     char err[LORA_ERRMSG_SIZE];
 };
-
-/* ---- flat views ------------------------------------------------------------------- */
-
-static size_t factor_floats(const lora_adapter *ad)
-{
-    size_t n = 0;
-    for (int t = 0; t < PROJ_COUNT; t++) {
-        const layer_proj *p = &ad->layer.proj[t];
-        if (p->adapted)
-            n += (size_t)(ad->layer.rank * (p->in + p->out));
-    }
-    return n;
-}
-
-/* Visits the factors (grad = 0) or gradients (grad = 1) in flat order: Q, K, V, O; A
- * then B. Calls fn(ctx, data, len, offset) per block. */
-typedef void (*block_fn)(void *ctx, float *data, size_t len, size_t offset);
-static void for_each_block(const lora_adapter *ad, int grad, block_fn fn, void *ctx)
-{
-    size_t off = 0;
-    for (int t = 0; t < PROJ_COUNT; t++) {
-        const layer_proj *p = &ad->layer.proj[t];
-        if (!p->adapted)
-            continue;
-        const size_t na = (size_t)(ad->layer.rank * p->in), nb = (size_t)(p->out * ad->layer.rank);
-        fn(ctx, grad ? p->da : p->a, na, off);
-        off += na;
-        fn(ctx, grad ? p->db : p->b, nb, off);
-        off += nb;
-    }
-}
-
-static void copy_out(void *ctx, float *data, size_t len, size_t off)
-{
-    memcpy((float *)ctx + off, data, len * sizeof(float));
-}
-
-static void copy_in(void *ctx, float *data, size_t len, size_t off)
-{
-    memcpy(data, (const float *)ctx + off, len * sizeof(float));
-}
-
-
-LORA_API int lora_adapter_param_count(const lora_adapter *ad, size_t *count)
-{
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
-    if (!count)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "count is NULL");
-    *count = factor_floats(ad);
-    lora_err_buf(ad)[0] = '\0';
-    return LORA_OK;
-}
-
-static int flat_check(const lora_adapter *ad, const void *buf, size_t count,
-                      const char *name)
-{
-    if (!buf)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "%s is NULL", name);
-    const size_t n = factor_floats(ad);
-    if (count != n)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
-                              "count %zu does not match the adapter's %zu parameters",
-                              count, n);
-    return LORA_OK;
-}
-
-static int flat_get(const lora_adapter *ad, float *dst, size_t count, int grad)
-{
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
-    int st = flat_check(ad, dst, count, "dst");
-    if (st != LORA_OK)
-        return st;
-    for_each_block(ad, grad, copy_out, dst);
-    lora_err_buf(ad)[0] = '\0';
-    return LORA_OK;
-}
-
-static int flat_set(lora_adapter *ad, const float *src, size_t count, int grad)
-{
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
-    int st = flat_check(ad, src, count, "src");
-    if (st != LORA_OK)
-        return st;
-    const int64_t bad = lora_find_nonfinite(src, count);
-    if (bad >= 0)
-        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
-                              "src has a non-finite entry at index %lld", (long long)bad);
-    for_each_block(ad, grad, copy_in, (void *)src);
-    if (!grad)
-        lora_adapter_params_changed(ad);
-    ad->err[0] = '\0';
-    return LORA_OK;
-}
-
-LORA_API int lora_adapter_get_params_flat(const lora_adapter *ad, float *dst, size_t count)
-{
-    return flat_get(ad, dst, count, 0);
-}
-
-LORA_API int lora_adapter_get_grads_flat(const lora_adapter *ad, float *dst, size_t count)
-{
-    return flat_get(ad, dst, count, 1);
-}
-
-LORA_API int lora_adapter_set_params_flat(lora_adapter *ad, const float *src, size_t count)
-{
-    return flat_set(ad, src, count, 0);
-}
-
-LORA_API int lora_adapter_set_grads_flat(lora_adapter *ad, const float *src, size_t count)
-{
-    return flat_set(ad, src, count, 1);
-}
 
 /* ---- the optimizer handle ----------------------------------------------------------- */
 
@@ -227,7 +110,7 @@ static int create_set(lora_optimizer **out, const lora_adapter *const *adapters,
             m->in[t] = ad->layer.proj[t].in;
             m->out[t] = ad->layer.proj[t].out;
         }
-        o->n += factor_floats(ad);
+        o->n += lora_factor_floats(&ad->layer);
     }
     /* AdamW needs two moments, SGD one momentum buffer. */
     o->m = lora_mem_calloc(&o->mem, o->n ? o->n : 1, sizeof(double));

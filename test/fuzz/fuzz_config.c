@@ -24,7 +24,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const int ops = fz_u8(&r) % 24;
     for (int i = 0; i < ops; i++) {
         const uint8_t op = fz_u8(&r);
-        const int param = (int)(fz_u8(&r) % 22) - 1; /* -1 .. 20: unknown ones included */
+        const int param = (int)(fz_u8(&r) % 28) - 1; /* -1 .. 26: unknown ones included */
         int64_t iv;
         double dv;
         switch (op % 4) {

@@ -15,7 +15,8 @@ from . import _ffi
 from ._errors import (Status, LoraError, InvalidArgumentError, ShapeError,
                       OutOfMemoryError, NonFiniteError, UnsupportedError, StateError,
                       LoraIOError, FormatError, ToleranceError, DtypeError)
-from ._core import (Param, Target, Backend, Init, Factor, RunInfo, ThresholdReport,
+from ._core import (Param, Target, Backend, Rope, Compute, ForwardFlag, Init, Factor,
+                    RunInfo, ThresholdReport,
                     Adapter, Optimizer, OptParam, OptimizerKind, mse_loss, mse_loss_mean,
                     version, version_number, status_string, as_f32, save_peft, load_peft,
                     save_gguf, load_gguf)
@@ -35,7 +36,8 @@ __all__ = [
     "Adapter", "Optimizer", "save_peft", "load_peft", "save_gguf", "load_gguf", "OptParam", "OptimizerKind", "RunInfo", "ThresholdReport", "mse_loss",
     "mse_loss_mean", "version", "version_number",
     "status_string", "as_f32", "library_path", "has",
-    "Param", "Target", "Backend", "Init", "Factor", "Status",
+    "Param", "Target", "Backend", "Rope", "Compute", "ForwardFlag", "Init", "Factor",
+    "Status",
     "LoraError", "InvalidArgumentError", "ShapeError", "OutOfMemoryError",
     "NonFiniteError", "UnsupportedError", "StateError", "LoraIOError", "FormatError",
     "ToleranceError", "DtypeError",

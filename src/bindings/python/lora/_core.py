@@ -35,6 +35,13 @@ class Param(enum.IntEnum):
     INIT = 16
     OUT_PROJ = 17
     MEASURE_ROWS = 18
+    ROPE = 19
+    ROPE_THETA = 20
+    ROPE_DIM = 21
+    WINDOW = 22
+    SOFTCAP = 23
+    DROPOUT = 24
+    COMPUTE = 25
 
 
 class Target(enum.IntFlag):
@@ -52,6 +59,24 @@ class Backend(enum.IntEnum):
     POLY = 2
 
 
+class Rope(enum.IntEnum):
+    """lora_rope (LORA_CFG_ROPE)."""
+    NONE = 0
+    HALF = 1
+    INTERLEAVED = 2
+
+
+class Compute(enum.IntEnum):
+    """lora_compute (LORA_CFG_COMPUTE)."""
+    F32 = 0
+    BF16 = 1
+
+
+class ForwardFlag(enum.IntFlag):
+    """lora_forward_flag (flags of a forward's per-call arguments)."""
+    INFER = 1
+
+
 class Init(enum.IntEnum):
     """lora_init."""
     KAIMING_ZERO = 0
@@ -65,7 +90,8 @@ class Factor(enum.IntEnum):
     B = 1
 
 
-_DOUBLE_PARAMS = {Param.ALPHA, Param.SOFTMAX_SCALE, Param.TOLERANCE}
+_DOUBLE_PARAMS = {Param.ALPHA, Param.SOFTMAX_SCALE, Param.TOLERANCE, Param.ROPE_THETA,
+                  Param.SOFTCAP, Param.DROPOUT}
 _TARGET_LETTERS = {"q": Target.Q, "k": Target.K, "v": Target.V, "o": Target.O}
 _TARGET_ORDER = (Target.Q, Target.K, Target.V, Target.O)
 
@@ -289,6 +315,10 @@ def _make_config(config):
                 value = _enum_value(Backend, value)
             elif param == Param.INIT:
                 value = _enum_value(Init, value)
+            elif param == Param.ROPE:
+                value = _enum_value(Rope, value)
+            elif param == Param.COMPUTE:
+                value = _enum_value(Compute, value)
             if param in _DOUBLE_PARAMS:
                 st = _lib.lora_config_set_double(cfg, int(param), float(value))
                 fn = "lora_config_set_double"
@@ -311,7 +341,9 @@ class Adapter:
       d_model (required), n_heads, n_kv_heads, head_dim, targets ("qv", ["q", "v"] or a
       Target mask), rank, alpha, rslora, softmax_scale, causal, backend ("auto",
       "exact", "poly" or Backend), tolerance, poly_degree, threads, seed, init
-      ("kaiming_zero", "gaussian", "zero" or Init), out_proj, measure_rows.
+      ("kaiming_zero", "gaussian", "zero" or Init), out_proj, measure_rows, rope
+      ("none", "half", "interleaved" or Rope), rope_theta, rope_dim, window, softcap,
+      dropout, compute ("f32", "bf16" or Compute).
 
     Arrays in are float32, row-major; a C-contiguous float32 ndarray is passed to the
     library without a copy, anything else is converted. Targets are 'q', 'k', 'v', 'o'

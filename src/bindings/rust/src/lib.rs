@@ -345,6 +345,26 @@ impl Config {
         threads => LORA_CFG_THREADS,
         /// Query rows per (batch, head) checked exactly when POLY runs.
         measure_rows => LORA_CFG_MEASURE_ROWS,
+        /// Rotary embedding (`sys::LORA_ROPE_*`), default none.
+        rope => LORA_CFG_ROPE,
+        /// Even number of rotated dims per head, default head_dim.
+        rope_dim => LORA_CFG_ROPE_DIM,
+        /// Sliding-window width, 0 = none.
+        window => LORA_CFG_WINDOW,
+        /// Product precision (`sys::LORA_COMPUTE_*`), default fp32.
+        compute => LORA_CFG_COMPUTE,
+    }
+    /// RoPE base theta (default 10000).
+    pub fn rope_theta(self, theta: f64) -> Self {
+        self.set_double(sys::LORA_CFG_ROPE_THETA, theta)
+    }
+    /// Score soft-capping c (S <- c*tanh(S/c)), 0 = none.
+    pub fn softcap(self, cap: f64) -> Self {
+        self.set_double(sys::LORA_CFG_SOFTCAP, cap)
+    }
+    /// PEFT's lora_dropout probability in [0, 1).
+    pub fn dropout(self, p: f64) -> Self {
+        self.set_double(sys::LORA_CFG_DROPOUT, p)
     }
     /// Initialisation seed (stored as uint64).
     pub fn seed(self, seed: u64) -> Self {

@@ -53,6 +53,13 @@ pub const LORA_CFG_SEED: c_int = 15;
 pub const LORA_CFG_INIT: c_int = 16;
 pub const LORA_CFG_OUT_PROJ: c_int = 17;
 pub const LORA_CFG_MEASURE_ROWS: c_int = 18;
+pub const LORA_CFG_ROPE: c_int = 19;
+pub const LORA_CFG_ROPE_THETA: c_int = 20;
+pub const LORA_CFG_ROPE_DIM: c_int = 21;
+pub const LORA_CFG_WINDOW: c_int = 22;
+pub const LORA_CFG_SOFTCAP: c_int = 23;
+pub const LORA_CFG_DROPOUT: c_int = 24;
+pub const LORA_CFG_COMPUTE: c_int = 25;
 
 pub const LORA_TARGET_Q: c_int = 1;
 pub const LORA_TARGET_K: c_int = 2;
@@ -62,6 +69,13 @@ pub const LORA_TARGET_O: c_int = 8;
 pub const LORA_BACKEND_AUTO: c_int = 0;
 pub const LORA_BACKEND_EXACT: c_int = 1;
 pub const LORA_BACKEND_POLY: c_int = 2;
+
+pub const LORA_ROPE_NONE: c_int = 0;
+pub const LORA_ROPE_HALF: c_int = 1;
+pub const LORA_ROPE_INTERLEAVED: c_int = 2;
+
+pub const LORA_COMPUTE_F32: c_int = 0;
+pub const LORA_COMPUTE_BF16: c_int = 1;
 
 pub const LORA_INIT_KAIMING_ZERO: c_int = 0;
 pub const LORA_INIT_GAUSSIAN: c_int = 1;
@@ -107,6 +121,9 @@ pub const LORA_OPT_GRAD_NORM: c_int = 11;
 
 pub const LORA_A: c_int = 0;
 pub const LORA_B: c_int = 1;
+
+/// `lora_forward_flag`: flags of a forward's per-call arguments.
+pub const LORA_FWD_INFER: c_int = 1;
 
 /// `struct lora_run_info`: what the last forward or backward ran.
 #[repr(C)]

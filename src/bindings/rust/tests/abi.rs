@@ -168,6 +168,13 @@ fn constants() -> Vec<(&'static str, i64)> {
         LORA_CFG_INIT,
         LORA_CFG_OUT_PROJ,
         LORA_CFG_MEASURE_ROWS,
+        LORA_CFG_ROPE,
+        LORA_CFG_ROPE_THETA,
+        LORA_CFG_ROPE_DIM,
+        LORA_CFG_WINDOW,
+        LORA_CFG_SOFTCAP,
+        LORA_CFG_DROPOUT,
+        LORA_CFG_COMPUTE,
         LORA_TARGET_Q,
         LORA_TARGET_K,
         LORA_TARGET_V,
@@ -175,11 +182,17 @@ fn constants() -> Vec<(&'static str, i64)> {
         LORA_BACKEND_AUTO,
         LORA_BACKEND_EXACT,
         LORA_BACKEND_POLY,
+        LORA_ROPE_NONE,
+        LORA_ROPE_HALF,
+        LORA_ROPE_INTERLEAVED,
+        LORA_COMPUTE_F32,
+        LORA_COMPUTE_BF16,
         LORA_INIT_KAIMING_ZERO,
         LORA_INIT_GAUSSIAN,
         LORA_INIT_ZERO,
         LORA_A,
         LORA_B,
+        LORA_FWD_INFER,
         LORA_OPTIMIZER_ADAMW,
         LORA_OPTIMIZER_SGD,
         LORA_OPT_LR,
@@ -194,6 +207,70 @@ fn constants() -> Vec<(&'static str, i64)> {
         LORA_OPT_STEP,
         LORA_OPT_GRAD_NORM,
     ]
+}
+
+/// Every enumerator and version macro of lora.h, read from the header text: the
+/// hand-written `sys` constants must cover them all (the test above checks the values).
+#[test]
+fn constants_cover_every_header_enumerator() {
+    let inc = env!("LORA_INCLUDE_DIR");
+    if inc.is_empty() {
+        eprintln!("skipped: lora.h not found next to the crate");
+        return;
+    }
+    let text = std::fs::read_to_string(std::path::Path::new(inc).join("lora.h")).unwrap();
+    let code = strip_comments(&text);
+    let mut names = Vec::new();
+    for body in enum_bodies(&code) {
+        for item in body.split(',') {
+            let name = item.split('=').next().unwrap().trim();
+            if !name.is_empty() {
+                names.push(name.to_string());
+            }
+        }
+    }
+    for line in code.lines() {
+        let mut w = line.split_whitespace();
+        if let (Some("#define"), Some(n)) = (w.next(), w.next()) {
+            if n.starts_with("LORA_VERSION_") {
+                names.push(n.to_string());
+            }
+        }
+    }
+    assert!(names.len() > 40, "parsed only {} names from lora.h", names.len());
+    let have: Vec<&str> = constants().iter().map(|c| c.0).collect();
+    let missing: Vec<&String> = names.iter().filter(|n| !have.contains(&n.as_str())).collect();
+    assert!(missing.is_empty(), "lora.h names missing from sys / constants(): {missing:?}");
+    println!("abi: the {} enumerators and version macros of lora.h are bound", names.len());
+}
+
+fn strip_comments(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("/*") {
+        out.push_str(&rest[..i]);
+        rest = &rest[i + 2..];
+        rest = &rest[rest.find("*/").map_or(rest.len(), |j| j + 2)..];
+    }
+    out.push_str(rest);
+    out.lines()
+        .map(|l| l.split("//").next().unwrap())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The text between the braces of every `typedef enum ... { ... }`.
+fn enum_bodies(code: &str) -> Vec<&str> {
+    let mut bodies = Vec::new();
+    let mut rest = code;
+    while let Some(i) = rest.find("typedef enum") {
+        rest = &rest[i..];
+        let open = rest.find('{').unwrap();
+        let close = rest.find('}').unwrap();
+        bodies.push(&rest[open + 1..close]);
+        rest = &rest[close..];
+    }
+    bodies
 }
 
 /// The library itself: it writes back min(struct_size, its sizeof), so a large

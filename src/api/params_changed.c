@@ -1,0 +1,9 @@
+/* The invalidation hook: everything derived from an adapter's parameters (its base
+ * weights, factors and scale) is dropped when they change. */
+#include "internal.h"
+
+void lora_adapter_params_changed(lora_adapter *ad)
+{
+    ad->saved = SAVED_NONE;  /* the saved activations belong to the old layer */
+    ad->merged_valid = 0;    /* merge.c rebuilds the merged weights on next use */
+}
