@@ -10,11 +10,12 @@
 /* Largest element count of one tensor the library accepts (2^40 floats = 4 TiB). */
 #define LORA_MAX_ELEMS (INT64_C(1) << 40)
 
-/* The table's numbers are lora.h's. */
-#define CFG_CHECK_NUMBER(num, name, field, type, low, high, def, flags) \
-    _Static_assert(name == num, #name " is not " #num " in lora.h");
-LORA_CONFIG_PARAMS(CFG_CHECK_NUMBER)
-#undef CFG_CHECK_NUMBER
+/* The table's numbers are lora.h's (one declaration, so that the amalgamation's
+ * declaration scanner sees a plain statement). */
+#define CFG_NUMBER_MATCHES(num, name, field, type, low, high, def, flags) &&(name == num)
+_Static_assert(1 LORA_CONFIG_PARAMS(CFG_NUMBER_MATCHES),
+               "a parameter number of config_params.h differs from lora.h");
+#undef CFG_NUMBER_MATCHES
 
 typedef enum { CFG_INT, CFG_U64, CFG_DOUBLE } param_type;
 
