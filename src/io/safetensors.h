@@ -14,7 +14,7 @@ typedef struct st_tensor {
     const char *dtype; /* "F32", "F16", ... (every safetensors dtype is accepted here) */
     int ndim;
     int64_t shape[ST_MAX_DIMS];
-    const unsigned char *data; /* inside the file buffer, nbytes in bounds */
+    uint64_t offset; /* of the data, relative to the data start; nbytes in bounds */
     size_t nbytes;
 } st_tensor;
 
@@ -22,14 +22,15 @@ typedef struct st_file {
     void *json; /* cJSON root, kept while names are in use */
     st_tensor *t;
     size_t n;
+    size_t data_start; /* file offset of the data: 8 + the header length */
 } st_file;
 
 /* Parses and fully checks a safetensors file held in buf[0..size): header length,
  * JSON, dtypes, shapes, element counts against data_offsets, offsets within the data,
  * no two tensors overlapping. Errors: FORMAT, NOMEM (message in err). */
-int st_parse(const lora_mem *m, const unsigned char *buf, size_t size, st_file *out,
+int st_parse(const io_alloc *a, const unsigned char *buf, size_t size, st_file *out,
              char *err);
-void st_free(const lora_mem *m, st_file *f);
+void st_free(const io_alloc *a, st_file *f);
 
 /* One F32 matrix to write. */
 typedef struct st_entry {
@@ -40,6 +41,6 @@ typedef struct st_entry {
 
 /* Serialises entries (in the given order) with __metadata__ {"format": "pt"}; the
  * header is space-padded so the data starts 8-byte aligned. Errors: NOMEM. */
-int st_write(const lora_mem *m, const st_entry *e, size_t n, io_bytes *out);
+int st_write(const io_alloc *a, const st_entry *e, size_t n, io_bytes *out);
 
 #endif
