@@ -21,5 +21,6 @@ Suite *optimizer_suite(void); /* AdamW/SGD vs PyTorch's rules, clipping, flat vi
 Suite *merge_suite(void);     /* merge/unmerge bound, safe merge, merged forward */
 Suite *serving_suite(void);   /* borrowed bases, hot swap, concurrent tenants */
 Suite *io_suite(void);        /* PEFT and GGUF round trips, independent readers, fuzz */
+Suite *io_files_suite(void);  /* special paths, sparse files, torn saves, PEFT parity */
 
 #endif

@@ -224,7 +224,8 @@ int io_read_file(const io_alloc *a, const char *path, size_t max_size, unsigned 
 {
     *data = NULL;
     *size = 0;
-    const int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below. */
+    const int fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     if (fd < 0)
         return io_error(err, LORA_ERR_IO, "cannot open %s: %s", path, strerror(errno));
     struct stat st;
@@ -235,7 +236,11 @@ int io_read_file(const io_alloc *a, const char *path, size_t max_size, unsigned 
     }
     if (!S_ISREG(st.st_mode)) {
         close(fd);
-        return io_error(err, LORA_ERR_IO, "%s is not a regular file", path);
+        return io_error(err, LORA_ERR_IO, "%s is not a regular file (%s)", path,
+                        S_ISDIR(st.st_mode)    ? "a directory"
+                        : S_ISFIFO(st.st_mode) ? "a FIFO"
+                        : S_ISSOCK(st.st_mode) ? "a socket"
+                                               : "a device");
     }
     if (st.st_size < 0 || (uint64_t)st.st_size > (uint64_t)max_size) {
         close(fd);
