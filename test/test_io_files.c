@@ -148,12 +148,229 @@ START_TEST(test_special_paths_refused)
 }
 END_TEST
 
+/* ---- sparse files: only the header and the tensors' bytes are read ------------------ */
+
+/* An allocator that counts the peak of live bytes and refuses any block over 64 MiB
+ * (so a loader that would read a huge file into memory fails fast instead). */
+typedef struct peak_alloc {
+    size_t live, peak;
+} peak_alloc;
+
+static void *peak_malloc(void *user, size_t size)
+{
+    peak_alloc *p = user;
+    if (size > ((size_t)64 << 20))
+        return NULL;
+    size_t *b = malloc(size + 16);
+    if (!b)
+        return NULL;
+    b[0] = size;
+    p->live += size;
+    p->peak = p->live > p->peak ? p->live : p->peak;
+    return (char *)b + 16;
+}
+
+static void peak_free(void *user, void *ptr)
+{
+    peak_alloc *p = user;
+    size_t *b = (size_t *)(void *)((char *)ptr - 16);
+    p->live -= b[0];
+    free(b);
+}
+
+static lora_config *peak_config(peak_alloc *p, const fx_spec *s)
+{
+    const lora_allocator a = {peak_malloc, peak_free, p};
+    lora_config *cfg = NULL;
+    ck_assert_int_eq(lora_config_create_with_allocator(&cfg, &a), LORA_OK);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_D_MODEL, s->d_model), LORA_OK);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_N_HEADS, s->n_heads), LORA_OK);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_N_KV_HEADS, s->n_kv_heads), LORA_OK);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_OUT_PROJ, s->out_proj), LORA_OK);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_THREADS, 1), LORA_OK);
+    return cfg;
+}
+
+static void extend_sparse(const char *path, off_t size)
+{
+    const int fd = open(path, O_WRONLY);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(ftruncate(fd, size), 0);
+    close(fd);
+}
+
+/* A file whose apparent size is 3 GiB past its tensors (a hole): FORMAT ("bytes after
+ * the last tensor"), with memory bounded by the header (the old loader read the whole
+ * file into memory). */
+START_TEST(test_sparse_trailing_refused)
+{
+    const int gguf = _i;
+    fx_spec s = fx_default();
+    lora_adapter *ad[2];
+    int64_t layers[2];
+    make_set(&s, ad, layers, 2);
+    char *dir = fx_tmpdir();
+    char *path = path_in(dir, gguf ? "a.gguf" : "adapter_model.safetensors");
+    ck_assert_int_eq(gguf ? lora_save_gguf(path, ad, layers, 2, NULL)
+                          : lora_save_peft(dir, ad, layers, 2),
+                     LORA_OK);
+    peak_alloc p = {0, 0};
+    lora_config *cfg = peak_config(&p, &s);
+    const char *target = gguf ? path : dir;
+    ck_assert_int_eq(try_load(gguf, target, cfg), LORA_OK);
+    /* Padding up to the alignment after the last tensor is fine in GGUF. */
+    struct stat sb;
+    ck_assert_int_eq(stat(path, &sb), 0);
+    if (gguf) {
+        extend_sparse(path, (sb.st_size + 31) / 32 * 32);
+        ck_assert_int_eq(try_load(gguf, target, cfg), LORA_OK);
+        ck_assert_int_eq(stat(path, &sb), 0);
+    }
+    extend_sparse(path, sb.st_size + 1);
+    int st = try_load(gguf, target, cfg);
+    ck_assert_msg(st == LORA_ERR_FORMAT && strstr(lora_config_last_error(cfg), "after the last"),
+                  "one trailing byte: %d (%s)", st, lora_config_last_error(cfg));
+    p.peak = p.live;
+    extend_sparse(path, (off_t)3 << 30);
+    st = try_load(gguf, target, cfg);
+    ck_assert_msg(st == LORA_ERR_FORMAT, "3 GiB sparse file: %d (%s)", st,
+                  lora_config_last_error(cfg));
+    ck_assert_msg(p.peak - p.live < ((size_t)1 << 20), "the load held %zu bytes",
+                  p.peak - p.live);
+    lora_config_destroy(cfg);
+    free_set(ad, 2);
+    fx_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* Appends a little-endian u64 / u32 / string to a GGUF under construction. */
+static void put_u64(unsigned char **q, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        *(*q)++ = (unsigned char)(v >> (8 * i));
+}
+
+static void put_u32(unsigned char **q, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        *(*q)++ = (unsigned char)(v >> (8 * i));
+}
+
+static void put_str(unsigned char **q, const char *s)
+{
+    put_u64(q, strlen(s));
+    memcpy(*q, s, strlen(s));
+    *q += strlen(s);
+}
+
+/* The two factors of layer 0, target Q (fx_default: A (4, 16), B (16, 4)) where B lies
+ * 2 GiB into the data and the gap is a hole: the load succeeds reading only the named
+ * ranges, memory bounded by the tensors (the old loader read the 2 GiB). */
+START_TEST(test_sparse_ranges_only)
+{
+    const int gguf = _i;
+    fx_spec s = fx_default();
+    s.targets = LORA_TARGET_Q;
+    char *dir = fx_tmpdir();
+    char *path = path_in(dir, gguf ? "a.gguf" : "adapter_model.safetensors");
+    const uint64_t gap = (uint64_t)2 << 30, na = 4 * 16 * 4, nb = 16 * 4 * 4;
+    unsigned char head[1024], *q = head;
+    size_t data_start;
+    if (gguf) {
+        memcpy(q, "GGUF", 4);
+        q += 4;
+        put_u32(&q, 3);
+        put_u64(&q, 2);
+        put_u64(&q, 2);
+        put_str(&q, "general.type");
+        put_u32(&q, 8);
+        put_str(&q, "adapter");
+        put_str(&q, "adapter.type");
+        put_u32(&q, 8);
+        put_str(&q, "lora");
+        const char *names[2] = {"blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b"};
+        const uint64_t ne[2][2] = {{16, 4}, {4, 16}}, off[2] = {0, gap};
+        for (int t = 0; t < 2; t++) {
+            put_str(&q, names[t]);
+            put_u32(&q, 2);
+            put_u64(&q, ne[t][0]);
+            put_u64(&q, ne[t][1]);
+            put_u32(&q, 0);
+            put_u64(&q, off[t]);
+        }
+        while ((q - head) % 32)
+            *q++ = 0;
+        data_start = (size_t)(q - head);
+    } else {
+        char json[512];
+        int len = snprintf(json, sizeof json,
+                           "{\"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight\":"
+                           "{\"dtype\":\"F32\",\"shape\":[4,16],\"data_offsets\":[0,%llu]},"
+                           "\"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight\":"
+                           "{\"dtype\":\"F32\",\"shape\":[16,4],\"data_offsets\":[%llu,%llu]}}",
+                           (unsigned long long)na, (unsigned long long)gap,
+                           (unsigned long long)(gap + nb));
+        while (len % 8)
+            json[len++] = ' ';
+        put_u64(&q, (uint64_t)len);
+        memcpy(q, json, (size_t)len);
+        q += len;
+        data_start = (size_t)(q - head);
+        char *cpath = path_in(dir, "adapter_config.json");
+        const char *config = "{\"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\"]}";
+        fx_write_file(cpath, config, strlen(config));
+        free(cpath);
+    }
+    /* A: 0.25 everywhere; B: 0.5 everywhere, at data_start + gap. */
+    float a[64], b[64];
+    for (int i = 0; i < 64; i++) {
+        a[i] = 0.25f;
+        b[i] = 0.5f;
+    }
+    const int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(pwrite(fd, head, data_start, 0), (ssize_t)data_start);
+    ck_assert_int_eq(pwrite(fd, a, na, (off_t)data_start), (ssize_t)na);
+    ck_assert_int_eq(pwrite(fd, b, nb, (off_t)(data_start + gap)), (ssize_t)nb);
+    close(fd);
+    peak_alloc p = {0, 0};
+    lora_config *cfg = peak_config(&p, &s);
+    const size_t base = p.live;
+    size_t n = 0;
+    lora_adapter *ad[1] = {NULL};
+    int64_t layer = -1;
+    const char *target = gguf ? path : dir;
+    int st = gguf ? lora_load_gguf(NULL, NULL, 0, &n, target, cfg)
+                  : lora_load_peft(NULL, NULL, 0, &n, target, cfg);
+    ck_assert_msg(st == LORA_OK && n == 1, "query: %d (%s)", st, lora_config_last_error(cfg));
+    st = gguf ? lora_load_gguf(ad, &layer, 1, &n, target, cfg)
+              : lora_load_peft(ad, &layer, 1, &n, target, cfg);
+    ck_assert_msg(st == LORA_OK, "load: %d (%s)", st, lora_config_last_error(cfg));
+    ck_assert_int_eq(layer, 0);
+    float got[64];
+    ck_assert_int_eq(lora_adapter_get_param(ad[0], LORA_TARGET_Q, LORA_B, got, 64), LORA_OK);
+    ck_assert(memcmp(got, b, sizeof b) == 0);
+    ck_assert_int_eq(lora_adapter_get_param(ad[0], LORA_TARGET_Q, LORA_A, got, 64), LORA_OK);
+    ck_assert(memcmp(got, a, sizeof a) == 0);
+    ck_assert_msg(p.peak - base < ((size_t)1 << 20), "the loads held %zu bytes", p.peak - base);
+    lora_adapter_destroy(ad[0]);
+    lora_config_destroy(cfg);
+    fx_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
 Suite *io_files_suite(void)
 {
     Suite *s = suite_create("io_files");
     TCase *tc = tcase_create("paths");
     tcase_set_timeout(tc, 10);
     tcase_add_loop_test(tc, test_special_paths_refused, 0, 3);
+    tcase_add_loop_test(tc, test_sparse_trailing_refused, 0, 2);
+    tcase_add_loop_test(tc, test_sparse_ranges_only, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }

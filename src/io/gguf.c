@@ -20,7 +20,7 @@
 #define GGUF_MAX_NAME 63 /* GGML_MAX_NAME 64 with the terminating NUL */
 #define GGUF_MAX_KEY 65535
 #define GGUF_MAX_DEPTH 8 /* nested arrays */
-#define GGUF_MAX_FILE ((size_t)1 << 40)
+#define GGUF_WINDOW ((size_t)1 << 17) /* bytes of the header read at a time */
 
 enum gguf_type {
     GGUF_UINT8 = 0, GGUF_INT8 = 1, GGUF_UINT16 = 2, GGUF_INT16 = 3, GGUF_UINT32 = 4,
@@ -126,40 +126,71 @@ int io_gguf_write(const io_alloc *a, const char *path, const io_meta *meta,
 
 /* ---- load ------------------------------------------------------------------------- */
 
-/* A bounds-checked reader over the file buffer. Every read fails (returns 0) rather
- * than step past the end. */
+/* A bounds-checked reader over the file, through a window of at most GGUF_WINDOW bytes:
+ * only the bytes the header consists of are read, never skipped values or tensor data.
+ * Every read fails (returns 0) rather than step past the end; a failed read of the file
+ * itself sets read_error. */
 typedef struct cursor {
-    const unsigned char *p;
-    size_t size, pos;
+    int fd;
+    uint64_t size, pos;  /* the file's size, the read position */
+    unsigned char *win;  /* the file's bytes [win_at, win_at + win_len) */
+    uint64_t win_at;
+    size_t win_len, win_cap;
+    int read_error;
 } cursor;
 
-static int need(const cursor *c, uint64_t n) { return n <= (uint64_t)(c->size - c->pos); }
+static int need(const cursor *c, uint64_t n) { return n <= c->size - c->pos; }
+
+/* The n (<= win_cap) bytes at pos, or NULL when the file has fewer. */
+static const unsigned char *peek(cursor *c, size_t n)
+{
+    if (!need(c, n) || n > c->win_cap)
+        return NULL;
+    if (c->pos < c->win_at || c->pos + n > c->win_at + c->win_len) {
+        const uint64_t left = c->size - c->pos;
+        const size_t len = left < c->win_cap ? (size_t)left : c->win_cap;
+        char ignored[IO_ERRMSG_SIZE];
+        if (io_pread(c->fd, c->win, len, c->pos, "", ignored) != LORA_OK) {
+            c->read_error = 1;
+            c->win_len = 0;
+            return NULL;
+        }
+        c->win_at = c->pos;
+        c->win_len = len;
+    }
+    return c->win + (c->pos - c->win_at);
+}
 
 static int rd_u32(cursor *c, uint32_t *v)
 {
-    if (!need(c, 4))
+    const unsigned char *p = peek(c, 4);
+    if (!p)
         return 0;
-    *v = io_le32(c->p + c->pos);
+    *v = io_le32(p);
     c->pos += 4;
     return 1;
 }
 
 static int rd_u64(cursor *c, uint64_t *v)
 {
-    if (!need(c, 8))
+    const unsigned char *p = peek(c, 8);
+    if (!p)
         return 0;
-    *v = io_le64(c->p + c->pos);
+    *v = io_le64(p);
     c->pos += 8;
     return 1;
 }
 
-/* A string: *s points into the buffer (not terminated), *len its length. */
+/* A string of *len bytes: *s points at them (valid until the next read; NULL when longer
+ * than GGUF_MAX_KEY: such strings are only skipped). */
 static int rd_str(cursor *c, const unsigned char **s, uint64_t *len)
 {
     if (!rd_u64(c, len) || !need(c, *len))
         return 0;
-    *s = c->p + c->pos;
-    c->pos += (size_t)*len;
+    *s = NULL;
+    if (*len <= GGUF_MAX_KEY && !(*s = peek(c, (size_t)*len)) && c->read_error)
+        return 0;
+    c->pos += *len;
     return 1;
 }
 
@@ -179,9 +210,8 @@ static int skip_value(cursor *c, uint32_t type, int depth)
 {
     const size_t sz = scalar_size(type);
     if (sz) {
-        if (!need(c, sz))
-            return 0;
-        if (type == GGUF_BOOL && c->p[c->pos] > 1)
+        const unsigned char *p = peek(c, sz);
+        if (!p || (type == GGUF_BOOL && p[0] > 1))
             return 0;
         c->pos += sz;
         return 1;
@@ -202,7 +232,7 @@ static int skip_value(cursor *c, uint32_t type, int depth)
         uint64_t bytes;
         if (__builtin_mul_overflow(n, (uint64_t)esz, &bytes) || !need(c, bytes))
             return 0;
-        c->pos += (size_t)bytes;
+        c->pos += bytes;
         return 1;
     }
     /* Strings, bools and arrays: each consumes at least one byte, so the loop ends
@@ -217,9 +247,9 @@ static int skip_value(cursor *c, uint32_t type, int depth)
 static int rd_number(cursor *c, uint32_t type, double *v)
 {
     const size_t sz = scalar_size(type);
-    if (!sz || type == GGUF_BOOL || !need(c, sz))
+    const unsigned char *p = sz && type != GGUF_BOOL ? peek(c, sz) : NULL;
+    if (!p)
         return 0;
-    const unsigned char *p = c->p + c->pos;
     switch (type) {
     case GGUF_UINT8: *v = p[0]; break;
     case GGUF_INT8: *v = (int8_t)p[0]; break;
@@ -280,6 +310,16 @@ static int cmp_tspan(const void *a, const void *b)
     return (x->begin > y->begin) - (x->begin < y->begin);
 }
 
+/* Copies a name of nlen (<= GGUF_MAX_NAME) bytes into nm, printable for messages. */
+static void printable_name(char *nm, const unsigned char *name, uint64_t nlen)
+{
+    memcpy(nm, name, (size_t)nlen);
+    nm[nlen] = '\0';
+    for (uint64_t j = 0; j < nlen; j++)
+        if (!nm[j] || nm[j] < 0x20 || nm[j] > 0x7e)
+            nm[j] = '?';
+}
+
 /* What the key-values say that the tensors need. */
 typedef struct gguf_kvs {
     uint64_t alignment;
@@ -290,7 +330,8 @@ typedef struct gguf_kvs {
 static int read_header(cursor *c, uint64_t *n_tensors, uint64_t *n_kv, char *err)
 {
     uint32_t version;
-    if (!need(c, 4) || memcmp(c->p, GGUF_MAGIC, 4) != 0)
+    const unsigned char *magic = peek(c, 4);
+    if (!magic || memcmp(magic, GGUF_MAGIC, 4) != 0)
         return io_error(err, LORA_ERR_FORMAT, "not a GGUF file (magic)");
     c->pos = 4;
     if (!rd_u32(c, &version))
@@ -305,8 +346,9 @@ static int read_header(cursor *c, uint64_t *n_tensors, uint64_t *n_kv, char *err
     /* Each tensor info takes at least 8 + 4 + 4 + 8 bytes, each KV at least 8 + 4 + 1. */
     if (*n_tensors > c->size / 24 || *n_kv > c->size / 13)
         return io_error(err, LORA_ERR_FORMAT,
-                        "GGUF: %llu tensors / %llu keys cannot fit in %zu bytes",
-                        (unsigned long long)*n_tensors, (unsigned long long)*n_kv, c->size);
+                        "GGUF: %llu tensors / %llu keys cannot fit in %llu bytes",
+                        (unsigned long long)*n_tensors, (unsigned long long)*n_kv,
+                        (unsigned long long)c->size);
     return LORA_OK;
 }
 
@@ -318,9 +360,10 @@ static int read_type_string(cursor *c, uint32_t type, const char *key, const cha
     uint64_t slen;
     if (type != GGUF_STRING || !rd_str(c, &sv, &slen))
         return io_error(err, LORA_ERR_FORMAT, "GGUF: %s is not a string", key);
-    if (!str_eq(sv, slen, want))
+    if (!sv || !str_eq(sv, slen, want))
         return io_error(err, LORA_ERR_UNSUPPORTED, "GGUF: %s is '%.*s', not '%s'", key,
-                        (int)(slen < 32 ? slen : 32), (const char *)sv, want);
+                        sv ? (int)(slen < 32 ? slen : 32) : 0, sv ? (const char *)sv : "",
+                        want);
     return LORA_OK;
 }
 
@@ -330,21 +373,27 @@ static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err
     const unsigned char *key;
     uint64_t klen;
     uint32_t type;
-    if (!rd_str(c, &key, &klen) || !rd_u32(c, &type))
+    if (!rd_str(c, &key, &klen))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated key-value %llu",
+                        (unsigned long long)i);
+    /* key is valid until the next read: keep what the messages need. */
+    const int is_gtype = key && str_eq(key, klen, "general.type");
+    const int is_atype = key && str_eq(key, klen, "adapter.type");
+    const int is_alpha = key && str_eq(key, klen, "adapter.lora.alpha");
+    const int is_align = key && str_eq(key, klen, "general.alignment");
+    char kname[GGUF_MAX_NAME + 1] = "";
+    if (key)
+        printable_name(kname, key, klen < GGUF_MAX_NAME ? klen : GGUF_MAX_NAME);
+    if (!rd_u32(c, &type))
         return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated key-value %llu",
                         (unsigned long long)i);
     if (klen == 0 || klen > GGUF_MAX_KEY || type >= GGUF_TYPE_COUNT)
         return io_error(err, LORA_ERR_FORMAT,
                         "GGUF: key-value %llu has a bad key length or type %u",
                         (unsigned long long)i, type);
-    const int is_gtype = str_eq(key, klen, "general.type");
-    const int is_atype = str_eq(key, klen, "adapter.type");
-    const int is_alpha = str_eq(key, klen, "adapter.lora.alpha");
-    const int is_align = str_eq(key, klen, "general.alignment");
     if ((is_gtype && kv->seen_gtype++) || (is_atype && kv->seen_atype++) ||
         (is_alpha && kv->seen_alpha++) || (is_align && kv->seen_align++))
-        return io_error(err, LORA_ERR_FORMAT, "GGUF: duplicate key %.*s", (int)klen,
-                        (const char *)key);
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: duplicate key %s", kname);
     if (is_gtype)
         return read_type_string(c, type, "general.type", "adapter", err);
     if (is_atype)
@@ -367,8 +416,7 @@ static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err
         return LORA_OK;
     }
     if (!skip_value(c, type, 0))
-        return io_error(err, LORA_ERR_FORMAT, "GGUF: malformed value of key %.*s",
-                        (int)(klen < 64 ? klen : 64), (const char *)key);
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: malformed value of key %s", kname);
     return LORA_OK;
 }
 
@@ -389,24 +437,20 @@ static int read_kvs(cursor *c, uint64_t n_kv, gguf_kvs *kv, io_meta *meta, char 
     return LORA_OK;
 }
 
-/* Copies a tensor name into nm (GGUF_MAX_NAME + 1 bytes), printable for messages. */
-static void printable_name(char *nm, const unsigned char *name, uint64_t nlen)
-{
-    memcpy(nm, name, (size_t)nlen);
-    nm[nlen] = '\0';
-    for (uint64_t j = 0; j < nlen; j++)
-        if (!nm[j] || nm[j] < 0x20 || nm[j] > 0x7e)
-            nm[j] = '?';
-}
-
-/* One tensor info into *x (offset relative to the data start) and *span. */
+/* One tensor info into *x (offset relative to the data start, name in nm). */
 static int read_tensor_info(cursor *c, uint64_t i, uint64_t alignment, char *nm, io_record *x,
-                            tensor_span *span, char *err)
+                            char *err)
 {
     const unsigned char *name;
+    unsigned char raw[GGUF_MAX_NAME];
     uint64_t nlen, ne[GGUF_MAX_DIMS], offset, numel = 1;
     uint32_t n_dims, type;
-    if (!rd_str(c, &name, &nlen) || !rd_u32(c, &n_dims))
+    if (!rd_str(c, &name, &nlen))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated tensor info %llu",
+                        (unsigned long long)i);
+    if (nlen <= GGUF_MAX_NAME) /* name is valid until the next read */
+        memcpy(raw, name, (size_t)nlen);
+    if (!rd_u32(c, &n_dims))
         return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated tensor info %llu",
                         (unsigned long long)i);
     if (n_dims == 0 || n_dims > GGUF_MAX_DIMS || nlen == 0 || nlen > GGUF_MAX_NAME)
@@ -421,12 +465,12 @@ static int read_tensor_info(cursor *c, uint64_t i, uint64_t alignment, char *nm,
         return io_error(err, LORA_ERR_FORMAT,
                         "GGUF: tensor info %llu is truncated or its size overflows",
                         (unsigned long long)i);
-    printable_name(nm, name, nlen);
+    printable_name(nm, raw, nlen);
     memset(x, 0, sizeof *x);
     x->name = nm;
     if (type >= GGML_TYPE_LIMIT)
         return io_error(err, LORA_ERR_FORMAT, "GGUF: tensor %s has ggml type %u", nm, type);
-    if (!parse_name(name, (size_t)nlen, &x->layer, &x->target, &x->which))
+    if (!parse_name(raw, (size_t)nlen, &x->layer, &x->target, &x->which))
         return io_error(err, LORA_ERR_UNSUPPORTED,
                         "GGUF: tensor %s is not blk.N.attn_{q,k,v,output}.weight.lora_{a,b}; "
                         "liblora adapts attention only",
@@ -441,22 +485,26 @@ static int read_tensor_info(cursor *c, uint64_t i, uint64_t alignment, char *nm,
     x->rows = (int64_t)ne[1];
     x->cols = (int64_t)ne[0];
     x->offset = offset;
-    uint64_t nbytes;
+    uint64_t nbytes, end;
     if (__builtin_mul_overflow(numel, (uint64_t)io_dtype_size(x->dtype), &nbytes) ||
         offset % alignment != 0)
         return io_error(err, LORA_ERR_FORMAT,
                         "GGUF: tensor %s: offset %llu not aligned to %llu or size overflows", nm,
                         (unsigned long long)offset, (unsigned long long)alignment);
-    span->begin = offset;
-    if (__builtin_add_overflow(offset, nbytes, &span->end))
+    if (__builtin_add_overflow(offset, nbytes, &end))
         return io_error(err, LORA_ERR_FORMAT, "GGUF: tensor %s: offset overflows", nm);
     return LORA_OK;
 }
 
-/* The tensors' spans lie inside the data and do not overlap; the records' offsets become
- * file offsets. spans is sorted. */
-static int check_spans(const cursor *c, uint64_t alignment, io_records *rec,
-                       tensor_span *spans, char *err)
+static uint64_t span_bytes(const io_record *x)
+{
+    return (uint64_t)x->rows * (uint64_t)x->cols * io_dtype_size(x->dtype); /* checked */
+}
+
+/* The tensors' spans lie inside the data, do not overlap, and the file ends within the
+ * alignment padding after the last one; the records' offsets become file offsets. */
+static int check_spans(const cursor *c, const io_alloc *a, uint64_t alignment,
+                       io_records *rec, char *err)
 {
     /* Data start: the end of the tensor infos rounded up to the alignment. */
     uint64_t data_start = c->pos;
@@ -465,53 +513,70 @@ static int check_spans(const cursor *c, uint64_t alignment, io_records *rec,
     const uint64_t data_size = data_start <= c->size ? c->size - data_start : 0;
     if (rec->n > 0 && data_start > c->size)
         return io_error(err, LORA_ERR_FORMAT, "GGUF: the tensor data is missing");
-    for (size_t i = 0; i < rec->n; i++) {
+    tensor_span *spans = io_calloc(a, rec->n ? rec->n : 1, sizeof *spans);
+    if (!spans)
+        return io_error(err, LORA_ERR_NOMEM, "cannot allocate %zu tensor entries", rec->n);
+    int st = LORA_OK;
+    uint64_t last_end = 0;
+    for (size_t i = 0; i < rec->n && st == LORA_OK; i++) {
+        spans[i] = (tensor_span){rec->v[i].offset, rec->v[i].offset + span_bytes(&rec->v[i])};
         if (spans[i].end > data_size)
-            return io_error(err, LORA_ERR_FORMAT,
-                            "GGUF: tensor %s ends at %llu, past the data (%llu bytes)",
-                            rec->v[i].name, (unsigned long long)spans[i].end,
-                            (unsigned long long)data_size);
+            st = io_error(err, LORA_ERR_FORMAT,
+                          "GGUF: tensor %s ends at %llu, past the data (%llu bytes)",
+                          rec->v[i].name, (unsigned long long)spans[i].end,
+                          (unsigned long long)data_size);
+        last_end = spans[i].end > last_end ? spans[i].end : last_end;
         rec->v[i].offset += data_start;
     }
-    qsort(spans, rec->n, sizeof *spans, cmp_tspan);
-    for (size_t i = 1; i < rec->n; i++)
+    if (st == LORA_OK)
+        qsort(spans, rec->n, sizeof *spans, cmp_tspan);
+    for (size_t i = 1; i < rec->n && st == LORA_OK; i++)
         if (spans[i].begin < spans[i - 1].end)
-            return io_error(err, LORA_ERR_FORMAT, "GGUF: two tensors overlap");
-    return LORA_OK;
+            st = io_error(err, LORA_ERR_FORMAT, "GGUF: two tensors overlap");
+    io_free(a, spans);
+    /* Padding to the alignment may follow the last tensor, nothing more. */
+    const uint64_t padded = last_end + (alignment - last_end % alignment) % alignment;
+    if (st == LORA_OK && rec->n > 0 && data_size > padded)
+        st = io_error(err, LORA_ERR_FORMAT,
+                      "GGUF: %llu bytes after the last tensor (padding to %llu allowed)",
+                      (unsigned long long)(data_size - last_end),
+                      (unsigned long long)alignment);
+    return st;
 }
 
 static int read_tensor_infos(cursor *c, uint64_t n_tensors, uint64_t alignment, io_source *s,
                              char *err)
 {
     const io_alloc *a = &s->alloc;
-    const size_t slots = (size_t)(n_tensors ? n_tensors : 1);
-    s->names = io_calloc(a, slots, GGUF_MAX_NAME + 1);
-    tensor_span *spans = io_calloc(a, slots, sizeof *spans);
     int st = LORA_OK;
-    if (!s->names || !spans)
-        st = io_error(err, LORA_ERR_NOMEM, "cannot allocate %llu tensor entries",
-                      (unsigned long long)n_tensors);
+    /* Grown per tensor read, so memory follows the bytes present, not the count. */
     for (uint64_t i = 0; i < n_tensors && st == LORA_OK; i++) {
         io_record x;
-        st = read_tensor_info(c, i, alignment, s->names + i * (GGUF_MAX_NAME + 1), &x,
-                              &spans[i], err);
-        if (st == LORA_OK && io_records_push(a, &s->rec, &x) != LORA_OK)
+        char nm[GGUF_MAX_NAME + 1];
+        st = read_tensor_info(c, i, alignment, nm, &x, err);
+        if (st == LORA_OK && (io_bytes_append(a, &s->names, nm, sizeof nm) != LORA_OK ||
+                              io_records_push(a, &s->rec, &x) != LORA_OK))
             st = io_error(err, LORA_ERR_NOMEM, "cannot allocate tensor entries");
     }
+    for (size_t i = 0; i < s->rec.n; i++)
+        s->rec.v[i].name = (const char *)s->names.p + i * (GGUF_MAX_NAME + 1);
     if (st == LORA_OK)
-        st = check_spans(c, alignment, &s->rec, spans, err);
-    io_free(a, spans);
+        st = check_spans(c, a, alignment, &s->rec, err);
     return st;
 }
 
 int io_gguf_read(const io_alloc *a, const char *path, io_source *s, char *err)
 {
-    memset(s, 0, sizeof *s);
-    s->alloc = *a;
-    int st = io_read_file(a, path, GGUF_MAX_FILE, &s->buf, &s->size, err);
+    io_source_init(s, a);
+    cursor c = {.fd = -1};
+    int st = io_open_regular(path, &s->fd, &c.size, err);
     if (st != LORA_OK)
         return st;
-    cursor c = {s->buf, s->size, 0};
+    c.fd = s->fd;
+    c.win_cap = c.size < GGUF_WINDOW ? (size_t)c.size : GGUF_WINDOW;
+    c.win = io_malloc(a, c.win_cap ? c.win_cap : 1);
+    if (!c.win)
+        return io_error(err, LORA_ERR_NOMEM, "cannot allocate %zu bytes", c.win_cap);
     uint64_t n_tensors = 0, n_kv = 0;
     gguf_kvs kv;
     st = read_header(&c, &n_tensors, &n_kv, err);
@@ -519,5 +584,9 @@ int io_gguf_read(const io_alloc *a, const char *path, io_source *s, char *err)
         st = read_kvs(&c, n_kv, &kv, &s->meta, err);
     if (st == LORA_OK)
         st = read_tensor_infos(&c, n_tensors, kv.alignment, s, err);
+    io_free(a, c.win);
+    if (c.read_error)
+        return io_error(err, LORA_ERR_IO, "cannot read %s (it changed while being read?)",
+                        path);
     return st;
 }

@@ -219,56 +219,76 @@ int64_t io_parse_layer(const char *s, size_t len)
 
 /* ---- files ------------------------------------------------------------------------- */
 
-int io_read_file(const io_alloc *a, const char *path, size_t max_size, unsigned char **data,
-                 size_t *size, char *err)
+int io_open_regular(const char *path, int *fd, uint64_t *size, char *err)
 {
-    *data = NULL;
+    *fd = -1;
     *size = 0;
     /* O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below. */
-    const int fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
-    if (fd < 0)
+    const int f = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if (f < 0)
         return io_error(err, LORA_ERR_IO, "cannot open %s: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0) {
+    if (fstat(f, &st) != 0) {
         const int e = errno;
-        close(fd);
+        close(f);
         return io_error(err, LORA_ERR_IO, "cannot stat %s: %s", path, strerror(e));
     }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
+    if (!S_ISREG(st.st_mode) || st.st_size < 0) {
+        close(f);
         return io_error(err, LORA_ERR_IO, "%s is not a regular file (%s)", path,
                         S_ISDIR(st.st_mode)    ? "a directory"
                         : S_ISFIFO(st.st_mode) ? "a FIFO"
                         : S_ISSOCK(st.st_mode) ? "a socket"
                                                : "a device");
     }
-    if (st.st_size < 0 || (uint64_t)st.st_size > (uint64_t)max_size) {
-        close(fd);
-        return io_error(err, LORA_ERR_FORMAT, "%s is too large (%lld bytes, limit %zu)",
-                              path, (long long)st.st_size, max_size);
-    }
-    const size_t n = (size_t)st.st_size;
-    unsigned char *buf = io_malloc(a, n + 1);
-    if (!buf) {
-        close(fd);
-        return io_error(err, LORA_ERR_NOMEM, "cannot allocate %zu bytes for %s", n + 1,
-                              path);
-    }
+    *fd = f;
+    *size = (uint64_t)st.st_size;
+    return LORA_OK;
+}
+
+int io_pread(int fd, void *buf, size_t n, uint64_t offset, const char *what, char *err)
+{
+    unsigned char *p = buf;
     size_t got = 0;
     while (got < n) {
-        const ssize_t r = read(fd, buf + got, n - got);
+        const ssize_t r = pread(fd, p + got, n - got, (off_t)(offset + got));
         if (r < 0 && errno == EINTR)
             continue;
-        if (r <= 0) {
-            const int e = r < 0 ? errno : 0;
-            close(fd);
-            io_free(a, buf);
-            return io_error(err, LORA_ERR_IO, "cannot read %s: %s", path,
-                                  e ? strerror(e) : "file shrank while reading");
-        }
+        if (r <= 0)
+            return io_error(err, LORA_ERR_IO, "cannot read %zu bytes of %s at offset %llu: %s",
+                            n, what, (unsigned long long)offset,
+                            r < 0 ? strerror(errno) : "the file shrank while reading");
         got += (size_t)r;
     }
+    return LORA_OK;
+}
+
+int io_read_file(const io_alloc *a, const char *path, size_t max_size, unsigned char **data,
+                 size_t *size, char *err)
+{
+    *data = NULL;
+    *size = 0;
+    int fd;
+    uint64_t fsize;
+    int st = io_open_regular(path, &fd, &fsize, err);
+    if (st != LORA_OK)
+        return st;
+    if (fsize > (uint64_t)max_size) {
+        close(fd);
+        return io_error(err, LORA_ERR_FORMAT, "%s is too large (%llu bytes, limit %zu)", path,
+                        (unsigned long long)fsize, max_size);
+    }
+    const size_t n = (size_t)fsize;
+    unsigned char *buf = io_malloc(a, n + 1);
+    if (!buf)
+        st = io_error(err, LORA_ERR_NOMEM, "cannot allocate %zu bytes for %s", n + 1, path);
+    else
+        st = io_pread(fd, buf, n, 0, path, err);
     close(fd);
+    if (st != LORA_OK) {
+        io_free(a, buf);
+        return st;
+    }
     buf[n] = '\0';
     *data = buf;
     *size = n;
@@ -352,23 +372,34 @@ int io_walk_next(io_walk *w, size_t n_layers, int mask)
 
 int io_source_values(const io_source *s, const io_record *r, float *dst, char *err)
 {
-    const uint64_t n = (uint64_t)r->rows * (uint64_t)r->cols;
-    const uint64_t bytes = n * io_dtype_size(r->dtype); /* checked by the reader */
-    if (r->offset > s->size || bytes > s->size - r->offset)
-        return io_error(err, LORA_ERR_IO, "tensor %s lies outside the file", r->name);
-    to_float(r->dtype, s->buf + r->offset, (size_t)n, dst);
+    unsigned char chunk[1 << 14];
+    const size_t esize = io_dtype_size(r->dtype), per = sizeof chunk / esize;
+    const size_t n = (size_t)(r->rows * r->cols); /* the reader checked the span */
+    for (size_t done = 0; done < n;) {
+        const size_t k = n - done < per ? n - done : per;
+        if (io_pread(s->fd, chunk, k * esize, r->offset + done * esize, r->name, err) != LORA_OK)
+            return LORA_ERR_IO;
+        to_float(r->dtype, chunk, k, dst + done);
+        done += k;
+    }
     return LORA_OK;
+}
+
+void io_source_init(io_source *s, const io_alloc *a)
+{
+    memset(s, 0, sizeof *s);
+    s->alloc = *a;
+    s->fd = -1;
 }
 
 void io_source_free(io_source *s)
 {
     const io_alloc *a = &s->alloc;
-    if (a->free) {
-        io_records_free(a, &s->rec);
-        io_free(a, s->names);
-        io_free(a, s->buf);
-    }
+    io_records_free(a, &s->rec);
+    io_bytes_free(a, &s->names);
     if (s->json)
         cJSON_Delete(s->json);
-    memset(s, 0, sizeof *s);
+    if (s->fd >= 0)
+        close(s->fd);
+    io_source_init(s, a);
 }

@@ -29,6 +29,18 @@ void *io_malloc(const io_alloc *a, size_t size);
 void *io_calloc(const io_alloc *a, size_t count, size_t size); /* NULL on overflow too */
 void io_free(const io_alloc *a, void *ptr);                     /* ptr may be NULL */
 
+/* A growable byte buffer. Appends return LORA_OK or LORA_ERR_NOMEM. */
+typedef struct io_bytes {
+    unsigned char *p;
+    size_t n, cap;
+} io_bytes;
+int io_bytes_append(const io_alloc *a, io_bytes *b, const void *src, size_t len);
+int io_bytes_zeros(const io_alloc *a, io_bytes *b, size_t len);
+int io_bytes_u32(const io_alloc *a, io_bytes *b, uint32_t v);
+int io_bytes_u64(const io_alloc *a, io_bytes *b, uint64_t v);
+int io_bytes_f32(const io_alloc *a, io_bytes *b, const float *x, size_t n); /* LE F32 */
+void io_bytes_free(const io_alloc *a, io_bytes *b);
+
 /* Targets, in file order; bit t of a target mask is target t (= LORA_TARGET_* bits). */
 enum { IO_Q = 0, IO_K = 1, IO_V = 2, IO_O = 3, IO_TARGETS = 4 };
 
@@ -77,24 +89,25 @@ typedef struct io_walk {
 int io_walk_next(io_walk *w, size_t n_layers, int mask);
 
 /* An opened, parsed adapter file: its metadata, its records and what they point into.
- * io_source_values reads a record's elements as floats (dst: rows*cols floats); it
- * fails (IO) only if the file changed underneath. io_source_free releases everything
- * (safe on a zeroed source). */
+ * Only the header is read when a file is opened; io_source_values then reads one
+ * record's elements (and nothing else) as floats (dst: rows*cols floats); it fails (IO)
+ * only if the file changed underneath. io_source_init starts a source, io_source_free
+ * releases everything (and re-initialises it). */
 typedef struct io_source {
     io_alloc alloc;
     io_meta meta;
     io_records rec;
-    unsigned char *buf; /* the file (whole), NUL-terminated */
-    size_t size;
-    char *names;        /* storage behind the records' names */
-    void *json;         /* a parse tree the names point into */
+    int fd;         /* the open file, -1 none */
+    io_bytes names; /* storage behind the records' names (GGUF) */
+    void *json;     /* a parse tree the names point into (safetensors) */
 } io_source;
+void io_source_init(io_source *s, const io_alloc *a);
 int io_source_values(const io_source *s, const io_record *r, float *dst, char *err);
 void io_source_free(io_source *s);
 
 /* ---- the formats (gguf.c, peft.c) ---- */
 
-/* Readers: fill *s (zeroed first; free it with io_source_free, also on failure).
+/* Readers: io_source_init(s) and fill it; free it with io_source_free, also on failure.
  * Errors: IO (open/read/not a regular file), FORMAT, UNSUPPORTED, NOMEM. */
 int io_gguf_read(const io_alloc *a, const char *path, io_source *s, char *err);
 int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err);
@@ -110,23 +123,17 @@ int io_peft_write(const io_alloc *a, const char *dir, const io_meta *meta,
 
 /* ---- shared by the formats (io.c) ---- */
 
-/* A growable byte buffer. Appends return LORA_OK or LORA_ERR_NOMEM. */
-typedef struct io_bytes {
-    unsigned char *p;
-    size_t n, cap;
-} io_bytes;
-int io_bytes_append(const io_alloc *a, io_bytes *b, const void *src, size_t len);
-int io_bytes_zeros(const io_alloc *a, io_bytes *b, size_t len);
-int io_bytes_u32(const io_alloc *a, io_bytes *b, uint32_t v);
-int io_bytes_u64(const io_alloc *a, io_bytes *b, uint64_t v);
-int io_bytes_f32(const io_alloc *a, io_bytes *b, const float *x, size_t n); /* LE F32 */
-void io_bytes_free(const io_alloc *a, io_bytes *b);
 
 /* Little-endian loads (unaligned-safe). */
 uint16_t io_le16(const unsigned char *p);
 uint32_t io_le32(const unsigned char *p);
 uint64_t io_le64(const unsigned char *p);
 
+/* Opens a regular file for reading (a FIFO, device, directory or socket is refused
+ * without blocking): *fd and its *size. Errors: IO. */
+int io_open_regular(const char *path, int *fd, uint64_t *size, char *err);
+/* Reads exactly n bytes at offset (what: the file or tensor, for messages). Errors: IO. */
+int io_pread(int fd, void *buf, size_t n, uint64_t offset, const char *what, char *err);
 /* Reads a whole regular file into *data (size + 1 bytes, NUL-terminated).
  * max_size: larger files are LORA_ERR_FORMAT.
  * Errors: IO (open/read/not a regular file), FORMAT (too large), NOMEM. */

@@ -15,7 +15,6 @@
 #define PEFT_CONFIG "adapter_config.json"
 #define PEFT_WEIGHTS "adapter_model.safetensors"
 #define PEFT_MAX_CONFIG (16u << 20)
-#define PEFT_MAX_WEIGHTS ((size_t)1 << 40)
 #define PEFT_MAX_RANK (INT64_C(1) << 24) /* LORA_MAX_DIM */
 #define PEFT_MAX_NAME 96 /* bytes of a written tensor name, with the NUL */
 
@@ -269,19 +268,19 @@ static int tensor_record(const st_file *sf, const st_tensor *t, io_record *x, ch
 
 int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err)
 {
-    memset(s, 0, sizeof *s);
-    s->alloc = *a;
+    io_source_init(s, a);
     char path[4096], cpath[4096];
     if (!join_path(path, sizeof path, dir, PEFT_WEIGHTS))
         return io_error(err, LORA_ERR_IO, "path too long: %s", dir);
     join_path(cpath, sizeof cpath, dir, PEFT_CONFIG);
     int st = read_config(a, cpath, &s->meta, err);
+    uint64_t size = 0;
     if (st == LORA_OK)
-        st = io_read_file(a, path, PEFT_MAX_WEIGHTS, &s->buf, &s->size, err);
+        st = io_open_regular(path, &s->fd, &size, err);
     if (st != LORA_OK)
         return st;
     st_file sf;
-    st = st_parse(a, s->buf, s->size, &sf, err);
+    st = st_parse(a, s->fd, size, &sf, err);
     if (st != LORA_OK)
         return st;
     s->json = sf.json; /* the records' names point into it */

@@ -58,44 +58,51 @@ void st_free(const io_alloc *a, st_file *f)
     memset(f, 0, sizeof *f);
 }
 
-/* The header length and JSON: *root is the parsed object, *data_size the bytes after. */
-static int parse_header(const io_alloc *a, const unsigned char *buf, size_t size,
-                        cJSON **root, size_t *data_size, char *err)
+/* The header length and JSON of the file (fd, size bytes): *root is the parsed object,
+ * *data_size the bytes after the header. Only the header is read. */
+static int parse_header(const io_alloc *a, int fd, uint64_t size, cJSON **root,
+                        uint64_t *data_size, char *err)
 {
     *root = NULL;
+    unsigned char first[9];
     if (size < 8)
         return io_error(err, LORA_ERR_FORMAT,
-                        "safetensors: %zu bytes, too short for the header length", size);
-    const uint64_t hlen = io_le64(buf);
-    if (hlen < 2 || hlen > ST_MAX_HEADER || hlen > (uint64_t)(size - 8))
+                        "safetensors: %llu bytes, too short for the header length",
+                        (unsigned long long)size);
+    int st = io_pread(fd, first, size < 9 ? 8 : 9, 0, "the safetensors header", err);
+    if (st != LORA_OK)
+        return st;
+    const uint64_t hlen = io_le64(first);
+    if (hlen < 2 || hlen > ST_MAX_HEADER || hlen > size - 8)
         return io_error(err, LORA_ERR_FORMAT,
                         "safetensors: header length %" PRIu64
-                        " does not fit the file (%zu bytes) or the %u-byte limit",
-                        hlen, size, ST_MAX_HEADER);
-    const unsigned char *hdr = buf + 8;
-    *data_size = size - 8 - (size_t)hlen;
-    if (hdr[0] != '{')
+                        " does not fit the file (%llu bytes) or the %u-byte limit",
+                        hlen, (unsigned long long)size, ST_MAX_HEADER);
+    *data_size = size - 8 - hlen;
+    if (first[8] != '{')
         return io_error(err, LORA_ERR_FORMAT, "safetensors: header does not start with '{'");
-    if (memchr(hdr, '\0', (size_t)hlen))
-        return io_error(err, LORA_ERR_FORMAT, "safetensors: NUL byte in the header");
-    /* cJSON wants a terminated string: copy the header. */
+    /* cJSON wants a terminated string. */
     char *text = io_malloc(a, (size_t)hlen + 1);
     if (!text)
         return io_error(err, LORA_ERR_NOMEM, "cannot allocate the header copy");
-    memcpy(text, hdr, (size_t)hlen);
-    text[hlen] = '\0';
-    const char *end = NULL;
-    *root = cJSON_ParseWithLengthOpts(text, (size_t)hlen + 1, &end, 1);
+    st = io_pread(fd, text, (size_t)hlen, 8, "the safetensors header", err);
+    if (st == LORA_OK && memchr(text, '\0', (size_t)hlen))
+        st = io_error(err, LORA_ERR_FORMAT, "safetensors: NUL byte in the header");
+    if (st == LORA_OK) {
+        text[hlen] = '\0';
+        const char *end = NULL;
+        *root = cJSON_ParseWithLengthOpts(text, (size_t)hlen + 1, &end, 1);
+        if (!*root)
+            st = io_error(err, LORA_ERR_FORMAT, "safetensors: the header is not valid JSON");
+        else if (!cJSON_IsObject(*root))
+            st = io_error(err, LORA_ERR_FORMAT, "safetensors: the header is not an object");
+    }
     io_free(a, text);
-    if (!*root)
-        return io_error(err, LORA_ERR_FORMAT, "safetensors: the header is not valid JSON");
-    if (!cJSON_IsObject(*root))
-        return io_error(err, LORA_ERR_FORMAT, "safetensors: the header is not an object");
-    return LORA_OK;
+    return st;
 }
 
 /* One tensor entry of the header into *t and *sp (offsets relative to the data). */
-static int parse_entry(const cJSON *it, size_t data_size, st_tensor *t, span *sp, char *err)
+static int parse_entry(const cJSON *it, uint64_t data_size, st_tensor *t, span *sp, char *err)
 {
     const char *name = it->string;
     const cJSON *dt = cJSON_GetObjectItemCaseSensitive(it, "dtype");
@@ -130,10 +137,10 @@ static int parse_entry(const cJSON *it, size_t data_size, st_tensor *t, span *sp
         return io_error(err, LORA_ERR_FORMAT, "safetensors: tensor '%.64s' has a bad shape",
                         name);
     if (!json_uint(off->child, &b) || !json_uint(off->child->next, &e) || b > e ||
-        e > (uint64_t)data_size || e - b != nbytes)
+        e > data_size || e - b != nbytes)
         return io_error(err, LORA_ERR_FORMAT,
-                        "safetensors: tensor '%.64s' has data_offsets outside the data (%zu "
-                        "bytes) or not matching its %" PRIu64 " bytes",
+                        "safetensors: tensor '%.64s' has data_offsets outside the data (%" PRIu64
+                        " bytes) or not matching its %" PRIu64 " bytes",
                         name, data_size, nbytes);
     t->offset = b;
     t->nbytes = (size_t)nbytes;
@@ -141,20 +148,27 @@ static int parse_entry(const cJSON *it, size_t data_size, st_tensor *t, span *sp
     return LORA_OK;
 }
 
-/* No two of the k spans overlap (sorts them). */
-static int check_overlap(span *spans, size_t k, char *err)
+/* No two of the k spans overlap (sorts them), and the data ends with the last one. */
+static int check_spans(span *spans, size_t k, uint64_t data_size, char *err)
 {
     qsort(spans, k, sizeof *spans, cmp_span);
-    for (size_t i = 1; i < k; i++)
-        if (spans[i].begin < spans[i - 1].end)
+    uint64_t last_end = 0;
+    for (size_t i = 0; i < k; i++) {
+        if (i > 0 && spans[i].begin < spans[i - 1].end)
             return io_error(err, LORA_ERR_FORMAT,
                             "safetensors: two tensors overlap at byte %" PRIu64,
                             spans[i].begin);
+        last_end = spans[i].end > last_end ? spans[i].end : last_end;
+    }
+    if (data_size > last_end)
+        return io_error(err, LORA_ERR_FORMAT,
+                        "safetensors: %" PRIu64 " bytes after the last tensor",
+                        data_size - last_end);
     return LORA_OK;
 }
 
 /* The entries of the header object into out->t (__metadata__ is skipped). */
-static int parse_entries(const cJSON *root, size_t data_size, st_file *out, span *spans,
+static int parse_entries(const cJSON *root, uint64_t data_size, st_file *out, span *spans,
                          char *err)
 {
     size_t k = 0;
@@ -173,16 +187,15 @@ static int parse_entries(const cJSON *root, size_t data_size, st_file *out, span
         k++;
     }
     out->n = k;
-    return check_overlap(spans, k, err);
+    return check_spans(spans, k, data_size, err);
 }
 
-int st_parse(const io_alloc *a, const unsigned char *buf, size_t size, st_file *out,
-             char *err)
+int st_parse(const io_alloc *a, int fd, uint64_t size, st_file *out, char *err)
 {
     memset(out, 0, sizeof *out);
     cJSON *root;
-    size_t data_size = 0;
-    int st = parse_header(a, buf, size, &root, &data_size, err);
+    uint64_t data_size = 0;
+    int st = parse_header(a, fd, size, &root, &data_size, err);
     out->json = root;
     out->data_start = size - data_size;
     if (st != LORA_OK) {

@@ -22,14 +22,14 @@ typedef struct st_file {
     void *json; /* cJSON root, kept while names are in use */
     st_tensor *t;
     size_t n;
-    size_t data_start; /* file offset of the data: 8 + the header length */
+    uint64_t data_start; /* file offset of the data: 8 + the header length */
 } st_file;
 
-/* Parses and fully checks a safetensors file held in buf[0..size): header length,
- * JSON, dtypes, shapes, element counts against data_offsets, offsets within the data,
- * no two tensors overlapping. Errors: FORMAT, NOMEM (message in err). */
-int st_parse(const io_alloc *a, const unsigned char *buf, size_t size, st_file *out,
-             char *err);
+/* Reads the header of the safetensors file fd (size bytes) and checks it against the
+ * size: header length, JSON, dtypes, shapes, element counts against data_offsets,
+ * offsets within the data, no two tensors overlapping, no bytes after the last one.
+ * The tensor data is not read. Errors: FORMAT, IO, NOMEM (message in err). */
+int st_parse(const io_alloc *a, int fd, uint64_t size, st_file *out, char *err);
 void st_free(const io_alloc *a, st_file *f);
 
 /* One F32 matrix to write. */
