@@ -363,6 +363,301 @@ START_TEST(test_sparse_ranges_only)
 }
 END_TEST
 
+/* ---- saves: torn pairs, modes, symlinks, failures, padding ------------------------- */
+
+/* Copies file src to dst (replacing it). */
+static void copy_file(const char *src, const char *dst)
+{
+    size_t n;
+    unsigned char *b = fx_read_file(src, &n);
+    unlink(dst);
+    fx_write_file(dst, b, n);
+    free(b);
+}
+
+/* A set of two adapters of spec s whose alpha / rsLoRA are given. */
+static void make_scaled_set(fx_spec s, double alpha, int rslora, lora_adapter **ad,
+                            int64_t *layers)
+{
+    s.alpha = alpha;
+    s.rslora = rslora;
+    make_set(&s, ad, layers, 2);
+}
+
+/* New weights beside an old config (a save torn between its two renames, or files
+ * mixed by hand): the weights' __metadata__ records r, lora_alpha and use_rslora, and a
+ * config that contradicts it is FORMAT naming the field (it used to load with the old
+ * alpha: a silently wrong scale). */
+START_TEST(test_torn_pair_refused)
+{
+    fx_spec s = fx_default();
+    char *old_dir = fx_tmpdir(), *new_dir = fx_tmpdir();
+    lora_config *cfg = fx_config(&s);
+    static const struct {
+        double alpha;
+        int rslora;
+        const char *field;
+    } news[2] = {{32.0, 0, "lora_alpha"}, {8.0, 1, "use_rslora"}};
+    for (int k = 0; k < 2; k++) {
+        lora_adapter *ad[2], *nd[2];
+        int64_t layers[2];
+        make_scaled_set(s, 8.0, 0, ad, layers);
+        make_scaled_set(s, news[k].alpha, news[k].rslora, nd, layers);
+        ck_assert_int_eq(lora_save_peft(old_dir, ad, layers, 2), LORA_OK);
+        ck_assert_int_eq(lora_save_peft(new_dir, nd, layers, 2), LORA_OK);
+        ck_assert_int_eq(try_load(0, old_dir, cfg), LORA_OK);
+        char *src = path_in(new_dir, "adapter_model.safetensors");
+        char *dst = path_in(old_dir, "adapter_model.safetensors");
+        copy_file(src, dst);
+        const int st = try_load(0, old_dir, cfg);
+        ck_assert_msg(st == LORA_ERR_FORMAT, "torn pair (%s): status %d (%s)", news[k].field,
+                      st, lora_config_last_error(cfg));
+        ck_assert_msg(strstr(lora_config_last_error(cfg), news[k].field) != NULL,
+                      "the message does not name %s: %s", news[k].field,
+                      lora_config_last_error(cfg));
+        free(src);
+        free(dst);
+        free_set(ad, 2);
+        free_set(nd, 2);
+    }
+    lora_config_destroy(cfg);
+    fx_rmtree(old_dir);
+    fx_rmtree(new_dir);
+    free(old_dir);
+    free(new_dir);
+}
+END_TEST
+
+/* Names in dir other than the expected ones (temporaries left behind). */
+static int stray_entries(const char *dir, const char *const *expected, int n)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "ls -A '%s'", dir);
+    FILE *f = popen(cmd, "r");
+    ck_assert_ptr_nonnull(f);
+    char line[512];
+    int stray = 0;
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = '\0';
+        int known = 0;
+        for (int i = 0; i < n; i++)
+            known |= strcmp(line, expected[i]) == 0;
+        stray += !known;
+    }
+    pclose(f);
+    return stray;
+}
+
+static int mode_of(const char *path)
+{
+    struct stat sb;
+    ck_assert_int_eq(stat(path, &sb), 0);
+    return (int)(sb.st_mode & 07777);
+}
+
+/* A re-save keeps the replaced file's mode (0600 stayed 0644 before); a new file gets
+ * 0666 less the umask; no temporary is left. */
+START_TEST(test_save_keeps_mode)
+{
+    fx_spec s = fx_default();
+    lora_adapter *ad[2];
+    int64_t layers[2];
+    make_set(&s, ad, layers, 2);
+    char *dir = fx_tmpdir();
+    char *gpath = path_in(dir, "a.gguf");
+    char *wpath = path_in(dir, "adapter_model.safetensors");
+    char *cpath = path_in(dir, "adapter_config.json");
+    umask(027);
+    ck_assert_int_eq(lora_save_peft(dir, ad, layers, 2), LORA_OK);
+    ck_assert_int_eq(lora_save_gguf(gpath, ad, layers, 2, NULL), LORA_OK);
+    ck_assert_int_eq(mode_of(wpath), 0640);
+    ck_assert_int_eq(mode_of(cpath), 0640);
+    ck_assert_int_eq(mode_of(gpath), 0640);
+    ck_assert_int_eq(chmod(wpath, 0600), 0);
+    ck_assert_int_eq(chmod(cpath, 0604), 0); /* bits the umask would cut */
+    ck_assert_int_eq(chmod(gpath, 0600), 0);
+    ck_assert_int_eq(lora_save_peft(dir, ad, layers, 2), LORA_OK);
+    ck_assert_int_eq(lora_save_gguf(gpath, ad, layers, 2, NULL), LORA_OK);
+    ck_assert_int_eq(mode_of(wpath), 0600);
+    ck_assert_int_eq(mode_of(cpath), 0604);
+    ck_assert_int_eq(mode_of(gpath), 0600);
+    static const char *const files[3] = {"a.gguf", "adapter_model.safetensors",
+                                         "adapter_config.json"};
+    ck_assert_int_eq(stray_entries(dir, files, 3), 0);
+    free_set(ad, 2);
+    fx_rmtree(dir);
+    free(gpath);
+    free(wpath);
+    free(cpath);
+    free(dir);
+}
+END_TEST
+
+/* Saves write through symlinks (the link stays and its target gets the new contents,
+ * like most editors); a symlink that leads nowhere is IO and nothing is created. */
+START_TEST(test_save_through_symlinks)
+{
+    fx_spec s = fx_default();
+    lora_adapter *ad[2], *nd[2];
+    int64_t layers[2];
+    make_scaled_set(s, 8.0, 0, ad, layers);
+    make_scaled_set(s, 16.0, 0, nd, layers);
+    char *store = fx_tmpdir(), *dir = fx_tmpdir();
+    static const char *const files[3] = {"a.gguf", "adapter_model.safetensors",
+                                         "adapter_config.json"};
+    char *real[3], *link[3];
+    for (int i = 0; i < 3; i++) {
+        real[i] = path_in(store, files[i]);
+        link[i] = path_in(dir, files[i]);
+    }
+    ck_assert_int_eq(lora_save_peft(store, ad, layers, 2), LORA_OK);
+    ck_assert_int_eq(lora_save_gguf(real[0], ad, layers, 2, NULL), LORA_OK);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(symlink(real[i], link[i]), 0);
+    ck_assert_int_eq(lora_save_peft(dir, nd, layers, 2), LORA_OK);
+    ck_assert_int_eq(lora_save_gguf(link[0], nd, layers, 2, NULL), LORA_OK);
+    lora_config *cfg = fx_config(&s);
+    for (int i = 0; i < 3; i++) {
+        struct stat sb;
+        ck_assert_int_eq(lstat(link[i], &sb), 0);
+        ck_assert_msg(S_ISLNK(sb.st_mode), "%s is no longer a symlink", files[i]);
+    }
+    for (int gguf = 0; gguf < 2; gguf++) { /* the targets hold the new alpha */
+        lora_adapter *got[2];
+        int64_t l[2];
+        size_t n;
+        ck_assert_int_eq(gguf ? lora_load_gguf(got, l, 2, &n, real[0], cfg)
+                              : lora_load_peft(got, l, 2, &n, store, cfg),
+                         LORA_OK);
+        double alpha;
+        ck_assert_int_eq(lora_adapter_get_config_double(got[0], LORA_CFG_ALPHA, &alpha),
+                         LORA_OK);
+        ck_assert_msg(alpha == 16.0, "format %d: alpha %g after the save", gguf, alpha);
+        free_set(got, n);
+    }
+    ck_assert_int_eq(stray_entries(dir, files, 3), 0);
+    ck_assert_int_eq(stray_entries(store, files, 3), 0);
+    /* A dangling link: IO, and its target is not created. */
+    char *nowhere = path_in(store, "missing.gguf");
+    unlink(link[0]);
+    ck_assert_int_eq(symlink(nowhere, link[0]), 0);
+    ck_assert_int_eq(lora_save_gguf(link[0], nd, layers, 2, NULL), LORA_ERR_IO);
+    ck_assert_int_ne(access(nowhere, F_OK), 0);
+    free(nowhere);
+    for (int i = 0; i < 3; i++) {
+        free(real[i]);
+        free(link[i]);
+    }
+    lora_config_destroy(cfg);
+    free_set(ad, 2);
+    free_set(nd, 2);
+    fx_rmtree(dir);
+    fx_rmtree(store);
+    free(dir);
+    free(store);
+}
+END_TEST
+
+/* A full disk (RLIMIT_FSIZE below the weights' size, SIGXFSZ ignored): the save fails
+ * with IO, the old adapter stays loadable and bitwise unchanged, no temporary is left,
+ * and a directory the save created is removed again. */
+START_TEST(test_failed_save_leaves_old_adapter)
+{
+    fx_spec s = fx_default();
+    lora_adapter *ad[2], *nd[2];
+    int64_t layers[2];
+    make_scaled_set(s, 8.0, 0, ad, layers);
+    make_scaled_set(s, 32.0, 0, nd, layers);
+    char *dir = fx_tmpdir();
+    char *gpath = path_in(dir, "a.gguf");
+    char *wpath = path_in(dir, "adapter_model.safetensors");
+    char *cpath = path_in(dir, "adapter_config.json");
+    char *fresh = path_in(dir, "fresh");
+    ck_assert_int_eq(lora_save_peft(dir, ad, layers, 2), LORA_OK);
+    ck_assert_int_eq(lora_save_gguf(gpath, ad, layers, 2, NULL), LORA_OK);
+    size_t nw, nc, ng;
+    unsigned char *w0 = fx_read_file(wpath, &nw), *c0 = fx_read_file(cpath, &nc),
+                  *g0 = fx_read_file(gpath, &ng);
+    signal(SIGXFSZ, SIG_IGN);
+    struct rlimit lim;
+    ck_assert_int_eq(getrlimit(RLIMIT_FSIZE, &lim), 0);
+    const rlim_t soft = lim.rlim_cur;
+    lim.rlim_cur = 1024; /* the config (< 1 KiB) fits, the weights do not */
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    const int st_peft = lora_save_peft(dir, nd, layers, 2);
+    const int st_gguf = lora_save_gguf(gpath, nd, layers, 2, NULL);
+    const int st_fresh = lora_save_peft(fresh, nd, layers, 2);
+    lim.rlim_cur = soft; /* Check reports failures through files */
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    ck_assert_int_eq(st_peft, LORA_ERR_IO);
+    ck_assert_int_eq(st_gguf, LORA_ERR_IO);
+    ck_assert_int_eq(st_fresh, LORA_ERR_IO);
+    ck_assert(strstr(lora_adapter_last_error(nd[0]), "adapter_model.safetensors") != NULL);
+    ck_assert_msg(access(fresh, F_OK) != 0, "the failed save left the directory it created");
+    size_t n;
+    unsigned char *b = fx_read_file(wpath, &n);
+    ck_assert(n == nw && memcmp(b, w0, n) == 0);
+    free(b);
+    b = fx_read_file(cpath, &n);
+    ck_assert(n == nc && memcmp(b, c0, n) == 0);
+    free(b);
+    b = fx_read_file(gpath, &n);
+    ck_assert(n == ng && memcmp(b, g0, n) == 0);
+    free(b);
+    static const char *const files[3] = {"a.gguf", "adapter_model.safetensors",
+                                         "adapter_config.json"};
+    ck_assert_int_eq(stray_entries(dir, files, 3), 0);
+    lora_config *cfg = fx_config(&s);
+    ck_assert_int_eq(try_load(0, dir, cfg), LORA_OK);
+    ck_assert_int_eq(try_load(1, gpath, cfg), LORA_OK);
+    lora_config_destroy(cfg);
+    free(w0);
+    free(c0);
+    free(g0);
+    free_set(ad, 2);
+    free_set(nd, 2);
+    fx_rmtree(dir);
+    free(gpath);
+    free(wpath);
+    free(cpath);
+    free(fresh);
+    free(dir);
+}
+END_TEST
+
+/* GGUF data is padded to the alignment after the last tensor too (ggml's loader with
+ * no_alloc = false reads aligned blocks): rank 1 and d_model 6 make 24-byte tensors. */
+START_TEST(test_gguf_padded_after_last_tensor)
+{
+    fx_spec s = fx_default();
+    s.d_model = 6;
+    s.n_heads = 2;
+    s.n_kv_heads = 2;
+    s.rank = 1;
+    s.targets = LORA_TARGET_Q;
+    s.out_proj = 0;
+    lora_adapter *ad[1];
+    int64_t layers[1];
+    make_set(&s, ad, layers, 1);
+    char *dir = fx_tmpdir();
+    char *gpath = path_in(dir, "a.gguf");
+    ck_assert_int_eq(lora_save_gguf(gpath, ad, layers, 1, NULL), LORA_OK);
+    size_t n;
+    unsigned char *b = fx_read_file(gpath, &n);
+    ck_assert_msg(n % 32 == 0, "file of %zu bytes: the last tensor is not padded", n);
+    for (size_t k = n - 8; k < n; k++) /* 24 bytes of data, 8 of padding */
+        ck_assert_uint_eq(b[k], 0);
+    free(b);
+    lora_config *cfg = fx_config(&s);
+    ck_assert_int_eq(try_load(1, gpath, cfg), LORA_OK);
+    lora_config_destroy(cfg);
+    free_set(ad, 1);
+    fx_rmtree(dir);
+    free(gpath);
+    free(dir);
+}
+END_TEST
+
 Suite *io_files_suite(void)
 {
     Suite *s = suite_create("io_files");
@@ -371,6 +666,14 @@ Suite *io_files_suite(void)
     tcase_add_loop_test(tc, test_special_paths_refused, 0, 3);
     tcase_add_loop_test(tc, test_sparse_trailing_refused, 0, 2);
     tcase_add_loop_test(tc, test_sparse_ranges_only, 0, 2);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("saves");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, test_torn_pair_refused);
+    tcase_add_test(tc, test_save_keeps_mode);
+    tcase_add_test(tc, test_save_through_symlinks);
+    tcase_add_test(tc, test_failed_save_leaves_old_adapter);
+    tcase_add_test(tc, test_gguf_padded_after_last_tensor);
     suite_add_tcase(s, tc);
     return s;
 }

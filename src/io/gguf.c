@@ -113,9 +113,11 @@ int io_gguf_write(const io_alloc *a, const char *path, const io_meta *meta,
     int fail = put_header(a, &b, n, arch, alpha32);
     for (size_t i = 0; i < n && !fail; i++)
         fail = put_tensor(a, &b, &data, &r[i]);
-    /* Data start: the infos' end, aligned; no padding after the last tensor. */
+    /* Data start: the infos' end, aligned; the data padded to the alignment too (ggml's
+     * gguf_init_from_file with no_alloc = false reads whole aligned blocks). */
     if (!fail)
-        fail = io_bytes_zeros(a, &b, align_up(b.n) - b.n) ||
+        fail = io_bytes_zeros(a, &data, align_up(data.n) - data.n) ||
+               io_bytes_zeros(a, &b, align_up(b.n) - b.n) ||
                io_bytes_append(a, &b, data.p, data.n);
     io_bytes_free(a, &data);
     int st = fail ? io_error(err, LORA_ERR_NOMEM, "cannot allocate the GGUF file")

@@ -3,6 +3,7 @@
 #include "io.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <fcntl.h>
 #include <math.h>
@@ -10,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -295,40 +297,173 @@ int io_read_file(const io_alloc *a, const char *path, size_t max_size, unsigned 
     return LORA_OK;
 }
 
-int io_write_file_atomic(const char *path, const void *data, size_t size, char *err)
+/* The directory part of path into out (IO_PATH_MAX bytes): "." when there is none. */
+static void dir_of(const char *path, char *out)
 {
-    char tmp[4096 + 64];
-    const int len = snprintf(tmp, sizeof tmp, "%s.tmp-%ld-%lx", path, (long)getpid(),
-                             (unsigned long)(uintptr_t)data);
-    if (len < 0 || (size_t)len >= sizeof tmp)
-        return io_error(err, LORA_ERR_IO, "path too long: %s", path);
-    const int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    const char *slash = strrchr(path, '/');
+    if (!slash) {
+        strcpy(out, ".");
+        return;
+    }
+    const size_t n = slash == path ? 1 : (size_t)(slash - path);
+    memcpy(out, path, n);
+    out[n] = '\0';
+}
+
+int io_fsync_dir(const char *dir)
+{
+    const int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
-        return io_error(err, LORA_ERR_IO, "cannot create %s: %s", tmp, strerror(errno));
+        return -1;
+    const int r = fsync(fd);
+    close(fd);
+    return r;
+}
+
+/* The file a save to path replaces: path itself, or the file a symlink (chain) points
+ * to, so a save writes through links. *mode: the existing file's permission bits, or -1
+ * for a new file. */
+static int resolve_target(const char *path, char *target, int *mode, char *err)
+{
+    *mode = -1;
+    struct stat st;
+    if (strlen(path) >= IO_PATH_MAX - 16)
+        return io_error(err, LORA_ERR_IO, "path too long: %.200s", path);
+    if (lstat(path, &st) != 0) {
+        if (errno != ENOENT)
+            return io_error(err, LORA_ERR_IO, "cannot stat %s: %s", path, strerror(errno));
+        strcpy(target, path);
+        return LORA_OK;
+    }
+    strcpy(target, path);
+    for (int hops = 0; S_ISLNK(st.st_mode); hops++) {
+        char link[IO_PATH_MAX], dir[IO_PATH_MAX];
+        const ssize_t n = readlink(target, link, sizeof link - 1);
+        if (hops >= 40 || n < 0 || (size_t)n >= sizeof link - 1)
+            return io_error(err, LORA_ERR_IO, "cannot follow the symlink %s: %s", target,
+                            hops >= 40 ? strerror(ELOOP) : n < 0 ? strerror(errno)
+                                                                 : strerror(ENAMETOOLONG));
+        link[n] = '\0';
+        dir_of(target, dir);
+        const int len = link[0] == '/' ? snprintf(target, IO_PATH_MAX, "%s", link)
+                                       : snprintf(target, IO_PATH_MAX, "%s/%s", dir, link);
+        if (len < 0 || len >= IO_PATH_MAX - 16)
+            return io_error(err, LORA_ERR_IO, "path too long: %.200s", link);
+        if (lstat(target, &st) != 0)
+            return io_error(err, LORA_ERR_IO, "the symlink %s leads to %s: %s", path, target,
+                            strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode))
+        return io_error(err, LORA_ERR_IO, "%s exists and is not a regular file", path);
+    *mode = (int)(st.st_mode & 07777);
+    return LORA_OK;
+}
+
+/* Creates a new temporary file beside target, named .<name>.<6 random characters>
+ * (O_EXCL, retried on a collision), with mode (or 0666 less the umask when -1). */
+static int create_temp(const char *target, int mode, char *tmp, char *err)
+{
+    static const char digits[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+    char dir[IO_PATH_MAX];
+    dir_of(target, dir);
+    const char *slash = strrchr(target, '/');
+    const char *name = slash ? slash + 1 : target;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    uint64_t seed = (uint64_t)now.tv_nsec ^ ((uint64_t)now.tv_sec << 30) ^
+                    ((uint64_t)getpid() << 17) ^ (uint64_t)(uintptr_t)tmp;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        char suffix[7];
+        for (int i = 0; i < 6; i++) {
+            seed = seed * UINT64_C(6364136223846793005) + UINT64_C(1442695040888963407);
+            suffix[i] = digits[(seed >> 33) % 36];
+        }
+        suffix[6] = '\0';
+        const int len = snprintf(tmp, IO_PATH_MAX, "%s/.%s.%s", dir, name, suffix);
+        if (len < 0 || len >= IO_PATH_MAX)
+            return -io_error(err, LORA_ERR_IO, "path too long: %.200s", target);
+        const int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW,
+                            mode < 0 ? 0666 : (mode_t)mode);
+        if (fd >= 0) {
+            if (mode >= 0 && fchmod(fd, (mode_t)mode) != 0) { /* the umask may have cut it */
+                const int e = errno;
+                close(fd);
+                unlink(tmp);
+                return -io_error(err, LORA_ERR_IO, "cannot set the mode of %s: %s", tmp,
+                                 strerror(e));
+            }
+            return fd;
+        }
+        if (errno != EEXIST)
+            break;
+    }
+    return -io_error(err, LORA_ERR_IO, "cannot create a temporary file beside %s: %s", target,
+                     strerror(errno));
+}
+
+static int write_all(int fd, const void *data, size_t size)
+{
     const unsigned char *p = data;
-    size_t done = 0;
-    int e = 0;
-    while (done < size) {
+    for (size_t done = 0; done < size;) {
         const ssize_t w = write(fd, p + done, size - done);
         if (w < 0 && errno == EINTR)
             continue;
-        if (w <= 0) {
-            e = w < 0 ? errno : EIO;
-            break;
-        }
+        if (w <= 0)
+            return w < 0 ? errno : EIO;
         done += (size_t)w;
     }
+    return 0;
+}
+
+int io_stage(const char *path, const void *data, size_t size, io_staged *f, char *err)
+{
+    f->staged = 0;
+    int mode;
+    int st = resolve_target(path, f->target, &mode, err);
+    if (st != LORA_OK)
+        return st;
+    const int fd = create_temp(f->target, mode, f->tmp, err);
+    if (fd < 0)
+        return -fd;
+    int e = write_all(fd, data, size);
     if (!e && fsync(fd) != 0)
         e = errno;
     if (close(fd) != 0 && !e)
         e = errno;
-    if (!e && rename(tmp, path) != 0)
-        e = errno;
     if (e) {
-        unlink(tmp);
-        return io_error(err, LORA_ERR_IO, "cannot write %s: %s", path, strerror(e));
+        unlink(f->tmp);
+        return io_error(err, LORA_ERR_IO, "cannot write %s: %s", f->target, strerror(e));
     }
+    f->staged = 1;
     return LORA_OK;
+}
+
+int io_commit(io_staged *f, char *err)
+{
+    if (rename(f->tmp, f->target) != 0) {
+        const int e = errno;
+        io_discard(f);
+        return io_error(err, LORA_ERR_IO, "cannot replace %s: %s", f->target, strerror(e));
+    }
+    f->staged = 0;
+    char dir[IO_PATH_MAX];
+    dir_of(f->target, dir);
+    io_fsync_dir(dir); /* best effort: the file is in place either way */
+    return LORA_OK;
+}
+
+void io_discard(io_staged *f)
+{
+    if (f->staged)
+        unlink(f->tmp);
+    f->staged = 0;
+}
+
+int io_write_file_atomic(const char *path, const void *data, size_t size, char *err)
+{
+    io_staged f;
+    const int st = io_stage(path, data, size, &f, err);
+    return st == LORA_OK ? io_commit(&f, err) : st;
 }
 
 int io_match_factor(const char *s, const char *const names[IO_TARGETS], const char *suffix_a,

@@ -139,9 +139,24 @@ int io_pread(int fd, void *buf, size_t n, uint64_t offset, const char *what, cha
  * Errors: IO (open/read/not a regular file), FORMAT (too large), NOMEM. */
 int io_read_file(const io_alloc *a, const char *path, size_t max_size, unsigned char **data,
                  size_t *size, char *err);
-/* Writes data to path through a temporary file in the same directory and a rename, so
- * readers never see a half-written file. Errors: IO. */
+/* Saving a file: io_stage writes data to a new temporary file beside the file path
+ * names (through symlinks: a save writes to the file a link leads to, the link stays)
+ * with the replaced file's permission bits (new files: 0666 less the umask), and
+ * fsyncs it; io_commit renames it into place and fsyncs the directory; io_discard
+ * removes a staged temporary. Several files can be staged before any is committed.
+ * Errors: IO (the message names the file and the reason, e.g. no space). */
+#define IO_PATH_MAX 4096
+typedef struct io_staged {
+    char target[IO_PATH_MAX], tmp[IO_PATH_MAX];
+    int staged;
+} io_staged;
+int io_stage(const char *path, const void *data, size_t size, io_staged *f, char *err);
+int io_commit(io_staged *f, char *err);
+void io_discard(io_staged *f);
+/* io_stage + io_commit. */
 int io_write_file_atomic(const char *path, const void *data, size_t size, char *err);
+/* fsync of a directory (0, or -1 with errno). */
+int io_fsync_dir(const char *dir);
 
 /* Parses a decimal layer index of [s, s+len): digits only, no leading zeros, < 2^31.
  * Returns -1 if malformed. */

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
 
@@ -76,8 +77,51 @@ static int config_json(const io_meta *meta, const io_record *r, size_t n, char *
     return *text ? LORA_OK : LORA_ERR_NOMEM;
 }
 
+/* The scale as __metadata__ strings ("r", "lora_alpha", "use_rslora", as in the config),
+ * so a reader can tell a weights file from another save than its config's. */
+typedef struct scale_strings {
+    char r[24], alpha[32];
+    const char *kv[6];
+} scale_strings;
+
+/* A number as JSON text (cJSON's: locale-independent, round-trips doubles). */
+static int number_text(double v, char *out, size_t n)
+{
+    cJSON *x = cJSON_CreateNumber(v);
+    char *t = x ? cJSON_PrintUnformatted(x) : NULL;
+    const int ok = t && strlen(t) < n;
+    if (ok)
+        strcpy(out, t);
+    cJSON_free(t);
+    cJSON_Delete(x);
+    return ok;
+}
+
+/* A number from JSON text; 0 if v is not exactly one. */
+static int text_number(const char *v, double *d)
+{
+    cJSON *x = cJSON_Parse(v);
+    const int ok = cJSON_IsNumber(x);
+    if (ok)
+        *d = x->valuedouble;
+    cJSON_Delete(x);
+    return ok;
+}
+
+static int scale_metadata(const io_meta *meta, scale_strings *m)
+{
+    if (!number_text((double)meta->rank, m->r, sizeof m->r) ||
+        !number_text(meta->alpha, m->alpha, sizeof m->alpha))
+        return LORA_ERR_NOMEM;
+    const char *kv[6] = {"r", m->r, "lora_alpha", m->alpha, "use_rslora",
+                         meta->rslora ? "true" : "false"};
+    memcpy(m->kv, kv, sizeof kv);
+    return LORA_OK;
+}
+
 /* The safetensors file of the records (names built here). */
-static int weights_file(const io_alloc *a, const io_record *r, size_t n, io_bytes *file)
+static int weights_file(const io_alloc *a, const io_meta *meta, const io_record *r, size_t n,
+                        io_bytes *file)
 {
     st_entry *e = io_calloc(a, n ? n : 1, sizeof *e);
     char *names = io_calloc(a, n ? n : 1, PEFT_MAX_NAME);
@@ -89,38 +133,71 @@ static int weights_file(const io_alloc *a, const io_record *r, size_t n, io_byte
                  r[k].which == LORA_B ? 'B' : 'A');
         e[k] = (st_entry){name, r[k].rows, r[k].cols, r[k].values};
     }
+    scale_strings m;
     if (st == LORA_OK)
-        st = st_write(a, e, n, file);
+        st = scale_metadata(meta, &m);
+    if (st == LORA_OK)
+        st = st_write(a, e, n, m.kv, 3, file);
     io_free(a, names);
     io_free(a, e);
     return st;
 }
 
-int io_peft_write(const io_alloc *a, const char *dir, const io_meta *meta,
-                  const io_record *r, size_t n, char *err)
+/* Stages both files, then renames the weights and the config into place: a failure
+ * before the renames leaves the old pair untouched; a pair torn between the renames is
+ * refused by the loader (the weights' __metadata__ contradicts the old config). */
+static int replace_pair(const char *dir, const io_bytes *weights, const char *json,
+                        char *err)
 {
-    char path[4096];
+    char path[IO_PATH_MAX];
+    io_staged w, c;
     if (!join_path(path, sizeof path, dir, PEFT_WEIGHTS))
         return io_error(err, LORA_ERR_IO, "path too long: %s", dir);
-    if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+    int st = io_stage(path, weights->p, weights->n, &w, err);
+    if (st != LORA_OK)
+        return st;
+    join_path(path, sizeof path, dir, PEFT_CONFIG); /* shorter than the weights path */
+    st = io_stage(path, json, strlen(json), &c, err);
+    if (st != LORA_OK) {
+        io_discard(&w);
+        return st;
+    }
+    st = io_commit(&w, err);
+    if (st == LORA_OK)
+        st = io_commit(&c, err);
+    io_discard(&c);
+    return st;
+}
+
+int io_peft_write(const io_alloc *a, const char *dir, const io_meta *meta, const io_record *r,
+                  size_t n, char *err)
+{
+    char parent[IO_PATH_MAX];
+    if (!join_path(parent, sizeof parent, dir, PEFT_WEIGHTS))
+        return io_error(err, LORA_ERR_IO, "path too long: %s", dir);
+    const int created = mkdir(dir, 0777) == 0;
+    if (!created && errno != EEXIST)
         return io_error(err, LORA_ERR_IO, "cannot create directory %s: %s", dir,
                         strerror(errno));
     io_bytes file = {0};
     char *json = NULL;
     int st;
-    if (weights_file(a, r, n, &file) != LORA_OK)
+    if (weights_file(a, meta, r, n, &file) != LORA_OK)
         st = io_error(err, LORA_ERR_NOMEM, "cannot allocate the safetensors file");
     else if (config_json(meta, r, n, &json) != LORA_OK)
         st = io_error(err, LORA_ERR_NOMEM, "cannot build adapter_config.json");
     else
-        st = io_write_file_atomic(path, file.p, file.n, err);
-    if (st == LORA_OK) {
-        join_path(path, sizeof path, dir, PEFT_CONFIG); /* shorter than the weights path */
-        st = io_write_file_atomic(path, json, strlen(json), err);
-    }
+        st = replace_pair(dir, &file, json, err);
     if (json)
         cJSON_free(json);
     io_bytes_free(a, &file);
+    if (created && st != LORA_OK) {
+        rmdir(dir); /* what this save created, and only that (empty again) */
+    } else if (created) {
+        /* The new directory's entry in its parent. */
+        snprintf(parent, sizeof parent, "%s/..", dir);
+        io_fsync_dir(parent);
+    }
     return st;
 }
 
@@ -266,6 +343,38 @@ static int tensor_record(const st_file *sf, const st_tensor *t, io_record *x, ch
     return LORA_OK;
 }
 
+/* The weights' __metadata__ (r, lora_alpha, use_rslora, when present: liblora writes
+ * them) must agree with the config: else the pair comes from two saves. */
+static int check_scale_metadata(const cJSON *md, const io_meta *meta, char *err)
+{
+    static const char *const keys[3] = {"r", "lora_alpha", "use_rslora"};
+    for (int k = 0; md && k < 3; k++) {
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(md, keys[k]);
+        if (!x)
+            continue;
+        const char *v = cJSON_IsString(x) ? x->valuestring : NULL;
+        double d = 0.0;
+        const int bad = !v || (k < 2 ? !text_number(v, &d)
+                                     : strcmp(v, "true") != 0 && strcmp(v, "false") != 0);
+        if (bad)
+            return io_error(err, LORA_ERR_FORMAT,
+                            PEFT_WEIGHTS ": __metadata__ %s is not a %s string", keys[k],
+                            k < 2 ? "number" : "true/false");
+        const int agrees = k == 0   ? d == (double)meta->rank
+                           : k == 1 ? d == meta->alpha
+                                    : (strcmp(v, "true") == 0) == (meta->rslora != 0);
+        if (!agrees)
+            return io_error(err, LORA_ERR_FORMAT,
+                            PEFT_CONFIG " and " PEFT_WEIGHTS " disagree on %s (config: %.17g, "
+                            "weights' __metadata__: %.40s): the files come from different "
+                            "saves",
+                            keys[k],
+                            k == 0 ? (double)meta->rank : k == 1 ? meta->alpha : meta->rslora,
+                            v);
+    }
+    return LORA_OK;
+}
+
 int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err)
 {
     io_source_init(s, a);
@@ -285,6 +394,7 @@ int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err)
         return st;
     s->json = sf.json; /* the records' names point into it */
     sf.json = NULL;
+    st = check_scale_metadata(sf.metadata, &s->meta, err);
     for (size_t i = 0; i < sf.n && st == LORA_OK; i++) {
         io_record x;
         st = tensor_record(&sf, &sf.t[i], &x, err);

@@ -179,6 +179,7 @@ static int parse_entries(const cJSON *root, uint64_t data_size, st_file *out, sp
             if (!cJSON_IsObject(it))
                 return io_error(err, LORA_ERR_FORMAT,
                                 "safetensors: __metadata__ is not an object");
+            out->metadata = it;
             continue;
         }
         const int st = parse_entry(it, data_size, &out->t[k], &spans[k], err);
@@ -217,11 +218,21 @@ int st_parse(const io_alloc *a, int fd, uint64_t size, st_file *out, char *err)
     return st;
 }
 
-int st_write(const io_alloc *a, const st_entry *e, size_t n, io_bytes *out)
+int st_write(const io_alloc *a, const st_entry *e, size_t n, const char *const *meta,
+             size_t n_meta, io_bytes *out)
 {
     io_bytes h = {0};
-    const char *meta = "{\"__metadata__\":{\"format\":\"pt\"}";
-    int st = io_bytes_append(a, &h, meta, strlen(meta));
+    const char *open = "{\"__metadata__\":{\"format\":\"pt\"";
+    int st = io_bytes_append(a, &h, open, strlen(open));
+    for (size_t i = 0; i < n_meta && st == LORA_OK; i++) {
+        char item[256];
+        const int len = snprintf(item, sizeof item, ",\"%s\":\"%s\"", meta[2 * i],
+                                 meta[2 * i + 1]);
+        st = len < 0 || (size_t)len >= sizeof item ? LORA_ERR_NOMEM /* ours: short */
+                                                   : io_bytes_append(a, &h, item, (size_t)len);
+    }
+    if (st == LORA_OK)
+        st = io_bytes_append(a, &h, "}", 1);
     uint64_t offset = 0;
     for (size_t i = 0; i < n && st == LORA_OK; i++) {
         const uint64_t bytes = (uint64_t)e[i].rows * (uint64_t)e[i].cols * 4u;

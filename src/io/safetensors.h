@@ -23,6 +23,7 @@ typedef struct st_file {
     st_tensor *t;
     size_t n;
     uint64_t data_start; /* file offset of the data: 8 + the header length */
+    const void *metadata; /* the __metadata__ object (cJSON, inside json) or NULL */
 } st_file;
 
 /* Reads the header of the safetensors file fd (size bytes) and checks it against the
@@ -39,8 +40,10 @@ typedef struct st_entry {
     const float *data;
 } st_entry;
 
-/* Serialises entries (in the given order) with __metadata__ {"format": "pt"}; the
- * header is space-padded so the data starts 8-byte aligned. Errors: NOMEM. */
-int st_write(const io_alloc *a, const st_entry *e, size_t n, io_bytes *out);
+/* Serialises entries (in the given order) with __metadata__ {"format": "pt"} and the
+ * n_meta pairs meta[2i] = meta[2i+1] (strings, ASCII without '"' or '\\'); the header
+ * is space-padded so the data starts 8-byte aligned. Errors: NOMEM. */
+int st_write(const io_alloc *a, const st_entry *e, size_t n, const char *const *meta,
+             size_t n_meta, io_bytes *out);
 
 #endif
