@@ -714,7 +714,8 @@ START_TEST(test_peft_hostile_headers)
         {"{\"r\": 2, \"rank_pattern\": {\"q_proj\": 4}}", LORA_ERR_UNSUPPORTED},
         {"{\"r\": 2, \"peft_type\": \"IA3\"}", LORA_ERR_UNSUPPORTED},
         {"{\"r\": 2}", LORA_OK},                                  /* alpha defaults to 8 */
-        {"{\"r\": 2, \"target_modules\": \"q_proj|v_proj\"}", LORA_OK}, /* a regex */
+        /* a regex (re.fullmatch over the module name, as PEFT) */
+        {"{\"r\": 2, \"target_modules\": \".*\\\\.(q_proj|v_proj)\"}", LORA_OK},
         {"{\"r\": 2, \"rank_pattern\": {}, \"alpha_pattern\": null}", LORA_OK},
     };
     for (size_t i = 0; i < sizeof configs / sizeof configs[0]; i++) {

@@ -658,6 +658,288 @@ START_TEST(test_gguf_padded_after_last_tensor)
 }
 END_TEST
 
+/* ---- PEFT parity: PEFT's reading rules, strict JSON, meaning-changing keys --------- */
+
+/* Replaces dir's adapter_config.json by {"r": 4, "lora_alpha": 8, <body>}. */
+static void write_config(const char *dir, const char *body)
+{
+    char text[2048];
+    snprintf(text, sizeof text, "{\"r\": 4, \"lora_alpha\": 8%s%s}", body[0] ? ", " : "", body);
+    char *cpath = path_in(dir, "adapter_config.json");
+    unlink(cpath);
+    fx_write_file(cpath, text, strlen(text));
+    free(cpath);
+}
+
+/* adapter_config.json read as PEFT reads it. The set: layers 5 and 0, targets Q and V,
+ * rank 4, alpha 8. Each row: a config body and the status PEFT's meaning implies. */
+START_TEST(test_peft_config_parity)
+{
+    fx_spec s = fx_default();
+    s.targets = LORA_TARGET_Q | LORA_TARGET_V;
+    lora_adapter *ad[2];
+    int64_t layers[2];
+    make_set(&s, ad, layers, 2);
+    char *dir = fx_tmpdir();
+    ck_assert_int_eq(lora_save_peft(dir, ad, layers, 2), LORA_OK);
+    lora_config *cfg = fx_config(&s);
+    static const struct {
+        const char *body;
+        int want;
+        const char *names; /* in the message, when set */
+    } rows[] = {
+        /* target_modules: exact names or dotted suffixes of model.layers.N.self_attn.X */
+        {"\"target_modules\": [\"self_attn.q_proj\", \"self_attn.v_proj\"]", LORA_OK, NULL},
+        {"\"target_modules\": [\"q_proj\", \"layers.5.self_attn.v_proj\", "
+         "\"model.layers.0.self_attn.v_proj\"]", LORA_OK, NULL},
+        {"\"target_modules\": [\"q_proj\", \"model.layers.0.self_attn.v_proj\"]",
+         LORA_ERR_FORMAT, "layers.5.self_attn.v_proj"},
+        {"\"target_modules\": [\"q_proj\", \"elf_attn.v_proj\"]", LORA_ERR_FORMAT, "v_proj"},
+        /* a string: "all-linear" (any case), else re.fullmatch over the module name */
+        {"\"target_modules\": \"all-linear\"", LORA_OK, NULL},
+        {"\"target_modules\": \"ALL-LINEAR\"", LORA_OK, NULL},
+        {"\"target_modules\": \".*\\\\.(q_proj|v_proj)\"", LORA_OK, NULL},
+        {"\"target_modules\": \"model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.[qv]_proj\"",
+         LORA_OK, NULL},
+        {"\"target_modules\": \"(?:.*)\\\\.[qv]_pro.*?\"", LORA_OK, NULL},
+        {"\"target_modules\": \"q_proj|v_proj\"", LORA_ERR_FORMAT, "regex"},
+        {"\"target_modules\": \".*\\\\.q_proj\"", LORA_ERR_FORMAT, "v_proj"},
+        {"\"target_modules\": \"(?=x).*\"", LORA_ERR_UNSUPPORTED, "target_modules"},
+        /* layers_to_transform (with the list form of target_modules) */
+        {"\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": [0, 5]",
+         LORA_OK, NULL},
+        {"\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": [0]",
+         LORA_ERR_FORMAT, "layers_to_transform"},
+        {"\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": 5",
+         LORA_ERR_FORMAT, "layers_to_transform"},
+        {"\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": []", LORA_OK,
+         NULL},
+        {"\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": [0.5]",
+         LORA_ERR_FORMAT, "layers_to_transform"},
+        {"\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": [0, 5], "
+         "\"layers_pattern\": \"layers\"", LORA_OK, NULL},
+        {"\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": [0, 5], "
+         "\"layers_pattern\": [\"h\"]", LORA_ERR_FORMAT, "layers_pattern"},
+        /* duplicate keys (Python keeps the last, cJSON the first) and escaped NULs */
+        {"\"lora_alpha\": 64", LORA_ERR_FORMAT, "lora_alpha"},
+        {"\"extra\": {\"x\": 1, \"x\": 2}", LORA_ERR_FORMAT, "'x'"},
+        {"\"peft_type\": \"LORA\\u0000XX\"", LORA_ERR_FORMAT, "u0000"},
+        {"\"task_type\": \"CAUSAL_LM\\u0000\"", LORA_ERR_FORMAT, "u0000"},
+        {"\"note\": \"C:\\\\u0000\"", LORA_OK, NULL}, /* an escaped backslash, then text */
+        /* keys that change what the adapter computes */
+        {"\"alora_invocation_tokens\": [101, 102]", LORA_ERR_UNSUPPORTED,
+         "alora_invocation_tokens"},
+        {"\"alora_invocation_tokens\": null", LORA_OK, NULL},
+        {"\"invocation_string\": \"<|assistant|>\"", LORA_ERR_UNSUPPORTED, "invocation_string"},
+        {"\"init_lora_weights\": \"pissa\"", LORA_ERR_UNSUPPORTED, "init_lora_weights"},
+        {"\"init_lora_weights\": \"pissa_niter_16\"", LORA_ERR_UNSUPPORTED, "pissa_niter_16"},
+        {"\"init_lora_weights\": \"olora\"", LORA_ERR_UNSUPPORTED, "olora"},
+        {"\"init_lora_weights\": \"corda\"", LORA_ERR_UNSUPPORTED, "corda"},
+        {"\"init_lora_weights\": \"gaussian\"", LORA_OK, NULL},
+        {"\"init_lora_weights\": true", LORA_OK, NULL},
+        {"\"layer_replication\": [[0, 4], [2, 5]]", LORA_ERR_UNSUPPORTED, "layer_replication"},
+        {"\"layer_replication\": null", LORA_OK, NULL},
+    };
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        write_config(dir, rows[i].body);
+        const int st = try_load(0, dir, cfg);
+        ck_assert_msg(st == rows[i].want, "row %zu (%s): status %d, want %d (%s)", i,
+                      rows[i].body, st, rows[i].want, lora_config_last_error(cfg));
+        ck_assert_msg(!rows[i].names || strstr(lora_config_last_error(cfg), rows[i].names),
+                      "row %zu: the message does not name %s: %s", i, rows[i].names,
+                      lora_config_last_error(cfg));
+    }
+    lora_config_destroy(cfg);
+    free_set(ad, 2);
+    fx_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+#define ST_NAME(layer, f) \
+    "base_model.model.model.layers." layer ".self_attn.q_proj.lora_" f ".weight"
+
+/* A safetensors file with header json (space-padded) and n zero bytes of data. */
+static void write_st(const char *dir, const char *json, size_t n)
+{
+    size_t len = strlen(json), padded = (len + 7) / 8 * 8;
+    unsigned char *b = calloc(8 + padded + n, 1);
+    for (int i = 0; i < 8; i++)
+        b[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    memcpy(b + 8, json, len);
+    memset(b + 8 + len, ' ', padded - len);
+    char *wpath = path_in(dir, "adapter_model.safetensors");
+    unlink(wpath);
+    fx_write_file(wpath, b, 8 + padded + n);
+    free(wpath);
+    free(b);
+}
+
+/* Safetensors headers: a field twice inside one tensor entry (the reference reader
+ * refuses it; cJSON kept the first) and an escaped NUL in a name are FORMAT; the layer
+ * index limit is 2^31 - 1 exactly, and a name must end exactly with .lora_A.weight. */
+START_TEST(test_safetensors_strict_names)
+{
+    fx_spec s = fx_default();
+    s.targets = LORA_TARGET_Q;
+    char *dir = fx_tmpdir();
+    lora_config *cfg = fx_config(&s);
+    write_config(dir, "");
+    static const struct {
+        const char *a_name, *a_extra, *b_name;
+        int want;
+    } rows[] = {
+        {ST_NAME("0", "A"), "", ST_NAME("0", "B"), LORA_OK},
+        /* the second of two equal fields (cJSON kept the first, which is valid) */
+        {ST_NAME("0", "A"), ",\"dtype\":\"F16\"", ST_NAME("0", "B"), LORA_ERR_FORMAT},
+        {ST_NAME("0", "A"), ",\"shape\":[8,8]", ST_NAME("0", "B"), LORA_ERR_FORMAT},
+        {ST_NAME("0", "A") "\\u0000x", "", ST_NAME("0", "B"), LORA_ERR_FORMAT},
+        {ST_NAME("2147483647", "A"), "", ST_NAME("2147483647", "B"), LORA_OK},
+        {ST_NAME("2147483648", "A"), "", ST_NAME("2147483648", "B"), LORA_ERR_UNSUPPORTED},
+        {ST_NAME("0", "A") "x", "", ST_NAME("0", "B"), LORA_ERR_UNSUPPORTED},
+        {ST_NAME("0", "A") ".weight", "", ST_NAME("0", "B"), LORA_ERR_UNSUPPORTED},
+    };
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        char json[1024];
+        snprintf(json, sizeof json,
+                 "{\"%s\":{\"dtype\":\"F32\",\"shape\":[4,16],\"data_offsets\":[0,256]%s},"
+                 "\"%s\":{\"dtype\":\"F32\",\"shape\":[16,4],\"data_offsets\":[256,512]}}",
+                 rows[i].a_name, rows[i].a_extra, rows[i].b_name);
+        write_st(dir, json, 512);
+        const int st = try_load(0, dir, cfg);
+        ck_assert_msg(st == rows[i].want, "row %zu: status %d, want %d (%s)", i, st,
+                      rows[i].want, lora_config_last_error(cfg));
+    }
+    lora_config_destroy(cfg);
+    fx_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* A GGUF adapter of layer `layer` (fx_default with target Q) with an optional extra
+ * key-value: a u32 array key of 2 entries; tensor names get `suffix` appended (with
+ * its length, so a NUL can be part of it). */
+static size_t build_gguf(unsigned char *buf, const char *layer, const char *extra_key,
+                         const char *suffix, size_t suffix_len)
+{
+    unsigned char *q = buf;
+    memcpy(q, "GGUF", 4);
+    q += 4;
+    put_u32(&q, 3);
+    put_u64(&q, 2);
+    put_u64(&q, extra_key ? 3 : 2);
+    put_str(&q, "general.type");
+    put_u32(&q, 8);
+    put_str(&q, "adapter");
+    put_str(&q, "adapter.type");
+    put_u32(&q, 8);
+    put_str(&q, "lora");
+    if (extra_key) {
+        put_str(&q, extra_key);
+        put_u32(&q, 9);
+        put_u32(&q, 4);
+        put_u64(&q, 2);
+        put_u32(&q, 101);
+        put_u32(&q, 102);
+    }
+    for (int t = 0; t < 2; t++) {
+        char name[128];
+        const int n = snprintf(name, sizeof name, "blk.%s.attn_q.weight.lora_%c", layer,
+                               t ? 'b' : 'a');
+        put_u64(&q, (uint64_t)n + suffix_len);
+        memcpy(q, name, (size_t)n);
+        memcpy(q + n, suffix, suffix_len);
+        q += (size_t)n + suffix_len;
+        put_u32(&q, 2);
+        put_u64(&q, t ? 4 : 16);
+        put_u64(&q, t ? 16 : 4);
+        put_u32(&q, 0);
+        put_u64(&q, t ? 256 : 0);
+    }
+    while ((q - buf) % 32)
+        *q++ = 0;
+    memset(q, 0, 512);
+    return (size_t)(q - buf) + 512;
+}
+
+/* GGUF: adapter.alora.invocation_tokens (llama.cpp's activated LoRA) is UNSUPPORTED
+ * naming the key; layer index 2^31 - 1 loads, 2^31 does not; a name with anything after
+ * .lora_a (a character, a NUL) is refused. */
+START_TEST(test_gguf_alora_and_names)
+{
+    fx_spec s = fx_default();
+    s.targets = LORA_TARGET_Q;
+    char *dir = fx_tmpdir();
+    char *gpath = path_in(dir, "a.gguf");
+    lora_config *cfg = fx_config(&s);
+    static const struct {
+        const char *layer, *extra_key, *suffix;
+        size_t suffix_len;
+        int want;
+    } rows[] = {
+        {"0", NULL, "", 0, LORA_OK},
+        {"0", "adapter.alora.invocation_tokens", "", 0, LORA_ERR_UNSUPPORTED},
+        {"0", "adapter.other.tokens", "", 0, LORA_OK},
+        {"2147483647", NULL, "", 0, LORA_OK},
+        {"2147483648", NULL, "", 0, LORA_ERR_UNSUPPORTED},
+        {"0", NULL, "x", 1, LORA_ERR_UNSUPPORTED},
+        {"0", NULL, "\0", 1, LORA_ERR_UNSUPPORTED},
+    };
+    unsigned char buf[2048];
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        const size_t n = build_gguf(buf, rows[i].layer, rows[i].extra_key, rows[i].suffix,
+                                    rows[i].suffix_len);
+        unlink(gpath);
+        fx_write_file(gpath, buf, n);
+        const int st = try_load(1, gpath, cfg);
+        ck_assert_msg(st == rows[i].want, "row %zu: status %d, want %d (%s)", i, st,
+                      rows[i].want, lora_config_last_error(cfg));
+        if (rows[i].extra_key && st != LORA_OK)
+            ck_assert(strstr(lora_config_last_error(cfg), rows[i].extra_key) != NULL);
+    }
+    lora_config_destroy(cfg);
+    fx_rmtree(dir);
+    free(gpath);
+    free(dir);
+}
+END_TEST
+
+/* Layer 2^31 - 1 is the largest a set can hold, in both formats, both ways. */
+START_TEST(test_layer_index_limit)
+{
+    fx_spec s = fx_default();
+    lora_adapter *ad[1];
+    int64_t layers[1];
+    make_set(&s, ad, layers, 1);
+    char *dir = fx_tmpdir();
+    char *gpath = path_in(dir, "a.gguf");
+    lora_config *cfg = fx_config(&s);
+    for (int gguf = 0; gguf < 2; gguf++) {
+        layers[0] = INT64_C(2147483648);
+        ck_assert_int_eq(gguf ? lora_save_gguf(gpath, ad, layers, 1, NULL)
+                              : lora_save_peft(dir, ad, layers, 1),
+                         LORA_ERR_INVALID_ARG);
+        layers[0] = INT64_C(2147483647);
+        ck_assert_int_eq(gguf ? lora_save_gguf(gpath, ad, layers, 1, NULL)
+                              : lora_save_peft(dir, ad, layers, 1),
+                         LORA_OK);
+        lora_adapter *got[1];
+        int64_t l = 0;
+        size_t n = 0;
+        ck_assert_int_eq(gguf ? lora_load_gguf(got, &l, 1, &n, gpath, cfg)
+                              : lora_load_peft(got, &l, 1, &n, dir, cfg),
+                         LORA_OK);
+        ck_assert(n == 1 && l == INT64_C(2147483647));
+        lora_adapter_destroy(got[0]);
+    }
+    lora_config_destroy(cfg);
+    free_set(ad, 1);
+    fx_rmtree(dir);
+    free(gpath);
+    free(dir);
+}
+END_TEST
+
 Suite *io_files_suite(void)
 {
     Suite *s = suite_create("io_files");
@@ -674,6 +956,13 @@ Suite *io_files_suite(void)
     tcase_add_test(tc, test_save_through_symlinks);
     tcase_add_test(tc, test_failed_save_leaves_old_adapter);
     tcase_add_test(tc, test_gguf_padded_after_last_tensor);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("parity");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, test_peft_config_parity);
+    tcase_add_test(tc, test_safetensors_strict_names);
+    tcase_add_test(tc, test_gguf_alora_and_names);
+    tcase_add_test(tc, test_layer_index_limit);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -107,7 +107,7 @@ static int set_records(lora_adapter *const *adapters, const int64_t *layers,
     int mask = 0;
     for (int t = 0; t < PROJ_COUNT; t++)
         mask |= a0->layer.proj[t].adapted << t;
-    *meta = (io_meta){a0->layer.rank, a0->cfg.alpha, (int)a0->cfg.rslora, 1, mask};
+    *meta = (io_meta){a0->layer.rank, a0->cfg.alpha, (int)a0->cfg.rslora, mask};
     size_t total = 0;
     for (io_walk w = {0}; io_walk_next(&w, count, mask);)
         total++;
@@ -261,10 +261,6 @@ static int group_records(io_records *rec, const io_meta *meta, file_shape *fs, c
         fs->mask = targets;
         fs->n_layers++;
     }
-    if (meta->targets_declared && (fs->mask & ~meta->targets))
-        return lora_set_error(err, LORA_ERR_FORMAT,
-                              "the tensors adapt targets 0x%x, the config declares 0x%x",
-                              (unsigned)fs->mask, (unsigned)meta->targets);
     return LORA_OK;
 }
 

@@ -383,6 +383,7 @@ static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err
     const int is_atype = key && str_eq(key, klen, "adapter.type");
     const int is_alpha = key && str_eq(key, klen, "adapter.lora.alpha");
     const int is_align = key && str_eq(key, klen, "general.alignment");
+    const int is_alora = key && str_eq(key, klen, "adapter.alora.invocation_tokens");
     char kname[GGUF_MAX_NAME + 1] = "";
     if (key)
         printable_name(kname, key, klen < GGUF_MAX_NAME ? klen : GGUF_MAX_NAME);
@@ -396,6 +397,9 @@ static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err
     if ((is_gtype && kv->seen_gtype++) || (is_atype && kv->seen_atype++) ||
         (is_alpha && kv->seen_alpha++) || (is_align && kv->seen_align++))
         return io_error(err, LORA_ERR_FORMAT, "GGUF: duplicate key %s", kname);
+    if (is_alora) /* activated LoRA: adapts only tokens from the invocation on */
+        return io_error(err, LORA_ERR_UNSUPPORTED,
+                        "GGUF: adapter.alora.invocation_tokens is set: not supported");
     if (is_gtype)
         return read_type_string(c, type, "general.type", "adapter", err);
     if (is_atype)
@@ -425,7 +429,7 @@ static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err
 static int read_kvs(cursor *c, uint64_t n_kv, gguf_kvs *kv, io_meta *meta, char *err)
 {
     *kv = (gguf_kvs){GGUF_ALIGNMENT, 0, 0, 0, 0};
-    *meta = (io_meta){0, NAN, 0, 0, 0}; /* alpha missing: alpha = rank, llama.cpp's scale 1 */
+    *meta = (io_meta){0, NAN, 0, 0}; /* alpha missing: alpha = rank, llama.cpp's scale 1 */
     for (uint64_t i = 0; i < n_kv; i++) {
         const int st = read_kv(c, i, kv, meta, err);
         if (st != LORA_OK)

@@ -75,8 +75,7 @@ typedef struct io_meta {
     int64_t rank;        /* 0: take it from the tensors */
     double alpha;        /* NAN: alpha = rank (GGUF's "alpha 0 or missing") */
     int rslora;
-    int targets_declared; /* the file lists its targets (PEFT target_modules) */
-    int targets;          /* then: the mask of listed targets (others may be listed too) */
+    int targets; /* write: the mask of adapted targets (a reader leaves it 0) */
 } io_meta;
 
 /* The factors of n_layers layers adapting the targets in mask, in file order: layer by
@@ -157,6 +156,11 @@ void io_discard(io_staged *f);
 int io_write_file_atomic(const char *path, const void *data, size_t size, char *err);
 /* fsync of a directory (0, or -1 with errno). */
 int io_fsync_dir(const char *dir);
+
+/* JSON text[0..len) parsed to root (a cJSON tree) holds no "\u0000" escape and no
+ * object with a key twice (json.c). what: the file, for messages. Errors: FORMAT, NOMEM. */
+int io_json_strict(const io_alloc *a, const char *text, size_t len, const void *root,
+                   const char *what, char *err);
 
 /* Parses a decimal layer index of [s, s+len): digits only, no leading zeros, < 2^31.
  * Returns -1 if malformed. */

@@ -10,13 +10,12 @@
 #include <cjson/cJSON.h>
 
 #include "io.h"
+#include "peft_config.h"
 #include "safetensors.h"
 
 #define PEFT_PREFIX "base_model.model.model.layers."
 #define PEFT_CONFIG "adapter_config.json"
 #define PEFT_WEIGHTS "adapter_model.safetensors"
-#define PEFT_MAX_CONFIG (16u << 20)
-#define PEFT_MAX_RANK (INT64_C(1) << 24) /* LORA_MAX_DIM */
 #define PEFT_MAX_NAME 96 /* bytes of a written tensor name, with the NUL */
 
 static const char *const module_names[IO_TARGETS] = {"q_proj", "k_proj", "v_proj", "o_proj"};
@@ -236,90 +235,6 @@ static int dtype_of(const char *s, io_dtype *d)
     return 0;
 }
 
-/* adapter_config.json -> header. */
-static int read_config(const io_alloc *a, const char *path, io_meta *h, char *err)
-{
-    unsigned char *buf;
-    size_t size;
-    int st = io_read_file(a, path, PEFT_MAX_CONFIG, &buf, &size, err);
-    if (st != LORA_OK)
-        return st;
-    if (memchr(buf, '\0', size)) {
-        io_free(a, buf);
-        return io_error(err, LORA_ERR_FORMAT, "%s: NUL byte in JSON", path);
-    }
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts((const char *)buf, size + 1, &end, 1);
-    io_free(a, buf);
-    if (!root || !cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        return io_error(err, LORA_ERR_FORMAT, "%s is not a JSON object", path);
-    }
-    /* PEFT's LoraConfig defaults apply to missing keys (r = 8, lora_alpha = 8). */
-    *h = (io_meta){8, 8.0, 0, 0, 0};
-    st = LORA_OK;
-    const cJSON *x;
-#define CFG_FAIL(code, ...) \
-    do {                                                     \
-        st = io_error(err, code, __VA_ARGS__);         \
-        goto out;                                            \
-    } while (0)
-    if ((x = cJSON_GetObjectItemCaseSensitive(root, "peft_type")) && !cJSON_IsNull(x)) {
-        if (!cJSON_IsString(x))
-            CFG_FAIL(LORA_ERR_FORMAT, "%s: peft_type is not a string", path);
-        if (strcmp(x->valuestring, "LORA") != 0)
-            CFG_FAIL(LORA_ERR_UNSUPPORTED, "%s: peft_type '%.32s' is not LORA", path,
-                     x->valuestring);
-    }
-    if ((x = cJSON_GetObjectItemCaseSensitive(root, "r"))) {
-        const double r = cJSON_IsNumber(x) ? x->valuedouble : -1.0;
-        if (!(r >= 1.0 && r <= (double)PEFT_MAX_RANK) || floor(r) != r)
-            CFG_FAIL(LORA_ERR_FORMAT, "%s: r is not an integer in [1, 2^24]", path);
-        h->rank = (int64_t)r;
-    }
-    if ((x = cJSON_GetObjectItemCaseSensitive(root, "lora_alpha"))) {
-        if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble))
-            CFG_FAIL(LORA_ERR_FORMAT, "%s: lora_alpha is not a finite number", path);
-        h->alpha = x->valuedouble;
-    }
-    if ((x = cJSON_GetObjectItemCaseSensitive(root, "use_rslora")) && !cJSON_IsNull(x)) {
-        if (!cJSON_IsBool(x))
-            CFG_FAIL(LORA_ERR_FORMAT, "%s: use_rslora is not a boolean", path);
-        h->rslora = cJSON_IsTrue(x);
-    }
-    static const char *const unsupported_true[] = {"use_dora", "fan_in_fan_out"};
-    for (size_t i = 0; i < 2; i++)
-        if ((x = cJSON_GetObjectItemCaseSensitive(root, unsupported_true[i])) &&
-            cJSON_IsTrue(x))
-            CFG_FAIL(LORA_ERR_UNSUPPORTED, "%s: %s = true is not supported", path,
-                     unsupported_true[i]);
-    static const char *const patterns[] = {"rank_pattern", "alpha_pattern"};
-    for (size_t i = 0; i < 2; i++)
-        if ((x = cJSON_GetObjectItemCaseSensitive(root, patterns[i])) && !cJSON_IsNull(x) &&
-            (!cJSON_IsObject(x) || x->child))
-            CFG_FAIL(LORA_ERR_UNSUPPORTED,
-                     "%s: a non-empty %s (per-module rank or alpha) is not supported", path,
-                     patterns[i]);
-    if ((x = cJSON_GetObjectItemCaseSensitive(root, "target_modules")) && cJSON_IsArray(x)) {
-        int mask = 0;
-        for (const cJSON *it = x->child; it; it = it->next) {
-            if (!cJSON_IsString(it))
-                CFG_FAIL(LORA_ERR_FORMAT, "%s: target_modules holds a non-string", path);
-            for (int t = 0; t < IO_TARGETS; t++)
-                if (strcmp(it->valuestring, module_names[t]) == 0)
-                    mask |= 1 << t;
-        }
-        h->targets_declared = 1;
-        h->targets = mask;
-    } else if (x && !cJSON_IsString(x) && !cJSON_IsNull(x)) {
-        CFG_FAIL(LORA_ERR_FORMAT, "%s: target_modules is neither a list nor a string", path);
-    }
-#undef CFG_FAIL
-out:
-    cJSON_Delete(root);
-    return st;
-}
-
 /* One safetensors tensor as a record. */
 static int tensor_record(const st_file *sf, const st_tensor *t, io_record *x, char *err)
 {
@@ -382,25 +297,30 @@ int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err)
     if (!join_path(path, sizeof path, dir, PEFT_WEIGHTS))
         return io_error(err, LORA_ERR_IO, "path too long: %s", dir);
     join_path(cpath, sizeof cpath, dir, PEFT_CONFIG);
-    int st = read_config(a, cpath, &s->meta, err);
+    peft_rules rules;
+    int st = peft_config_read(a, cpath, &s->meta, &rules, err);
     uint64_t size = 0;
     if (st == LORA_OK)
         st = io_open_regular(path, &s->fd, &size, err);
-    if (st != LORA_OK)
-        return st;
     st_file sf;
-    st = st_parse(a, s->fd, size, &sf, err);
-    if (st != LORA_OK)
+    if (st == LORA_OK)
+        st = st_parse(a, s->fd, size, &sf, err);
+    if (st != LORA_OK) {
+        peft_config_free(&rules);
         return st;
+    }
     s->json = sf.json; /* the records' names point into it */
     sf.json = NULL;
     st = check_scale_metadata(sf.metadata, &s->meta, err);
     for (size_t i = 0; i < sf.n && st == LORA_OK; i++) {
         io_record x;
         st = tensor_record(&sf, &sf.t[i], &x, err);
+        if (st == LORA_OK)
+            st = peft_config_targets(&rules, &x, err);
         if (st == LORA_OK && io_records_push(a, &s->rec, &x) != LORA_OK)
             st = io_error(err, LORA_ERR_NOMEM, "cannot allocate tensor entries");
     }
     st_free(a, &sf);
+    peft_config_free(&rules);
     return st;
 }

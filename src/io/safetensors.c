@@ -96,6 +96,8 @@ static int parse_header(const io_alloc *a, int fd, uint64_t size, cJSON **root,
             st = io_error(err, LORA_ERR_FORMAT, "safetensors: the header is not valid JSON");
         else if (!cJSON_IsObject(*root))
             st = io_error(err, LORA_ERR_FORMAT, "safetensors: the header is not an object");
+        else
+            st = io_json_strict(a, text, (size_t)hlen, *root, "safetensors header", err);
     }
     io_free(a, text);
     return st;
