@@ -106,7 +106,8 @@ int io_bytes_zeros(const io_alloc *a, io_bytes *b, size_t len)
     if (__builtin_add_overflow(b->n, len, &need) ||
         grow(a, (void **)&b->p, &b->cap, need, 1) != LORA_OK)
         return LORA_ERR_NOMEM;
-    memset(b->p + b->n, 0, len);
+    if (len)
+        memset(b->p + b->n, 0, len);
     b->n = need;
     return LORA_OK;
 }
