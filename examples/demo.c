@@ -231,7 +231,7 @@ int main(int argc, char **argv)
     lora_adapter *teacher = NULL, *student = NULL, *loaded = NULL, *plain = NULL;
     lora_optimizer *opt = NULL;
     lora_config *load_cfg = NULL;
-    char tmpdir[4096] = "", peftdir[4096] = "";
+    char tmpdir[4096] = "", peftdir[4096] = "", ggufpath[4096] = "";
 
     /* Frozen base, entries ~ N(0, 1/d_model): unit-scale inputs give unit-scale Q, K, V. */
     fill_normal(&rng, wq, N_W, 1.0 / sqrt(D_MODEL));
@@ -351,7 +351,7 @@ int main(int argc, char **argv)
                student))
         goto done;
 
-    /* ---- 2. save as a PEFT directory ---- */
+    /* ---- 2. save as a PEFT directory and as a llama.cpp GGUF file ---- */
     const char *tmp = getenv("TMPDIR");
     if (!tmp || !*tmp)
         tmp = "/tmp";
@@ -364,45 +364,55 @@ int main(int argc, char **argv)
         goto done;
     }
     snprintf(peftdir, sizeof peftdir, "%s/adapter", tmpdir);
+    snprintf(ggufpath, sizeof ggufpath, "%s/adapter.gguf", tmpdir);
     const int64_t layer = 0; /* a file holds a set of layers; this one has layer 0 only */
-    if (failed(lora_save_peft(peftdir, &student, &layer, 1), "save_peft", student))
+    if (failed(lora_save_peft(peftdir, &student, &layer, 1), "save_peft", student) ||
+        failed(lora_save_gguf(ggufpath, &student, &layer, 1, "llama"), "save_gguf", student))
         goto done;
-    printf("\n2. saved the student as a PEFT adapter: %s\n", peftdir);
+    printf("\n2. saved the student as a PEFT adapter (%s) and as a GGUF file:\n", peftdir);
     list_dir(peftdir);
+    list_dir(tmpdir);
 
-    /* ---- 3. load it back into a fresh adapter ---- */
+    /* ---- 3. load each back into a fresh adapter ---- */
     /* The files hold rank, alpha, targets and factors; the config supplies the rest
      * (d_model, heads, threads). The base weights belong to the base model: set them. */
-    size_t count = 0;
-    int64_t loaded_layer = -1;
     if (!(load_cfg = make_config(LORA_INIT_KAIMING_ZERO, 0, nthreads)))
         goto done;
-    int st = lora_load_peft(&loaded, &loaded_layer, 1, &count, peftdir, load_cfg);
-    if (st != LORA_OK) {
-        fprintf(stderr, "demo: load_peft %s failed: %s (%s)\n", peftdir,
-                lora_status_string(st), lora_config_last_error(load_cfg));
-        goto done;
-    }
-    if (count != 1 || loaded_layer != 0) {
-        fprintf(stderr, "demo: load_peft found %zu layers (first %lld), expected layer 0\n",
-                count, (long long)loaded_layer);
-        goto done;
-    }
-    if (set_base(loaded, wq, wk, wv) ||
-        failed(lora_forward(loaded, x, BATCH, SEQ_LEN, out2), "forward (loaded)", loaded))
-        goto done;
-    /* Factors are saved as F32, so they come back exactly; same weights, same inputs and
-     * the same thread count give bitwise the same output. */
     double diff, max_out;
-    compare(out, out2, N_ACT, &diff, &max_out);
-    const int same = memcmp(out, out2, sizeof out) == 0;
-    printf("\n3. loaded it into a fresh adapter: output on a held-out batch %s the "
-           "student's (max |diff| %.3g)\n",
-           same ? "is bitwise" : "DIFFERS from", diff);
-    if (!same) {
-        fprintf(stderr, "demo: FAILED: the loaded adapter's output differs from the "
-                        "student's\n");
-        goto done;
+    for (int gguf = 0; gguf < 2; gguf++) {
+        const char *what = gguf ? "GGUF" : "PEFT", *path = gguf ? ggufpath : peftdir;
+        size_t count = 0;
+        int64_t loaded_layer = -1;
+        lora_adapter_destroy(loaded);
+        loaded = NULL;
+        const int st = gguf ? lora_load_gguf(&loaded, &loaded_layer, 1, &count, path, load_cfg)
+                            : lora_load_peft(&loaded, &loaded_layer, 1, &count, path, load_cfg);
+        if (st != LORA_OK) {
+            fprintf(stderr, "demo: loading %s %s failed: %s (%s)\n", what, path,
+                    lora_status_string(st), lora_config_last_error(load_cfg));
+            goto done;
+        }
+        if (count != 1 || loaded_layer != 0) {
+            fprintf(stderr, "demo: %s file has %zu layers (first %lld), expected layer 0\n",
+                    what, count, (long long)loaded_layer);
+            goto done;
+        }
+        if (set_base(loaded, wq, wk, wv) ||
+            failed(lora_forward(loaded, x, BATCH, SEQ_LEN, out2), "forward (loaded)", loaded))
+            goto done;
+        /* Factors are saved as F32 and alpha = r is exact in GGUF's F32, so they come back
+         * exactly; same weights, inputs and thread count give bitwise the same output. */
+        compare(out, out2, N_ACT, &diff, &max_out);
+        const int same = memcmp(out, out2, sizeof out) == 0;
+        printf("%s3. loaded the %s file into a fresh adapter: output on a held-out batch %s "
+               "the student's (max |diff| %.3g)\n",
+               gguf ? "" : "\n", what, same ? "is bitwise" : "DIFFERS from", diff);
+        if (!same) {
+            fprintf(stderr, "demo: FAILED: the adapter loaded from %s differs from the "
+                            "student\n",
+                    what);
+            goto done;
+        }
     }
 
     /* ---- 4. merge ---- */

@@ -552,7 +552,11 @@ LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src
  * < 2^31). Every adapter of a set must have the same targets, rank, alpha and rsLoRA.
  * Formats: docs/format-peft.md, docs/format-gguf.md.
  *
- * Saving writes F32 tensors. On failure the message is in
+ * Saving writes F32 tensors to a temporary file beside each file it replaces (fsynced,
+ * then renamed into place; the directory is fsynced), keeping the replaced file's
+ * permission bits; a path that is a symlink is written through (the link stays, the
+ * file it leads to is replaced; a link that leads nowhere is IO). A failed save leaves
+ * the old files as they were and removes what it created. On failure the message is in
  * lora_adapter_last_error(adapters[0]) (when adapters and adapters[0] are not NULL).
  * Errors: INVALID_ARG (NULL, count 0, bad or duplicate layer, adapters that differ),
  * UNSUPPORTED (GGUF: alpha = 0, which llama.cpp reads as "scale 1"), IO, NOMEM.
@@ -573,8 +577,11 @@ LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src
  * layers_to_transform, ...) and adapter_model.safetensors with tensors
  * base_model.model.model.layers.{i}.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight,
  * lora_A (r, in), lora_B (out, r). dir is created if missing (parent must exist); both
- * files are written to temporaries and renamed into place. Loading accepts F32, F16,
- * BF16 and F64 tensors (converted to float). */
+ * files are written to temporaries before either is renamed into place, and the
+ * safetensors __metadata__ records r, lora_alpha and use_rslora: loading refuses
+ * (FORMAT, naming the field) a config that contradicts them, so new weights are never
+ * paired with an old config. Loading accepts F32, F16, BF16 and F64 tensors (converted
+ * to float). */
 LORA_API int lora_save_peft(const char *dir, lora_adapter *const *adapters,
                             const int64_t *layers, size_t count);
 LORA_API int lora_load_peft(lora_adapter **adapters, int64_t *layers, size_t capacity,

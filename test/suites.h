@@ -22,5 +22,6 @@ Suite *merge_suite(void);     /* merge/unmerge bound, safe merge, merged forward
 Suite *serving_suite(void);   /* borrowed bases, hot swap, concurrent tenants */
 Suite *io_suite(void);        /* PEFT and GGUF round trips, independent readers, fuzz */
 Suite *nonfinite_suite(void); /* overflowing results: NONFINITE, nothing changed */
+Suite *io_files_suite(void);  /* special paths, sparse files, torn saves, PEFT parity */
 
 #endif

@@ -666,9 +666,9 @@ START_TEST(test_peft_hostile_headers)
          "\"" NAME_B "\":{\"dtype\":\"F32\",\"shape\":[8,2],\"data_offsets\":[64,128]}}",
          128, -1, LORA_ERR_UNSUPPORTED},
         {"{\"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight\":{\"dtype\":\"F32\","
-         "\"shape\":[2,8],\"data_offsets\":[0,64]}}", 128, -1, LORA_ERR_UNSUPPORTED},
+         "\"shape\":[2,8],\"data_offsets\":[0,64]}}", 64, -1, LORA_ERR_UNSUPPORTED},
         {"{\"base_model.model.model.layers.01.self_attn.q_proj.lora_A.weight\":{\"dtype\":"
-         "\"F32\",\"shape\":[2,8],\"data_offsets\":[0,64]}}", 128, -1, LORA_ERR_UNSUPPORTED},
+         "\"F32\",\"shape\":[2,8],\"data_offsets\":[0,64]}}", 64, -1, LORA_ERR_UNSUPPORTED},
         {"{\"" NAME_A "\":{\"dtype\":\"F32\",\"shape\":[2,8],\"data_offsets\":[0,64]},"
          "\"" NAME_B "\":{\"dtype\":\"F32\",\"shape\":[8,2],\"data_offsets\":[64,128]},"
          "\"__metadata__\":5}", 128, -1, LORA_ERR_FORMAT},
@@ -714,7 +714,8 @@ START_TEST(test_peft_hostile_headers)
         {"{\"r\": 2, \"rank_pattern\": {\"q_proj\": 4}}", LORA_ERR_UNSUPPORTED},
         {"{\"r\": 2, \"peft_type\": \"IA3\"}", LORA_ERR_UNSUPPORTED},
         {"{\"r\": 2}", LORA_OK},                                  /* alpha defaults to 8 */
-        {"{\"r\": 2, \"target_modules\": \"q_proj|v_proj\"}", LORA_OK}, /* a regex */
+        /* a regex (re.fullmatch over the module name, as PEFT) */
+        {"{\"r\": 2, \"target_modules\": \".*\\\\.(q_proj|v_proj)\"}", LORA_OK},
         {"{\"r\": 2, \"rank_pattern\": {}, \"alpha_pattern\": null}", LORA_OK},
     };
     for (size_t i = 0; i < sizeof configs / sizeof configs[0]; i++) {
@@ -1084,7 +1085,11 @@ START_TEST(test_gguf_hostile)
         g_info(g, "blk.3.attn_q.weight.lora_a", pairs[i].a0, pairs[i].a1, 0, 0);
         g_info(g, "blk.3.attn_q.weight.lora_b", pairs[i].b0, pairs[i].b1, 0, pairs[i].boff);
         g_align(g, 32);
-        for (int k = 0; k < 256; k++)
+        /* The data end exactly with the later tensor, padded to 32 (no trailing bytes). */
+        const uint64_t a_end = pairs[i].a0 * pairs[i].a1 * 4;
+        const uint64_t b_end = pairs[i].boff + pairs[i].b0 * pairs[i].b1 * 4;
+        const uint64_t data = ((a_end > b_end ? a_end : b_end) + 31) / 32 * 32;
+        for (uint64_t k = 0; k < data; k++)
             g->b[g->n++] = 0;
         const int st = gguf_status(path, g, &s);
         ck_assert_msg(st == pairs[i].want, "pair case %zu: status %d, want %d", i, st,

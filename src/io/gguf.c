@@ -15,12 +15,12 @@
 
 #define GGUF_MAGIC "GGUF"
 #define GGUF_VERSION 3
-#define GGUF_DEFAULT_ALIGNMENT 32
+#define GGUF_ALIGNMENT 32 /* written, and the default when general.alignment is absent */
 #define GGUF_MAX_DIMS 4
 #define GGUF_MAX_NAME 63 /* GGML_MAX_NAME 64 with the terminating NUL */
 #define GGUF_MAX_KEY 65535
 #define GGUF_MAX_DEPTH 8 /* nested arrays */
-#define GGUF_MAX_FILE ((size_t)1 << 40)
+#define GGUF_WINDOW ((size_t)1 << 17) /* bytes of the header read at a time */
 
 enum gguf_type {
     GGUF_UINT8 = 0, GGUF_INT8 = 1, GGUF_UINT16 = 2, GGUF_INT16 = 3, GGUF_UINT32 = 4,
@@ -29,20 +29,20 @@ enum gguf_type {
 };
 enum { GGML_F32 = 0, GGML_F16 = 1, GGML_BF16 = 30, GGML_TYPE_LIMIT = 64 };
 
-static const char *const tensor_names[PROJ_COUNT] = {"attn_q", "attn_k", "attn_v",
+static const char *const tensor_names[IO_TARGETS] = {"attn_q", "attn_k", "attn_v",
                                                      "attn_output"};
 
 /* ---- save ------------------------------------------------------------------------- */
 
-static int put_string(const lora_mem *m, io_bytes *b, const char *s)
+static int put_string(const io_alloc *a, io_bytes *b, const char *s)
 {
     const size_t n = strlen(s);
-    return io_bytes_u64(m, b, n) || io_bytes_append(m, b, s, n) ? LORA_ERR_NOMEM : LORA_OK;
+    return io_bytes_u64(a, b, n) || io_bytes_append(a, b, s, n) ? LORA_ERR_NOMEM : LORA_OK;
 }
 
-static int put_kv_string(const lora_mem *m, io_bytes *b, const char *key, const char *v)
+static int put_kv_string(const io_alloc *a, io_bytes *b, const char *key, const char *v)
 {
-    return put_string(m, b, key) || io_bytes_u32(m, b, GGUF_STRING) || put_string(m, b, v)
+    return put_string(a, b, key) || io_bytes_u32(a, b, GGUF_STRING) || put_string(a, b, v)
                ? LORA_ERR_NOMEM
                : LORA_OK;
 }
@@ -59,144 +59,140 @@ static int valid_arch(const char *s)
     return 1;
 }
 
-LORA_API int lora_save_gguf(const char *path, lora_adapter *const *adapters,
-                            const int64_t *layers, size_t count, const char *architecture)
+static size_t align_up(size_t n) { return (n + GGUF_ALIGNMENT - 1) & ~(size_t)(GGUF_ALIGNMENT - 1); }
+
+/* The header and key-values. */
+static int put_header(const io_alloc *a, io_bytes *b, size_t n_tensors, const char *arch,
+                      float alpha)
 {
-    size_t *order = NULL;
-    int st = io_check_set(adapters, layers, count, &order);
-    if (st != LORA_OK)
-        return st;
-    lora_adapter *a0 = adapters[0];
-    const lora_mem *m = &a0->mem;
-    char *err = a0->err;
-    const char *arch = architecture ? architecture : "llama";
-    io_bytes b = {0};
-    if (!path) {
-        st = lora_set_error(err, LORA_ERR_INVALID_ARG, "path is NULL");
-        goto done;
-    }
-    if (!valid_arch(arch)) {
-        st = lora_set_error(err, LORA_ERR_INVALID_ARG,
-                            "architecture '%.64s' is not a lowercase name ([a-z0-9_-]+)", arch);
-        goto done;
-    }
-    const double rank = (double)a0->layer.rank;
-    const double alpha = io_adapter_rslora(a0) ? io_adapter_alpha(a0) * sqrt(rank)
-                                               : io_adapter_alpha(a0);
-    const float alpha32 = (float)alpha;
-    if (alpha32 == 0.0f || !isfinite(alpha32)) {
-        st = lora_set_error(err, LORA_ERR_UNSUPPORTED,
-                            "alpha %g cannot be stored: llama.cpp reads adapter.lora.alpha = 0 "
-                            "as scale 1, and it is an F32",
-                            alpha);
-        goto done;
-    }
-    int n_targets = 0;
-    for (int t = 0; t < PROJ_COUNT; t++)
-        n_targets += a0->layer.proj[t].adapted;
-    const uint64_t n_tensors = (uint64_t)count * (uint64_t)n_targets * 2u;
     uint32_t alpha_bits;
-    memcpy(&alpha_bits, &alpha32, 4);
-    int fail = io_bytes_append(m, &b, GGUF_MAGIC, 4) || io_bytes_u32(m, &b, GGUF_VERSION) ||
-               io_bytes_u64(m, &b, n_tensors) || io_bytes_u64(m, &b, 4) ||
-               put_kv_string(m, &b, "general.architecture", arch) ||
-               put_kv_string(m, &b, "general.type", "adapter") ||
-               put_kv_string(m, &b, "adapter.type", "lora") ||
-               put_string(m, &b, "adapter.lora.alpha") || io_bytes_u32(m, &b, GGUF_FLOAT32) ||
-               io_bytes_u32(m, &b, alpha_bits);
-    /* Tensor infos; data laid out in the same order, each start aligned. */
-    uint64_t offset = 0;
-    for (size_t i = 0; i < count && !fail; i++) {
-        const lora_adapter *ad = adapters[order[i]];
-        for (int t = 0; t < PROJ_COUNT && !fail; t++) {
-            const layer_proj *p = &ad->layer.proj[t];
-            if (!p->adapted)
-                continue;
-            for (int w = 0; w < 2 && !fail; w++) {
-                char name[64];
-                snprintf(name, sizeof name, "blk.%lld.%s.weight.lora_%c",
-                         (long long)layers[order[i]], tensor_names[t], w ? 'b' : 'a');
-                const int64_t rows = w ? p->out : ad->layer.rank;
-                const int64_t cols = w ? ad->layer.rank : p->in;
-                offset = (offset + GGUF_DEFAULT_ALIGNMENT - 1) &
-                         ~(uint64_t)(GGUF_DEFAULT_ALIGNMENT - 1);
-                fail = put_string(m, &b, name) || io_bytes_u32(m, &b, 2) ||
-                       io_bytes_u64(m, &b, (uint64_t)cols) ||
-                       io_bytes_u64(m, &b, (uint64_t)rows) || io_bytes_u32(m, &b, GGML_F32) ||
-                       io_bytes_u64(m, &b, offset);
-                offset += (uint64_t)rows * (uint64_t)cols * 4u;
-            }
-        }
-    }
-    /* Data: padding before each tensor, none after the last one. */
-    const size_t data_start = (b.n + GGUF_DEFAULT_ALIGNMENT - 1) &
-                              ~(size_t)(GGUF_DEFAULT_ALIGNMENT - 1);
+    memcpy(&alpha_bits, &alpha, 4);
+    return io_bytes_append(a, b, GGUF_MAGIC, 4) || io_bytes_u32(a, b, GGUF_VERSION) ||
+                   io_bytes_u64(a, b, n_tensors) || io_bytes_u64(a, b, 4) ||
+                   put_kv_string(a, b, "general.architecture", arch) ||
+                   put_kv_string(a, b, "general.type", "adapter") ||
+                   put_kv_string(a, b, "adapter.type", "lora") ||
+                   put_string(a, b, "adapter.lora.alpha") ||
+                   io_bytes_u32(a, b, GGUF_FLOAT32) || io_bytes_u32(a, b, alpha_bits)
+               ? LORA_ERR_NOMEM
+               : LORA_OK;
+}
+
+/* One tensor: its info into b, its data (aligned) into data. */
+static int put_tensor(const io_alloc *a, io_bytes *b, io_bytes *data, const io_record *r)
+{
+    char name[GGUF_MAX_NAME + 1];
+    snprintf(name, sizeof name, "blk.%lld.%s.weight.lora_%c", (long long)r->layer,
+             tensor_names[r->target], r->which == LORA_B ? 'b' : 'a');
+    const size_t offset = align_up(data->n);
+    return put_string(a, b, name) || io_bytes_u32(a, b, 2) ||
+                   io_bytes_u64(a, b, (uint64_t)r->cols) ||
+                   io_bytes_u64(a, b, (uint64_t)r->rows) || io_bytes_u32(a, b, GGML_F32) ||
+                   io_bytes_u64(a, b, offset) || io_bytes_zeros(a, data, offset - data->n) ||
+                   io_bytes_f32(a, data, r->values, (size_t)(r->rows * r->cols))
+               ? LORA_ERR_NOMEM
+               : LORA_OK;
+}
+
+int io_gguf_write(const io_alloc *a, const char *path, const io_meta *meta,
+                  const char *architecture, const io_record *r, size_t n, char *err)
+{
+    const char *arch = architecture ? architecture : "llama";
+    if (!valid_arch(arch))
+        return io_error(err, LORA_ERR_INVALID_ARG,
+                        "architecture '%.64s' is not a lowercase name ([a-z0-9_-]+)", arch);
+    /* GGUF has no rsLoRA flag: alpha·√r gives llama.cpp's alpha/r the same scale. */
+    const double alpha = meta->rslora ? meta->alpha * sqrt((double)meta->rank) : meta->alpha;
+    const float alpha32 = (float)alpha;
+    if (alpha32 == 0.0f || !isfinite(alpha32))
+        return io_error(err, LORA_ERR_UNSUPPORTED,
+                        "alpha %g cannot be stored: llama.cpp reads adapter.lora.alpha = 0 "
+                        "as scale 1, and it is an F32",
+                        alpha);
+    io_bytes b = {0}, data = {0};
+    int fail = put_header(a, &b, n, arch, alpha32);
+    for (size_t i = 0; i < n && !fail; i++)
+        fail = put_tensor(a, &b, &data, &r[i]);
+    /* Data start: the infos' end, aligned; the data padded to the alignment too (ggml's
+     * gguf_init_from_file with no_alloc = false reads whole aligned blocks). */
     if (!fail)
-        fail = io_bytes_zeros(m, &b, data_start - b.n);
-    for (size_t i = 0; i < count && !fail; i++) {
-        const lora_adapter *ad = adapters[order[i]];
-        for (int t = 0; t < PROJ_COUNT && !fail; t++) {
-            const layer_proj *p = &ad->layer.proj[t];
-            if (!p->adapted)
-                continue;
-            for (int w = 0; w < 2 && !fail; w++) {
-                const size_t rel = b.n - data_start;
-                const size_t pad = (GGUF_DEFAULT_ALIGNMENT - rel % GGUF_DEFAULT_ALIGNMENT) %
-                                   GGUF_DEFAULT_ALIGNMENT;
-                const size_t n = (size_t)(w ? p->out * ad->layer.rank : ad->layer.rank * p->in);
-                fail = io_bytes_zeros(m, &b, pad) || io_bytes_f32(m, &b, w ? p->b : p->a, n);
-            }
-        }
-    }
-    if (fail) {
-        st = lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate the GGUF file");
-        goto done;
-    }
-    st = io_write_file_atomic(path, b.p, b.n, err);
-    if (st == LORA_OK)
-        err[0] = '\0';
-done:
-    io_bytes_free(m, &b);
-    lora_mem_free(m, order);
+        fail = io_bytes_zeros(a, &data, align_up(data.n) - data.n) ||
+               io_bytes_zeros(a, &b, align_up(b.n) - b.n) ||
+               io_bytes_append(a, &b, data.p, data.n);
+    io_bytes_free(a, &data);
+    int st = fail ? io_error(err, LORA_ERR_NOMEM, "cannot allocate the GGUF file")
+                  : io_write_file_atomic(path, b.p, b.n, err);
+    io_bytes_free(a, &b);
     return st;
 }
 
 /* ---- load ------------------------------------------------------------------------- */
 
-/* A bounds-checked reader over the file buffer. Every read fails (returns 0) rather
- * than step past the end. */
+/* A bounds-checked reader over the file, through a window of at most GGUF_WINDOW bytes:
+ * only the bytes the header consists of are read, never skipped values or tensor data.
+ * Every read fails (returns 0) rather than step past the end; a failed read of the file
+ * itself sets read_error. */
 typedef struct cursor {
-    const unsigned char *p;
-    size_t size, pos;
+    int fd;
+    uint64_t size, pos;  /* the file's size, the read position */
+    unsigned char *win;  /* the file's bytes [win_at, win_at + win_len) */
+    uint64_t win_at;
+    size_t win_len, win_cap;
+    int read_error;
 } cursor;
 
-static int need(const cursor *c, uint64_t n) { return n <= (uint64_t)(c->size - c->pos); }
+static int need(const cursor *c, uint64_t n) { return n <= c->size - c->pos; }
+
+/* The n (<= win_cap) bytes at pos, or NULL when the file has fewer. */
+static const unsigned char *peek(cursor *c, size_t n)
+{
+    if (!need(c, n) || n > c->win_cap)
+        return NULL;
+    if (c->pos < c->win_at || c->pos + n > c->win_at + c->win_len) {
+        const uint64_t left = c->size - c->pos;
+        const size_t len = left < c->win_cap ? (size_t)left : c->win_cap;
+        char ignored[IO_ERRMSG_SIZE];
+        if (io_pread(c->fd, c->win, len, c->pos, "", ignored) != LORA_OK) {
+            c->read_error = 1;
+            c->win_len = 0;
+            return NULL;
+        }
+        c->win_at = c->pos;
+        c->win_len = len;
+    }
+    return c->win + (c->pos - c->win_at);
+}
 
 static int rd_u32(cursor *c, uint32_t *v)
 {
-    if (!need(c, 4))
+    const unsigned char *p = peek(c, 4);
+    if (!p)
         return 0;
-    *v = io_le32(c->p + c->pos);
+    *v = io_le32(p);
     c->pos += 4;
     return 1;
 }
 
 static int rd_u64(cursor *c, uint64_t *v)
 {
-    if (!need(c, 8))
+    const unsigned char *p = peek(c, 8);
+    if (!p)
         return 0;
-    *v = io_le64(c->p + c->pos);
+    *v = io_le64(p);
     c->pos += 8;
     return 1;
 }
 
-/* A string: *s points into the buffer (not terminated), *len its length. */
+/* A string of *len bytes: *s points at them (valid until the next read; NULL when longer
+ * than GGUF_MAX_KEY: such strings are only skipped). */
 static int rd_str(cursor *c, const unsigned char **s, uint64_t *len)
 {
     if (!rd_u64(c, len) || !need(c, *len))
         return 0;
-    *s = c->p + c->pos;
-    c->pos += (size_t)*len;
+    *s = NULL;
+    if (*len <= GGUF_MAX_KEY && !(*s = peek(c, (size_t)*len)) && c->read_error)
+        return 0;
+    c->pos += *len;
     return 1;
 }
 
@@ -216,9 +212,8 @@ static int skip_value(cursor *c, uint32_t type, int depth)
 {
     const size_t sz = scalar_size(type);
     if (sz) {
-        if (!need(c, sz))
-            return 0;
-        if (type == GGUF_BOOL && c->p[c->pos] > 1)
+        const unsigned char *p = peek(c, sz);
+        if (!p || (type == GGUF_BOOL && p[0] > 1))
             return 0;
         c->pos += sz;
         return 1;
@@ -239,7 +234,7 @@ static int skip_value(cursor *c, uint32_t type, int depth)
         uint64_t bytes;
         if (__builtin_mul_overflow(n, (uint64_t)esz, &bytes) || !need(c, bytes))
             return 0;
-        c->pos += (size_t)bytes;
+        c->pos += bytes;
         return 1;
     }
     /* Strings, bools and arrays: each consumes at least one byte, so the loop ends
@@ -254,9 +249,9 @@ static int skip_value(cursor *c, uint32_t type, int depth)
 static int rd_number(cursor *c, uint32_t type, double *v)
 {
     const size_t sz = scalar_size(type);
-    if (!sz || type == GGUF_BOOL || !need(c, sz))
+    const unsigned char *p = sz && type != GGUF_BOOL ? peek(c, sz) : NULL;
+    if (!p)
         return 0;
-    const unsigned char *p = c->p + c->pos;
     switch (type) {
     case GGUF_UINT8: *v = p[0]; break;
     case GGUF_INT8: *v = (int8_t)p[0]; break;
@@ -308,7 +303,7 @@ static int parse_name(const unsigned char *s, size_t len, int64_t *layer_idx, in
 }
 
 typedef struct tensor_span {
-    uint64_t begin, end;
+    uint64_t begin, end; /* relative to the data start */
 } tensor_span;
 
 static int cmp_tspan(const void *a, const void *b)
@@ -317,232 +312,287 @@ static int cmp_tspan(const void *a, const void *b)
     return (x->begin > y->begin) - (x->begin < y->begin);
 }
 
-/* Parses buf into factors; names are copied into *names (through m). */
-static int parse_gguf(const lora_mem *m, const unsigned char *buf, size_t size,
-                      io_header *h, io_factors *f, char **names, char *err)
+/* Copies a name of nlen (<= GGUF_MAX_NAME) bytes into nm, printable for messages. */
+static void printable_name(char *nm, const unsigned char *name, uint64_t nlen)
 {
-    cursor c = {buf, size, 0};
+    memcpy(nm, name, (size_t)nlen);
+    nm[nlen] = '\0';
+    for (uint64_t j = 0; j < nlen; j++)
+        if (!nm[j] || nm[j] < 0x20 || nm[j] > 0x7e)
+            nm[j] = '?';
+}
+
+/* What the key-values say that the tensors need. */
+typedef struct gguf_kvs {
+    uint64_t alignment;
+    int seen_gtype, seen_atype, seen_alpha, seen_align;
+} gguf_kvs;
+
+/* Magic, version and counts. */
+static int read_header(cursor *c, uint64_t *n_tensors, uint64_t *n_kv, char *err)
+{
     uint32_t version;
-    uint64_t n_tensors, n_kv;
-    if (!need(&c, 4) || memcmp(buf, GGUF_MAGIC, 4) != 0)
-        return lora_set_error(err, LORA_ERR_FORMAT, "not a GGUF file (magic)");
-    c.pos = 4;
-    if (!rd_u32(&c, &version))
-        return lora_set_error(err, LORA_ERR_FORMAT, "GGUF: truncated header");
+    const unsigned char *magic = peek(c, 4);
+    if (!magic || memcmp(magic, GGUF_MAGIC, 4) != 0)
+        return io_error(err, LORA_ERR_FORMAT, "not a GGUF file (magic)");
+    c->pos = 4;
+    if (!rd_u32(c, &version))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated header");
     if (version == 1)
-        return lora_set_error(err, LORA_ERR_UNSUPPORTED, "GGUF v1 is not supported (v2, v3)");
+        return io_error(err, LORA_ERR_UNSUPPORTED, "GGUF v1 is not supported (v2, v3)");
     if (version != 2 && version != 3)
-        return lora_set_error(err, LORA_ERR_FORMAT,
-                              "GGUF: version %u (a big-endian file, or not GGUF)", version);
-    if (!rd_u64(&c, &n_tensors) || !rd_u64(&c, &n_kv))
-        return lora_set_error(err, LORA_ERR_FORMAT, "GGUF: truncated header");
+        return io_error(err, LORA_ERR_FORMAT,
+                        "GGUF: version %u (a big-endian file, or not GGUF)", version);
+    if (!rd_u64(c, n_tensors) || !rd_u64(c, n_kv))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated header");
     /* Each tensor info takes at least 8 + 4 + 4 + 8 bytes, each KV at least 8 + 4 + 1. */
-    if (n_tensors > size / 24 || n_kv > size / 13)
-        return lora_set_error(err, LORA_ERR_FORMAT,
-                              "GGUF: %llu tensors / %llu keys cannot fit in %zu bytes",
-                              (unsigned long long)n_tensors, (unsigned long long)n_kv, size);
+    if (*n_tensors > c->size / 24 || *n_kv > c->size / 13)
+        return io_error(err, LORA_ERR_FORMAT,
+                        "GGUF: %llu tensors / %llu keys cannot fit in %llu bytes",
+                        (unsigned long long)*n_tensors, (unsigned long long)*n_kv,
+                        (unsigned long long)c->size);
+    return LORA_OK;
+}
 
-    uint64_t alignment = GGUF_DEFAULT_ALIGNMENT;
-    int seen_gtype = 0, seen_atype = 0, seen_alpha = 0, seen_align = 0;
-    h->rank = 0;
-    h->alpha = NAN; /* missing: alpha = rank, as llama.cpp (scale 1) */
-    h->rslora = 0;
-    h->allowed_targets = 0;
+/* A string value that must equal want (general.type, adapter.type). */
+static int read_type_string(cursor *c, uint32_t type, const char *key, const char *want,
+                            char *err)
+{
+    const unsigned char *sv;
+    uint64_t slen;
+    if (type != GGUF_STRING || !rd_str(c, &sv, &slen))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: %s is not a string", key);
+    if (!sv || !str_eq(sv, slen, want))
+        return io_error(err, LORA_ERR_UNSUPPORTED, "GGUF: %s is '%.*s', not '%s'", key,
+                        sv ? (int)(slen < 32 ? slen : 32) : 0, sv ? (const char *)sv : "",
+                        want);
+    return LORA_OK;
+}
+
+/* One key-value: the keys liblora reads, the rest skipped. */
+static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err)
+{
+    const unsigned char *key;
+    uint64_t klen;
+    uint32_t type;
+    if (!rd_str(c, &key, &klen))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated key-value %llu",
+                        (unsigned long long)i);
+    /* key is valid until the next read: keep what the messages need. */
+    const int is_gtype = key && str_eq(key, klen, "general.type");
+    const int is_atype = key && str_eq(key, klen, "adapter.type");
+    const int is_alpha = key && str_eq(key, klen, "adapter.lora.alpha");
+    const int is_align = key && str_eq(key, klen, "general.alignment");
+    const int is_alora = key && str_eq(key, klen, "adapter.alora.invocation_tokens");
+    char kname[GGUF_MAX_NAME + 1] = "";
+    if (key)
+        printable_name(kname, key, klen < GGUF_MAX_NAME ? klen : GGUF_MAX_NAME);
+    if (!rd_u32(c, &type))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated key-value %llu",
+                        (unsigned long long)i);
+    if (klen == 0 || klen > GGUF_MAX_KEY || type >= GGUF_TYPE_COUNT)
+        return io_error(err, LORA_ERR_FORMAT,
+                        "GGUF: key-value %llu has a bad key length or type %u",
+                        (unsigned long long)i, type);
+    if ((is_gtype && kv->seen_gtype++) || (is_atype && kv->seen_atype++) ||
+        (is_alpha && kv->seen_alpha++) || (is_align && kv->seen_align++))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: duplicate key %s", kname);
+    if (is_alora) /* activated LoRA: adapts only tokens from the invocation on */
+        return io_error(err, LORA_ERR_UNSUPPORTED,
+                        "GGUF: adapter.alora.invocation_tokens is set: not supported");
+    if (is_gtype)
+        return read_type_string(c, type, "general.type", "adapter", err);
+    if (is_atype)
+        return read_type_string(c, type, "adapter.type", "lora", err);
+    if (is_alpha) {
+        double alpha;
+        if (!rd_number(c, type, &alpha) || !isfinite(alpha))
+            return io_error(err, LORA_ERR_FORMAT,
+                            "GGUF: adapter.lora.alpha is not a finite number");
+        if (alpha != 0.0)
+            meta->alpha = alpha;
+        return LORA_OK;
+    }
+    if (is_align) {
+        uint32_t align;
+        if (type != GGUF_UINT32 || !rd_u32(c, &align) || align == 0 || (align & (align - 1)))
+            return io_error(err, LORA_ERR_FORMAT,
+                            "GGUF: general.alignment is not a u32 power of two");
+        kv->alignment = align;
+        return LORA_OK;
+    }
+    if (!skip_value(c, type, 0))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: malformed value of key %s", kname);
+    return LORA_OK;
+}
+
+static int read_kvs(cursor *c, uint64_t n_kv, gguf_kvs *kv, io_meta *meta, char *err)
+{
+    *kv = (gguf_kvs){GGUF_ALIGNMENT, 0, 0, 0, 0};
+    *meta = (io_meta){0, NAN, 0, 0}; /* alpha missing: alpha = rank, llama.cpp's scale 1 */
     for (uint64_t i = 0; i < n_kv; i++) {
-        const unsigned char *key, *sv;
-        uint64_t klen, slen;
-        uint32_t type;
-        if (!rd_str(&c, &key, &klen) || !rd_u32(&c, &type))
-            return lora_set_error(err, LORA_ERR_FORMAT, "GGUF: truncated key-value %llu",
-                                  (unsigned long long)i);
-        if (klen == 0 || klen > GGUF_MAX_KEY || type >= GGUF_TYPE_COUNT)
-            return lora_set_error(err, LORA_ERR_FORMAT,
-                                  "GGUF: key-value %llu has a bad key length or type %u",
-                                  (unsigned long long)i, type);
-        const int is_gtype = str_eq(key, klen, "general.type");
-        const int is_atype = str_eq(key, klen, "adapter.type");
-        const int is_alpha = str_eq(key, klen, "adapter.lora.alpha");
-        const int is_align = str_eq(key, klen, "general.alignment");
-        if ((is_gtype && seen_gtype++) || (is_atype && seen_atype++) ||
-            (is_alpha && seen_alpha++) || (is_align && seen_align++))
-            return lora_set_error(err, LORA_ERR_FORMAT, "GGUF: duplicate key %.*s", (int)klen,
-                                  (const char *)key);
-        if (is_gtype || is_atype) {
-            if (type != GGUF_STRING || !rd_str(&c, &sv, &slen))
-                return lora_set_error(err, LORA_ERR_FORMAT, "GGUF: %s is not a string",
-                                      is_gtype ? "general.type" : "adapter.type");
-            if (is_gtype && !str_eq(sv, slen, "adapter"))
-                return lora_set_error(err, LORA_ERR_UNSUPPORTED,
-                                      "GGUF: general.type is '%.*s', not 'adapter'",
-                                      (int)(slen < 32 ? slen : 32), (const char *)sv);
-            if (is_atype && !str_eq(sv, slen, "lora"))
-                return lora_set_error(err, LORA_ERR_UNSUPPORTED,
-                                      "GGUF: adapter.type is '%.*s', not 'lora'",
-                                      (int)(slen < 32 ? slen : 32), (const char *)sv);
-        } else if (is_alpha) {
-            double a;
-            if (!rd_number(&c, type, &a) || !isfinite(a))
-                return lora_set_error(err, LORA_ERR_FORMAT,
-                                      "GGUF: adapter.lora.alpha is not a finite number");
-            if (a != 0.0)
-                h->alpha = a;
-        } else if (is_align) {
-            uint32_t a;
-            if (type != GGUF_UINT32 || !rd_u32(&c, &a) || a == 0 || (a & (a - 1)) != 0)
-                return lora_set_error(err, LORA_ERR_FORMAT,
-                                      "GGUF: general.alignment is not a u32 power of two");
-            alignment = a;
-        } else if (!skip_value(&c, type, 0)) {
-            return lora_set_error(err, LORA_ERR_FORMAT, "GGUF: malformed value of key %.*s",
-                                  (int)(klen < 64 ? klen : 64), (const char *)key);
-        }
+        const int st = read_kv(c, i, kv, meta, err);
+        if (st != LORA_OK)
+            return st;
     }
-    if (!seen_gtype)
-        return lora_set_error(err, LORA_ERR_FORMAT,
-                              "GGUF: no general.type (an adapter has general.type = adapter)");
-    if (!seen_atype)
-        return lora_set_error(err, LORA_ERR_FORMAT, "GGUF: no adapter.type");
+    if (!kv->seen_gtype)
+        return io_error(err, LORA_ERR_FORMAT,
+                        "GGUF: no general.type (an adapter has general.type = adapter)");
+    if (!kv->seen_atype)
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: no adapter.type");
+    return LORA_OK;
+}
 
-    *names = lora_mem_alloc(m, (size_t)(n_tensors ? n_tensors : 1) * (GGUF_MAX_NAME + 1));
-    tensor_span *spans = lora_mem_calloc(m, (size_t)(n_tensors ? n_tensors : 1), sizeof *spans);
-    if (!*names || !spans) {
-        lora_mem_free(m, spans);
-        return lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate %llu tensor entries",
-                              (unsigned long long)n_tensors);
-    }
+/* One tensor info into *x (offset relative to the data start, name in nm). */
+static int read_tensor_info(cursor *c, uint64_t i, uint64_t alignment, char *nm, io_record *x,
+                            char *err)
+{
+    const unsigned char *name;
+    unsigned char raw[GGUF_MAX_NAME];
+    uint64_t nlen, ne[GGUF_MAX_DIMS], offset, numel = 1;
+    uint32_t n_dims, type;
+    if (!rd_str(c, &name, &nlen))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated tensor info %llu",
+                        (unsigned long long)i);
+    if (nlen <= GGUF_MAX_NAME) /* name is valid until the next read */
+        memcpy(raw, name, (size_t)nlen);
+    if (!rd_u32(c, &n_dims))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated tensor info %llu",
+                        (unsigned long long)i);
+    if (n_dims == 0 || n_dims > GGUF_MAX_DIMS || nlen == 0 || nlen > GGUF_MAX_NAME)
+        return io_error(err, LORA_ERR_FORMAT,
+                        "GGUF: tensor info %llu has %u dimensions or a name of %llu bytes",
+                        (unsigned long long)i, n_dims, (unsigned long long)nlen);
+    int ok = 1;
+    for (uint32_t d = 0; d < n_dims && ok; d++)
+        ok = rd_u64(c, &ne[d]) && ne[d] <= (uint64_t)INT64_MAX &&
+             !__builtin_mul_overflow(numel, ne[d], &numel);
+    if (!ok || !rd_u32(c, &type) || !rd_u64(c, &offset))
+        return io_error(err, LORA_ERR_FORMAT,
+                        "GGUF: tensor info %llu is truncated or its size overflows",
+                        (unsigned long long)i);
+    printable_name(nm, raw, nlen);
+    memset(x, 0, sizeof *x);
+    x->name = nm;
+    if (type >= GGML_TYPE_LIMIT)
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: tensor %s has ggml type %u", nm, type);
+    if (!parse_name(raw, (size_t)nlen, &x->layer, &x->target, &x->which))
+        return io_error(err, LORA_ERR_UNSUPPORTED,
+                        "GGUF: tensor %s is not blk.N.attn_{q,k,v,output}.weight.lora_{a,b}; "
+                        "liblora adapts attention only",
+                        nm);
+    if (type != GGML_F32 && type != GGML_F16 && type != GGML_BF16)
+        return io_error(err, LORA_ERR_UNSUPPORTED,
+                        "GGUF: tensor %s has ggml type %u (F32, F16, BF16 are read)", nm, type);
+    if (n_dims != 2)
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: tensor %s has %u dimensions, not 2", nm,
+                        n_dims);
+    x->dtype = type == GGML_F32 ? IO_F32 : type == GGML_F16 ? IO_F16 : IO_BF16;
+    x->rows = (int64_t)ne[1];
+    x->cols = (int64_t)ne[0];
+    x->offset = offset;
+    uint64_t nbytes, end;
+    if (__builtin_mul_overflow(numel, (uint64_t)io_dtype_size(x->dtype), &nbytes) ||
+        offset % alignment != 0)
+        return io_error(err, LORA_ERR_FORMAT,
+                        "GGUF: tensor %s: offset %llu not aligned to %llu or size overflows", nm,
+                        (unsigned long long)offset, (unsigned long long)alignment);
+    if (__builtin_add_overflow(offset, nbytes, &end))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: tensor %s: offset overflows", nm);
+    return LORA_OK;
+}
+
+static uint64_t span_bytes(const io_record *x)
+{
+    return (uint64_t)x->rows * (uint64_t)x->cols * io_dtype_size(x->dtype); /* checked */
+}
+
+/* The tensors' spans lie inside the data, do not overlap, and the file ends within the
+ * alignment padding after the last one; the records' offsets become file offsets. */
+static int check_spans(const cursor *c, const io_alloc *a, uint64_t alignment,
+                       io_records *rec, char *err)
+{
+    /* Data start: the end of the tensor infos rounded up to the alignment. */
+    uint64_t data_start = c->pos;
+    if (data_start % alignment)
+        data_start += alignment - data_start % alignment;
+    const uint64_t data_size = data_start <= c->size ? c->size - data_start : 0;
+    if (rec->n > 0 && data_start > c->size)
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: the tensor data is missing");
+    tensor_span *spans = io_calloc(a, rec->n ? rec->n : 1, sizeof *spans);
+    if (!spans)
+        return io_error(err, LORA_ERR_NOMEM, "cannot allocate %zu tensor entries", rec->n);
     int st = LORA_OK;
-    for (uint64_t i = 0; i < n_tensors && st == LORA_OK; i++) {
-        const unsigned char *name;
-        uint64_t nlen, ne[GGUF_MAX_DIMS], offset;
-        uint32_t n_dims, type;
-        if (!rd_str(&c, &name, &nlen) || !rd_u32(&c, &n_dims)) {
-            st = lora_set_error(err, LORA_ERR_FORMAT, "GGUF: truncated tensor info %llu",
-                                (unsigned long long)i);
-            break;
-        }
-        if (n_dims == 0 || n_dims > GGUF_MAX_DIMS || nlen == 0 || nlen > GGUF_MAX_NAME) {
-            st = lora_set_error(err, LORA_ERR_FORMAT,
-                                "GGUF: tensor info %llu has %u dimensions or a name of %llu "
-                                "bytes",
-                                (unsigned long long)i, n_dims, (unsigned long long)nlen);
-            break;
-        }
-        uint64_t numel = 1;
-        int ok = 1;
-        for (uint32_t d = 0; d < n_dims && ok; d++)
-            ok = rd_u64(&c, &ne[d]) && ne[d] <= (uint64_t)INT64_MAX &&
-                 !__builtin_mul_overflow(numel, ne[d], &numel);
-        if (!ok || !rd_u32(&c, &type) || !rd_u64(&c, &offset)) {
-            st = lora_set_error(err, LORA_ERR_FORMAT,
-                                "GGUF: tensor info %llu is truncated or its size overflows",
-                                (unsigned long long)i);
-            break;
-        }
-        char *nm = *names + i * (GGUF_MAX_NAME + 1);
-        memcpy(nm, name, (size_t)nlen);
-        nm[nlen] = '\0';
-        for (uint64_t j = 0; j < nlen; j++)
-            if (!nm[j] || nm[j] < 0x20 || nm[j] > 0x7e) /* printable ASCII for messages */
-                nm[j] = '?';
-        io_factor x;
-        memset(&x, 0, sizeof x);
-        x.name = nm;
-        if (type >= GGML_TYPE_LIMIT) {
-            st = lora_set_error(err, LORA_ERR_FORMAT, "GGUF: tensor %s has ggml type %u", nm,
-                                type);
-            break;
-        }
-        if (!parse_name(name, (size_t)nlen, &x.layer, &x.target, &x.which)) {
-            st = lora_set_error(err, LORA_ERR_UNSUPPORTED,
-                                "GGUF: tensor %s is not blk.N.attn_{q,k,v,output}.weight."
-                                "lora_{a,b}; liblora adapts attention only",
-                                nm);
-            break;
-        }
-        if (type != GGML_F32 && type != GGML_F16 && type != GGML_BF16) {
-            st = lora_set_error(err, LORA_ERR_UNSUPPORTED,
-                                "GGUF: tensor %s has ggml type %u (F32, F16, BF16 are read)",
-                                nm, type);
-            break;
-        }
-        if (n_dims != 2) {
-            st = lora_set_error(err, LORA_ERR_FORMAT, "GGUF: tensor %s has %u dimensions, not 2",
-                                nm, n_dims);
-            break;
-        }
-        x.dtype = type == GGML_F32 ? IO_F32 : type == GGML_F16 ? IO_F16 : IO_BF16;
-        x.rows = (int64_t)ne[1];
-        x.cols = (int64_t)ne[0];
-        uint64_t nbytes;
-        if (__builtin_mul_overflow(numel, (uint64_t)io_dtype_size(x.dtype), &nbytes) ||
-            offset % alignment != 0) {
-            st = lora_set_error(err, LORA_ERR_FORMAT,
-                                "GGUF: tensor %s: offset %llu not aligned to %llu or size "
-                                "overflows",
-                                nm, (unsigned long long)offset, (unsigned long long)alignment);
-            break;
-        }
-        spans[i] = (tensor_span){offset, offset + nbytes}; /* checked below */
-        if (__builtin_add_overflow(offset, nbytes, &spans[i].end)) {
-            st = lora_set_error(err, LORA_ERR_FORMAT, "GGUF: tensor %s: offset overflows", nm);
-            break;
-        }
-        x.data = NULL; /* set once the data start is known */
-        if (io_factors_push(m, f, &x) != LORA_OK)
-            st = lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate tensor entries");
+    uint64_t last_end = 0;
+    for (size_t i = 0; i < rec->n && st == LORA_OK; i++) {
+        spans[i] = (tensor_span){rec->v[i].offset, rec->v[i].offset + span_bytes(&rec->v[i])};
+        if (spans[i].end > data_size)
+            st = io_error(err, LORA_ERR_FORMAT,
+                          "GGUF: tensor %s ends at %llu, past the data (%llu bytes)",
+                          rec->v[i].name, (unsigned long long)spans[i].end,
+                          (unsigned long long)data_size);
+        last_end = spans[i].end > last_end ? spans[i].end : last_end;
+        rec->v[i].offset += data_start;
     }
-    if (st == LORA_OK) {
-        /* Data start: the end of the tensor infos rounded up to the alignment. */
-        uint64_t data_start = c.pos;
-        if (data_start % alignment)
-            data_start += alignment - data_start % alignment;
-        const uint64_t data_size = data_start <= size ? size - data_start : 0;
-        if (n_tensors > 0 && data_start > size)
-            st = lora_set_error(err, LORA_ERR_FORMAT, "GGUF: the tensor data is missing");
-        for (size_t i = 0; i < f->n && st == LORA_OK; i++) {
-            if (spans[i].end > data_size) {
-                st = lora_set_error(err, LORA_ERR_FORMAT,
-                                    "GGUF: tensor %s ends at %llu, past the data (%llu bytes)",
-                                    f->v[i].name, (unsigned long long)spans[i].end,
-                                    (unsigned long long)data_size);
-                break;
-            }
-            f->v[i].data = buf + data_start + spans[i].begin;
-        }
-        if (st == LORA_OK) {
-            qsort(spans, f->n, sizeof *spans, cmp_tspan);
-            for (size_t i = 1; i < f->n; i++)
-                if (spans[i].begin < spans[i - 1].end) {
-                    st = lora_set_error(err, LORA_ERR_FORMAT, "GGUF: two tensors overlap");
-                    break;
-                }
-        }
-    }
-    lora_mem_free(m, spans);
+    if (st == LORA_OK)
+        qsort(spans, rec->n, sizeof *spans, cmp_tspan);
+    for (size_t i = 1; i < rec->n && st == LORA_OK; i++)
+        if (spans[i].begin < spans[i - 1].end)
+            st = io_error(err, LORA_ERR_FORMAT, "GGUF: two tensors overlap");
+    io_free(a, spans);
+    /* Padding to the alignment may follow the last tensor, nothing more. */
+    const uint64_t padded = last_end + (alignment - last_end % alignment) % alignment;
+    if (st == LORA_OK && rec->n > 0 && data_size > padded)
+        st = io_error(err, LORA_ERR_FORMAT,
+                      "GGUF: %llu bytes after the last tensor (padding to %llu allowed)",
+                      (unsigned long long)(data_size - last_end),
+                      (unsigned long long)alignment);
     return st;
 }
 
-LORA_API int lora_load_gguf(lora_adapter **adapters, int64_t *layers, size_t capacity,
-                            size_t *count, const char *path, lora_config *cfg)
+static int read_tensor_infos(cursor *c, uint64_t n_tensors, uint64_t alignment, io_source *s,
+                             char *err)
 {
-    int st = io_check_load_args(adapters, layers, capacity, count, path, "path", cfg);
-    if (st != LORA_OK)
-        return st;
-    char *err = cfg->err;
-    const lora_mem *m = &cfg->mem;
-    unsigned char *buf = NULL;
-    size_t size = 0;
-    st = io_read_file(m, path, GGUF_MAX_FILE, &buf, &size, err);
-    if (st != LORA_OK)
-        return st;
-    io_header h;
-    io_factors f = {0};
-    char *names = NULL;
-    st = parse_gguf(m, buf, size, &h, &f, &names, err);
+    const io_alloc *a = &s->alloc;
+    int st = LORA_OK;
+    /* Grown per tensor read, so memory follows the bytes present, not the count. */
+    for (uint64_t i = 0; i < n_tensors && st == LORA_OK; i++) {
+        io_record x;
+        char nm[GGUF_MAX_NAME + 1];
+        st = read_tensor_info(c, i, alignment, nm, &x, err);
+        if (st == LORA_OK && (io_bytes_append(a, &s->names, nm, sizeof nm) != LORA_OK ||
+                              io_records_push(a, &s->rec, &x) != LORA_OK))
+            st = io_error(err, LORA_ERR_NOMEM, "cannot allocate tensor entries");
+    }
+    for (size_t i = 0; i < s->rec.n; i++)
+        s->rec.v[i].name = (const char *)s->names.p + i * (GGUF_MAX_NAME + 1);
     if (st == LORA_OK)
-        st = io_build_adapters(&f, &h, cfg, adapters, layers, capacity, count);
-    io_factors_free(m, &f);
-    lora_mem_free(m, names);
-    lora_mem_free(m, buf);
+        st = check_spans(c, a, alignment, &s->rec, err);
+    return st;
+}
+
+int io_gguf_read(const io_alloc *a, const char *path, io_source *s, char *err)
+{
+    io_source_init(s, a);
+    cursor c = {.fd = -1};
+    int st = io_open_regular(path, &s->fd, &c.size, err);
+    if (st != LORA_OK)
+        return st;
+    c.fd = s->fd;
+    c.win_cap = c.size < GGUF_WINDOW ? (size_t)c.size : GGUF_WINDOW;
+    c.win = io_malloc(a, c.win_cap ? c.win_cap : 1);
+    if (!c.win)
+        return io_error(err, LORA_ERR_NOMEM, "cannot allocate %zu bytes", c.win_cap);
+    uint64_t n_tensors = 0, n_kv = 0;
+    gguf_kvs kv;
+    st = read_header(&c, &n_tensors, &n_kv, err);
+    if (st == LORA_OK)
+        st = read_kvs(&c, n_kv, &kv, &s->meta, err);
+    if (st == LORA_OK)
+        st = read_tensor_infos(&c, n_tensors, kv.alignment, s, err);
+    io_free(a, c.win);
+    if (c.read_error)
+        return io_error(err, LORA_ERR_IO, "cannot read %s (it changed while being read?)",
+                        path);
     return st;
 }

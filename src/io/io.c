@@ -1,21 +1,55 @@
-/* Shared parts of the adapter-file formats: byte buffers, little-endian access, dtype
- * conversion, whole-file reads, atomic writes, and turning the LoRA factors found in a
- * file into adapters. */
+/* Shared parts of the adapter-file formats: memory and messages, byte buffers,
+ * little-endian access, dtype conversion, whole-file reads, atomic writes, file order. */
 #include "io.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
+
+/* ---- messages and memory ------------------------------------------------------------ */
+
+int io_error(char *err, int status, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, IO_ERRMSG_SIZE, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+void *io_malloc(const io_alloc *a, size_t size) { return a->alloc(a->ctx, size); }
+
+void *io_calloc(const io_alloc *a, size_t count, size_t size)
+{
+    size_t bytes;
+    if (__builtin_mul_overflow(count, size, &bytes))
+        return NULL;
+    void *p = a->alloc(a->ctx, bytes);
+    if (p)
+        memset(p, 0, bytes);
+    return p;
+}
+
+void io_free(const io_alloc *a, void *ptr)
+{
+    if (ptr)
+        a->free(a->ctx, ptr);
+}
 
 /* ---- growable arrays ------------------------------------------------------------- */
 
-static int grow(const lora_mem *m, void **p, size_t *cap, size_t need, size_t elem)
+static int grow(const io_alloc *a, void **p, size_t *cap, size_t need, size_t elem)
 {
     if (need <= *cap)
         return LORA_OK;
@@ -28,37 +62,37 @@ static int grow(const lora_mem *m, void **p, size_t *cap, size_t need, size_t el
     size_t bytes;
     if (__builtin_mul_overflow(ncap, elem, &bytes))
         return LORA_ERR_NOMEM;
-    void *q = lora_mem_alloc(m, bytes);
+    void *q = io_malloc(a, bytes);
     if (!q)
         return LORA_ERR_NOMEM;
     if (*p) {
         memcpy(q, *p, *cap * elem);
-        lora_mem_free(m, *p);
+        io_free(a, *p);
     }
     *p = q;
     *cap = ncap;
     return LORA_OK;
 }
 
-int io_factors_push(const lora_mem *m, io_factors *f, const io_factor *x)
+int io_records_push(const io_alloc *a, io_records *r, const io_record *x)
 {
-    if (grow(m, (void **)&f->v, &f->cap, f->n + 1, sizeof *f->v) != LORA_OK)
+    if (grow(a, (void **)&r->v, &r->cap, r->n + 1, sizeof *r->v) != LORA_OK)
         return LORA_ERR_NOMEM;
-    f->v[f->n++] = *x;
+    r->v[r->n++] = *x;
     return LORA_OK;
 }
 
-void io_factors_free(const lora_mem *m, io_factors *f)
+void io_records_free(const io_alloc *a, io_records *r)
 {
-    lora_mem_free(m, f->v);
-    memset(f, 0, sizeof *f);
+    io_free(a, r->v);
+    memset(r, 0, sizeof *r);
 }
 
-int io_bytes_append(const lora_mem *m, io_bytes *b, const void *src, size_t len)
+int io_bytes_append(const io_alloc *a, io_bytes *b, const void *src, size_t len)
 {
     size_t need;
     if (__builtin_add_overflow(b->n, len, &need) ||
-        grow(m, (void **)&b->p, &b->cap, need, 1) != LORA_OK)
+        grow(a, (void **)&b->p, &b->cap, need, 1) != LORA_OK)
         return LORA_ERR_NOMEM;
     if (len)
         memcpy(b->p + b->n, src, len);
@@ -66,47 +100,48 @@ int io_bytes_append(const lora_mem *m, io_bytes *b, const void *src, size_t len)
     return LORA_OK;
 }
 
-int io_bytes_zeros(const lora_mem *m, io_bytes *b, size_t len)
+int io_bytes_zeros(const io_alloc *a, io_bytes *b, size_t len)
 {
     size_t need;
     if (__builtin_add_overflow(b->n, len, &need) ||
-        grow(m, (void **)&b->p, &b->cap, need, 1) != LORA_OK)
+        grow(a, (void **)&b->p, &b->cap, need, 1) != LORA_OK)
         return LORA_ERR_NOMEM;
-    memset(b->p + b->n, 0, len);
+    if (len)
+        memset(b->p + b->n, 0, len);
     b->n = need;
     return LORA_OK;
 }
 
-int io_bytes_u32(const lora_mem *m, io_bytes *b, uint32_t v)
+int io_bytes_u32(const io_alloc *a, io_bytes *b, uint32_t v)
 {
     unsigned char le[4];
     for (int i = 0; i < 4; i++)
         le[i] = (unsigned char)(v >> (8 * i));
-    return io_bytes_append(m, b, le, 4);
+    return io_bytes_append(a, b, le, 4);
 }
 
-int io_bytes_u64(const lora_mem *m, io_bytes *b, uint64_t v)
+int io_bytes_u64(const io_alloc *a, io_bytes *b, uint64_t v)
 {
     unsigned char le[8];
     for (int i = 0; i < 8; i++)
         le[i] = (unsigned char)(v >> (8 * i));
-    return io_bytes_append(m, b, le, 8);
+    return io_bytes_append(a, b, le, 8);
 }
 
-int io_bytes_f32(const lora_mem *m, io_bytes *b, const float *x, size_t n)
+int io_bytes_f32(const io_alloc *a, io_bytes *b, const float *x, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         uint32_t u;
         memcpy(&u, &x[i], 4);
-        if (io_bytes_u32(m, b, u) != LORA_OK)
+        if (io_bytes_u32(a, b, u) != LORA_OK)
             return LORA_ERR_NOMEM;
     }
     return LORA_OK;
 }
 
-void io_bytes_free(const lora_mem *m, io_bytes *b)
+void io_bytes_free(const io_alloc *a, io_bytes *b)
 {
-    lora_mem_free(m, b->p);
+    io_free(a, b->p);
     memset(b, 0, sizeof *b);
 }
 
@@ -146,17 +181,7 @@ size_t io_dtype_size(io_dtype dtype)
     }
 }
 
-const char *io_dtype_name(io_dtype dtype)
-{
-    switch (dtype) {
-    case IO_F32: return "F32";
-    case IO_F16: return "F16";
-    case IO_BF16: return "BF16";
-    default: return "F64";
-    }
-}
-
-void io_convert(io_dtype dtype, const unsigned char *src, size_t n, float *dst)
+static void to_float(io_dtype dtype, const unsigned char *src, size_t n, float *dst)
 {
     for (size_t i = 0; i < n; i++) {
         switch (dtype) {
@@ -197,373 +222,320 @@ int64_t io_parse_layer(const char *s, size_t len)
 
 /* ---- files ------------------------------------------------------------------------- */
 
-int io_read_file(const lora_mem *m, const char *path, size_t max_size, unsigned char **data,
+int io_open_regular(const char *path, int *fd, uint64_t *size, char *err)
+{
+    *fd = -1;
+    *size = 0;
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below. */
+    const int f = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if (f < 0)
+        return io_error(err, LORA_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(f, &st) != 0) {
+        const int e = errno;
+        close(f);
+        return io_error(err, LORA_ERR_IO, "cannot stat %s: %s", path, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode) || st.st_size < 0) {
+        close(f);
+        return io_error(err, LORA_ERR_IO, "%s is not a regular file (%s)", path,
+                        S_ISDIR(st.st_mode)    ? "a directory"
+                        : S_ISFIFO(st.st_mode) ? "a FIFO"
+                        : S_ISSOCK(st.st_mode) ? "a socket"
+                                               : "a device");
+    }
+    *fd = f;
+    *size = (uint64_t)st.st_size;
+    return LORA_OK;
+}
+
+int io_pread(int fd, void *buf, size_t n, uint64_t offset, const char *what, char *err)
+{
+    unsigned char *p = buf;
+    size_t got = 0;
+    while (got < n) {
+        const ssize_t r = pread(fd, p + got, n - got, (off_t)(offset + got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return io_error(err, LORA_ERR_IO, "cannot read %zu bytes of %s at offset %llu: %s",
+                            n, what, (unsigned long long)offset,
+                            r < 0 ? strerror(errno) : "the file shrank while reading");
+        got += (size_t)r;
+    }
+    return LORA_OK;
+}
+
+int io_read_file(const io_alloc *a, const char *path, size_t max_size, unsigned char **data,
                  size_t *size, char *err)
 {
     *data = NULL;
     *size = 0;
-    const int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return lora_set_error(err, LORA_ERR_IO, "cannot open %s: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        const int e = errno;
+    int fd;
+    uint64_t fsize;
+    int st = io_open_regular(path, &fd, &fsize, err);
+    if (st != LORA_OK)
+        return st;
+    if (fsize > (uint64_t)max_size) {
         close(fd);
-        return lora_set_error(err, LORA_ERR_IO, "cannot stat %s: %s", path, strerror(e));
+        return io_error(err, LORA_ERR_FORMAT, "%s is too large (%llu bytes, limit %zu)", path,
+                        (unsigned long long)fsize, max_size);
     }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return lora_set_error(err, LORA_ERR_IO, "%s is not a regular file", path);
-    }
-    if (st.st_size < 0 || (uint64_t)st.st_size > (uint64_t)max_size) {
-        close(fd);
-        return lora_set_error(err, LORA_ERR_FORMAT, "%s is too large (%lld bytes, limit %zu)",
-                              path, (long long)st.st_size, max_size);
-    }
-    const size_t n = (size_t)st.st_size;
-    unsigned char *buf = lora_mem_alloc(m, n + 1);
-    if (!buf) {
-        close(fd);
-        return lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate %zu bytes for %s", n + 1,
-                              path);
-    }
-    size_t got = 0;
-    while (got < n) {
-        const ssize_t r = read(fd, buf + got, n - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            const int e = r < 0 ? errno : 0;
-            close(fd);
-            lora_mem_free(m, buf);
-            return lora_set_error(err, LORA_ERR_IO, "cannot read %s: %s", path,
-                                  e ? strerror(e) : "file shrank while reading");
-        }
-        got += (size_t)r;
-    }
+    const size_t n = (size_t)fsize;
+    unsigned char *buf = io_malloc(a, n + 1);
+    if (!buf)
+        st = io_error(err, LORA_ERR_NOMEM, "cannot allocate %zu bytes for %s", n + 1, path);
+    else
+        st = io_pread(fd, buf, n, 0, path, err);
     close(fd);
+    if (st != LORA_OK) {
+        io_free(a, buf);
+        return st;
+    }
     buf[n] = '\0';
     *data = buf;
     *size = n;
     return LORA_OK;
 }
 
-int io_write_file_atomic(const char *path, const void *data, size_t size, char *err)
+/* The directory part of path into out (IO_PATH_MAX bytes): "." when there is none. */
+static void dir_of(const char *path, char *out)
 {
-    char tmp[4096 + 64];
-    const int len = snprintf(tmp, sizeof tmp, "%s.tmp-%ld-%lx", path, (long)getpid(),
-                             (unsigned long)(uintptr_t)data);
-    if (len < 0 || (size_t)len >= sizeof tmp)
-        return lora_set_error(err, LORA_ERR_IO, "path too long: %s", path);
-    const int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    const char *slash = strrchr(path, '/');
+    if (!slash) {
+        strcpy(out, ".");
+        return;
+    }
+    const size_t n = slash == path ? 1 : (size_t)(slash - path);
+    memcpy(out, path, n);
+    out[n] = '\0';
+}
+
+int io_fsync_dir(const char *dir)
+{
+    const int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
-        return lora_set_error(err, LORA_ERR_IO, "cannot create %s: %s", tmp, strerror(errno));
+        return -1;
+    const int r = fsync(fd);
+    close(fd);
+    return r;
+}
+
+/* The file a save to path replaces: path itself, or the file a symlink (chain) points
+ * to, so a save writes through links. *mode: the existing file's permission bits, or -1
+ * for a new file. */
+static int resolve_target(const char *path, char *target, int *mode, char *err)
+{
+    *mode = -1;
+    struct stat st;
+    if (strlen(path) >= IO_PATH_MAX - 16)
+        return io_error(err, LORA_ERR_IO, "path too long: %.200s", path);
+    if (lstat(path, &st) != 0) {
+        if (errno != ENOENT)
+            return io_error(err, LORA_ERR_IO, "cannot stat %s: %s", path, strerror(errno));
+        strcpy(target, path);
+        return LORA_OK;
+    }
+    strcpy(target, path);
+    for (int hops = 0; S_ISLNK(st.st_mode); hops++) {
+        char link[IO_PATH_MAX], dir[IO_PATH_MAX];
+        const ssize_t n = readlink(target, link, sizeof link - 1);
+        if (hops >= 40 || n < 0 || (size_t)n >= sizeof link - 1)
+            return io_error(err, LORA_ERR_IO, "cannot follow the symlink %s: %s", target,
+                            hops >= 40 ? strerror(ELOOP) : n < 0 ? strerror(errno)
+                                                                 : strerror(ENAMETOOLONG));
+        link[n] = '\0';
+        dir_of(target, dir);
+        const int len = link[0] == '/' ? snprintf(target, IO_PATH_MAX, "%s", link)
+                                       : snprintf(target, IO_PATH_MAX, "%s/%s", dir, link);
+        if (len < 0 || len >= IO_PATH_MAX - 16)
+            return io_error(err, LORA_ERR_IO, "path too long: %.200s", link);
+        if (lstat(target, &st) != 0)
+            return io_error(err, LORA_ERR_IO, "the symlink %s leads to %s: %s", path, target,
+                            strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode))
+        return io_error(err, LORA_ERR_IO, "%s exists and is not a regular file", path);
+    *mode = (int)(st.st_mode & 07777);
+    return LORA_OK;
+}
+
+/* Creates a new temporary file beside target, named .<name>.<6 random characters>
+ * (O_EXCL, retried on a collision), with mode (or 0666 less the umask when -1). */
+static int create_temp(const char *target, int mode, char *tmp, char *err)
+{
+    static const char digits[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+    char dir[IO_PATH_MAX];
+    dir_of(target, dir);
+    const char *slash = strrchr(target, '/');
+    const char *name = slash ? slash + 1 : target;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    uint64_t seed = (uint64_t)now.tv_nsec ^ ((uint64_t)now.tv_sec << 30) ^
+                    ((uint64_t)getpid() << 17) ^ (uint64_t)(uintptr_t)tmp;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        char suffix[7];
+        for (int i = 0; i < 6; i++) {
+            seed = seed * UINT64_C(6364136223846793005) + UINT64_C(1442695040888963407);
+            suffix[i] = digits[(seed >> 33) % 36];
+        }
+        suffix[6] = '\0';
+        const int len = snprintf(tmp, IO_PATH_MAX, "%s/.%s.%s", dir, name, suffix);
+        if (len < 0 || len >= IO_PATH_MAX)
+            return -io_error(err, LORA_ERR_IO, "path too long: %.200s", target);
+        const int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW,
+                            mode < 0 ? 0666 : (mode_t)mode);
+        if (fd >= 0) {
+            if (mode >= 0 && fchmod(fd, (mode_t)mode) != 0) { /* the umask may have cut it */
+                const int e = errno;
+                close(fd);
+                unlink(tmp);
+                return -io_error(err, LORA_ERR_IO, "cannot set the mode of %s: %s", tmp,
+                                 strerror(e));
+            }
+            return fd;
+        }
+        if (errno != EEXIST)
+            break;
+    }
+    return -io_error(err, LORA_ERR_IO, "cannot create a temporary file beside %s: %s", target,
+                     strerror(errno));
+}
+
+static int write_all(int fd, const void *data, size_t size)
+{
     const unsigned char *p = data;
-    size_t done = 0;
-    int e = 0;
-    while (done < size) {
+    for (size_t done = 0; done < size;) {
         const ssize_t w = write(fd, p + done, size - done);
         if (w < 0 && errno == EINTR)
             continue;
-        if (w <= 0) {
-            e = w < 0 ? errno : EIO;
-            break;
-        }
+        if (w <= 0)
+            return w < 0 ? errno : EIO;
         done += (size_t)w;
     }
+    return 0;
+}
+
+int io_stage(const char *path, const void *data, size_t size, io_staged *f, char *err)
+{
+    f->staged = 0;
+    int mode;
+    int st = resolve_target(path, f->target, &mode, err);
+    if (st != LORA_OK)
+        return st;
+    const int fd = create_temp(f->target, mode, f->tmp, err);
+    if (fd < 0)
+        return -fd;
+    int e = write_all(fd, data, size);
     if (!e && fsync(fd) != 0)
         e = errno;
     if (close(fd) != 0 && !e)
         e = errno;
-    if (!e && rename(tmp, path) != 0)
-        e = errno;
     if (e) {
-        unlink(tmp);
-        return lora_set_error(err, LORA_ERR_IO, "cannot write %s: %s", path, strerror(e));
+        unlink(f->tmp);
+        return io_error(err, LORA_ERR_IO, "cannot write %s: %s", f->target, strerror(e));
     }
+    f->staged = 1;
     return LORA_OK;
 }
 
-/* ---- adapter sets ------------------------------------------------------------------ */
-
-double io_adapter_alpha(const lora_adapter *ad) { return ad->cfg.alpha; }
-int io_adapter_rslora(const lora_adapter *ad) { return (int)ad->cfg.rslora; }
-
-typedef struct layer_ref {
-    int64_t layer;
-    size_t idx;
-} layer_ref;
-
-static int cmp_layer_ref(const void *a, const void *b)
+int io_commit(io_staged *f, char *err)
 {
-    const layer_ref *x = a, *y = b;
-    return (x->layer > y->layer) - (x->layer < y->layer);
-}
-
-int io_check_set(lora_adapter *const *adapters, const int64_t *layers, size_t count,
-                 size_t **order)
-{
-    *order = NULL;
-    if (!adapters || !adapters[0])
-        return LORA_ERR_INVALID_ARG;
-    lora_adapter *a0 = adapters[0];
-    if (!layers)
-        return lora_set_error(a0->err, LORA_ERR_INVALID_ARG, "layers is NULL");
-    if (count == 0)
-        return lora_set_error(a0->err, LORA_ERR_INVALID_ARG, "count is 0");
-    for (size_t i = 0; i < count; i++) {
-        const lora_adapter *ad = adapters[i];
-        if (!ad)
-            return lora_set_error(a0->err, LORA_ERR_INVALID_ARG, "adapters[%zu] is NULL", i);
-        if (layers[i] < 0 || layers[i] >= IO_MAX_LAYER)
-            return lora_set_error(a0->err, LORA_ERR_INVALID_ARG,
-                                  "layers[%zu] = %lld is outside [0, 2^31)", i,
-                                  (long long)layers[i]);
-        if (ad->layer.rank != a0->layer.rank || ad->cfg.alpha != a0->cfg.alpha ||
-            ad->cfg.rslora != a0->cfg.rslora)
-            return lora_set_error(a0->err, LORA_ERR_INVALID_ARG,
-                                  "adapters[%zu] differs from adapters[0] in rank, alpha or "
-                                  "rsLoRA (one file holds one rank and scale)",
-                                  i);
-        for (int t = 0; t < PROJ_COUNT; t++) {
-            const layer_proj *p = &ad->layer.proj[t], *q = &a0->layer.proj[t];
-            if (p->adapted != q->adapted ||
-                (p->adapted && (p->in != q->in || p->out != q->out)))
-                return lora_set_error(a0->err, LORA_ERR_INVALID_ARG,
-                                      "adapters[%zu] differs from adapters[0] in target %s "
-                                      "(adapted or shape)",
-                                      i, lora_proj_names[t]);
-        }
+    if (rename(f->tmp, f->target) != 0) {
+        const int e = errno;
+        io_discard(f);
+        return io_error(err, LORA_ERR_IO, "cannot replace %s: %s", f->target, strerror(e));
     }
-    layer_ref *refs = lora_mem_calloc(&a0->mem, count, sizeof *refs);
-    size_t *ord = lora_mem_calloc(&a0->mem, count, sizeof *ord);
-    if (!refs || !ord) {
-        lora_mem_free(&a0->mem, refs);
-        lora_mem_free(&a0->mem, ord);
-        return lora_set_error(a0->err, LORA_ERR_NOMEM, "cannot allocate %zu layer entries",
-                              count);
-    }
-    for (size_t i = 0; i < count; i++)
-        refs[i] = (layer_ref){layers[i], i};
-    qsort(refs, count, sizeof *refs, cmp_layer_ref);
-    for (size_t i = 0; i < count; i++) {
-        if (i > 0 && refs[i].layer == refs[i - 1].layer) {
-            const long long dup = (long long)refs[i].layer;
-            lora_mem_free(&a0->mem, refs);
-            lora_mem_free(&a0->mem, ord);
-            return lora_set_error(a0->err, LORA_ERR_INVALID_ARG, "layer %lld appears twice",
-                                  dup);
-        }
-        ord[i] = refs[i].idx;
-    }
-    lora_mem_free(&a0->mem, refs);
-    *order = ord;
+    f->staged = 0;
+    char dir[IO_PATH_MAX];
+    dir_of(f->target, dir);
+    io_fsync_dir(dir); /* best effort: the file is in place either way */
     return LORA_OK;
 }
 
-static int cmp_factor(const void *a, const void *b)
+void io_discard(io_staged *f)
 {
-    const io_factor *x = a, *y = b;
-    if (x->layer != y->layer)
-        return (x->layer > y->layer) - (x->layer < y->layer);
-    if (x->target != y->target)
-        return x->target - y->target;
-    return x->which - y->which;
+    if (f->staged)
+        unlink(f->tmp);
+    f->staged = 0;
 }
 
-static const int target_bits[PROJ_COUNT] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TARGET_V,
-                                            LORA_TARGET_O};
-
-int io_build_adapters(io_factors *f, const io_header *h, lora_config *cfg,
-                      lora_adapter **adapters, int64_t *layers, size_t capacity,
-                      size_t *count)
+int io_write_file_atomic(const char *path, const void *data, size_t size, char *err)
 {
-    char *err = cfg->err;
-    if (f->n == 0)
-        return lora_set_error(err, LORA_ERR_FORMAT, "the file holds no LoRA factors");
-    qsort(f->v, f->n, sizeof *f->v, cmp_factor);
-
-    /* Layers, their targets (each with A and B, the same in every layer), one rank. */
-    size_t n_layers = 0;
-    int mask = -1; /* target bits of the first layer */
-    int64_t rank = h->rank;
-    for (size_t i = 0; i < f->n;) {
-        const int64_t lay = f->v[i].layer;
-        int bits = 0; /* bit 2*t + which */
-        size_t j = i;
-        for (; j < f->n && f->v[j].layer == lay; j++) {
-            const io_factor *x = &f->v[j];
-            const int bit = 1 << (2 * x->target + x->which);
-            if (bits & bit)
-                return lora_set_error(err, LORA_ERR_FORMAT, "tensor %s appears twice",
-                                      x->name);
-            bits |= bit;
-            const int64_t r = x->which == LORA_A ? x->rows : x->cols;
-            if (r < 1)
-                return lora_set_error(err, LORA_ERR_FORMAT, "tensor %s has rank %lld",
-                                      x->name, (long long)r);
-            if (rank == 0)
-                rank = r;
-            else if (r != rank)
-                return lora_set_error(err, LORA_ERR_FORMAT,
-                                      "tensor %s has rank %lld, expected %lld%s", x->name,
-                                      (long long)r, (long long)rank,
-                                      h->rank ? " (the config's r)" : "");
-        }
-        int targets = 0;
-        for (int t = 0; t < PROJ_COUNT; t++) {
-            const int ab = (bits >> (2 * t)) & 3;
-            if (ab == 1 || ab == 2)
-                return lora_set_error(err, LORA_ERR_FORMAT,
-                                      "layer %lld has lora_%s but not lora_%s of target %s",
-                                      (long long)lay, ab == 1 ? "A" : "B",
-                                      ab == 1 ? "B" : "A", lora_proj_names[t]);
-            if (ab == 3)
-                targets |= target_bits[t];
-        }
-        if (mask < 0)
-            mask = targets;
-        else if (targets != mask)
-            return lora_set_error(err, LORA_ERR_FORMAT,
-                                  "layer %lld adapts targets 0x%x, layer %lld adapts 0x%x: "
-                                  "every layer must adapt the same projections",
-                                  (long long)lay, (unsigned)targets,
-                                  (long long)f->v[0].layer, (unsigned)mask);
-        n_layers++;
-        i = j;
-    }
-    if (h->allowed_targets && (mask & ~h->allowed_targets))
-        return lora_set_error(err, LORA_ERR_FORMAT,
-                              "the tensors adapt targets 0x%x, the config declares 0x%x",
-                              (unsigned)mask, (unsigned)h->allowed_targets);
-
-    /* The adapters' configuration: cfg with the file's rank, alpha, rsLoRA, targets. */
-    lora_config tmp = *cfg;
-    const double alpha = isnan(h->alpha) ? (double)rank : h->alpha;
-    if (lora_config_set_int(&tmp, LORA_CFG_RANK, rank) != LORA_OK ||
-        lora_config_set_double(&tmp, LORA_CFG_ALPHA, alpha) != LORA_OK ||
-        lora_config_set_int(&tmp, LORA_CFG_RSLORA, h->rslora) != LORA_OK ||
-        lora_config_set_int(&tmp, LORA_CFG_TARGETS, mask) != LORA_OK)
-        return lora_set_error(err, LORA_ERR_FORMAT,
-                              "the file's rank %lld, alpha %g or targets 0x%x are out of "
-                              "range: %s",
-                              (long long)rank, alpha, (unsigned)mask, tmp.err);
-    lora_config_values v;
-    int st = lora_config_resolve(&tmp.v, &v, tmp.err);
-    if (st != LORA_OK)
-        return lora_set_error(err, st, "the file's adapters do not fit the config: %s",
-                              tmp.err);
-    const int64_t q_dim = v.n_heads * v.head_dim, kv_dim = v.n_kv_heads * v.head_dim;
-    const int64_t ins[PROJ_COUNT] = {v.d_model, v.d_model, v.d_model, q_dim};
-    const int64_t outs[PROJ_COUNT] = {q_dim, kv_dim, kv_dim, v.d_model};
-    size_t max_floats = 0;
-    for (size_t i = 0; i < f->n; i++) {
-        const io_factor *x = &f->v[i];
-        const int64_t want_rows = x->which == LORA_A ? rank : outs[x->target];
-        const int64_t want_cols = x->which == LORA_A ? ins[x->target] : rank;
-        if (x->rows != want_rows || x->cols != want_cols)
-            return lora_set_error(err, LORA_ERR_SHAPE,
-                                  "tensor %s is (%lld, %lld); the config's layer needs "
-                                  "(%lld, %lld)",
-                                  x->name, (long long)x->rows, (long long)x->cols,
-                                  (long long)want_rows, (long long)want_cols);
-        const size_t n = (size_t)(x->rows * x->cols);
-        max_floats = n > max_floats ? n : max_floats;
-        /* Values too, so that the count query checks the whole file. */
-        const size_t esize = io_dtype_size(x->dtype);
-        for (size_t k = 0; k < n; k++) {
-            float value;
-            io_convert(x->dtype, x->data + k * esize, 1, &value);
-            if (!isfinite(value))
-                return lora_set_error(err, LORA_ERR_NONFINITE,
-                                      "tensor %s has a NaN/Inf (as float) at element %zu",
-                                      x->name, k);
-        }
-    }
-
-    *count = n_layers;
-    if (!adapters && capacity == 0) {
-        err[0] = '\0';
-        return LORA_OK; /* the query */
-    }
-    if (!adapters || !layers)
-        return lora_set_error(err, LORA_ERR_INVALID_ARG, "%s is NULL",
-                              adapters ? "layers" : "adapters");
-    if (capacity < n_layers)
-        return lora_set_error(err, LORA_ERR_INVALID_ARG,
-                              "capacity %zu is less than the file's %zu layers", capacity,
-                              n_layers);
-    *count = 0;
-    float *buf = lora_mem_alloc(&cfg->mem, max_floats * sizeof(float));
-    if (!buf)
-        return lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate %zu floats", max_floats);
-    size_t made = 0;
-    st = LORA_OK;
-    for (size_t i = 0; i < f->n && st == LORA_OK;) {
-        const int64_t lay = f->v[i].layer;
-        lora_adapter *ad = NULL;
-        st = lora_adapter_create(&ad, &tmp);
-        if (st != LORA_OK) {
-            lora_set_error(err, st, "cannot create the adapter of layer %lld",
-                           (long long)lay);
-            break;
-        }
-        adapters[made] = ad;
-        layers[made] = lay;
-        made++;
-        for (; i < f->n && f->v[i].layer == lay; i++) {
-            const io_factor *x = &f->v[i];
-            const size_t n = (size_t)(x->rows * x->cols);
-            io_convert(x->dtype, x->data, n, buf);
-            st = lora_adapter_set_param(ad, target_bits[x->target], x->which, buf, n);
-            if (st != LORA_OK) {
-                lora_set_error(err, st, "tensor %s: %s", x->name, lora_adapter_last_error(ad));
-                break;
-            }
-        }
-    }
-    lora_mem_free(&cfg->mem, buf);
-    if (st != LORA_OK) {
-        for (size_t i = 0; i < made; i++) {
-            lora_adapter_destroy(adapters[i]);
-            adapters[i] = NULL;
-        }
-        return st;
-    }
-    *count = made;
-    err[0] = '\0';
-    return LORA_OK;
+    io_staged f;
+    const int st = io_stage(path, data, size, &f, err);
+    return st == LORA_OK ? io_commit(&f, err) : st;
 }
 
-int io_check_load_args(lora_adapter **adapters, int64_t *layers, size_t capacity,
-                       size_t *count, const char *file, const char *what, lora_config *cfg)
-{
-    if (!cfg)
-        return LORA_ERR_INVALID_ARG;
-    if (!count)
-        return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG, "count is NULL");
-    *count = 0;
-    if (!file)
-        return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG, "%s is NULL", what);
-    if (capacity > 0 && (!adapters || !layers))
-        return lora_set_error(cfg->err, LORA_ERR_INVALID_ARG, "%s is NULL with capacity %zu",
-                              !adapters ? "adapters" : "layers", capacity);
-    return LORA_OK;
-}
-
-int io_match_factor(const char *s, const char *const names[PROJ_COUNT], const char *suffix_a,
+int io_match_factor(const char *s, const char *const names[IO_TARGETS], const char *suffix_a,
                     const char *suffix_b, int *target, int *which)
 {
-    for (int t = 0; t < PROJ_COUNT; t++) {
+    for (int t = 0; t < IO_TARGETS; t++) {
         const size_t n = strlen(names[t]);
         if (strncmp(s, names[t], n) != 0)
             continue;
-        const int a = strcmp(s + n, suffix_a) == 0, b = strcmp(s + n, suffix_b) == 0;
-        if (a || b) {
+        const int is_a = strcmp(s + n, suffix_a) == 0, is_b = strcmp(s + n, suffix_b) == 0;
+        if (is_a || is_b) {
             *target = t;
-            *which = a ? LORA_A : LORA_B;
+            *which = is_a ? LORA_A : LORA_B;
             return 1;
         }
     }
     return 0;
+}
+
+/* ---- file order and sources --------------------------------------------------------- */
+
+int io_walk_next(io_walk *w, size_t n_layers, int mask)
+{
+    if (!w->started) {
+        *w = (io_walk){0, 0, LORA_A, 1};
+    } else if (w->which == LORA_A) {
+        w->which = LORA_B;
+        return 1;
+    } else {
+        w->which = LORA_A;
+        w->target++;
+    }
+    for (; w->layer < n_layers; w->layer++, w->target = 0) {
+        while (w->target < IO_TARGETS && !((mask >> w->target) & 1))
+            w->target++;
+        if (w->target < IO_TARGETS)
+            return 1;
+    }
+    return 0;
+}
+
+int io_source_values(const io_source *s, const io_record *r, float *dst, char *err)
+{
+    unsigned char chunk[1 << 14];
+    const size_t esize = io_dtype_size(r->dtype), per = sizeof chunk / esize;
+    const size_t n = (size_t)(r->rows * r->cols); /* the reader checked the span */
+    for (size_t done = 0; done < n;) {
+        const size_t k = n - done < per ? n - done : per;
+        if (io_pread(s->fd, chunk, k * esize, r->offset + done * esize, r->name, err) != LORA_OK)
+            return LORA_ERR_IO;
+        to_float(r->dtype, chunk, k, dst + done);
+        done += k;
+    }
+    return LORA_OK;
+}
+
+void io_source_init(io_source *s, const io_alloc *a)
+{
+    memset(s, 0, sizeof *s);
+    s->alloc = *a;
+    s->fd = -1;
+}
+
+void io_source_free(io_source *s)
+{
+    const io_alloc *a = &s->alloc;
+    io_records_free(a, &s->rec);
+    io_bytes_free(a, &s->names);
+    if (s->json)
+        cJSON_Delete(s->json);
+    if (s->fd >= 0)
+        close(s->fd);
+    io_source_init(s, a);
 }

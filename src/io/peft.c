@@ -5,19 +5,20 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
 
 #include "io.h"
+#include "peft_config.h"
 #include "safetensors.h"
 
 #define PEFT_PREFIX "base_model.model.model.layers."
 #define PEFT_CONFIG "adapter_config.json"
 #define PEFT_WEIGHTS "adapter_model.safetensors"
-#define PEFT_MAX_CONFIG (16u << 20)
-#define PEFT_MAX_WEIGHTS ((size_t)1 << 40)
+#define PEFT_MAX_NAME 96 /* bytes of a written tensor name, with the NUL */
 
-static const char *const module_names[PROJ_COUNT] = {"q_proj", "k_proj", "v_proj", "o_proj"};
+static const char *const module_names[IO_TARGETS] = {"q_proj", "k_proj", "v_proj", "o_proj"};
 
 /* dir + "/" + file into out (size n). 0 when it does not fit. */
 static int join_path(char *out, size_t n, const char *dir, const char *file)
@@ -28,8 +29,20 @@ static int join_path(char *out, size_t n, const char *dir, const char *file)
 
 /* ---- save ------------------------------------------------------------------------- */
 
-static int config_json(const lora_adapter *a0, const int64_t *layers, const size_t *order,
-                       size_t count, char **text)
+/* The distinct layers of r[0..n) (in file order, so increasing) as a JSON array. */
+static cJSON *layer_list(const io_record *r, size_t n)
+{
+    cJSON *lt = cJSON_CreateArray();
+    for (size_t i = 0; i < n && lt; i++)
+        if ((i == 0 || r[i].layer != r[i - 1].layer) &&
+            !cJSON_AddItemToArray(lt, cJSON_CreateNumber((double)r[i].layer))) {
+            cJSON_Delete(lt);
+            lt = NULL;
+        }
+    return lt;
+}
+
+static int config_json(const io_meta *meta, const io_record *r, size_t n, char **text)
 {
     *text = NULL;
     cJSON *root = cJSON_CreateObject();
@@ -37,18 +50,16 @@ static int config_json(const lora_adapter *a0, const int64_t *layers, const size
         return LORA_ERR_NOMEM;
     int ok = 1;
     cJSON *targets = cJSON_AddArrayToObject(root, "target_modules");
-    for (int t = 0; t < PROJ_COUNT && targets; t++)
-        if (a0->layer.proj[t].adapted)
+    for (int t = 0; t < IO_TARGETS && targets; t++)
+        if ((meta->targets >> t) & 1)
             ok &= cJSON_AddItemToArray(targets, cJSON_CreateString(module_names[t]));
-    cJSON *lt = cJSON_AddArrayToObject(root, "layers_to_transform");
-    for (size_t i = 0; i < count && lt; i++)
-        ok &= cJSON_AddItemToArray(lt, cJSON_CreateNumber((double)layers[order[i]]));
-    ok &= targets && lt;
+    cJSON *lt = layer_list(r, n);
+    ok &= targets && lt && cJSON_AddItemToObject(root, "layers_to_transform", lt);
     ok &= cJSON_AddStringToObject(root, "peft_type", "LORA") != NULL;
     ok &= cJSON_AddStringToObject(root, "task_type", "CAUSAL_LM") != NULL;
-    ok &= cJSON_AddNumberToObject(root, "r", (double)a0->layer.rank) != NULL;
-    ok &= cJSON_AddNumberToObject(root, "lora_alpha", io_adapter_alpha(a0)) != NULL;
-    ok &= cJSON_AddBoolToObject(root, "use_rslora", io_adapter_rslora(a0)) != NULL;
+    ok &= cJSON_AddNumberToObject(root, "r", (double)meta->rank) != NULL;
+    ok &= cJSON_AddNumberToObject(root, "lora_alpha", meta->alpha) != NULL;
+    ok &= cJSON_AddBoolToObject(root, "use_rslora", meta->rslora) != NULL;
     ok &= cJSON_AddNumberToObject(root, "lora_dropout", 0.0) != NULL;
     ok &= cJSON_AddStringToObject(root, "bias", "none") != NULL;
     ok &= cJSON_AddBoolToObject(root, "fan_in_fan_out", 0) != NULL;
@@ -65,84 +76,127 @@ static int config_json(const lora_adapter *a0, const int64_t *layers, const size
     return *text ? LORA_OK : LORA_ERR_NOMEM;
 }
 
-LORA_API int lora_save_peft(const char *dir, lora_adapter *const *adapters,
-                            const int64_t *layers, size_t count)
+/* The scale as __metadata__ strings ("r", "lora_alpha", "use_rslora", as in the config),
+ * so a reader can tell a weights file from another save than its config's. */
+typedef struct scale_strings {
+    char r[24], alpha[32];
+    const char *kv[6];
+} scale_strings;
+
+/* A number as JSON text (cJSON's: locale-independent, round-trips doubles). */
+static int number_text(double v, char *out, size_t n)
 {
-    size_t *order = NULL;
-    int st = io_check_set(adapters, layers, count, &order);
+    cJSON *x = cJSON_CreateNumber(v);
+    char *t = x ? cJSON_PrintUnformatted(x) : NULL;
+    const int ok = t && strlen(t) < n;
+    if (ok)
+        strcpy(out, t);
+    cJSON_free(t);
+    cJSON_Delete(x);
+    return ok;
+}
+
+/* A number from JSON text; 0 if v is not exactly one. */
+static int text_number(const char *v, double *d)
+{
+    cJSON *x = cJSON_Parse(v);
+    const int ok = cJSON_IsNumber(x);
+    if (ok)
+        *d = x->valuedouble;
+    cJSON_Delete(x);
+    return ok;
+}
+
+static int scale_metadata(const io_meta *meta, scale_strings *m)
+{
+    if (!number_text((double)meta->rank, m->r, sizeof m->r) ||
+        !number_text(meta->alpha, m->alpha, sizeof m->alpha))
+        return LORA_ERR_NOMEM;
+    const char *kv[6] = {"r", m->r, "lora_alpha", m->alpha, "use_rslora",
+                         meta->rslora ? "true" : "false"};
+    memcpy(m->kv, kv, sizeof kv);
+    return LORA_OK;
+}
+
+/* The safetensors file of the records (names built here). */
+static int weights_file(const io_alloc *a, const io_meta *meta, const io_record *r, size_t n,
+                        io_bytes *file)
+{
+    st_entry *e = io_calloc(a, n ? n : 1, sizeof *e);
+    char *names = io_calloc(a, n ? n : 1, PEFT_MAX_NAME);
+    int st = e && names ? LORA_OK : LORA_ERR_NOMEM;
+    for (size_t k = 0; k < n && st == LORA_OK; k++) {
+        char *name = names + PEFT_MAX_NAME * k;
+        snprintf(name, PEFT_MAX_NAME, PEFT_PREFIX "%lld.self_attn.%s.lora_%c.weight",
+                 (long long)r[k].layer, module_names[r[k].target],
+                 r[k].which == LORA_B ? 'B' : 'A');
+        e[k] = (st_entry){name, r[k].rows, r[k].cols, r[k].values};
+    }
+    scale_strings m;
+    if (st == LORA_OK)
+        st = scale_metadata(meta, &m);
+    if (st == LORA_OK)
+        st = st_write(a, e, n, m.kv, 3, file);
+    io_free(a, names);
+    io_free(a, e);
+    return st;
+}
+
+/* Stages both files, then renames the weights and the config into place: a failure
+ * before the renames leaves the old pair untouched; a pair torn between the renames is
+ * refused by the loader (the weights' __metadata__ contradicts the old config). */
+static int replace_pair(const char *dir, const io_bytes *weights, const char *json,
+                        char *err)
+{
+    char path[IO_PATH_MAX];
+    io_staged w, c;
+    if (!join_path(path, sizeof path, dir, PEFT_WEIGHTS))
+        return io_error(err, LORA_ERR_IO, "path too long: %s", dir);
+    int st = io_stage(path, weights->p, weights->n, &w, err);
     if (st != LORA_OK)
         return st;
-    lora_adapter *a0 = adapters[0];
-    const lora_mem *m = &a0->mem;
-    char *err = a0->err;
-    char path[4096];
-    if (!dir) {
-        lora_mem_free(m, order);
-        return lora_set_error(err, LORA_ERR_INVALID_ARG, "dir is NULL");
+    join_path(path, sizeof path, dir, PEFT_CONFIG); /* shorter than the weights path */
+    st = io_stage(path, json, strlen(json), &c, err);
+    if (st != LORA_OK) {
+        io_discard(&w);
+        return st;
     }
-    if (!join_path(path, sizeof path, dir, PEFT_WEIGHTS)) {
-        lora_mem_free(m, order);
-        return lora_set_error(err, LORA_ERR_IO, "path too long: %s", dir);
-    }
-    if (mkdir(dir, 0777) != 0 && errno != EEXIST) {
-        const int e = errno;
-        lora_mem_free(m, order);
-        return lora_set_error(err, LORA_ERR_IO, "cannot create directory %s: %s", dir,
-                              strerror(e));
-    }
-    /* Tensors in layer order, then Q, K, V, O, then A, B. */
-    const layer *l0 = &a0->layer;
-    int n_targets = 0;
-    for (int t = 0; t < PROJ_COUNT; t++)
-        n_targets += l0->proj[t].adapted;
-    const size_t n = count * (size_t)n_targets * 2;
-    st_entry *e = lora_mem_calloc(m, n, sizeof *e);
-    char *names = lora_mem_calloc(m, n, 96);
+    st = io_commit(&w, err);
+    if (st == LORA_OK)
+        st = io_commit(&c, err);
+    io_discard(&c);
+    return st;
+}
+
+int io_peft_write(const io_alloc *a, const char *dir, const io_meta *meta, const io_record *r,
+                  size_t n, char *err)
+{
+    char parent[IO_PATH_MAX];
+    if (!join_path(parent, sizeof parent, dir, PEFT_WEIGHTS))
+        return io_error(err, LORA_ERR_IO, "path too long: %s", dir);
+    const int created = mkdir(dir, 0777) == 0;
+    if (!created && errno != EEXIST)
+        return io_error(err, LORA_ERR_IO, "cannot create directory %s: %s", dir,
+                        strerror(errno));
     io_bytes file = {0};
     char *json = NULL;
-    if (!e || !names) {
-        st = lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate %zu tensor entries", n);
-        goto done;
-    }
-    size_t k = 0;
-    for (size_t i = 0; i < count; i++) {
-        const lora_adapter *ad = adapters[order[i]];
-        for (int t = 0; t < PROJ_COUNT; t++) {
-            const layer_proj *p = &ad->layer.proj[t];
-            if (!p->adapted)
-                continue;
-            for (int w = 0; w < 2; w++) {
-                char *name = names + 96 * k;
-                snprintf(name, 96, PEFT_PREFIX "%lld.self_attn.%s.lora_%c.weight",
-                         (long long)layers[order[i]], module_names[t], w ? 'B' : 'A');
-                e[k] = (st_entry){name, w ? p->out : ad->layer.rank,
-                                  w ? ad->layer.rank : p->in, w ? p->b : p->a};
-                k++;
-            }
-        }
-    }
-    if (st_write(m, e, n, &file) != LORA_OK) {
-        st = lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate the safetensors file");
-        goto done;
-    }
-    if (config_json(a0, layers, order, count, &json) != LORA_OK) {
-        st = lora_set_error(err, LORA_ERR_NOMEM, "cannot build adapter_config.json");
-        goto done;
-    }
-    st = io_write_file_atomic(path, file.p, file.n, err);
-    if (st == LORA_OK) {
-        join_path(path, sizeof path, dir, PEFT_CONFIG); /* shorter than the weights path */
-        st = io_write_file_atomic(path, json, strlen(json), err);
-    }
-    if (st == LORA_OK)
-        err[0] = '\0';
-done:
+    int st;
+    if (weights_file(a, meta, r, n, &file) != LORA_OK)
+        st = io_error(err, LORA_ERR_NOMEM, "cannot allocate the safetensors file");
+    else if (config_json(meta, r, n, &json) != LORA_OK)
+        st = io_error(err, LORA_ERR_NOMEM, "cannot build adapter_config.json");
+    else
+        st = replace_pair(dir, &file, json, err);
     if (json)
         cJSON_free(json);
-    io_bytes_free(m, &file);
-    lora_mem_free(m, names);
-    lora_mem_free(m, e);
-    lora_mem_free(m, order);
+    io_bytes_free(a, &file);
+    if (created && st != LORA_OK) {
+        rmdir(dir); /* what this save created, and only that (empty again) */
+    } else if (created) {
+        /* The new directory's entry in its parent. */
+        snprintf(parent, sizeof parent, "%s/..", dir);
+        io_fsync_dir(parent);
+    }
     return st;
 }
 
@@ -181,157 +235,92 @@ static int dtype_of(const char *s, io_dtype *d)
     return 0;
 }
 
-/* adapter_config.json -> header. */
-static int read_config(const lora_mem *m, const char *path, io_header *h, char *err)
+/* One safetensors tensor as a record. */
+static int tensor_record(const st_file *sf, const st_tensor *t, io_record *x, char *err)
 {
-    unsigned char *buf;
-    size_t size;
-    int st = io_read_file(m, path, PEFT_MAX_CONFIG, &buf, &size, err);
-    if (st != LORA_OK)
-        return st;
-    if (memchr(buf, '\0', size)) {
-        lora_mem_free(m, buf);
-        return lora_set_error(err, LORA_ERR_FORMAT, "%s: NUL byte in JSON", path);
-    }
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts((const char *)buf, size + 1, &end, 1);
-    lora_mem_free(m, buf);
-    if (!root || !cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        return lora_set_error(err, LORA_ERR_FORMAT, "%s is not a JSON object", path);
-    }
-    /* PEFT's LoraConfig defaults apply to missing keys (r = 8, lora_alpha = 8). */
-    h->rank = 8;
-    h->alpha = 8.0;
-    h->rslora = 0;
-    h->allowed_targets = 0;
-    st = LORA_OK;
-    const cJSON *x;
-#define CFG_FAIL(code, ...) \
-    do {                                                     \
-        st = lora_set_error(err, code, __VA_ARGS__);         \
-        goto out;                                            \
-    } while (0)
-    if ((x = cJSON_GetObjectItemCaseSensitive(root, "peft_type")) && !cJSON_IsNull(x)) {
-        if (!cJSON_IsString(x))
-            CFG_FAIL(LORA_ERR_FORMAT, "%s: peft_type is not a string", path);
-        if (strcmp(x->valuestring, "LORA") != 0)
-            CFG_FAIL(LORA_ERR_UNSUPPORTED, "%s: peft_type '%.32s' is not LORA", path,
-                     x->valuestring);
-    }
-    if ((x = cJSON_GetObjectItemCaseSensitive(root, "r"))) {
-        const double r = cJSON_IsNumber(x) ? x->valuedouble : -1.0;
-        if (!(r >= 1.0 && r <= (double)LORA_MAX_DIM) || floor(r) != r)
-            CFG_FAIL(LORA_ERR_FORMAT, "%s: r is not an integer in [1, 2^24]", path);
-        h->rank = (int64_t)r;
-    }
-    if ((x = cJSON_GetObjectItemCaseSensitive(root, "lora_alpha"))) {
-        if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble))
-            CFG_FAIL(LORA_ERR_FORMAT, "%s: lora_alpha is not a finite number", path);
-        h->alpha = x->valuedouble;
-    }
-    if ((x = cJSON_GetObjectItemCaseSensitive(root, "use_rslora")) && !cJSON_IsNull(x)) {
-        if (!cJSON_IsBool(x))
-            CFG_FAIL(LORA_ERR_FORMAT, "%s: use_rslora is not a boolean", path);
-        h->rslora = cJSON_IsTrue(x);
-    }
-    static const char *const unsupported_true[] = {"use_dora", "fan_in_fan_out"};
-    for (size_t i = 0; i < 2; i++)
-        if ((x = cJSON_GetObjectItemCaseSensitive(root, unsupported_true[i])) &&
-            cJSON_IsTrue(x))
-            CFG_FAIL(LORA_ERR_UNSUPPORTED, "%s: %s = true is not supported", path,
-                     unsupported_true[i]);
-    static const char *const patterns[] = {"rank_pattern", "alpha_pattern"};
-    for (size_t i = 0; i < 2; i++)
-        if ((x = cJSON_GetObjectItemCaseSensitive(root, patterns[i])) && !cJSON_IsNull(x) &&
-            (!cJSON_IsObject(x) || x->child))
-            CFG_FAIL(LORA_ERR_UNSUPPORTED,
-                     "%s: a non-empty %s (per-module rank or alpha) is not supported", path,
-                     patterns[i]);
-    if ((x = cJSON_GetObjectItemCaseSensitive(root, "target_modules")) && cJSON_IsArray(x)) {
-        int mask = 0;
-        for (const cJSON *it = x->child; it; it = it->next) {
-            if (!cJSON_IsString(it))
-                CFG_FAIL(LORA_ERR_FORMAT, "%s: target_modules holds a non-string", path);
-            for (int t = 0; t < PROJ_COUNT; t++)
-                if (strcmp(it->valuestring, module_names[t]) == 0)
-                    mask |= 1 << t;
-        }
-        h->allowed_targets = mask ? mask : -1; /* -1: none of ours listed */
-    } else if (x && !cJSON_IsString(x) && !cJSON_IsNull(x)) {
-        CFG_FAIL(LORA_ERR_FORMAT, "%s: target_modules is neither a list nor a string", path);
-    }
-#undef CFG_FAIL
-out:
-    cJSON_Delete(root);
-    return st;
+    memset(x, 0, sizeof *x);
+    if (!parse_name(t->name, &x->layer, &x->target, &x->which))
+        return io_error(err, LORA_ERR_UNSUPPORTED,
+                        "tensor '%.100s' is not a LoRA factor of an attention projection "
+                        "(q/k/v/o_proj); liblora adapts attention only",
+                        t->name);
+    if (!dtype_of(t->dtype, &x->dtype))
+        return io_error(err, LORA_ERR_UNSUPPORTED,
+                        "tensor %s has dtype %s (F32, F16, BF16, F64 are read)", t->name,
+                        t->dtype);
+    if (t->ndim != 2)
+        return io_error(err, LORA_ERR_FORMAT, "tensor %s has %d dimensions, not 2", t->name,
+                        t->ndim);
+    x->rows = t->shape[0];
+    x->cols = t->shape[1];
+    x->offset = sf->data_start + t->offset;
+    x->name = t->name;
+    return LORA_OK;
 }
 
-LORA_API int lora_load_peft(lora_adapter **adapters, int64_t *layers, size_t capacity,
-                            size_t *count, const char *dir, lora_config *cfg)
+/* The weights' __metadata__ (r, lora_alpha, use_rslora, when present: liblora writes
+ * them) must agree with the config: else the pair comes from two saves. */
+static int check_scale_metadata(const cJSON *md, const io_meta *meta, char *err)
 {
-    int st = io_check_load_args(adapters, layers, capacity, count, dir, "dir", cfg);
-    if (st != LORA_OK)
-        return st;
-    char *err = cfg->err;
-    const lora_mem *m = &cfg->mem;
-    char path[4096];
+    static const char *const keys[3] = {"r", "lora_alpha", "use_rslora"};
+    for (int k = 0; md && k < 3; k++) {
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(md, keys[k]);
+        if (!x)
+            continue;
+        const char *v = cJSON_IsString(x) ? x->valuestring : NULL;
+        double d = 0.0;
+        const int bad = !v || (k < 2 ? !text_number(v, &d)
+                                     : strcmp(v, "true") != 0 && strcmp(v, "false") != 0);
+        if (bad)
+            return io_error(err, LORA_ERR_FORMAT,
+                            PEFT_WEIGHTS ": __metadata__ %s is not a %s string", keys[k],
+                            k < 2 ? "number" : "true/false");
+        const int agrees = k == 0   ? d == (double)meta->rank
+                           : k == 1 ? d == meta->alpha
+                                    : (strcmp(v, "true") == 0) == (meta->rslora != 0);
+        if (!agrees)
+            return io_error(err, LORA_ERR_FORMAT,
+                            PEFT_CONFIG " and " PEFT_WEIGHTS " disagree on %s (config: %.17g, "
+                            "weights' __metadata__: %.40s): the files come from different "
+                            "saves",
+                            keys[k],
+                            k == 0 ? (double)meta->rank : k == 1 ? meta->alpha : meta->rslora,
+                            v);
+    }
+    return LORA_OK;
+}
+
+int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err)
+{
+    io_source_init(s, a);
+    char path[4096], cpath[4096];
     if (!join_path(path, sizeof path, dir, PEFT_WEIGHTS))
-        return lora_set_error(err, LORA_ERR_IO, "path too long: %s", dir);
-    io_header h;
-    char cpath[4096];
+        return io_error(err, LORA_ERR_IO, "path too long: %s", dir);
     join_path(cpath, sizeof cpath, dir, PEFT_CONFIG);
-    st = read_config(m, cpath, &h, err);
-    if (st != LORA_OK)
-        return st;
-    unsigned char *buf = NULL;
-    size_t size = 0;
-    st = io_read_file(m, path, PEFT_MAX_WEIGHTS, &buf, &size, err);
-    if (st != LORA_OK)
-        return st;
+    peft_rules rules;
+    int st = peft_config_read(a, cpath, &s->meta, &rules, err);
+    uint64_t size = 0;
+    if (st == LORA_OK)
+        st = io_open_regular(path, &s->fd, &size, err);
     st_file sf;
-    st = st_parse(m, buf, size, &sf, err);
+    if (st == LORA_OK)
+        st = st_parse(a, s->fd, size, &sf, err);
     if (st != LORA_OK) {
-        lora_mem_free(m, buf);
+        peft_config_free(&rules);
         return st;
     }
-    io_factors f = {0};
+    s->json = sf.json; /* the records' names point into it */
+    sf.json = NULL;
+    st = check_scale_metadata(sf.metadata, &s->meta, err);
     for (size_t i = 0; i < sf.n && st == LORA_OK; i++) {
-        const st_tensor *t = &sf.t[i];
-        io_factor x;
-        memset(&x, 0, sizeof x);
-        if (!parse_name(t->name, &x.layer, &x.target, &x.which)) {
-            st = lora_set_error(err, LORA_ERR_UNSUPPORTED,
-                                "tensor '%.100s' is not a LoRA factor of an attention "
-                                "projection (q/k/v/o_proj); liblora adapts attention only",
-                                t->name);
-            break;
-        }
-        if (!dtype_of(t->dtype, &x.dtype)) {
-            st = lora_set_error(err, LORA_ERR_UNSUPPORTED,
-                                "tensor %s has dtype %s (F32, F16, BF16, F64 are read)",
-                                t->name, t->dtype);
-            break;
-        }
-        if (t->ndim != 2) {
-            st = lora_set_error(err, LORA_ERR_FORMAT, "tensor %s has %d dimensions, not 2",
-                                t->name, t->ndim);
-            break;
-        }
-        x.rows = t->shape[0];
-        x.cols = t->shape[1];
-        x.data = t->data;
-        x.name = t->name;
-        if (io_factors_push(m, &f, &x) != LORA_OK)
-            st = lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate tensor entries");
+        io_record x;
+        st = tensor_record(&sf, &sf.t[i], &x, err);
+        if (st == LORA_OK)
+            st = peft_config_targets(&rules, &x, err);
+        if (st == LORA_OK && io_records_push(a, &s->rec, &x) != LORA_OK)
+            st = io_error(err, LORA_ERR_NOMEM, "cannot allocate tensor entries");
     }
-    if (st == LORA_OK) {
-        if (h.allowed_targets == -1)
-            h.allowed_targets = 0x10; /* no attention module listed: any tensor mismatches */
-        st = io_build_adapters(&f, &h, cfg, adapters, layers, capacity, count);
-    }
-    io_factors_free(m, &f);
-    st_free(m, &sf);
-    lora_mem_free(m, buf);
+    st_free(a, &sf);
+    peft_config_free(&rules);
     return st;
 }

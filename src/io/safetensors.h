@@ -14,7 +14,7 @@ typedef struct st_tensor {
     const char *dtype; /* "F32", "F16", ... (every safetensors dtype is accepted here) */
     int ndim;
     int64_t shape[ST_MAX_DIMS];
-    const unsigned char *data; /* inside the file buffer, nbytes in bounds */
+    uint64_t offset; /* of the data, relative to the data start; nbytes in bounds */
     size_t nbytes;
 } st_tensor;
 
@@ -22,14 +22,16 @@ typedef struct st_file {
     void *json; /* cJSON root, kept while names are in use */
     st_tensor *t;
     size_t n;
+    uint64_t data_start; /* file offset of the data: 8 + the header length */
+    const void *metadata; /* the __metadata__ object (cJSON, inside json) or NULL */
 } st_file;
 
-/* Parses and fully checks a safetensors file held in buf[0..size): header length,
- * JSON, dtypes, shapes, element counts against data_offsets, offsets within the data,
- * no two tensors overlapping. Errors: FORMAT, NOMEM (message in err). */
-int st_parse(const lora_mem *m, const unsigned char *buf, size_t size, st_file *out,
-             char *err);
-void st_free(const lora_mem *m, st_file *f);
+/* Reads the header of the safetensors file fd (size bytes) and checks it against the
+ * size: header length, JSON, dtypes, shapes, element counts against data_offsets,
+ * offsets within the data, no two tensors overlapping, no bytes after the last one.
+ * The tensor data is not read. Errors: FORMAT, IO, NOMEM (message in err). */
+int st_parse(const io_alloc *a, int fd, uint64_t size, st_file *out, char *err);
+void st_free(const io_alloc *a, st_file *f);
 
 /* One F32 matrix to write. */
 typedef struct st_entry {
@@ -38,8 +40,10 @@ typedef struct st_entry {
     const float *data;
 } st_entry;
 
-/* Serialises entries (in the given order) with __metadata__ {"format": "pt"}; the
- * header is space-padded so the data starts 8-byte aligned. Errors: NOMEM. */
-int st_write(const lora_mem *m, const st_entry *e, size_t n, io_bytes *out);
+/* Serialises entries (in the given order) with __metadata__ {"format": "pt"} and the
+ * n_meta pairs meta[2i] = meta[2i+1] (strings, ASCII without '"' or '\\'); the header
+ * is space-padded so the data starts 8-byte aligned. Errors: NOMEM. */
+int st_write(const io_alloc *a, const st_entry *e, size_t n, const char *const *meta,
+             size_t n_meta, io_bytes *out);
 
 #endif
