@@ -274,11 +274,11 @@ static int layer_found(const peft_rules *rules, const char *key)
     return 0;
 }
 
-static int layer_listed(const cJSON *lt, int64_t layer)
+static int layer_listed(const cJSON *lt, int64_t layer_index)
 {
     for (const cJSON *it = cJSON_IsArray(lt) ? lt->child : lt; it;
          it = cJSON_IsArray(lt) ? it->next : NULL)
-        if (it->valuedouble == (double)layer)
+        if (it->valuedouble == (double)layer_index)
             return 1;
     return 0;
 }
