@@ -255,7 +255,7 @@ START_TEST(test_forked_child_starts_its_own_threads)
         }
         if (code == 0 && pool_threads_started(p) != 2)
             code = 8;
-        pool_destroy(p);
+        pool_free(p);
         _exit(code);
     }
     const int status = wait_with_timeout(pid, 60);

@@ -461,16 +461,20 @@ START_TEST(test_fork_child_and_grandchild_train)
     if (child == 0) {
         close(fds[0]);
         int code = forked_training(&t, saved, np, peft, fds[1]);
-        if (code == 0) {
-            const pid_t grandchild = fork();
-            if (grandchild == 0)
-                _exit(forked_training(&t, saved, np, peft, fds[1]));
+        const pid_t grandchild = code == 0 ? fork() : -1;
+        if (grandchild == 0)
+            code = forked_training(&t, saved, np, peft, fds[1]);
+        else if (code == 0) {
             int status = -1;
             if (grandchild < 0 || waitpid(grandchild, &status, 0) != grandchild)
                 code = 20;
             else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
                 code = WIFEXITED(status) ? 100 + WEXITSTATUS(status) : 30 + WTERMSIG(status);
         }
+        tr_free(&t); /* joins this process's workers (memcheck checks children too) */
+        free(saved);
+        free(got);
+        free(mine);
         _exit(code);
     }
     close(fds[1]);
@@ -562,7 +566,11 @@ START_TEST(test_thread_creation_failure_same_results)
             write(fds[1], t.dx, t.nx * sizeof(float)) < 0 ||
             write(fds[1], params, np * sizeof(float)) < 0)
             _exit(12);
-        _exit(process_threads() == 1 ? 0 : 13);
+        const int code = process_threads() == 1 ? 0 : 13;
+        tr_free(&t);
+        free(got);
+        free(params);
+        _exit(code);
     }
     close(fds[1]);
     const int status = wait_or_kill(child, FORK_DEADLINE + 10);
