@@ -8,14 +8,21 @@
  *
  * Conventions (all of them, once):
  * - Every function that can fail returns an int holding a lora_status; LORA_OK is 0.
- *   Output parameters come first after the handle. Nothing aborts, exits or prints.
+ *   Output parameters come first after the handle. Nothing aborts, exits or prints,
+ *   with one exception: BLIS (inside) aborts if its own malloc fails. It allocates only
+ *   while its buffer pools grow (the first products of the process, or more at once
+ *   than before): one forward and backward at start-up, at full concurrency, avoids
+ *   it (docs/threading.md).
  * - Tensors are dense, row-major float32 and owned by the caller. The library copies
  *   what it keeps. Shapes are written (rows, cols) or (batch, L, cols).
  * - Orientation is torch.nn.Linear / PEFT: a weight W is (out, in) and y = x·Wᵀ + b;
  *   LoRA factors are A (r, in) and B (out, r); the adapted weight is W + s·B·A with
  *   s = alpha/r (alpha/√r with rsLoRA).
  * - Threads: distinct handles are independent; one handle is used by one thread at a
- *   time. There is no process-global mutable state.
+ *   time. There is no process-global mutable state. An adapter's worker threads
+ *   (LORA_CFG_THREADS) are its own: started on first use, joined by
+ *   lora_adapter_destroy. fork() is safe (the child starts its own workers); when
+ *   threads cannot be created, calls run on fewer with the same results.
  * - ABI: handles are opaque, enum and #define values are frozen (append only), and
  *   public structs are append-only and carry struct_size. Only lora_* symbols are
  *   exported. See docs/abi.md.
@@ -190,8 +197,9 @@ LORA_API const char *lora_config_last_error(const lora_config *cfg);
 
 /* Memory hooks (as zstd's ZSTD_customMem). Every allocation liblora makes for a config
  * and for the adapters created from it goes through alloc and free; nothing is
- * allocated through any other route (BLIS's own internal buffers aside, and cJSON's
- * parse trees while an adapter file is read or written: cJSON's hooks are global).
+ * allocated through any other route (BLIS's own internal buffers aside, the worker
+ * threads' stacks, and cJSON's parse trees while an adapter file is read or written:
+ * cJSON's hooks are global).
  * - alloc(user_data, size) returns size bytes or NULL; a NULL becomes LORA_ERR_NOMEM
  *   and the failed call changes nothing. It need not align: the library asks for up to
  *   192 bytes more and aligns every buffer to 64 bytes itself. free(user_data, ptr)

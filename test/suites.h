@@ -10,7 +10,8 @@ Suite *adapter_suite(void);   /* shapes, get_config, init, set/get param, run in
 Suite *reference_suite(void); /* the double reference vs central finite differences */
 Suite *exact_suite(void);     /* LORA_BACKEND_EXACT vs the reference */
 Suite *backward_suite(void);  /* accumulation, zero_grad, call order */
-Suite *threads_suite(void);   /* determinism per thread count */
+Suite *threads_suite(void);   /* determinism per thread count, fork, thread failure */
+Suite *pool_suite(void);      /* the worker pool itself: parts, failure, nesting, fork */
 Suite *errors_suite(void);    /* every bad input: status, message, adapter survives */
 Suite *poly_suite(void);      /* LORA_BACKEND_POLY vs the reference, MEASURE_ROWS */
 Suite *threshold_suite(void); /* estimator known answers, AUTO, TOLERANCE, limits */

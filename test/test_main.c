@@ -16,6 +16,7 @@ int main(void)
     srunner_add_suite(sr, exact_suite());
     srunner_add_suite(sr, backward_suite());
     srunner_add_suite(sr, threads_suite());
+    srunner_add_suite(sr, pool_suite());
     srunner_add_suite(sr, errors_suite());
     srunner_add_suite(sr, poly_suite());
     srunner_add_suite(sr, threshold_suite());

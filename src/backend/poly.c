@@ -26,13 +26,6 @@
 #include "backend.h"
 #include "poly_model.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#define WORKER_ID() ((size_t)omp_get_thread_num())
-#else
-#define WORKER_ID() ((size_t)0)
-#endif
-
 #define POLY_BLOCK 64
 
 /* The monomial table: feature m = feature parent[m] · x[var[m]] · fac[m], so every
@@ -507,6 +500,31 @@ static void poly_task(const attn_problem *p, int bt, const poly_table *t, poly_w
     }
 }
 
+/* What a parallel part of poly_run reads (pool_run's ctx). */
+typedef struct poly_job {
+    const attn_problem *p;
+    const poly_table *t;
+    float *work0;
+    size_t stride;
+    int64_t tasks;
+    int backward;
+    const float *q, *k, *v, *o, *do_;
+    float *row_stat, *out, *dq, *dk, *dv;
+} poly_job;
+
+/* A static share of the tasks, with the worker's own work area. */
+static void poly_part(void *arg, int worker, int workers)
+{
+    const poly_job *j = arg;
+    poly_work w;
+    carve_work(j->p, j->t->k, j->work0 + (size_t)worker * j->stride, &w);
+    int64_t lo, hi;
+    pool_static_range(j->tasks, worker, workers, &lo, &hi);
+    for (int64_t task = lo; task < hi; task++)
+        poly_task(j->p, 1, j->t, &w, task, j->backward, j->q, j->k, j->v, j->o, j->row_stat,
+                  j->do_, j->out, j->dq, j->dk, j->dv);
+}
+
 /* Same scheduling rule as the exact backend: serial tasks with threaded products when
  * tasks are fewer than threads, else one task per worker with single-threaded ones. */
 static void poly_run(const attn_problem *p, void *ws, int backward, const float *q,
@@ -528,15 +546,9 @@ static void poly_run(const attn_problem *p, void *ws, int backward, const float 
                       dq, dk, dv);
         return;
     }
-#pragma omp parallel num_threads(workers)
-    {
-        poly_work w;
-        carve_work(p, t.k, work0 + WORKER_ID() * stride, &w);
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < tasks; task++)
-            poly_task(p, 1, &t, &w, task, backward, q, k, v, o, row_stat, do_, out, dq, dk,
-                      dv);
-    }
+    poly_job j = {p, &t, work0, stride, tasks, backward, q, k, v, o, do_,
+                  row_stat, out, dq, dk, dv};
+    pool_run(p->la->pool, workers, poly_part, &j);
 }
 
 static void poly_forward(const attn_problem *p, const float *q, const float *k,

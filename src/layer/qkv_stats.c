@@ -13,13 +13,6 @@
 
 #include "layer.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#define WORKER_ID() ((size_t)omp_get_thread_num())
-#else
-#define WORKER_ID() 0
-#endif
-
 /* Rows of one product block: the block of products (≤ STATS_BLOCK × panel floats)
  * stays in L2 for narrow layers. Fewer rows when that gives every thread a block. */
 #define STATS_BLOCK 512
@@ -215,6 +208,35 @@ LA_VECTOR_CLONES static void add_rows(const float *x, int64_t n, int64_t w, doub
             acc[c] += x[i * w + c];
 }
 
+/* What a parallel part of the statistics reads (pool_run's ctx): the panel of head
+ * slots s0 .. s0+ns-1 and its key columns k0 .. k0+cols-1. */
+typedef struct stats_job {
+    const layer *l;
+    const attn_problem *p;
+    const stats_shape *s;
+    const stats_ws *w;
+    const float *x;
+    double *colsum;
+    int64_t s0, ns, k0, cols;
+} stats_job;
+
+/* A static share of the partial column sums. */
+static void sums_part(void *arg, int worker, int workers)
+{
+    const stats_job *j = arg;
+    const stats_shape *s = j->s;
+    const int64_t len = j->p->len_q, dm = s->d_model;
+    int64_t lo, hi;
+    pool_static_range(s->sum_tasks, worker, workers, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        const int64_t b = t / s->sums_per_batch, i0 = (t % s->sums_per_batch) * SUM_BLOCK;
+        const int64_t i1 = i0 + SUM_BLOCK < len ? i0 + SUM_BLOCK : len;
+        double *acc = j->colsum + t * dm;
+        memset(acc, 0, (size_t)dm * sizeof *acc);
+        add_rows(j->x + (b * len + i0) * dm, i1 - i0, dm, acc);
+    }
+}
+
 /* Column sums of x per fixed row block, then the per-batch mean x̄ (in the first
  * block's row of colsum). */
 static void input_means(const attn_problem *p, const stats_shape *s, const float *x,
@@ -222,14 +244,8 @@ static void input_means(const attn_problem *p, const stats_shape *s, const float
 {
     const int64_t len = p->len_q, dm = s->d_model;
     const int nt = (double)len * (double)p->batch * (double)dm > 1e5 ? s->nt : 1;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < s->sum_tasks; t++) {
-        const int64_t b = t / s->sums_per_batch, i0 = (t % s->sums_per_batch) * SUM_BLOCK;
-        const int64_t i1 = i0 + SUM_BLOCK < len ? i0 + SUM_BLOCK : len;
-        double *acc = colsum + t * dm;
-        memset(acc, 0, (size_t)dm * sizeof *acc);
-        add_rows(x + (b * len + i0) * dm, i1 - i0, dm, acc);
-    }
+    stats_job j = {.p = p, .s = s, .x = x, .colsum = colsum};
+    pool_run(p->la->pool, nt, sums_part, &j);
     for (int64_t b = 0; b < p->batch; b++) {
         double *mean = colsum + b * s->sums_per_batch * dm;
         for (int64_t t = 1; t < s->sums_per_batch; t++)
@@ -240,13 +256,60 @@ static void input_means(const attn_problem *p, const stats_shape *s, const float
     }
 }
 
+/* A static share of the key means x̄·W_Kᵀ + b_K of the panel's key columns. */
+static void kmean_part(void *arg, int worker, int workers)
+{
+    const stats_job *j = arg;
+    const layer *l = j->l;
+    const stats_ws *w = j->w;
+    const int64_t dm = j->s->d_model, d = j->s->d, s0 = j->s0, k0 = j->k0, cols = j->cols;
+    int64_t lo, hi;
+    pool_static_range(j->p->batch * cols, worker, workers, &lo, &hi);
+    for (int64_t e = lo; e < hi; e++) {
+        const int64_t b = e / cols, c = k0 + e % cols;
+        const double *mean = w->colsum + b * j->s->sums_per_batch * dm;
+        const float *wr = w->w + (c - s0 * d) * dm;
+        double acc = w->bias[c - s0 * d];
+        for (int64_t m = 0; m < dm; m++)
+            acc += mean[m] * wr[m];
+        w->kmean[b * l->kv_dim + (c - l->q_dim)] = (float)acc;
+    }
+}
+
+/* A static share of the row blocks: one product against the panel each, reduced into
+ * the block's per-slot maxima. */
+static void blocks_part(void *arg, int worker, int workers)
+{
+    const stats_job *j = arg;
+    const layer *l = j->l;
+    const attn_problem *p = j->p;
+    const stats_shape *s = j->s;
+    const stats_ws *w = j->w;
+    const int64_t len = p->len_q, dm = s->d_model, d = s->d, s0 = j->s0, ns = j->ns;
+    const float *x = j->x;
+    int64_t lo, hi;
+    pool_static_range(s->tasks, worker, workers, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        float *xb = w->worker + (size_t)worker * w->worker_floats;
+        float *yb = xb + ((size_t)(s->blk * dm + 15) & ~(size_t)15);
+        const int64_t b = t / s->blocks_per_batch, i0 = (t % s->blocks_per_batch) * s->blk;
+        const int64_t n = len - i0 < s->blk ? len - i0 : s->blk;
+        /* A copy: BLIS reads only library buffers (they carry tail padding). */
+        memcpy(xb, x + (b * len + i0) * dm, (size_t)(n * dm) * sizeof(float));
+        la_gemm(p->la, 1, LA_N, LA_T, n, ns * d, dm, 1.0f, xb, dm, w->w, dm, 0.0f, yb,
+                ns * d);
+        block_stats(l, yb, n, s0, ns, w->bias, w->kmean + b * l->kv_dim, w->zero,
+                    w->slot + t * 2 * s->slots);
+    }
+}
+
 int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float *ws,
                     layer_qkv_stats_result *out)
 {
     const stats_shape s = shape_of(l, p);
     stats_ws w;
     carve(l, p, &s, ws, &w);
-    const int64_t len = p->len_q, dm = s.d_model, d = s.d, nh = l->n_heads;
+    const int64_t dm = s.d_model, d = s.d, nh = l->n_heads;
     input_means(p, &s, x, w.colsum);
     memset(w.zero, 0, (size_t)d * sizeof(float));
 
@@ -259,34 +322,13 @@ int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float
         const int64_t k0 = s0 * d > l->q_dim ? s0 * d : l->q_dim;
         const int64_t k1 = (s0 + ns) * d < l->q_dim + l->kv_dim ? (s0 + ns) * d
                                                                  : l->q_dim + l->kv_dim;
+        stats_job j = {l, p, &s, &w, x, w.colsum, s0, ns, k0, k1 - k0};
         if (k0 < k1) {
-            const int64_t cols = k1 - k0;
-            const int nt = (double)p->batch * (double)cols * (double)dm > 1e6 ? s.nt : 1;
-#pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t e = 0; e < p->batch * cols; e++) {
-                const int64_t b = e / cols, c = k0 + e % cols;
-                const double *mean = w.colsum + b * s.sums_per_batch * dm;
-                const float *wr = w.w + (c - s0 * d) * dm;
-                double acc = w.bias[c - s0 * d];
-                for (int64_t m = 0; m < dm; m++)
-                    acc += mean[m] * wr[m];
-                w.kmean[b * l->kv_dim + (c - l->q_dim)] = (float)acc;
-            }
+            const int nt = (double)p->batch * (double)j.cols * (double)dm > 1e6 ? s.nt : 1;
+            pool_run(p->la->pool, nt, kmean_part, &j);
         }
         const int nt = s.tasks < s.nt ? (int)s.tasks : s.nt;
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t t = 0; t < s.tasks; t++) {
-            float *xb = w.worker + WORKER_ID() * w.worker_floats;
-            float *yb = xb + ((size_t)(s.blk * dm + 15) & ~(size_t)15);
-            const int64_t b = t / s.blocks_per_batch, i0 = (t % s.blocks_per_batch) * s.blk;
-            const int64_t n = len - i0 < s.blk ? len - i0 : s.blk;
-            /* A copy: BLIS reads only library buffers (they carry tail padding). */
-            memcpy(xb, x + (b * len + i0) * dm, (size_t)(n * dm) * sizeof(float));
-            la_gemm(p->la, 1, LA_N, LA_T, n, ns * d, dm, 1.0f, xb, dm, w.w, dm, 0.0f, yb,
-                    ns * d);
-            block_stats(l, yb, n, s0, ns, w.bias, w.kmean + b * l->kv_dim, w.zero,
-                        w.slot + t * 2 * s.slots);
-        }
+        pool_run(p->la->pool, nt, blocks_part, &j);
     }
 
     /* Maxima over the blocks of each batch element, then R over its heads. */
