@@ -340,7 +340,7 @@ $(AMALG): src/tools/amalgamate.py $(LIB_SRC) $(wildcard src/*.h src/*/*.h) inclu
 # defined, libmvec's vector expf used without any -D, and a program linking libblis.a
 # gets the AVX-512 kernel context on CPUs that have it (test/vendor/probe.c).
 AMALG_CHECK := lib/amalgamation/check
-AMALG_OMP := $(filter -fopenmp,$(BASE_CFLAGS))
+AMALG_OMP := $(filter -fopenmp%,$(BASE_CFLAGS))
 AMALG_LIBS := $(BLIS_LIBDIR)/libblis.a $(filter-out -lblis,$(LIBS_PRIVATE))
 amalgamation-check: $(AMALG)
 	@mkdir -p $(AMALG_CHECK)
