@@ -103,17 +103,23 @@ typedef struct bound_case {
     int cross, len_q, len_kv;
     int degree;     /* explicit POLY_DEGREE, or 0: from the tolerance */
     double tol;     /* LORA_CFG_TOLERANCE when degree is 0 */
+    int edge_max;   /* unique maxima of |dO| at its last entry (the scalar tail of a
+                       vectorised max) and of |X| at entry 15 (the last of 16 lanes) */
 } bound_case;
 
 static const bound_case bound_cases[] = {
     /* GQA (2 query heads per kv head), output projection with LoRA, biases. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 15, .alpha = 1.0,
       .softmax_scale = 0.25, .out_proj = 1, .bias = 1},
-     0, 4, 4, 2, 0.0},
+     0, 4, 4, 2, 0.0, 0},
     /* Cross-attention, two kv groups with their own degree, no output projection. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 2, .rank = 2, .targets = 7, .alpha = 4.0,
       .softmax_scale = 0.125, .causal = 1},
-     1, 2, 4, 0, 1e-4},
+     1, 2, 4, 0, 1e-4, 0},
+    /* dO (5 x 4 = 20 entries) peaks at its last entry, X at entry 15. */
+    {{.d_model = 4, .n_heads = 1, .rank = 2, .targets = 7, .alpha = 2.0,
+      .softmax_scale = 0.125},
+     0, 5, 5, 4, 0.0, 1},
 };
 
 /* The expected grad_bound: dY error bounds of Q, K, V from η, then the LoRA chain rule
@@ -190,6 +196,11 @@ START_TEST(test_bounds_known_answer)
     if (p.cross)
         fill_dyadic(p.xkv, nk * (size_t)l.cfg.d_model, &s);
     fill_dyadic(p.dout, nout, &s);
+    if (bc->edge_max) {
+        ck_assert(nout % 16 != 0 && nq * (size_t)l.cfg.d_model > 16);
+        p.dout[nout - 1] = 2.0;
+        p.xq[15] = -2.0;
+    }
 
     double *q = malloc(nq * (size_t)l.q_dim * sizeof(double));
     double *k = malloc(nk * (size_t)l.kv_dim * sizeof(double));

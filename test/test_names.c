@@ -5,7 +5,8 @@
  * with i a decimal layer index in [0, 2^31) without leading zeros. Every name pattern
  * loads into the right factor; any extra, missing or changed character, an index out of
  * range or with a sign, spaces or leading zeros makes the load fail with nothing
- * created. */
+ * created. The same writers then vary the layout: overlapping tensors, BF16 data,
+ * truncated GGUF files. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,13 +28,30 @@ static const char *const gguf_mod[4] = {"attn_q", "attn_k", "attn_v", "attn_outp
 static const int target_bit[4] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TARGET_V, LORA_TARGET_O};
 
 /* Tensor i: target i / 2, factor A (i even: RANK × D_MODEL) or B (D_MODEL × RANK). Both
- * are RANK·D_MODEL floats; values tell tensors apart. */
-static float value_of(int i, int j) { return (float)(i + 1) + (float)j / 64.0f; }
+ * are RANK·D_MODEL floats; values tell tensors and entries apart and are exact in BF16
+ * (integers below 256). */
+static float value_of(int i, int j) { return (float)(16 * (i + 1) + j); }
+
+#define TENSOR_ELEMS (RANK * D_MODEL)
 
 typedef struct name_set {
     char name[NT][NAME_MAX_LEN + 8];
     size_t len[NT]; /* GGUF names may hold a NUL */
+    /* Layout (name_set_layout fills the default: F32, one tensor after another). */
+    int bf16;                 /* every tensor BF16 instead of F32 */
+    uint64_t begin[NT];       /* data offset of each tensor */
+    uint64_t data_bytes;      /* size of the data section */
 } name_set;
+
+static size_t tensor_bytes(const name_set *s) { return (size_t)TENSOR_ELEMS * (s->bf16 ? 2 : 4); }
+
+static void name_set_layout(name_set *s, int bf16)
+{
+    s->bf16 = bf16;
+    for (int i = 0; i < NT; i++)
+        s->begin[i] = (uint64_t)i * tensor_bytes(s);
+    s->data_bytes = (uint64_t)NT * tensor_bytes(s);
+}
 
 static void peft_names(name_set *s, const char *layer)
 {
@@ -43,6 +61,7 @@ static void peft_names(name_set *s, const char *layer)
                  peft_mod[i / 2], i % 2 ? 'B' : 'A');
         s->len[i] = strlen(s->name[i]);
     }
+    name_set_layout(s, 0);
 }
 
 static void gguf_names(name_set *s, const char *layer)
@@ -52,6 +71,7 @@ static void gguf_names(name_set *s, const char *layer)
                  gguf_mod[i / 2], i % 2 ? 'b' : 'a');
         s->len[i] = strlen(s->name[i]);
     }
+    name_set_layout(s, 0);
 }
 
 /* ---- writers ---------------------------------------------------------------------- */
@@ -80,14 +100,27 @@ static void put_le(buf *b, uint64_t v, int bytes)
     }
 }
 
-static void put_floats(buf *b, int i)
+/* The data section: each tensor's values at its offset (F32, or BF16 = the high half
+ * of the F32 bits), zeros elsewhere; a later tensor overwrites an earlier one where
+ * they overlap. */
+static void put_data(buf *b, const name_set *s)
 {
-    for (int j = 0; j < RANK * D_MODEL; j++) {
-        const float f = value_of(i, j);
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        put_le(b, u, 4);
-    }
+    unsigned char *d = calloc(1, (size_t)s->data_bytes + 1);
+    ck_assert_ptr_nonnull(d);
+    for (int i = 0; i < NT; i++)
+        for (int j = 0; j < TENSOR_ELEMS; j++) {
+            const float f = value_of(i, j);
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            const int bytes = s->bf16 ? 2 : 4;
+            const uint32_t bits = s->bf16 ? u >> 16 : u;
+            const uint64_t at = s->begin[i] + (uint64_t)j * (uint64_t)bytes;
+            ck_assert(at + (uint64_t)bytes <= s->data_bytes);
+            for (int k = 0; k < bytes; k++)
+                d[at + (uint64_t)k] = (unsigned char)(bits >> (8 * k));
+        }
+    put(b, d, (size_t)s->data_bytes);
+    free(d);
 }
 
 /* adapter_config.json + adapter_model.safetensors (F32) in a fresh directory. */
@@ -101,22 +134,21 @@ static char *write_peft(const name_set *s)
     fx_write_file(path, config, strlen(config));
     buf h = {0}, file = {0};
     put(&h, "{", 1);
-    const size_t bytes = RANK * D_MODEL * 4;
     for (int i = 0; i < NT; i++) {
         char item[NAME_MAX_LEN + 128];
         const int rows = i % 2 ? D_MODEL : RANK, cols = i % 2 ? RANK : D_MODEL;
         const int n = snprintf(item, sizeof item,
-                               "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%d,%d],"
-                               "\"data_offsets\":[%zu,%zu]}",
-                               i ? "," : "", s->name[i], rows, cols, (size_t)i * bytes,
-                               (size_t)(i + 1) * bytes);
+                               "%s\"%s\":{\"dtype\":\"%s\",\"shape\":[%d,%d],"
+                               "\"data_offsets\":[%llu,%llu]}",
+                               i ? "," : "", s->name[i], s->bf16 ? "BF16" : "F32", rows, cols,
+                               (unsigned long long)s->begin[i],
+                               (unsigned long long)(s->begin[i] + tensor_bytes(s)));
         put(&h, item, (size_t)n);
     }
     put(&h, "}", 1);
     put_le(&file, h.n, 8);
     put(&file, h.p, h.n);
-    for (int i = 0; i < NT; i++)
-        put_floats(&file, i);
+    put_data(&file, s);
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
     fx_write_file(path, file.p, file.n);
     free(h.p);
@@ -130,12 +162,10 @@ static void gguf_str(buf *b, const char *s, size_t n)
     put(b, s, n);
 }
 
-/* A GGUF v3 LoRA adapter (F32 tensors, alignment 32) at dir/a.gguf. */
-static char *write_gguf(const name_set *s, char **dir_out)
+/* The bytes of a GGUF v3 LoRA adapter (alignment 32); *header_end: where the tensor
+ * infos end. */
+static buf gguf_bytes(const name_set *s, size_t *header_end)
 {
-    char *dir = fx_tmpdir(), *path = malloc(strlen(dir) + 16);
-    ck_assert_ptr_nonnull(path);
-    sprintf(path, "%s/a.gguf", dir);
     buf b = {0};
     put(&b, "GGUF", 4);
     put_le(&b, 3, 4);
@@ -154,23 +184,38 @@ static char *write_gguf(const name_set *s, char **dir_out)
     uint32_t u;
     memcpy(&u, &alpha, 4);
     put_le(&b, u, 4);
-    const size_t bytes = RANK * D_MODEL * 4;
     for (int i = 0; i < NT; i++) {
         gguf_str(&b, s->name[i], s->len[i]);
         put_le(&b, 2, 4);
         put_le(&b, i % 2 ? RANK : D_MODEL, 8); /* ne[0]: columns */
         put_le(&b, i % 2 ? D_MODEL : RANK, 8); /* ne[1]: rows */
-        put_le(&b, 0, 4);                      /* GGML F32 */
-        put_le(&b, (uint64_t)i * bytes, 8);
+        put_le(&b, s->bf16 ? 30 : 0, 4);       /* GGML BF16 / F32 */
+        put_le(&b, s->begin[i], 8);
     }
+    *header_end = b.n;
     while (b.n % 32)
         put_le(&b, 0, 1);
-    for (int i = 0; i < NT; i++)
-        put_floats(&b, i);
-    fx_write_file(path, b.p, b.n);
+    put_data(&b, s);
+    return b;
+}
+
+/* The file of gguf_bytes, cut to its first `size` bytes when size < its length. */
+static char *write_gguf_cut(const name_set *s, size_t size, char **dir_out)
+{
+    char *dir = fx_tmpdir(), *path = malloc(strlen(dir) + 16);
+    ck_assert_ptr_nonnull(path);
+    sprintf(path, "%s/a.gguf", dir);
+    size_t header_end;
+    buf b = gguf_bytes(s, &header_end);
+    fx_write_file(path, b.p, size < b.n ? size : b.n);
     free(b.p);
     *dir_out = dir;
     return path;
+}
+
+static char *write_gguf(const name_set *s, char **dir_out)
+{
+    return write_gguf_cut(s, SIZE_MAX, dir_out);
 }
 
 /* ---- loading ---------------------------------------------------------------------- */
@@ -347,6 +392,70 @@ START_TEST(test_name_parts)
 }
 END_TEST
 
+/* ---- layout: where the name tests' files may differ from the writers' ------------- */
+
+/* _i: 0 PEFT, 1 GGUF. Tensors stored in reverse order with gaps load; tensors that
+ * overlap only in the last pair of the sorted order (partly, or one aliasing another)
+ * are refused. Offsets are multiples of 32 (GGUF's alignment). */
+START_TEST(test_overlap_in_last_pair)
+{
+    const int gguf = _i;
+    name_set s;
+    names_for(gguf, &s, "5");
+    const uint64_t stride = 96; /* 64-byte F32 tensors with 32-byte gaps */
+    for (int i = 0; i < NT; i++)
+        s.begin[i] = (uint64_t)(NT - 1 - i) * stride;
+    s.data_bytes = (uint64_t)NT * stride;
+    expect_load(gguf, &s, 5, "reversed tensors with gaps");
+    /* Sorted by offset, tensor 0 comes last: make it start inside tensor 1. */
+    s.begin[0] = s.begin[1] + 32;
+    expect_load(gguf, &s, -1, "last pair overlapping by 32 bytes");
+    s.begin[0] = s.begin[1];
+    expect_load(gguf, &s, -1, "last tensor aliasing the one before");
+}
+END_TEST
+
+/* _i: 0 PEFT, 1 GGUF. BF16 tensors (two bytes each, the high half of F32) load to the
+ * exact values, every entry in place. */
+START_TEST(test_bf16_entries_in_place)
+{
+    const int gguf = _i;
+    name_set s;
+    names_for(gguf, &s, "2");
+    name_set_layout(&s, 1);
+    expect_load(gguf, &s, 2, "BF16 tensors");
+}
+END_TEST
+
+/* Every proper prefix of a valid GGUF file is refused (FORMAT), never read past its
+ * end; the whole file loads. */
+START_TEST(test_gguf_every_truncation)
+{
+    name_set s;
+    gguf_names(&s, "1");
+    size_t header_end;
+    buf b = gguf_bytes(&s, &header_end);
+    const size_t full = b.n;
+    free(b.p);
+    lora_config *cfg = names_config();
+    for (size_t cut = 0; cut < full; cut++) {
+        char *dir = NULL, *path = write_gguf_cut(&s, cut, &dir);
+        lora_adapter *ad[2] = {NULL, NULL};
+        int64_t layers[2];
+        size_t count = 99;
+        const int st = lora_load_gguf(ad, layers, 2, &count, path, cfg);
+        ck_assert_msg(st == LORA_ERR_FORMAT, "GGUF cut to %zu of %zu bytes (infos end at %zu): "
+                      "status %d", cut, full, header_end, st);
+        ck_assert_ptr_null(ad[0]);
+        fx_rmtree(dir);
+        free(dir);
+        free(path);
+    }
+    lora_config_destroy(cfg);
+    expect_load(1, &s, 1, "the whole file");
+}
+END_TEST
+
 Suite *names_suite(void)
 {
     Suite *s = suite_create("names");
@@ -356,5 +465,11 @@ Suite *names_suite(void)
     tcase_add_loop_test(tc, test_every_name_trailing_and_truncated, 0, 2);
     tcase_add_loop_test(tc, test_name_parts, 0, 2);
     suite_add_tcase(s, tc);
+    TCase *tl = tcase_create("layout");
+    tcase_set_timeout(tl, 60);
+    tcase_add_loop_test(tl, test_overlap_in_last_pair, 0, 2);
+    tcase_add_loop_test(tl, test_bf16_entries_in_place, 0, 2);
+    tcase_add_test(tl, test_gguf_every_truncation);
+    suite_add_tcase(s, tl);
     return s;
 }

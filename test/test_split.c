@@ -31,11 +31,12 @@ enum { SPLIT_ROWS_A = 0, SPLIT_ROWS_AT = 1, SPLIT_COLS_B = 2, SPLIT_COLS_BT = 3 
 
 typedef struct split_info {
     int splits, kind, ragged; /* ragged: the last range is shorter than the others */
+    int64_t last;             /* length of the last range */
 } split_info;
 
 static split_info split_of(const gemm_shape *g)
 {
-    split_info s = {0, -1, 0};
+    split_info s = {0, -1, 0, 0};
     const double flops = 2.0 * (double)g->m * (double)g->n * (double)g->k;
     if (flops < 2.0 * LA_MIN_FLOPS_PER_THREAD)
         return s;
@@ -47,6 +48,7 @@ static split_info split_of(const gemm_shape *g)
     s.splits = 1;
     s.kind = rows ? (g->ta ? SPLIT_ROWS_AT : SPLIT_ROWS_A) : (g->tb ? SPLIT_COLS_BT : SPLIT_COLS_B);
     s.ragged = len % step != 0;
+    s.last = len - (len - 1) / step * step;
     return s;
 }
 
@@ -109,46 +111,65 @@ static void check_sizes(const split_case *k, const ref_layer *l, const ref_probl
     }
 }
 
+/* THREADS 1 and 2 agree bitwise; THREADS 2 matches the reference. */
+static void run_case(const split_case *k, uint64_t seed, int kinds[4], int *ragged)
+{
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &k->c), 0);
+    ref_layer_randomize(&l, seed, 1.5, 0.5);
+    ck_assert_int_eq(ref_problem_init(&p, &l, k->cross, k->batch, k->len_q, k->len_kv,
+                                      seed + 1),
+                     0);
+    check_sizes(k, &l, &p, kinds, ragged);
+    lib_result r[2];
+    for (int threads = 1; threads <= 2; threads++) {
+        lora_adapter *ad = NULL;
+        ck_assert_int_eq(ref_make_adapter(&l, LORA_BACKEND_EXACT, threads, &ad), LORA_OK);
+        ck_assert_int_eq(lib_run(ad, &l, &p, &r[threads - 1]), LORA_OK);
+        if (threads == 2) {
+            ref_errors e;
+            char msg[512];
+            ref_compare_adapter(ad, &l, &p, &e);
+            ck_assert_msg(e.status == LORA_OK && e.max <= TOL_F32,
+                          "THREADS 2 vs reference: %s", ref_errors_format(&e, msg, sizeof msg));
+        }
+        lora_adapter_destroy(ad);
+    }
+    ck_assert_msg(lib_result_same(&r[0], &r[1]), "THREADS 1 and 2 differ (out, dx or gradients)");
+    lib_result_free(&r[0]);
+    lib_result_free(&r[1]);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+
 START_TEST(test_split_products_match)
 {
     int kinds[4] = {0}, ragged = 0;
-    for (size_t ci = 0; ci < sizeof split_cases / sizeof split_cases[0]; ci++) {
-        const split_case *k = &split_cases[ci];
-        ref_layer l;
-        ref_problem p;
-        ck_assert_int_eq(ref_layer_init(&l, &k->c), 0);
-        ref_layer_randomize(&l, 71 + ci, 1.5, 0.5);
-        ck_assert_int_eq(ref_problem_init(&p, &l, k->cross, k->batch, k->len_q, k->len_kv,
-                                          72 + ci),
-                         0);
-        check_sizes(k, &l, &p, kinds, &ragged);
-        lib_result r[2];
-        for (int threads = 1; threads <= 2; threads++) {
-            lora_adapter *ad = NULL;
-            ck_assert_int_eq(ref_make_adapter(&l, LORA_BACKEND_EXACT, threads, &ad), LORA_OK);
-            ck_assert_int_eq(lib_run(ad, &l, &p, &r[threads - 1]), LORA_OK);
-            if (threads == 2) {
-                ref_errors e;
-                char msg[512];
-                ref_compare_adapter(ad, &l, &p, &e);
-                ck_assert_msg(e.status == LORA_OK && e.max <= TOL_F32,
-                              "case %zu, THREADS 2 vs reference: %s", ci,
-                              ref_errors_format(&e, msg, sizeof msg));
-            }
-            lora_adapter_destroy(ad);
-        }
-        ck_assert_msg(lib_result_same(&r[0], &r[1]),
-                      "case %zu: THREADS 1 and 2 differ (out, dx or gradients)", ci);
-        lib_result_free(&r[0]);
-        lib_result_free(&r[1]);
-        ref_problem_free(&p);
-        ref_layer_free(&l);
-    }
+    for (size_t ci = 0; ci < sizeof split_cases / sizeof split_cases[0]; ci++)
+        run_case(&split_cases[ci], 71 + 2 * ci, kinds, &ragged);
     ck_assert_msg(kinds[SPLIT_ROWS_A] && kinds[SPLIT_ROWS_AT] && kinds[SPLIT_COLS_B] &&
                       kinds[SPLIT_COLS_BT],
                   "split kinds not all covered: rows %d, rows of A^T %d, cols %d, cols of B^T %d",
                   kinds[0], kinds[1], kinds[2], kinds[3]);
     ck_assert_msg(ragged > 0, "no split has a short last range");
+}
+END_TEST
+
+/* 193 query rows under d_model 192: x·Wᵀ and dX = dY·W (193 × 192 × 192) split into 192
+ * rows and a last range of one row (head_dim 24: the exact backend's BLIS tiles). */
+START_TEST(test_split_one_row_tail)
+{
+    const split_case k = {{.d_model = 192, .n_heads = 8, .rank = 4, .targets = 5}, 0, 1, 193,
+                          0, 0};
+    const gemm_shape xw = {"x*W^T", 0, 1, 193, 192, 192};
+    const split_info si = split_of(&xw);
+    ck_assert_msg(si.splits && si.kind == SPLIT_ROWS_A && si.last == 1,
+                  "x*W^T: split %d kind %d last range %lld (want a 1-row last range)", si.splits,
+                  si.kind, (long long)si.last);
+    int kinds[4] = {0}, ragged = 0;
+    run_case(&k, 91, kinds, &ragged);
+    ck_assert(kinds[SPLIT_ROWS_A] > 0 && ragged > 0);
 }
 END_TEST
 
@@ -158,6 +179,7 @@ Suite *split_suite(void)
     TCase *tc = tcase_create("real_sizes");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_split_products_match);
+    tcase_add_test(tc, test_split_one_row_tail);
     suite_add_tcase(s, tc);
     return s;
 }
