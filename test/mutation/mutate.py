@@ -120,7 +120,9 @@ def run_tests(tree, cmd, timeout, env_extra):
     log = os.path.join(tree, "lib", "mutation-check.log")
     if os.path.exists(log):
         os.remove(log)
+    # Check's per-test timeouts stretched: a loaded machine must not read as a kill.
     env = dict(os.environ, CK_LOG_FILE_NAME=log, **env_extra)
+    env.setdefault("CK_TIMEOUT_MULTIPLIER", "4")
     p = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     start, first_fail = time.time(), None
