@@ -105,21 +105,28 @@ typedef struct bound_case {
     double tol;     /* LORA_CFG_TOLERANCE when degree is 0 */
     int edge_max;   /* unique maxima of |dO| at its last entry (the scalar tail of a
                        vectorised max) and of |X| at entry 15 (the last of 16 lanes) */
+    int o_dominates; /* W_Q = W_V = 0, W_K and b_V / 4: Q and V are their biases, so the
+                        output projection's terms (attention output off by η·max|V|)
+                        dominate */
 } bound_case;
 
 static const bound_case bound_cases[] = {
     /* GQA (2 query heads per kv head), output projection with LoRA, biases. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 15, .alpha = 1.0,
       .softmax_scale = 0.25, .out_proj = 1, .bias = 1},
-     0, 4, 4, 2, 0.0, 0},
+     0, 4, 4, 2, 0.0, 0, 0},
     /* Cross-attention, two kv groups with their own degree, no output projection. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 2, .rank = 2, .targets = 7, .alpha = 4.0,
       .softmax_scale = 0.125, .causal = 1},
-     1, 2, 4, 0, 1e-4, 0},
+     1, 2, 4, 0, 1e-4, 0, 0},
     /* dO (5 x 4 = 20 entries) peaks at its last entry, X at entry 15. */
     {{.d_model = 4, .n_heads = 1, .rank = 2, .targets = 7, .alpha = 2.0,
       .softmax_scale = 0.125},
-     0, 5, 5, 4, 0.0, 1},
+     0, 5, 5, 4, 0.0, 1, 0},
+    /* LoRA on O only, under Q and V that do not depend on X (max|V| <= 1/4). */
+    {{.d_model = 4, .n_heads = 2, .rank = 2, .targets = 8, .alpha = 2.0,
+      .softmax_scale = 0.125, .out_proj = 1, .bias = 1},
+     0, 4, 4, 2, 0.0, 0, 1},
 };
 
 /* The expected grad_bound: dY error bounds of Q, K, V from η, then the LoRA chain rule
@@ -188,6 +195,15 @@ START_TEST(test_bounds_known_answer)
     ref_problem p;
     ck_assert_int_eq(ref_layer_init(&l, &bc->c), 0);
     dyadic_layer(&l, 900 + (uint64_t)_i);
+    if (bc->o_dominates) {
+        for (int64_t i = 0; i < l.out[REF_Q] * l.in[REF_Q]; i++) {
+            l.w[REF_Q][i] = 0.0;
+            l.w[REF_V][i] = 0.0;
+            l.w[REF_K][i] /= 4.0;
+        }
+        for (int64_t i = 0; i < l.out[REF_V]; i++) /* max|V| well below 1 */
+            l.bias[REF_V][i] /= 4.0;
+    }
     ck_assert_int_eq(ref_problem_init(&p, &l, bc->cross, 1, bc->len_q, bc->len_kv, 1), 0);
     uint64_t s = 950 + (uint64_t)_i;
     const size_t nq = (size_t)(p.batch * p.len_q), nk = (size_t)(p.batch * p.len_kv);
