@@ -1,7 +1,7 @@
 /* corners_suite: second tests, from other entry points, for corners that only one test
  * used to cover: SGD dampening and gradient clipping as known answers through the flat
- * gradient API, and a hot swap (lora_adapter_copy_params) carrying the source's scale
- * into gradients and explicit merges. */
+ * gradient API, a hot swap (lora_adapter_copy_params) carrying the source's scale
+ * into gradients and explicit merges, and POLY under badly scaled queries and keys. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -189,6 +189,38 @@ START_TEST(test_hot_swap_scale_in_gradients_and_merge)
 }
 END_TEST
 
+/* POLY's features are powers of the query and key entries (degree 8 here): with W_Q
+ * scaled by 2^-20 and W_K by 2^20 the scores are unchanged, but unbalanced feature maps
+ * would overflow (k^8 ~ 2^160) and underflow in float. The backend balances the two
+ * norms, so it still matches the reference. */
+START_TEST(test_poly_unbalanced_query_key_scales)
+{
+    const ref_config c = {.d_model = 8, .n_heads = 2, .rank = 2, .targets = LORA_TARGET_V};
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 67, 1.5, 0.5);
+    for (int64_t i = 0; i < l.out[REF_Q] * l.in[REF_Q]; i++)
+        l.w[REF_Q][i] = ldexp(l.w[REF_Q][i], -20);
+    for (int64_t i = 0; i < l.out[REF_K] * l.in[REF_K]; i++)
+        l.w[REF_K][i] = ldexp(l.w[REF_K][i], 20);
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 2, 24, 0, 68), 0);
+    const double r = problem_set_score_bound(&l, &p, 1.0);
+    ck_assert(r > 0.5 && r < 1.5);
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 8, 0.0}};
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 1, &ad), LORA_OK);
+    ref_errors e;
+    char msg[512];
+    ref_compare_adapter(ad, &l, &p, &e);
+    ck_assert_msg(e.status == LORA_OK && e.max <= 1e-3, "POLY degree 8, R %.3g: %s", r,
+                  ref_errors_format(&e, msg, sizeof msg));
+    lora_adapter_destroy(ad);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 Suite *corners_suite(void)
 {
     Suite *s = suite_create("corners");
@@ -196,6 +228,7 @@ Suite *corners_suite(void)
     tcase_add_test(tc, test_sgd_dampening_known_answer);
     tcase_add_test(tc, test_clip_tiny_norm_known_answer);
     tcase_add_test(tc, test_hot_swap_scale_in_gradients_and_merge);
+    tcase_add_test(tc, test_poly_unbalanced_query_key_scales);
     suite_add_tcase(s, tc);
     return s;
 }
