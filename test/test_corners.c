@@ -1,8 +1,10 @@
 /* corners_suite: second tests, from other entry points, for corners that only one test
  * used to cover: SGD dampening and gradient clipping as known answers through the flat
  * gradient API, a hot swap (lora_adapter_copy_params) carrying the source's scale
- * into gradients and explicit merges, and POLY under badly scaled queries and keys. */
+ * into gradients and explicit merges, POLY under badly scaled queries and keys, and the
+ * smallest run-info struct accepted. */
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -221,6 +223,32 @@ START_TEST(test_poly_unbalanced_query_key_scales)
 }
 END_TEST
 
+/* lora_run_info's first version ends with measured_dq_error (poly_groups was appended):
+ * exactly that size is filled and nothing past it is written; one byte less is refused. */
+START_TEST(test_run_info_first_version_size)
+{
+    tfx f;
+    tfx_init(&f, 0, 1);
+    ck_assert_int_eq(tfx_step(&f), LORA_OK);
+    const size_t first = offsetof(lora_run_info, measured_dq_error) + sizeof(double);
+    union {
+        lora_run_info info;
+        unsigned char bytes[sizeof(lora_run_info)];
+    } u;
+    memset(&u, 0xab, sizeof u);
+    u.info.struct_size = (uint32_t)first;
+    ck_assert_int_eq(lora_adapter_get_run_info(f.ad, &u.info), LORA_OK);
+    ck_assert_uint_eq(u.info.struct_size, first);
+    ck_assert_int_eq(u.info.backend, LORA_BACKEND_EXACT);
+    ck_assert_double_eq(u.info.measured_dq_error, -1.0);
+    for (size_t i = first; i < sizeof u; i++)
+        ck_assert_msg(u.bytes[i] == 0xab, "byte %zu past struct_size %zu written", i, first);
+    u.info.struct_size = (uint32_t)(first - 1);
+    ck_assert_int_eq(lora_adapter_get_run_info(f.ad, &u.info), LORA_ERR_INVALID_ARG);
+    tfx_free(&f);
+}
+END_TEST
+
 Suite *corners_suite(void)
 {
     Suite *s = suite_create("corners");
@@ -229,6 +257,7 @@ Suite *corners_suite(void)
     tcase_add_test(tc, test_clip_tiny_norm_known_answer);
     tcase_add_test(tc, test_hot_swap_scale_in_gradients_and_merge);
     tcase_add_test(tc, test_poly_unbalanced_query_key_scales);
+    tcase_add_test(tc, test_run_info_first_version_size);
     suite_add_tcase(s, tc);
     return s;
 }

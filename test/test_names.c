@@ -5,8 +5,9 @@
  * with i a decimal layer index in [0, 2^31) without leading zeros. Every name pattern
  * loads into the right factor; any extra, missing or changed character, an index out of
  * range or with a sign, spaces or leading zeros makes the load fail with nothing
- * created. The same writers then vary the layout: overlapping tensors, BF16 data,
- * truncated GGUF files. */
+ * created. The same writers then vary the layout: overlapping tensors, spans longer
+ * than their tensor, BF16 and F16 data, truncated GGUF files. */
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +26,8 @@
 
 static const char *const peft_mod[4] = {"q_proj", "k_proj", "v_proj", "o_proj"};
 static const char *const gguf_mod[4] = {"attn_q", "attn_k", "attn_v", "attn_output"};
+static const char *const dtype_names[3] = {"F32", "BF16", "F16"};
+static const uint32_t ggml_types[3] = {0, 30, 1};
 static const int target_bit[4] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TARGET_V, LORA_TARGET_O};
 
 /* Tensor i: target i / 2, factor A (i even: RANK × D_MODEL) or B (D_MODEL × RANK). Both
@@ -32,22 +35,52 @@ static const int target_bit[4] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TARGET_V, L
  * (integers below 256). */
 static float value_of(int i, int j) { return (float)(16 * (i + 1) + j); }
 
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+/* F16 tensors: entries j < 8 are subnormal (m·2^-24, m < 1024), the others normal
+ * (2^(e−15)·(1 + m/1024)); the sign alternates with the tensor. */
+static uint16_t half_bits(int i, int j)
+{
+    const unsigned sign = i % 2 ? 0x8000u : 0u;
+    if (j < 8)
+        return (uint16_t)(sign | (unsigned)(97 * i + 13 * j + 1));
+    return (uint16_t)(sign | (unsigned)(j + 3) << 10 | (unsigned)((37 * i + 5 * j) % 1024));
+}
+
+static double half_value(int i, int j)
+{
+    const uint16_t h = half_bits(i, j);
+    const int e = (h >> 10) & 31, m = h & 1023;
+    const double v = e == 0 ? ldexp(m, -24) : ldexp(1.0 + m / 1024.0, e - 15);
+    return h & 0x8000u ? -v : v;
+}
+
 #define TENSOR_ELEMS (RANK * D_MODEL)
 
 typedef struct name_set {
     char name[NT][NAME_MAX_LEN + 8];
     size_t len[NT]; /* GGUF names may hold a NUL */
     /* Layout (name_set_layout fills the default: F32, one tensor after another). */
-    int bf16;                 /* every tensor BF16 instead of F32 */
+    int dtype;                /* DT_*, every tensor */
     uint64_t begin[NT];       /* data offset of each tensor */
     uint64_t data_bytes;      /* size of the data section */
+    float gguf_alpha;         /* adapter.lora.alpha of GGUF files */
 } name_set;
 
-static size_t tensor_bytes(const name_set *s) { return (size_t)TENSOR_ELEMS * (s->bf16 ? 2 : 4); }
-
-static void name_set_layout(name_set *s, int bf16)
+static size_t tensor_bytes(const name_set *s)
 {
-    s->bf16 = bf16;
+    return (size_t)TENSOR_ELEMS * (s->dtype == DT_F32 ? 4 : 2);
+}
+
+static double expected_value(const name_set *s, int i, int j)
+{
+    return s->dtype == DT_F16 ? half_value(i, j) : value_of(i, j);
+}
+
+static void name_set_layout(name_set *s, int dtype)
+{
+    s->dtype = dtype;
+    s->gguf_alpha = 4.0f;
     for (int i = 0; i < NT; i++)
         s->begin[i] = (uint64_t)i * tensor_bytes(s);
     s->data_bytes = (uint64_t)NT * tensor_bytes(s);
@@ -100,9 +133,9 @@ static void put_le(buf *b, uint64_t v, int bytes)
     }
 }
 
-/* The data section: each tensor's values at its offset (F32, or BF16 = the high half
- * of the F32 bits), zeros elsewhere; a later tensor overwrites an earlier one where
- * they overlap. */
+/* The data section: each tensor's values at its offset (F32, BF16 = the high half of
+ * the F32 bits, or F16 half_bits), zeros elsewhere; a later tensor overwrites an earlier
+ * one where they overlap. */
 static void put_data(buf *b, const name_set *s)
 {
     unsigned char *d = calloc(1, (size_t)s->data_bytes + 1);
@@ -112,8 +145,10 @@ static void put_data(buf *b, const name_set *s)
             const float f = value_of(i, j);
             uint32_t u;
             memcpy(&u, &f, 4);
-            const int bytes = s->bf16 ? 2 : 4;
-            const uint32_t bits = s->bf16 ? u >> 16 : u;
+            const int bytes = s->dtype == DT_F32 ? 4 : 2;
+            const uint32_t bits = s->dtype == DT_F16 ? half_bits(i, j)
+                                  : s->dtype == DT_BF16 ? u >> 16
+                                                        : u;
             const uint64_t at = s->begin[i] + (uint64_t)j * (uint64_t)bytes;
             ck_assert(at + (uint64_t)bytes <= s->data_bytes);
             for (int k = 0; k < bytes; k++)
@@ -140,7 +175,7 @@ static char *write_peft(const name_set *s)
         const int n = snprintf(item, sizeof item,
                                "%s\"%s\":{\"dtype\":\"%s\",\"shape\":[%d,%d],"
                                "\"data_offsets\":[%llu,%llu]}",
-                               i ? "," : "", s->name[i], s->bf16 ? "BF16" : "F32", rows, cols,
+                               i ? "," : "", s->name[i], dtype_names[s->dtype], rows, cols,
                                (unsigned long long)s->begin[i],
                                (unsigned long long)(s->begin[i] + tensor_bytes(s)));
         put(&h, item, (size_t)n);
@@ -180,16 +215,15 @@ static buf gguf_bytes(const name_set *s, size_t *header_end)
     }
     gguf_str(&b, "adapter.lora.alpha", 18);
     put_le(&b, 6, 4); /* f32 */
-    const float alpha = 4.0f;
     uint32_t u;
-    memcpy(&u, &alpha, 4);
+    memcpy(&u, &s->gguf_alpha, 4);
     put_le(&b, u, 4);
     for (int i = 0; i < NT; i++) {
         gguf_str(&b, s->name[i], s->len[i]);
         put_le(&b, 2, 4);
         put_le(&b, i % 2 ? RANK : D_MODEL, 8); /* ne[0]: columns */
         put_le(&b, i % 2 ? D_MODEL : RANK, 8); /* ne[1]: rows */
-        put_le(&b, s->bf16 ? 30 : 0, 4);       /* GGML BF16 / F32 */
+        put_le(&b, ggml_types[s->dtype], 4);
         put_le(&b, s->begin[i], 8);
     }
     *header_end = b.n;
@@ -265,9 +299,9 @@ static void expect_load(int gguf, const name_set *s, int64_t want_layer, const c
                                                     RANK * D_MODEL),
                              LORA_OK);
             for (int j = 0; j < RANK * D_MODEL; j++)
-                ck_assert_msg(got[j] == value_of(i, j),
+                ck_assert_msg(got[j] == expected_value(s, i, j),
                               "%s: factor of tensor %d entry %d is %g, want %g", what, i, j,
-                              got[j], value_of(i, j));
+                              got[j], expected_value(s, i, j));
         }
         lora_adapter_destroy(ad[0]);
     }
@@ -415,15 +449,50 @@ START_TEST(test_overlap_in_last_pair)
 }
 END_TEST
 
-/* _i: 0 PEFT, 1 GGUF. BF16 tensors (two bytes each, the high half of F32) load to the
- * exact values, every entry in place. */
-START_TEST(test_bf16_entries_in_place)
+/* _i: 0 PEFT, 1 GGUF. BF16 tensors (two bytes each, the high half of F32) and F16
+ * tensors (subnormal and normal halves) load to the exact values, every entry in place. */
+START_TEST(test_half_entries_in_place)
 {
     const int gguf = _i;
     name_set s;
     names_for(gguf, &s, "2");
-    name_set_layout(&s, 1);
+    name_set_layout(&s, DT_BF16);
     expect_load(gguf, &s, 2, "BF16 tensors");
+    name_set_layout(&s, DT_F16);
+    expect_load(gguf, &s, 2, "F16 tensors");
+}
+END_TEST
+
+/* safetensors data_offsets must span exactly the tensor's bytes: one element more (the
+ * span still inside the data, overlapping nothing) is refused. */
+START_TEST(test_peft_span_longer_than_tensor)
+{
+    name_set s;
+    peft_names(&s, "4");
+    const uint64_t stride = 96;
+    for (int i = 0; i < NT; i++)
+        s.begin[i] = (uint64_t)i * stride;
+    s.data_bytes = (uint64_t)NT * stride;
+    expect_load(0, &s, 4, "tensors with gaps");
+    char *dir = write_peft(&s), path[512];
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    size_t n;
+    unsigned char *file = fx_read_file(path, &n);
+    /* The first tensor's end offset 64 becomes 68. */
+    char *at = strstr((char *)file + 8, "\"data_offsets\":[0,64]");
+    ck_assert_ptr_nonnull(at);
+    memcpy(at + strlen("\"data_offsets\":[0,"), "68", 2);
+    fx_write_file(path, file, n);
+    free(file);
+    lora_config *cfg = names_config();
+    lora_adapter *ad[2] = {NULL, NULL};
+    int64_t layers[2];
+    size_t count = 99;
+    ck_assert_int_eq(lora_load_peft(ad, layers, 2, &count, dir, cfg), LORA_ERR_FORMAT);
+    ck_assert_ptr_null(ad[0]);
+    lora_config_destroy(cfg);
+    fx_rmtree(dir);
+    free(dir);
 }
 END_TEST
 
@@ -456,6 +525,32 @@ START_TEST(test_gguf_every_truncation)
 }
 END_TEST
 
+/* GGUF alpha 0 means llama.cpp's scale 1: the adapter loads with alpha = rank. */
+START_TEST(test_gguf_alpha_zero_is_rank)
+{
+    name_set s;
+    gguf_names(&s, "0");
+    for (int pass = 0; pass < 2; pass++) {
+        s.gguf_alpha = pass ? 0.0f : 3.0f;
+        char *dir = NULL, *path = write_gguf(&s, &dir);
+        lora_config *cfg = names_config();
+        lora_adapter *ad = NULL;
+        int64_t layer;
+        size_t count;
+        ck_assert_int_eq(lora_load_gguf(&ad, &layer, 1, &count, path, cfg), LORA_OK);
+        double alpha;
+        ck_assert_int_eq(lora_adapter_get_config_double(ad, LORA_CFG_ALPHA, &alpha), LORA_OK);
+        ck_assert_msg(alpha == (pass ? (double)RANK : 3.0), "file alpha %g: loaded alpha %g",
+                      (double)s.gguf_alpha, alpha);
+        lora_adapter_destroy(ad);
+        lora_config_destroy(cfg);
+        fx_rmtree(dir);
+        free(dir);
+        free(path);
+    }
+}
+END_TEST
+
 Suite *names_suite(void)
 {
     Suite *s = suite_create("names");
@@ -468,8 +563,10 @@ Suite *names_suite(void)
     TCase *tl = tcase_create("layout");
     tcase_set_timeout(tl, 60);
     tcase_add_loop_test(tl, test_overlap_in_last_pair, 0, 2);
-    tcase_add_loop_test(tl, test_bf16_entries_in_place, 0, 2);
+    tcase_add_loop_test(tl, test_half_entries_in_place, 0, 2);
+    tcase_add_test(tl, test_peft_span_longer_than_tensor);
     tcase_add_test(tl, test_gguf_every_truncation);
+    tcase_add_test(tl, test_gguf_alpha_zero_is_rank);
     suite_add_tcase(s, tl);
     return s;
 }

@@ -167,7 +167,7 @@ def full_cmd(tree):
     return ["sh", "-c", f"make --no-print-directory {TEST_BIN} && {TEST_BIN}"]
 
 
-def run_mutant(m, tree, timeout, full_only):
+def run_mutant(m, tree, timeout, full_only, only_suites=None):
     path = os.path.join(tree, m.file)
     original = open(path, encoding="utf-8").read()
     t0 = time.time()
@@ -177,6 +177,14 @@ def run_mutant(m, tree, timeout, full_only):
         ok, log = build(tree, library_only=True)
         if not ok:
             m.status, m.detail = "STILLBORN", log.strip().splitlines()[-1] if log.strip() else ""
+            return
+        if only_suites:  # --suites: these suites decide alone
+            for suite in only_suites:
+                passed, detail = run_tests(tree, [TEST_BIN], timeout, {"CK_RUN_SUITE": suite})
+                if not passed:
+                    m.status, m.detail = "KILLED", detail
+                    return
+            m.status, m.detail = "SURVIVED", ""
             return
         if m.suite and not full_only:
             for suite in m.suite.split(","):
@@ -211,6 +219,8 @@ def main():
                     help="only check that every snippet matches exactly once")
     ap.add_argument("--full", action="store_true",
                     help="skip the hint suites, always run every C suite")
+    ap.add_argument("--suites", default="",
+                    help="comma-separated suites: run only these (which tests kill what)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per test run")
     ap.add_argument("--min-score", type=float, default=95.0)
     ap.add_argument("--keep", action="store_true", help="keep the scratch trees")
@@ -251,7 +261,13 @@ def main():
     if not all(ok for ok, _ in results):
         print("the unmutated tree does not build:\n" + results[0][1])
         return 2
-    passed, detail = run_tests(trees[0], full_cmd(trees[0]), args.timeout, {})
+    only_suites = [x for x in args.suites.split(",") if x]
+    for suite in only_suites or [None]:
+        cmd = [TEST_BIN] if suite else full_cmd(trees[0])
+        passed, detail = run_tests(trees[0], cmd, args.timeout,
+                                   {"CK_RUN_SUITE": suite} if suite else {})
+        if not passed:
+            break
     if not passed:
         print("the unmutated tree fails its tests: " + detail)
         return 2
@@ -269,7 +285,7 @@ def main():
                 m = work.get_nowait()
             except queue.Empty:
                 return
-            run_mutant(m, tree, args.timeout, args.full)
+            run_mutant(m, tree, args.timeout, args.full, only_suites)
             with lock:
                 done[0] += 1
                 note = short(m.detail) if m.status == "KILLED" else m.detail
