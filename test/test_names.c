@@ -525,6 +525,30 @@ START_TEST(test_gguf_every_truncation)
 }
 END_TEST
 
+/* The cursor stops exactly at the end of the file: "GGUF" and a version 1 in exactly 8
+ * bytes is read whole (UNSUPPORTED: v1), with its last byte missing it is truncated
+ * (FORMAT), however the buffer continues in memory. */
+START_TEST(test_gguf_read_ending_at_eof)
+{
+    static const unsigned char v1[8] = {'G', 'G', 'U', 'F', 1, 0, 0, 0};
+    char *dir = fx_tmpdir(), path[512];
+    snprintf(path, sizeof path, "%s/v1.gguf", dir);
+    lora_config *cfg = names_config();
+    for (size_t n = 8; n >= 7; n--) {
+        fx_write_file(path, v1, n);
+        size_t count = 99;
+        const int st = lora_load_gguf(NULL, NULL, 0, &count, path, cfg);
+        ck_assert_msg(st == (n == 8 ? LORA_ERR_UNSUPPORTED : LORA_ERR_FORMAT),
+                      "GGUF v1 header of %zu bytes: status %d (%s)", n, st,
+                      lora_config_last_error(cfg));
+        ck_assert_uint_eq(count, 0);
+    }
+    lora_config_destroy(cfg);
+    fx_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 /* GGUF alpha 0 means llama.cpp's scale 1: the adapter loads with alpha = rank. */
 START_TEST(test_gguf_alpha_zero_is_rank)
 {
@@ -567,6 +591,7 @@ Suite *names_suite(void)
     tcase_add_test(tl, test_peft_span_longer_than_tensor);
     tcase_add_test(tl, test_gguf_every_truncation);
     tcase_add_test(tl, test_gguf_alpha_zero_is_rank);
+    tcase_add_test(tl, test_gguf_read_ending_at_eof);
     suite_add_tcase(s, tl);
     return s;
 }
