@@ -403,3 +403,4 @@ clean:
 # ---- reliability: check-asan, check-valgrind, check-tsan, fuzz, abi-check, abi-update
 # (docs/reliability.md)
 include test/reliability.mk
+include test/mutation/mutation.mk

@@ -24,5 +24,9 @@ Suite *serving_suite(void);   /* borrowed bases, hot swap, concurrent tenants */
 Suite *io_suite(void);        /* PEFT and GGUF round trips, independent readers, fuzz */
 Suite *nonfinite_suite(void); /* overflowing results: NONFINITE, nothing changed */
 Suite *io_files_suite(void);  /* special paths, sparse files, torn saves, PEFT parity */
+Suite *split_suite(void);     /* threaded products at real sizes: THREADS 1 = 2 = reference */
+Suite *bounds_suite(void);    /* error_bound and grad_bound known answers (MATH §3-4) */
+Suite *names_suite(void);     /* limits and trailing characters of tensor names, both formats */
+Suite *corners_suite(void);   /* second angles on single-test corners (optimizer, io, ...) */
 
 #endif

@@ -3,6 +3,7 @@
  * the context chosen in la_ctx_init, so BLIS's global thread setting and its CPU
  * detection are never relied on. */
 #include "linalg.h"
+#include "gemm_split.h"
 
 #include <blis.h>
 
@@ -59,12 +60,6 @@ static void gemm_one(const la_ctx *ctx, la_trans ta, la_trans tb, int64_t m, int
                  (dim_t)k, &al, (float *)a, (inc_t)lda, 1, (float *)b, (inc_t)ldb, 1, &be,
                  c, (inc_t)ldc, 1, (cntx_t *)ctx->cntx, &rntm);
 }
-
-/* Smallest share of a product worth a thread of its own (flops). */
-#define LA_MIN_FLOPS_PER_THREAD 4e6
-/* Row or column ranges of a split product are multiples of this (a multiple of the
- * register block sizes of BLIS's x86-64 sgemm kernels: 32 × 12, 6 × 16, ...). */
-#define LA_SPLIT_ALIGN 96
 
 /* A product split into `step`-long ranges of its rows or columns (la_gemm). */
 typedef struct gemm_split {
