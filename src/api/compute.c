@@ -198,14 +198,16 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
     float *const dxq_own = dxq ? dx_own : NULL;
     float *const dxkv_own = !dxkv ? NULL : dxkv == dxq ? dxq_own : dx_own + nxq;
     memcpy(dout_own, dout, n * sizeof(float));
-    double grad_bound = 0.0, measured;
+    double grad_bound = 0.0, loss_grad_bound = 0.0, measured;
     layer_backward(l, ad->saved_groups, p, &ad->acts, dout_own, dxq_own, dxkv_own,
-                   dout_own + lora_io_floats(l, p, kind), ad->eta, &grad_bound, &measured);
+                   dout_own + lora_io_floats(l, p, kind), ad->eta, &grad_bound,
+                   &loss_grad_bound, &measured);
     if (dxq)
         memcpy(dxq, dxq_own, nxq * sizeof(float));
     if (dxkv && dxkv != dxq)
         memcpy(dxkv, dxkv_own, nxkv * sizeof(float));
     ad->info.grad_bound = grad_bound;
+    ad->info.loss_grad_bound = loss_grad_bound;
     ad->info.measured_dq_error = measured;
     ad->err[0] = '\0';
     return LORA_OK;

@@ -12,17 +12,33 @@ double poly_taylor_delta(int g, double r)
     return exp(r) * t;
 }
 
-double poly_eta(int g, double r)
+double poly_round_delta(int g, double r, int64_t k, int64_t len_kv)
 {
-    const double d = poly_taylor_delta(g, r);
+    const double u = 0x1p-24;
+    const double n = 13.0 * g + (double)k + 64.0 + ceil((double)len_kv / 64.0) + 4.0;
+    return n * u < 1.0 ? n * u / (1.0 - n * u) * exp(2.0 * r) : INFINITY;
+}
+
+double poly_delta(int g, double r, int64_t k, int64_t len_kv)
+{
+    return poly_taylor_delta(g, r) + poly_round_delta(g, r, k, len_kv);
+}
+
+double poly_eta(int g, double r, int64_t k, int64_t len_kv)
+{
+    const double d = poly_delta(g, r, k, len_kv);
     return d < 1.0 ? 2.0 * d / (1.0 - d) : INFINITY;
 }
 
-int poly_degree_for(double r, double tol, int64_t d)
+int poly_degree_for(const attn_problem *p, double r, double tol)
 {
-    for (int g = 2; g <= POLY_MAX_DEGREE && poly_feature_count(g, d) > 0; g += 2)
-        if (poly_taylor_delta(g, r) * (2.0 + tol) <= tol)
+    for (int g = 2; g <= POLY_MAX_DEGREE; g += 2) {
+        const int64_t k = poly_feature_count(g, p->head_dim);
+        if (k <= 0)
+            break;
+        if (poly_delta(g, r, k, p->len_kv) * (2.0 + tol) <= tol)
             return g;
+    }
     return 0;
 }
 
@@ -61,7 +77,7 @@ void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offe
     if (o->get_int && o->get_int(o->config, LORA_CFG_POLY_DEGREE, &fixed) != LORA_OK)
         fixed = 0;
     const int64_t d = p->head_dim;
-    const int g = fixed > 0 ? (int)fixed : poly_degree_for(r, o->tolerance, d);
+    const int g = fixed > 0 ? (int)fixed : poly_degree_for(p, r, o->tolerance);
     const int64_t k = g > 0 ? poly_feature_count(g, d) : -1;
     memset(offer, 0, sizeof *offer);
     offer->eta = offer->flops = offer->cost = INFINITY;
@@ -69,9 +85,11 @@ void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offe
         offer->status = LORA_ERR_TOLERANCE;
         snprintf(why, why_size,
                  "no even degree within limits (k <= %lld features, state <= %lld floats) "
-                 "certifies tolerance %g at score bound R = %g; lower R, raise "
-                 "LORA_CFG_TOLERANCE or set LORA_CFG_POLY_DEGREE",
-                 (long long)POLY_MAX_FEATURES, (long long)POLY_MAX_STATE, o->tolerance, r);
+                 "certifies tolerance %g at score bound R = %g (float32 rounding alone "
+                 "gives eta >= %.3g there); lower R, raise LORA_CFG_TOLERANCE or set "
+                 "LORA_CFG_POLY_DEGREE",
+                 (long long)POLY_MAX_FEATURES, (long long)POLY_MAX_STATE, o->tolerance, r,
+                 2.0 * poly_round_delta(2, r, poly_feature_count(2, d), p->len_kv));
         return;
     }
     if (k <= 0) {
@@ -85,7 +103,7 @@ void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offe
     const poly_params pp = {.degree = g, .features = k};
     memcpy(&offer->params, &pp, sizeof pp);
     offer->status = LORA_OK;
-    offer->eta = poly_eta(g, r);
+    offer->eta = poly_eta(g, r, k, p->len_kv);
     offer->flops = poly_flops(p, g);
     offer->cost = offer->flops * POLY_COST_RATIO;
     offer->order = g;

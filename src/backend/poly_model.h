@@ -20,12 +20,22 @@
 /* δ(g, R) = e^R·R^(g+1)/(g+1)!: relative error of the degree-g Taylor polynomial of
  * exp on [-R, R]. */
 double poly_taylor_delta(int g, double r);
-/* η = 2δ/(1-δ): entrywise relative error of the normalised probabilities; +inf when
- * δ >= 1. */
-double poly_eta(int g, double r);
-/* Smallest even g <= POLY_MAX_DEGREE whose η meets tol at score bound r, or 0.
- * Degrees whose feature count is out of limits count as not meeting it. */
-int poly_degree_for(double r, double tol, int64_t d);
+/* The float32 evaluation's share (docs/math.md, "Rounding"): γ_n·e^(2R), γ_n = n·u/(1 −
+ * n·u), u = 2^-24, n = 13g + k + 64 + ⌈len_kv/64⌉ + 4 the roundings one kernel value
+ * φ(q)·φ(k) goes through (feature chains, the contraction over k features, the key
+ * sums in blocks of 64, the normalisation). e^(2R) bounds Σ_a |φ_a(q)·φ_a(k)| over
+ * exp(s): the Taylor terms of a negative score alternate. +inf when n·u >= 1. */
+double poly_round_delta(int g, double r, int64_t k, int64_t len_kv);
+/* δ' = δ(g, R) + the rounding share: the certified relative error of one kernel value
+ * as computed. */
+double poly_delta(int g, double r, int64_t k, int64_t len_kv);
+/* η = 2δ'/(1-δ'): entrywise relative error of the normalised probabilities; +inf when
+ * δ' >= 1. */
+double poly_eta(int g, double r, int64_t k, int64_t len_kv);
+/* Smallest even g <= POLY_MAX_DEGREE whose η meets tol at score bound r for p (its
+ * head_dim and len_kv), or 0. Degrees whose feature count is out of limits count as
+ * not meeting it. */
+int poly_degree_for(const attn_problem *p, double r, double tol);
 /* k = binom(g + d, d) feature columns, or -1 when above POLY_MAX_FEATURES or when the
  * k × (d+1)² state exceeds POLY_MAX_STATE. */
 int64_t poly_feature_count(int g, int64_t d);
