@@ -1033,6 +1033,204 @@ START_TEST(test_certificate_sweep)
 }
 END_TEST
 
+/* ---- 9. the backward is the gradient of the approximate probabilities --------------- */
+
+/* Σ_{t<=g} s^t/t!. */
+static double taylor(int g, double s)
+{
+    double term = 1.0, sum = 1.0;
+    for (int t = 1; t <= g; t++) {
+        term *= s / t;
+        sum += term;
+    }
+    return sum;
+}
+
+/* In double, the attention POLY computes (MATH §3; docs/math.md §4) for one
+ * (batch, head): F~ = p_g(β·q_i·(k_j − k̄)) / w_i (masked), Õ = F~·V, and from dO:
+ * dS~ = F~ ⊙ (dO·Vᵀ − ρ), ρ_i = ⟨dO_i, Õ_i⟩, dQ = β·dS~·K, dK += β·dS~ᵀ·Q, dV += F~ᵀ·dO.
+ * Columns of head h (queries) and kv head g; k̄ rounded to float as the features do. */
+static void surrogate_head(const ref_layer *l, int64_t len_q, int64_t len_kv, int g,
+                           const double *q, const double *k, const double *v,
+                           const double *dout, int64_t h, double *o, double *dq, double *dk,
+                           double *dv)
+{
+    const int64_t d = l->head_dim, kvh = h / (l->n_heads / l->n_kv_heads);
+    const int64_t qc = h * d, kc = kvh * d;
+    double kbar[64], *f = malloc((size_t)len_kv * sizeof(double));
+    ck_assert(d <= 64 && f);
+    for (int64_t c = 0; c < d; c++) {
+        double m = 0.0;
+        for (int64_t j = 0; j < len_kv; j++)
+            m += (double)(float)k[j * l->kv_dim + kc + c];
+        kbar[c] = (double)(float)(m / (double)len_kv);
+    }
+    for (int64_t i = 0; i < len_q; i++) {
+        const int64_t vis = l->cfg.causal ? i + 1 + (len_kv - len_q) : len_kv;
+        double w = 0.0, rho = 0.0;
+        for (int64_t j = 0; j < vis; j++) {
+            double sc = 0.0;
+            for (int64_t c = 0; c < d; c++)
+                sc += q[i * l->q_dim + qc + c] * (k[j * l->kv_dim + kc + c] - kbar[c]);
+            f[j] = taylor(g, l->softmax_scale * sc);
+            w += f[j];
+        }
+        for (int64_t c = 0; c < d; c++) {
+            double acc = 0.0;
+            for (int64_t j = 0; j < vis; j++)
+                acc += f[j] / w * v[j * l->kv_dim + kc + c];
+            o[i * l->q_dim + qc + c] = acc;
+            rho += dout[i * l->q_dim + qc + c] * acc;
+        }
+        for (int64_t j = 0; j < vis; j++) {
+            const double fij = f[j] / w;
+            double dp = 0.0;
+            for (int64_t c = 0; c < d; c++)
+                dp += dout[i * l->q_dim + qc + c] * v[j * l->kv_dim + kc + c];
+            const double ds = fij * (dp - rho) * l->softmax_scale;
+            for (int64_t c = 0; c < d; c++) {
+                dq[i * l->q_dim + qc + c] += ds * k[j * l->kv_dim + kc + c];
+                dk[j * l->kv_dim + kc + c] += ds * q[i * l->q_dim + qc + c];
+                dv[j * l->kv_dim + kc + c] += fij * dout[i * l->q_dim + qc + c];
+            }
+        }
+    }
+    free(f);
+}
+
+/* dA = s·(dY·B)ᵀ·X, dB = s·dYᵀ·(X·Aᵀ) of projection t, appended to grads; dx += dY·W_eff. */
+static double *surrogate_proj(const ref_layer *l, int t, const double *x, int64_t rows,
+                              const double *dy, double *grads, double *dx)
+{
+    const int64_t in = l->in[t], out = l->out[t], r = l->rank;
+    double *w = ref_effective_weight(l, t);
+    ck_assert_ptr_nonnull(w);
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t o = 0; o < out; o++)
+            for (int64_t c = 0; c < in; c++)
+                dx[i * in + c] += dy[i * out + o] * w[o * in + c];
+    free(w);
+    if (!ref_is_adapted(l, t))
+        return grads;
+    double *da = grads, *db = grads + r * in;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t a = 0; a < r; a++) {
+            double dyb = 0.0, xa = 0.0;
+            for (int64_t o = 0; o < out; o++)
+                dyb += dy[i * out + o] * l->b[t][o * r + a];
+            for (int64_t c = 0; c < in; c++) {
+                da[a * in + c] += l->lora_scale * dyb * x[i * in + c];
+                xa += x[i * in + c] * l->a[t][a * in + c];
+            }
+            for (int64_t o = 0; o < out; o++)
+                db[o * r + a] += l->lora_scale * dy[i * out + o] * xa;
+        }
+    return grads + r * (in + out);
+}
+
+/* The whole layer (no output projection) with POLY's probabilities, in double: out,
+ * every adapter gradient (lib_result order), dxq and dxkv (self: dxq holds the sum). */
+typedef struct surrogate {
+    double *out, *grads, *dxq, *dxkv;
+} surrogate;
+
+static void surrogate_run(const ref_layer *l, const ref_problem *p, int g, const lib_result *r,
+                          surrogate *sg)
+{
+    const int64_t nq = p->batch * p->len_q, nk = p->batch * p->len_kv;
+    const size_t qs = (size_t)(nq * l->q_dim), ks = (size_t)(nk * l->kv_dim);
+    double *q = malloc(qs * sizeof(double)), *k = malloc(ks * sizeof(double));
+    double *v = malloc(ks * sizeof(double)), *dq = calloc(qs, sizeof(double));
+    double *dk = calloc(ks, sizeof(double)), *dv = calloc(ks, sizeof(double));
+    sg->out = malloc(qs * sizeof(double));
+    sg->grads = calloc(r->ngrads + 1, sizeof(double));
+    sg->dxq = calloc((size_t)(nq * l->cfg.d_model), sizeof(double));
+    sg->dxkv = calloc((size_t)(nk * l->cfg.d_model), sizeof(double));
+    ck_assert(q && k && v && dq && dk && dv && sg->out && sg->grads && sg->dxq && sg->dxkv);
+    ck_assert_int_eq(ref_activations(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, q, k, v,
+                                     NULL),
+                     0);
+    for (int64_t b = 0; b < p->batch; b++)
+        for (int64_t h = 0; h < l->n_heads; h++) {
+            const size_t oq = (size_t)(b * p->len_q * l->q_dim);
+            const size_t ok = (size_t)(b * p->len_kv * l->kv_dim);
+            surrogate_head(l, p->len_q, p->len_kv, g, q + oq, k + ok, v + ok, p->dout + oq, h,
+                           sg->out + oq, dq + oq, dk + ok, dv + ok);
+        }
+    double *gr = surrogate_proj(l, REF_Q, p->xq, nq, dq, sg->grads, sg->dxq);
+    double *dxk = p->cross ? sg->dxkv : sg->dxq;
+    gr = surrogate_proj(l, REF_K, p->xkv, nk, dk, gr, dxk);
+    surrogate_proj(l, REF_V, p->xkv, nk, dv, gr, dxk);
+    free(q), free(k), free(v), free(dq), free(dk), free(dv);
+}
+
+static void surrogate_free(surrogate *sg)
+{
+    free(sg->out), free(sg->grads), free(sg->dxq), free(sg->dxkv);
+}
+
+/* max |x − y| / max |y| (0 when y is all zero and x equals it). */
+static double rel_to(const float *x, const double *y, size_t n)
+{
+    const double m = ref_max_abs(y, n), e = max_abs_diff(x, y, n);
+    return m > 0.0 ? e / m : e;
+}
+
+/* POLY's forward and backward are, to float rounding, the exact gradient of its own
+ * approximate probabilities (the formulas above, which are MATH §3's backward): 50
+ * random layers (self and cross, causal, GQA, batch 2, biases, lengths across the
+ * 64-row blocks), 1 or 2 threads, degrees 2 to 6, R up to 1. Rounding leaves at most
+ * 2e-6 (out) and 6e-6 (gradients) here; the allowed 2e-5 and 1e-4 would catch a
+ * wrong term (O(1)) or a degree off by one (the Taylor error at R = 1: 1e-2 to 1e-4). */
+START_TEST(test_poly_backward_formula)
+{
+    uint64_t st = 0xB4C4 + (uint64_t)_i;
+    static const double rs[] = {0.25, 0.5, 1.0};
+    for (int it = 0; it < 10; it++) {
+        const uint64_t u = ref_rng_next(&st);
+        const int head_dim = 1 + (int)(u % 6), kv = 1 + (int)((u >> 3) & 1);
+        const int group = 1 + (int)((u >> 4) & 1), cross = (int)((u >> 5) & 1);
+        poly_case pc = {{.d_model = 1 + (int)((u >> 6) % 6), .n_heads = kv * group,
+                         .n_kv_heads = kv, .head_dim = head_dim, .rank = 2,
+                         .targets = 1 + (int)((u >> 9) % 7), .causal = (int)((u >> 12) & 1),
+                         .bias = (int)((u >> 13) & 1)},
+                        cross, 1 + (int)((u >> 14) & 1), 1 + (int)((u >> 15) % 140), 0};
+        pc.len_kv = cross ? pc.len_q + (int)((u >> 23) % 60) : pc.len_q;
+        const int g = 2 + 2 * (int)((u >> 30) % 3);
+        ref_layer l;
+        ref_problem p;
+        setup_case(&pc, ref_rng_next(&st), &l, &p);
+        const double r = problem_set_score_bound(&l, &p, rs[(u >> 33) % 3]);
+        const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, g, 0.0}};
+        lora_adapter *ad = NULL;
+        ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1 + (int)((u >> 35) & 1),
+                                             xp, 1, &ad),
+                         LORA_OK);
+        lib_result res;
+        ck_assert_int_eq(lib_run(ad, &l, &p, &res), LORA_OK);
+        surrogate sg;
+        surrogate_run(&l, &p, g, &res, &sg);
+        char desc[512];
+        ref_describe(&l, &p, desc, sizeof desc);
+        const double eo = rel_to(res.out, sg.out, res.nout);
+        const double eg = rel_to(res.grads, sg.grads, res.ngrads);
+        const double ex = fmax(rel_to(res.dxq, sg.dxq, res.nxq),
+                               cross ? rel_to(res.dxkv, sg.dxkv, res.nxkv) : 0.0);
+        ck_assert_msg(eo <= 2e-5 && eg <= 1e-4 && ex <= 1e-4,
+                      "g=%d R=%.3g: relative differences to the formula: out %.3g, dA/dB %.3g, "
+                      "dx %.3g [%s]", g, r, eo, eg, ex, desc);
+        if (verbose())
+            fprintf(stderr, "formula g=%d R=%.2f: out %.2e grads %.2e dx %.2e\n", g, r, eo, eg,
+                    ex);
+        surrogate_free(&sg);
+        lib_result_free(&res);
+        lora_adapter_destroy(ad);
+        ref_problem_free(&p);
+        ref_layer_free(&l);
+    }
+}
+END_TEST
+
 Suite *poly_suite(void)
 {
     Suite *s = suite_create("poly");
@@ -1057,6 +1255,10 @@ Suite *poly_suite(void)
     tcase_add_test(tc, test_score_bound_float_mean);
     tcase_add_test(tc, test_eta_covers_float_rounding);
     tcase_add_loop_test(tc, test_certificate_sweep, 0, 5);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("backward_formula");
+    tcase_set_timeout(tc, 60);
+    tcase_add_loop_test(tc, test_poly_backward_formula, 0, 5);
     suite_add_tcase(s, tc);
     tc = tcase_create("determinism");
     tcase_set_timeout(tc, 60);
