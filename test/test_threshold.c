@@ -17,9 +17,10 @@
 #include "suites.h"
 
 /* The limits of MATH §3 / lora.h as the library documents them (src/backend/poly_model.h):
- * k = binom(g + d, d) <= 2^16 columns, k·(d+1)^2 <= 2^25 floats of state, g <= 20. */
+ * k = binom(g + d, d) <= 2^16 columns, the backward's binom(g + 1 + d, d) <= 2^17,
+ * g <= 20. */
 #define MAX_FEATURES (INT64_C(1) << 16)
-#define MAX_STATE (INT64_C(1) << 25)
+#define MAX_BACKWARD_FEATURES (INT64_C(1) << 17)
 #define MAX_DEGREE 20
 
 static int64_t binom(int64_t n, int64_t k)
@@ -34,8 +35,7 @@ static int within_limits(int g, int64_t d)
 {
     if (d > 64 && g > 2)
         return 0; /* binom(g + d, d) > 2^16 already: keeps binom() from overflowing */
-    const int64_t k = binom(g + d, d);
-    return k <= MAX_FEATURES && k * (d + 1) * (d + 1) <= MAX_STATE;
+    return binom(g + d, d) <= MAX_FEATURES && binom(g + 1 + d, d) <= MAX_BACKWARD_FEATURES;
 }
 
 static double taylor_delta(int g, double r)
@@ -948,7 +948,8 @@ START_TEST(test_forced_poly_tolerance)
 END_TEST
 
 /* Degrees whose features exceed the limits: d_h 64 with g = 4 (814 385 columns) and
- * d_h 100 with g = 2 (5 151 columns but a 52M-float state): forced POLY is
+ * d_h 100 with g = 2 (5 151 columns, but 176 851 of degree 3 for the backward): forced
+ * POLY is
  * LORA_ERR_UNSUPPORTED; without an explicit degree, forced POLY is LORA_ERR_TOLERANCE
  * when no degree within limits meets it; AUTO falls back to EXACT and is right. */
 START_TEST(test_poly_limits)
@@ -961,7 +962,7 @@ START_TEST(test_poly_limits)
         {64, 4, 0.05, 1e-3, LORA_ERR_UNSUPPORTED},
         {100, 2, 0.05, 1e-3, LORA_ERR_UNSUPPORTED},
         {64, 0, 0.5, 1e-3, LORA_ERR_TOLERANCE}, /* needs g = 6: beyond 2^16 columns */
-        {64, 2, 0.01, 1e-3, LORA_OK},          /* 2145 columns, 9M-float state: runs */
+        {64, 2, 0.01, 1e-3, LORA_OK},          /* 2145 columns, 47 905 of degree 3: runs */
     };
     for (size_t i = 0; i < sizeof lc / sizeof lc[0]; i++) {
         const ref_config c = {.d_model = 8, .head_dim = lc[i].head_dim, .rank = 2, .targets = 5};

@@ -42,32 +42,40 @@ int poly_degree_for(const attn_problem *p, double r, double tol)
     return 0;
 }
 
-int64_t poly_feature_count(int g, int64_t d)
+int64_t poly_binom(int g, int64_t d, int64_t limit)
 {
     /* binom(g + d, g) = Π_{i=1..g} (d + i)/i, exact in integers at every step. */
-    if (d > POLY_MAX_FEATURES)
+    if (d > limit)
         return -1;
-    int64_t k = 1; /* k <= 2^22 and d + i < 2^23 before each step: no overflow */
+    int64_t k = 1; /* k <= limit <= 2^22 and d + i < 2^23 before each step: no overflow */
     for (int64_t i = 1; i <= g; i++) {
         k = k * (d + i) / i;
-        if (k > POLY_MAX_FEATURES)
+        if (k > limit)
             return -1;
     }
-    return k * (d + 1) * (d + 1) > POLY_MAX_STATE ? -1 : k;
+    return k;
+}
+
+int64_t poly_feature_count(int g, int64_t d)
+{
+    const int64_t k = poly_binom(g, d, POLY_MAX_FEATURES);
+    return k > 0 && poly_binom(g + 1, d, POLY_MAX_BACKWARD_FEATURES) > 0 ? k : -1;
 }
 
 double poly_flops(const attn_problem *p, int g)
 {
     const double d = (double)p->head_dim, k = (double)poly_feature_count(g, p->head_dim);
-    const double lq = (double)p->len_q, lkv = (double)p->len_kv;
-    /* Per query row: features, forward product, dQ contraction, suffix-state update.
-     * Per key row: features, forward state, prefix state, dK/dV emission. Causal adds
-     * one diagonal block of POLY_BLOCK rows per row. */
-    double fwd = lq * 2.0 * k * (d + 1) + lkv * 2.0 * k * (d + 1);
-    double bwd = (lq + lkv) * 2.0 * k * (d + 1) * d + (lq + lkv) * 2.0 * k * (d + 1) * (d + 1);
-    double feat = 3.0 * (lq + lkv) * 3.0 * k;
-    double diag = p->causal ? lq * 64.0 * (3.0 * 2.0 * k + 8.0 * d) : 0.0;
-    return (double)p->batch * (double)p->n_heads * (fwd + bwd + feat + diag);
+    const double k1 = (double)poly_binom(g + 1, p->head_dim, POLY_MAX_BACKWARD_FEATURES);
+    const double lq = (double)p->len_q, lkv = (double)p->len_kv, rows = lq + lkv;
+    /* Forward, per row: degree-g features; keys into the k × (d+1) state, queries out
+     * of it. Backward, per row: degree-(g+1) features twice (both sweeps); the row into
+     * its k' × (d+1) state and the state's product with the row (z = M·dO'ᵀ,
+     * u = N·V'ᵀ); the Jacobian contraction (k·d); keys add dV = φᵀ·N (k·d). Causal
+     * adds one diagonal block of POLY_BLOCK rows per query row. */
+    const double fwd = rows * (3.0 * k + 2.0 * k * (d + 1.0));
+    const double bwd = rows * (6.0 * k1 + 4.0 * k1 * (d + 1.0) + 2.0 * k * d) + lkv * 2.0 * k * d;
+    const double diag = p->causal ? lq * 64.0 * (3.0 * 2.0 * k + 8.0 * d) : 0.0;
+    return (double)p->batch * (double)p->n_heads * (fwd + bwd + diag);
 }
 
 void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offer *offer,
@@ -84,20 +92,22 @@ void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offe
     if (g == 0) {
         offer->status = LORA_ERR_TOLERANCE;
         snprintf(why, why_size,
-                 "no even degree within limits (k <= %lld features, state <= %lld floats) "
+                 "no even degree within limits (k <= %lld features, %lld for the backward) "
                  "certifies tolerance %g at score bound R = %g (float32 rounding alone "
                  "gives eta >= %.3g there); lower R, raise LORA_CFG_TOLERANCE or set "
                  "LORA_CFG_POLY_DEGREE",
-                 (long long)POLY_MAX_FEATURES, (long long)POLY_MAX_STATE, o->tolerance, r,
+                 (long long)POLY_MAX_FEATURES, (long long)POLY_MAX_BACKWARD_FEATURES,
+                 o->tolerance, r,
                  2.0 * poly_round_delta(2, r, poly_feature_count(2, d), p->len_kv));
         return;
     }
     if (k <= 0) {
         offer->status = LORA_ERR_UNSUPPORTED;
         snprintf(why, why_size,
-                 "degree %d with head_dim %lld needs more than %lld feature columns or a "
-                 "state above %lld floats",
-                 g, (long long)d, (long long)POLY_MAX_FEATURES, (long long)POLY_MAX_STATE);
+                 "degree %d with head_dim %lld needs more than %lld feature columns (or "
+                 "more than %lld of degree %d for the backward)",
+                 g, (long long)d, (long long)POLY_MAX_FEATURES,
+                 (long long)POLY_MAX_BACKWARD_FEATURES, g + 1);
         return;
     }
     const poly_params pp = {.degree = g, .features = k};

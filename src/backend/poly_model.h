@@ -11,11 +11,12 @@
 
 /* Degrees above this are never chosen (k grows as binom(g + d, d)). */
 #define POLY_MAX_DEGREE 20
-/* Feature columns above this make POLY pointless (its cost per row, ~8·k·(d+1)²
- * flops, then exceeds exact attention's up to L in the millions). */
+/* Feature columns above this make POLY pointless (its cost per row then exceeds exact
+ * attention's up to L in the millions). */
 #define POLY_MAX_FEATURES (INT64_C(1) << 16)
-/* Floats of one k × (d+1)² running state (128 MiB) above which POLY is not run. */
-#define POLY_MAX_STATE (INT64_C(1) << 25)
+/* The backward differentiates the degree-(g+1) features: their count k' = binom(g + 1 +
+ * d, d) above this (each worker holds two 64-row blocks of them, 64 MiB) is not run. */
+#define POLY_MAX_BACKWARD_FEATURES (INT64_C(1) << 17)
 
 /* δ(g, R) = e^R·R^(g+1)/(g+1)!: relative error of the degree-g Taylor polynomial of
  * exp on [-R, R]. */
@@ -36,8 +37,10 @@ double poly_eta(int g, double r, int64_t k, int64_t len_kv);
  * head_dim and len_kv), or 0. Degrees whose feature count is out of limits count as
  * not meeting it. */
 int poly_degree_for(const attn_problem *p, double r, double tol);
+/* binom(g + d, d), or -1 when above limit. */
+int64_t poly_binom(int g, int64_t d, int64_t limit);
 /* k = binom(g + d, d) feature columns, or -1 when above POLY_MAX_FEATURES or when the
- * k × (d+1)² state exceeds POLY_MAX_STATE. */
+ * backward's k' = binom(g + 1 + d, d) exceeds POLY_MAX_BACKWARD_FEATURES. */
 int64_t poly_feature_count(int g, int64_t d);
 
 /* Modelled flops of one forward+backward of the attention core at degree g. */
