@@ -240,6 +240,8 @@ clean:
 	rm -rf lib/obj lib/test lib/examples lib/bench lib/liblora.* lib/lora.pc lib/rust
 	rm -rf lib/asan lib/tsan lib/fuzz lib/abi
 
+include test/bench/calibrate.mk
+
 # ---- reliability: check-asan, check-valgrind, check-tsan, fuzz, abi-check, abi-update
 # (docs/reliability.md)
 include test/reliability.mk

@@ -335,11 +335,17 @@ typedef struct lora_threshold_report {
                                     smallest meeting TOLERANCE (0: none within limits) */
     int64_t poly_rank;           /* feature columns k = binom(g + HEAD_DIM, HEAD_DIM) */
     double error_bound;          /* certified eta at that degree: |F~ - F| <= eta*F */
-    double flops_exact, flops_poly; /* modelled cost of one forward+backward of the
-                                    attention core (projections excluded) */
+    double flops_exact, flops_poly; /* modelled flops of one forward+backward of the
+                                    attention core (projections excluded): EXACT on
+                                    every group; and what AUTO runs when poly_groups > 0
+                                    (those groups on POLY at their own degrees, the
+                                    others EXACT), else POLY on every group at its own
+                                    degree (INFINITY when a group has none) */
     int64_t poly_groups;         /* kv-head groups AUTO runs on POLY: a group goes POLY
                                     when a degree certifies TOLERANCE at its own R and
-                                    its modelled cost is below half of EXACT's */
+                                    its modelled POLY flops times the calibrated rate
+                                    ratio of its HEAD_DIM (docs/backends.md) are below
+                                    its EXACT flops */
 } lora_threshold_report;
 
 /* Estimates the threshold statistics for self-attention on x (batch, seq_len, D_MODEL)

@@ -1179,7 +1179,8 @@ static double rel_to(const float *x, const double *y, size_t n)
 /* POLY's forward and backward are, to float rounding, the exact gradient of its own
  * approximate probabilities (the formulas above, which are MATH §3's backward): 50
  * random layers (self and cross, causal, GQA, batch 2, biases, lengths across the
- * 64-row blocks), 1 or 2 threads, degrees 2 to 6, R up to 1. Rounding leaves at most
+ * 64-row blocks), 1 or 2 threads, degrees 2 to 6, R up to 1; both backward variants
+ * (head_dim <= 6: EXPANDED, 32 to 48: JACOBIAN, poly_backward_variant). Rounding leaves at most
  * 2e-6 (out) and 6e-6 (gradients) here; the allowed 2e-5 and 1e-4 would catch a
  * wrong term (O(1)) or a degree off by one (the Taylor error at R = 1: 1e-2 to 1e-4). */
 START_TEST(test_poly_backward_formula)
@@ -1188,7 +1189,9 @@ START_TEST(test_poly_backward_formula)
     static const double rs[] = {0.25, 0.5, 1.0};
     for (int it = 0; it < 10; it++) {
         const uint64_t u = ref_rng_next(&st);
-        const int head_dim = 1 + (int)(u % 6), kv = 1 + (int)((u >> 3) & 1);
+        /* two in ten wide heads: the backward's JACOBIAN variant runs from head_dim 32 */
+        const int head_dim = it < 8 ? 1 + (int)(u % 6) : 32 + 8 * (int)(u % 3);
+        const int kv = 1 + (int)((u >> 3) & 1);
         const int group = 1 + (int)((u >> 4) & 1), cross = (int)((u >> 5) & 1);
         poly_case pc = {{.d_model = 1 + (int)((u >> 6) % 6), .n_heads = kv * group,
                          .n_kv_heads = kv, .head_dim = head_dim, .rank = 2,
@@ -1196,7 +1199,7 @@ START_TEST(test_poly_backward_formula)
                          .bias = (int)((u >> 13) & 1)},
                         cross, 1 + (int)((u >> 14) & 1), 1 + (int)((u >> 15) % 140), 0};
         pc.len_kv = cross ? pc.len_q + (int)((u >> 23) % 60) : pc.len_q;
-        const int g = 2 + 2 * (int)((u >> 30) % 3);
+        const int g = head_dim > 8 ? 2 : 2 + 2 * (int)((u >> 30) % 3);
         ref_layer l;
         ref_problem p;
         setup_case(&pc, ref_rng_next(&st), &l, &p);

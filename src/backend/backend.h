@@ -107,7 +107,7 @@ double attn_score_bound(const attn_problem *p, const float *q, const float *k,
 typedef struct attn_group_plan {
     const attn_backend *backend;
     attn_params params;
-    double eta;
+    double eta, flops;
     int64_t order, features;
 } attn_group_plan;
 

@@ -68,7 +68,8 @@ static attn_problem groups_of(const attn_problem *p, int64_t g0, int64_t g1)
 static attn_group_plan group_plan(const attn_backend *b, const attn_offer *offer)
 {
     return (attn_group_plan){.backend = b, .params = offer->params, .eta = offer->eta,
-                             .order = offer->order, .features = offer->features};
+                             .flops = offer->flops, .order = offer->order,
+                             .features = offer->features};
 }
 
 void attn_dispatch_offer(const attn_problem *p, int id, double r, const attn_options *o,

@@ -13,8 +13,13 @@
  *   dK_j = kscale · J_{g+1}(k̂_j)ᵀ·N·V'_j,        N = Σ_i φ_{g+1}(q̂_i)/w_i ⊗ dO'_i (suffix)
  *   dV_j = φ_g(k̂_j)·N[:k, :d]
  * (q̂, k̂ the scaled, centred rows the features see). Both states are k' × (d+1),
- * k' = binom(g + 1 + d, d); J_{g+1}ᵀ·z is sparse: ∂φ_a/∂x_e = √a_e·φ_(a − e_e), so
- * (Jᵀz)_e = Σ_{|b|<=g} φ_b·√(b_e + 1)·z_(b + e_e), k·d terms per row (docs/math.md).
+ * k' = binom(g + 1 + d, d); Jᵀ is sparse: ∂φ_a/∂x_e = √a_e·φ_(a − e_e), so
+ * (J_{g+1}(x)ᵀ·z)_e = Σ_{|b|<=g} φ_b(x)·√(b_e + 1)·z_(b + e_e) (docs/math.md). Two routes
+ * (poly_backward_variant picks by the cost model): EXPANDED expands the state through
+ * the Jacobian once per change (k × d(d+1)) and multiplies the rows' degree-g features
+ * with it (wide products); JACOBIAN multiplies the state with the rows' dO' or V'
+ * (k' × rows, d + 1 deep) and contracts sparsely, k·d terms per row: fewer flops, run
+ * at a lower rate for small d.
  *
  * Causal attention (not in the paper): the sums over j run over a prefix. Keys before a
  * query block's diagonal sit in the running state; the diagonal block itself is done
@@ -59,8 +64,11 @@ typedef struct poly_work {
     float *phq;     /* (k' × B) query features, feature-major */
     float *phk;     /* (k' × B) key features */
     float *rows;    /* (B × (d+1)) V' or dO' rows */
-    float *prod;    /* (k' × B) a state times rows; the forward's (B × (d+1)) */
+    float *prod;    /* EXPANDED: (B × (d(d+1) + d)) features times the expanded state;
+                       JACOBIAN: (k' × B) the state times rows; forward: (B × (d+1)) */
     float *state;   /* (k' × (d+1)) running prefix/suffix state */
+    float *jac;     /* EXPANDED: (k × (d(d+1) + d)) the state through the Jacobian */
+    int variant;    /* POLY_BACKWARD_* */
     float *diag_f;  /* (B × B) diagonal-block probabilities */
     float *diag_p;  /* (B × B) diagonal-block dP' */
     float *kmean;   /* (d) */
@@ -86,11 +94,24 @@ static size_t table_floats(int64_t k, int64_t k1, int64_t d)
     return 4u * (size_t)k1 + 2u * (size_t)k * (size_t)d;
 }
 
-static size_t work_floats(int64_t k1, int64_t d)
+/* Floats of the product buffer and of the expanded state for a variant. */
+static size_t prod_floats(int variant, int64_t k1, int64_t d)
+{
+    const size_t B = POLY_BLOCK, cols = (size_t)d * ((size_t)d + 1) + (size_t)d;
+    return variant == POLY_BACKWARD_EXPANDED ? B * cols : (size_t)k1 * B;
+}
+
+static size_t jac_floats(int variant, int64_t k, int64_t d)
+{
+    const size_t cols = (size_t)d * ((size_t)d + 1) + (size_t)d;
+    return variant == POLY_BACKWARD_EXPANDED ? (size_t)k * cols : 0;
+}
+
+static size_t work_floats(int variant, int64_t k, int64_t k1, int64_t d)
 {
     const size_t d1 = (size_t)d + 1, B = POLY_BLOCK;
-    return d * B + 3u * (size_t)k1 * B + B * d1 + (size_t)k1 * d1 + 2u * B * B + (size_t)d +
-           64u;
+    return d * B + 2u * (size_t)k1 * B + B * d1 + prod_floats(variant, k1, d) +
+           (size_t)k1 * d1 + jac_floats(variant, k, d) + 2u * B * B + (size_t)d + 64u;
 }
 
 static size_t poly_workspace_size(const attn_problem *p)
@@ -99,7 +120,8 @@ static size_t poly_workspace_size(const attn_problem *p)
     if (k < 0 || k1 < 0)
         return 0;
     return (table_floats(k, k1, p->head_dim) +
-            (size_t)worker_count(p) * work_floats(k1, p->head_dim)) *
+            (size_t)worker_count(p) *
+                work_floats(poly_params_of(&p->params).variant, k, k1, p->head_dim)) *
            sizeof(float);
 }
 
@@ -154,17 +176,19 @@ static void build_jacobian(int64_t d, poly_table *t)
 
 /* Features of n rows x (stride ld): ph (nf × n, feature-major) of (x − shift)·scale,
  * the first nf of the table (t->k: degree <= g; t->k1: degree <= g + 1). */
-static void features(const poly_table *t, int64_t nf, int64_t d, const float *x, int64_t ld,
-                     int64_t n, const float *shift, float scale, float *xt, float *ph)
+LA_VECTOR_CLONES static void features(const poly_table *t, int64_t nf, int64_t d,
+                                      const float *x, int64_t ld, int64_t n,
+                                      const float *shift, float scale, float *xt, float *ph)
 {
     for (int64_t r = 0; r < n; r++)
         for (int64_t c = 0; c < d; c++)
             xt[c * n + r] = (x[r * ld + c] - (shift ? shift[c] : 0.0f)) * scale;
     for (int64_t r = 0; r < n; r++)
         ph[r] = 1.0f;
-    for (int64_t m = 1; m < nf; m++) {
-        const float *par = ph + (int64_t)t->parent[m] * n, *xv = xt + (int64_t)t->var[m] * n;
-        float *dst = ph + m * n;
+    for (int64_t m = 1; m < nf; m++) { /* a parent's row precedes its children's */
+        const float *restrict par = ph + (int64_t)t->parent[m] * n;
+        const float *restrict xv = xt + (int64_t)t->var[m] * n;
+        float *restrict dst = ph + m * n;
         const float f = t->fac[m];
         for (int64_t r = 0; r < n; r++)
             dst[r] = par[r] * xv[r] * f;
@@ -381,22 +405,92 @@ static void backward_diag_block(const attn_problem *p, int bt, const poly_table 
             p->ldo, 1.0f, hd->dvh + p0 * p->ldkv, p->ldkv);
 }
 
-/* acc (d × n) = J_{g+1}ᵀ·z per row: acc[e][r] = Σ_{|b|<=g} φ_b(r)·√(b_e + 1)·z[b + e_e][r],
- * ph (>= k × n) the rows' features, z (k' × n); both feature-major. */
-static void jacobian_contract(const poly_table *t, int64_t d, const float *ph, const float *z,
-                              int64_t n, float *acc)
+/* Columns of an expanded state: d·(d+1) Jacobian columns, plus d for dV. */
+static int64_t jac_cols(int64_t d, int with_dv) { return d * (d + 1) + (with_dv ? d : 0); }
+
+/* The Jacobian applied to a state S (k' × (d+1)): jac (k × jac_cols) with
+ * jac[b, e·(d+1) + c] = √(b_e + 1)·S[b + e_e, c], so that row i of Φ_g·jac holds
+ * (J_{g+1}(x_i)ᵀ·S)[e, c] = Σ_a ∂φ_a/∂x_e·S[a, c] (∂φ_a/∂x_e = √a_e·φ_(a − e_e)). With
+ * dv, the last d columns are S[b, c] (c < d): dV's φ_g·N. One pass over k·d·(d+1)
+ * entries, rebuilt only when S changed, so the products with it are as wide as the
+ * old face-splitting state's. */
+static void expand_state(const poly_table *t, int64_t d, const float *S, int with_dv,
+                         float *jac)
+{
+    const int64_t d1 = d + 1, cols = jac_cols(d, with_dv);
+    for (int64_t b = 0; b < t->k; b++) {
+        float *row = jac + b * cols;
+        for (int64_t e = 0; e < d; e++) {
+            const float f = t->dfac[b * d + e];
+            const float *src = S + (int64_t)t->child[b * d + e] * d1;
+            for (int64_t c = 0; c < d1; c++)
+                row[e * d1 + c] = f * src[c];
+        }
+        if (with_dv)
+            memcpy(row + d * d1, S + b * d1, (size_t)d * sizeof(float));
+    }
+}
+
+/* out[r][e] = scale[r]·Σ_c y[r][e·(d+1) + c]·aug[r][c] for n rows (y: ldy floats per
+ * row, aug: (d+1) per row); add: accumulate into out instead of overwriting. */
+static void contract_rows(int64_t d, int64_t n, const float *y, int64_t ldy, const float *aug,
+                          const float *scale, float *out, int64_t ldo, int add)
+{
+    const int64_t d1 = d + 1;
+    for (int64_t r = 0; r < n; r++) {
+        const float *yr = y + r * ldy, *ar = aug + r * d1;
+        float *o = out + r * ldo;
+        for (int64_t e = 0; e < d; e++) {
+            float acc = 0.0f;
+            for (int64_t c = 0; c < d1; c++)
+                acc += yr[e * d1 + c] * ar[c];
+            o[e] = (add ? o[e] : 0.0f) + scale[r] * acc;
+        }
+    }
+}
+
+/* The JACOBIAN variant's contraction: acc (d × n) with acc[e][r] = Σ_{|b|<=g} φ_b(r)·
+ * √(b_e + 1)·z[b + e_e][r] = (J_{g+1}ᵀ·z_r)_e; ph (>= k × n) the rows' features, z
+ * (k' × n), both feature-major. */
+LA_VECTOR_CLONES static void jacobian_contract(const poly_table *t, int64_t d,
+                                               const float *ph, const float *z, int64_t n,
+                                               float *acc)
 {
     memset(acc, 0, (size_t)(d * n) * sizeof(float));
     for (int64_t b = 0; b < t->k; b++) {
-        const float *pb = ph + b * n;
+        const float *restrict pb = ph + b * n;
         for (int64_t e = 0; e < d; e++) {
             const float f = t->dfac[b * d + e];
-            const float *zc = z + (int64_t)t->child[b * d + e] * n;
-            float *ae = acc + e * n;
+            const float *restrict zc = z + (int64_t)t->child[b * d + e] * n;
+            float *restrict ae = acc + e * n;
             for (int64_t r = 0; r < n; r++)
                 ae[r] += f * pb[r] * zc[r];
         }
     }
+}
+
+/* out[r][e] (= or +=) scale[r]·(J_{g+1}(x_r)ᵀ·S·aug_r)_e for n rows whose degree-<=g
+ * features are in ph (feature-major) and whose (d+1)-vectors are aug: the state S
+ * (k' × (d+1)) through the variant's route. EXPANDED: Φ_gᵀ·jac then a (d+1)-contraction
+ * per row (jac = expand_state(S), current). JACOBIAN: z = S·augᵀ (k' × n), then the
+ * sparse contraction. */
+static void apply_jacobian(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
+                           const float *ph, const float *aug, int64_t n, const float *scale,
+                           float *out, int64_t ldo, int add, int with_dv)
+{
+    const int64_t d = p->head_dim, d1 = d + 1, cols = jac_cols(d, with_dv);
+    if (w->variant == POLY_BACKWARD_EXPANDED) {
+        la_gemm(p->la, bt, LA_T, LA_N, n, cols, t->k, 1.0f, ph, n, w->jac, cols, 0.0f,
+                w->prod, cols);
+        contract_rows(d, n, w->prod, cols, aug, scale, out, ldo, add);
+        return;
+    }
+    la_gemm(p->la, bt, LA_N, LA_T, t->k1, n, d1, 1.0f, w->state, d1, aug, d1, 0.0f, w->prod,
+            n);
+    jacobian_contract(t, d, ph, w->prod, n, w->xt);
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t e = 0; e < d; e++)
+            out[r * ldo + e] = (add ? out[r * ldo + e] : 0.0f) + scale[r] * w->xt[e * n + r];
 }
 
 /* Part 1, dQ: prefix state M = Σ_j φ_{g+1}(k̂_j) ⊗ V'_j (k' × (d+1)), swept over the query
@@ -405,9 +499,9 @@ static void backward_dq(const attn_problem *p, int bt, const poly_table *t, poly
                         const head_grads *hd)
 {
     const int64_t d = p->head_dim, d1 = d + 1;
-    float inv_w[POLY_BLOCK];
+    float inv_w[POLY_BLOCK], sc[POLY_BLOCK];
     memset(w->state, 0, (size_t)(t->k1 * d1) * sizeof(float));
-    int64_t absorbed = 0;
+    int64_t absorbed = 0, expanded = -1;
     for (int64_t i0 = 0; i0 < p->len_q; i0 += POLY_BLOCK) {
         const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
         const int64_t p0 = diag_start(p, i0);
@@ -419,19 +513,18 @@ static void backward_dq(const attn_problem *p, int bt, const poly_table *t, poly
                     w->state, d1);
             absorbed += n;
         }
-        query_features(p, t, t->k1, &hd->hg, w, i0, bq);
+        if (w->variant == POLY_BACKWARD_EXPANDED && expanded != absorbed) {
+            expand_state(t, d, w->state, 0, w->jac);
+            expanded = absorbed;
+        }
+        query_features(p, t, t->k, &hd->hg, w, i0, bq); /* the Jacobian needs degree <= g */
         float *dopr = w->rows; /* dO' (bq × (d+1)) */
         augmented_dout(p, hd->doh, hd->oh, i0, bq, NULL, dopr);
-        la_gemm(p->la, bt, LA_N, LA_T, t->k1, bq, d1, 1.0f, w->state, d1, dopr, d1, 0.0f,
-                w->prod, bq);
-        jacobian_contract(t, d, w->phq, w->prod, bq, w->xt);
         for (int64_t r = 0; r < bq; r++) {
             inv_w[r] = 1.0f / hd->wrow[i0 + r];
-            const float sc = hd->hg.qscale * inv_w[r];
-            float *dqi = hd->dqh + (i0 + r) * p->ldq;
-            for (int64_t e = 0; e < d; e++)
-                dqi[e] = sc * w->xt[e * bq + r];
+            sc[r] = hd->hg.qscale * inv_w[r];
         }
+        apply_jacobian(p, bt, t, w, w->phq, dopr, bq, sc, hd->dqh + i0 * p->ldq, p->ldq, 0, 0);
         if (p->causal)
             backward_diag_block(p, bt, t, w, hd, i0, p0, bq, inv_w, dopr);
     }
@@ -442,21 +535,31 @@ static void backward_dq(const attn_problem *p, int bt, const poly_table *t, poly
 static void emit_keys(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
                       const head_grads *hd, int64_t j_lo, int64_t j_hi)
 {
-    const int64_t d = p->head_dim, d1 = d + 1;
+    const int64_t d = p->head_dim, d1 = d + 1, cols = jac_cols(d, 1);
+    const int expanded = w->variant == POLY_BACKWARD_EXPANDED;
+    if (j_lo >= j_hi)
+        return;
+    if (expanded)
+        expand_state(t, d, w->state, 1, w->jac);
+    float sc[POLY_BLOCK];
+    for (int64_t r = 0; r < POLY_BLOCK; r++)
+        sc[r] = hd->hg.kscale;
     for (int64_t j0 = j_lo; j0 < j_hi; j0 += POLY_BLOCK) {
         const int64_t n = j_hi - j0 < POLY_BLOCK ? j_hi - j0 : POLY_BLOCK;
-        key_features(p, t, t->k1, &hd->hg, w, j0, n);
+        key_features(p, t, t->k, &hd->hg, w, j0, n); /* the Jacobian needs degree <= g */
         augmented_v(p, hd->hg.v, j0, n, w->rows);
-        la_gemm(p->la, bt, LA_N, LA_T, t->k1, n, d1, 1.0f, w->state, d1, w->rows, d1, 0.0f,
-                w->prod, n);
-        jacobian_contract(t, d, w->phk, w->prod, n, w->xt);
-        for (int64_t r = 0; r < n; r++) {
-            float *dkj = hd->dkh + (j0 + r) * p->ldkv;
-            for (int64_t e = 0; e < d; e++)
-                dkj[e] += hd->hg.kscale * w->xt[e * n + r];
-        }
-        la_gemm(p->la, bt, LA_T, LA_N, n, d, t->k, 1.0f, w->phk, n, w->state, d1, 1.0f,
-                hd->dvh + j0 * p->ldkv, p->ldkv);
+        apply_jacobian(p, bt, t, w, w->phk, w->rows, n, sc, hd->dkh + j0 * p->ldkv, p->ldkv,
+                       1, 1);
+        if (expanded) /* dV: the last d columns of the product */
+            for (int64_t r = 0; r < n; r++) {
+                const float *z = w->prod + r * cols + d * d1;
+                float *dvj = hd->dvh + (j0 + r) * p->ldkv;
+                for (int64_t c = 0; c < d; c++)
+                    dvj[c] += z[c];
+            }
+        else
+            la_gemm(p->la, bt, LA_T, LA_N, n, d, t->k, 1.0f, w->phk, n, w->state, d1, 1.0f,
+                    hd->dvh + j0 * p->ldkv, p->ldkv);
     }
 }
 
@@ -510,16 +613,19 @@ static void poly_backward_head(const attn_problem *p, int bt, const poly_table *
     backward_dkdv(p, bt, t, w, &hd);
 }
 
-static void carve_work(const attn_problem *p, int64_t k1, float *base, poly_work *w)
+static void carve_work(const attn_problem *p, const poly_table *t, float *base,
+                       poly_work *w)
 {
     const size_t d = (size_t)p->head_dim, d1 = d + 1, B = POLY_BLOCK;
+    w->variant = poly_params_of(&p->params).variant;
     w->xt = base;
     w->phq = w->xt + d * B;
-    w->phk = w->phq + (size_t)k1 * B;
-    w->rows = w->phk + (size_t)k1 * B;
+    w->phk = w->phq + (size_t)t->k1 * B;
+    w->rows = w->phk + (size_t)t->k1 * B;
     w->prod = w->rows + B * d1;
-    w->state = w->prod + (size_t)k1 * B;
-    w->diag_f = w->state + (size_t)k1 * d1;
+    w->state = w->prod + prod_floats(w->variant, t->k1, p->head_dim);
+    w->jac = w->state + (size_t)t->k1 * d1;
+    w->diag_f = w->jac + jac_floats(w->variant, t->k, p->head_dim);
     w->diag_p = w->diag_f + B * B;
     w->kmean = w->diag_p + B * B;
 }
@@ -574,12 +680,13 @@ static void poly_run(const attn_problem *p, void *ws, int backward, const float 
     poly_table t;
     float *work0;
     carve_table(p, ws, backward, &t, &work0);
-    const size_t stride = work_floats(t.k1, p->head_dim);
+    const size_t stride =
+        work_floats(poly_params_of(&p->params).variant, t.k, t.k1, p->head_dim);
     const int64_t tasks = task_count(p);
     const int workers = worker_count(p);
     if (workers <= 1 || tasks < p->threads) {
         poly_work w;
-        carve_work(p, t.k1, work0, &w);
+        carve_work(p, &t, work0, &w);
         for (int64_t task = 0; task < tasks; task++)
             poly_task(p, p->threads, &t, &w, task, backward, q, k, v, o, row_stat, do_, out,
                       dq, dk, dv);
@@ -588,7 +695,7 @@ static void poly_run(const attn_problem *p, void *ws, int backward, const float 
 #pragma omp parallel num_threads(workers)
     {
         poly_work w;
-        carve_work(p, t.k1, work0 + WORKER_ID() * stride, &w);
+        carve_work(p, &t, work0 + WORKER_ID() * stride, &w);
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++)
             poly_task(p, 1, &t, &w, task, backward, q, k, v, o, row_stat, do_, out, dq, dk,

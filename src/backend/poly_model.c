@@ -3,6 +3,8 @@
 #include <math.h>
 #include <stdio.h>
 
+#include "poly_calibration.h"
+
 double poly_taylor_delta(int g, double r)
 {
     /* R^(g+1)/(g+1)! as a running product: no overflow for the degrees allowed. */
@@ -62,20 +64,50 @@ int64_t poly_feature_count(int g, int64_t d)
     return k > 0 && poly_binom(g + 1, d, POLY_MAX_BACKWARD_FEATURES) > 0 ? k : -1;
 }
 
+/* Backward flops per (query, key) row pair of the two variants; the JACOBIAN
+ * variant's state products are only d + 1 deep and its contraction a sparse gather,
+ * which run at about (d+1)/64 of the wide products' rate below 64 (measured at head_dim
+ * 16-64; docs/backends.md), so its flops count 64/(d+1) times there. */
+static double backward_pair_flops(double k, double k1, double d, int variant, int weighted)
+{
+    const double d1 = d + 1.0, cols = d * d1 + d;
+    const double shared = 6.0 * k1 + 4.0 * k1 * d1; /* features, both states' updates */
+    if (variant == POLY_BACKWARD_EXPANDED)
+        return shared + 2.0 * k * d * d1 + 2.0 * k * cols + 4.0 * d * d1;
+    const double slow = weighted && d1 < 64.0 ? 64.0 / d1 : 1.0;
+    return shared + slow * (4.0 * k1 * d1 + 6.0 * k * d);
+}
+
+int poly_backward_variant(const attn_problem *p, int g)
+{
+    const double d = (double)p->head_dim, k = (double)poly_feature_count(g, p->head_dim);
+    const double k1 = (double)poly_binom(g + 1, p->head_dim, POLY_MAX_BACKWARD_FEATURES);
+    const int expanded_fits = k * (d * (d + 1.0) + d) <= (double)POLY_MAX_EXPANDED;
+    return expanded_fits && backward_pair_flops(k, k1, d, POLY_BACKWARD_EXPANDED, 1) <=
+                                backward_pair_flops(k, k1, d, POLY_BACKWARD_JACOBIAN, 1)
+               ? POLY_BACKWARD_EXPANDED
+               : POLY_BACKWARD_JACOBIAN;
+}
+
 double poly_flops(const attn_problem *p, int g)
 {
     const double d = (double)p->head_dim, k = (double)poly_feature_count(g, p->head_dim);
     const double k1 = (double)poly_binom(g + 1, p->head_dim, POLY_MAX_BACKWARD_FEATURES);
     const double lq = (double)p->len_q, lkv = (double)p->len_kv, rows = lq + lkv;
     /* Forward, per row: degree-g features; keys into the k × (d+1) state, queries out
-     * of it. Backward, per row: degree-(g+1) features twice (both sweeps); the row into
-     * its k' × (d+1) state and the state's product with the row (z = M·dO'ᵀ,
-     * u = N·V'ᵀ); the Jacobian contraction (k·d); keys add dV = φᵀ·N (k·d). Causal
-     * adds one diagonal block of POLY_BLOCK rows per query row. */
+     * of it. Backward: per row pair the chosen variant's (the products with the
+     * k' × (d+1) states, the Jacobian), counted over max(Lq, Lkv) pairs. Causal adds
+     * one diagonal block of POLY_BLOCK rows per query row. */
     const double fwd = rows * (3.0 * k + 2.0 * k * (d + 1.0));
-    const double bwd = rows * (6.0 * k1 + 4.0 * k1 * (d + 1.0) + 2.0 * k * d) + lkv * 2.0 * k * d;
+    const double bwd = 0.5 * rows *
+                       backward_pair_flops(k, k1, d, poly_backward_variant(p, g), 0);
     const double diag = p->causal ? lq * 64.0 * (3.0 * 2.0 * k + 8.0 * d) : 0.0;
     return (double)p->batch * (double)p->n_heads * (fwd + bwd + diag);
+}
+
+double poly_cost_ratio(int64_t head_dim)
+{
+    return poly_calibrated_ratio(head_dim);
 }
 
 void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offer *offer,
@@ -110,12 +142,13 @@ void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offe
                  (long long)POLY_MAX_BACKWARD_FEATURES, g + 1);
         return;
     }
-    const poly_params pp = {.degree = g, .features = k};
+    const poly_params pp = {.degree = g, .variant = poly_backward_variant(p, g),
+                            .features = k};
     memcpy(&offer->params, &pp, sizeof pp);
     offer->status = LORA_OK;
     offer->eta = poly_eta(g, r, k, p->len_kv);
     offer->flops = poly_flops(p, g);
-    offer->cost = offer->flops * POLY_COST_RATIO;
+    offer->cost = offer->flops * poly_cost_ratio(d);
     offer->order = g;
     offer->features = k;
 }

@@ -37,23 +37,37 @@ double poly_eta(int g, double r, int64_t k, int64_t len_kv);
  * head_dim and len_kv), or 0. Degrees whose feature count is out of limits count as
  * not meeting it. */
 int poly_degree_for(const attn_problem *p, double r, double tol);
+/* Floats of the expanded state (k × (d(d+1) + d)) above which EXPANDED is not used. */
+#define POLY_MAX_EXPANDED (INT64_C(1) << 25)
 /* binom(g + d, d), or -1 when above limit. */
 int64_t poly_binom(int g, int64_t d, int64_t limit);
 /* k = binom(g + d, d) feature columns, or -1 when above POLY_MAX_FEATURES or when the
  * backward's k' = binom(g + 1 + d, d) exceeds POLY_MAX_BACKWARD_FEATURES. */
 int64_t poly_feature_count(int g, int64_t d);
 
-/* Modelled flops of one forward+backward of the attention core at degree g. */
+/* The backward variant the cost model prefers at degree g. */
+int poly_backward_variant(const attn_problem *p, int g);
+/* Modelled flops of one forward+backward of the attention core at degree g with that
+ * backward variant. */
 double poly_flops(const attn_problem *p, int g);
-/* Relative speed of the two kernels' flops (poly's skinny products and feature maps
- * reach a lower fraction of peak than exact's blocked products); calibrated with
- * `make bench` (test/bench/bench_poly.c). POLY's offered cost is
- * poly_flops·POLY_COST_RATIO, so AUTO picks it when that is below exact's flops. */
-#define POLY_COST_RATIO 2.0
+/* EXACT's flop rate over POLY's at this head_dim (poly's skinny products and feature
+ * maps reach another fraction of peak than exact's blocked products): the table of
+ * src/backend/poly_calibration.h, fitted by `make calibrate`. POLY's offered cost is
+ * poly_flops·poly_cost_ratio, so AUTO picks it when that is below exact's flops. */
+double poly_cost_ratio(int64_t head_dim);
 
-/* POLY's private parameters (attn_params): the degree and its feature count. */
+/* How the backward applies the Jacobian of the degree-(g+1) features to its k' × (d+1)
+ * states (src/backend/poly.c): EXPANDED multiplies the features with the state expanded
+ * through the Jacobian (k × d(d+1), wide products), JACOBIAN multiplies the state with
+ * the rows first (k' × rows, products only d + 1 deep) and contracts sparsely (k·d per
+ * row): fewer flops, at a lower rate when d + 1 is small. */
+enum { POLY_BACKWARD_EXPANDED = 0, POLY_BACKWARD_JACOBIAN = 1 };
+
+/* POLY's private parameters (attn_params): the degree, its feature count and the
+ * backward variant. */
 typedef struct poly_params {
-    int64_t degree, features;
+    int32_t degree, variant;
+    int64_t features;
 } poly_params;
 _Static_assert(sizeof(poly_params) <= sizeof(attn_params), "poly_params outgrows attn_params");
 
