@@ -747,6 +747,11 @@ START_TEST(test_auto_per_group)
                               r.recommended_backend == LORA_BACKEND_POLY && r.poly_degree == g_big,
                           "backend %d: poly_groups %lld, " REPORT_FMT "; reference R %.9g [%s]",
                           backends[bi], (long long)r.poly_groups, REPORT_ARGS(r), rr, desc);
+            /* flops_poly is AUTO's plan: group 0 on POLY (g = 2), group 1 EXACT (half of
+             * flops_exact), not POLY at the largest group's degree */
+            ck_assert_msg(r.flops_poly > 0.5 * r.flops_exact && r.flops_poly < r.flops_exact,
+                          "flops_poly %.6g not between half of flops_exact %.6g and all of it",
+                          r.flops_poly, r.flops_exact);
         }
         ck_assert_int_eq(cross ? lora_forward_cross(ad, x, xkv, p.batch, p.len_q, p.len_kv, out)
                                : lora_forward(ad, x, p.batch, p.len_q, out),
