@@ -400,6 +400,8 @@ clean:
 	rm -rf lib/amalgamation lib/install-check lib/vendor lib/vendor.log
 	rm -rf lib/asan lib/tsan lib/fuzz lib/abi
 
+include test/bench/calibrate.mk
+
 # ---- reliability: check-asan, check-valgrind, check-tsan, fuzz, abi-check, abi-update
 # (docs/reliability.md)
 include test/reliability.mk

@@ -288,10 +288,15 @@ typedef struct lora_run_info {
     int64_t poly_degree;   /* largest even degree g POLY ran at, 0 for EXACT */
     int64_t poly_rank;     /* its feature columns k = binom(g + HEAD_DIM, HEAD_DIM) */
     double error_bound;    /* largest certified eta over the POLY groups: |F~ - F| <=
-                              eta*F entrywise; 0 for EXACT */
+                              eta*F entrywise, float32 rounding of the features
+                              included; the attention output then has |O~ - O| <=
+                              eta*max|V|. 0 for EXACT */
     double grad_bound;     /* after backward: certified bound on the absolute error of
-                              every returned gradient entry (dA, dB, dx), in exact
-                              arithmetic (MATH §4); 0 for EXACT */
+                              every returned gradient entry (dA, dB, dx) against the
+                              exact gradient FOR THE dout GIVEN to this backward (other
+                              arithmetic exact; docs/math.md). It does not cover the
+                              error that dout itself carries when computed from POLY's
+                              output: see loss_grad_bound. 0 for EXACT */
     double score_bound;    /* R >= max |S_ij - c_i| of the last forward (see
                               lora_threshold_report); computed for every backend */
     double measured_out_error; /* with LORA_CFG_MEASURE_ROWS and POLY: max |O~ - O| /
@@ -303,6 +308,16 @@ typedef struct lora_run_info {
     int64_t poly_groups;   /* kv-head groups (each with its N_HEADS / N_KV_HEADS query
                               heads) that ran POLY, each at the degree its own score
                               bound needs; the others ran EXACT */
+    double loss_grad_bound; /* after backward: certified bound on the absolute error of
+                              every returned gradient entry against the gradient of the
+                              TRUE loss 1/2*sum (out - target)^2 when dout = out~ -
+                              target came from lora_mse_loss on this forward's (POLY)
+                              output out~: grad_bound plus the exact gradient map
+                              applied to |out~ - out| <= eta*max|V| (times W_O's
+                              largest row l1 norm with OUT_PROJ). For a loss whose
+                              dout is c*(out~ - target) (lora_mse_loss_mean: c = 2/n)
+                              the bound is grad_bound + c*(loss_grad_bound -
+                              grad_bound). 0 for EXACT, 0 after a forward */
 } lora_run_info;
 
 /* Fills *info (up to info->struct_size bytes). Errors: INVALID_ARG (NULL, struct_size
@@ -381,11 +396,17 @@ typedef struct lora_threshold_report {
                                     smallest meeting TOLERANCE (0: none within limits) */
     int64_t poly_rank;           /* feature columns k = binom(g + HEAD_DIM, HEAD_DIM) */
     double error_bound;          /* certified eta at that degree: |F~ - F| <= eta*F */
-    double flops_exact, flops_poly; /* modelled cost of one forward+backward of the
-                                    attention core (projections excluded) */
+    double flops_exact, flops_poly; /* modelled flops of one forward+backward of the
+                                    attention core (projections excluded): EXACT on
+                                    every group; and what AUTO runs when poly_groups > 0
+                                    (those groups on POLY at their own degrees, the
+                                    others EXACT), else POLY on every group at its own
+                                    degree (INFINITY when a group has none) */
     int64_t poly_groups;         /* kv-head groups AUTO runs on POLY: a group goes POLY
                                     when a degree certifies TOLERANCE at its own R and
-                                    its modelled cost is below half of EXACT's */
+                                    its modelled POLY flops times the calibrated rate
+                                    ratio of its HEAD_DIM (docs/backends.md) are below
+                                    its EXACT flops */
 } lora_threshold_report;
 
 /* Estimates the threshold statistics for self-attention on x (batch, seq_len, D_MODEL)
