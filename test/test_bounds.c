@@ -168,6 +168,11 @@ static const bound_case bound_cases[] = {
     {{.d_model = 4, .n_heads = 2, .rank = 2, .targets = 13, .alpha = 2.0,
       .softmax_scale = 0.25, .out_proj = 1, .bias = 1},
      0, 3, 3, 2, 0.0, 0, 0, 1},
+    /* Cross-attention over 70 keys: two 64-key blocks summed into the state (the
+       rounding count's ⌈L_kv/64⌉). */
+    {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 7, .alpha = 2.0,
+      .softmax_scale = 0.03125},
+     1, 3, 70, 2, 0.0, 0, 0, 0},
 };
 
 /* Entrywise errors e_dy of dY of Q, K, V carried through the LoRA chain rule of each
