@@ -74,10 +74,10 @@ static void adapter_free_members(lora_adapter *ad)
         lora_mem_free(&ad->mem, p->a); /* a, b, da, db share one block */
     }
     lora_adapter_free_merged(ad);
-    lora_buf_free(&ad->mem, &ad->acts_buf);
+    lora_buf_free(&ad->mem, &ad->tape.acts_buf);
     lora_buf_free(&ad->mem, &ad->scratch);
     lora_buf_free(&ad->mem, &ad->estimate_buf);
-    lora_mem_free(&ad->mem, ad->group_r); /* group_r, plan_groups, saved_groups: one block */
+    lora_mem_free(&ad->mem, ad->group_r); /* group_r, plan_groups, tape.groups: one block */
 }
 
 LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
@@ -143,7 +143,8 @@ LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
         return LORA_ERR_NOMEM;
     }
     ad->plan_groups = (attn_group_plan *)(void *)(ad->group_r + groups);
-    ad->saved_groups = ad->plan_groups + groups;
+    ad->id = lora_new_handle_id(ad);
+    lora_tape_init(&ad->tape, ad, ad->plan_groups + groups);
     ad->info.struct_size = sizeof ad->info;
     ad->info.measured_out_error = ad->info.measured_dq_error = -1.0;
     *out = ad;
