@@ -271,6 +271,31 @@ LORA_API int lora_adapter_get_config_double(const lora_adapter *ad, int param,
  * valid until its next call. NULL ad gives a static message. */
 LORA_API const char *lora_adapter_last_error(const lora_adapter *ad);
 
+/* Caller-owned storage for LoRA factor `which` of `target` and its gradient, used in
+ * place with no copy (a numpy array, a torch.nn.Parameter and its .grad). param: NULL =
+ * the adapter's own storage, else `count` floats (the factor's shape, row-major) whose
+ * current values become the factor. grad: NULL = own storage, else `count` floats whose
+ * current values become the accumulated gradient. Switching a borrowed buffer back to
+ * own storage (NULL) copies its current values over.
+ * Lifetime rule (as lora_adapter_set_base_borrowed): the buffers must stay valid until
+ * ad is destroyed or this factor is borrowed again. The library writes them in place:
+ * set_param, set_params_flat, copy_params and optimizer steps write param; backward,
+ * zero_grad and set_grads_flat write grad. Give each buffer a few bytes of slack if it
+ * may end at a page boundary (BLIS may read a float past an operand, docs/reliability.md).
+ * Writes by the caller: the caller may change a borrowed factor between calls (an
+ * optimizer step in another framework) without telling the library. Whenever a call
+ * depends on earlier values (a backward of a recorded tape, lora_forward_merged's cached
+ * merged weights) the library first compares a 64-bit fingerprint of the borrowed
+ * factors with the one it last saw; a change counts as lora_adapter_set_param (older
+ * tapes are LORA_ERR_STATE, merged weights are rebuilt). The check reads rank*(in+out)
+ * floats per borrowed factor, far below a forward's cost, and cannot be forgotten the
+ * way an explicit "parameters changed" call could. Writes into a borrowed gradient need
+ * no notice.
+ * Errors: INVALID_ARG (NULL ad, bad target/which, target not adapted, wrong count,
+ * param == grad), NONFINITE (a NaN/Inf in param or grad); nothing changes then. */
+LORA_API int lora_adapter_borrow_factor(lora_adapter *ad, int target, int which,
+                                        float *param, float *grad, size_t count);
+
 /* What the last forward or backward on an adapter ran. */
 typedef struct lora_run_info {
     uint32_t struct_size;  /* caller sets sizeof(lora_run_info); fields only appended */

@@ -24,5 +24,6 @@ Suite *io_suite(void);        /* PEFT and GGUF round trips, independent readers,
 Suite *nonfinite_suite(void); /* overflowing results: NONFINITE, nothing changed */
 Suite *io_files_suite(void);  /* special paths, sparse files, torn saves, PEFT parity */
 Suite *tapes_suite(void);     /* lora_forward_ex / lora_backward_ex, tapes, LORA_FWD_INFER */
+Suite *borrow_suite(void);    /* caller-owned factor and gradient storage */
 
 #endif

@@ -62,7 +62,7 @@ typedef enum entry_point {
     EP_COPY_PARAMS,
     EP_SAVE_PEFT, EP_LOAD_PEFT, EP_SAVE_GGUF, EP_LOAD_GGUF,
     EP_OPT_CREATE_SET, EP_OPT_STEP_SET, EP_MSE_LOSS_MEAN,
-    EP_FORWARD_EX, EP_BACKWARD_EX, EP_TAPE_CREATE, EP_TAPE_DESTROY,
+    EP_FORWARD_EX, EP_BACKWARD_EX, EP_TAPE_CREATE, EP_TAPE_DESTROY, EP_BORROW_FACTOR,
     EP_COUNT
 } entry_point;
 
@@ -128,6 +128,7 @@ static const char *const ep_names[EP_COUNT] = {
     [EP_BACKWARD_EX] = "lora_backward_ex",
     [EP_TAPE_CREATE] = "lora_tape_create",
     [EP_TAPE_DESTROY] = "lora_tape_destroy",
+    [EP_BORROW_FACTOR] = "lora_adapter_borrow_factor",
 };
 
 /* ---- states before the call --------------------------------------------------------- */
@@ -253,12 +254,13 @@ typedef struct bad_row {
 #define BIG (INT64_C(1) << 32)
 
 /* Integer arguments, by entry point: set_int/get_int(param i0, value i1), set_double
- * (param i0), set_base(target i0), set/get_param and get_grad (target i0, which i1,
- * count i2), param_shape (target i0, which i1), get_config_* (param i0), forward and
+ * (param i0), set_base(target i0), set/get_param, get_grad and borrow_factor (target
+ * i0, which i1, count i2), param_shape (target i0, which i1), get_config_* (param i0), forward and
  * estimate (batch i0, seq_len i1), forward_cross (batch i0, len_q i1, len_kv i2),
  * mse_loss and mse_loss_mean (n i0), status_string (status i0), optimizer_create_set
  * (kind i0, n i2), optimizer_step_set (n i2), forward_ex (batch i0, len_q i1, len_kv i2).
- * Float buffers: set_base (weight 0, bias 1), set_param/get_* (src/dst 0), forward
+ * Float buffers: set_base (weight 0, bias 1), set_param/get_* (src/dst 0),
+ * borrow_factor (param 0, grad 1), forward
  * (x 0, out 1), backward (dout 0, dx 1), forward_cross (xq 0, xkv 1, out 2),
  * backward_cross and backward_ex (dout 0, dxq 1, dxkv 2), forward_ex (xq 0, xkv 1,
  * out 2), mse_loss (out 0, target 1, dout 2),
@@ -397,6 +399,16 @@ static const bad_row bad_rows[] = {
     ROW2(EP_SET_PARAM, PRE_SELF, M_INT(0, TO), M_INF(0), NONF, "-Inf in A of O"),
     ROW2(EP_SET_PARAM, PRE_SELF, M_INT(1, LORA_B), M_NAN(0), NONF, "NaN in B of Q"),
     ROW2(EP_SET_PARAM, PRE_CROSS, M_INT(1, LORA_B), M_INF(0), NONF, "-Inf in B of Q (cross)"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INT(0, 0), INV, "target 0"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INT(0, 3), INV, "target mask Q|K"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INT(1, 2), INV, "which 2"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INT(2, 15), INV, "count one short"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INT(2, -1), INV, "count SIZE_MAX"),
+    ROW(EP_BORROW_FACTOR, PRE_QV, M_INT(0, TK), INV, "K not adapted"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_ALIAS, INV, "param and grad the same buffer"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_NAN(0), NONF, "NaN in param"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INF(1), NONF, "-Inf in grad"),
     ROW(EP_GET_PARAM, PRE_SELF, M_HANDLE, INV, "ad NULL"),
     ROW(EP_GET_PARAM, PRE_SELF, M_NULL(0), INV, "dst NULL"),
     ROW(EP_GET_PARAM, PRE_SELF, M_INT(0, 6), INV, "target mask K|V"),
@@ -1178,6 +1190,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     case EP_GET_PARAM:
     case EP_GET_GRAD:
     case EP_PARAM_SHAPE:
+    case EP_BORROW_FACTOR:
         a->i[0] = TQ;
         a->i[1] = LORA_A;
         a->i[2] = (int64_t)factor_count(f, TQ, LORA_A);
@@ -1236,6 +1249,17 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
         else
             for (size_t i = 0; i < a->n[0]; i++)
                 a->buf[0][i] = 0.0f;
+        break;
+    }
+    case EP_BORROW_FACTOR: { /* the factor's values and a zero gradient */
+        const size_t n = factor_count(f, (int)a->i[0], (int)a->i[1]);
+        a->n[0] = a->n[1] = n ? n : 64;
+        a->buf[0] = guarded_alloc(a->n[0]);
+        a->buf[1] = guarded_alloc(a->n[1]);
+        for (size_t i = 0; i < a->n[0]; i++)
+            a->buf[0][i] = a->buf[1][i] = 0.0f;
+        if (n)
+            ref_to_float(a->i[1] == LORA_A ? f->l.a[t] : f->l.b[t], a->buf[0], n);
         break;
     }
     case EP_FORWARD:
@@ -1454,6 +1478,9 @@ static int invoke(int ep, row_env *e, call_args *a)
         return lora_backward_ex(ad, a->tape, b[0], b[1], dxkv);
     }
     case EP_TAPE_CREATE: return lora_tape_create(a->null_out ? NULL : &a->tape_out, ad);
+    case EP_BORROW_FACTOR:
+        return lora_adapter_borrow_factor(ad, (int)a->i[0], (int)a->i[1], b[0],
+                                          a->alias ? b[0] : b[1], count);
     case EP_TAPE_DESTROY: lora_tape_destroy(NULL); return W_VOID;
     case EP_THRESHOLD_ESTIMATE:
         return lora_threshold_estimate(ad, b[0], a->i[0], a->i[1],

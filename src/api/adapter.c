@@ -71,7 +71,7 @@ static void adapter_free_members(lora_adapter *ad)
             lora_mem_free(&ad->mem, p->weight);
             lora_mem_free(&ad->mem, p->bias);
         }
-        lora_mem_free(&ad->mem, p->a); /* a, b, da, db share one block */
+        lora_mem_free(&ad->mem, ad->own_factors[t]); /* own a, b, da, db: one block */
     }
     lora_adapter_free_merged(ad);
     lora_buf_free(&ad->mem, &ad->tape.acts_buf);
@@ -123,7 +123,7 @@ LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
         if (!p->adapted)
             continue;
         const size_t na = (size_t)(l->rank * p->in), nb = (size_t)(p->out * l->rank);
-        p->a = lora_mem_calloc(&ad->mem, 2 * (na + nb), sizeof(float));
+        p->a = ad->own_factors[t] = lora_mem_calloc(&ad->mem, 2 * (na + nb), sizeof(float));
         if (!p->a) {
             adapter_free_members(ad);
             lora_mem_free(&ad->mem, ad);
@@ -328,8 +328,10 @@ LORA_API int lora_adapter_zero_grad(lora_adapter *ad)
         return LORA_ERR_INVALID_ARG;
     for (int t = 0; t < PROJ_COUNT; t++) {
         layer_proj *p = &ad->layer.proj[t];
-        if (p->adapted)
-            memset(p->da, 0, (size_t)(ad->layer.rank * (p->in + p->out)) * sizeof(float));
+        if (p->adapted) { /* da and db may each be caller-owned (borrow.c) */
+            memset(p->da, 0, (size_t)(ad->layer.rank * p->in) * sizeof(float));
+            memset(p->db, 0, (size_t)(p->out * ad->layer.rank) * sizeof(float));
+        }
     }
     ad->err[0] = '\0';
     return LORA_OK;

@@ -151,6 +151,7 @@ int lora_forward_layer(lora_adapter *ad, const layer *l, const lora_forward_args
  * built-in one for lora_forward / lora_forward_cross). */
 static int run_forward(lora_adapter *ad, const lora_forward_args *a, lora_tape *tape)
 {
+    lora_adapter_sync_borrowed(ad); /* the tape records the current generation */
     tape->kind = SAVED_NONE; /* a failed forward leaves nothing to backpropagate */
     attn_problem p;
     lora_plan plan;
@@ -333,6 +334,7 @@ LORA_API int lora_backward(lora_adapter *ad, const float *dout, float *dx)
         return LORA_ERR_INVALID_ARG;
     if (!dout)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "dout is NULL");
+    lora_adapter_sync_borrowed(ad);
     const int st = check_builtin_kind(ad, SAVED_SELF);
     return st != LORA_OK ? st : run_backward(ad, &ad->tape, dout, dx, dx);
 }
@@ -356,6 +358,7 @@ LORA_API int lora_backward_cross(lora_adapter *ad, const float *dout, float *dxq
                               "dxq and dxkv must be distinct buffers");
     if (!dout)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "dout is NULL");
+    lora_adapter_sync_borrowed(ad);
     const int st = check_builtin_kind(ad, SAVED_CROSS);
     return st != LORA_OK ? st : run_backward(ad, &ad->tape, dout, dxq, dxkv);
 }
@@ -451,8 +454,10 @@ LORA_API int lora_backward_ex(lora_adapter *ad, lora_tape *tape, const float *do
     int st = lora_tape_check_owner(ad, tape, ad->err);
     if (st == LORA_OK && !dout)
         st = lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "dout is NULL");
-    if (st == LORA_OK)
+    if (st == LORA_OK) {
+        lora_adapter_sync_borrowed(ad);
         st = lora_tape_check_replay(ad, tape);
+    }
     if (st == LORA_OK && tape->kind == SAVED_SELF && dxkv)
         st = lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
                             "dxkv must be NULL: the tape's forward was self-attention (dxq "

@@ -117,12 +117,21 @@ struct lora_adapter {
     int merged_valid;          /* merged[] matches the current base and factors */
     lora_buf infer_buf;        /* transient activations of forwards that save nothing
                                   (lora_forward_merged, LORA_FWD_INFER) */
+    /* caller-owned factor and gradient storage (borrow.c): layer.proj[t].a/b/da/db
+     * point either into own_factors[t] or to the caller's buffers */
+    float *own_factors[PROJ_COUNT]; /* own a, b, da, db of projection t: one block */
+    int factors_borrowed;           /* some factor's values live in caller memory */
+    uint64_t borrowed_print;        /* their fingerprint when the library last saw them */
 };
 
 /* Called by everything that changes a base weight, a factor or the scale: drops the
  * built-in tape, makes every other tape stale (params_generation) and drops the
  * merged-weight cache (params_changed.c). */
 void lora_adapter_params_changed(lora_adapter *ad);
+/* Notices writes the caller made into borrowed factors since the library last looked
+ * (a fingerprint of their values) and then calls lora_adapter_params_changed. Every
+ * entry point that uses derived state (a tape, the merged weights) calls it first. */
+void lora_adapter_sync_borrowed(lora_adapter *ad);
 /* Frees what merge.c owns (merged weights, inference buffer); adapter_free_members. */
 void lora_adapter_free_merged(lora_adapter *ad);
 

@@ -378,6 +378,7 @@ class Adapter:
     def _adopt(self, handle):
         self._handle = handle
         self._borrowed = {}  # target -> arrays a borrowed base keeps alive
+        self._borrowed_factors = {}  # (target, which) -> arrays borrowed as storage
         self._saved = None  # (kind, shapes...) of the forward a backward would use
         self._d_model = self.get_config(Param.D_MODEL)
         self._q_dim = self.get_config(Param.N_HEADS) * self.get_config(Param.HEAD_DIM)
@@ -393,6 +394,7 @@ class Adapter:
         if h:
             _lib.lora_adapter_destroy(h)
         self._borrowed = {}
+        self._borrowed_factors = {}
 
     @property
     def closed(self):
@@ -562,6 +564,26 @@ class Adapter:
         self._check(_lib.lora_adapter_set_param(self._h(), _target(target), _factor(which),
                                                 _ptr(src), src.size),
                     "lora_adapter_set_param")
+
+    def borrow_factor(self, target, which, param, grad=None):
+        """lora_adapter_borrow_factor: `param` (and `grad`, if given) become the memory
+        of factor `which` of `target` (and of its accumulated gradient), used in place
+        with no copy: writable C-contiguous float32 arrays (numpy, or CPU torch tensors,
+        e.g. a Parameter's .data and .grad) with the factor's element count. Their
+        current values become the factor / gradient. None = the adapter's own storage
+        (a borrowed buffer's values are copied back). The adapter keeps references to
+        the arrays while it uses them. Writes into a borrowed factor between calls are
+        noticed (older tapes become stale, merged weights are rebuilt)."""
+        _need("lora_adapter_borrow_factor")
+        t, w = _target(target), _factor(which)
+        n = int(np.prod(self.param_shape(t, w)))
+        p = None if param is None else _shared_f32(param, "param", n)
+        g = None if grad is None else _shared_f32(grad, "grad", n)
+        self._check(_lib.lora_adapter_borrow_factor(self._h(), t, w, _ptr(p), _ptr(g), n),
+                    "lora_adapter_borrow_factor")
+        if param is not None:
+            self._saved = None
+        self._borrowed_factors[(t, w)] = (param, p, grad, g)
 
     def _names(self):
         for t in _TARGET_ORDER:
@@ -862,6 +884,28 @@ class Adapter:
                                                  ctypes.byref(s)),
                     "lora_threshold_estimate")
         return _from_struct(ThresholdReport, s)
+
+
+def _shared_f32(a, name, count):
+    """A float32 ndarray over `a`'s own memory (a numpy array, or a CPU torch tensor
+    through .detach().numpy()), never a copy: anything that would need one raises."""
+    if not isinstance(a, np.ndarray) and hasattr(a, "detach"):
+        t = a.detach()
+        if str(t.dtype) != "torch.float32" or t.device.type != "cpu" \
+                or not t.is_contiguous():
+            raise DtypeError(Status.INVALID_ARG, "%s must be a contiguous CPU float32 "
+                             "tensor (it is %s on %s)" % (name, t.dtype, t.device))
+        a = t.numpy()
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        raise DtypeError(Status.INVALID_ARG, "%s must be a float32 array used in place "
+                         "(got %s)" % (name, getattr(a, "dtype", type(a).__name__)))
+    if not a.flags.c_contiguous or not a.flags.writeable or not a.flags.aligned:
+        raise InvalidArgumentError(Status.INVALID_ARG, "%s must be writable, aligned and "
+                                   "C-contiguous (it is used in place)" % name)
+    if a.size != count:
+        raise ShapeError(Status.SHAPE, "%s has %d values, the factor %d" % (name, a.size,
+                                                                          count))
+    return a
 
 
 def _check_dout(dout, oshape):

@@ -181,6 +181,7 @@ _OPTIONAL_PROTOTYPES = {
     "lora_forward_ex": (_i, [AdapterP, ctypes.POINTER(AttnArgsC), _p, _p, _i64, _i64, _i64,
                              _p]),
     "lora_backward_ex": (_i, [AdapterP, TapeP, _p, _p, _p]),
+    "lora_adapter_borrow_factor": (_i, [AdapterP, _i, _i, _p, _p, _sz]),
 }
 
 

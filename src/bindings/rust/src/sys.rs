@@ -293,6 +293,14 @@ extern "C" {
         dxq: *mut f32,
         dxkv: *mut f32,
     ) -> c_int;
+    pub fn lora_adapter_borrow_factor(
+        ad: *mut lora_adapter,
+        target: c_int,
+        which: c_int,
+        param: *mut f32,
+        grad: *mut f32,
+        count: usize,
+    ) -> c_int;
     pub fn lora_tape_create(out: *mut *mut lora_tape, ad: *const lora_adapter) -> c_int;
     pub fn lora_tape_destroy(tape: *mut lora_tape);
     pub fn lora_forward_ex(
