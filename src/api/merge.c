@@ -180,6 +180,7 @@ static int run_forward_merged(lora_adapter *ad, const lora_forward_args *a)
         return LORA_ERR_INVALID_ARG;
     attn_problem p;
     int st = lora_forward_begin(ad, a, &p);
+    lora_adapter_sync_borrowed(ad); /* writes into borrowed factors invalidate merged[] */
     if (st == LORA_OK)
         st = build_merged(ad);
     if (st != LORA_OK)
