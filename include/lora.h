@@ -499,6 +499,36 @@ LORA_API int lora_adapter_set_base_borrowed(lora_adapter *ad, int target,
  * sizes; the message is in dst). */
 LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src);
 
+/* Many tenants in one batch (the CPU counterpart of Punica's SGMV / S-LoRA): for each
+ * row r of x (rows, in) whose tenant t = tenant_of_row[r] is >= 0,
+ *     y[r] += s_t * (x[r] * A_t^T) * B_t^T
+ * with tenant t's factors A_t (rank_t, in), B_t (out, rank_t) and scale s_t of `target`
+ * (one lora_target value); rows with -1 are neither read nor written. Every tenant must
+ * adapt `target` with the same (in, out); ranks and scales may differ. Base weights and
+ * biases are not involved (add the shared base projection yourself, once for the whole
+ * batch). Rows are grouped by tenant inside, so each tenant's factors are read once per
+ * call, not once per row. y must not overlap x. rows = 0 is a no-op (the pointers may
+ * then be NULL). The result is bitwise the same for any number of threads.
+ * Threads: the tenants are only read (nothing is written to them, not even an error
+ * message), so any number of threads may call lora_apply on the same tenants at once,
+ * also while those tenants are read by other const calls. It allocates transient
+ * workspace through tenants[0]'s allocator.
+ * Errors: INVALID_ARG (tenants, tenant_of_row, x or y NULL, n_tenants 0 or > 2^31-1,
+ * a tenants[i] NULL, bad target, a tenant not adapting target, a tenant id outside
+ * [-1, n_tenants)), SHAPE (tenants differ in (in, out), rows < 0, sizes overflow),
+ * NONFINITE (NaN/Inf in an x row that is read), NOMEM. On failure y is unchanged. The
+ * detail of a failure is written nowhere; use lora_apply_with_error to get it. */
+LORA_API int lora_apply(const lora_adapter *const *tenants, size_t n_tenants, int target,
+                        const int32_t *tenant_of_row, const float *x, int64_t rows,
+                        float *y);
+/* lora_apply that also writes the failure's detail into the caller's buffer: error
+ * (error_size bytes, NUL-terminated, truncated to fit) receives "" on success. error
+ * NULL or error_size 0: nothing is written. The buffer is the caller's, so concurrent
+ * calls with distinct buffers never race. */
+LORA_API int lora_apply_with_error(const lora_adapter *const *tenants, size_t n_tenants,
+                                   int target, const int32_t *tenant_of_row, const float *x,
+                                   int64_t rows, float *y, char *error, size_t error_size);
+
 /* ---- I/O ----------------------------------------------------------------------------- */
 /* Adapter files hold the LoRA factors (not the base weights) of several layers: an
  * adapter set is an array of adapters with one layer index each (int64 >= 0, distinct,

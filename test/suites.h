@@ -20,6 +20,7 @@ Suite *stress_suite(void);    /* threads over distinct adapters (shared borrowed
 Suite *optimizer_suite(void); /* AdamW/SGD vs PyTorch's rules, clipping, flat views */
 Suite *merge_suite(void);     /* merge/unmerge bound, safe merge, merged forward */
 Suite *serving_suite(void);   /* borrowed bases, hot swap, concurrent tenants */
+TCase *serving_apply_tcase(void); /* serving: lora_apply (test_apply.c) */
 Suite *io_suite(void);        /* PEFT and GGUF round trips, independent readers, fuzz */
 
 #endif

@@ -385,5 +385,6 @@ Suite *serving_suite(void)
     tcase_add_test(tc, test_copy_params_hot_swap);
     tcase_add_test(tc, test_borrowed_base_concurrent);
     suite_add_tcase(s, tc);
+    suite_add_tcase(s, serving_apply_tcase());
     return s;
 }

@@ -1,9 +1,10 @@
-/* Multi-adapter serving: borrowed (shared, uncopied) base weights and hot-swapping of
- * LoRA factors between adapters. */
+/* Multi-adapter serving: borrowed (shared, uncopied) base weights, hot-swapping of LoRA
+ * factors between adapters, and lora_apply (many tenants' LoRA deltas in one call). */
 #include <math.h>
 #include <string.h>
 
 #include "internal.h"
+#include "../layer/apply.h"
 
 LORA_API int lora_adapter_set_base_borrowed(lora_adapter *ad, int target,
                                             const float *weight, const float *bias)
@@ -70,4 +71,159 @@ LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src
     lora_adapter_params_changed(dst);
     dst->err[0] = '\0';
     return LORA_OK;
+}
+
+/* ---- lora_apply: the multi-tenant LoRA delta (src/layer/apply.c runs the tasks) ---- */
+
+/* Checks everything lora_apply reads; fills the tenants' common (in, out). */
+static int apply_check(const lora_adapter *const *tenants, size_t n_tenants, int target,
+                       const int32_t *tenant_of_row, const float *x, int64_t rows,
+                       const float *y, int64_t *in, int64_t *out, char *err)
+{
+    if (!tenants)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG, "tenants is NULL");
+    if (n_tenants == 0 || n_tenants > (size_t)INT32_MAX)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                              "n_tenants = %zu is outside [1, 2^31 - 1]", n_tenants);
+    const int t = lora_target_index(target);
+    if (t < 0)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                              "target %d is not one of LORA_TARGET_Q/K/V/O", target);
+    for (size_t i = 0; i < n_tenants; i++) {
+        if (!tenants[i])
+            return lora_set_error(err, LORA_ERR_INVALID_ARG, "tenants[%zu] is NULL", i);
+        const layer_proj *p = &tenants[i]->layer.proj[t];
+        if (!p->adapted)
+            return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                                  "tenants[%zu] does not adapt target %s", i,
+                                  lora_proj_names[t]);
+        if (i == 0) {
+            *in = p->in;
+            *out = p->out;
+        } else if (p->in != *in || p->out != *out) {
+            return lora_set_error(err, LORA_ERR_SHAPE,
+                                  "tenants[%zu]'s %s is %lld x %lld, tenants[0]'s %lld x %lld",
+                                  i, lora_proj_names[t], (long long)p->out, (long long)p->in,
+                                  (long long)*out, (long long)*in);
+        }
+    }
+    if (rows < 0)
+        return lora_set_error(err, LORA_ERR_SHAPE, "rows = %lld is negative", (long long)rows);
+    if (rows == 0)
+        return LORA_OK;
+    if (!tenant_of_row || !x || !y)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG, "%s is NULL",
+                              !tenant_of_row ? "tenant_of_row" : !x ? "x" : "y");
+    int64_t nx, ny;
+    if (__builtin_mul_overflow(rows, *in, &nx) || __builtin_mul_overflow(rows, *out, &ny) ||
+        nx > (int64_t)(SIZE_MAX / 16) || ny > (int64_t)(SIZE_MAX / 16))
+        return lora_set_error(err, LORA_ERR_SHAPE, "rows = %lld x %lld columns overflows",
+                              (long long)rows, (long long)(*in > *out ? *in : *out));
+    for (int64_t r = 0; r < rows; r++)
+        if (tenant_of_row[r] < -1 || tenant_of_row[r] >= (int64_t)n_tenants)
+            return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                                  "tenant_of_row[%lld] = %d is outside [-1, %zu)",
+                                  (long long)r, (int)tenant_of_row[r], n_tenants);
+    for (int64_t r = 0; r < rows; r++) {
+        if (tenant_of_row[r] < 0)
+            continue; /* untouched rows are not read */
+        const int64_t bad = lora_find_nonfinite(x + r * *in, (size_t)*in);
+        if (bad >= 0)
+            return lora_set_error(err, LORA_ERR_NONFINITE,
+                                  "x has a non-finite entry at row %lld, column %lld",
+                                  (long long)r, (long long)bad);
+    }
+    return LORA_OK;
+}
+
+/* Carves a 64-byte aligned piece of n elements of size sz at *off; 0 on overflow. */
+static size_t carve_at(size_t *off, size_t n, size_t sz, int *ok)
+{
+    const size_t at = *off;
+    size_t bytes;
+    if (__builtin_mul_overflow(n, sz, &bytes) || __builtin_add_overflow(bytes, (size_t)63, &bytes) ||
+        __builtin_add_overflow(*off, bytes & ~(size_t)63, off))
+        *ok = 0;
+    return at;
+}
+
+static int apply_run(const lora_adapter *const *tenants, size_t n_tenants, int target,
+                     const int32_t *tenant_of_row, const float *x, int64_t rows, float *y,
+                     char *err)
+{
+    int64_t in = 0, out = 0;
+    int st = apply_check(tenants, n_tenants, target, tenant_of_row, x, rows, y, &in, &out, err);
+    if (st != LORA_OK || rows == 0)
+        return st;
+    const int t = lora_target_index(target);
+    int64_t max_rank = 0;
+    for (size_t i = 0; i < n_tenants; i++)
+        max_rank = tenants[i]->layer.rank > max_rank ? tenants[i]->layer.rank : max_rank;
+    const size_t part_floats = apply_part_floats(in, out, max_rank);
+    size_t bytes = 0;
+    int ok = part_floats > 0;
+    const size_t counts_at = carve_at(&bytes, n_tenants + 1, sizeof(int64_t), &ok);
+    const size_t order_at = carve_at(&bytes, (size_t)rows, sizeof(int64_t), &ok);
+    const size_t tasks_at = carve_at(&bytes, (size_t)rows, sizeof(apply_task), &ok);
+    const size_t views_at = carve_at(&bytes, n_tenants, sizeof(apply_tenant), &ok);
+    const size_t scratch_at = carve_at(&bytes, part_floats, sizeof(float), &ok);
+    if (!ok)
+        return lora_set_error(err, LORA_ERR_SHAPE, "lora_apply's workspace size overflows");
+    const lora_mem *mem = &tenants[0]->mem;
+    unsigned char *ws = lora_mem_alloc(mem, bytes);
+    if (!ws)
+        return lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate %zu bytes of workspace",
+                              bytes);
+    int64_t *counts = (int64_t *)(void *)(ws + counts_at);
+    int64_t *order = (int64_t *)(void *)(ws + order_at);
+    apply_task *tasks = (apply_task *)(void *)(ws + tasks_at);
+    apply_tenant *views = (apply_tenant *)(void *)(ws + views_at);
+    for (size_t i = 0; i < n_tenants; i++) {
+        const layer *l = &tenants[i]->layer;
+        views[i] = (apply_tenant){l->proj[t].a, l->proj[t].b, l->rank, l->lora_scale};
+    }
+    /* Stable counting sort of the adapted rows by tenant. */
+    memset(counts, 0, (n_tenants + 1) * sizeof *counts);
+    for (int64_t r = 0; r < rows; r++)
+        if (tenant_of_row[r] >= 0)
+            counts[tenant_of_row[r] + 1]++;
+    for (size_t i = 0; i < n_tenants; i++)
+        counts[i + 1] += counts[i];
+    const int64_t block = apply_block_rows(in, out, max_rank);
+    int64_t n_tasks = 0;
+    for (size_t i = 0; i < n_tenants; i++)
+        for (int64_t s = counts[i]; s < counts[i + 1]; s += block)
+            tasks[n_tasks++] = (apply_task){(int32_t)i, s,
+                                            counts[i + 1] - s < block ? counts[i + 1] - s : block};
+    for (int64_t r = 0; r < rows; r++)
+        if (tenant_of_row[r] >= 0)
+            order[counts[tenant_of_row[r]]++] = r;
+    apply_job job = {.la = &tenants[0]->la, .tenants = views, .in = in, .out = out,
+                     .block_rows = block, .x = x, .y = y, .order = order, .tasks = tasks,
+                     .n_tasks = n_tasks, .scratch = (float *)(void *)(ws + scratch_at),
+                     .part_floats = part_floats};
+    apply_part(&job, 0, 1); /* every task on the calling thread */
+    lora_mem_free(mem, ws);
+    return LORA_OK;
+}
+
+LORA_API int lora_apply_with_error(const lora_adapter *const *tenants, size_t n_tenants,
+                                   int target, const int32_t *tenant_of_row, const float *x,
+                                   int64_t rows, float *y, char *error, size_t error_size)
+{
+    char err[LORA_ERRMSG_SIZE] = "";
+    const int st = apply_run(tenants, n_tenants, target, tenant_of_row, x, rows, y, err);
+    if (error && error_size > 0) {
+        const size_t n = strnlen(err, error_size - 1);
+        memcpy(error, err, n);
+        error[n] = '\0';
+    }
+    return st;
+}
+
+LORA_API int lora_apply(const lora_adapter *const *tenants, size_t n_tenants, int target,
+                        const int32_t *tenant_of_row, const float *x, int64_t rows, float *y)
+{
+    return lora_apply_with_error(tenants, n_tenants, target, tenant_of_row, x, rows, y, NULL,
+                                 0);
 }

@@ -1,0 +1,186 @@
+/* Tasks of the multi-tenant LoRA delta (apply.h). Per task, T = X_t·A_tᵀ then
+ * Y_t += s·T·B_tᵀ, on one of two routes chosen by the task's row count only:
+ * - a few rows (decode: a handful of tokens per tenant) on AVX-512: register kernels
+ *   reading x and y in place and each factor once, converting nothing;
+ * - otherwise: the rows of x gathered into a panel, two BLIS products, the rows of the
+ *   result added back into y. */
+#include "apply.h"
+
+#include <string.h>
+
+#include "../linalg/avx512_kernels.h"
+
+/* Tasks of at most this many rows take the register kernels (with AVX-512). */
+#define APPLY_SMALL_ROWS 8
+/* Scratch floats a task's panels aim at (4 MiB): bounds block_rows. */
+#define APPLY_PANEL_FLOATS (INT64_C(1) << 20)
+
+static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+int64_t apply_block_rows(int64_t in, int64_t out, int64_t max_rank)
+{
+    int64_t rows = APPLY_PANEL_FLOATS / (in + out + max_rank);
+    rows = rows < 16 ? 16 : rows > 256 ? 256 : rows;
+    return rows & ~INT64_C(15);
+}
+
+size_t apply_part_floats(int64_t in, int64_t out, int64_t max_rank)
+{
+    const int64_t rows = apply_block_rows(in, out, max_rank);
+    int64_t a, b, c;
+    if (__builtin_mul_overflow(rows, in, &a) || __builtin_mul_overflow(rows, out, &b) ||
+        __builtin_mul_overflow(rows, max_rank, &c) || a > INT64_MAX / 4 || b > INT64_MAX / 4 ||
+        c > INT64_MAX / 4)
+        return 0;
+    return pad16((size_t)a) + pad16((size_t)b) + pad16((size_t)c);
+}
+
+#ifdef LA_HAVE_AVX512_KERNELS
+/* t[i·rank + k] = x_i·a_k for nr <= APPLY_SMALL_ROWS rows: A is read once, the rows of
+ * x (in L1/L2) once per k. Two accumulators per row (even and odd 16-float chunks). */
+LA_AVX512 static void small_xa(const float *const *xr, int nr, const float *a,
+                               int64_t rank, int64_t in, float *t)
+{
+    const int64_t full = in & ~INT64_C(15);
+    const __mmask16 tail = (__mmask16)((1u << (in - full)) - 1u);
+    for (int64_t k = 0; k < rank; k++) {
+        const float *ak = a + k * in;
+        __m512 acc0[APPLY_SMALL_ROWS], acc1[APPLY_SMALL_ROWS];
+        for (int i = 0; i < nr; i++)
+            acc0[i] = acc1[i] = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 32 <= full; c += 32) {
+            const __m512 a0 = _mm512_loadu_ps(ak + c), a1 = _mm512_loadu_ps(ak + c + 16);
+            for (int i = 0; i < nr; i++) {
+                acc0[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[i] + c), a0, acc0[i]);
+                acc1[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[i] + c + 16), a1, acc1[i]);
+            }
+        }
+        if (c < full) {
+            const __m512 a0 = _mm512_loadu_ps(ak + c);
+            for (int i = 0; i < nr; i++)
+                acc0[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[i] + c), a0, acc0[i]);
+        }
+        if (tail) {
+            const __m512 a0 = _mm512_maskz_loadu_ps(tail, ak + full);
+            for (int i = 0; i < nr; i++)
+                acc1[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, xr[i] + full), a0,
+                                          acc1[i]);
+        }
+        for (int i = 0; i < nr; i++)
+            t[i * rank + k] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
+    }
+}
+
+/* The horizontal sums of v[0..15], in order, as one vector: pairs, then quads within
+ * 128-bit lanes, then across lanes (a fixed tree: deterministic). */
+LA_AVX512 static inline __m512 sum16(const __m512 *v)
+{
+    __m512 s[8], w[4];
+    for (int p = 0; p < 8; p++) /* per lane: v2p, v2p+1, v2p, v2p+1 partials */
+        s[p] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]),
+                             _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]));
+    for (int q = 0; q < 4; q++) /* per lane: v4q .. v4q+3 partials */
+        w[q] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * q], s[2 * q + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s[2 * q], s[2 * q + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* y_i[j] += s·(t_i·b_j) for nr rows: 16 outputs at a time, B's 16 rows (16·rank
+ * contiguous floats) read once per output block and reused from L1 for every row. */
+LA_AVX512 static void small_yb(const float *t, int nr, const float *b, int64_t rank,
+                               int64_t out, float s, float *const *yr)
+{
+    const int64_t kfull = rank & ~INT64_C(15);
+    const __mmask16 ktail = (__mmask16)((1u << (rank - kfull)) - 1u);
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int64_t j0 = 0; j0 < out; j0 += 16) {
+        const int64_t nl = out - j0 < 16 ? out - j0 : 16;
+        const float *bl[16];
+#pragma GCC unroll 16
+        for (int l = 0; l < 16; l++) /* absent outputs repeat the last row, masked below */
+            bl[l] = b + (j0 + (l < nl ? l : nl - 1)) * rank;
+        for (int i = 0; i < nr; i++) {
+            const float *ti = t + i * rank;
+            __m512 v[16];
+#pragma GCC unroll 16
+            for (int l = 0; l < 16; l++)
+                v[l] = _mm512_setzero_ps();
+            for (int64_t kc = 0; kc < kfull; kc += 16) {
+                const __m512 tv = _mm512_loadu_ps(ti + kc);
+#pragma GCC unroll 16
+                for (int l = 0; l < 16; l++)
+                    v[l] = _mm512_fmadd_ps(_mm512_loadu_ps(bl[l] + kc), tv, v[l]);
+            }
+            if (ktail) {
+                const __m512 tv = _mm512_maskz_loadu_ps(ktail, ti + kfull);
+#pragma GCC unroll 16
+                for (int l = 0; l < 16; l++)
+                    v[l] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(ktail, bl[l] + kfull), tv,
+                                           v[l]);
+            }
+            const __mmask16 m = (__mmask16)((1u << nl) - 1u);
+            float *yj = yr[i] + j0;
+            const __m512 yv = _mm512_maskz_loadu_ps(m, yj);
+            _mm512_mask_storeu_ps(yj, m, _mm512_fmadd_ps(sv, sum16(v), yv));
+        }
+    }
+}
+#endif
+
+/* The BLIS route: gather the task's rows of x, two products, add the rows back. Scratch:
+ * x panel (block_rows, in), then y panel (block_rows, out), then T (block_rows, rank). */
+static void panel_task(const apply_job *j, const apply_task *tk, const apply_tenant *tn,
+                       float *ws)
+{
+    const int64_t in = j->in, out = j->out, n = tk->rows, r = tn->rank;
+    const int64_t *rows = j->order + tk->start;
+    float *xp = ws;
+    float *yp = xp + pad16((size_t)(j->block_rows * in));
+    float *tp = yp + pad16((size_t)(j->block_rows * out));
+    for (int64_t i = 0; i < n; i++)
+        memcpy(xp + i * in, j->x + rows[i] * in, (size_t)in * sizeof(float));
+    la_gemm(j->la, 1, LA_N, LA_T, n, r, in, 1.0f, xp, in, tn->a, in, 0.0f, tp, r);
+    la_gemm(j->la, 1, LA_N, LA_T, n, out, r, tn->scale, tp, r, tn->b, r, 0.0f, yp, out);
+    for (int64_t i = 0; i < n; i++) {
+        float *yr = j->y + rows[i] * out;
+        const float *src = yp + i * out;
+        for (int64_t c = 0; c < out; c++)
+            yr[c] += src[c];
+    }
+}
+
+static void run_task(const apply_job *j, const apply_task *tk, float *ws)
+{
+    const apply_tenant *tn = &j->tenants[tk->tenant];
+    const int64_t in = j->in, out = j->out, n = tk->rows;
+    const int64_t *rows = j->order + tk->start;
+#ifdef LA_HAVE_AVX512_KERNELS
+    if (j->la->avx512 && n <= APPLY_SMALL_ROWS) {
+        const float *xr[APPLY_SMALL_ROWS];
+        float *yr[APPLY_SMALL_ROWS];
+        for (int64_t i = 0; i < n; i++) {
+            xr[i] = j->x + rows[i] * in;
+            yr[i] = j->y + rows[i] * out;
+        }
+        small_xa(xr, (int)n, tn->a, tn->rank, in, ws);
+        small_yb(ws, (int)n, tn->b, tn->rank, out, tn->scale, yr);
+        return;
+    }
+#endif
+    panel_task(j, tk, tn, ws);
+}
+
+void apply_part(void *job, int part, int parts)
+{
+    const apply_job *j = job;
+    const int64_t lo = j->n_tasks * part / parts, hi = j->n_tasks * (part + 1) / parts;
+    float *ws = j->scratch + (size_t)part * j->part_floats;
+    for (int64_t t = lo; t < hi; t++)
+        run_task(j, &j->tasks[t], ws);
+}
