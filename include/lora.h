@@ -490,6 +490,40 @@ LORA_API int lora_forward_merged_cross(lora_adapter *ad, const float *xq, const 
 LORA_API int lora_adapter_set_base_borrowed(lora_adapter *ad, int target,
                                             const float *weight, const float *bias);
 
+/* Element types of base weights (lora_adapter_set_base_typed). 16-bit values are in
+ * host byte order (little-endian on x86-64 and AArch64 Linux): a safetensors or GGUF
+ * tensor's bytes as stored. */
+typedef enum lora_dtype {
+    LORA_DTYPE_F32 = 0,  /* float */
+    LORA_DTYPE_BF16 = 1, /* bfloat16: the top 16 bits of a float */
+    LORA_DTYPE_F16 = 2   /* IEEE 754 binary16 (half) */
+} lora_dtype;
+
+/* Flags of lora_adapter_set_base_typed. */
+#define LORA_BASE_BORROW 1u /* use the caller's buffers without copying (the lifetime rule
+                               of lora_adapter_set_base_borrowed applies) */
+
+/* Sets a frozen base projection whose weight is stored as `dtype`: a server keeps its
+ * checkpoint in bf16 and shares it between adapters at half the memory of float.
+ * weight: (out, in) elements of dtype; bias: (out) floats or NULL. flags 0 copies both
+ * (the copy keeps the dtype: a bf16 base costs 2 bytes per weight), LORA_BASE_BORROW
+ * borrows them. Products convert the weight to float on the fly and accumulate in
+ * float; LoRA factors, activations and gradients stay float. The result equals that of
+ * a float base holding the same (converted, exact) values up to float rounding, in
+ * lora_forward, lora_backward (dx, dA, dB), lora_forward_merged (whose merged weights
+ * are float: out*in*4 bytes per adapted projection) and lora_threshold_estimate.
+ * Forwards of more than a few rows (or without AVX-512) convert the weight in row
+ * panels of up to 4 MiB of float, kept with the forward's activations.
+ * lora_adapter_set_base(ad, t, w, b) is this with LORA_DTYPE_F32 and flags 0;
+ * lora_adapter_set_base_borrowed with LORA_BASE_BORROW. Setting a base drops the saved
+ * forward and the merged weights, as lora_adapter_set_base does.
+ * Errors: INVALID_ARG (NULL ad/weight, bad target, TARGET_O without OUT_PROJ, a flag
+ * other than LORA_BASE_BORROW), UNSUPPORTED (dtype not a lora_dtype value of this
+ * version), NONFINITE (a NaN/Inf weight, in its own dtype's encoding, or bias), NOMEM;
+ * the adapter is then unchanged. */
+LORA_API int lora_adapter_set_base_typed(lora_adapter *ad, int target, const void *weight,
+                                         int dtype, const float *bias, uint32_t flags);
+
 /* Hot swap: copies src's LoRA factors and scaling (alpha, rsLoRA) into dst, leaving
  * dst's base weights, backend settings, buffers and gradients alone; dst's saved
  * forward is dropped. A server keeps one working adapter per thread (borrowing the

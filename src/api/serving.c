@@ -6,27 +6,109 @@
 #include "internal.h"
 #include "../layer/apply.h"
 
-LORA_API int lora_adapter_set_base_borrowed(lora_adapter *ad, int target,
-                                            const float *weight, const float *bias)
+/* ---- base weights: float, bf16 or half; copied or borrowed ---- */
+
+/* Validates a base weight (and optional bias) for target; *proj: its PROJ_* index. */
+static int check_base(lora_adapter *ad, int target, la_wmat w, const float *bias, int *proj)
+{
+    const int t = lora_target_index(target);
+    if (t < 0)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                              "target %d is not one of LORA_TARGET_Q/K/V/O", target);
+    if (t == PROJ_O && !ad->layer.out_proj)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                              "the layer has no output projection (LORA_CFG_OUT_PROJ = 0)");
+    if (!w.data)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "weight is NULL");
+    const layer_proj *p = &ad->layer.proj[t];
+    int64_t bad = la_wmat_find_nonfinite(w, (size_t)(p->out * p->in));
+    if (bad >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "base weight %s has a non-finite entry at index %lld",
+                              lora_proj_names[t], (long long)bad);
+    if (bias && (bad = lora_find_nonfinite(bias, (size_t)p->out)) >= 0)
+        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
+                              "base bias %s has a non-finite entry at index %lld",
+                              lora_proj_names[t], (long long)bad);
+    *proj = t;
+    return LORA_OK;
+}
+
+/* Copies w and bias into buffers of the adapter (reusing its own ones of the same size). */
+static int copy_base(lora_adapter *ad, int t, la_wmat w, const float *bias)
+{
+    layer_proj *p = &ad->layer.proj[t];
+    const size_t nw = (size_t)(p->out * p->in) * la_dtype_size(w.dtype);
+    const size_t nbias = (size_t)p->out * sizeof(float);
+    const int owned = !ad->base_borrowed[t]; /* a borrowed buffer is never written */
+    void *old_w = owned ? (void *)p->weight.data : NULL;
+    void *wbuf = old_w && p->weight.dtype == w.dtype ? old_w : lora_mem_alloc(&ad->mem, nw);
+    if (!wbuf)
+        return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate base weight %s",
+                              lora_proj_names[t]);
+    float *b = NULL;
+    if (bias) {
+        b = owned && p->bias ? p->bias : lora_mem_alloc(&ad->mem, nbias);
+        if (!b) {
+            if (wbuf != old_w)
+                lora_mem_free(&ad->mem, wbuf);
+            return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate base bias %s",
+                                  lora_proj_names[t]);
+        }
+        memcpy(b, bias, nbias);
+    } else if (owned) {
+        lora_mem_free(&ad->mem, p->bias);
+    }
+    if (wbuf != old_w)
+        lora_mem_free(&ad->mem, old_w);
+    memcpy(wbuf, w.data, nw);
+    p->weight = (la_wmat){wbuf, w.dtype};
+    p->bias = b;
+    ad->base_borrowed[t] = 0;
+    return LORA_OK;
+}
+
+LORA_API int lora_adapter_set_base_typed(lora_adapter *ad, int target, const void *weight,
+                                         int dtype, const float *bias, uint32_t flags)
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
-    int t;
-    const int st = lora_check_base(ad, target, weight, bias, &t);
+    if (flags & ~(uint32_t)LORA_BASE_BORROW)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                              "flags = 0x%x has bits other than LORA_BASE_BORROW", flags);
+    if (dtype != LORA_DTYPE_F32 && dtype != LORA_DTYPE_BF16 && dtype != LORA_DTYPE_F16)
+        return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
+                              "dtype = %d is not LORA_DTYPE_F32, _BF16 or _F16", dtype);
+    const la_wmat w = {weight, dtype == LORA_DTYPE_BF16  ? LA_BF16
+                               : dtype == LORA_DTYPE_F16 ? LA_F16
+                                                         : LA_F32};
+    int t = 0;
+    int st = check_base(ad, target, w, bias, &t);
     if (st != LORA_OK)
         return st;
     layer_proj *p = &ad->layer.proj[t];
-    if (!ad->base_borrowed[t]) {
-        lora_mem_free(&ad->mem, p->weight);
-        lora_mem_free(&ad->mem, p->bias);
+    if (flags & LORA_BASE_BORROW) {
+        if (!ad->base_borrowed[t]) {
+            lora_mem_free(&ad->mem, (void *)p->weight.data);
+            lora_mem_free(&ad->mem, p->bias);
+        }
+        /* The layer only ever reads weight and bias (layer.h); the cast keeps one type. */
+        p->weight = w;
+        p->bias = (float *)bias;
+        ad->base_borrowed[t] = 1;
+    } else if ((st = copy_base(ad, t, w, bias)) != LORA_OK) {
+        return st;
     }
-    /* The layer only ever reads weight and bias (layer.h); the cast keeps one type. */
-    p->weight = (float *)weight;
-    p->bias = (float *)bias;
-    ad->base_borrowed[t] = 1;
-    lora_adapter_params_changed(ad);
+    lora_adapter_params_changed(ad); /* the saved activations no longer match the layer */
     ad->err[0] = '\0';
     return LORA_OK;
+}
+
+LORA_API int lora_adapter_set_base_borrowed(lora_adapter *ad, int target,
+                                            const float *weight, const float *bias)
+{
+    return lora_adapter_set_base_typed(ad, target, weight, LORA_DTYPE_F32, bias,
+                                       LORA_BASE_BORROW);
 }
 
 LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src)

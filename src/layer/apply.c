@@ -72,25 +72,6 @@ LA_AVX512 static void small_xa(const float *const *xr, int nr, const float *a,
     }
 }
 
-/* The horizontal sums of v[0..15], in order, as one vector: pairs, then quads within
- * 128-bit lanes, then across lanes (a fixed tree: deterministic). */
-LA_AVX512 static inline __m512 sum16(const __m512 *v)
-{
-    __m512 s[8], w[4];
-    for (int p = 0; p < 8; p++) /* per lane: v2p, v2p+1, v2p, v2p+1 partials */
-        s[p] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]),
-                             _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]));
-    for (int q = 0; q < 4; q++) /* per lane: v4q .. v4q+3 partials */
-        w[q] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * q], s[2 * q + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(s[2 * q], s[2 * q + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                     _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                     _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 /* y_i[j] += s·(t_i·b_j) for nr rows: 16 outputs at a time, B's 16 rows (16·rank
  * contiguous floats) read once per output block and reused from L1 for every row. */
 LA_AVX512 static void small_yb(const float *t, int nr, const float *b, int64_t rank,
@@ -127,7 +108,7 @@ LA_AVX512 static void small_yb(const float *t, int nr, const float *b, int64_t r
             const __mmask16 m = (__mmask16)((1u << nl) - 1u);
             float *yj = yr[i] + j0;
             const __m512 yv = _mm512_maskz_loadu_ps(m, yj);
-            _mm512_mask_storeu_ps(yj, m, _mm512_fmadd_ps(sv, sum16(v), yv));
+            _mm512_mask_storeu_ps(yj, m, _mm512_fmadd_ps(sv, la_hsum16(v), yv));
         }
     }
 }
