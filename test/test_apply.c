@@ -95,7 +95,7 @@ static uint64_t lcg(uint64_t *s)
     return *s >> 33;
 }
 
-/* Row r's tenant: -1 for every 7th row; tenants 1..3 one row in 100 (up to 8 rows: the
+/* Row r's tenant: -1 for every 7th row; tenants 1..3 one row in 100 (a few rows: the
  * register route); the others split between tenants 0 (several row blocks) and 4. */
 static void make_tenant_ids(int32_t *tid, int64_t rows, uint64_t seed)
 {

@@ -1,17 +1,19 @@
-/* Tasks of the multi-tenant LoRA delta (apply.h). Per task, T = X_t·A_tᵀ then
- * Y_t += s·T·B_tᵀ, on one of two routes chosen by the task's row count only:
- * - a few rows (decode: a handful of tokens per tenant) on AVX-512: register kernels
- *   reading x and y in place and each factor once, converting nothing;
- * - otherwise: the rows of x gathered into a panel, two BLIS products, the rows of the
- *   result added back into y. */
+/* Tasks of the multi-tenant LoRA delta (apply.h). Per task, the tenant's rows of x
+ * gathered into a panel X_t, T = X_t·A_tᵀ through la_gemm_w (its register kernel reads
+ * A once when the rows are few), then Y_t += s·T·B_tᵀ on one of two routes chosen by
+ * the task's row count only:
+ * - a few rows (decode: a handful of tokens per tenant) on AVX-512: a register kernel
+ *   adding into y's rows in place, reading B once;
+ * - otherwise: a BLIS product into a panel whose rows are added back into y. */
 #include "apply.h"
 
 #include <string.h>
 
 #include "../linalg/avx512_kernels.h"
+#include "../linalg/typed.h"
 
 /* Tasks of at most this many rows take the register kernels (with AVX-512). */
-#define APPLY_SMALL_ROWS 8
+#define APPLY_SMALL_ROWS 16
 /* Scratch floats a task's panels aim at (4 MiB): bounds block_rows. */
 #define APPLY_PANEL_FLOATS (INT64_C(1) << 20)
 
@@ -36,42 +38,6 @@ size_t apply_part_floats(int64_t in, int64_t out, int64_t max_rank)
 }
 
 #ifdef LA_HAVE_AVX512_KERNELS
-/* t[i·rank + k] = x_i·a_k for nr <= APPLY_SMALL_ROWS rows: A is read once, the rows of
- * x (in L1/L2) once per k. Two accumulators per row (even and odd 16-float chunks). */
-LA_AVX512 static void small_xa(const float *const *xr, int nr, const float *a,
-                               int64_t rank, int64_t in, float *t)
-{
-    const int64_t full = in & ~INT64_C(15);
-    const __mmask16 tail = (__mmask16)((1u << (in - full)) - 1u);
-    for (int64_t k = 0; k < rank; k++) {
-        const float *ak = a + k * in;
-        __m512 acc0[APPLY_SMALL_ROWS], acc1[APPLY_SMALL_ROWS];
-        for (int i = 0; i < nr; i++)
-            acc0[i] = acc1[i] = _mm512_setzero_ps();
-        int64_t c = 0;
-        for (; c + 32 <= full; c += 32) {
-            const __m512 a0 = _mm512_loadu_ps(ak + c), a1 = _mm512_loadu_ps(ak + c + 16);
-            for (int i = 0; i < nr; i++) {
-                acc0[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[i] + c), a0, acc0[i]);
-                acc1[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[i] + c + 16), a1, acc1[i]);
-            }
-        }
-        if (c < full) {
-            const __m512 a0 = _mm512_loadu_ps(ak + c);
-            for (int i = 0; i < nr; i++)
-                acc0[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[i] + c), a0, acc0[i]);
-        }
-        if (tail) {
-            const __m512 a0 = _mm512_maskz_loadu_ps(tail, ak + full);
-            for (int i = 0; i < nr; i++)
-                acc1[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, xr[i] + full), a0,
-                                          acc1[i]);
-        }
-        for (int i = 0; i < nr; i++)
-            t[i * rank + k] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
-    }
-}
-
 /* y_i[j] += s·(t_i·b_j) for nr rows: 16 outputs at a time, B's 16 rows (16·rank
  * contiguous floats) read once per output block and reused from L1 for every row. */
 LA_AVX512 static void small_yb(const float *t, int nr, const float *b, int64_t rank,
@@ -114,11 +80,12 @@ LA_AVX512 static void small_yb(const float *t, int nr, const float *b, int64_t r
 }
 #endif
 
-/* The BLIS route: gather the task's rows of x, two products, add the rows back. Scratch:
- * x panel (block_rows, in), then y panel (block_rows, out), then T (block_rows, rank). */
-static void panel_task(const apply_job *j, const apply_task *tk, const apply_tenant *tn,
-                       float *ws)
+/* One task: X_t (its rows of x gathered), T = X_t·A_tᵀ (la_gemm_w: A is read once),
+ * then y += s·T·B_tᵀ in place for a few rows, else through a panel and BLIS. Scratch:
+ * x panel (block_rows, in), y panel (block_rows, out), T (block_rows, rank). */
+static void run_task(const apply_job *j, const apply_task *tk, float *ws)
 {
+    const apply_tenant *tn = &j->tenants[tk->tenant];
     const int64_t in = j->in, out = j->out, n = tk->rows, r = tn->rank;
     const int64_t *rows = j->order + tk->start;
     float *xp = ws;
@@ -126,7 +93,17 @@ static void panel_task(const apply_job *j, const apply_task *tk, const apply_ten
     float *tp = yp + pad16((size_t)(j->block_rows * out));
     for (int64_t i = 0; i < n; i++)
         memcpy(xp + i * in, j->x + rows[i] * in, (size_t)in * sizeof(float));
-    la_gemm(j->la, 1, LA_N, LA_T, n, r, in, 1.0f, xp, in, tn->a, in, 0.0f, tp, r);
+    la_gemm_w(j->la, 1, LA_T, n, r, in, 1.0f, xp, in, la_wmat_of_f32(tn->a), 0.0f, tp, r,
+              NULL);
+#ifdef LA_HAVE_AVX512_KERNELS
+    if (j->la->avx512 && n <= APPLY_SMALL_ROWS) {
+        float *yr[APPLY_SMALL_ROWS];
+        for (int64_t i = 0; i < n; i++)
+            yr[i] = j->y + rows[i] * out;
+        small_yb(tp, (int)n, tn->b, r, out, tn->scale, yr);
+        return;
+    }
+#endif
     la_gemm(j->la, 1, LA_N, LA_T, n, out, r, tn->scale, tp, r, tn->b, r, 0.0f, yp, out);
     for (int64_t i = 0; i < n; i++) {
         float *yr = j->y + rows[i] * out;
@@ -134,27 +111,6 @@ static void panel_task(const apply_job *j, const apply_task *tk, const apply_ten
         for (int64_t c = 0; c < out; c++)
             yr[c] += src[c];
     }
-}
-
-static void run_task(const apply_job *j, const apply_task *tk, float *ws)
-{
-    const apply_tenant *tn = &j->tenants[tk->tenant];
-    const int64_t in = j->in, out = j->out, n = tk->rows;
-    const int64_t *rows = j->order + tk->start;
-#ifdef LA_HAVE_AVX512_KERNELS
-    if (j->la->avx512 && n <= APPLY_SMALL_ROWS) {
-        const float *xr[APPLY_SMALL_ROWS];
-        float *yr[APPLY_SMALL_ROWS];
-        for (int64_t i = 0; i < n; i++) {
-            xr[i] = j->x + rows[i] * in;
-            yr[i] = j->y + rows[i] * out;
-        }
-        small_xa(xr, (int)n, tn->a, tn->rank, in, ws);
-        small_yb(ws, (int)n, tn->b, tn->rank, out, tn->scale, yr);
-        return;
-    }
-#endif
-    panel_task(j, tk, tn, ws);
 }
 
 void apply_part(void *job, int part, int parts)

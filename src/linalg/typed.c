@@ -98,7 +98,8 @@ static int64_t panel_rows(int64_t out, int64_t in)
     return rows > out ? out : rows;
 }
 
-/* The register route: 16-bit W, x·Wᵀ, few rows, AVX-512. */
+/* The register route: x·Wᵀ with few rows on AVX-512 (any dtype: BLIS's packing of a
+ * float W costs more than the product when x has a row or two). */
 static int streams(const la_ctx *ctx, la_trans tw, int64_t m)
 {
 #ifdef LA_HAVE_AVX512_KERNELS
@@ -118,13 +119,18 @@ size_t la_gemm_w_scratch_floats(const la_ctx *ctx, la_trans tw, int64_t m, la_dt
 }
 
 #ifdef LA_HAVE_AVX512_KERNELS
-/* 16 values of a 16-bit dtype at p (the first `mask` lanes when partial) as floats. */
+/* 16 elements of W at element c of row p (the first `mask` lanes when partial) as
+ * floats; DT is an la_dtype. */
 static inline __attribute__((always_inline)) LA_AVX512 __m512
-load_w16(const int bf16, const uint16_t *p, __mmask16 mask, int partial)
+load_w(const int DT, const void *p, int64_t c, __mmask16 mask, int partial)
 {
-    const __m256i h = partial ? _mm256_maskz_loadu_epi16(mask, p)
-                              : _mm256_loadu_si256((const __m256i *)(const void *)p);
-    if (bf16)
+    if (DT == LA_F32)
+        return partial ? _mm512_maskz_loadu_ps(mask, (const float *)p + c)
+                       : _mm512_loadu_ps((const float *)p + c);
+    const uint16_t *q = (const uint16_t *)p + c;
+    const __m256i h = partial ? _mm256_maskz_loadu_epi16(mask, q)
+                              : _mm256_loadu_si256((const __m256i *)(const void *)q);
+    if (DT == LA_BF16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return _mm512_cvtph_ps(h);
 }
@@ -132,7 +138,7 @@ load_w16(const int bf16, const uint16_t *p, __mmask16 mask, int partial)
 /* acc[jw·GX + i] = Σ_c w_jw[c]·x_i[c] for GW rows of W and GX rows of x (GW·GX = 16):
  * sixteen independent chains, each summing its columns in order. */
 static inline __attribute__((always_inline)) LA_AVX512 void
-stream_block(const int GW, const int GX, const int bf16, const uint16_t *const *wr,
+stream_block(const int GW, const int GX, const int DT, const void *const *wr,
              const float *const *xr, int64_t in, __m512 *acc)
 {
     const int64_t full = in & ~INT64_C(15);
@@ -147,7 +153,7 @@ stream_block(const int GW, const int GX, const int bf16, const uint16_t *const *
             xv[i] = _mm512_loadu_ps(xr[i] + c);
 #pragma GCC unroll 16
         for (int jw = 0; jw < GW; jw++) {
-            const __m512 wv = load_w16(bf16, wr[jw] + c, 0, 0);
+            const __m512 wv = load_w(DT, wr[jw], c, 0, 0);
 #pragma GCC unroll 16
             for (int i = 0; i < GX; i++)
                 acc[jw * GX + i] = _mm512_fmadd_ps(wv, xv[i], acc[jw * GX + i]);
@@ -160,7 +166,7 @@ stream_block(const int GW, const int GX, const int bf16, const uint16_t *const *
             xv[i] = _mm512_maskz_loadu_ps(tail, xr[i] + full);
 #pragma GCC unroll 16
         for (int jw = 0; jw < GW; jw++) {
-            const __m512 wv = load_w16(bf16, wr[jw] + full, tail, 1);
+            const __m512 wv = load_w(DT, wr[jw], full, tail, 1);
 #pragma GCC unroll 16
             for (int i = 0; i < GX; i++)
                 acc[jw * GX + i] = _mm512_fmadd_ps(wv, xv[i], acc[jw * GX + i]);
@@ -168,53 +174,75 @@ stream_block(const int GW, const int GX, const int bf16, const uint16_t *const *
     }
 }
 
-/* C (m, out) = alpha·X·Wᵀ + beta·C for m <= LA_STREAM_ROWS: W (out, in) is read from
- * memory once (a group of GW rows stays in L1/L2 while every group of GX rows of x
- * passes over it). Missing rows of a partial group repeat the last one, unstored. */
+/* One register-route product C (m, out) = alpha·X·Wᵀ + beta·C, m <= LA_STREAM_ROWS. */
+typedef struct stream_job {
+    int64_t m, out, in, ldx, ldc;
+    float alpha, beta;
+    const float *x;
+    const void *w;
+    la_dtype dtype;
+    float *c;
+} stream_job;
+
+/* Columns j_lo .. j_hi-1 of C: W is read from memory once (a group of GW rows stays in
+ * L1/L2 while every group of GX rows of x passes over it). Missing rows of a partial
+ * group repeat the last one, unstored. Every entry's sum is the same whatever the
+ * column range, so any split of the columns gives bitwise the same C. */
 static inline __attribute__((always_inline)) LA_AVX512 void
-stream_xwt(const int GW, const int GX, const int bf16, int64_t m, int64_t out, int64_t in,
-           float alpha, const float *x, int64_t ldx, const uint16_t *w, float beta,
-           float *c, int64_t ldc)
+stream_cols(const int GW, const int GX, const int DT, const stream_job *j, int64_t j_lo,
+            int64_t j_hi)
 {
-    for (int64_t j0 = 0; j0 < out; j0 += GW) {
-        const uint16_t *wr[16];
+    const int64_t m = j->m, in = j->in, esize = DT == LA_F32 ? 4 : 2;
+    for (int64_t j0 = j_lo; j0 < j_hi; j0 += GW) {
+        const void *wr[16];
         for (int jw = 0; jw < GW; jw++)
-            wr[jw] = w + (j0 + jw < out ? j0 + jw : out - 1) * in;
+            wr[jw] = (const unsigned char *)j->w +
+                     (j0 + jw < j_hi ? j0 + jw : j_hi - 1) * in * esize;
         for (int64_t i0 = 0; i0 < m; i0 += GX) {
             const float *xr[LA_STREAM_ROWS];
             for (int i = 0; i < GX; i++)
-                xr[i] = x + (i0 + i < m ? i0 + i : m - 1) * ldx;
+                xr[i] = j->x + (i0 + i < m ? i0 + i : m - 1) * j->ldx;
             __m512 acc[16];
-            stream_block(GW, GX, bf16, wr, xr, in, acc);
+            stream_block(GW, GX, DT, wr, xr, in, acc);
             float sums[16];
             _mm512_storeu_ps(sums, la_hsum16(acc));
-            for (int jw = 0; jw < GW && j0 + jw < out; jw++)
+            for (int jw = 0; jw < GW && j0 + jw < j_hi; jw++)
                 for (int i = 0; i < GX && i0 + i < m; i++) {
-                    float *cp = c + (i0 + i) * ldc + j0 + jw;
-                    const float v = alpha * sums[jw * GX + i];
-                    *cp = beta == 0.0f ? v : v + beta * *cp;
+                    float *cp = j->c + (i0 + i) * j->ldc + j0 + jw;
+                    const float v = j->alpha * sums[jw * GX + i];
+                    *cp = j->beta == 0.0f ? v : v + j->beta * *cp;
                 }
         }
     }
 }
 
-/* The shape of the register block by the row count: every accumulator busy. */
-static LA_AVX512 void stream_any(int64_t m, int bf16, int64_t out, int64_t in, float alpha,
-                                 const float *x, int64_t ldx, const uint16_t *w, float beta,
-                                 float *c, int64_t ldc)
+/* The register block by the row count (every accumulator busy), then the dtype. */
+#define STREAM_SHAPES(DT)                                                                  \
+    do {                                                                                   \
+        if (j->m == 1)                                                                     \
+            stream_cols(16, 1, DT, j, lo, hi);                                             \
+        else if (j->m == 2)                                                                \
+            stream_cols(8, 2, DT, j, lo, hi);                                              \
+        else                                                                               \
+            stream_cols(4, 4, DT, j, lo, hi);                                              \
+    } while (0)
+
+/* pool_fn shape: part `part` of `parts` takes a contiguous range of 16-column blocks. */
+static LA_AVX512 void stream_part(void *job, int part, int parts)
 {
-    if (m == 1 && bf16)
-        stream_xwt(16, 1, 1, m, out, in, alpha, x, ldx, w, beta, c, ldc);
-    else if (m == 1)
-        stream_xwt(16, 1, 0, m, out, in, alpha, x, ldx, w, beta, c, ldc);
-    else if (m == 2 && bf16)
-        stream_xwt(8, 2, 1, m, out, in, alpha, x, ldx, w, beta, c, ldc);
-    else if (m == 2)
-        stream_xwt(8, 2, 0, m, out, in, alpha, x, ldx, w, beta, c, ldc);
-    else if (bf16)
-        stream_xwt(4, 4, 1, m, out, in, alpha, x, ldx, w, beta, c, ldc);
+    const stream_job *j = job;
+    const int64_t blocks = (j->out + 15) / 16;
+    const int64_t lo = blocks * part / parts * 16;
+    int64_t hi = blocks * (part + 1) / parts * 16;
+    hi = hi < j->out ? hi : j->out;
+    if (lo >= hi)
+        return;
+    if (j->dtype == LA_BF16)
+        STREAM_SHAPES(LA_BF16);
+    else if (j->dtype == LA_F16)
+        STREAM_SHAPES(LA_F16);
     else
-        stream_xwt(4, 4, 0, m, out, in, alpha, x, ldx, w, beta, c, ldc);
+        STREAM_SHAPES(LA_F32);
 }
 #endif
 
@@ -222,6 +250,23 @@ void la_gemm_w(const la_ctx *ctx, int nthreads, la_trans tw, int64_t m, int64_t 
                int64_t in, float alpha, const float *x, int64_t ldx, la_wmat w, float beta,
                float *c, int64_t ldc, float *panel)
 {
+    if (m <= 0 || out <= 0 || in <= 0) { /* nothing to read: la_gemm's empty cases */
+        la_gemm(ctx, nthreads, LA_N, LA_N, m, tw == LA_T ? out : in, 0, alpha, x, ldx, NULL,
+                1, beta, c, ldc);
+        return;
+    }
+#ifdef LA_HAVE_AVX512_KERNELS
+    if (streams(ctx, tw, m)) {
+        stream_job job = {.m = m, .out = out, .in = in, .ldx = ldx, .ldc = ldc,
+                          .alpha = alpha, .beta = beta, .x = x, .w = w.data,
+                          .dtype = w.dtype, .c = c};
+        /* Parts over the columns of C (pool-shaped); all on the calling thread for now:
+         * the result is the same for any number of parts. */
+        (void)nthreads;
+        stream_part(&job, 0, 1);
+        return;
+    }
+#endif
     const float *wf = la_wmat_f32(w);
     if (wf) {
         if (tw == LA_T)
@@ -230,18 +275,6 @@ void la_gemm_w(const la_ctx *ctx, int nthreads, la_trans tw, int64_t m, int64_t 
             la_gemm(ctx, nthreads, LA_N, LA_N, m, in, out, alpha, x, ldx, wf, in, beta, c, ldc);
         return;
     }
-    if (m <= 0 || out <= 0 || in <= 0) { /* nothing to read: la_gemm's empty cases */
-        la_gemm(ctx, nthreads, LA_N, LA_N, m, tw == LA_T ? out : in, 0, alpha, x, ldx, NULL,
-                1, beta, c, ldc);
-        return;
-    }
-#ifdef LA_HAVE_AVX512_KERNELS
-    if (streams(ctx, tw, m)) {
-        stream_any(m, w.dtype == LA_BF16, out, in, alpha, x, ldx, (const uint16_t *)w.data,
-                   beta, c, ldc);
-        return;
-    }
-#endif
     const int64_t rows = panel_rows(out, in);
     for (int64_t j0 = 0; j0 < out; j0 += rows) {
         const int64_t n = out - j0 < rows ? out - j0 : rows;

@@ -1,8 +1,10 @@
 /* Frozen weights stored as float32, bfloat16 or IEEE half (servers keep checkpoints in
  * bf16): one matrix type and the few operations the layer needs on it. 16-bit values
  * are in host byte order. Products convert on the fly and accumulate in float32:
- * - few rows (decode) with AVX-512: a kernel reading W once, converting in registers;
- * - otherwise: W converted a row panel at a time into the caller's scratch, then BLIS.
+ * - x·Wᵀ with few rows (decode) on AVX-512, any dtype: a kernel reading W once,
+ *   converting in registers;
+ * - otherwise: BLIS, on W itself (float) or on W converted a row panel at a time into
+ *   the caller's scratch.
  * bf16 → float is exact (a 16-bit shift), and so is half → float. */
 #ifndef LORA_TYPED_H
 #define LORA_TYPED_H
