@@ -15,7 +15,8 @@
  *   LoRA factors are A (r, in) and B (out, r); the adapted weight is W + s·B·A with
  *   s = alpha/r (alpha/√r with rsLoRA).
  * - Threads: distinct handles are independent; one handle is used by one thread at a
- *   time. There is no process-global mutable state.
+ *   time, except that lora_apply only reads its tenants (see there). There is no
+ *   process-global mutable state.
  * - ABI: handles are opaque, enum and #define values are frozen (append only), and
  *   public structs are append-only and carry struct_size. Only lora_* symbols are
  *   exported. See docs/abi.md.
@@ -545,8 +546,10 @@ LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src
  * then be NULL). The result is bitwise the same for any number of threads.
  * Threads: the tenants are only read (nothing is written to them, not even an error
  * message), so any number of threads may call lora_apply on the same tenants at once,
- * also while those tenants are read by other const calls. It allocates transient
- * workspace through tenants[0]'s allocator.
+ * also while those tenants run calls that leave their factors and scale alone
+ * (forwards, merges, getters); a call changing a tenant (set_param, copy_params into
+ * it, an optimizer step, destroy) needs it to itself. It allocates transient workspace
+ * through tenants[0]'s allocator. See docs/serving.md.
  * Errors: INVALID_ARG (tenants, tenant_of_row, x or y NULL, n_tenants 0 or > 2^31-1,
  * a tenants[i] NULL, bad target, a tenant not adapting target, a tenant id outside
  * [-1, n_tenants)), SHAPE (tenants differ in (in, out), rows < 0, sizes overflow),
