@@ -371,6 +371,54 @@ START_TEST(test_apply_bad_inputs)
 }
 END_TEST
 
+/* An allocator that fails while `fail` is set. */
+typedef struct switch_alloc {
+    int fail;
+} switch_alloc;
+
+static void *switch_malloc(void *u, size_t n)
+{
+    return ((switch_alloc *)u)->fail ? NULL : malloc(n);
+}
+static void switch_free(void *u, void *p)
+{
+    (void)u;
+    free(p);
+}
+
+/* The workspace comes from tenants[0]'s allocator; when it fails: NOMEM, y unchanged. */
+START_TEST(test_apply_nomem)
+{
+    switch_alloc sw = {0};
+    const lora_allocator hooks = {switch_malloc, switch_free, &sw};
+    lora_config *cfg = NULL;
+    ck_assert_int_eq(lora_config_create_with_allocator(&cfg, &hooks), LORA_OK);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_D_MODEL, 32), LORA_OK);
+    ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_N_HEADS, 2), LORA_OK);
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(lora_adapter_create(&ad, cfg), LORA_OK);
+    lora_config_destroy(cfg);
+    fx_randomize_factors(ad, 3, 0.5f);
+    const lora_adapter *tenants[1] = {ad};
+    float x[3 * 32], y[3 * 32], y0[3 * 32];
+    fill_uniform(x, 3 * 32, 1, 1.0f);
+    fill_uniform(y0, 3 * 32, 2, 1.0f);
+    memcpy(y, y0, sizeof y);
+    const int32_t tid[3] = {0, 0, -1};
+    char err[128];
+    sw.fail = 1;
+    ck_assert_int_eq(lora_apply_with_error(tenants, 1, LORA_TARGET_Q, tid, x, 3, y, err,
+                                           sizeof err),
+                     LORA_ERR_NOMEM);
+    ck_assert(strstr(err, "allocate") != NULL);
+    ck_assert(memcmp(y, y0, sizeof y) == 0);
+    sw.fail = 0;
+    ck_assert_int_eq(lora_apply(tenants, 1, LORA_TARGET_Q, tid, x, 3, y), LORA_OK);
+    ck_assert(memcmp(y, y0, sizeof y) != 0);
+    lora_adapter_destroy(ad);
+}
+END_TEST
+
 TCase *serving_apply_tcase(void)
 {
     TCase *tc = tcase_create("apply");
@@ -378,6 +426,7 @@ TCase *serving_apply_tcase(void)
     tcase_add_loop_test(tc, test_apply_matches_reference, 0, 4);
     tcase_add_test(tc, test_apply_equals_forward_delta);
     tcase_add_test(tc, test_apply_bad_inputs);
+    tcase_add_test(tc, test_apply_nomem);
     tcase_add_test(tc, test_apply_concurrent_threads);
     return tc;
 }

@@ -241,7 +241,9 @@ static int apply_run(const lora_adapter *const *tenants, size_t n_tenants, int t
     int64_t max_rank = 0;
     for (size_t i = 0; i < n_tenants; i++)
         max_rank = tenants[i]->layer.rank > max_rank ? tenants[i]->layer.rank : max_rank;
-    const size_t part_floats = apply_part_floats(in, out, max_rank);
+    const int64_t block = apply_block_rows(in, out, max_rank);
+    const int64_t panel_rows = rows < block ? rows : block;
+    const size_t part_floats = apply_part_floats(panel_rows, in, out, max_rank);
     size_t bytes = 0;
     int ok = part_floats > 0;
     const size_t counts_at = carve_at(&bytes, n_tenants + 1, sizeof(int64_t), &ok);
@@ -271,7 +273,6 @@ static int apply_run(const lora_adapter *const *tenants, size_t n_tenants, int t
             counts[tenant_of_row[r] + 1]++;
     for (size_t i = 0; i < n_tenants; i++)
         counts[i + 1] += counts[i];
-    const int64_t block = apply_block_rows(in, out, max_rank);
     int64_t n_tasks = 0;
     for (size_t i = 0; i < n_tenants; i++)
         for (int64_t s = counts[i]; s < counts[i + 1]; s += block)
@@ -281,7 +282,7 @@ static int apply_run(const lora_adapter *const *tenants, size_t n_tenants, int t
         if (tenant_of_row[r] >= 0)
             order[counts[tenant_of_row[r]]++] = r;
     apply_job job = {.la = &tenants[0]->la, .tenants = views, .in = in, .out = out,
-                     .block_rows = block, .x = x, .y = y, .order = order, .tasks = tasks,
+                     .panel_rows = panel_rows, .x = x, .y = y, .order = order, .tasks = tasks,
                      .n_tasks = n_tasks, .scratch = (float *)(void *)(ws + scratch_at),
                      .part_floats = part_floats};
     apply_part(&job, 0, 1); /* every task on the calling thread */

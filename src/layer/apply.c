@@ -26,9 +26,8 @@ int64_t apply_block_rows(int64_t in, int64_t out, int64_t max_rank)
     return rows & ~INT64_C(15);
 }
 
-size_t apply_part_floats(int64_t in, int64_t out, int64_t max_rank)
+size_t apply_part_floats(int64_t rows, int64_t in, int64_t out, int64_t max_rank)
 {
-    const int64_t rows = apply_block_rows(in, out, max_rank);
     int64_t a, b, c;
     if (__builtin_mul_overflow(rows, in, &a) || __builtin_mul_overflow(rows, out, &b) ||
         __builtin_mul_overflow(rows, max_rank, &c) || a > INT64_MAX / 4 || b > INT64_MAX / 4 ||
@@ -82,15 +81,15 @@ LA_AVX512 static void small_yb(const float *t, int nr, const float *b, int64_t r
 
 /* One task: X_t (its rows of x gathered), T = X_t·A_tᵀ (la_gemm_w: A is read once),
  * then y += s·T·B_tᵀ in place for a few rows, else through a panel and BLIS. Scratch:
- * x panel (block_rows, in), y panel (block_rows, out), T (block_rows, rank). */
+ * x panel (panel_rows, in), y panel (panel_rows, out), T (panel_rows, rank). */
 static void run_task(const apply_job *j, const apply_task *tk, float *ws)
 {
     const apply_tenant *tn = &j->tenants[tk->tenant];
     const int64_t in = j->in, out = j->out, n = tk->rows, r = tn->rank;
     const int64_t *rows = j->order + tk->start;
     float *xp = ws;
-    float *yp = xp + pad16((size_t)(j->block_rows * in));
-    float *tp = yp + pad16((size_t)(j->block_rows * out));
+    float *yp = xp + pad16((size_t)(j->panel_rows * in));
+    float *tp = yp + pad16((size_t)(j->panel_rows * out));
     for (int64_t i = 0; i < n; i++)
         memcpy(xp + i * in, j->x + rows[i] * in, (size_t)in * sizeof(float));
     la_gemm_w(j->la, 1, LA_T, n, r, in, 1.0f, xp, in, la_wmat_of_f32(tn->a), 0.0f, tp, r,

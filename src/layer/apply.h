@@ -32,7 +32,7 @@ typedef struct apply_job {
     const la_ctx *la;
     const apply_tenant *tenants;
     int64_t in, out;
-    int64_t block_rows; /* apply_block_rows of the call's shape */
+    int64_t panel_rows; /* most rows of a task: min(rows, apply_block_rows) */
     const float *x; /* (rows, in) */
     float *y;       /* (rows, out) */
     const int64_t *order; /* row indices sorted by tenant (stable) */
@@ -44,8 +44,9 @@ typedef struct apply_job {
 
 /* Rows per task for this shape (at most; shape-dependent only, never thread-dependent). */
 int64_t apply_block_rows(int64_t in, int64_t out, int64_t max_rank);
-/* Scratch floats one part needs (a multiple of 16); 0 when it overflows. */
-size_t apply_part_floats(int64_t in, int64_t out, int64_t max_rank);
+/* Scratch floats one part needs for tasks of up to `rows` rows (a multiple of 16); 0
+ * when it overflows. */
+size_t apply_part_floats(int64_t rows, int64_t in, int64_t out, int64_t max_rank);
 /* Runs tasks [lo, hi) of part `part` of `parts` (static split) in the part's scratch. */
 void apply_part(void *job, int part, int parts);
 
