@@ -216,8 +216,9 @@ START_TEST(test_typed_base_equals_float)
         typed_run_once(typed, &s, shapes[k][0], shapes[k][1], &rt);
         typed_run_once(flt, &s, shapes[k][0], shapes[k][1], &rf);
         char what[64];
-        snprintf(what, sizeof what, "%s %s, %lld x %lld rows", dtype == LORA_DTYPE_F16 ? "f16" : "bf16",
-                 flags ? "borrowed" : "copied", (long long)shapes[k][0], (long long)shapes[k][1]);
+        snprintf(what, sizeof what, "%s %s, %lld x %lld rows",
+                 dtype == LORA_DTYPE_F16 ? "f16" : "bf16", flags ? "borrowed" : "copied",
+                 (long long)shapes[k][0], (long long)shapes[k][1]);
         assert_runs_close(&rt, &rf, what);
         typed_run_free(&rt);
         typed_run_free(&rf);
@@ -271,7 +272,8 @@ START_TEST(test_typed_borrow_lifetime)
     size_t bytes[4] = {0};
     for (int t = 0; t < 4; t++) {
         bytes[t] = (b.f.nw[t] * sizeof(uint16_t) + page - 1) / page * page;
-        ro[t] = mmap(NULL, bytes[t], PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        ro[t] = mmap(NULL, bytes[t], PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
         ck_assert(ro[t] != MAP_FAILED);
         memcpy(ro[t], b.w16[t], b.f.nw[t] * sizeof(uint16_t));
         ck_assert_int_eq(mprotect(ro[t], bytes[t], PROT_READ), 0);

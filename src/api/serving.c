@@ -223,7 +223,8 @@ static size_t carve_at(size_t *off, size_t n, size_t sz, int *ok)
 {
     const size_t at = *off;
     size_t bytes;
-    if (__builtin_mul_overflow(n, sz, &bytes) || __builtin_add_overflow(bytes, (size_t)63, &bytes) ||
+    if (__builtin_mul_overflow(n, sz, &bytes) ||
+        __builtin_add_overflow(bytes, (size_t)63, &bytes) ||
         __builtin_add_overflow(*off, bytes & ~(size_t)63, off))
         *ok = 0;
     return at;
@@ -275,9 +276,10 @@ static int apply_run(const lora_adapter *const *tenants, size_t n_tenants, int t
         counts[i + 1] += counts[i];
     int64_t n_tasks = 0;
     for (size_t i = 0; i < n_tenants; i++)
-        for (int64_t s = counts[i]; s < counts[i + 1]; s += block)
-            tasks[n_tasks++] = (apply_task){(int32_t)i, s,
-                                            counts[i + 1] - s < block ? counts[i + 1] - s : block};
+        for (int64_t s = counts[i]; s < counts[i + 1]; s += block) {
+            const int64_t left = counts[i + 1] - s;
+            tasks[n_tasks++] = (apply_task){(int32_t)i, s, left < block ? left : block};
+        }
     for (int64_t r = 0; r < rows; r++)
         if (tenant_of_row[r] >= 0)
             order[counts[tenant_of_row[r]]++] = r;

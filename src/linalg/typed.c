@@ -55,7 +55,10 @@ void la_wmat_rows(la_wmat w, int64_t cols, int64_t r0, int64_t n, float *dst)
 }
 
 /* The exponent bits of an Inf/NaN of a 16-bit dtype. */
-static uint16_t special_exponent(la_dtype dtype) { return dtype == LA_BF16 ? 0x7f80u : 0x7c00u; }
+static uint16_t special_exponent(la_dtype dtype)
+{
+    return dtype == LA_BF16 ? 0x7f80u : 0x7c00u;
+}
 
 LA_VECTOR_CLONES static uint16_t max_magnitude16(const uint16_t *x, size_t n)
 {

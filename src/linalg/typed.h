@@ -52,8 +52,9 @@ size_t la_gemm_w_scratch_floats(const la_ctx *ctx, la_trans tw, int64_t m, la_dt
 /* Products with W (out, in), alpha·X·op(W) + beta·C, row strides ldx, ldc:
  *   tw = LA_T: X (m, in), C (m, out): the projection x·Wᵀ;
  *   tw = LA_N: X (m, out), C (m, in): the input gradient dY·W.
- * panel: la_gemm_w_scratch_floats floats (may be NULL when that is 0). X must be a library buffer
- * (BLIS may read a float past its end). The result does not depend on nthreads. */
+ * panel: la_gemm_w_scratch_floats floats (may be NULL when that is 0). X must be a
+ * library buffer (BLIS may read a float past its end). The result does not depend on
+ * nthreads. */
 void la_gemm_w(const la_ctx *ctx, int nthreads, la_trans tw, int64_t m, int64_t out,
                int64_t in, float alpha, const float *x, int64_t ldx, la_wmat w, float beta,
                float *c, int64_t ldc, float *panel);
