@@ -513,8 +513,9 @@ typedef enum lora_dtype {
  * a float base holding the same (converted, exact) values up to float rounding, in
  * lora_forward, lora_backward (dx, dA, dB), lora_forward_merged (whose merged weights
  * are float: out*in*4 bytes per adapted projection) and lora_threshold_estimate.
- * Forwards of more than a few rows (or without AVX-512) convert the weight in row
- * panels of up to 4 MiB of float, kept with the forward's activations.
+ * x*W^T with up to 16 rows on AVX-512 reads the weight once, converting in registers;
+ * other products (more rows, dx, no AVX-512) convert it in row panels of up to 4 MiB
+ * of float, kept with the forward's activations.
  * lora_adapter_set_base(ad, t, w, b) is this with LORA_DTYPE_F32 and flags 0;
  * lora_adapter_set_base_borrowed with LORA_BASE_BORROW. Setting a base drops the saved
  * forward and the merged weights, as lora_adapter_set_base does.
@@ -542,8 +543,8 @@ LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src
  * adapt `target` with the same (in, out); ranks and scales may differ. Base weights and
  * biases are not involved (add the shared base projection yourself, once for the whole
  * batch). Rows are grouped by tenant inside, so each tenant's factors are read once per
- * call, not once per row. y must not overlap x. rows = 0 is a no-op (the pointers may
- * then be NULL). The result is bitwise the same for any number of threads.
+ * call, not once per row. y must not overlap x. rows = 0 is a no-op (tenant_of_row, x
+ * and y may then be NULL). The result is bitwise the same for any number of threads.
  * Threads: the tenants are only read (nothing is written to them, not even an error
  * message), so any number of threads may call lora_apply on the same tenants at once,
  * also while those tenants run calls that leave their factors and scale alone
