@@ -19,10 +19,11 @@
  *   LoRA factors are A (r, in) and B (out, r); the adapted weight is W + s·B·A with
  *   s = alpha/r (alpha/√r with rsLoRA).
  * - Threads: distinct handles are independent; one handle is used by one thread at a
- *   time. There is no process-global mutable state. An adapter's worker threads
- *   (LORA_CFG_THREADS) are its own: started on first use, joined by
- *   lora_adapter_destroy. fork() is safe (the child starts its own workers); when
- *   threads cannot be created, calls run on fewer with the same results.
+ *   time, except that lora_apply only reads its tenants (see there). There is no
+ *   process-global mutable state. An adapter's worker threads (LORA_CFG_THREADS) are
+ *   its own: started on first use, joined by lora_adapter_destroy. fork() is safe (the
+ *   child starts its own workers); when threads cannot be created, calls run on fewer
+ *   with the same results.
  * - ABI: handles are opaque, enum and #define values are frozen (append only), and
  *   public structs are append-only and carry struct_size. Only lora_* symbols are
  *   exported. See docs/abi.md.
@@ -666,6 +667,41 @@ LORA_API int lora_forward_merged_cross(lora_adapter *ad, const float *xq, const 
 LORA_API int lora_adapter_set_base_borrowed(lora_adapter *ad, int target,
                                             const float *weight, const float *bias);
 
+/* Element types of base weights (lora_adapter_set_base_typed). 16-bit values are in
+ * host byte order (little-endian on x86-64 and AArch64 Linux): a safetensors or GGUF
+ * tensor's bytes as stored. */
+typedef enum lora_dtype {
+    LORA_DTYPE_F32 = 0,  /* float */
+    LORA_DTYPE_BF16 = 1, /* bfloat16: the top 16 bits of a float */
+    LORA_DTYPE_F16 = 2   /* IEEE 754 binary16 (half) */
+} lora_dtype;
+
+/* Flags of lora_adapter_set_base_typed. */
+#define LORA_BASE_BORROW 1u /* use the caller's buffers without copying (the lifetime rule
+                               of lora_adapter_set_base_borrowed applies) */
+
+/* Sets a frozen base projection whose weight is stored as `dtype`: a server keeps its
+ * checkpoint in bf16 and shares it between adapters at half the memory of float.
+ * weight: (out, in) elements of dtype; bias: (out) floats or NULL. flags 0 copies both
+ * (the copy keeps the dtype: a bf16 base costs 2 bytes per weight), LORA_BASE_BORROW
+ * borrows them. Products convert the weight to float on the fly and accumulate in
+ * float; LoRA factors, activations and gradients stay float. The result equals that of
+ * a float base holding the same (converted, exact) values up to float rounding, in
+ * lora_forward, lora_backward (dx, dA, dB), lora_forward_merged (whose merged weights
+ * are float: out*in*4 bytes per adapted projection) and lora_threshold_estimate.
+ * x*W^T with up to 16 rows on AVX-512 reads the weight once, converting in registers;
+ * other products (more rows, dx, no AVX-512) convert it in row panels of up to 4 MiB
+ * of float, kept with the forward's activations.
+ * lora_adapter_set_base(ad, t, w, b) is this with LORA_DTYPE_F32 and flags 0;
+ * lora_adapter_set_base_borrowed with LORA_BASE_BORROW. Setting a base drops the saved
+ * forward and the merged weights, as lora_adapter_set_base does.
+ * Errors: INVALID_ARG (NULL ad/weight, bad target, TARGET_O without OUT_PROJ, a flag
+ * other than LORA_BASE_BORROW), UNSUPPORTED (dtype not a lora_dtype value of this
+ * version), NONFINITE (a NaN/Inf weight, in its own dtype's encoding, or bias), NOMEM;
+ * the adapter is then unchanged. */
+LORA_API int lora_adapter_set_base_typed(lora_adapter *ad, int target, const void *weight,
+                                         int dtype, const float *bias, uint32_t flags);
+
 /* Hot swap: copies src's LoRA factors and scaling (alpha, rsLoRA) into dst, leaving
  * dst's base weights, backend settings, buffers and gradients alone; dst's saved
  * forward is dropped. A server keeps one working adapter per thread (borrowing the
@@ -674,6 +710,38 @@ LORA_API int lora_adapter_set_base_borrowed(lora_adapter *ad, int target,
  * needs. Errors: INVALID_ARG (NULL, src and dst differ in targets, rank or projection
  * sizes; the message is in dst). */
 LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src);
+
+/* Many tenants in one batch (the CPU counterpart of Punica's SGMV / S-LoRA): for each
+ * row r of x (rows, in) whose tenant t = tenant_of_row[r] is >= 0,
+ *     y[r] += s_t * (x[r] * A_t^T) * B_t^T
+ * with tenant t's factors A_t (rank_t, in), B_t (out, rank_t) and scale s_t of `target`
+ * (one lora_target value); rows with -1 are neither read nor written. Every tenant must
+ * adapt `target` with the same (in, out); ranks and scales may differ. Base weights and
+ * biases are not involved (add the shared base projection yourself, once for the whole
+ * batch). Rows are grouped by tenant inside, so each tenant's factors are read once per
+ * call, not once per row. y must not overlap x. rows = 0 is a no-op (tenant_of_row, x
+ * and y may then be NULL). The result is bitwise the same for any number of threads.
+ * Threads: the tenants are only read (nothing is written to them, not even an error
+ * message), so any number of threads may call lora_apply on the same tenants at once,
+ * also while those tenants run calls that leave their factors and scale alone
+ * (forwards, merges, getters); a call changing a tenant (set_param, copy_params into
+ * it, an optimizer step, destroy) needs it to itself. It allocates transient workspace
+ * through tenants[0]'s allocator. See docs/serving.md.
+ * Errors: INVALID_ARG (tenants, tenant_of_row, x or y NULL, n_tenants 0 or > 2^31-1,
+ * a tenants[i] NULL, bad target, a tenant not adapting target, a tenant id outside
+ * [-1, n_tenants)), SHAPE (tenants differ in (in, out), rows < 0, sizes overflow),
+ * NONFINITE (NaN/Inf in an x row that is read), NOMEM. On failure y is unchanged. The
+ * detail of a failure is written nowhere; use lora_apply_with_error to get it. */
+LORA_API int lora_apply(const lora_adapter *const *tenants, size_t n_tenants, int target,
+                        const int32_t *tenant_of_row, const float *x, int64_t rows,
+                        float *y);
+/* lora_apply that also writes the failure's detail into the caller's buffer: error
+ * (error_size bytes, NUL-terminated, truncated to fit) receives "" on success. error
+ * NULL or error_size 0: nothing is written. The buffer is the caller's, so concurrent
+ * calls with distinct buffers never race. */
+LORA_API int lora_apply_with_error(const lora_adapter *const *tenants, size_t n_tenants,
+                                   int target, const int32_t *tenant_of_row, const float *x,
+                                   int64_t rows, float *y, char *error, size_t error_size);
 
 /* ---- I/O ----------------------------------------------------------------------------- */
 /* Adapter files hold the LoRA factors (not the base weights) of several layers: an

@@ -63,6 +63,7 @@ typedef enum entry_point {
     EP_SAVE_PEFT, EP_LOAD_PEFT, EP_SAVE_GGUF, EP_LOAD_GGUF,
     EP_OPT_CREATE_SET, EP_OPT_STEP_SET, EP_MSE_LOSS_MEAN,
     EP_FORWARD_EX, EP_BACKWARD_EX, EP_TAPE_CREATE, EP_TAPE_DESTROY, EP_BORROW_FACTOR,
+    EP_SET_BASE_TYPED, EP_APPLY, EP_APPLY_WITH_ERROR,
     EP_COUNT
 } entry_point;
 
@@ -129,6 +130,9 @@ static const char *const ep_names[EP_COUNT] = {
     [EP_TAPE_CREATE] = "lora_tape_create",
     [EP_TAPE_DESTROY] = "lora_tape_destroy",
     [EP_BORROW_FACTOR] = "lora_adapter_borrow_factor",
+    [EP_SET_BASE_TYPED] = "lora_adapter_set_base_typed",
+    [EP_APPLY] = "lora_apply",
+    [EP_APPLY_WITH_ERROR] = "lora_apply_with_error",
 };
 
 /* ---- states before the call --------------------------------------------------------- */
@@ -191,7 +195,8 @@ typedef enum mut_kind {
     MK_ARGS_TAIL,  /* forward_ex: struct_size past the struct, a nonzero byte there */
     MK_TAPE,       /* the tape: k = 0 another adapter's, 1 empty, 2 recorded before a
                       set_param */
-    MK_SELF_DXKV   /* backward_ex of a self-attention forward with dxkv set */
+    MK_SELF_DXKV,  /* backward_ex of a self-attention forward with dxkv set */
+    MK_TENANT      /* lora_apply: tenant_of_row[0] = v */
 } mut_kind;
 
 typedef struct mutation {
@@ -227,6 +232,7 @@ typedef struct mutation {
 #define M_TAIL {MK_ARGS_TAIL, 0, 0, 0.0}
 #define M_TAPE(k) {MK_TAPE, (k), 0, 0.0}
 #define M_SELF_DXKV {MK_SELF_DXKV, 0, 0, 0.0}
+#define M_TENANT(v) {MK_TENANT, 0, (v), 0.0}
 
 /* Wanted results besides lora_status values. */
 enum { W_STRING = -1, /* a non-NULL, non-empty static string */
@@ -265,6 +271,13 @@ typedef struct bad_row {
  * backward_cross and backward_ex (dout 0, dxq 1, dxkv 2), forward_ex (xq 0, xkv 1,
  * out 2), mse_loss (out 0, target 1, dout 2),
  * estimate (x 0). Other pointers: get_int/get_double/get_config_* value (0),
+ * (kind i0, n i2), optimizer_step_set (n i2), set_base_typed (target i0, dtype i1,
+ * flags i2), apply (target i0, rows i1, n_tenants i2).
+ * Float buffers: set_base (weight 0, bias 1), set_param/get_* (src/dst 0), forward
+ * (x 0, out 1), backward (dout 0, dx 1), forward_cross (xq 0, xkv 1, out 2),
+ * backward_cross (dout 0, dxq 1, dxkv 2), mse_loss (out 0, target 1, dout 2),
+ * estimate (x 0), apply (x 0, y 1). Other pointers: apply's tenants (0) and
+ * tenant_of_row (1), get_int/get_double/get_config_* value (0),
  * param_shape rows (0) and cols (1), estimate report (0), run info (0), loss (0). */
 static const bad_row bad_rows[] = {
     /* ---- version and status strings: no bad input exists; they never fail ---- */
@@ -680,6 +693,35 @@ static const bad_row bad_rows[] = {
     ROW(EP_COPY_PARAMS, PRE_SELF, M_HANDLE, INV, "dst NULL"),
     ROW(EP_COPY_PARAMS, PRE_SELF, M_AD2, INV, "src NULL"),
     ROW(EP_COPY_PARAMS, PRE_SELF, M_OTHER_AD, INV, "src of another rank"),
+    ROW(EP_SET_BASE_TYPED, PRE_SELF, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_SET_BASE_TYPED, PRE_SELF, M_NULL(0), INV, "weight NULL"),
+    ROW(EP_SET_BASE_TYPED, PRE_SELF, M_INT(0, 3), INV, "target mask Q|K"),
+    ROW(EP_SET_BASE_TYPED, PRE_QV, M_INT(0, TO), INV, "TARGET_O without OUT_PROJ"),
+    ROW(EP_SET_BASE_TYPED, PRE_SELF, M_INT(1, 3), LORA_ERR_UNSUPPORTED, "dtype 3"),
+    ROW(EP_SET_BASE_TYPED, PRE_SELF, M_INT(1, -1), LORA_ERR_UNSUPPORTED, "dtype -1"),
+    ROW(EP_SET_BASE_TYPED, PRE_SELF, M_INT(2, 2), INV, "flags 2"),
+    ROW(EP_SET_BASE_TYPED, PRE_SELF, M_INT(2, 0x80000001), INV, "flags BORROW|2^31"),
+    ROW2(EP_SET_BASE_TYPED, PRE_SELF, M_INT(0, TV), M_NAN(0), NONF, "NaN in W_V (f32)"),
+    ROW2(EP_SET_BASE_TYPED, PRE_SELF, M_INT(0, TO), M_INF(1), NONF, "-Inf in the bias of O"),
+    ROW(EP_APPLY, PRE_SELF, M_VNULL(0), INV, "tenants NULL"),
+    ROW(EP_APPLY, PRE_SELF, M_AD0, INV, "tenants[0] NULL"),
+    ROW(EP_APPLY, PRE_SELF, M_INT(2, 0), INV, "n_tenants 0"),
+    ROW(EP_APPLY, PRE_SELF, M_INT(0, 5), INV, "target mask Q|V"),
+    ROW(EP_APPLY, PRE_QV, M_INT(0, TK), INV, "K not adapted"),
+    ROW(EP_APPLY, PRE_SELF, M_CFG_MISMATCH, SHP, "a tenant of another width"),
+    ROW(EP_APPLY, PRE_SELF, M_INT(1, -1), SHP, "rows -1"),
+    ROW(EP_APPLY, PRE_SELF, M_INT(1, INT64_MAX), SHP, "rows overflow"),
+    ROW(EP_APPLY, PRE_SELF, M_VNULL(1), INV, "tenant_of_row NULL"),
+    ROW(EP_APPLY, PRE_SELF, M_NULL(0), INV, "x NULL"),
+    ROW(EP_APPLY, PRE_SELF, M_NULL(1), INV, "y NULL"),
+    ROW(EP_APPLY, PRE_SELF, M_TENANT(1), INV, "tenant id = n_tenants"),
+    ROW(EP_APPLY, PRE_SELF, M_TENANT(-2), INV, "tenant id -2"),
+    ROW(EP_APPLY, PRE_SELF, M_NAN(0), NONF, "NaN in a read row of x"),
+    ROW(EP_APPLY_WITH_ERROR, PRE_SELF, M_VNULL(0), INV, "tenants NULL"),
+    ROW(EP_APPLY_WITH_ERROR, PRE_QV, M_INT(0, TK), INV, "K not adapted"),
+    ROW(EP_APPLY_WITH_ERROR, PRE_SELF, M_CFG_MISMATCH, SHP, "a tenant of another width"),
+    ROW(EP_APPLY_WITH_ERROR, PRE_SELF, M_TENANT(INT32_MAX), INV, "tenant id INT32_MAX"),
+    ROW(EP_APPLY_WITH_ERROR, PRE_SELF, M_INF(0), NONF, "-Inf in a read row of x"),
 
     /* ---- I/O ---- */
     ROW(EP_SAVE_PEFT, PRE_SELF, M_NULL(0), INV, "dir NULL"),
@@ -924,6 +966,8 @@ typedef struct call_args {
     lora_tape *tape, *tape_out;
     lora_adapter *tape_owner;
     int self_dxkv;
+    int32_t tid[4];    /* apply: tenant_of_row */
+    char errbuf[256];  /* apply_with_error: the caller's message buffer */
 } call_args;
 
 static void *plain_alloc(void *u, size_t n) { (void)u; return malloc(n); }
@@ -1021,6 +1065,17 @@ static void files_and_adapters(const bad_row *r, row_env *e, call_args *a)
         } else {
             ck_assert_int_eq(ref_make_adapter(&f->l, LORA_BACKEND_EXACT, 1, &a->ad2), LORA_OK);
         }
+    }
+    if (ep == EP_APPLY || ep == EP_APPLY_WITH_ERROR) {
+        a->adv[0] = f->ad;
+        if (r->m.kind == MK_CFG_MISMATCH) { /* a second tenant of width 16 */
+            lora_config *cfg = fixture_cfg(f, 16, 0);
+            ck_assert_int_eq(lora_adapter_create(&a->ad2, cfg), LORA_OK);
+            lora_config_destroy(cfg);
+            a->adv[1] = a->ad2;
+            a->i[2] = 2;
+        }
+        return;
     }
     if (ep == EP_OPT_STEP && !other)
         a->ad2 = (lora_adapter_destroy(a->ad2), NULL); /* steps the fixture's own adapter */
@@ -1161,6 +1216,9 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     case EP_CONFIG_GET_DOUBLE: a->i[0] = LORA_CFG_ALPHA; break;
     case EP_SET_BASE:
     case EP_SET_BASE_BORROWED: a->i[0] = TQ; break;
+    case EP_SET_BASE_TYPED: a->i[0] = TQ; a->i[1] = LORA_DTYPE_F32; a->i[2] = 0; break;
+    case EP_APPLY:
+    case EP_APPLY_WITH_ERROR: a->i[0] = TQ; a->i[1] = 3; a->i[2] = 1; break;
     case EP_OPT_CREATE: a->i[0] = LORA_OPTIMIZER_ADAMW; break;
     case EP_OPT_SET_INT: a->i[0] = LORA_OPT_NESTEROV; a->i[1] = 0; break;
     case EP_OPT_SET_DOUBLE: a->i[0] = LORA_OPT_LR; a->d = 1e-3; break;
@@ -1222,6 +1280,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     switch (r->ep) {
     case EP_SET_BASE:
     case EP_SET_BASE_BORROWED:
+    case EP_SET_BASE_TYPED:
         if (t >= 0 && e->have_f && ref_has_proj(&f->l, t)) {
             a->n[0] = (size_t)(f->l.out[t] * f->l.in[t]);
             a->n[1] = (size_t)f->l.out[t];
@@ -1323,6 +1382,22 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
             ck_assert_int_eq(lora_adapter_get_params_flat(f->ad, a->buf[0], n), LORA_OK);
         break;
     }
+    case EP_APPLY:
+    case EP_APPLY_WITH_ERROR: {
+        /* x (rows, in), y (rows, out) of the target (Q's when it is no projection); the
+         * overflowing and negative row counts keep 3 rows of buffers. */
+        const int ta = t >= 0 && ref_has_proj(&f->l, t) ? t : REF_Q;
+        const size_t rows = (size_t)(a->i[1] > 0 && a->i[1] <= 64 ? a->i[1] : 3);
+        a->n[0] = rows * (size_t)f->l.in[ta];
+        a->n[1] = rows * (size_t)f->l.out[ta];
+        a->buf[0] = guarded_alloc(a->n[0]);
+        a->buf[1] = guarded_alloc(a->n[1]);
+        fill_uniform(a->buf[0], a->n[0], 91, 1.0f);
+        fill_uniform(a->buf[1], a->n[1], 92, 1.0f);
+        const int32_t tid[4] = {0, -1, 0, 0};
+        memcpy(a->tid, tid, sizeof tid);
+        break;
+    }
     case EP_MERGE:
     case EP_UNMERGE: {
         const int tm = t >= 0 && ref_has_proj(&f->l, t) ? t : REF_Q;
@@ -1381,6 +1456,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
         case MK_AD2_NULL: a->null_ad2 = 1; break;
         case MK_FIRST_AD_NULL: a->adv[0] = NULL; break;
         case MK_LAYER: a->lay[0] = m->v; break;
+        case MK_TENANT: a->tid[0] = (int32_t)m->v; break;
         default: break;
         }
     }
@@ -1513,6 +1589,19 @@ static int invoke(int ep, row_env *e, call_args *a)
     case EP_SET_BASE_BORROWED:
         return lora_adapter_set_base_borrowed(ad, (int)a->i[0], b[0], b[1]);
     case EP_COPY_PARAMS: return lora_adapter_copy_params(ad, a->null_ad2 ? NULL : a->ad2);
+    case EP_SET_BASE_TYPED:
+        return lora_adapter_set_base_typed(ad, (int)a->i[0], b[0], (int)a->i[1], b[1],
+                                           (uint32_t)a->i[2]);
+    case EP_APPLY:
+    case EP_APPLY_WITH_ERROR: {
+        const lora_adapter *const *tenants =
+            a->null_adv ? NULL : (const lora_adapter *const *)a->adv;
+        const int32_t *tid = a->null_lay ? NULL : a->tid;
+        if (ep == EP_APPLY)
+            return lora_apply(tenants, count, (int)a->i[0], tid, b[0], a->i[1], b[1]);
+        return lora_apply_with_error(tenants, count, (int)a->i[0], tid, b[0], a->i[1], b[1],
+                                     a->errbuf, sizeof a->errbuf);
+    }
     case EP_SAVE_PEFT:
     case EP_SAVE_GGUF: {
         const char *path = a->null_path ? NULL : a->path;
@@ -1545,7 +1634,10 @@ static const char *row_message(const bad_row *r, const row_env *e, const call_ar
     case EP_CONFIG_CREATE:
     case EP_CONFIG_CREATE_WITH_ALLOCATOR:
     case EP_ADAPTER_CREATE: /* lora_config_validate gives it: checked below */
+    case EP_APPLY:          /* writes no message anywhere */
         return NULL;
+    case EP_APPLY_WITH_ERROR:
+        return a->errbuf;
     case EP_OPT_SET_INT:
     case EP_OPT_SET_DOUBLE:
     case EP_OPT_GET_INT:

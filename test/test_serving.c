@@ -385,5 +385,7 @@ Suite *serving_suite(void)
     tcase_add_test(tc, test_copy_params_hot_swap);
     tcase_add_test(tc, test_borrowed_base_concurrent);
     suite_add_tcase(s, tc);
+    suite_add_tcase(s, serving_apply_tcase());
+    suite_add_tcase(s, serving_typed_tcase());
     return s;
 }

@@ -68,7 +68,7 @@ static void adapter_free_members(lora_adapter *ad)
     for (int t = 0; t < PROJ_COUNT; t++) {
         layer_proj *p = &ad->layer.proj[t];
         if (!ad->base_borrowed[t]) {
-            lora_mem_free(&ad->mem, p->weight);
+            lora_mem_free(&ad->mem, (void *)p->weight.data);
             lora_mem_free(&ad->mem, p->bias);
         }
         lora_mem_free(&ad->mem, ad->own_factors[t]); /* own a, b, da, db: one block */
@@ -172,68 +172,10 @@ LORA_API void lora_adapter_destroy(lora_adapter *ad)
     lora_mem_free(&ad->mem, ad);
 }
 
-int lora_check_base(lora_adapter *ad, int target, const float *weight, const float *bias,
-                    int *proj)
-{
-    const int t = lora_target_index(target);
-    if (t < 0)
-        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
-                              "target %d is not one of LORA_TARGET_Q/K/V/O", target);
-    if (t == PROJ_O && !ad->layer.out_proj)
-        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
-                              "the layer has no output projection (LORA_CFG_OUT_PROJ = 0)");
-    if (!weight)
-        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "weight is NULL");
-    const layer_proj *p = &ad->layer.proj[t];
-    int64_t bad = lora_find_nonfinite(weight, (size_t)(p->out * p->in));
-    if (bad >= 0)
-        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
-                              "base weight %s has a non-finite entry at index %lld",
-                              lora_proj_names[t], (long long)bad);
-    if (bias && (bad = lora_find_nonfinite(bias, (size_t)p->out)) >= 0)
-        return lora_set_error(ad->err, LORA_ERR_NONFINITE,
-                              "base bias %s has a non-finite entry at index %lld",
-                              lora_proj_names[t], (long long)bad);
-    *proj = t;
-    return LORA_OK;
-}
-
 LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *weight,
                                    const float *bias)
 {
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
-    int t;
-    const int st = lora_check_base(ad, target, weight, bias, &t);
-    if (st != LORA_OK)
-        return st;
-    layer_proj *p = &ad->layer.proj[t];
-    const size_t nw = (size_t)(p->out * p->in), nbias = (size_t)p->out;
-    const int owned = !ad->base_borrowed[t]; /* a borrowed buffer is never written */
-    float *w = owned && p->weight ? p->weight : lora_mem_alloc(&ad->mem, nw * sizeof(float));
-    if (!w)
-        return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate base weight %s",
-                              lora_proj_names[t]);
-    float *b = NULL;
-    if (bias) {
-        b = owned && p->bias ? p->bias : lora_mem_alloc(&ad->mem, nbias * sizeof(float));
-        if (!b) {
-            if (w != p->weight)
-                lora_mem_free(&ad->mem, w);
-            return lora_set_error(ad->err, LORA_ERR_NOMEM, "cannot allocate base bias %s",
-                                  lora_proj_names[t]);
-        }
-        memcpy(b, bias, nbias * sizeof(float));
-    } else if (owned) {
-        lora_mem_free(&ad->mem, p->bias);
-    }
-    memcpy(w, weight, nw * sizeof(float));
-    p->weight = w;
-    p->bias = b;
-    ad->base_borrowed[t] = 0;
-    lora_adapter_params_changed(ad); /* the saved activations no longer match the layer */
-    ad->err[0] = '\0';
-    return LORA_OK;
+    return lora_adapter_set_base_typed(ad, target, weight, LORA_DTYPE_F32, bias, 0);
 }
 
 /* Resolves (target, which) to a factor; NULL (with the adapter's message set) if bad. */

@@ -42,7 +42,7 @@ int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64
                               (long long)batch, (long long)len_q, (long long)len_kv,
                               (long long)width);
     for (int t = 0; t < PROJ_COUNT; t++)
-        if (!l->proj[t].weight && (t != PROJ_O || l->out_proj))
+        if (!l->proj[t].weight.data && (t != PROJ_O || l->out_proj))
             return lora_set_error(ad->err, LORA_ERR_STATE,
                                   "base weight W_%s is not set (lora_adapter_set_base)",
                                   lora_proj_names[t]);

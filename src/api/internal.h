@@ -209,10 +209,6 @@ extern const char *const lora_proj_names[PROJ_COUNT];
 /* The error buffer of a handle reached through a const pointer: scratch that
  * accessors may write. */
 static inline char *lora_err_buf(const lora_adapter *ad) { return ((lora_adapter *)ad)->err; }
-/* Validates a base weight (and optional bias) for target as set_base does; on success
- * *proj is its PROJ_* index. */
-int lora_check_base(lora_adapter *ad, int target, const float *weight, const float *bias,
-                    int *proj);
 /* Floats at the front of the handle's scratch for library-owned copies of the caller's
  * gemm operands (BLIS kernels may read a float past an operand's end: only padded
  * library buffers are safe, docs/reliability.md): out, or dout in a backward

@@ -149,7 +149,7 @@ static int build_merged(lora_adapter *ad)
     const double s = lora_scale_double(ad);
     for (int t = 0; t < PROJ_COUNT; t++) {
         const layer_proj *p = &ad->layer.proj[t];
-        if (!p->adapted || !p->weight)
+        if (!p->adapted || !p->weight.data)
             continue;
         const size_t n = (size_t)(p->out * p->in);
         if (!ad->merged[t]) {
@@ -159,8 +159,13 @@ static int build_merged(lora_adapter *ad)
                                       "cannot allocate the merged weight W_%s (%zu floats)",
                                       lora_proj_names[t], n);
         }
+        const float *base = la_wmat_f32(p->weight);
+        if (!base) { /* a 16-bit base: merged in place over its float copy */
+            la_wmat_rows(p->weight, p->in, 0, p->out, ad->merged[t]);
+            base = ad->merged[t];
+        }
         const int64_t bad =
-            merge_rows(p, ad->layer.rank, s, 1.0, p->weight, ad->merged[t], &ad->la);
+            merge_rows(p, ad->layer.rank, s, 1.0, base, ad->merged[t], &ad->la);
         if (bad >= 0)
             return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                                   "merged weight W_%s + s*B*A overflows at (%lld, %lld)",
@@ -188,7 +193,7 @@ static int run_forward_merged(lora_adapter *ad, const lora_forward_args *a)
     layer lm = ad->layer;
     for (int t = 0; t < PROJ_COUNT; t++)
         if (lm.proj[t].adapted) {
-            lm.proj[t].weight = ad->merged[t];
+            lm.proj[t].weight = la_wmat_of_f32(ad->merged[t]);
             lm.proj[t].adapted = 0;
         }
     layer_acts acts;

@@ -20,6 +20,23 @@ static int mul_add(size_t *acc, size_t a, size_t b)
     return 1;
 }
 
+/* Scratch floats the products with 16-bit base weights need (forward and dx alike). */
+static size_t wpanel_floats(const layer *l, const attn_problem *p)
+{
+    size_t most = 0;
+    for (int t = 0; t < PROJ_COUNT; t++) {
+        const layer_proj *pr = &l->proj[t];
+        if (!pr->weight.data)
+            continue;
+        for (int tw = LA_N; tw <= LA_T; tw++) {
+            const size_t n = la_gemm_w_scratch_floats(p->la, (la_trans)tw, proj_rows(p, t),
+                                                      pr->weight.dtype, pr->out, pr->in);
+            most = n > most ? n : most;
+        }
+    }
+    return most;
+}
+
 size_t layer_acts_floats(const layer *l, const attn_problem *p, int self)
 {
     const size_t nq = (size_t)(p->batch * p->len_q), nk = (size_t)(p->batch * p->len_kv);
@@ -33,6 +50,7 @@ size_t layer_acts_floats(const layer *l, const attn_problem *p, int self)
     for (int t = 0; t < PROJ_COUNT; t++)
         if (l->proj[t].adapted)
             ok &= mul_add(&n, (size_t)proj_rows(p, t), (size_t)l->rank);
+    ok &= mul_add(&n, wpanel_floats(l, p), 1); /* last: BLIS reads past it into padding */
     return ok ? n : 0;
 }
 
@@ -67,6 +85,7 @@ void layer_acts_carve(const layer *l, const attn_problem *p, int self, float *bu
             a->xa[t] = buf;
             buf += (size_t)proj_rows(p, t) * (size_t)l->rank;
         }
+    a->wpanel = wpanel_floats(l, p) > 0 ? buf : NULL;
 }
 
 size_t layer_scratch_floats(const layer *l, const attn_problem *p)
@@ -81,10 +100,10 @@ size_t layer_scratch_floats(const layer *l, const attn_problem *p)
 
 /* y (rows, out) = x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ, keeping xa = x·Aᵀ. */
 static void proj_forward(const layer *l, const layer_proj *pr, const la_ctx *la, int nt,
-                         const float *x, int64_t rows, float *y, float *xa)
+                         const float *x, int64_t rows, float *y, float *xa, float *wpanel)
 {
-    la_gemm(la, nt, LA_N, LA_T, rows, pr->out, pr->in, 1.0f, x, pr->in, pr->weight, pr->in,
-            0.0f, y, pr->out);
+    la_gemm_w(la, nt, LA_T, rows, pr->out, pr->in, 1.0f, x, pr->in, pr->weight, 0.0f, y,
+              pr->out, wpanel);
     if (pr->bias)
         for (int64_t i = 0; i < rows; i++)
             for (int64_t j = 0; j < pr->out; j++)
@@ -100,7 +119,7 @@ static void proj_forward(const layer *l, const layer_proj *pr, const la_ctx *la,
 /* From dY (rows, out): dA += s·(dY·B)ᵀ·X, dB += s·dYᵀ·XA, and dX = (or +=) dY·W_eff. */
 static void proj_backward(const layer *l, const layer_proj *pr, const la_ctx *la, int nt,
                           const float *x, const float *xa, int64_t rows, const float *dy,
-                          float *dx, int accumulate, float *dyb)
+                          float *dx, int accumulate, float *dyb, float *wpanel)
 {
     const float s = l->lora_scale;
     if (pr->adapted) {
@@ -112,8 +131,8 @@ static void proj_backward(const layer *l, const layer_proj *pr, const la_ctx *la
                 1.0f, pr->db, l->rank);
     }
     if (dx) {
-        la_gemm(la, nt, LA_N, LA_N, rows, pr->in, pr->out, 1.0f, dy, pr->out, pr->weight,
-                pr->in, accumulate ? 1.0f : 0.0f, dx, pr->in);
+        la_gemm_w(la, nt, LA_N, rows, pr->out, pr->in, 1.0f, dy, pr->out, pr->weight,
+                  accumulate ? 1.0f : 0.0f, dx, pr->in, wpanel);
         if (pr->adapted)
             la_gemm(la, nt, LA_N, LA_N, rows, pr->in, l->rank, s, dyb, l->rank, pr->a,
                     pr->in, 1.0f, dx, pr->in);
@@ -123,9 +142,12 @@ static void proj_backward(const layer *l, const layer_proj *pr, const la_ctx *la
 void layer_project(const layer *l, const attn_problem *p, layer_acts *a)
 {
     const int64_t nq = p->batch * p->len_q, nk = p->batch * p->len_kv;
-    proj_forward(l, &l->proj[PROJ_Q], p->la, p->threads, a->xq, nq, a->q, a->xa[PROJ_Q]);
-    proj_forward(l, &l->proj[PROJ_K], p->la, p->threads, a->xkv, nk, a->k, a->xa[PROJ_K]);
-    proj_forward(l, &l->proj[PROJ_V], p->la, p->threads, a->xkv, nk, a->v, a->xa[PROJ_V]);
+    proj_forward(l, &l->proj[PROJ_Q], p->la, p->threads, a->xq, nq, a->q, a->xa[PROJ_Q],
+                 a->wpanel);
+    proj_forward(l, &l->proj[PROJ_K], p->la, p->threads, a->xkv, nk, a->k, a->xa[PROJ_K],
+                 a->wpanel);
+    proj_forward(l, &l->proj[PROJ_V], p->la, p->threads, a->xkv, nk, a->v, a->xa[PROJ_V],
+                 a->wpanel);
 }
 
 void layer_attend(const layer *l, const attn_group_plan *plan, const attn_problem *p,
@@ -137,7 +159,7 @@ void layer_attend(const layer *l, const attn_group_plan *plan, const attn_proble
     *measured = attn_dispatch_measure(p, plan, a->q, a->k, a->v, a->attn, NULL, NULL, ws);
     if (l->out_proj)
         proj_forward(l, &l->proj[PROJ_O], p->la, p->threads, a->attn, nq, out,
-                     a->xa[PROJ_O]);
+                     a->xa[PROJ_O], a->wpanel);
     else
         memcpy(out, a->attn, (size_t)nq * (size_t)l->q_dim * sizeof(float));
 }
@@ -186,7 +208,7 @@ static double proj_chain_bound(const layer *l, const layer_acts *a, const bound_
         const layer_proj *pr = &l->proj[t];
         const size_t rows = t == PROJ_Q ? in->nq : in->nk;
         const double xm = la_max_abs(t == PROJ_Q ? a->xq : a->xkv, rows * (size_t)pr->in);
-        const double wm = la_max_abs(pr->weight, (size_t)(pr->out * pr->in));
+        const double wm = la_wmat_max_abs(pr->weight, (size_t)(pr->out * pr->in));
         double weff = wm;
         if (pr->adapted) {
             const double bm = la_max_abs(pr->b, (size_t)(pr->out * l->rank));
@@ -268,7 +290,7 @@ static void weff_l1_norms(const layer *l, const layer_proj *pr, double *row_max,
     for (int64_t o = 0; o < pr->out; o++) {
         double w = 0.0, b = 0.0;
         for (int64_t c = 0; c < pr->in; c++)
-            w += fabs(pr->weight[o * pr->in + c]);
+            w += fabs(la_wmat_at(pr->weight, (size_t)(o * pr->in + c)));
         for (int64_t r = 0; pr->adapted && r < l->rank; r++)
             b += fabs(pr->b[o * l->rank + r]);
         *row_max = fmax(*row_max, w + s * b * a_row);
@@ -276,7 +298,7 @@ static void weff_l1_norms(const layer *l, const layer_proj *pr, double *row_max,
     for (int64_t c = 0; c < pr->in; c++) {
         double w = 0.0, a = 0.0;
         for (int64_t o = 0; o < pr->out; o++)
-            w += fabs(pr->weight[o * pr->in + c]);
+            w += fabs(la_wmat_at(pr->weight, (size_t)(o * pr->in + c)));
         for (int64_t r = 0; pr->adapted && r < l->rank; r++)
             a += fabs(pr->a[r * pr->in + c]);
         *col_max = fmax(*col_max, w + s * b_col * a);
@@ -320,17 +342,19 @@ void layer_backward(const layer *l, const attn_group_plan *plan, const attn_prob
     const float *dattn = dout;
     if (l->out_proj) {
         proj_backward(l, &l->proj[PROJ_O], la, nt, a->attn, a->xa[PROJ_O], nq, dout, dc, 0,
-                      dyb);
+                      dyb, a->wpanel);
         dattn = dc;
     }
     attn_dispatch_backward(p, plan, a->q, a->k, a->v, a->attn, a->row_stat, dattn, dq, dk,
                            dv, ws + layer_scratch_floats(l, p));
     *measured = attn_dispatch_measure(p, plan, a->q, a->k, a->v, a->attn, dattn, dq, ws);
     const int shared_dx = dxq != NULL && dxq == dxkv;
-    proj_backward(l, &l->proj[PROJ_Q], la, nt, a->xq, a->xa[PROJ_Q], nq, dq, dxq, 0, dyb);
+    proj_backward(l, &l->proj[PROJ_Q], la, nt, a->xq, a->xa[PROJ_Q], nq, dq, dxq, 0, dyb,
+                  a->wpanel);
     proj_backward(l, &l->proj[PROJ_K], la, nt, a->xkv, a->xa[PROJ_K], nk, dk, dxkv,
-                  shared_dx, dyb);
-    proj_backward(l, &l->proj[PROJ_V], la, nt, a->xkv, a->xa[PROJ_V], nk, dv, dxkv, 1, dyb);
+                  shared_dx, dyb, a->wpanel);
+    proj_backward(l, &l->proj[PROJ_V], la, nt, a->xkv, a->xa[PROJ_V], nk, dv, dxkv, 1, dyb,
+                  a->wpanel);
     *grad_bound = *loss_grad_bound = 0.0;
     if (eta > 0.0 && !isfinite(eta)) /* no certificate (δ >= 1); avoids ∞·0 at dout = 0 */
         *grad_bound = *loss_grad_bound = INFINITY;

@@ -8,13 +8,14 @@
 #include <stdint.h>
 
 #include "../backend/backend.h"
+#include "../linalg/typed.h"
 
 enum { PROJ_Q = 0, PROJ_K = 1, PROJ_V = 2, PROJ_O = 3, PROJ_COUNT = 4 };
 
 /* One projection y = x·(W + s·B·A)ᵀ + bias. */
 typedef struct layer_proj {
     int64_t in, out;
-    float *weight; /* (out, in), NULL until set */
+    la_wmat weight; /* (out, in): float, bf16 or half; weight.data NULL until set */
     float *bias;   /* (out) or NULL */
     int adapted;   /* has LoRA factors */
     float *a, *b;  /* (rank, in), (out, rank) */
@@ -37,6 +38,7 @@ typedef struct layer_acts {
     float *attn;             /* attention output C (batch·len_q, q_dim) */
     float *row_stat;         /* backend's per-row statistic */
     float *xa[PROJ_COUNT];   /* X·Aᵀ (rows, rank) of adapted projections */
+    float *wpanel;           /* la_gemm_w's scratch for 16-bit base weights, or NULL */
 } layer_acts;
 
 /* Floats of activation storage for a call; self != 0 shares xq as xkv. Carve with

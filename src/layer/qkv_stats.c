@@ -130,7 +130,7 @@ static int stack_rows(const layer *l, const la_ctx *la, int64_t r0, int64_t n, f
         if (lo < hi) {
             const int64_t i0 = lo - start, rows = hi - lo;
             float *dst = w + (lo - r0) * in;
-            memcpy(dst, pr->weight + i0 * in, (size_t)(rows * in) * sizeof(float));
+            la_wmat_rows(pr->weight, in, i0, rows, dst);
             if (pr->adapted) {
                 la_gemm(la, threads, LA_N, LA_N, rows, in, l->rank, l->lora_scale,
                         pr->b + i0 * l->rank, l->rank, pr->a, in, 1.0f, dst, in);

@@ -112,5 +112,26 @@ la_tile_product(int brows, int64_t m, int64_t n, int64_t k, float alpha, const f
     }
 }
 
+/* The horizontal sums of v[0..15], in order, as one vector: pairs, then quads within
+ * 128-bit lanes, then across lanes (a fixed tree: deterministic). */
+static inline __attribute__((always_inline)) LA_AVX512 __m512 la_hsum16(const __m512 *v)
+{
+    __m512 s[8], w[4];
+#pragma GCC unroll 8
+    for (int p = 0; p < 8; p++) /* per lane: v2p, v2p+1, v2p, v2p+1 partials */
+        s[p] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]),
+                             _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]));
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) /* per lane: v4q .. v4q+3 partials */
+        w[q] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * q], s[2 * q + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s[2 * q], s[2 * q + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 #endif
 #endif

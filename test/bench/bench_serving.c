@@ -1,0 +1,294 @@
+/* Serving costs against memory streaming, measured in the same run (docs/serving.md).
+ *
+ * A Llama-3-8B-shaped layer: d_model 4096, 32 heads, 8 kv heads, head_dim 128, output
+ * projection, LoRA rank 16 on Q, K, V, O; LORA_CFG_THREADS 1 and one-thread streaming,
+ * timings interleaved so both see the same machine load; medians of --reps runs.
+ *
+ * 1. lora_apply, 64 rows spread over 16 tenants (4 rows each, in shuffled order), for
+ *    each target, against one plain pass over the bytes it must touch: the 16 tenants'
+ *    factors of that target (copies of the same size), x, and y read and written.
+ * 2. One decode row through the layer (lora_forward, batch 1, one token: every base
+ *    weight read once) with a float base and with a bf16 base (both borrowed), against
+ *    a plain pass over the float and the bf16 weight bytes.
+ *
+ *   bench_serving [--reps N] */
+#include <lora.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define CHECK(call)                                                                        \
+    do {                                                                                   \
+        int st_ = (call);                                                                  \
+        if (st_ != LORA_OK) {                                                              \
+            fprintf(stderr, "%s:%d: %s -> %s\n", __FILE__, __LINE__, #call,                \
+                    lora_status_string(st_));                                              \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+#define D_MODEL 4096
+#define N_HEADS 32
+#define N_KV_HEADS 8
+#define HEAD_DIM 128
+#define RANK 16
+#define TENANTS 16
+#define ROWS 64
+#define MAX_REPS 101
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15u;
+static float urand(void) /* uniform in [-1, 1) */
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)((double)(rng_state >> 11) * 0x1p-52 - 1.0);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *t, int n)
+{
+    qsort(t, (size_t)n, sizeof t[0], cmp_double);
+    return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+}
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n);
+    if (!p) {
+        fprintf(stderr, "out of memory (%zu bytes)\n", n);
+        exit(1);
+    }
+    return p;
+}
+
+/* One pass over n bytes (a multiple of 64), 16 independent lanes; the result is kept
+ * so the reads are not optimised away. */
+static volatile float sink;
+static void stream_read(const void *p, size_t n)
+{
+    const uint32_t *w = p;
+    uint32_t acc[16] = {0};
+    for (size_t i = 0; i + 16 <= n / 4; i += 16)
+        for (int j = 0; j < 16; j++)
+            acc[j] ^= w[i + j];
+    uint32_t r = 0;
+    for (int j = 0; j < 16; j++)
+        r ^= acc[j];
+    sink = (float)r;
+}
+
+static void stream_update(float *y, size_t n) /* read and write */
+{
+    for (size_t i = 0; i < n; i++)
+        y[i] += 1.0f;
+}
+
+static lora_config *layer_config(void)
+{
+    lora_config *cfg = NULL;
+    CHECK(lora_config_create(&cfg));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_D_MODEL, D_MODEL));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_N_HEADS, N_HEADS));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_N_KV_HEADS, N_KV_HEADS));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_HEAD_DIM, HEAD_DIM));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_OUT_PROJ, 1));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_TARGETS, 15));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_RANK, RANK));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_THREADS, 1));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_BACKEND, LORA_BACKEND_EXACT));
+    return cfg;
+}
+
+static void random_factors(lora_adapter *ad)
+{
+    const int targets[4] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TARGET_V, LORA_TARGET_O};
+    for (int t = 0; t < 4; t++)
+        for (int which = 0; which < 2; which++) {
+            int64_t r, c;
+            CHECK(lora_adapter_param_shape(ad, targets[t], which, &r, &c));
+            const size_t n = (size_t)(r * c);
+            float *v = xmalloc(n * sizeof(float));
+            for (size_t i = 0; i < n; i++)
+                v[i] = 0.02f * urand();
+            CHECK(lora_adapter_set_param(ad, targets[t], which, v, n));
+            free(v);
+        }
+}
+
+static void bench_apply(lora_adapter *const *tenants, int reps)
+{
+    const int targets[4] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TARGET_V, LORA_TARGET_O};
+    const char *names[4] = {"Q", "K", "V", "O"};
+    printf("lora_apply: %d rows over %d tenants (4 rows each, shuffled), rank %d\n", ROWS,
+           TENANTS, RANK);
+    printf("%-6s %10s %14s %12s %8s\n", "target", "shape", "apply_us", "stream_us", "ratio");
+    int32_t tid[ROWS];
+    for (int r = 0; r < ROWS; r++)
+        tid[r] = r % TENANTS;
+    for (int r = ROWS - 1; r > 0; r--) { /* shuffle */
+        const int k = (int)((urand() + 1.0f) * 0.5f * (float)(r + 1)) % (r + 1);
+        const int32_t t = tid[r];
+        tid[r] = tid[k];
+        tid[k] = t;
+    }
+    for (int t = 0; t < 4; t++) {
+        int64_t rank, in, out, r2;
+        CHECK(lora_adapter_param_shape(tenants[0], targets[t], LORA_A, &rank, &in));
+        CHECK(lora_adapter_param_shape(tenants[0], targets[t], LORA_B, &out, &r2));
+        /* The bytes a streaming pass reads: copies of every tenant's factors, x, y. */
+        const size_t factor_floats = (size_t)(rank * (in + out)) * TENANTS;
+        float *factors = xmalloc(factor_floats * sizeof(float));
+        for (int i = 0; i < TENANTS; i++) {
+            float *at = factors + (size_t)i * (size_t)(rank * (in + out));
+            CHECK(lora_adapter_get_param(tenants[i], targets[t], LORA_A, at,
+                                         (size_t)(rank * in)));
+            CHECK(lora_adapter_get_param(tenants[i], targets[t], LORA_B, at + rank * in,
+                                         (size_t)(rank * out)));
+        }
+        float *x = xmalloc((size_t)(ROWS * in) * sizeof(float));
+        float *y = xmalloc((size_t)(ROWS * out) * sizeof(float));
+        for (int64_t i = 0; i < ROWS * in; i++)
+            x[i] = urand();
+        memset(y, 0, (size_t)(ROWS * out) * sizeof(float));
+        double ta[MAX_REPS], ts[MAX_REPS];
+        for (int k = 0; k < reps; k++) {
+            double t0 = now();
+            CHECK(lora_apply((const lora_adapter *const *)tenants, TENANTS, targets[t], tid, x,
+                             ROWS, y));
+            ta[k] = now() - t0;
+            t0 = now();
+            stream_read(factors, factor_floats * sizeof(float));
+            stream_read(x, (size_t)(ROWS * in) * sizeof(float));
+            stream_update(y, (size_t)(ROWS * out));
+            ts[k] = now() - t0;
+        }
+        const double ma = median(ta, reps), ms = median(ts, reps);
+        char shape[32];
+        snprintf(shape, sizeof shape, "%lldx%lld", (long long)out, (long long)in);
+        printf("%-6s %10s %14.1f %12.1f %8.2f\n", names[t], shape, 1e6 * ma, 1e6 * ms, ma / ms);
+        free(factors);
+        free(x);
+        free(y);
+    }
+}
+
+/* bf16 of a float, round to nearest even. */
+static uint16_t to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void bench_decode_row(int reps)
+{
+    const int targets[4] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TARGET_V, LORA_TARGET_O};
+    const int64_t q = N_HEADS * HEAD_DIM, kv = N_KV_HEADS * HEAD_DIM;
+    const int64_t outs[4] = {q, kv, kv, D_MODEL}, ins[4] = {D_MODEL, D_MODEL, D_MODEL, q};
+    float *wf[4];
+    uint16_t *wb[4];
+    size_t total = 0;
+    lora_config *cfg = layer_config();
+    lora_adapter *af = NULL, *ab = NULL;
+    CHECK(lora_adapter_create(&af, cfg));
+    CHECK(lora_adapter_create(&ab, cfg));
+    lora_config_destroy(cfg);
+    random_factors(af);
+    CHECK(lora_adapter_copy_params(ab, af));
+    for (int t = 0; t < 4; t++) {
+        const size_t n = (size_t)(outs[t] * ins[t]);
+        total += n;
+        wf[t] = xmalloc(n * sizeof(float));
+        wb[t] = xmalloc(n * sizeof(uint16_t));
+        const float scale = 1.0f / sqrtf((float)ins[t]);
+        for (size_t i = 0; i < n; i++) {
+            wb[t][i] = to_bf16(scale * urand());
+            const uint32_t u = (uint32_t)wb[t][i] << 16;
+            memcpy(&wf[t][i], &u, sizeof u);
+        }
+        CHECK(lora_adapter_set_base_borrowed(af, targets[t], wf[t], NULL));
+        CHECK(lora_adapter_set_base_typed(ab, targets[t], wb[t], LORA_DTYPE_BF16, NULL,
+                                          LORA_BASE_BORROW));
+    }
+    float x[D_MODEL], yf[D_MODEL], yb[D_MODEL];
+    for (int i = 0; i < D_MODEL; i++)
+        x[i] = urand();
+    double tf[MAX_REPS], tb[MAX_REPS], sf[MAX_REPS], sb[MAX_REPS];
+    for (int k = 0; k < reps; k++) {
+        double t0 = now();
+        CHECK(lora_forward(af, x, 1, 1, yf));
+        tf[k] = now() - t0;
+        t0 = now();
+        CHECK(lora_forward(ab, x, 1, 1, yb));
+        tb[k] = now() - t0;
+        t0 = now();
+        for (int t = 0; t < 4; t++)
+            stream_read(wf[t], (size_t)(outs[t] * ins[t]) * sizeof(float));
+        sf[k] = now() - t0;
+        t0 = now();
+        for (int t = 0; t < 4; t++)
+            stream_read(wb[t], (size_t)(outs[t] * ins[t]) * sizeof(uint16_t));
+        sb[k] = now() - t0;
+    }
+    double maxdiff = 0.0;
+    for (int i = 0; i < D_MODEL; i++)
+        maxdiff = fmax(maxdiff, fabs((double)yf[i] - yb[i]));
+    const double mf = median(tf, reps), mb = median(tb, reps);
+    const double msf = median(sf, reps), msb = median(sb, reps);
+    printf("\none decode row through the layer (lora_forward, 1 token; %.0f MB float, %.0f MB "
+           "bf16 of base weights)\n",
+           (double)total * 4 / 1e6, (double)total * 2 / 1e6);
+    printf("%-6s %12s %12s %8s\n", "base", "forward_us", "stream_us", "ratio");
+    printf("%-6s %12.1f %12.1f %8.2f\n", "f32", 1e6 * mf, 1e6 * msf, mf / msf);
+    printf("%-6s %12.1f %12.1f %8.2f\n", "bf16", 1e6 * mb, 1e6 * msb, mb / msb);
+    printf("bf16 / f32 forward: %.2f; max |y_bf16 - y_f32| = %.3g (same weight values)\n",
+           mb / mf, maxdiff);
+    lora_adapter_destroy(af);
+    lora_adapter_destroy(ab);
+    for (int t = 0; t < 4; t++) {
+        free(wf[t]);
+        free(wb[t]);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    int reps = 21;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--reps") == 0 && i + 1 < argc) {
+            reps = atoi(argv[++i]);
+        } else {
+            fprintf(stderr, "usage: %s [--reps N]\n", argv[0]);
+            return 2;
+        }
+    }
+    reps = reps < 1 ? 1 : reps > MAX_REPS ? MAX_REPS : reps;
+    lora_config *cfg = layer_config();
+    lora_adapter *tenants[TENANTS];
+    for (int i = 0; i < TENANTS; i++) {
+        CHECK(lora_adapter_create(&tenants[i], cfg));
+        random_factors(tenants[i]);
+    }
+    lora_config_destroy(cfg);
+    bench_apply(tenants, reps);
+    for (int i = 0; i < TENANTS; i++)
+        lora_adapter_destroy(tenants[i]);
+    bench_decode_row(reps);
+    return 0;
+}
