@@ -285,7 +285,9 @@ LORA_API const char *lora_adapter_last_error(const lora_adapter *ad);
  * the adapter's own storage, else `count` floats (the factor's shape, row-major) whose
  * current values become the factor. grad: NULL = own storage, else `count` floats whose
  * current values become the accumulated gradient. Switching a borrowed buffer back to
- * own storage (NULL) copies its current values over.
+ * own storage (NULL) copies its current values over. Borrowing new memory for the
+ * factor is a parameter change (older tapes become stale); giving the buffer it already
+ * uses (to borrow a new gradient buffer) is not.
  * Lifetime rule (as lora_adapter_set_base_borrowed): the buffers must stay valid until
  * ad is destroyed or this factor is borrowed again. The library writes them in place:
  * set_param, set_params_flat, copy_params and optimizer steps write param; backward,

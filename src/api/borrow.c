@@ -137,8 +137,11 @@ LORA_API int lora_adapter_borrow_factor(lora_adapter *ad, int target, int which,
     const float *before = which == LORA_B ? p->b : p->a;
     rebind(ad, t, which, 1, grad, n);
     rebind(ad, t, which, 0, param, n);
-    if ((which == LORA_B ? p->b : p->a) != before || param)
-        lora_adapter_params_changed(ad); /* new values (a borrow takes the caller's) */
+    /* New memory is a new value (a borrow takes the caller's). The same memory again
+     * (re-borrowing a new gradient buffer) is no change: the sync above already saw
+     * the caller's writes into it. */
+    if ((which == LORA_B ? p->b : p->a) != before)
+        lora_adapter_params_changed(ad);
     ad->factors_borrowed = 0;
     for (int u = 0; u < PROJ_COUNT; u++)
         for (int w = 0; w < 2; w++)

@@ -582,8 +582,10 @@ class Adapter:
         g = None if grad is None else _shared_f32(grad, "grad", n)
         self._check(_lib.lora_adapter_borrow_factor(self._h(), t, w, _ptr(p), _ptr(g), n),
                     "lora_adapter_borrow_factor")
-        if param is not None:
-            self._saved = None
+        before = self._borrowed_factors.get((t, w))
+        old_ptr = before[1].ctypes.data if before and before[1] is not None else None
+        if old_ptr != (None if p is None else p.ctypes.data):
+            self._saved = None  # new memory is a new value: the saved forward is gone
         self._borrowed_factors[(t, w)] = (param, p, grad, g)
 
     def _names(self):

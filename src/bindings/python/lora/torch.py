@@ -1,0 +1,260 @@
+"""liblora inside PyTorch: `LoraAttention`, an nn.Module whose LoRA factors are
+nn.Parameters sharing memory with a liblora adapter, trained with torch.optim.
+
+    import torch, lora.torch
+    attn = lora.torch.LoraAttention(64, n_heads=4, rank=8, targets="qv", causal=True)
+    attn.set_base("q", wq); attn.set_base("k", wk); attn.set_base("v", wv)
+    opt = torch.optim.AdamW(attn.parameters(), lr=1e-3)
+    y = attn(x)                     # x: (batch, L, 64) float32, requires_grad or not
+    loss = y.square().mean(); loss.backward(); opt.step(); opt.zero_grad()
+
+- Zero copy: each factor Parameter's memory is the adapter's factor (and its .grad the
+  adapter's gradient: liblora's backward accumulates into it in place, so autograd is
+  handed no gradient for the factors). torch.optim writes the Parameters in place and
+  liblora sees it (lora_adapter_borrow_factor's fingerprint).
+- Every forward that autograd may differentiate records into its own lora.Tape, so a
+  layer can run several times before its backwards (reuse, weight tying, checkpointing,
+  chosen/rejected pairs). Forwards under torch.no_grad() (or with nothing requiring
+  grad) are LORA_FWD_INFER: nothing is saved.
+- float32 on the CPU only: a float64 (or other) input raises lora.DtypeError, with no
+  silent cast. `reference(x)` computes the same layer with plain torch ops (any dtype,
+  autograd through torch): the oracle of the tests and a fallback for other devices.
+- Save the trained factors with `save_peft(directory, [layer0, layer1, ...])`.
+
+Importable only when torch is installed (ImportError otherwise).
+"""
+import math
+
+import torch
+
+from . import _core
+from ._core import Adapter, Tape
+from ._errors import DtypeError, Status, StateError
+
+_LETTERS = "qkvo"
+
+
+def _as_input(x, name):
+    """x as a contiguous CPU float32 tensor without a graph; anything else raises."""
+    if not isinstance(x, torch.Tensor):
+        raise DtypeError(Status.INVALID_ARG, "%s must be a torch.Tensor" % name)
+    if x.dtype != torch.float32:
+        raise DtypeError(Status.INVALID_ARG,
+                         "%s is %s; liblora computes in float32: convert it explicitly "
+                         "(%s.float()), or use LoraAttention.reference for other dtypes"
+                         % (name, x.dtype, name))
+    if x.device.type != "cpu":
+        raise DtypeError(Status.INVALID_ARG, "%s is on %s; liblora runs on the CPU"
+                         % (name, x.device))
+    return x.detach().contiguous()
+
+
+def _np(t):
+    return None if t is None else t.numpy()
+
+
+def _ptrs(w, b):
+    return (w.data_ptr(), None if b is None else b.data_ptr())
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """One liblora forward on its own tape; the backward reads that tape. Inputs: the
+    module, xq, xkv (or None), the mask arguments, then the factor Parameters (so
+    autograd calls backward when only they require grad; their gradients go straight
+    into their .grad memory, so None is returned for them)."""
+
+    @staticmethod
+    def forward(ctx, module, masks, xq, xkv, *factors):
+        ad = module.adapter
+        tape = Tape(ad)
+        kv = None if xkv is None else _as_input(xkv, "xkv")
+        out = ad.forward_ex(_as_input(xq, "xq").numpy(), _np(kv), tape=tape, **masks)
+        ctx.module, ctx.tape, ctx.cross = module, tape, xkv is not None
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        module, tape = ctx.module, ctx.tape
+        module._bind_grads()
+        want_dx = ctx.needs_input_grad[2] or (ctx.cross and ctx.needs_input_grad[3])
+        d = dout.detach().to(torch.float32).contiguous().numpy()
+        dx = module.adapter.backward_ex(d, tape=tape, need_dx=want_dx)
+        dxq = dxkv = None
+        if want_dx:
+            dq, dkv = dx if ctx.cross else (dx, None)
+            dxq = torch.from_numpy(dq) if ctx.needs_input_grad[2] else None
+            if ctx.cross and ctx.needs_input_grad[3]:
+                dxkv = torch.from_numpy(dkv)
+        return (None, None, dxq, dxkv) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+class LoraAttention(torch.nn.Module):
+    """A liblora attention layer as an nn.Module.
+
+    LoraAttention(d_model, **config): the keyword configuration of lora.Adapter
+    (n_heads, n_kv_heads, head_dim, targets, rank, alpha, rslora, causal, out_proj,
+    backend, threads, seed, init, ...). Parameters: lora_A[t] (rank, in) and lora_B[t]
+    (out, rank) per adapted target t ("q", "k", "v", "o"). Frozen base projections are
+    buffers base_weight_t / base_bias_t, set with set_base (the adapter reads them in
+    place). forward(xq, xkv=None, **masks) -> out (batch, len_q, out_dim); masks are
+    lora_attn_args' q_lens, kv_lens, q_pos, kv_pos, q_seg, kv_seg (int arrays).
+    """
+
+    def __init__(self, d_model, **config):
+        super().__init__()
+        self.adapter = Adapter(d_model=d_model, **config)
+        self.config = self.adapter.config
+        self.lora_A = torch.nn.ParameterDict()
+        self.lora_B = torch.nn.ParameterDict()
+        self._bound = {}  # (target, factor) -> (param data_ptr, grad data_ptr or None)
+        self._base_ptrs = {}  # target -> (weight data_ptr, bias data_ptr or None)
+        for t in self.adapter.targets:
+            for w, store in (("A", self.lora_A), ("B", self.lora_B)):
+                store[t] = torch.nn.Parameter(torch.from_numpy(self.adapter.param(t, w)))
+        self._bind_params()
+
+    # -- binding Parameters and buffers to the adapter's storage --
+
+    def _factors(self):
+        for t in self.adapter.targets:
+            yield t, "A", self.lora_A[t]
+            yield t, "B", self.lora_B[t]
+
+    def _check_param(self, t, w, p):
+        if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous():
+            raise DtypeError(Status.INVALID_ARG,
+                             "lora_%s[%r] is %s on %s; LoraAttention keeps its factors in "
+                             "contiguous CPU float32 (liblora's storage)"
+                             % (w, t, p.dtype, p.device))
+
+    def _bind_params(self):
+        """Points the adapter at each Parameter's current memory (after .to(), a
+        load_state_dict that replaced tensors, ...); cheap when nothing moved."""
+        for t, w, p in self._factors():
+            key = (t, w)
+            bound = self._bound.get(key)
+            if bound and bound[0] == p.data_ptr():
+                continue
+            self._check_param(t, w, p)
+            grad = p.grad if p.grad is not None and self._grad_usable(p) else None
+            self.adapter.borrow_factor(t, w, p.data, grad)
+            self._bound[key] = (p.data_ptr(), None if grad is None else grad.data_ptr())
+
+    @staticmethod
+    def _grad_usable(p):
+        g = p.grad
+        return g.dtype == torch.float32 and g.device.type == "cpu" and g.is_contiguous() \
+            and g.shape == p.shape
+
+    def _bind_grads(self):
+        """Makes every factor's .grad the adapter's gradient memory before a backward
+        accumulates into it (a .grad set to None by zero_grad(set_to_none=True) starts
+        again from zeros; a .grad the caller replaced is adopted)."""
+        self._bind_params()
+        for t, w, p in self._factors():
+            if not p.requires_grad:  # frozen: liblora accumulates into its own storage
+                continue
+            if p.grad is None or not self._grad_usable(p):
+                p.grad = torch.zeros_like(p)
+            if self._bound[(t, w)][1] != p.grad.data_ptr():
+                self.adapter.borrow_factor(t, w, p.data, p.grad)
+                self._bound[(t, w)] = (p.data_ptr(), p.grad.data_ptr())
+
+    def set_base(self, target, weight, bias=None):
+        """Copies a frozen base projection (weight (out, in), bias (out) or None) into
+        buffers that the adapter reads in place."""
+        w = torch.as_tensor(weight).detach().to(torch.float32).contiguous().clone()
+        b = None if bias is None else \
+            torch.as_tensor(bias).detach().to(torch.float32).contiguous().clone()
+        self.register_buffer("base_weight_" + target, w)
+        self.register_buffer("base_bias_" + target, b)
+        self.adapter.set_base_borrowed(target, w.numpy(), None if b is None else b.numpy())
+        self._base_ptrs[target] = _ptrs(w, b)
+
+    def _bind_bases(self):
+        """Re-points the adapter at base buffers that moved (.to(), load_state_dict)."""
+        for t, ptrs in list(self._base_ptrs.items()):
+            w = getattr(self, "base_weight_" + t)
+            b = getattr(self, "base_bias_" + t, None)
+            if _ptrs(w, b) == ptrs:
+                continue
+            for name, buf in (("base_weight_", w), ("base_bias_", b)):
+                if buf is not None and (buf.dtype != torch.float32 or buf.device.type != "cpu"):
+                    raise DtypeError(Status.INVALID_ARG, "%s%s is %s on %s; LoraAttention "
+                                     "keeps its bases in CPU float32"
+                                     % (name, t, buf.dtype, buf.device))
+            self.set_base(t, w, b)
+
+    # -- compute --
+
+    def forward(self, xq, xkv=None, **masks):
+        self._bind_params()
+        self._bind_bases()
+        q = _as_input(xq, "xq")
+        kv = None if xkv is None else _as_input(xkv, "xkv")
+        factors = [p for _, _, p in self._factors()]
+        record = torch.is_grad_enabled() and (
+            xq.requires_grad or (xkv is not None and xkv.requires_grad)
+            or any(p.requires_grad for p in factors))
+        if not record:
+            return torch.from_numpy(self.adapter.forward_ex(q.numpy(), _np(kv), infer=True,
+                                                            **masks))
+        return _AttentionFunction.apply(self, masks, xq, xkv, *factors)
+
+    def reference(self, xq, xkv=None, factors=None):
+        """The same layer in plain torch ops, in xq's dtype, differentiable by autograd
+        (no per-call masks): the tests' oracle. factors: {("q", "A"): tensor, ...} to
+        use instead of this module's Parameters."""
+        c = self.config
+        factors = factors or {}
+        dt = xq.dtype
+        xkv = xq if xkv is None else xkv
+        r = c["rank"]
+        s = c["alpha"] / (math.sqrt(r) if c["rslora"] else r)
+        H, Hkv, dh = c["n_heads"], c["n_kv_heads"], c["head_dim"]
+
+        def proj(x, t):
+            w = getattr(self, "base_weight_" + t)
+            b = getattr(self, "base_bias_" + t, None)
+            y = torch.nn.functional.linear(x, w.to(dt), None if b is None else b.to(dt))
+            if t in self.lora_A:
+                a = factors.get((t, "A"), self.lora_A[t]).to(dt)
+                bb = factors.get((t, "B"), self.lora_B[t]).to(dt)
+                y = y + s * (x @ a.T) @ bb.T
+            return y
+
+        B, Lq, Lkv = xq.shape[0], xq.shape[1], xkv.shape[1]
+        q = proj(xq, "q").view(B, Lq, H, dh).transpose(1, 2)
+        k = proj(xkv, "k").view(B, Lkv, Hkv, dh).transpose(1, 2)
+        v = proj(xkv, "v").view(B, Lkv, Hkv, dh).transpose(1, 2)
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+        scores = c["softmax_scale"] * (q @ k.transpose(-1, -2))
+        if c["causal"]:
+            i = torch.arange(Lq)[:, None]
+            j = torch.arange(Lkv)[None, :]
+            scores = scores.masked_fill(j > i + (Lkv - Lq), float("-inf"))
+        o = torch.softmax(scores, dim=-1) @ v
+        o = o.transpose(1, 2).reshape(B, Lq, H * dh)
+        return proj(o, "o") if c["out_proj"] else o
+
+    def extra_repr(self):
+        c = self.config
+        return "d_model=%d, n_heads=%d, rank=%d, targets=%s" % (
+            c["d_model"], c["n_heads"], c["rank"], self.adapter.targets)
+
+
+def save_peft(directory, layers):
+    """Writes the LoRA factors of LoraAttention modules as a PEFT adapter directory:
+    `layers` is a list (layer indices 0, 1, ...) or {layer index: LoraAttention}."""
+    items = layers.items() if isinstance(layers, dict) else enumerate(layers)
+    adapters = {}
+    for i, m in items:
+        if not isinstance(m, LoraAttention):
+            raise StateError(Status.INVALID_ARG, "layer %r is not a LoraAttention" % (i,))
+        m._bind_params()
+        adapters[i] = m.adapter
+    _core.save_peft(directory, adapters)
+
+
+__all__ = ["LoraAttention", "save_peft"]

@@ -1,0 +1,145 @@
+"""lora.torch: LoraAttention against the same layer in plain torch ops (float64), the
+autograd paths, and the worked example's 50 training steps against its pure-torch twin."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+import lora
+
+torch = pytest.importorskip("torch", reason="PyTorch not installed (Debian: python3-torch)")
+import lora.torch as lt  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not lora.has("lora_adapter_borrow_factor"),
+                                reason="the loaded liblora has no borrowed factors")
+
+TOL = 1e-4  # float32 against float64, relative to the largest entry
+
+
+def layer(seed=0, **extra):
+    cfg = dict(n_heads=4, n_kv_heads=2, rank=3, alpha=5.0, targets="qkvo", out_proj=True,
+               causal=True, backend="exact", threads=1, seed=seed)
+    cfg.update(extra)
+    m = lt.LoraAttention(12, **cfg)
+    gen = torch.Generator().manual_seed(seed)
+    for t in "qkvo":
+        out, inp = m.adapter.base_shape(t)
+        m.set_base(t, 0.4 * torch.randn(out, inp, generator=gen),
+                   0.1 * torch.randn(out, generator=gen))
+    with torch.no_grad():  # B is zero at PEFT's init: make every gradient non-trivial
+        for p in list(m.lora_A.values()) + list(m.lora_B.values()):
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return m
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def reference_grads(m, xq, xkv, g):
+    """out and gradients of sum(out * g) from LoraAttention.reference in float64."""
+    x64 = xq.detach().double().requires_grad_()
+    kv64 = None if xkv is None else xkv.detach().double().requires_grad_()
+    f64 = {(t, w): getattr(m, "lora_" + w)[t].detach().double().requires_grad_()
+           for t in m.adapter.targets for w in "AB"}
+    out = m.reference(x64, kv64, factors=f64)
+    (out * g.double()).sum().backward()
+    return out, x64.grad, None if kv64 is None else kv64.grad, {k: v.grad for k, v in f64.items()}
+
+
+def test_reference_is_correct_by_finite_differences():
+    m = layer(1, n_heads=2, n_kv_heads=1, rank=2)
+    x = torch.randn(1, 3, 12, dtype=torch.float64, requires_grad=True)
+    f64 = {("q", "A"): m.lora_A["q"].detach().double().requires_grad_()}
+    assert torch.autograd.gradcheck(
+        lambda x_, a_: m.reference(x_, factors={("q", "A"): a_}), (x, f64[("q", "A")]))
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_gradients_match_float64_reference(cross):
+    m = layer(2)
+    gen = torch.Generator().manual_seed(3)
+    xq = torch.randn(2, 5, 12, generator=gen, requires_grad=True)
+    xkv = torch.randn(2, 7, 12, generator=gen, requires_grad=True) if cross else None
+    g = torch.randn(2, 5, 12, generator=gen)
+    out = m(xq, xkv)
+    (out * g).sum().backward()
+    ref_out, ref_dxq, ref_dxkv, ref_f = reference_grads(m, xq, xkv, g)
+    assert rel(out, ref_out) < TOL
+    assert rel(xq.grad, ref_dxq) < TOL
+    if cross:
+        assert rel(xkv.grad, ref_dxkv) < TOL
+    for (t, w), want in ref_f.items():
+        assert rel(getattr(m, "lora_" + w)[t].grad, want) < TOL, (t, w)
+
+
+def test_layer_reused_twice_before_backward():
+    """Two forwards of one layer in flight (each on its own tape)."""
+    m = layer(4)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    g = torch.randn(2, 4, 12)
+    (m(m(x)) * g).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    f64 = {(t, w): getattr(m, "lora_" + w)[t].detach().double().requires_grad_()
+           for t in m.adapter.targets for w in "AB"}
+    (m.reference(m.reference(x64, factors=f64), factors=f64) * g.double()).sum().backward()
+    assert rel(x.grad, x64.grad) < TOL
+    for (t, w), p in f64.items():
+        assert rel(getattr(m, "lora_" + w)[t].grad, p.grad) < TOL, (t, w)
+
+
+def test_factor_grads_live_in_parameter_grads():
+    m = layer(5)
+    x = torch.randn(2, 4, 12)  # no grad: the factors alone make autograd call backward
+    m(x).sum().backward()
+    g1 = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m(x).sum().backward()  # accumulates, as torch does
+    for k, p in m.named_parameters():
+        assert torch.allclose(p.grad, 2 * g1[k], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(p.grad.numpy(), m.adapter.grad(k[-1], k[5]))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt.zero_grad(set_to_none=True)
+    m(x).sum().backward()  # fresh .grad tensors are adopted
+    for k, p in m.named_parameters():
+        assert torch.allclose(p.grad, g1[k], rtol=1e-6, atol=1e-6)
+
+
+def test_no_grad_is_inference_and_equal():
+    m = layer(6)
+    x = torch.randn(2, 4, 12)
+    with torch.no_grad():
+        y0 = m(x)
+    y1 = m(x.clone().requires_grad_())
+    assert torch.equal(y0, y1.detach())
+    for p in m.parameters():
+        p.requires_grad_(False)
+    y2 = m(x)  # nothing requires grad: no tape either
+    assert not y2.requires_grad and torch.equal(y0, y2)
+
+
+def test_float64_is_refused():
+    m = layer(7)
+    with pytest.raises(lora.DtypeError, match="float64"):
+        m(torch.randn(2, 4, 12, dtype=torch.float64))
+    m.double()
+    with pytest.raises(lora.DtypeError, match="float64"):
+        m(torch.randn(2, 4, 12))
+
+
+def test_worked_example_matches_pure_torch_twin(tmp_path):
+    """examples/torch_finetune.py: 50 AdamW steps of the liblora model against its
+    pure-torch twin within 1e-4 relative, then a PEFT save and reload."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "examples",
+                        "torch_finetune.py")
+    if not os.path.exists(path):
+        pytest.skip("the examples/ directory of a checkout is not here")
+    spec = importlib.util.spec_from_file_location("torch_finetune", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    lib = example.train(example.TinyLM())
+    twin = example.train(example.TinyLM(reference=True))
+    assert len(lib) == 50 and lib[-1] < 0.5 * lib[0]
+    assert max(abs(a - b) / abs(b) for a, b in zip(lib, twin)) < 1e-4
+    assert example.main([str(tmp_path / "peft")]) == 0
