@@ -15,7 +15,7 @@ from . import _ffi
 from ._errors import (Status, LoraError, InvalidArgumentError, ShapeError,
                       OutOfMemoryError, NonFiniteError, UnsupportedError, StateError,
                       LoraIOError, FormatError, ToleranceError, DtypeError)
-from ._core import (Param, Target, Backend, Rope, Compute, ForwardFlag, Init, Factor,
+from ._core import (Param, Target, Backend, Rope, Compute, Dtype, ForwardFlag, Init, Factor,
                     RunInfo, ThresholdReport,
                     Adapter, Tape, Optimizer, OptParam, OptimizerKind, mse_loss, mse_loss_mean,
                     version, version_number, status_string, as_f32, save_peft, load_peft,
@@ -36,7 +36,7 @@ __all__ = [
     "Adapter", "Tape", "Optimizer", "save_peft", "load_peft", "save_gguf", "load_gguf", "OptParam", "OptimizerKind", "RunInfo", "ThresholdReport", "mse_loss",
     "mse_loss_mean", "version", "version_number",
     "status_string", "as_f32", "library_path", "has",
-    "Param", "Target", "Backend", "Rope", "Compute", "ForwardFlag", "Init", "Factor",
+    "Param", "Target", "Backend", "Rope", "Compute", "Dtype", "ForwardFlag", "Init", "Factor",
     "Status",
     "LoraError", "InvalidArgumentError", "ShapeError", "OutOfMemoryError",
     "NonFiniteError", "UnsupportedError", "StateError", "LoraIOError", "FormatError",

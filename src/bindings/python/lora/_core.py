@@ -72,6 +72,13 @@ class Compute(enum.IntEnum):
     BF16 = 1
 
 
+class Dtype(enum.IntEnum):
+    """lora_dtype: element types of base weights (lora_adapter_set_base_typed)."""
+    F32 = 0
+    BF16 = 1
+    F16 = 2
+
+
 class ForwardFlag(enum.IntFlag):
     """lora_forward_flag (flags of a forward's per-call arguments)."""
     INFER = 1

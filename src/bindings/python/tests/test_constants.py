@@ -50,6 +50,7 @@ BINDING = {
     "lora_backend": (lora.Backend, ("LORA_BACKEND_",)),
     "lora_rope": (lora.Rope, ("LORA_ROPE_",)),
     "lora_compute": (lora.Compute, ("LORA_COMPUTE_",)),
+    "lora_dtype": (lora.Dtype, ("LORA_DTYPE_",)),
     "lora_init": (lora.Init, ("LORA_INIT_",)),
     "lora_factor": (lora.Factor, ("LORA_",)),
     "lora_forward_flag": (lora.ForwardFlag, ("LORA_FWD_",)),
