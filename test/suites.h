@@ -23,5 +23,6 @@ Suite *serving_suite(void);   /* borrowed bases, hot swap, concurrent tenants */
 Suite *io_suite(void);        /* PEFT and GGUF round trips, independent readers, fuzz */
 Suite *nonfinite_suite(void); /* overflowing results: NONFINITE, nothing changed */
 Suite *io_files_suite(void);  /* special paths, sparse files, torn saves, PEFT parity */
+Suite *io_layout_suite(void); /* save options, Q/K row order per format, recorded geometry */
 
 #endif

@@ -59,6 +59,15 @@ class RunInfoC(ctypes.Structure):
     ]
 
 
+class SaveOptionsC(ctypes.Structure):
+    """struct lora_save_options, field for field."""
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("base_model_name_or_path", ctypes.c_char_p),
+        ("architecture", ctypes.c_char_p),
+    ]
+
+
 class ThresholdReportC(ctypes.Structure):
     """struct lora_threshold_report, field for field."""
     _fields_ = [
@@ -154,6 +163,10 @@ _OPTIONAL_PROTOTYPES = {
                                        _sz, _i]),
     "lora_optimizer_step_set": (_i, [OptimizerP, ctypes.POINTER(AdapterP), _sz]),
     "lora_mse_loss_mean": (_i, [_p, _p, _sz, ctypes.POINTER(_d), _p]),
+    "lora_save_peft_ex": (_i, [_s, ctypes.POINTER(AdapterP), ctypes.POINTER(_i64), _sz,
+                               ctypes.POINTER(SaveOptionsC)]),
+    "lora_save_gguf_ex": (_i, [_s, ctypes.POINTER(AdapterP), ctypes.POINTER(_i64), _sz,
+                               ctypes.POINTER(SaveOptionsC)]),
 }
 
 
