@@ -253,6 +253,13 @@ $(MPI_EXAMPLE): examples/mpi/train_mpi.c include/lora.h $(SHARED)
 	@mkdir -p $(dir $@)
 	$(MPICC) $(CFLAGS) $(APP_CFLAGS) -Werror -o $@ $< $(APP_LDLIBS)
 
+# ---- real llama.cpp as the consumer of liblora's GGUF (not part of check): node-llama-cpp's
+# prebuilt llama.cpp and its converters (test/interop/run.sh, docs/format-gguf.md). Needs
+# npm or a cached install, python3 with numpy and torch; skipped with a message otherwise.
+.PHONY: check-interop
+check-interop: $(SHARED)
+	@sh test/interop/run.sh $(CURDIR)/lib/liblora.so
+
 # ---- benchmarks (not part of check): one program per test/bench/*.c ----
 bench: deps
 	@$(MAKE) --no-print-directory bench-run

@@ -760,6 +760,15 @@ LORA_API int lora_apply_with_error(const lora_adapter *const *tenants, size_t n_
  * Errors: INVALID_ARG (NULL, count 0, bad or duplicate layer, adapters that differ),
  * UNSUPPORTED (GGUF: alpha = 0, which llama.cpp reads as "scale 1"), IO, NOMEM.
  *
+ * Files record the layer's geometry (D_MODEL, heads, KV heads, HEAD_DIM, RoPE layout,
+ * theta and width, CAUSAL, OUT_PROJ; keys "liblora.*"), which every adapter of a set
+ * must share (INVALID_ARG). Q/K rows follow each format's convention: PEFT holds
+ * Hugging Face's (rotate_half) order; a GGUF of an architecture llama.cpp runs with its
+ * NORM RoPE ("llama" and its family) holds the interleaved order convert_hf_to_gguf.py
+ * permutes into. The Q and K lora_B rows of an adapter (HF order unless its ROPE is
+ * INTERLEAVED) are permuted into the file's order on save and back on load
+ * (docs/format-gguf.md lists the architectures).
+ *
  * Loading creates one adapter per layer found, in increasing layer order, from a copy
  * of cfg whose RANK, ALPHA, RSLORA and TARGETS are replaced by the file's (cfg supplies
  * everything else: D_MODEL, heads, OUT_PROJ, backend, threads, allocator, ...). Base
@@ -770,7 +779,9 @@ LORA_API int lora_apply_with_error(const lora_adapter *const *tenants, size_t n_
  * Errors: INVALID_ARG (NULL, capacity), IO (cannot open or read), FORMAT (malformed,
  * truncated or inconsistent file), UNSUPPORTED (well-formed but beyond liblora: tensors
  * of non-attention modules, DoRA, rank/alpha patterns, other dtypes), SHAPE (factor
- * sizes do not match cfg's layer), NONFINITE (NaN/Inf in a factor), NOMEM. */
+ * sizes do not match cfg's layer, or cfg contradicts the recorded geometry: the message
+ * names the key; files without it are not checked), NONFINITE (NaN/Inf in a factor),
+ * NOMEM. */
 
 /* PEFT directory: adapter_config.json (r, lora_alpha, use_rslora, target_modules,
  * layers_to_transform, ...) and adapter_model.safetensors with tensors
@@ -788,7 +799,7 @@ LORA_API int lora_load_peft(lora_adapter **adapters, int64_t *layers, size_t cap
 
 /* llama.cpp GGUF LoRA adapter (GGUF v3): general.type = "adapter", adapter.type =
  * "lora", adapter.lora.alpha (F32), general.architecture (architecture, NULL =
- * "llama"), tensors blk.{i}.attn_{q,k,v,output}.weight.lora_a with ggml shape
+ * "llama"; it decides the Q/K row order, recorded as liblora.qk_rows), tensors blk.{i}.attn_{q,k,v,output}.weight.lora_a with ggml shape
  * [in, r] and .lora_b with [r, out], i.e. row-major (r, in) and (out, r) as PEFT.
  * GGUF has no rsLoRA flag: an rsLoRA adapter is saved with alpha*sqrt(r) (same scale)
  * and loads as plain LoRA. Loading accepts F32, F16 and BF16 tensors, GGUF v2 and v3. */
@@ -796,6 +807,38 @@ LORA_API int lora_save_gguf(const char *path, lora_adapter *const *adapters,
                             const int64_t *layers, size_t count, const char *architecture);
 LORA_API int lora_load_gguf(lora_adapter **adapters, int64_t *layers, size_t capacity,
                             size_t *count, const char *path, lora_config *cfg);
+
+/* Options of a save (zero-initialise, set struct_size, fill what you need). Fields past
+ * struct_size take their defaults; a struct_size smaller than the first version is
+ * LORA_ERR_INVALID_ARG, and a larger one (a newer header) is accepted when the bytes this
+ * library does not know are zero (else LORA_ERR_UNSUPPORTED). */
+typedef struct lora_save_options {
+    uint32_t struct_size;                /* sizeof(lora_save_options); fields only appended */
+    const char *base_model_name_or_path; /* NULL (default): none. The model the adapter
+                                            applies to, a Hugging Face id ("org/name") or
+                                            a path: 1 to 1024 bytes of UTF-8 without
+                                            control characters. PEFT: adapter_config.json's
+                                            base_model_name_or_path (null when NULL).
+                                            GGUF: general.base_model.count = 1 and
+                                            general.base_model.0.name (the string as
+                                            given), plus .repo_url for an "org/name" id
+                                            or an http(s) URL */
+    const char *architecture;            /* GGUF general.architecture (as lora_save_gguf's
+                                            argument; NULL = "llama"), which also decides
+                                            the file's Q/K row order (docs/format-gguf.md).
+                                            PEFT ignores it */
+} lora_save_options;
+
+/* lora_save_peft and lora_save_gguf with options (NULL = all defaults: then they equal
+ * lora_save_peft and lora_save_gguf(..., NULL)). Errors as theirs, plus INVALID_ARG
+ * (struct_size, a base_model_name_or_path that is empty, too long, not UTF-8 or holds a
+ * control character) and UNSUPPORTED (unknown nonzero fields past this version). */
+LORA_API int lora_save_peft_ex(const char *dir, lora_adapter *const *adapters,
+                               const int64_t *layers, size_t count,
+                               const lora_save_options *options);
+LORA_API int lora_save_gguf_ex(const char *path, lora_adapter *const *adapters,
+                               const int64_t *layers, size_t count,
+                               const lora_save_options *options);
 
 #ifdef __cplusplus
 }

@@ -32,5 +32,6 @@ Suite *names_suite(void);     /* limits and trailing characters of tensor names,
 Suite *corners_suite(void);   /* second angles on single-test corners (optimizer, io, ...) */
 Suite *tapes_suite(void);     /* lora_forward_ex / lora_backward_ex, tapes, LORA_FWD_INFER */
 Suite *borrow_suite(void);    /* caller-owned factor and gradient storage */
+Suite *io_layout_suite(void); /* save options, Q/K row order per format, recorded geometry */
 
 #endif

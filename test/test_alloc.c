@@ -349,6 +349,7 @@ static void run_cycle(const cycle_case *cc, const ref_layer *l, const ref_proble
         ck_assert_int_eq(lora_config_set_int(lc, LORA_CFG_N_HEADS, rc->n_heads), LORA_OK);
         ck_assert_int_eq(lora_config_set_int(lc, LORA_CFG_N_KV_HEADS, rc->n_kv_heads), LORA_OK);
         ck_assert_int_eq(lora_config_set_int(lc, LORA_CFG_OUT_PROJ, rc->out_proj), LORA_OK);
+        ck_assert_int_eq(lora_config_set_int(lc, LORA_CFG_CAUSAL, rc->causal), LORA_OK);
         ck_assert_int_eq(lora_config_set_int(lc, LORA_CFG_THREADS, 1), LORA_OK);
         lora_adapter *loaded[2] = {NULL, NULL};
         int64_t layers[2];

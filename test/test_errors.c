@@ -64,6 +64,7 @@ typedef enum entry_point {
     EP_OPT_CREATE_SET, EP_OPT_STEP_SET, EP_MSE_LOSS_MEAN,
     EP_FORWARD_EX, EP_BACKWARD_EX, EP_TAPE_CREATE, EP_TAPE_DESTROY, EP_BORROW_FACTOR,
     EP_SET_BASE_TYPED, EP_APPLY, EP_APPLY_WITH_ERROR,
+    EP_SAVE_PEFT_EX, EP_SAVE_GGUF_EX,
     EP_COUNT
 } entry_point;
 
@@ -133,7 +134,16 @@ static const char *const ep_names[EP_COUNT] = {
     [EP_SET_BASE_TYPED] = "lora_adapter_set_base_typed",
     [EP_APPLY] = "lora_apply",
     [EP_APPLY_WITH_ERROR] = "lora_apply_with_error",
+    [EP_SAVE_PEFT_EX] = "lora_save_peft_ex",
+    [EP_SAVE_GGUF_EX] = "lora_save_gguf_ex",
 };
+
+/* The saves (all take an adapter set; the _ex ones options too). */
+static int ep_is_save(int ep)
+{
+    return ep == EP_SAVE_PEFT || ep == EP_SAVE_GGUF || ep == EP_SAVE_PEFT_EX ||
+           ep == EP_SAVE_GGUF_EX;
+}
 
 /* ---- states before the call --------------------------------------------------------- */
 
@@ -176,7 +186,7 @@ typedef enum mut_kind {
     MK_VPTR_NULL,  /* non-float out pointer k (value, rows/cols, report, info, loss) NULL */
     MK_INT,        /* integer argument k = v */
     MK_DOUBLE,     /* the double argument = d */
-    MK_STRUCT_SIZE, /* struct_size of the report / run info = v */
+    MK_STRUCT_SIZE, /* struct_size of the report / run info / save options = v */
     MK_HOOK_NULL,  /* allocator hook k (0 alloc, 1 free) NULL */
     MK_ALIAS,      /* backward_cross: dxkv is the same buffer as dxq */
     MK_AD2_NULL,   /* the second adapter (copy_params src, optimizer_step ad) is NULL */
@@ -196,7 +206,8 @@ typedef enum mut_kind {
     MK_TAPE,       /* the tape: k = 0 another adapter's, 1 empty, 2 recorded before a
                       set_param */
     MK_SELF_DXKV,  /* backward_ex of a self-attention forward with dxkv set */
-    MK_TENANT      /* lora_apply: tenant_of_row[0] = v */
+    MK_TENANT,     /* lora_apply: tenant_of_row[0] = v */
+    MK_BAD_BASE_MODEL /* save_*_ex: base_model_name_or_path holds a control character */
 } mut_kind;
 
 typedef struct mutation {
@@ -233,6 +244,7 @@ typedef struct mutation {
 #define M_TAPE(k) {MK_TAPE, (k), 0, 0.0}
 #define M_SELF_DXKV {MK_SELF_DXKV, 0, 0, 0.0}
 #define M_TENANT(v) {MK_TENANT, 0, (v), 0.0}
+#define M_BASE_MODEL {MK_BAD_BASE_MODEL, 0, 0, 0.0}
 
 /* Wanted results besides lora_status values. */
 enum { W_STRING = -1, /* a non-NULL, non-empty static string */
@@ -740,6 +752,24 @@ static const bad_row bad_rows[] = {
     ROW(EP_SAVE_GGUF, PRE_SELF, M_LAYER(-5), INV, "layer -5"),
     ROW(EP_SAVE_GGUF, PRE_SELF, M_DUP, INV, "duplicate layer"),
     ROW(EP_SAVE_GGUF, PRE_SELF, M_MISSING, LORA_ERR_IO, "directory missing"),
+    ROW(EP_SAVE_PEFT_EX, PRE_SELF, M_NULL(0), INV, "dir NULL"),
+    ROW(EP_SAVE_PEFT_EX, PRE_SELF, M_VNULL(0), INV, "adapters NULL"),
+    ROW(EP_SAVE_PEFT_EX, PRE_SELF, M_VNULL(1), INV, "layers NULL"),
+    ROW(EP_SAVE_PEFT_EX, PRE_SELF, M_INT(2, 0), INV, "count 0"),
+    ROW(EP_SAVE_PEFT_EX, PRE_SELF, M_DUP, INV, "duplicate layer"),
+    ROW(EP_SAVE_PEFT_EX, PRE_SELF, M_OTHER_AD, INV, "adapters of different ranks"),
+    ROW(EP_SAVE_PEFT_EX, PRE_SELF, M_SIZE(0), INV, "options struct_size 0"),
+    ROW(EP_SAVE_PEFT_EX, PRE_SELF, M_SIZE(8), INV, "options struct_size 8"),
+    ROW(EP_SAVE_PEFT_EX, PRE_SELF, M_BASE_MODEL, INV, "base_model_name_or_path \\x01"),
+    ROW(EP_SAVE_PEFT_EX, PRE_SELF, M_MISSING, LORA_ERR_IO, "parent directory missing"),
+    ROW(EP_SAVE_GGUF_EX, PRE_SELF, M_NULL(0), INV, "path NULL"),
+    ROW(EP_SAVE_GGUF_EX, PRE_SELF, M_VNULL(0), INV, "adapters NULL"),
+    ROW(EP_SAVE_GGUF_EX, PRE_SELF, M_INT(2, 0), INV, "count 0"),
+    ROW(EP_SAVE_GGUF_EX, PRE_SELF, M_LAYER(-5), INV, "layer -5"),
+    ROW(EP_SAVE_GGUF_EX, PRE_SELF, M_DUP, INV, "duplicate layer"),
+    ROW(EP_SAVE_GGUF_EX, PRE_SELF, M_SIZE(12), INV, "options struct_size 12"),
+    ROW(EP_SAVE_GGUF_EX, PRE_SELF, M_BASE_MODEL, INV, "base_model_name_or_path \\x01"),
+    ROW(EP_SAVE_GGUF_EX, PRE_SELF, M_MISSING, LORA_ERR_IO, "directory missing"),
     ROW(EP_LOAD_PEFT, PRE_SELF, M_NULL(0), INV, "dir NULL"),
     ROW(EP_LOAD_PEFT, PRE_SELF, M_HANDLE, INV, "cfg NULL"),
     ROW(EP_LOAD_PEFT, PRE_SELF, M_VNULL(1), INV, "count NULL"),
@@ -939,6 +969,7 @@ typedef struct call_args {
     double d;
     lora_threshold_report report;
     lora_run_info info;
+    lora_save_options save_opts;
     int64_t value_i, rows, cols;
     double value_d, loss;
     lora_allocator alloc;
@@ -1057,7 +1088,7 @@ static void files_and_adapters(const bad_row *r, row_env *e, call_args *a)
     const tfx *f = &e->f;
     const int other = r->m.kind == MK_OTHER_AD || r->m2.kind == MK_OTHER_AD;
     const int ep = r->ep;
-    if (ep == EP_COPY_PARAMS || ep == EP_OPT_STEP || ep == EP_SAVE_PEFT || ep == EP_SAVE_GGUF) {
+    if (ep == EP_COPY_PARAMS || ep == EP_OPT_STEP || ep_is_save(ep)) {
         if (other) {
             lora_config *cfg = fixture_cfg(f, 0, 3);
             ck_assert_int_eq(lora_adapter_create(&a->ad2, cfg), LORA_OK);
@@ -1095,18 +1126,18 @@ static void files_and_adapters(const bad_row *r, row_env *e, call_args *a)
             a->adv[1] = NULL;
         return;
     }
-    if (ep != EP_SAVE_PEFT && ep != EP_SAVE_GGUF && ep != EP_LOAD_PEFT && ep != EP_LOAD_GGUF)
+    if (!ep_is_save(ep) && ep != EP_LOAD_PEFT && ep != EP_LOAD_GGUF)
         return;
     snprintf(a->tmp, sizeof a->tmp, "/tmp/lora_errors_XXXXXX");
     ck_assert_ptr_nonnull(mkdtemp(a->tmp));
-    const int gguf = ep == EP_SAVE_GGUF || ep == EP_LOAD_GGUF;
+    const int gguf = ep == EP_SAVE_GGUF || ep == EP_SAVE_GGUF_EX || ep == EP_LOAD_GGUF;
     snprintf(a->path, sizeof a->path, "%s/%s", a->tmp, gguf ? "adapter.gguf" : "peft");
     a->adv[0] = f->ad;
     a->adv[1] = a->ad2;
     a->lay[0] = 0;
     a->lay[1] = 1;
     const mutation *ms[2] = {&r->m2, &r->m};
-    if (ep == EP_SAVE_PEFT || ep == EP_SAVE_GGUF) {
+    if (ep_is_save(ep)) {
         for (int j = 0; j < 2; j++) {
             if (ms[j]->kind == MK_DUP_LAYER) {
                 a->i[2] = 2;
@@ -1241,7 +1272,9 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
         a->i[2] = (int64_t)(f->l.out[REF_Q] * f->l.in[REF_Q]);
         break;
     case EP_SAVE_PEFT:
-    case EP_SAVE_GGUF: a->i[2] = 1; break;
+    case EP_SAVE_GGUF:
+    case EP_SAVE_PEFT_EX:
+    case EP_SAVE_GGUF_EX: a->i[2] = 1; break;
     case EP_LOAD_PEFT:
     case EP_LOAD_GGUF: a->i[2] = 4; break;
     case EP_SET_PARAM:
@@ -1412,6 +1445,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     a->ex.a.struct_size = sizeof a->ex.a;
     a->report.struct_size = sizeof a->report;
     a->info.struct_size = sizeof a->info;
+    a->save_opts = (lora_save_options){sizeof a->save_opts, "org/model", NULL};
     a->alloc = (lora_allocator){plain_alloc, plain_free, NULL};
     /* The remaining mutations. */
     const mutation *ms[2] = {&r->m2, &r->m};
@@ -1437,6 +1471,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
             a->report.struct_size = (uint32_t)m->v;
             a->info.struct_size = (uint32_t)m->v;
             a->ex.a.struct_size = (uint32_t)m->v;
+            a->save_opts.struct_size = (uint32_t)m->v;
             break;
         case MK_ARGS_FLAGS: a->ex.a.flags = (uint32_t)m->v; break;
         case MK_ARGS_MASK: set_mask(&a->ex.a, m->k); break;
@@ -1446,6 +1481,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
             break;
         case MK_TAPE: make_tape(e, a, m->k); break;
         case MK_SELF_DXKV: a->self_dxkv = 1; break;
+        case MK_BAD_BASE_MODEL: a->save_opts.base_model_name_or_path = "bad\x01name"; break;
         case MK_HOOK_NULL:
             if (m->k == 0)
                 a->alloc.alloc = NULL;
@@ -1603,12 +1639,18 @@ static int invoke(int ep, row_env *e, call_args *a)
                                      a->errbuf, sizeof a->errbuf);
     }
     case EP_SAVE_PEFT:
-    case EP_SAVE_GGUF: {
+    case EP_SAVE_GGUF:
+    case EP_SAVE_PEFT_EX:
+    case EP_SAVE_GGUF_EX: {
         const char *path = a->null_path ? NULL : a->path;
         lora_adapter *const *adv = a->null_adv ? NULL : a->adv;
         const int64_t *lay = a->null_lay ? NULL : a->lay;
-        return ep == EP_SAVE_PEFT ? lora_save_peft(path, adv, lay, count)
-                                  : lora_save_gguf(path, adv, lay, count, NULL);
+        switch (ep) {
+        case EP_SAVE_PEFT: return lora_save_peft(path, adv, lay, count);
+        case EP_SAVE_GGUF: return lora_save_gguf(path, adv, lay, count, NULL);
+        case EP_SAVE_PEFT_EX: return lora_save_peft_ex(path, adv, lay, count, &a->save_opts);
+        default: return lora_save_gguf_ex(path, adv, lay, count, &a->save_opts);
+        }
     }
     case EP_LOAD_PEFT:
     case EP_LOAD_GGUF: {
@@ -1651,6 +1693,8 @@ static const char *row_message(const bad_row *r, const row_env *e, const call_ar
                                                          : lora_adapter_last_error(a->adv[0]);
     case EP_SAVE_PEFT:
     case EP_SAVE_GGUF:
+    case EP_SAVE_PEFT_EX:
+    case EP_SAVE_GGUF_EX:
         return a->null_adv || !a->adv[0] ? NULL : lora_adapter_last_error(a->adv[0]);
     case EP_LOAD_PEFT:
     case EP_LOAD_GGUF:

@@ -17,6 +17,7 @@
 #include "fixtures.h"
 #include "helpers.h"
 #include "suites.h"
+#include "test_io_util.h"
 
 static const char *const peft_modules[4] = {"q_proj", "k_proj", "v_proj", "o_proj"};
 static const char *const gguf_modules[4] = {"attn_q", "attn_k", "attn_v", "attn_output"};
@@ -72,76 +73,6 @@ static void assert_same_params(const lora_adapter *a, const lora_adapter *b, con
     ck_assert_int_eq(t1, t2);
     free(pa);
     free(pb);
-}
-
-static char *path_in(const char *dir, const char *file)
-{
-    char *p = malloc(strlen(dir) + strlen(file) + 2);
-    sprintf(p, "%s/%s", dir, file);
-    return p;
-}
-
-static uint64_t le64(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = v << 8 | p[i];
-    return v;
-}
-
-static uint32_t le32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static float lef(const unsigned char *p)
-{
-    const uint32_t u = le32(p);
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* In JSON text: the value after "key": (first occurrence at or after from). */
-static const char *json_value(const char *from, const char *key)
-{
-    char pat[256];
-    snprintf(pat, sizeof pat, "\"%s\"", key);
-    const char *p = strstr(from, pat);
-    if (!p)
-        return NULL;
-    p += strlen(pat);
-    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
-        p++;
-    if (*p != ':')
-        return NULL;
-    p++;
-    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
-        p++;
-    return p;
-}
-
-/* "[a, b, ...]" into v (at most cap); returns the count. */
-static int json_ints(const char *p, long long *v, int cap)
-{
-    ck_assert(p && *p == '[');
-    p++;
-    int n = 0;
-    for (;;) {
-        while (*p == ' ' || *p == '\t' || *p == '\n')
-            p++;
-        if (*p == ']')
-            return n;
-        char *end;
-        const long long x = strtoll(p, &end, 10);
-        ck_assert(end != p && n < cap);
-        v[n++] = x;
-        p = end;
-        while (*p == ' ' || *p == '\t' || *p == '\n')
-            p++;
-        if (*p == ',')
-            p++;
-    }
 }
 
 /* An adapter set: layers {5, 0, 2} (unsorted on purpose). */
@@ -404,7 +335,31 @@ START_TEST(test_gguf_independent_reader)
                 {
                 seen |= 4;
                 ck_assert_str_eq(v, "qwen2");
+            } else if (strcmp(key, "liblora.rope") == 0) {
+                seen |= 16;
+                ck_assert_str_eq(v, "none");
+            } else if (strcmp(key, "liblora.qk_rows") == 0) {
+                seen |= 32; /* qwen2: llama.cpp's NEOX RoPE, Hugging Face's row order */
+                ck_assert_str_eq(v, "half");
             }
+        } else if (type == 4) { /* u32: the geometry (fx_default) */
+            static const char *const keys[4] = {"liblora.d_model", "liblora.n_heads",
+                                                "liblora.n_kv_heads", "liblora.head_dim"};
+            static const uint32_t want[4] = {16, 4, 2, 4};
+            NEED(4);
+            int k = 0;
+            while (k < 4 && strcmp(key, keys[k]) != 0)
+                k++;
+            ck_assert_msg(k < 4 && le32(b + pos) == want[k], "key %s = %u", key, le32(b + pos));
+            seen |= 64 << k;
+            pos += 4;
+        } else if (type == 7) { /* bool */
+            NEED(1);
+            const int is_out = strcmp(key, "liblora.out_proj") == 0;
+            ck_assert_msg(is_out || strcmp(key, "liblora.causal") == 0, "key %s", key);
+            ck_assert_uint_eq(b[pos], is_out ? 1 : 0);
+            seen |= is_out ? 1024 : 2048;
+            pos += 1;
         } else {
             ck_assert_msg(type == 6 && strcmp(key, "adapter.lora.alpha") == 0, "key %s type %u",
                           key, type);
@@ -414,7 +369,7 @@ START_TEST(test_gguf_independent_reader)
             seen |= 8;
         }
     }
-    ck_assert_int_eq(seen, 15);
+    ck_assert_int_eq(seen, 4095); /* no rope_theta, rope_dim without RoPE */
     typedef struct {
         char name[64];
         uint64_t ne0, ne1, off;

@@ -19,15 +19,9 @@
 #include "fixtures.h"
 #include "helpers.h"
 #include "suites.h"
+#include "test_io_util.h"
 
 /* ---- helpers ---------------------------------------------------------------------- */
-
-static char *path_in(const char *dir, const char *file)
-{
-    char *p = malloc(strlen(dir) + strlen(file) + 2);
-    sprintf(p, "%s/%s", dir, file);
-    return p;
-}
 
 /* A set of n adapters of spec s at layers {5, 0, 2, 9}. */
 static void make_set(const fx_spec *s, lora_adapter **ad, int64_t *layers, size_t n)

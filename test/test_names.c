@@ -206,8 +206,10 @@ static buf gguf_bytes(const name_set *s, size_t *header_end)
     put_le(&b, 3, 4);
     put_le(&b, NT, 8);
     put_le(&b, 4, 8);
+    /* qwen2 rotates with NEOX RoPE, so its GGUF keeps Q/K rows in Hugging Face's order
+     * and the values load unpermuted (llama's would be permuted: test_io_layout.c). */
     static const char *const kv[3][2] = {
-        {"general.type", "adapter"}, {"adapter.type", "lora"}, {"general.architecture", "llama"}};
+        {"general.type", "adapter"}, {"adapter.type", "lora"}, {"general.architecture", "qwen2"}};
     for (int i = 0; i < 3; i++) {
         gguf_str(&b, kv[i][0], strlen(kv[i][0]));
         put_le(&b, 8, 4); /* string */

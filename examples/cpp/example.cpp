@@ -11,7 +11,10 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -174,6 +177,15 @@ int main() {
                                  again[0].second.params_flat() == student.params_flat();
         std::printf("PEFT save/load (%s): %zu layer(s), factors %s\n", dir.c_str(),
                     loaded.size(), same_params ? "identical" : "DIFFER");
+        // With options: the base model's id lands in adapter_config.json.
+        lora::save_peft(dir, {{0, &student}}, lora::SaveOptions{"org/base-model", ""});
+        std::ifstream config_file(dir + "/adapter_config.json");
+        const std::string config_text((std::istreambuf_iterator<char>(config_file)),
+                                      std::istreambuf_iterator<char>());
+        const bool base_named = config_text.find("\"org/base-model\"") != std::string::npos;
+        std::printf("adapter_config.json names the base model: %s\n", base_named ? "yes" : "NO");
+        if (!base_named)
+            return 1;
         std::filesystem::remove_all(dir);
 
         // Errors carry the status and the library's message.

@@ -760,6 +760,37 @@ inline void save_gguf(const std::string &path, const std::vector<LayerRef> &set,
                               architecture.empty() ? nullptr : architecture.c_str());
     });
 }
+// Options of the _ex saves (lora_save_options); an empty string means "not set".
+struct SaveOptions {
+    std::string base_model_name_or_path; // PEFT's key, GGUF's general.base_model.*
+    std::string architecture;            // GGUF only; empty means "llama"
+};
+namespace detail {
+inline lora_save_options c_options(const SaveOptions &o) {
+    lora_save_options c{};
+    c.struct_size = sizeof c;
+    c.base_model_name_or_path =
+        o.base_model_name_or_path.empty() ? nullptr : o.base_model_name_or_path.c_str();
+    c.architecture = o.architecture.empty() ? nullptr : o.architecture.c_str();
+    return c;
+}
+} // namespace detail
+inline void save_peft(const std::string &dir, const std::vector<LayerRef> &set,
+                      const SaveOptions &options) {
+    const lora_save_options c = detail::c_options(options);
+    detail::save_set(set, "lora_save_peft_ex", [&](lora_adapter *const *a,
+                                                   const std::int64_t *l, std::size_t n) {
+        return lora_save_peft_ex(dir.c_str(), a, l, n, &c);
+    });
+}
+inline void save_gguf(const std::string &path, const std::vector<LayerRef> &set,
+                      const SaveOptions &options) {
+    const lora_save_options c = detail::c_options(options);
+    detail::save_set(set, "lora_save_gguf_ex", [&](lora_adapter *const *a,
+                                                   const std::int64_t *l, std::size_t n) {
+        return lora_save_gguf_ex(path.c_str(), a, l, n, &c);
+    });
+}
 inline std::vector<std::pair<std::int64_t, Adapter>> load_gguf(const std::string &path,
                                                                const Config &cfg) {
     return detail::load_set(cfg, "lora_load_gguf",

@@ -40,11 +40,52 @@ static int put_string(const io_alloc *a, io_bytes *b, const char *s)
     return io_bytes_u64(a, b, n) || io_bytes_append(a, b, s, n) ? LORA_ERR_NOMEM : LORA_OK;
 }
 
-static int put_kv_string(const io_alloc *a, io_bytes *b, const char *key, const char *v)
+/* The key-values, counted as they are appended; fail latches an allocation failure. */
+typedef struct kv_list {
+    io_bytes b;
+    uint64_t n;
+    int fail;
+} kv_list;
+
+static void kv_key(const io_alloc *a, kv_list *k, const char *key, uint32_t type)
 {
-    return put_string(a, b, key) || io_bytes_u32(a, b, GGUF_STRING) || put_string(a, b, v)
-               ? LORA_ERR_NOMEM
-               : LORA_OK;
+    k->fail = k->fail || put_string(a, &k->b, key) || io_bytes_u32(a, &k->b, type);
+    k->n++;
+}
+
+static void kv_string(const io_alloc *a, kv_list *k, const char *key, const char *v)
+{
+    kv_key(a, k, key, GGUF_STRING);
+    k->fail = k->fail || put_string(a, &k->b, v);
+}
+
+static void kv_u32(const io_alloc *a, kv_list *k, const char *key, uint32_t v)
+{
+    kv_key(a, k, key, GGUF_UINT32);
+    k->fail = k->fail || io_bytes_u32(a, &k->b, v);
+}
+
+static void kv_f32(const io_alloc *a, kv_list *k, const char *key, float v)
+{
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    kv_key(a, k, key, GGUF_FLOAT32);
+    k->fail = k->fail || io_bytes_u32(a, &k->b, bits);
+}
+
+static void kv_f64(const io_alloc *a, kv_list *k, const char *key, double v)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, 8);
+    kv_key(a, k, key, GGUF_FLOAT64);
+    k->fail = k->fail || io_bytes_u64(a, &k->b, bits);
+}
+
+static void kv_bool(const io_alloc *a, kv_list *k, const char *key, int v)
+{
+    const unsigned char byte = v ? 1 : 0;
+    kv_key(a, k, key, GGUF_BOOL);
+    k->fail = k->fail || io_bytes_append(a, &k->b, &byte, 1);
 }
 
 static int valid_arch(const char *s)
@@ -59,23 +100,106 @@ static int valid_arch(const char *s)
     return 1;
 }
 
+/* llama.cpp's architectures that rotate attn_q/attn_k with its NORM RoPE (pairs of
+ * adjacent dims; llama_model_rope_type), so their GGUF holds Q/K rows in the
+ * interleaved order: convert_hf_to_gguf.py permutes rotate_half checkpoints into it
+ * (LlamaModel.permute and its copies). Every other architecture keeps Hugging Face's
+ * order (NEOX RoPE, or none). docs/format-gguf.md lists the converters. */
+static const char *const norm_rope_archs[] = {
+    "llama", "llama4", "llada", "deci", "baichuan", "internlm2", "minicpm", "xverse",
+    "command-r", "cohere2", "cohere2moe", "olmo", "arctic", "deepseek", "deepseek2",
+    "deepseek2-ocr", "deepseek32", "deepseek4", "muse-glimmer", "plm", "chatglm",
+    "granite", "granitemoe", "granitehybrid", "graniteswitch", "granite_swa", "chameleon",
+    "bailingmoe", "bailingmoe3", "neo-bert", "smollm3", "arcee", "ernie4_5",
+    "ernie4_5-moe", "mistral3", "eagle3", "mistral4", "llama-embed", "maincoder", "glm-dsa",
+    "dots3note", "nanbeige", "pockettts", "glm4"};
+
+static int qk_rows_of(const char *arch, size_t len)
+{
+    for (size_t i = 0; i < sizeof norm_rope_archs / sizeof norm_rope_archs[0]; i++)
+        if (strlen(norm_rope_archs[i]) == len && memcmp(arch, norm_rope_archs[i], len) == 0)
+            return LORA_ROPE_INTERLEAVED;
+    return LORA_ROPE_HALF;
+}
+
+int io_gguf_qk_rows(const char *arch)
+{
+    const char *a = arch ? arch : "llama";
+    return qk_rows_of(a, strlen(a));
+}
+
 static size_t align_up(size_t n) { return (n + GGUF_ALIGNMENT - 1) & ~(size_t)(GGUF_ALIGNMENT - 1); }
 
-/* The header and key-values. */
-static int put_header(const io_alloc *a, io_bytes *b, size_t n_tensors, const char *arch,
-                      float alpha)
+/* "org/name": a Hugging Face model id (no path: one '/', no leading '.', no "..").
+ * Checked on a string already known to be UTF-8 without control characters. */
+static int is_hf_id(const char *s)
 {
-    uint32_t alpha_bits;
-    memcpy(&alpha_bits, &alpha, 4);
-    return io_bytes_append(a, b, GGUF_MAGIC, 4) || io_bytes_u32(a, b, GGUF_VERSION) ||
-                   io_bytes_u64(a, b, n_tensors) || io_bytes_u64(a, b, 4) ||
-                   put_kv_string(a, b, "general.architecture", arch) ||
-                   put_kv_string(a, b, "general.type", "adapter") ||
-                   put_kv_string(a, b, "adapter.type", "lora") ||
-                   put_string(a, b, "adapter.lora.alpha") ||
-                   io_bytes_u32(a, b, GGUF_FLOAT32) || io_bytes_u32(a, b, alpha_bits)
-               ? LORA_ERR_NOMEM
-               : LORA_OK;
+    const char *slash = strchr(s, '/');
+    if (!slash || strchr(slash + 1, '/') || slash == s || !slash[1] || s[0] == '.' ||
+        slash[1] == '.' || strstr(s, ".."))
+        return 0;
+    for (const char *p = s; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+              *p == '/' || *p == '-' || *p == '_' || *p == '.'))
+            return 0;
+    return 1;
+}
+
+/* general.base_model.* as gguf-py's metadata writer names them (one base model). */
+static void put_base_model(const io_alloc *a, kv_list *k, const char *base)
+{
+    kv_u32(a, k, "general.base_model.count", 1);
+    kv_string(a, k, "general.base_model.0.name", base);
+    if (strncmp(base, "https://", 8) == 0 || strncmp(base, "http://", 7) == 0) {
+        kv_string(a, k, "general.base_model.0.repo_url", base);
+    } else if (is_hf_id(base)) {
+        static const char hub[] = "https://huggingface.co/";
+        const size_t n = sizeof hub + strlen(base);
+        char *url = io_malloc(a, n);
+        if (!url) {
+            k->fail = 1;
+            return;
+        }
+        snprintf(url, n, "%s%s", hub, base);
+        kv_string(a, k, "general.base_model.0.repo_url", url);
+        io_free(a, url);
+    }
+}
+
+/* liblora.*: the geometry and the Q/K row order. */
+static void put_geometry(const io_alloc *a, kv_list *k, const io_meta *meta)
+{
+    for (int i = 0; i < IO_GEOM_COUNT; i++) {
+        if (!((meta->geom.present >> i) & 1))
+            continue;
+        const double v = meta->geom.value[i];
+        switch (io_geom_kind_of(i)) {
+        case IO_GEOM_INT: kv_u32(a, k, io_geom_key(i), (uint32_t)v); break;
+        case IO_GEOM_FLAG: kv_bool(a, k, io_geom_key(i), v != 0.0); break;
+        case IO_GEOM_ROPE: kv_string(a, k, io_geom_key(i), io_rope_name((int)v)); break;
+        case IO_GEOM_REAL: kv_f64(a, k, io_geom_key(i), v); break;
+        }
+    }
+    kv_string(a, k, "liblora.qk_rows", io_rope_name(meta->qk_rows));
+}
+
+/* The header: magic, version, counts, then the key-values. */
+static int put_header(const io_alloc *a, io_bytes *b, size_t n_tensors, const char *arch,
+                      float alpha, const io_meta *meta)
+{
+    kv_list k = {{0}, 0, 0};
+    kv_string(a, &k, "general.architecture", arch);
+    kv_string(a, &k, "general.type", "adapter");
+    kv_string(a, &k, "adapter.type", "lora");
+    kv_f32(a, &k, "adapter.lora.alpha", alpha);
+    if (meta->base_model)
+        put_base_model(a, &k, meta->base_model);
+    put_geometry(a, &k, meta);
+    const int fail = k.fail || io_bytes_append(a, b, GGUF_MAGIC, 4) ||
+                     io_bytes_u32(a, b, GGUF_VERSION) || io_bytes_u64(a, b, n_tensors) ||
+                     io_bytes_u64(a, b, k.n) || io_bytes_append(a, b, k.b.p, k.b.n);
+    io_bytes_free(a, &k.b);
+    return fail ? LORA_ERR_NOMEM : LORA_OK;
 }
 
 /* One tensor: its info into b, its data (aligned) into data. */
@@ -110,7 +234,7 @@ int io_gguf_write(const io_alloc *a, const char *path, const io_meta *meta,
                         "as scale 1, and it is an F32",
                         alpha);
     io_bytes b = {0}, data = {0};
-    int fail = put_header(a, &b, n, arch, alpha32);
+    int fail = put_header(a, &b, n, arch, alpha32, meta);
     for (size_t i = 0; i < n && !fail; i++)
         fail = put_tensor(a, &b, &data, &r[i]);
     /* Data start: the infos' end, aligned; the data padded to the alignment too (ggml's
@@ -322,10 +446,33 @@ static void printable_name(char *nm, const unsigned char *name, uint64_t nlen)
             nm[j] = '?';
 }
 
+/* The keys liblora reads; KEY_GEOM + i is geometry field i. */
+enum {
+    KEY_OTHER, KEY_GTYPE, KEY_ATYPE, KEY_ALPHA, KEY_ALIGN, KEY_ALORA, KEY_ARCH, KEY_QK_ROWS,
+    KEY_GEOM, KEY_COUNT = KEY_GEOM + IO_GEOM_COUNT
+};
+
+static int key_id(const unsigned char *key, uint64_t klen)
+{
+    static const char *const names[KEY_GEOM] = {
+        NULL, "general.type", "adapter.type", "adapter.lora.alpha", "general.alignment",
+        "adapter.alora.invocation_tokens", "general.architecture", "liblora.qk_rows"};
+    if (!key)
+        return KEY_OTHER;
+    for (int k = 1; k < KEY_GEOM; k++)
+        if (str_eq(key, klen, names[k]))
+            return k;
+    for (int g = 0; g < IO_GEOM_COUNT; g++)
+        if (str_eq(key, klen, io_geom_key(g)))
+            return KEY_GEOM + g;
+    return KEY_OTHER;
+}
+
 /* What the key-values say that the tensors need. */
 typedef struct gguf_kvs {
     uint64_t alignment;
-    int seen_gtype, seen_atype, seen_alpha, seen_align;
+    int seen[KEY_COUNT];
+    int arch_rows, key_rows; /* the Q/K row order by general.architecture, liblora.qk_rows */
 } gguf_kvs;
 
 /* Magic, version and counts. */
@@ -369,6 +516,102 @@ static int read_type_string(cursor *c, uint32_t type, const char *key, const cha
     return LORA_OK;
 }
 
+/* A string value naming a row order or RoPE layout (liblora.qk_rows, liblora.rope). */
+static int read_rope_string(cursor *c, uint32_t type, const char *key, int *rope, char *err)
+{
+    const unsigned char *sv;
+    uint64_t slen;
+    if (type != GGUF_STRING || !rd_str(c, &sv, &slen))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: %s is not a string", key);
+    *rope = sv ? io_rope_of_name((const char *)sv, (size_t)slen) : -1;
+    if (*rope < 0)
+        return io_error(err, LORA_ERR_FORMAT,
+                        "GGUF: %s is not \"none\", \"half\" or \"interleaved\"", key);
+    return LORA_OK;
+}
+
+/* general.architecture: a string, whose name decides the Q/K row order. */
+static int read_arch(cursor *c, uint32_t type, gguf_kvs *kv, char *err)
+{
+    const unsigned char *sv;
+    uint64_t slen;
+    if (type != GGUF_STRING || !rd_str(c, &sv, &slen))
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: general.architecture is not a string");
+    kv->arch_rows = sv ? qk_rows_of((const char *)sv, (size_t)slen) : LORA_ROPE_HALF;
+    return LORA_OK;
+}
+
+/* liblora.<field>: integers in [0, 2^31), flags as bool or 0/1, the RoPE layout as a
+ * string, rope_theta a finite number > 0. */
+static int read_geometry(cursor *c, uint32_t type, int g, io_meta *meta, char *err)
+{
+    const char *key = io_geom_key(g);
+    const io_geom_kind kind = io_geom_kind_of(g);
+    double v = 0.0;
+    int ok;
+    if (kind == IO_GEOM_ROPE) {
+        int rope;
+        const int st = read_rope_string(c, type, key, &rope, err);
+        if (st != LORA_OK)
+            return st;
+        v = rope;
+        ok = 1;
+    } else if (kind == IO_GEOM_FLAG && type == GGUF_BOOL) {
+        const unsigned char *p = peek(c, 1);
+        ok = p && p[0] <= 1;
+        v = ok ? p[0] : 0.0;
+        c->pos += ok;
+    } else {
+        ok = rd_number(c, type, &v);
+        ok = ok && (kind == IO_GEOM_REAL ? isfinite(v) && v > 0.0
+                                          : v >= 0.0 && v < 2147483648.0 && floor(v) == v &&
+                                                (kind != IO_GEOM_FLAG || v <= 1.0));
+    }
+    if (!ok)
+        return io_error(err, LORA_ERR_FORMAT, "GGUF: %s is not %s", key,
+                        kind == IO_GEOM_REAL   ? "a finite number > 0"
+                        : kind == IO_GEOM_FLAG ? "a bool"
+                                               : "an integer in [0, 2^31)");
+    meta->geom.present |= 1u << g;
+    meta->geom.value[g] = v;
+    return LORA_OK;
+}
+
+/* The value of key k (not KEY_OTHER). */
+static int read_known_value(cursor *c, int k, uint32_t type, gguf_kvs *kv, io_meta *meta,
+                            char *err)
+{
+    switch (k) {
+    case KEY_GTYPE: return read_type_string(c, type, "general.type", "adapter", err);
+    case KEY_ATYPE: return read_type_string(c, type, "adapter.type", "lora", err);
+    case KEY_ARCH: return read_arch(c, type, kv, err);
+    case KEY_QK_ROWS: {
+        const int st = read_rope_string(c, type, "liblora.qk_rows", &kv->key_rows, err);
+        if (st == LORA_OK && kv->key_rows == LORA_ROPE_NONE)
+            return io_error(err, LORA_ERR_FORMAT, "GGUF: liblora.qk_rows is \"none\"");
+        return st;
+    }
+    case KEY_ALPHA: {
+        double alpha;
+        if (!rd_number(c, type, &alpha) || !isfinite(alpha))
+            return io_error(err, LORA_ERR_FORMAT,
+                            "GGUF: adapter.lora.alpha is not a finite number");
+        if (alpha != 0.0)
+            meta->alpha = alpha;
+        return LORA_OK;
+    }
+    case KEY_ALIGN: {
+        uint32_t align;
+        if (type != GGUF_UINT32 || !rd_u32(c, &align) || align == 0 || (align & (align - 1)))
+            return io_error(err, LORA_ERR_FORMAT,
+                            "GGUF: general.alignment is not a u32 power of two");
+        kv->alignment = align;
+        return LORA_OK;
+    }
+    default: return read_geometry(c, type, k - KEY_GEOM, meta, err);
+    }
+}
+
 /* One key-value: the keys liblora reads, the rest skipped. */
 static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err)
 {
@@ -379,11 +622,7 @@ static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err
         return io_error(err, LORA_ERR_FORMAT, "GGUF: truncated key-value %llu",
                         (unsigned long long)i);
     /* key is valid until the next read: keep what the messages need. */
-    const int is_gtype = key && str_eq(key, klen, "general.type");
-    const int is_atype = key && str_eq(key, klen, "adapter.type");
-    const int is_alpha = key && str_eq(key, klen, "adapter.lora.alpha");
-    const int is_align = key && str_eq(key, klen, "general.alignment");
-    const int is_alora = key && str_eq(key, klen, "adapter.alora.invocation_tokens");
+    const int k = key_id(key, klen);
     char kname[GGUF_MAX_NAME + 1] = "";
     if (key)
         printable_name(kname, key, klen < GGUF_MAX_NAME ? klen : GGUF_MAX_NAME);
@@ -394,33 +633,13 @@ static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err
         return io_error(err, LORA_ERR_FORMAT,
                         "GGUF: key-value %llu has a bad key length or type %u",
                         (unsigned long long)i, type);
-    if ((is_gtype && kv->seen_gtype++) || (is_atype && kv->seen_atype++) ||
-        (is_alpha && kv->seen_alpha++) || (is_align && kv->seen_align++))
+    if (k != KEY_OTHER && kv->seen[k]++)
         return io_error(err, LORA_ERR_FORMAT, "GGUF: duplicate key %s", kname);
-    if (is_alora) /* activated LoRA: adapts only tokens from the invocation on */
+    if (k == KEY_ALORA) /* activated LoRA: adapts only tokens from the invocation on */
         return io_error(err, LORA_ERR_UNSUPPORTED,
                         "GGUF: adapter.alora.invocation_tokens is set: not supported");
-    if (is_gtype)
-        return read_type_string(c, type, "general.type", "adapter", err);
-    if (is_atype)
-        return read_type_string(c, type, "adapter.type", "lora", err);
-    if (is_alpha) {
-        double alpha;
-        if (!rd_number(c, type, &alpha) || !isfinite(alpha))
-            return io_error(err, LORA_ERR_FORMAT,
-                            "GGUF: adapter.lora.alpha is not a finite number");
-        if (alpha != 0.0)
-            meta->alpha = alpha;
-        return LORA_OK;
-    }
-    if (is_align) {
-        uint32_t align;
-        if (type != GGUF_UINT32 || !rd_u32(c, &align) || align == 0 || (align & (align - 1)))
-            return io_error(err, LORA_ERR_FORMAT,
-                            "GGUF: general.alignment is not a u32 power of two");
-        kv->alignment = align;
-        return LORA_OK;
-    }
+    if (k != KEY_OTHER)
+        return read_known_value(c, k, type, kv, meta, err);
     if (!skip_value(c, type, 0))
         return io_error(err, LORA_ERR_FORMAT, "GGUF: malformed value of key %s", kname);
     return LORA_OK;
@@ -428,18 +647,22 @@ static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err
 
 static int read_kvs(cursor *c, uint64_t n_kv, gguf_kvs *kv, io_meta *meta, char *err)
 {
-    *kv = (gguf_kvs){GGUF_ALIGNMENT, 0, 0, 0, 0};
-    *meta = (io_meta){0, NAN, 0, 0}; /* alpha missing: alpha = rank, llama.cpp's scale 1 */
+    memset(kv, 0, sizeof *kv);
+    kv->alignment = GGUF_ALIGNMENT;
+    kv->arch_rows = io_gguf_qk_rows(NULL); /* no general.architecture: the writer's default */
+    *meta = (io_meta){.alpha = NAN}; /* alpha missing: alpha = rank, llama.cpp's scale 1 */
     for (uint64_t i = 0; i < n_kv; i++) {
         const int st = read_kv(c, i, kv, meta, err);
         if (st != LORA_OK)
             return st;
     }
-    if (!kv->seen_gtype)
+    if (!kv->seen[KEY_GTYPE])
         return io_error(err, LORA_ERR_FORMAT,
                         "GGUF: no general.type (an adapter has general.type = adapter)");
-    if (!kv->seen_atype)
+    if (!kv->seen[KEY_ATYPE])
         return io_error(err, LORA_ERR_FORMAT, "GGUF: no adapter.type");
+    /* liblora.qk_rows says what its writer did; else the architecture's convention. */
+    meta->qk_rows = kv->seen[KEY_QK_ROWS] ? kv->key_rows : kv->arch_rows;
     return LORA_OK;
 }
 

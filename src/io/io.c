@@ -539,3 +539,38 @@ void io_source_free(io_source *s)
         close(s->fd);
     io_source_init(s, a);
 }
+
+/* ---- the recorded geometry ---------------------------------------------------------- */
+
+const int io_geom_params[IO_GEOM_COUNT] = {
+    LORA_CFG_D_MODEL, LORA_CFG_N_HEADS,    LORA_CFG_N_KV_HEADS,
+    LORA_CFG_HEAD_DIM, LORA_CFG_ROPE,      LORA_CFG_ROPE_THETA,
+    LORA_CFG_ROPE_DIM, LORA_CFG_CAUSAL,    LORA_CFG_OUT_PROJ};
+
+static const struct {
+    const char *key;
+    io_geom_kind kind;
+} geom_fields[IO_GEOM_COUNT] = {
+    {"liblora.d_model", IO_GEOM_INT},     {"liblora.n_heads", IO_GEOM_INT},
+    {"liblora.n_kv_heads", IO_GEOM_INT},  {"liblora.head_dim", IO_GEOM_INT},
+    {"liblora.rope", IO_GEOM_ROPE},       {"liblora.rope_theta", IO_GEOM_REAL},
+    {"liblora.rope_dim", IO_GEOM_INT},    {"liblora.causal", IO_GEOM_FLAG},
+    {"liblora.out_proj", IO_GEOM_FLAG}};
+
+const char *io_geom_key(int i) { return geom_fields[i].key; }
+io_geom_kind io_geom_kind_of(int i) { return geom_fields[i].kind; }
+
+static const char *const rope_names[] = {"none", "half", "interleaved"};
+
+const char *io_rope_name(int rope)
+{
+    return rope >= LORA_ROPE_NONE && rope <= LORA_ROPE_INTERLEAVED ? rope_names[rope] : NULL;
+}
+
+int io_rope_of_name(const char *s, size_t len)
+{
+    for (int i = LORA_ROPE_NONE; i <= LORA_ROPE_INTERLEAVED; i++)
+        if (strlen(rope_names[i]) == len && memcmp(s, rope_names[i], len) == 0)
+            return i;
+    return -1;
+}

@@ -70,12 +70,31 @@ typedef struct io_records {
 int io_records_push(const io_alloc *a, io_records *r, const io_record *x);
 void io_records_free(const io_alloc *a, io_records *r);
 
+/* The adapter geometry a file records (keys "liblora.<name>": GGUF key-values, the
+ * safetensors __metadata__), field i standing for the config parameter
+ * io_geom_params[i]. Integers, 0/1 flags and lora_rope values are held as doubles. */
+enum { IO_GEOM_COUNT = 9 };
+typedef enum io_geom_kind { IO_GEOM_INT, IO_GEOM_FLAG, IO_GEOM_ROPE, IO_GEOM_REAL } io_geom_kind;
+extern const int io_geom_params[IO_GEOM_COUNT]; /* LORA_CFG_D_MODEL, ... */
+const char *io_geom_key(int i);                 /* "liblora.d_model", ... */
+io_geom_kind io_geom_kind_of(int i);
+const char *io_rope_name(int rope);             /* "none", "half", "interleaved"; NULL else */
+int io_rope_of_name(const char *s, size_t len); /* the lora_rope value, -1 for none */
+typedef struct io_geometry {
+    unsigned present; /* bit i: field i is recorded */
+    double value[IO_GEOM_COUNT];
+} io_geometry;
+
 /* What a file says beyond the tensors. */
 typedef struct io_meta {
     int64_t rank;        /* 0: take it from the tensors */
     double alpha;        /* NAN: alpha = rank (GGUF's "alpha 0 or missing") */
     int rslora;
     int targets; /* write: the mask of adapted targets (a reader leaves it 0) */
+    const char *base_model; /* write: base_model_name_or_path, or NULL */
+    io_geometry geom;       /* write: what to record; read: what the file records */
+    int qk_rows; /* the order of the Q/K factor rows in the file: LORA_ROPE_HALF (Hugging
+                    Face) or LORA_ROPE_INTERLEAVED (GGUF of a NORM-RoPE architecture) */
 } io_meta;
 
 /* The factors of n_layers layers adapting the targets in mask, in file order: layer by
@@ -111,10 +130,16 @@ void io_source_free(io_source *s);
 int io_gguf_read(const io_alloc *a, const char *path, io_source *s, char *err);
 int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err);
 
-/* Writers: records r[0..n) in file order (io_walk), F32. architecture: the GGUF
- * general.architecture ([a-z0-9_-]+; INVALID_ARG else). The rsLoRA flag of meta is
- * written to PEFT as is and folded into GGUF's alpha (alpha·√r, same scale).
- * Errors: INVALID_ARG, UNSUPPORTED (GGUF alpha 0 or not a float), IO, NOMEM. */
+/* The Q/K row order of a GGUF of architecture arch (NULL = "llama"): LORA_ROPE_INTERLEAVED
+ * for the architectures llama.cpp runs with its NORM RoPE, else LORA_ROPE_HALF. A PEFT
+ * file is always LORA_ROPE_HALF. */
+int io_gguf_qk_rows(const char *arch);
+
+/* Writers: records r[0..n) in file order (io_walk), F32, their Q/K rows in the order
+ * meta->qk_rows says (recorded in GGUF). architecture: the GGUF general.architecture
+ * ([a-z0-9_-]+; INVALID_ARG else). The rsLoRA flag of meta is written to PEFT as is and
+ * folded into GGUF's alpha (alpha·√r, same scale). meta->geom and meta->base_model are
+ * recorded. Errors: INVALID_ARG, UNSUPPORTED (GGUF alpha 0 or not a float), IO, NOMEM. */
 int io_gguf_write(const io_alloc *a, const char *path, const io_meta *meta,
                   const char *architecture, const io_record *r, size_t n, char *err);
 int io_peft_write(const io_alloc *a, const char *dir, const io_meta *meta,

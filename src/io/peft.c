@@ -68,7 +68,9 @@ static int config_json(const io_meta *meta, const io_record *r, size_t n, char *
     ok &= cJSON_AddBoolToObject(root, "init_lora_weights", 1) != NULL;
     ok &= cJSON_AddObjectToObject(root, "rank_pattern") != NULL;
     ok &= cJSON_AddObjectToObject(root, "alpha_pattern") != NULL;
-    ok &= cJSON_AddNullToObject(root, "base_model_name_or_path") != NULL;
+    ok &= (meta->base_model
+               ? cJSON_AddStringToObject(root, "base_model_name_or_path", meta->base_model)
+               : cJSON_AddNullToObject(root, "base_model_name_or_path")) != NULL;
     ok &= cJSON_AddNullToObject(root, "modules_to_save") != NULL;
     if (ok)
         *text = cJSON_Print(root);
@@ -76,12 +78,14 @@ static int config_json(const io_meta *meta, const io_record *r, size_t n, char *
     return *text ? LORA_OK : LORA_ERR_NOMEM;
 }
 
-/* The scale as __metadata__ strings ("r", "lora_alpha", "use_rslora", as in the config),
- * so a reader can tell a weights file from another save than its config's. */
-typedef struct scale_strings {
-    char r[24], alpha[32];
-    const char *kv[6];
-} scale_strings;
+/* The __metadata__ strings: the scale ("r", "lora_alpha", "use_rslora", as in the
+ * config), so a reader can tell a weights file from another save than its config's, and
+ * the geometry (liblora.*). */
+typedef struct meta_strings {
+    char r[24], alpha[32], geom[IO_GEOM_COUNT][32];
+    const char *kv[2 * (3 + IO_GEOM_COUNT)];
+    size_t n; /* pairs in kv */
+} meta_strings;
 
 /* A number as JSON text (cJSON's: locale-independent, round-trips doubles). */
 static int number_text(double v, char *out, size_t n)
@@ -107,7 +111,18 @@ static int text_number(const char *v, double *d)
     return ok;
 }
 
-static int scale_metadata(const io_meta *meta, scale_strings *m)
+/* Geometry field i of value v as __metadata__ text. */
+static int geom_text(int i, double v, char *out, size_t n)
+{
+    switch (io_geom_kind_of(i)) {
+    case IO_GEOM_INT: return snprintf(out, n, "%lld", (long long)v) < (int)n;
+    case IO_GEOM_FLAG: return snprintf(out, n, "%s", v != 0.0 ? "true" : "false") < (int)n;
+    case IO_GEOM_ROPE: return snprintf(out, n, "%s", io_rope_name((int)v)) < (int)n;
+    default: return number_text(v, out, n);
+    }
+}
+
+static int file_metadata(const io_meta *meta, meta_strings *m)
 {
     if (!number_text((double)meta->rank, m->r, sizeof m->r) ||
         !number_text(meta->alpha, m->alpha, sizeof m->alpha))
@@ -115,6 +130,16 @@ static int scale_metadata(const io_meta *meta, scale_strings *m)
     const char *kv[6] = {"r", m->r, "lora_alpha", m->alpha, "use_rslora",
                          meta->rslora ? "true" : "false"};
     memcpy(m->kv, kv, sizeof kv);
+    m->n = 3;
+    for (int i = 0; i < IO_GEOM_COUNT; i++) {
+        if (!((meta->geom.present >> i) & 1))
+            continue;
+        if (!geom_text(i, meta->geom.value[i], m->geom[i], sizeof m->geom[i]))
+            return LORA_ERR_NOMEM;
+        m->kv[2 * m->n] = io_geom_key(i);
+        m->kv[2 * m->n + 1] = m->geom[i];
+        m->n++;
+    }
     return LORA_OK;
 }
 
@@ -132,11 +157,11 @@ static int weights_file(const io_alloc *a, const io_meta *meta, const io_record 
                  r[k].which == LORA_B ? 'B' : 'A');
         e[k] = (st_entry){name, r[k].rows, r[k].cols, r[k].values};
     }
-    scale_strings m;
+    meta_strings m;
     if (st == LORA_OK)
-        st = scale_metadata(meta, &m);
+        st = file_metadata(meta, &m);
     if (st == LORA_OK)
-        st = st_write(a, e, n, m.kv, 3, file);
+        st = st_write(a, e, n, m.kv, m.n, file);
     io_free(a, names);
     io_free(a, e);
     return st;
@@ -290,6 +315,37 @@ static int check_scale_metadata(const cJSON *md, const io_meta *meta, char *err)
     return LORA_OK;
 }
 
+/* The geometry the weights' __metadata__ records (liblora.*, when present). */
+static int read_metadata_geometry(const cJSON *md, io_geometry *g, char *err)
+{
+    for (int i = 0; i < IO_GEOM_COUNT && md; i++) {
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(md, io_geom_key(i));
+        if (!x)
+            continue;
+        const char *v = cJSON_IsString(x) ? x->valuestring : "";
+        const io_geom_kind kind = io_geom_kind_of(i);
+        double d = -1.0;
+        if (kind == IO_GEOM_INT)
+            d = (double)io_parse_layer(v, strlen(v)); /* digits, < 2^31; -1 else */
+        else if (kind == IO_GEOM_FLAG)
+            d = strcmp(v, "true") == 0 ? 1.0 : strcmp(v, "false") == 0 ? 0.0 : -1.0;
+        else if (kind == IO_GEOM_ROPE)
+            d = io_rope_of_name(v, strlen(v));
+        else if (!text_number(v, &d) || !isfinite(d) || d <= 0.0)
+            d = -1.0;
+        if (d < 0.0)
+            return io_error(err, LORA_ERR_FORMAT,
+                            PEFT_WEIGHTS ": __metadata__ %s is not %s", io_geom_key(i),
+                            kind == IO_GEOM_INT    ? "a decimal integer string"
+                            : kind == IO_GEOM_FLAG ? "\"true\" or \"false\""
+                            : kind == IO_GEOM_ROPE ? "\"none\", \"half\" or \"interleaved\""
+                                                   : "a number > 0");
+        g->present |= 1u << i;
+        g->value[i] = d;
+    }
+    return LORA_OK;
+}
+
 int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err)
 {
     io_source_init(s, a);
@@ -312,6 +368,9 @@ int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err)
     s->json = sf.json; /* the records' names point into it */
     sf.json = NULL;
     st = check_scale_metadata(sf.metadata, &s->meta, err);
+    if (st == LORA_OK)
+        st = read_metadata_geometry(sf.metadata, &s->meta.geom, err);
+    s->meta.qk_rows = LORA_ROPE_HALF; /* Hugging Face's order (rotate_half) */
     for (size_t i = 0; i < sf.n && st == LORA_OK; i++) {
         io_record x;
         st = tensor_record(&sf, &sf.t[i], &x, err);

@@ -30,7 +30,7 @@ static const cJSON *given(const cJSON *root, const char *key)
 /* peft_type, r, lora_alpha, use_rslora (PEFT's LoraConfig defaults: r = lora_alpha = 8). */
 static int config_scale(const cJSON *root, const char *path, io_meta *meta, char *err)
 {
-    *meta = (io_meta){8, 8.0, 0, 0};
+    *meta = (io_meta){.rank = 8, .alpha = 8.0};
     const cJSON *x;
     if ((x = given(root, "peft_type"))) {
         if (!cJSON_IsString(x))

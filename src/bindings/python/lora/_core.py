@@ -1230,10 +1230,25 @@ def _load(name, path, config):
         _lib.lora_config_destroy(cfg)
 
 
-def save_peft(directory, adapters, layers=None):
+def _save_options(base_model, architecture):
+    """A lora_save_options for the _ex saves (strings UTF-8 encoded)."""
+    o = _ffi.SaveOptionsC()
+    o.struct_size = ctypes.sizeof(o)
+    o.base_model_name_or_path = None if base_model is None else base_model.encode("utf-8")
+    o.architecture = None if architecture is None else architecture.encode("utf-8")
+    return o
+
+
+def save_peft(directory, adapters, layers=None, base_model_name_or_path=None):
     """Writes a PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
-    `adapters`: an Adapter, a list (layers default to 0, 1, ...) or {layer: Adapter}."""
-    _save("lora_save_peft", directory, adapters, layers)
+    `adapters`: an Adapter, a list (layers default to 0, 1, ...) or {layer: Adapter}.
+    base_model_name_or_path: the config's key (a Hugging Face id or a path)."""
+    if base_model_name_or_path is None:
+        _save("lora_save_peft", directory, adapters, layers)
+        return
+    _need("lora_save_peft_ex")
+    o = _save_options(base_model_name_or_path, None)
+    _save("lora_save_peft_ex", directory, adapters, layers, ctypes.byref(o))
 
 
 def load_peft(directory, **config):
@@ -1243,10 +1258,17 @@ def load_peft(directory, **config):
     return _load("lora_load_peft", directory, config)
 
 
-def save_gguf(path, adapters, layers=None, architecture=None):
-    """Writes a llama.cpp GGUF LoRA adapter (architecture default "llama")."""
-    _save("lora_save_gguf", path, adapters, layers,
-          None if architecture is None else architecture.encode())
+def save_gguf(path, adapters, layers=None, architecture=None, base_model_name_or_path=None):
+    """Writes a llama.cpp GGUF LoRA adapter (architecture default "llama"; it also
+    decides the Q/K row order, docs/format-gguf.md). base_model_name_or_path: written
+    as general.base_model.*."""
+    if base_model_name_or_path is None:
+        _save("lora_save_gguf", path, adapters, layers,
+              None if architecture is None else architecture.encode())
+        return
+    _need("lora_save_gguf_ex")
+    o = _save_options(base_model_name_or_path, architecture)
+    _save("lora_save_gguf_ex", path, adapters, layers, ctypes.byref(o))
 
 
 def load_gguf(path, **config):

@@ -82,6 +82,15 @@ class RunInfoC(ctypes.Structure):
     ]
 
 
+class SaveOptionsC(ctypes.Structure):
+    """struct lora_save_options, field for field."""
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("base_model_name_or_path", ctypes.c_char_p),
+        ("architecture", ctypes.c_char_p),
+    ]
+
+
 class ThresholdReportC(ctypes.Structure):
     """struct lora_threshold_report, field for field."""
     _fields_ = [
@@ -183,6 +192,10 @@ _OPTIONAL_PROTOTYPES = {
                              _p]),
     "lora_backward_ex": (_i, [AdapterP, TapeP, _p, _p, _p]),
     "lora_adapter_borrow_factor": (_i, [AdapterP, _i, _i, _p, _p, _sz]),
+    "lora_save_peft_ex": (_i, [_s, ctypes.POINTER(AdapterP), ctypes.POINTER(_i64), _sz,
+                               ctypes.POINTER(SaveOptionsC)]),
+    "lora_save_gguf_ex": (_i, [_s, ctypes.POINTER(AdapterP), ctypes.POINTER(_i64), _sz,
+                               ctypes.POINTER(SaveOptionsC)]),
 }
 
 

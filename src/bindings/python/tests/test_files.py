@@ -164,19 +164,40 @@ def test_peft_roundtrip_and_errors(adapter_set, tmp_path):
         lora.save_peft(str(tmp_path / "x"), list(adapter_set.values()), [1, 1, 2])
 
 
+def hf_to_interleaved(rows, heads):
+    """Q/K rows from Hugging Face's rotate_half order to the interleaved one of a llama
+    GGUF: per head of d rows, row 2i + c comes from row c*d/2 + i."""
+    d = rows.shape[0] // heads
+    out = np.empty_like(rows)
+    for h in range(heads):
+        for i in range(d // 2):
+            for c in range(2):
+                out[h * d + 2 * i + c] = rows[h * d + c * d // 2 + i]
+    return out
+
+
 def test_gguf_independent_reader_and_roundtrip(adapter_set, tmp_path):
     need("lora_save_gguf")
-    path = tmp_path / "adapter.gguf"
-    lora.save_gguf(str(path), adapter_set, architecture="llama")
-    meta, tensors = read_gguf(path)
-    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
-    assert meta["general.architecture"] == "llama"
-    assert meta["adapter.lora.alpha"] == pytest.approx(4.0)
-    for layer, ad in adapter_set.items():
-        for t in "qkvo":
-            a = tensors["blk.%d.%s.weight.lora_a" % (layer, GGUF_PROJ[t])]
-            b = tensors["blk.%d.%s.weight.lora_b" % (layer, GGUF_PROJ[t])]
-            assert np.array_equal(a, ad.param(t, "A")) and np.array_equal(b, ad.param(t, "B"))
+    for arch in ("llama", "qwen2"):
+        path = tmp_path / ("adapter-%s.gguf" % arch)
+        lora.save_gguf(str(path), adapter_set, architecture=arch)
+        meta, tensors = read_gguf(path)
+        assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+        assert meta["general.architecture"] == arch
+        assert meta["adapter.lora.alpha"] == pytest.approx(4.0)
+        assert (meta["liblora.n_heads"], meta["liblora.n_kv_heads"]) == (3, 1)
+        permuted = arch == "llama"  # llama.cpp's NORM RoPE; qwen2 runs NEOX on HF rows
+        assert meta["liblora.qk_rows"] == ("interleaved" if permuted else "half")
+        for layer, ad in adapter_set.items():
+            for t in "qkvo":
+                a = tensors["blk.%d.%s.weight.lora_a" % (layer, GGUF_PROJ[t])]
+                b = tensors["blk.%d.%s.weight.lora_b" % (layer, GGUF_PROJ[t])]
+                want_b = ad.param(t, "B")
+                if permuted and t in "qk":
+                    want_b = hf_to_interleaved(want_b, 3 if t == "q" else 1)
+                    assert not np.array_equal(want_b, ad.param(t, "B"))
+                assert np.array_equal(a, ad.param(t, "A")) and np.array_equal(b, want_b)
+    path = tmp_path / "adapter-llama.gguf"
     need("lora_load_gguf")
     loaded = lora.load_gguf(str(path), d_model=12, n_heads=3, n_kv_heads=1, out_proj=True)
     assert sorted(loaded) == [0, 2, 5]
@@ -184,3 +205,23 @@ def test_gguf_independent_reader_and_roundtrip(adapter_set, tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(lora.FormatError):
         lora.load_gguf(str(path), d_model=12, n_heads=3, n_kv_heads=1, out_proj=True)
+
+
+def test_base_model_name_or_path(adapter_set, tmp_path):
+    need("lora_save_peft_ex")
+    d = tmp_path / "adapter"
+    lora.save_peft(str(d), adapter_set, base_model_name_or_path="meta-llama/Llama-3.2-1B")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "meta-llama/Llama-3.2-1B"
+    lora.save_peft(str(d), adapter_set)
+    assert json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    path = tmp_path / "a.gguf"
+    lora.save_gguf(str(path), adapter_set, architecture="qwen2",
+                   base_model_name_or_path="Qwen/Qwen2-0.5B")
+    meta, _ = read_gguf(path)
+    assert meta["general.architecture"] == "qwen2"
+    assert meta["general.base_model.count"] == 1
+    assert meta["general.base_model.0.name"] == "Qwen/Qwen2-0.5B"
+    assert meta["general.base_model.0.repo_url"] == "https://huggingface.co/Qwen/Qwen2-0.5B"
+    with pytest.raises(lora.InvalidArgumentError):
+        lora.save_gguf(str(path), adapter_set, base_model_name_or_path="bad\x01name")

@@ -1672,6 +1672,65 @@ pub fn save_gguf(
     })
 }
 
+/// Options of [`save_peft_with`] and [`save_gguf_with`] (`lora_save_options`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SaveOptions<'a> {
+    /// The model the adapter applies to (a Hugging Face id or a path): PEFT's
+    /// `base_model_name_or_path`, GGUF's `general.base_model.*`.
+    pub base_model_name_or_path: Option<&'a str>,
+    /// GGUF `general.architecture` (None is "llama"); it decides the Q/K row order.
+    /// PEFT ignores it.
+    pub architecture: Option<&'a str>,
+}
+
+fn c_option(s: Option<&str>, function: &'static str) -> Result<Option<std::ffi::CString>> {
+    s.map(std::ffi::CString::new)
+        .transpose()
+        .map_err(|_| LoraError::new(Status::InvalidArg, function, "NUL in a save option"))
+}
+
+fn save_with(
+    path: &std::path::Path,
+    set: &[(i64, &Adapter)],
+    options: &SaveOptions,
+    function: &'static str,
+    call: unsafe extern "C" fn(
+        *const c_char,
+        *const *mut sys::lora_adapter,
+        *const i64,
+        usize,
+        *const sys::lora_save_options,
+    ) -> c_int,
+) -> Result<()> {
+    let p = c_path(path, function)?;
+    let base = c_option(options.base_model_name_or_path, function)?;
+    let arch = c_option(options.architecture, function)?;
+    let o = sys::lora_save_options {
+        struct_size: std::mem::size_of::<sys::lora_save_options>() as u32,
+        base_model_name_or_path: base.as_ref().map_or(ptr::null(), |b| b.as_ptr()),
+        architecture: arch.as_ref().map_or(ptr::null(), |a| a.as_ptr()),
+    };
+    save_set(set, function, |a, l, n| unsafe { call(p.as_ptr(), a, l, n, &o) })
+}
+
+/// [`save_peft`] with options (`lora_save_peft_ex`).
+pub fn save_peft_with(
+    dir: impl AsRef<std::path::Path>,
+    set: &[(i64, &Adapter)],
+    options: &SaveOptions,
+) -> Result<()> {
+    save_with(dir.as_ref(), set, options, "lora_save_peft_ex", sys::lora_save_peft_ex)
+}
+
+/// [`save_gguf`] with options (`lora_save_gguf_ex`).
+pub fn save_gguf_with(
+    path: impl AsRef<std::path::Path>,
+    set: &[(i64, &Adapter)],
+    options: &SaveOptions,
+) -> Result<()> {
+    save_with(path.as_ref(), set, options, "lora_save_gguf_ex", sys::lora_save_gguf_ex)
+}
+
 /// Reads a llama.cpp GGUF LoRA adapter (see [`load_peft`]).
 pub fn load_gguf(path: impl AsRef<std::path::Path>, cfg: &Config) -> Result<Vec<(i64, Adapter)>> {
     load_set(path.as_ref(), cfg, sys::lora_load_gguf, "lora_load_gguf")

@@ -471,4 +471,27 @@ extern "C" {
         path: *const c_char,
         cfg: *mut lora_config,
     ) -> c_int;
+    pub fn lora_save_peft_ex(
+        dir: *const c_char,
+        adapters: *const *mut lora_adapter,
+        layers: *const i64,
+        count: usize,
+        options: *const lora_save_options,
+    ) -> c_int;
+    pub fn lora_save_gguf_ex(
+        path: *const c_char,
+        adapters: *const *mut lora_adapter,
+        layers: *const i64,
+        count: usize,
+        options: *const lora_save_options,
+    ) -> c_int;
+}
+
+/// `struct lora_save_options`: options of `lora_save_peft_ex` / `lora_save_gguf_ex`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct lora_save_options {
+    pub struct_size: u32,
+    pub base_model_name_or_path: *const c_char,
+    pub architecture: *const c_char,
 }

@@ -26,6 +26,10 @@ fn layouts_and_constants_match_c_compiler() {
     for f in attn_args_fields() {
         c.push_str(&format!("O(lora_attn_args, {})\n", f.0));
     }
+    c.push_str("S(lora_save_options)\n");
+    for f in save_options_fields() {
+        c.push_str(&format!("O(lora_save_options, {})\n", f.0));
+    }
     for f in run_info_fields() {
         c.push_str(&format!("O(lora_run_info, {})\n", f.0));
     }
@@ -105,6 +109,17 @@ fn layouts_and_constants_match_c_compiler() {
             "lora_attn_args.{f}"
         );
     }
+    assert_eq!(
+        c_val("lora_save_options") as usize,
+        size_of::<sys::lora_save_options>()
+    );
+    for (f, rust_off) in save_options_fields() {
+        assert_eq!(
+            c_val(&format!("lora_save_options.{f}")) as usize,
+            rust_off,
+            "lora_save_options.{f}"
+        );
+    }
     let n = constants().len();
     for (name, v) in constants() {
         assert_eq!(c_val(name), v, "{name}");
@@ -115,6 +130,7 @@ fn layouts_and_constants_match_c_compiler() {
             + report_fields().len()
             + allocator_fields().len()
             + attn_args_fields().len()
+            + save_options_fields().len()
     );
 }
 
@@ -149,6 +165,10 @@ fn report_fields() -> Vec<(&'static str, usize)> {
 fn attn_args_fields() -> Vec<(&'static str, usize)> {
     fields!(sys::lora_attn_args: struct_size, flags, q_lens, kv_lens, q_pos, kv_pos, q_seg,
             kv_seg, tape)
+}
+
+fn save_options_fields() -> Vec<(&'static str, usize)> {
+    fields!(sys::lora_save_options: struct_size, base_model_name_or_path, architecture)
 }
 
 fn allocator_fields() -> Vec<(&'static str, usize)> {

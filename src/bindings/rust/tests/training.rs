@@ -289,6 +289,24 @@ fn peft_and_gguf_roundtrip() {
     );
     let e = lora::save_peft(dir.join("dup"), &[(1, &a), (1, &b)]).unwrap_err();
     assert_eq!(e.status, Status::InvalidArg);
+    // Save options: base_model_name_or_path lands in adapter_config.json.
+    let opts = lora::SaveOptions {
+        base_model_name_or_path: Some("org/base-model"),
+        architecture: None,
+    };
+    lora::save_peft_with(dir.join("with-base"), &set, &opts).unwrap();
+    let json = std::fs::read_to_string(dir.join("with-base/adapter_config.json")).unwrap();
+    assert!(json.contains("\"org/base-model\""), "{json}");
+    lora::save_gguf_with(dir.join("b.gguf"), &set, &opts).unwrap();
+    let gguf = std::fs::read(dir.join("b.gguf")).unwrap();
+    let url = b"https://huggingface.co/org/base-model";
+    assert!(gguf.windows(url.len()).any(|w| w == url));
+    let bad = lora::SaveOptions {
+        base_model_name_or_path: Some("tab\there"),
+        architecture: None,
+    };
+    let e = lora::save_gguf_with(dir.join("c.gguf"), &set, &bad).unwrap_err();
+    assert_eq!((e.status, e.function), (Status::InvalidArg, "lora_save_gguf_ex"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
