@@ -103,7 +103,7 @@ def main(argv):
             return 1
     lora.torch.save_peft(out_dir, list(model.attn))
     loaded = lora.load_peft(out_dir, d_model=D_MODEL, n_heads=HEADS, n_kv_heads=KV_HEADS,
-                            out_proj=True)
+                            causal=True, out_proj=True)
     same = all(np.array_equal(loaded[i].param(t, w), model.attn[i].adapter.param(t, w))
                for i in range(2) for t in "qv" for w in "AB")
     print("saved PEFT adapter to %s; reloaded factors %s" % (out_dir,
