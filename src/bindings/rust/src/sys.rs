@@ -76,6 +76,9 @@ pub const LORA_ROPE_INTERLEAVED: c_int = 2;
 
 pub const LORA_COMPUTE_F32: c_int = 0;
 pub const LORA_COMPUTE_BF16: c_int = 1;
+pub const LORA_DTYPE_F32: c_int = 0;
+pub const LORA_DTYPE_BF16: c_int = 1;
+pub const LORA_DTYPE_F16: c_int = 2;
 
 pub const LORA_INIT_KAIMING_ZERO: c_int = 0;
 pub const LORA_INIT_GAUSSIAN: c_int = 1;
