@@ -85,6 +85,8 @@ enum class Rope : int {
     Interleaved = LORA_ROPE_INTERLEAVED
 };
 enum class Compute : int { F32 = LORA_COMPUTE_F32, Bf16 = LORA_COMPUTE_BF16 };
+// Element types of base weights (lora_adapter_set_base_typed).
+enum class Dtype : int { F32 = LORA_DTYPE_F32, Bf16 = LORA_DTYPE_BF16, F16 = LORA_DTYPE_F16 };
 enum class ForwardFlag : int { Infer = LORA_FWD_INFER };
 
 inline std::string version() { return lora_version_string(); }
