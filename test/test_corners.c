@@ -5,7 +5,8 @@
  * smallest run-info struct accepted. Then behaviours no other test pinned down: the
  * integer ranges docs/api.md documents, at both ends; AUTO weighing POLY's flops with
  * the calibrated rate ratio; saves refusing a FIFO where a file goes; a forked child
- * destroying an adapter whose workers live in the parent. */
+ * destroying an adapter whose workers live in the parent; a non-finite input named in
+ * the message, with its index. */
 #include <math.h>
 #include <signal.h>
 #include <stddef.h>
@@ -325,6 +326,48 @@ START_TEST(test_documented_int_ranges)
 }
 END_TEST
 
+/* ---- non-finite inputs ----------------------------------------------------------- */
+
+/* The last error names the argument and the index. */
+static void assert_named(const lora_adapter *ad, int st, const char *arg, int64_t index)
+{
+    char want[96];
+    snprintf(want, sizeof want, "%s has a non-finite entry at index %lld", arg,
+             (long long)index);
+    ck_assert_msg(st == LORA_ERR_NONFINITE, "%s: status %d", arg, st);
+    ck_assert_msg(strstr(lora_adapter_last_error(ad), want) != NULL,
+                  "message '%s' lacks '%s'", lora_adapter_last_error(ad), want);
+}
+
+/* A NaN or Inf in x, xq, xkv (the keys' input, which would otherwise only show as a NaN
+ * output) or dout is refused before any work, naming that argument and its index. */
+START_TEST(test_nonfinite_input_named)
+{
+    tfx f;
+    tfx_init(&f, 0, 0);
+    f.xq[5] = NAN;
+    assert_named(f.ad, lora_forward(f.ad, f.xq, f.p.batch, f.p.len_q, f.out), "x", 5);
+    tfx_free(&f);
+
+    tfx_init(&f, 1, 0);
+    f.xq[3] = INFINITY;
+    assert_named(f.ad, lora_forward_cross(f.ad, f.xq, f.xkv, f.p.batch, f.p.len_q,
+                                          f.p.len_kv, f.out), "xq", 3);
+    f.xq[3] = 0.5f;
+    const int64_t k = (int64_t)f.nxkv - 2;
+    f.xkv[k] = NAN;
+    assert_named(f.ad, lora_forward_cross(f.ad, f.xq, f.xkv, f.p.batch, f.p.len_q,
+                                          f.p.len_kv, f.out), "xkv", k);
+    f.xkv[k] = 0.5f;
+    ck_assert_int_eq(lora_forward_cross(f.ad, f.xq, f.xkv, f.p.batch, f.p.len_q, f.p.len_kv,
+                                        f.out),
+                     LORA_OK);
+    f.dout[7] = -INFINITY;
+    assert_named(f.ad, lora_backward_cross(f.ad, f.dout, f.dxq, f.dxkv), "dout", 7);
+    tfx_free(&f);
+}
+END_TEST
+
 /* ---- AUTO's cost rule --------------------------------------------------------------- */
 
 /* The calibrated ratio of head_dim: the first class whose bound is at least head_dim. */
@@ -487,6 +530,7 @@ Suite *corners_suite(void)
     tcase_add_test(tc, test_auto_weighs_calibrated_ratio);
     tcase_add_test(tc, test_save_refuses_fifo_at_path);
     tcase_add_test(tc, test_forked_child_destroys_inherited_adapter);
+    tcase_add_test(tc, test_nonfinite_input_named);
     suite_add_tcase(s, tc);
     return s;
 }
