@@ -492,6 +492,8 @@ START_TEST(test_forked_child_destroys_inherited_adapter)
         signal(SIGALRM, SIG_DFL); /* a hang ends the child */
         alarm(10);
         lora_adapter_destroy(ad);
+        ref_problem_free(&p); /* what the child inherited (memcheck checks children) */
+        ref_layer_free(&l);
         _exit(0);
     }
     int status = 0;
