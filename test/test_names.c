@@ -6,7 +6,8 @@
  * loads into the right factor; any extra, missing or changed character, an index out of
  * range or with a sign, spaces or leading zeros makes the load fail with nothing
  * created. The same writers then vary the layout: overlapping tensors, spans longer
- * than their tensor, BF16 and F16 data, truncated GGUF files. */
+ * than their tensor, BF16 and F16 data, truncated GGUF files, a key given twice, a
+ * __metadata__ that contradicts the config. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -65,6 +66,8 @@ typedef struct name_set {
     uint64_t begin[NT];       /* data offset of each tensor */
     uint64_t data_bytes;      /* size of the data section */
     float gguf_alpha;         /* adapter.lora.alpha of GGUF files */
+    int gguf_repeat_kv;       /* GGUF: key-value 1..4 written a second time (0: none) */
+    const char *st_metadata;  /* PEFT: the safetensors __metadata__ object, or NULL */
 } name_set;
 
 static size_t tensor_bytes(const name_set *s)
@@ -81,6 +84,8 @@ static void name_set_layout(name_set *s, int dtype)
 {
     s->dtype = dtype;
     s->gguf_alpha = 4.0f;
+    s->gguf_repeat_kv = 0;
+    s->st_metadata = NULL;
     for (int i = 0; i < NT; i++)
         s->begin[i] = (uint64_t)i * tensor_bytes(s);
     s->data_bytes = (uint64_t)NT * tensor_bytes(s);
@@ -169,6 +174,11 @@ static char *write_peft(const name_set *s)
     fx_write_file(path, config, strlen(config));
     buf h = {0}, file = {0};
     put(&h, "{", 1);
+    if (s->st_metadata) {
+        put(&h, "\"__metadata__\":", 15);
+        put(&h, s->st_metadata, strlen(s->st_metadata));
+        put(&h, ",", 1);
+    }
     for (int i = 0; i < NT; i++) {
         char item[NAME_MAX_LEN + 128];
         const int rows = i % 2 ? D_MODEL : RANK, cols = i % 2 ? RANK : D_MODEL;
@@ -205,21 +215,28 @@ static buf gguf_bytes(const name_set *s, size_t *header_end)
     put(&b, "GGUF", 4);
     put_le(&b, 3, 4);
     put_le(&b, NT, 8);
-    put_le(&b, 4, 8);
+    put_le(&b, s->gguf_repeat_kv ? 5 : 4, 8);
     /* qwen2 rotates with NEOX RoPE, so its GGUF keeps Q/K rows in Hugging Face's order
      * and the values load unpermuted (llama's would be permuted: test_io_layout.c). */
     static const char *const kv[3][2] = {
         {"general.type", "adapter"}, {"adapter.type", "lora"}, {"general.architecture", "qwen2"}};
-    for (int i = 0; i < 3; i++) {
-        gguf_str(&b, kv[i][0], strlen(kv[i][0]));
-        put_le(&b, 8, 4); /* string */
-        gguf_str(&b, kv[i][1], strlen(kv[i][1]));
+    for (int pass = 0; pass < 2; pass++) { /* the second pass: the repeated key only */
+        for (int i = 0; i < 3; i++) {
+            if (pass && s->gguf_repeat_kv != i + 1)
+                continue;
+            gguf_str(&b, kv[i][0], strlen(kv[i][0]));
+            put_le(&b, 8, 4); /* string */
+            gguf_str(&b, kv[i][1], strlen(kv[i][1]));
+        }
+        if (pass && s->gguf_repeat_kv != 4)
+            continue;
+        gguf_str(&b, "adapter.lora.alpha", 18);
+        put_le(&b, 6, 4); /* f32 */
+        const float alpha = pass ? 2.0f * s->gguf_alpha : s->gguf_alpha;
+        uint32_t u;
+        memcpy(&u, &alpha, 4);
+        put_le(&b, u, 4);
     }
-    gguf_str(&b, "adapter.lora.alpha", 18);
-    put_le(&b, 6, 4); /* f32 */
-    uint32_t u;
-    memcpy(&u, &s->gguf_alpha, 4);
-    put_le(&b, u, 4);
     for (int i = 0; i < NT; i++) {
         gguf_str(&b, s->name[i], s->len[i]);
         put_le(&b, 2, 4);
@@ -443,10 +460,13 @@ START_TEST(test_overlap_in_last_pair)
         s.begin[i] = (uint64_t)(NT - 1 - i) * stride;
     s.data_bytes = (uint64_t)(NT - 1) * stride + 64; /* no bytes after the last tensor */
     expect_load(gguf, &s, 5, "reversed tensors with gaps");
-    /* Sorted by offset, tensor 0 comes last: make it start inside tensor 1. */
+    /* Sorted by offset, tensor 0 comes last: make it start inside tensor 1, the data
+       ending with it (so no check of trailing bytes can refuse the file instead). */
     s.begin[0] = s.begin[1] + 32;
+    s.data_bytes = s.begin[0] + 64;
     expect_load(gguf, &s, -1, "last pair overlapping by 32 bytes");
     s.begin[0] = s.begin[1];
+    s.data_bytes = s.begin[0] + 64;
     expect_load(gguf, &s, -1, "last tensor aliasing the one before");
 }
 END_TEST
@@ -577,6 +597,81 @@ START_TEST(test_gguf_alpha_zero_is_rank)
 }
 END_TEST
 
+/* A GGUF key-value given twice is FORMAT, whichever it is (readers disagree on which
+ * copy counts): general.type, adapter.type, general.architecture is skipped by liblora
+ * but still fine twice, adapter.lora.alpha (the second copy twice the first). */
+START_TEST(test_gguf_repeated_key)
+{
+    name_set s;
+    gguf_names(&s, "3");
+    expect_load(1, &s, 3, "every key once");
+    static const char *const keys[5] = {"", "general.type", "adapter.type",
+                                         "general.architecture", "adapter.lora.alpha"};
+    for (int k = 1; k <= 4; k++) {
+        s.gguf_repeat_kv = k; /* every one is read (general.architecture: the Q/K row order) */
+        char *dir = NULL, *path = write_gguf(&s, &dir);
+        lora_config *cfg = names_config();
+        lora_adapter *ad[2] = {NULL, NULL};
+        int64_t layers[2];
+        size_t count = 99;
+        const int st = lora_load_gguf(ad, layers, 2, &count, path, cfg);
+        ck_assert_msg(st == LORA_ERR_FORMAT, "%s twice: status %d (%s)", keys[k], st,
+                      lora_config_last_error(cfg));
+        ck_assert_ptr_nonnull(strstr(lora_config_last_error(cfg), keys[k]));
+        ck_assert_ptr_null(ad[0]);
+        lora_config_destroy(cfg);
+        fx_rmtree(dir);
+        free(dir);
+        free(path);
+    }
+}
+END_TEST
+
+/* The weights' __metadata__ (liblora writes r, lora_alpha and use_rslora there) must
+ * agree with adapter_config.json (r 2, lora_alpha 4): each field that contradicts it,
+ * or is not a string, is FORMAT naming the field, even when the tensors' shapes agree
+ * with the config; agreeing strings, absent fields and other keys load. */
+START_TEST(test_peft_metadata_agrees_with_config)
+{
+    static const struct {
+        const char *metadata, *field; /* field NULL: loads */
+    } rows[] = {
+        {"{\"format\":\"pt\"}", NULL},
+        {"{\"r\":\"2\",\"lora_alpha\":\"4\",\"use_rslora\":\"false\"}", NULL},
+        {"{\"lora_alpha\":\"4.0\"}", NULL},
+        {"{\"r\":\"4\"}", "r"},
+        {"{\"r\":\"2\",\"lora_alpha\":\"8\"}", "lora_alpha"},
+        {"{\"use_rslora\":\"true\"}", "use_rslora"},
+        {"{\"r\":\"two\"}", "r"},
+        {"{\"use_rslora\":\"yes\"}", "use_rslora"},
+    };
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        name_set s;
+        peft_names(&s, "6");
+        s.st_metadata = rows[i].metadata;
+        if (!rows[i].field) {
+            expect_load(0, &s, 6, rows[i].metadata);
+            continue;
+        }
+        char *dir = write_peft(&s);
+        lora_config *cfg = names_config();
+        lora_adapter *ad[2] = {NULL, NULL};
+        int64_t layers[2];
+        size_t count = 99;
+        const int st = lora_load_peft(ad, layers, 2, &count, dir, cfg);
+        ck_assert_msg(st == LORA_ERR_FORMAT, "__metadata__ %s: status %d (%s)",
+                      rows[i].metadata, st, lora_config_last_error(cfg));
+        ck_assert_msg(strstr(lora_config_last_error(cfg), rows[i].field) != NULL,
+                      "__metadata__ %s: the message does not name %s: %s", rows[i].metadata,
+                      rows[i].field, lora_config_last_error(cfg));
+        ck_assert_ptr_null(ad[0]);
+        lora_config_destroy(cfg);
+        fx_rmtree(dir);
+        free(dir);
+    }
+}
+END_TEST
+
 Suite *names_suite(void)
 {
     Suite *s = suite_create("names");
@@ -594,6 +689,8 @@ Suite *names_suite(void)
     tcase_add_test(tl, test_gguf_every_truncation);
     tcase_add_test(tl, test_gguf_alpha_zero_is_rank);
     tcase_add_test(tl, test_gguf_read_ending_at_eof);
+    tcase_add_test(tl, test_gguf_repeated_key);
+    tcase_add_test(tl, test_peft_metadata_agrees_with_config);
     suite_add_tcase(s, tl);
     return s;
 }
