@@ -106,8 +106,9 @@ typedef enum lora_config_param {
                                    query rows per (batch, head), compute their exact
                                    attention rows (O(rows*L*HEAD_DIM)) and report the
                                    measured error in lora_run_info */
-    /* 19-25: the setters, getters and lora_config_validate take them; until this build
-     * computes them, lora_adapter_create refuses a value other than the default with
+    /* 19-24: attention as real models compute it (docs/models.md). 25: the setters,
+     * getters and lora_config_validate take it; until this build computes it,
+     * lora_adapter_create refuses a value other than the default with
      * LORA_ERR_UNSUPPORTED (lora_config_validate names the parameter). */
     LORA_CFG_ROPE = 19,         /* lora_rope, default LORA_ROPE_NONE: rotary position
                                    embedding of Q and K after projection (bias and LoRA
@@ -243,6 +244,14 @@ LORA_API void lora_adapter_destroy(lora_adapter *ad);
  * NONFINITE, NOMEM. */
 LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *weight,
                                    const float *bias);
+
+/* Replaces RoPE's inverse frequencies (THETA^(-2i/ROPE_DIM) by default) with inv_freq:
+ * the route to linear, NTK, Llama 3 and YaRN scaling (docs/models.md). n must be
+ * ROPE_DIM/2; values finite and >= 0 (copied). Pair i of every Q and K head then turns
+ * by position*inv_freq[i] (angles in double). Drops the saved forward.
+ * Errors: INVALID_ARG (NULL, adapter without RoPE, wrong n, a negative value),
+ * NONFINITE. */
+LORA_API int lora_adapter_set_rope_freqs(lora_adapter *ad, const double *inv_freq, size_t n);
 
 /* Copies LoRA factor `which` of `target` in (set) or out (get), or its accumulated
  * gradient out (get_grad). count must equal the factor's element count (r*in for A,

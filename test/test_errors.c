@@ -62,6 +62,7 @@ typedef enum entry_point {
     EP_COPY_PARAMS,
     EP_SAVE_PEFT, EP_LOAD_PEFT, EP_SAVE_GGUF, EP_LOAD_GGUF,
     EP_OPT_CREATE_SET, EP_OPT_STEP_SET, EP_MSE_LOSS_MEAN,
+    EP_SET_ROPE_FREQS,
     EP_COUNT
 } entry_point;
 
@@ -123,6 +124,7 @@ static const char *const ep_names[EP_COUNT] = {
     [EP_OPT_CREATE_SET] = "lora_optimizer_create_set",
     [EP_OPT_STEP_SET] = "lora_optimizer_step_set",
     [EP_MSE_LOSS_MEAN] = "lora_mse_loss_mean",
+    [EP_SET_ROPE_FREQS] = "lora_adapter_set_rope_freqs",
 };
 
 /* ---- states before the call --------------------------------------------------------- */
@@ -612,6 +614,8 @@ static const bad_row bad_rows[] = {
     ROW(EP_SET_BASE_BORROWED, PRE_QV, M_INT(0, TO), INV, "TARGET_O without OUT_PROJ"),
     ROW2(EP_SET_BASE_BORROWED, PRE_SELF, M_INT(0, TV), M_NAN(0), NONF, "NaN in W_V"),
     ROW2(EP_SET_BASE_BORROWED, PRE_SELF, M_INT(0, TO), M_INF(1), NONF, "-Inf in the bias of O"),
+    /* NULL and the table's own checks (n, values): attention_suite */
+    ROW(EP_SET_ROPE_FREQS, PRE_SELF, M_NONE, INV, "adapter without RoPE"),
     ROW(EP_COPY_PARAMS, PRE_SELF, M_HANDLE, INV, "dst NULL"),
     ROW(EP_COPY_PARAMS, PRE_SELF, M_AD2, INV, "src NULL"),
     ROW(EP_COPY_PARAMS, PRE_SELF, M_OTHER_AD, INV, "src of another rank"),
@@ -1354,6 +1358,10 @@ static int invoke(int ep, row_env *e, call_args *a)
     case EP_SET_BASE_BORROWED:
         return lora_adapter_set_base_borrowed(ad, (int)a->i[0], b[0], b[1]);
     case EP_COPY_PARAMS: return lora_adapter_copy_params(ad, a->null_ad2 ? NULL : a->ad2);
+    case EP_SET_ROPE_FREQS: {
+        static const double freqs[2] = {1.0, 0.5};
+        return lora_adapter_set_rope_freqs(ad, freqs, 2);
+    }
     case EP_SAVE_PEFT:
     case EP_SAVE_GGUF: {
         const char *path = a->null_path ? NULL : a->path;

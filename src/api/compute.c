@@ -61,6 +61,7 @@ int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64
         .n_heads = l->n_heads, .n_kv_heads = l->n_kv_heads, .head_dim = l->head_dim,
         .ldq = l->q_dim, .ldkv = l->kv_dim, .ldo = l->q_dim,
         .softmax_scale = l->softmax_scale, .causal = l->causal,
+        .softcap = l->softcap, .window = l->window,
         .threads = ad->threads, .la = &ad->la,
     };
     return LORA_OK;
@@ -95,6 +96,8 @@ static int project_inputs(lora_adapter *ad, const layer *l, const lora_forward_a
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
                               "cannot allocate %zu bytes of activations", acts_bytes);
     layer_acts_carve(l, p, a->self, acts_buf->ptr, acts);
+    acts->dropout = a->kind != SAVED_NONE && l->dropout > 0.0; /* inference never drops */
+    acts->forward_count = ad->training_forwards;
     memcpy(acts->xq, a->xq, (size_t)(a->batch * a->len_q * l->d_model) * sizeof(float));
     if (!a->self)
         memcpy(acts->xkv, a->xkv, (size_t)(a->batch * a->len_kv * l->d_model) * sizeof(float));
@@ -164,6 +167,7 @@ static int run_forward(lora_adapter *ad, const lora_forward_args *a)
     ad->problem = p;
     memcpy(ad->saved_groups, plan.groups, (size_t)p.n_kv_heads * sizeof *plan.groups);
     ad->saved = a->kind;
+    ad->training_forwards++; /* the next training forward draws new dropout masks */
     ad->eta = plan.run_eta;
     ad->err[0] = '\0';
     return LORA_OK;

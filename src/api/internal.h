@@ -91,6 +91,11 @@ struct lora_adapter {
     float *merged[PROJ_COUNT]; /* W + s·B·A of adapted projections, NULL = none */
     int merged_valid;          /* merged[] matches the current base and factors */
     lora_buf infer_buf;        /* lora_forward_merged's activations and scratch */
+    /* 0.2 attention (attention.c): RoPE's inverse frequencies (ROPE_DIM/2, NULL without
+     * RoPE; layer.rope_freqs points here) and the count of training forwards, which
+     * keys the dropout masks. */
+    double *rope_freqs;
+    uint64_t training_forwards;
 };
 
 /* Called by everything that changes a base weight, a factor or the scale: drops the
@@ -150,6 +155,9 @@ int lora_forward_layer(lora_adapter *ad, const layer *l, const lora_forward_args
  * the attention problem. xkv == xq for self-attention. */
 int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64_t batch,
                       int64_t len_q, int64_t len_kv, int self, attn_problem *p);
+
+/* RoPE's frequency table from ROPE_THETA (attention.c); LORA_ERR_NOMEM or LORA_OK. */
+int lora_rope_init(lora_adapter *ad);
 
 /* PROJ_* index of a lora_target value (one bit), or -1. */
 int lora_target_index(int target);
