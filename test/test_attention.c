@@ -738,6 +738,94 @@ START_TEST(test_attention_poly_refuses_window_softcap)
 }
 END_TEST
 
+/* Under RoPE the estimator's score bound is that of the rotated Q and K (the keys'
+ * mean taken after rotation), as the forward's run info reports it; without the
+ * rotation the bound would differ (checked: the unrotated bound is far off). */
+START_TEST(test_attention_estimate_rope_score_bound)
+{
+    ref_config c = {.d_model = 16, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 3,
+                    .bias = 1, .rope = 1 + _i % 2, .rope_theta = 30.0};
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 91, 1.0, 0.5);
+    for (int o = 0; o < 8; o++)
+        l.bias[REF_K][o] += 3.0; /* a large key mean, which rotation spreads */
+    const int64_t len = 600; /* more than one SUM_BLOCK of 512 */
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 2, len, len, 92), 0);
+    const size_t nq = (size_t)(2 * len * l.q_dim), nk = (size_t)(2 * len * l.kv_dim);
+    double *q = malloc(nq * sizeof(double)), *k = malloc(nk * sizeof(double));
+    ck_assert(q && k);
+    ck_assert_int_eq(ref_activations_ex(&l, NULL, p.xq, NULL, 2, len, len, q, k, NULL, NULL),
+                     0);
+    const double r_ref = ref_score_bound(&l, q, k, 2, len, len);
+    l.cfg.rope = REF_ROPE_NONE; /* the same layer, unrotated */
+    ck_assert_int_eq(ref_activations(&l, p.xq, p.xq, 2, len, len, q, k, NULL, NULL), 0);
+    l.cfg.rope = c.rope;
+    const double r_unrotated = ref_score_bound(&l, q, k, 2, len, len);
+    ck_assert_msg(fabs(r_unrotated - r_ref) > 0.05 * r_ref, "RoPE barely changes R (%g, %g)",
+                  r_unrotated, r_ref);
+    float *x = malloc((size_t)(2 * len * 16) * sizeof(float));
+    ck_assert_ptr_nonnull(x);
+    ref_to_float(p.xq, x, (size_t)(2 * len * 16));
+    for (int threads = 1; threads <= 2; threads++) {
+        lora_adapter *ad = NULL;
+        ck_assert_int_eq(ref_make_adapter(&l, LORA_BACKEND_EXACT, threads, &ad), LORA_OK);
+        lora_threshold_report rep = {.struct_size = sizeof rep};
+        ck_assert_int_eq(lora_threshold_estimate(ad, x, 2, len, &rep), LORA_OK);
+        ck_assert_msg(fabs(rep.score_bound - r_ref) <= 1e-4 * r_ref,
+                      "threads %d: estimate R = %g, reference %g", threads, rep.score_bound,
+                      r_ref);
+        lora_adapter_destroy(ad);
+    }
+    free(x);
+    free(q);
+    free(k);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* POLY with RoPE runs on the rotated Q and K: its score bound is theirs, and its output
+ * stays within the certificate eta·max|V| (no output projection), its gradients within
+ * a few times the measured error of MATH §5 at that R. */
+START_TEST(test_attention_poly_rope_within_certificate)
+{
+    ref_config c = {.d_model = 8, .n_heads = 2, .n_kv_heads = 1, .head_dim = 4, .rank = 2,
+                    .targets = 7, .causal = _i, .rope = 1 + _i, .rope_theta = 20.0};
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 111 + (uint64_t)_i, 1.0, 0.5);
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 2, 200, 200, 112), 0);
+    const double r = problem_set_score_bound(&l, &p, 0.5);
+    double vmax;
+    problem_score_bound(&l, &p, &vmax);
+    const ref_param deg = {LORA_CFG_POLY_DEGREE, 0, 4, 0.0};
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, &deg, 1, &ad), LORA_OK);
+    lib_result lr;
+    ck_assert_int_eq(lib_run(ad, &l, &p, &lr), LORA_OK);
+    ck_assert_int_eq(lr.info.backend, LORA_BACKEND_POLY);
+    ck_assert_msg(fabs(lr.info.score_bound - r) <= 1e-4 * r, "score bound %g, rotated R %g",
+                  lr.info.score_bound, r);
+    ref_result rr;
+    ref_run(&l, &p, NULL, 0, 0, &lr, &rr);
+    double out_err = 0.0;
+    for (size_t k = 0; k < lr.nout; k++)
+        out_err = fmax(out_err, fabs(lr.out[k] - rr.out[k]));
+    ck_assert_msg(out_err <= lr.info.error_bound * vmax + 1e-5 * ref_max_abs(rr.out, lr.nout),
+                  "|out~ - out| = %g above eta*|V| = %g", out_err, lr.info.error_bound * vmax);
+    const double e = result_error(&lr, &rr);
+    ck_assert_msg(e <= 10.0 * 4e-6 + 2e-5, "relative error %g at R = 0.5, g = 4", e);
+    ref_result_free(&rr);
+    lib_result_free(&lr);
+    lora_adapter_destroy(ad);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 Suite *attention_suite(void)
 {
     Suite *s = suite_create("attention");
@@ -757,6 +845,8 @@ Suite *attention_suite(void)
     tcase_add_test(tc, test_attention_set_freqs_drops_saved_forward);
     tcase_add_test(tc, test_attention_freq_table_vs_reference);
     tcase_add_test(tc, test_attention_poly_refuses_window_softcap);
+    tcase_add_loop_test(tc, test_attention_estimate_rope_score_bound, 0, 2);
+    tcase_add_loop_test(tc, test_attention_poly_rope_within_certificate, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -265,8 +265,8 @@ static void proj_backward(const layer *l, const layer_proj *pr, const la_ctx *la
 /* Turns `heads` heads of row x and `heads2` of row x2 (NULL: none) by position pos:
  * each pair's angle pos·inv_freq[i] in double, once, its cos and sin applied in float
  * to every head. inverse turns by -angle. */
-static void rope_row(const layer *l, int64_t pos, int inverse, float *x, int64_t heads,
-                     float *x2, int64_t heads2)
+static void rope_rows2(const layer *l, int64_t pos, int inverse, float *x, int64_t heads,
+                       float *x2, int64_t heads2)
 {
     const int64_t half = l->rope_dim / 2, hd = l->head_dim;
     const int inter = l->rope == LORA_ROPE_INTERLEAVED;
@@ -283,6 +283,12 @@ static void rope_row(const layer *l, int64_t pos, int inverse, float *x, int64_t
     }
 }
 
+void layer_rope_row(const layer *l, int64_t pos, float *x, int64_t heads)
+{
+    if (l->rope != LORA_ROPE_NONE)
+        rope_rows2(l, pos, 0, x, heads, NULL, 0);
+}
+
 void layer_rope(const layer *l, const attn_problem *p, float *q, float *k, int inverse)
 {
     if (l->rope == LORA_ROPE_NONE)
@@ -293,12 +299,12 @@ void layer_rope(const layer *l, const attn_problem *p, float *q, float *k, int i
     for (int64_t b = 0; b < p->batch; b++) {
         for (int64_t i = 0; i < p->len_q; i++) {
             const int64_t r = b * p->len_q + i;
-            rope_row(l, attn_q_pos(p, b, i), inverse, q + r * l->q_dim, l->n_heads,
+            rope_rows2(l, attn_q_pos(p, b, i), inverse, q + r * l->q_dim, l->n_heads,
                      shared ? k + r * l->kv_dim : NULL, shared ? l->n_kv_heads : 0);
         }
         for (int64_t j = 0; j < p->len_kv && !shared; j++)
-            rope_row(l, attn_kv_pos(p, b, j), inverse, k + (b * p->len_kv + j) * l->kv_dim,
-                     l->n_kv_heads, NULL, 0);
+            rope_rows2(l, attn_kv_pos(p, b, j), inverse, k + (b * p->len_kv + j) * l->kv_dim,
+                       l->n_kv_heads, NULL, 0);
     }
 }
 
