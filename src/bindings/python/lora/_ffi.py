@@ -154,6 +154,7 @@ _OPTIONAL_PROTOTYPES = {
                                        _sz, _i]),
     "lora_optimizer_step_set": (_i, [OptimizerP, ctypes.POINTER(AdapterP), _sz]),
     "lora_mse_loss_mean": (_i, [_p, _p, _sz, ctypes.POINTER(_d), _p]),
+    "lora_adapter_set_rope_freqs": (_i, [AdapterP, _p, _sz]),
 }
 
 
