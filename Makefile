@@ -17,7 +17,8 @@ DESTDIR ?=
 CC ?= cc
 CFLAGS ?= -O2 -g
 WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes
-BASE_CFLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L -fopenmp $(WARN)
+# -fopenmp-simd: only the `omp simd` pragmas; the library's threads are its own pool.
+BASE_CFLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L -fopenmp-simd $(WARN)
 
 # ---- BLIS: pkg-config if it has a .pc, else Debian's multiarch layout ----
 # BLIS_LINK=static (default) links libblis.a into liblora.so, private to it, and lets
@@ -60,9 +61,13 @@ endif
 CJSON_CFLAGS ?= $(patsubst -I%,-isystem %,$(shell pkg-config --cflags libcjson 2>/dev/null))
 CJSON_LIBS ?= $(or $(shell pkg-config --libs libcjson 2>/dev/null),-lcjson)
 LIBS_PRIVATE += $(CJSON_LIBS)
-LIB_LDLIBS := $(BLIS_LIBS) -fopenmp $(MVEC_LIBS) $(CJSON_LIBS) -lm -lpthread
+# -lgomp only satisfies libblis.a's references (Debian's BLIS is the OpenMP flavour;
+# liblora runs it one thread per call, which starts no OpenMP thread).
+LIB_LDLIBS := $(BLIS_LIBS) -lgomp $(MVEC_LIBS) $(CJSON_LIBS) -lm -lpthread
 
 CHECK_CFLAGS ?= $(shell pkg-config --cflags check 2>/dev/null)
+# threads_suite calls the library from inside an OpenMP team of its own.
+CHECK_CFLAGS += -fopenmp
 CHECK_LIBS ?= $(shell pkg-config --libs check 2>/dev/null)
 
 # ---- sources ----
@@ -335,7 +340,7 @@ $(AMALG): src/tools/amalgamate.py $(LIB_SRC) $(wildcard src/*.h src/*/*.h) inclu
 # defined, libmvec's vector expf used without any -D, and a program linking libblis.a
 # gets the AVX-512 kernel context on CPUs that have it (test/vendor/probe.c).
 AMALG_CHECK := lib/amalgamation/check
-AMALG_OMP := $(filter -fopenmp,$(BASE_CFLAGS))
+AMALG_OMP := $(filter -fopenmp%,$(BASE_CFLAGS))
 AMALG_LIBS := $(BLIS_LIBDIR)/libblis.a $(filter-out -lblis,$(LIBS_PRIVATE))
 amalgamation-check: $(AMALG)
 	@mkdir -p $(AMALG_CHECK)
@@ -395,6 +400,9 @@ clean:
 	rm -rf lib/amalgamation lib/install-check lib/vendor lib/vendor.log
 	rm -rf lib/asan lib/tsan lib/fuzz lib/abi
 
+include test/bench/calibrate.mk
+
 # ---- reliability: check-asan, check-valgrind, check-tsan, fuzz, abi-check, abi-update
 # (docs/reliability.md)
 include test/reliability.mk
+include test/mutation/mutation.mk

@@ -8,14 +8,21 @@
  *
  * Conventions (all of them, once):
  * - Every function that can fail returns an int holding a lora_status; LORA_OK is 0.
- *   Output parameters come first after the handle. Nothing aborts, exits or prints.
+ *   Output parameters come first after the handle. Nothing aborts, exits or prints,
+ *   with one exception: BLIS (inside) aborts if its own malloc fails. It allocates only
+ *   while its buffer pools grow (the first products of the process, or more at once
+ *   than before): one forward and backward at start-up, at full concurrency, avoids
+ *   it (docs/threading.md).
  * - Tensors are dense, row-major float32 and owned by the caller. The library copies
  *   what it keeps. Shapes are written (rows, cols) or (batch, L, cols).
  * - Orientation is torch.nn.Linear / PEFT: a weight W is (out, in) and y = x·Wᵀ + b;
  *   LoRA factors are A (r, in) and B (out, r); the adapted weight is W + s·B·A with
  *   s = alpha/r (alpha/√r with rsLoRA).
  * - Threads: distinct handles are independent; one handle is used by one thread at a
- *   time. There is no process-global mutable state.
+ *   time. There is no process-global mutable state. An adapter's worker threads
+ *   (LORA_CFG_THREADS) are its own: started on first use, joined by
+ *   lora_adapter_destroy. fork() is safe (the child starts its own workers); when
+ *   threads cannot be created, calls run on fewer with the same results.
  * - ABI: handles are opaque, enum and #define values are frozen (append only), and
  *   public structs are append-only and carry struct_size. Only lora_* symbols are
  *   exported. See docs/abi.md.
@@ -191,8 +198,9 @@ LORA_API const char *lora_config_last_error(const lora_config *cfg);
 
 /* Memory hooks (as zstd's ZSTD_customMem). Every allocation liblora makes for a config
  * and for the adapters created from it goes through alloc and free; nothing is
- * allocated through any other route (BLIS's own internal buffers aside, and cJSON's
- * parse trees while an adapter file is read or written: cJSON's hooks are global).
+ * allocated through any other route (BLIS's own internal buffers aside, the worker
+ * threads' stacks, and cJSON's parse trees while an adapter file is read or written:
+ * cJSON's hooks are global).
  * - alloc(user_data, size) returns size bytes or NULL; a NULL becomes LORA_ERR_NOMEM
  *   and the failed call changes nothing. It need not align: the library asks for up to
  *   192 bytes more and aligns every buffer to 64 bytes itself. free(user_data, ptr)
@@ -289,10 +297,15 @@ typedef struct lora_run_info {
     int64_t poly_degree;   /* largest even degree g POLY ran at, 0 for EXACT */
     int64_t poly_rank;     /* its feature columns k = binom(g + HEAD_DIM, HEAD_DIM) */
     double error_bound;    /* largest certified eta over the POLY groups: |F~ - F| <=
-                              eta*F entrywise; 0 for EXACT */
+                              eta*F entrywise, float32 rounding of the features
+                              included; the attention output then has |O~ - O| <=
+                              eta*max|V|. 0 for EXACT */
     double grad_bound;     /* after backward: certified bound on the absolute error of
-                              every returned gradient entry (dA, dB, dx), in exact
-                              arithmetic (MATH §4); 0 for EXACT */
+                              every returned gradient entry (dA, dB, dx) against the
+                              exact gradient FOR THE dout GIVEN to this backward (other
+                              arithmetic exact; docs/math.md). It does not cover the
+                              error that dout itself carries when computed from POLY's
+                              output: see loss_grad_bound. 0 for EXACT */
     double score_bound;    /* R >= max |S_ij - c_i| of the last forward (see
                               lora_threshold_report); computed for every backend */
     double measured_out_error; /* with LORA_CFG_MEASURE_ROWS and POLY: max |O~ - O| /
@@ -304,6 +317,16 @@ typedef struct lora_run_info {
     int64_t poly_groups;   /* kv-head groups (each with its N_HEADS / N_KV_HEADS query
                               heads) that ran POLY, each at the degree its own score
                               bound needs; the others ran EXACT */
+    double loss_grad_bound; /* after backward: certified bound on the absolute error of
+                              every returned gradient entry against the gradient of the
+                              TRUE loss 1/2*sum (out - target)^2 when dout = out~ -
+                              target came from lora_mse_loss on this forward's (POLY)
+                              output out~: grad_bound plus the exact gradient map
+                              applied to |out~ - out| <= eta*max|V| (times W_O's
+                              largest row l1 norm with OUT_PROJ). For a loss whose
+                              dout is c*(out~ - target) (lora_mse_loss_mean: c = 2/n)
+                              the bound is grad_bound + c*(loss_grad_bound -
+                              grad_bound). 0 for EXACT, 0 after a forward */
 } lora_run_info;
 
 /* Fills *info (up to info->struct_size bytes). Errors: INVALID_ARG (NULL, struct_size
@@ -382,11 +405,17 @@ typedef struct lora_threshold_report {
                                     smallest meeting TOLERANCE (0: none within limits) */
     int64_t poly_rank;           /* feature columns k = binom(g + HEAD_DIM, HEAD_DIM) */
     double error_bound;          /* certified eta at that degree: |F~ - F| <= eta*F */
-    double flops_exact, flops_poly; /* modelled cost of one forward+backward of the
-                                    attention core (projections excluded) */
+    double flops_exact, flops_poly; /* modelled flops of one forward+backward of the
+                                    attention core (projections excluded): EXACT on
+                                    every group; and what AUTO runs when poly_groups > 0
+                                    (those groups on POLY at their own degrees, the
+                                    others EXACT), else POLY on every group at its own
+                                    degree (INFINITY when a group has none) */
     int64_t poly_groups;         /* kv-head groups AUTO runs on POLY: a group goes POLY
                                     when a degree certifies TOLERANCE at its own R and
-                                    its modelled cost is below half of EXACT's */
+                                    its modelled POLY flops times the calibrated rate
+                                    ratio of its HEAD_DIM (docs/backends.md) are below
+                                    its EXACT flops */
 } lora_threshold_report;
 
 /* Estimates the threshold statistics for self-attention on x (batch, seq_len, D_MODEL)

@@ -11,7 +11,8 @@ Suite *reference_suite(void); /* the double reference vs central finite differen
 Suite *exact_suite(void);     /* LORA_BACKEND_EXACT vs the reference */
 Suite *attention_suite(void); /* RoPE, masks, window, softcap, dropout vs the reference */
 Suite *backward_suite(void);  /* accumulation, zero_grad, call order */
-Suite *threads_suite(void);   /* determinism per thread count */
+Suite *threads_suite(void);   /* determinism per thread count, fork, thread failure */
+Suite *pool_suite(void);      /* the worker pool itself: parts, failure, nesting, fork */
 Suite *errors_suite(void);    /* every bad input: status, message, adapter survives */
 Suite *poly_suite(void);      /* LORA_BACKEND_POLY vs the reference, MEASURE_ROWS */
 Suite *threshold_suite(void); /* estimator known answers, AUTO, TOLERANCE, limits */
@@ -24,5 +25,9 @@ Suite *serving_suite(void);   /* borrowed bases, hot swap, concurrent tenants */
 Suite *io_suite(void);        /* PEFT and GGUF round trips, independent readers, fuzz */
 Suite *nonfinite_suite(void); /* overflowing results: NONFINITE, nothing changed */
 Suite *io_files_suite(void);  /* special paths, sparse files, torn saves, PEFT parity */
+Suite *split_suite(void);     /* threaded products at real sizes: THREADS 1 = 2 = reference */
+Suite *bounds_suite(void);    /* error_bound and grad_bound known answers (MATH §3-4) */
+Suite *names_suite(void);     /* limits and trailing characters of tensor names, both formats */
+Suite *corners_suite(void);   /* second angles on single-test corners (optimizer, io, ...) */
 
 #endif

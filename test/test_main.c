@@ -17,6 +17,7 @@ int main(void)
     srunner_add_suite(sr, attention_suite());
     srunner_add_suite(sr, backward_suite());
     srunner_add_suite(sr, threads_suite());
+    srunner_add_suite(sr, pool_suite());
     srunner_add_suite(sr, errors_suite());
     srunner_add_suite(sr, poly_suite());
     srunner_add_suite(sr, threshold_suite());
@@ -29,6 +30,10 @@ int main(void)
     srunner_add_suite(sr, io_suite());
     srunner_add_suite(sr, nonfinite_suite());
     srunner_add_suite(sr, io_files_suite());
+    srunner_add_suite(sr, split_suite());
+    srunner_add_suite(sr, bounds_suite());
+    srunner_add_suite(sr, names_suite());
+    srunner_add_suite(sr, corners_suite());
     /* Fork mode, unless CK_FORK=no (valgrind, TSan, debuggers: docs/reliability.md). */
     const char *fork_env = getenv("CK_FORK");
     srunner_set_fork_status(sr, fork_env && strcmp(fork_env, "no") == 0 ? CK_NOFORK : CK_FORK);

@@ -177,21 +177,25 @@ static void poly_eval_run(const ref_layer *l, const ref_problem *p, int g, int t
     lora_adapter_destroy(ad);
 }
 
-static double poly_eta(int g, double r)
-{
-    double t = 1.0;
-    for (int i = 1; i <= g + 1; i++)
-        t *= r / i;
-    const double delta = exp(r) * t;
-    return 2.0 * delta / (1.0 - delta);
-}
-
 static int64_t binom(int64_t n, int64_t k)
 {
     int64_t c = 1;
     for (int64_t i = 1; i <= k; i++)
         c = c * (n - k + i) / i;
     return c;
+}
+
+/* η of docs/math.md: Taylor δ plus the float32 share γ_n·e^(2R), n = 13g + k + 64 +
+ * ⌈L_kv/64⌉ + 4, for head_dim d. */
+static double poly_eta(int g, double r, int64_t d, int64_t len_kv)
+{
+    double t = 1.0;
+    for (int i = 1; i <= g + 1; i++)
+        t *= r / i;
+    const double u = ldexp(1.0, -24);
+    const double n = 13.0 * g + (double)binom(g + d, d) + 64.0 + ceil((double)len_kv / 64.0) + 4.0;
+    const double delta = exp(r) * t + n * u / (1.0 - n * u) * exp(2.0 * r);
+    return delta < 1.0 ? 2.0 * delta / (1.0 - delta) : INFINITY;
 }
 
 /* ---- 1. POLY vs the reference at controlled R and g ------------------------------- */
@@ -224,7 +228,7 @@ START_TEST(test_poly_vs_reference)
                           g, (long long)binom(g + l.head_dim, l.head_dim), desc);
             ck_assert_msg(fabs(in->score_bound - r) <= 1e-4 * r,
                           "score_bound %.9g, reference R %.9g [%s]", in->score_bound, r, desc);
-            const double eta = poly_eta(g, in->score_bound);
+            const double eta = poly_eta(g, in->score_bound, l.head_dim, p.len_kv);
             ck_assert_msg(fabs(in->error_bound - eta) <= 1e-9 * eta,
                           "error_bound %.9g, eta(%d, %.6g) = %.9g [%s]", in->error_bound, g,
                           in->score_bound, eta, desc);
@@ -635,6 +639,601 @@ START_TEST(test_poly_deterministic)
 }
 END_TEST
 
+/* ---- 8. certificates that hold ---------------------------------------------------- */
+
+/* One training step as users run it: forward, dout = out - target (lora_mse_loss),
+ * backward. given: absolute errors against the exact gradient for that same dout;
+ * truth: against the gradient of the true loss 1/2·Σ(out - target)², dout = out - target
+ * with the exact (double) out. p->dout is overwritten. */
+typedef struct train_eval {
+    lib_result r;
+    abs_errors given, truth;
+} train_eval;
+
+static void train_step(lora_adapter *ad, const ref_layer *l, ref_problem *p,
+                       const float *target, train_eval *te)
+{
+    const size_t nout = (size_t)(p->batch * p->len_q * ref_out_cols(l));
+    for (size_t i = 0; i < nout; i++)
+        p->dout[i] = 0.0;
+    lib_result first;
+    ck_assert_int_eq(lib_run(ad, l, p, &first), LORA_OK);
+    float *dout = malloc(nout * sizeof(float));
+    double *rout = malloc(nout * sizeof(double)), loss;
+    ck_assert(dout && rout);
+    ck_assert_int_eq(lora_mse_loss(first.out, target, nout, &loss, dout), LORA_OK);
+    for (size_t i = 0; i < nout; i++)
+        p->dout[i] = dout[i];
+    ck_assert_int_eq(lib_run(ad, l, p, &te->r), LORA_OK);
+    ck_assert_msg(memcmp(first.out, te->r.out, nout * sizeof(float)) == 0,
+                  "the same forward gave another output");
+    reference_abs_errors(l, p, &te->r, &te->given);
+    ref_forward(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, rout);
+    for (size_t i = 0; i < nout; i++)
+        p->dout[i] = rout[i] - (double)target[i];
+    reference_abs_errors(l, p, &te->r, &te->truth);
+    free(rout);
+    free(dout);
+    lib_result_free(&first);
+}
+
+static double grad_err(const abs_errors *a) { return fmax(a->grad, a->dx); }
+static double grad_ref(const abs_errors *a) { return fmax(a->grad_ref, a->dx_ref); }
+
+/* target = the exact output (rounded to float), plus noise of the given size. */
+static float *make_target(const ref_layer *l, const ref_problem *p, double noise,
+                          uint64_t seed)
+{
+    const size_t nout = (size_t)(p->batch * p->len_q * ref_out_cols(l));
+    double *rout = malloc(nout * sizeof(double));
+    float *t = malloc(nout * sizeof(float));
+    ck_assert(rout && t);
+    ref_forward(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, rout);
+    uint64_t st = seed;
+    for (size_t i = 0; i < nout; i++)
+        t[i] = (float)(rout[i] + noise * ref_uniform(&st));
+    free(rout);
+    return t;
+}
+
+/* BUG: grad_bound carried η through the backward for the dout it was given, but in
+ * training dout = out~ - target comes from POLY's own output, whose error
+ * |out~ - out| <= η·max|V| it left out. Near a minimum of the loss (target = the exact
+ * output) dout is that error alone, so grad_bound (proportional to |dout|) is far below
+ * the real error of the gradient of the true loss. loss_grad_bound adds the exact
+ * gradient map applied to the output error; on the smallest layers (where the bounds
+ * are tight) the real error exceeds grad_bound and stays below loss_grad_bound. */
+START_TEST(test_loss_grad_bound_near_minimum)
+{
+    int beyond_given = 0, runs = 0;
+    for (int dm = 1; dm <= 4; dm *= 2)
+        for (int op = 0; op <= 1; op++)
+            for (int len = 2; len <= 5; len += 3)
+                for (int ri = 0; ri < 2; ri++) {
+                    const poly_case pc = {{.d_model = dm, .rank = 1, .targets = op ? 15 : 7,
+                                           .out_proj = op},
+                                          0, 1, len, 0};
+                    ref_layer l;
+                    ref_problem p;
+                    setup_case(&pc, 4000 + (uint64_t)(dm * 100 + op * 10 + len + ri), &l, &p);
+                    const double r = problem_set_score_bound(&l, &p, ri ? 0.25 : 0.1);
+                    float *target = make_target(&l, &p, 0.0, 1);
+                    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 2, 0.0}};
+                    lora_adapter *ad = NULL;
+                    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 1, &ad),
+                                     LORA_OK);
+                    train_eval te;
+                    train_step(ad, &l, &p, target, &te);
+                    const lora_run_info *in = &te.r.info;
+                    const double err = grad_err(&te.truth);
+                    char desc[512];
+                    ref_describe(&l, &p, desc, sizeof desc);
+                    /* float noise: the true gradient is ~0 here, rounding of target and
+                     * of the float pipeline is ~1e-7 of the gradients' scale */
+                    ck_assert_msg(err <= in->loss_grad_bound + 1e-6 * grad_ref(&te.given),
+                                  "R %.3g: true-loss gradient error %.3g > loss_grad_bound "
+                                  "%.3g (grad_bound %.3g) [%s]",
+                                  r, err, in->loss_grad_bound, in->grad_bound, desc);
+                    ck_assert_msg(in->loss_grad_bound >= in->grad_bound &&
+                                      grad_err(&te.given) <= in->grad_bound +
+                                                                 1e-6 * grad_ref(&te.given),
+                                  "given-dout error %.3g, grad_bound %.3g, loss_grad_bound %.3g",
+                                  grad_err(&te.given), in->grad_bound, in->loss_grad_bound);
+                    beyond_given += err > in->grad_bound;
+                    runs++;
+                    if (verbose())
+                        fprintf(stderr, "near minimum R=%.2f: true err %.3e grad_bound %.3e "
+                                "loss_grad_bound %.3e [%s]\n", r, err, in->grad_bound,
+                                in->loss_grad_bound, desc);
+                    lib_result_free(&te.r);
+                    lora_adapter_destroy(ad);
+                    free(target);
+                    ref_problem_free(&p);
+                    ref_layer_free(&l);
+                }
+    ck_assert_msg(beyond_given * 2 >= runs,
+                  "only %d of %d runs have a true-loss error above grad_bound: the test no "
+                  "longer separates the two bounds", beyond_given, runs);
+}
+END_TEST
+
+/* A d_model 1, head_dim 1 cross-attention layer with explicit weights (LoRA B = 0, so
+ * it adds nothing): q = wq·xq + bq, k = wk·xkv + bk, v = wv·xkv + bv, softmax scale 1. */
+static void tiny_layer(ref_layer *l, ref_problem *p, int len_q, int len_kv, const double w[3],
+                       const double b[3])
+{
+    const ref_config c = {.d_model = 1, .rank = 1, .targets = 7, .bias = 1,
+                          .softmax_scale = 1.0};
+    ck_assert_int_eq(ref_layer_init(l, &c), 0);
+    ref_layer_randomize(l, 3, 1.0, 0.5);
+    for (int t = REF_Q; t <= REF_V; t++) {
+        l->w[t][0] = w[t];
+        l->bias[t][0] = b[t];
+        l->b[t][0] = 0.0;
+    }
+    ck_assert_int_eq(ref_problem_init(p, l, 1, 1, len_q, len_kv, 5), 0);
+}
+
+/* BUG: R was computed against the double key mean, the features subtract the
+ * float-rounded one. Keys 1e4 and 1e4 + 2^-10 (one ulp apart, through the K bias):
+ * the double mean is 1e4 + 2^-11 (centred keys ±2^-11, R = 1 for queries -2048), the
+ * float mean rounds to 1e4 (centred keys 0 and 2^-10): the features see scores up to
+ * 2, twice R, and g = 8 left an output error 61 times the certified η·max|V| (V is 0
+ * and 1: the output is the second key's probability). */
+START_TEST(test_score_bound_float_mean)
+{
+    ref_layer l;
+    ref_problem p;
+    tiny_layer(&l, &p, 4, 2, (const double[3]){1.0, 1.0, 1024.0},
+               (const double[3]){0.0, 1e4, 0.0});
+    const double xq[4] = {-2048.0, -2048.0, -1024.0, 512.0};
+    for (int i = 0; i < 4; i++)
+        p.xq[i] = xq[i];
+    p.xkv[0] = 0.0;
+    p.xkv[1] = ldexp(1.0, -10);
+    ck_assert((float)(1e4 + ldexp(1.0, -10)) != 1e4f); /* one ulp apart */
+    for (int g = 4; g <= 12; g += 4) {
+        poly_eval pe;
+        poly_eval_run(&l, &p, g, 1, &pe);
+        const double rr = problem_score_bound(&l, &p, NULL);
+        ck_assert_msg(pe.info.score_bound >= 2.0 * rr * (1.0 - 1e-6),
+                      "g=%d: score_bound %.9g, the features see scores up to 2 x %.9g", g,
+                      pe.info.score_bound, rr);
+        ck_assert_msg(pe.a.out <= pe.info.error_bound * 1.0 + 1e-6,
+                      "g=%d: |O~ - O| = %.3g > eta*max|V| = %.3g (R %.6g)", g, pe.a.out,
+                      pe.info.error_bound, pe.info.score_bound);
+    }
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* Probabilities of a two-key row, each measured through V = that key's indicator:
+ * the largest entrywise relative error |F~ - F| / F. xq: the query input. */
+static double two_key_error(double r, int g, double tol, int *status, double *eta)
+{
+    double worst = 0.0;
+    for (int key = 0; key < 2; key++) {
+        ref_layer l;
+        ref_problem p;
+        /* keys ±1, q = r: scores ±r; v = ±0.5·x + 0.5 is 1 at the measured key */
+        tiny_layer(&l, &p, 1, 2, (const double[3]){1.0, 1.0, key ? -0.5 : 0.5},
+                   (const double[3]){0.0, 0.0, 0.5});
+        p.xq[0] = r;
+        p.xkv[0] = 1.0;
+        p.xkv[1] = -1.0;
+        const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, g, 0.0},
+                                {LORA_CFG_TOLERANCE, 1, 0, tol}};
+        lora_adapter *ad = NULL;
+        ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 2, &ad), LORA_OK);
+        lib_result res;
+        *status = lib_run(ad, &l, &p, &res);
+        if (*status == LORA_OK) {
+            double f;
+            ref_forward(&l, p.xq, p.xkv, 1, 1, 2, &f);
+            worst = fmax(worst, fabs((double)res.out[0] - f) / f);
+            *eta = res.fwd_info.error_bound;
+            ck_assert_msg(fabs(res.fwd_info.score_bound - r) <= 1e-6 * r, "R %.9g, want %g",
+                          res.fwd_info.score_bound, r);
+        }
+        lib_result_free(&res);
+        lora_adapter_destroy(ad);
+        ref_problem_free(&p);
+        ref_layer_free(&l);
+        if (*status != LORA_OK)
+            break;
+    }
+    return worst;
+}
+
+/* BUG: float32 evaluation of the Taylor features of a negative score alternates in
+ * sign and amplifies rounding by ~e^(2R); η held the truncation error only, and any
+ * tolerance was accepted. One query, two keys at ±1, scores ±R: R = 4 at tolerance
+ * 1e-4 ran g = 20 with an entrywise error 5x η; R = 3 at 1e-6 12x, R = 2 at 1e-7 185x.
+ * Now such tolerances are below what float32 can certify (LORA_ERR_TOLERANCE), and at
+ * every explicit degree the measured entrywise error stays below the reported η. */
+START_TEST(test_eta_covers_float_rounding)
+{
+    static const struct {
+        double r, tol;
+    } cases_[] = {{4.0, 1e-4}, {3.0, 1e-6}, {2.0, 1e-7}, {1.0, 1e-3}, {0.5, 1e-4}};
+    for (size_t c = 0; c < sizeof cases_ / sizeof cases_[0]; c++) {
+        int st;
+        double eta = NAN;
+        const double err = two_key_error(cases_[c].r, 0, cases_[c].tol, &st, &eta);
+        ck_assert_msg(st == LORA_OK || st == LORA_ERR_TOLERANCE, "R %g tol %g: %s",
+                      cases_[c].r, cases_[c].tol, lora_status_string(st));
+        if (st == LORA_OK)
+            ck_assert_msg(err <= eta && eta <= cases_[c].tol,
+                          "R %g tol %g: entrywise error %.3g > eta %.3g", cases_[c].r,
+                          cases_[c].tol, err, eta);
+        if (verbose())
+            fprintf(stderr, "two keys R=%g tol %g: %s err %.3g eta %.3g\n", cases_[c].r,
+                    cases_[c].tol, lora_status_string(st), err, eta);
+        for (int g = 2; g <= 20; g += 2) {
+            const double e = two_key_error(cases_[c].r, g, cases_[c].tol, &st, &eta);
+            ck_assert_int_eq(st, LORA_OK);
+            ck_assert_msg(e <= eta, "R %g g %d: entrywise error %.3g > eta %.3g",
+                          cases_[c].r, g, e, eta);
+        }
+    }
+    /* the floor is reached, not just asserted: R = 1 at 1e-3 runs */
+    int st;
+    double eta;
+    two_key_error(1.0, 0, 1e-3, &st, &eta);
+    ck_assert_int_eq(st, LORA_OK);
+}
+END_TEST
+
+/* The smallest η any degree within limits certifies at R (the tolerance floor), and
+ * the degree reaching it. */
+static double eta_floor(double r, int64_t d, int64_t len_kv, int *best_g)
+{
+    double best = INFINITY;
+    *best_g = 0;
+    for (int g = 2; g <= 20 && binom(g + d, d) <= 4096; g += 2) {
+        const double e = poly_eta(g, r, d, len_kv);
+        if (e < best) {
+            best = e;
+            *best_g = g;
+        }
+    }
+    return best;
+}
+
+/* A random small layer and problem for the sweep: every shape feature POLY handles. */
+static void sweep_case(uint64_t *st, poly_case *pc, double *r, double *tol, int *degree,
+                       double *noise, int *key_shift)
+{
+    static const int dims[] = {1, 2, 3, 4, 6, 8};
+    static const double rs[] = {0.05, 0.1, 0.25, 0.5, 1.0, 2.0};
+    const uint64_t u = ref_rng_next(st);
+    const int head_dim = dims[u % 6], kv = 1 + (int)((u >> 3) % 2);
+    const int group = 1 + (int)((u >> 4) % 2), out_proj = (int)((u >> 5) & 1);
+    memset(pc, 0, sizeof *pc);
+    pc->c.n_heads = kv * group;
+    pc->c.n_kv_heads = kv;
+    pc->c.head_dim = head_dim;
+    pc->c.d_model = 1 + (int)((u >> 6) % 8);
+    pc->c.rank = 1 + (int)((u >> 9) % 3);
+    pc->c.out_proj = out_proj;
+    pc->c.targets = 1 + (int)((u >> 11) % (out_proj ? 15 : 7));
+    pc->c.causal = (int)((u >> 15) & 1);
+    pc->c.bias = (int)((u >> 16) & 1) || (u >> 17) % 3 == 0;
+    *key_shift = pc->c.bias && (u >> 17) % 3 == 0;
+    pc->cross = (int)((u >> 19) & 1);
+    pc->batch = 1 + (int)((u >> 20) & 1);
+    pc->len_q = 1 + (int)((u >> 21) % 80);
+    pc->len_kv = pc->cross ? 1 + (int)((u >> 28) % 90) : pc->len_q;
+    if (pc->cross && pc->c.causal && pc->len_kv < pc->len_q)
+        pc->len_kv = pc->len_q + (int)((u >> 35) % 8);
+    *r = rs[(u >> 38) % 6];
+    const int mode = (int)((u >> 41) % 6);
+    static const double tols[] = {1e-1, 1e-2, 1e-3, 1e-4};
+    *tol = mode < 4 ? tols[mode] : 0.0; /* 0: the floor */
+    *degree = mode == 5 ? 2 + 2 * (int)((u >> 44) % 3) : 0;
+    static const double noises[] = {0.0, 1e-3, 1.0};
+    *noise = noises[(u >> 47) % 3];
+}
+
+/* Keys far from 0: a K bias of ±(10 .. 1e4) per column (rounded to float). */
+static void shift_keys(ref_layer *l, uint64_t *st)
+{
+    for (int64_t c = 0; c < l->out[REF_K]; c++)
+        l->bias[REF_K][c] = (double)(float)(pow(10.0, 1.0 + 3.0 * fabs(ref_uniform(st))) *
+                                            (ref_uniform(st) < 0 ? -1.0 : 1.0));
+}
+
+/* Every certificate holds on random small layers in the training loop: 350 layers
+ * (self and cross, causal, GQA, batch 2, biases, keys shifted far from 0, output
+ * projection), R from 0.05 to 2, tolerances from 0.1 down to the floor and explicit
+ * degrees, targets at, near and far from the exact output. Per run: the output within
+ * η·max|V| (through W_O), the gradient for the given dout within grad_bound and the
+ * gradient of the true loss within loss_grad_bound. The certificates take arithmetic
+ * outside η as exact: the slack is twice what the same step on EXACT shows against the
+ * double reference (float32 rounding of the projections and sums). */
+START_TEST(test_certificate_sweep)
+{
+    uint64_t st = 0xC0FFEE + (uint64_t)_i;
+    int ran = 0, refused = 0;
+    for (int it = 0; it < 70; it++) {
+        poly_case pc;
+        double rt, tol, noise;
+        int degree, key_shift;
+        sweep_case(&st, &pc, &rt, &tol, &degree, &noise, &key_shift);
+        ref_layer l;
+        ref_problem p;
+        setup_case(&pc, ref_rng_next(&st), &l, &p);
+        if (key_shift)
+            shift_keys(&l, &st);
+        const double r = problem_set_score_bound(&l, &p, rt);
+        int g_floor;
+        const double floor_eta = eta_floor(r, l.head_dim, p.len_kv, &g_floor);
+        if (tol == 0.0)
+            tol = floor_eta * 1.001; /* R in float may exceed the reference R by ~1e-6 */
+        float *target = make_target(&l, &p, noise, ref_rng_next(&st));
+        const ref_param xp[] = {{LORA_CFG_TOLERANCE, 1, 0, tol},
+                                {LORA_CFG_POLY_DEGREE, 0, degree, 0.0}};
+        lora_adapter *ad = NULL, *ex = NULL;
+        ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 2, &ad), LORA_OK);
+        char desc[512];
+        ref_describe(&l, &p, desc, sizeof desc);
+        lib_result probe;
+        const int status = lib_run(ad, &l, &p, &probe);
+        lib_result_free(&probe);
+        if (status != LORA_OK) { /* only when no degree certifies the tolerance */
+            ck_assert_msg(status == LORA_ERR_TOLERANCE && degree == 0 && floor_eta > tol * 0.999,
+                          "R %.3g tol %.3g (floor %.3g): %s [%s]", r, tol, floor_eta,
+                          lora_status_string(status), desc);
+            refused++;
+        } else {
+            ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_EXACT, 1, NULL, 0, &ex),
+                             LORA_OK);
+            train_eval te, te_exact;
+            train_step(ad, &l, &p, target, &te);
+            train_step(ex, &l, &p, target, &te_exact);
+            const lora_run_info *in = &te.r.info;
+            double vmax;
+            problem_score_bound(&l, &p, &vmax);
+            const double out_b = in->error_bound * vmax * out_proj_gain(&l);
+            ck_assert_msg(in->error_bound <= tol || degree > 0, "eta %.3g > tol %.3g",
+                          in->error_bound, tol);
+            ck_assert_msg(te.given.out <= out_b + 2.0 * te_exact.given.out + 1e-7 * te.given.out_ref,
+                          "R %.3g g %lld: |out~ - out| %.3g > eta*max|V|*gain %.3g (exact: %.3g) "
+                          "[%s]", r, (long long)in->poly_degree, te.given.out, out_b,
+                          te_exact.given.out, desc);
+            const double slack_g = 2.0 * grad_err(&te_exact.given) + 1e-7 * grad_ref(&te.given);
+            ck_assert_msg(grad_err(&te.given) <= in->grad_bound + slack_g,
+                          "R %.3g g %lld: given-dout error %.3g > grad_bound %.3g + %.3g [%s]", r,
+                          (long long)in->poly_degree, grad_err(&te.given), in->grad_bound,
+                          slack_g, desc);
+            const double slack_t = 2.0 * grad_err(&te_exact.truth) + 1e-7 * grad_ref(&te.truth);
+            ck_assert_msg(grad_err(&te.truth) <= in->loss_grad_bound + slack_t,
+                          "R %.3g g %lld noise %g: true-loss error %.3g > loss_grad_bound %.3g "
+                          "+ %.3g [%s]", r, (long long)in->poly_degree, noise,
+                          grad_err(&te.truth), in->loss_grad_bound, slack_t, desc);
+            if (verbose())
+                fprintf(stderr, "sweep R=%.2f g=%lld eta %.2e: out %.2e/%.2e given %.2e/%.2e "
+                        "true %.2e/%.2e (exact: %.2e %.2e %.2e) [%s]\n", r,
+                        (long long)in->poly_degree, in->error_bound, te.given.out, out_b,
+                        grad_err(&te.given), in->grad_bound, grad_err(&te.truth),
+                        in->loss_grad_bound, te_exact.given.out, grad_err(&te_exact.given),
+                        grad_err(&te_exact.truth), desc);
+            lib_result_free(&te.r);
+            lib_result_free(&te_exact.r);
+            lora_adapter_destroy(ex);
+            ran++;
+        }
+        lora_adapter_destroy(ad);
+        free(target);
+        ref_problem_free(&p);
+        ref_layer_free(&l);
+    }
+    ck_assert_msg(ran >= 50, "only %d of 70 layers ran (%d refused)", ran, refused);
+}
+END_TEST
+
+/* ---- 9. the backward is the gradient of the approximate probabilities --------------- */
+
+/* Σ_{t<=g} s^t/t!. */
+static double taylor(int g, double s)
+{
+    double term = 1.0, sum = 1.0;
+    for (int t = 1; t <= g; t++) {
+        term *= s / t;
+        sum += term;
+    }
+    return sum;
+}
+
+/* In double, the attention POLY computes (MATH §3; docs/math.md §4) for one
+ * (batch, head): F~ = p_g(β·q_i·(k_j − k̄)) / w_i (masked), Õ = F~·V, and from dO:
+ * dS~ = F~ ⊙ (dO·Vᵀ − ρ), ρ_i = ⟨dO_i, Õ_i⟩, dQ = β·dS~·K, dK += β·dS~ᵀ·Q, dV += F~ᵀ·dO.
+ * Columns of head h (queries) and kv head g; k̄ rounded to float as the features do. */
+static void surrogate_head(const ref_layer *l, int64_t len_q, int64_t len_kv, int g,
+                           const double *q, const double *k, const double *v,
+                           const double *dout, int64_t h, double *o, double *dq, double *dk,
+                           double *dv)
+{
+    const int64_t d = l->head_dim, kvh = h / (l->n_heads / l->n_kv_heads);
+    const int64_t qc = h * d, kc = kvh * d;
+    double kbar[64], *f = malloc((size_t)len_kv * sizeof(double));
+    ck_assert(d <= 64 && f);
+    for (int64_t c = 0; c < d; c++) {
+        double m = 0.0;
+        for (int64_t j = 0; j < len_kv; j++)
+            m += (double)(float)k[j * l->kv_dim + kc + c];
+        kbar[c] = (double)(float)(m / (double)len_kv);
+    }
+    for (int64_t i = 0; i < len_q; i++) {
+        const int64_t vis = l->cfg.causal ? i + 1 + (len_kv - len_q) : len_kv;
+        double w = 0.0, rho = 0.0;
+        for (int64_t j = 0; j < vis; j++) {
+            double sc = 0.0;
+            for (int64_t c = 0; c < d; c++)
+                sc += q[i * l->q_dim + qc + c] * (k[j * l->kv_dim + kc + c] - kbar[c]);
+            f[j] = taylor(g, l->softmax_scale * sc);
+            w += f[j];
+        }
+        for (int64_t c = 0; c < d; c++) {
+            double acc = 0.0;
+            for (int64_t j = 0; j < vis; j++)
+                acc += f[j] / w * v[j * l->kv_dim + kc + c];
+            o[i * l->q_dim + qc + c] = acc;
+            rho += dout[i * l->q_dim + qc + c] * acc;
+        }
+        for (int64_t j = 0; j < vis; j++) {
+            const double fij = f[j] / w;
+            double dp = 0.0;
+            for (int64_t c = 0; c < d; c++)
+                dp += dout[i * l->q_dim + qc + c] * v[j * l->kv_dim + kc + c];
+            const double ds = fij * (dp - rho) * l->softmax_scale;
+            for (int64_t c = 0; c < d; c++) {
+                dq[i * l->q_dim + qc + c] += ds * k[j * l->kv_dim + kc + c];
+                dk[j * l->kv_dim + kc + c] += ds * q[i * l->q_dim + qc + c];
+                dv[j * l->kv_dim + kc + c] += fij * dout[i * l->q_dim + qc + c];
+            }
+        }
+    }
+    free(f);
+}
+
+/* dA = s·(dY·B)ᵀ·X, dB = s·dYᵀ·(X·Aᵀ) of projection t, appended to grads; dx += dY·W_eff. */
+static double *surrogate_proj(const ref_layer *l, int t, const double *x, int64_t rows,
+                              const double *dy, double *grads, double *dx)
+{
+    const int64_t in = l->in[t], out = l->out[t], r = l->rank;
+    double *w = ref_effective_weight(l, t);
+    ck_assert_ptr_nonnull(w);
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t o = 0; o < out; o++)
+            for (int64_t c = 0; c < in; c++)
+                dx[i * in + c] += dy[i * out + o] * w[o * in + c];
+    free(w);
+    if (!ref_is_adapted(l, t))
+        return grads;
+    double *da = grads, *db = grads + r * in;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t a = 0; a < r; a++) {
+            double dyb = 0.0, xa = 0.0;
+            for (int64_t o = 0; o < out; o++)
+                dyb += dy[i * out + o] * l->b[t][o * r + a];
+            for (int64_t c = 0; c < in; c++) {
+                da[a * in + c] += l->lora_scale * dyb * x[i * in + c];
+                xa += x[i * in + c] * l->a[t][a * in + c];
+            }
+            for (int64_t o = 0; o < out; o++)
+                db[o * r + a] += l->lora_scale * dy[i * out + o] * xa;
+        }
+    return grads + r * (in + out);
+}
+
+/* The whole layer (no output projection) with POLY's probabilities, in double: out,
+ * every adapter gradient (lib_result order), dxq and dxkv (self: dxq holds the sum). */
+typedef struct surrogate {
+    double *out, *grads, *dxq, *dxkv;
+} surrogate;
+
+static void surrogate_run(const ref_layer *l, const ref_problem *p, int g, const lib_result *r,
+                          surrogate *sg)
+{
+    const int64_t nq = p->batch * p->len_q, nk = p->batch * p->len_kv;
+    const size_t qs = (size_t)(nq * l->q_dim), ks = (size_t)(nk * l->kv_dim);
+    double *q = malloc(qs * sizeof(double)), *k = malloc(ks * sizeof(double));
+    double *v = malloc(ks * sizeof(double)), *dq = calloc(qs, sizeof(double));
+    double *dk = calloc(ks, sizeof(double)), *dv = calloc(ks, sizeof(double));
+    sg->out = malloc(qs * sizeof(double));
+    sg->grads = calloc(r->ngrads + 1, sizeof(double));
+    sg->dxq = calloc((size_t)(nq * l->cfg.d_model), sizeof(double));
+    sg->dxkv = calloc((size_t)(nk * l->cfg.d_model), sizeof(double));
+    ck_assert(q && k && v && dq && dk && dv && sg->out && sg->grads && sg->dxq && sg->dxkv);
+    ck_assert_int_eq(ref_activations(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, q, k, v,
+                                     NULL),
+                     0);
+    for (int64_t b = 0; b < p->batch; b++)
+        for (int64_t h = 0; h < l->n_heads; h++) {
+            const size_t oq = (size_t)(b * p->len_q * l->q_dim);
+            const size_t ok = (size_t)(b * p->len_kv * l->kv_dim);
+            surrogate_head(l, p->len_q, p->len_kv, g, q + oq, k + ok, v + ok, p->dout + oq, h,
+                           sg->out + oq, dq + oq, dk + ok, dv + ok);
+        }
+    double *gr = surrogate_proj(l, REF_Q, p->xq, nq, dq, sg->grads, sg->dxq);
+    double *dxk = p->cross ? sg->dxkv : sg->dxq;
+    gr = surrogate_proj(l, REF_K, p->xkv, nk, dk, gr, dxk);
+    surrogate_proj(l, REF_V, p->xkv, nk, dv, gr, dxk);
+    free(q), free(k), free(v), free(dq), free(dk), free(dv);
+}
+
+static void surrogate_free(surrogate *sg)
+{
+    free(sg->out), free(sg->grads), free(sg->dxq), free(sg->dxkv);
+}
+
+/* max |x − y| / max |y| (0 when y is all zero and x equals it). */
+static double rel_to(const float *x, const double *y, size_t n)
+{
+    const double m = ref_max_abs(y, n), e = max_abs_diff(x, y, n);
+    return m > 0.0 ? e / m : e;
+}
+
+/* POLY's forward and backward are, to float rounding, the exact gradient of its own
+ * approximate probabilities (the formulas above, which are MATH §3's backward): 50
+ * random layers (self and cross, causal, GQA, batch 2, biases, lengths across the
+ * 64-row blocks), 1 or 2 threads, degrees 2 to 6, R up to 1; both backward variants
+ * (head_dim <= 6: EXPANDED, 32 to 48: JACOBIAN, poly_backward_variant). Rounding leaves at most
+ * 2e-6 (out) and 6e-6 (gradients) here; the allowed 2e-5 and 1e-4 would catch a
+ * wrong term (O(1)) or a degree off by one (the Taylor error at R = 1: 1e-2 to 1e-4). */
+START_TEST(test_poly_backward_formula)
+{
+    uint64_t st = 0xB4C4 + (uint64_t)_i;
+    static const double rs[] = {0.25, 0.5, 1.0};
+    for (int it = 0; it < 10; it++) {
+        const uint64_t u = ref_rng_next(&st);
+        /* two in ten wide heads: the backward's JACOBIAN variant runs from head_dim 32 */
+        const int head_dim = it < 8 ? 1 + (int)(u % 6) : 32 + 8 * (int)(u % 3);
+        const int kv = 1 + (int)((u >> 3) & 1);
+        const int group = 1 + (int)((u >> 4) & 1), cross = (int)((u >> 5) & 1);
+        poly_case pc = {{.d_model = 1 + (int)((u >> 6) % 6), .n_heads = kv * group,
+                         .n_kv_heads = kv, .head_dim = head_dim, .rank = 2,
+                         .targets = 1 + (int)((u >> 9) % 7), .causal = (int)((u >> 12) & 1),
+                         .bias = (int)((u >> 13) & 1)},
+                        cross, 1 + (int)((u >> 14) & 1), 1 + (int)((u >> 15) % 140), 0};
+        pc.len_kv = cross ? pc.len_q + (int)((u >> 23) % 60) : pc.len_q;
+        const int g = head_dim > 8 ? 2 : 2 + 2 * (int)((u >> 30) % 3);
+        ref_layer l;
+        ref_problem p;
+        setup_case(&pc, ref_rng_next(&st), &l, &p);
+        const double r = problem_set_score_bound(&l, &p, rs[(u >> 33) % 3]);
+        const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, g, 0.0}};
+        lora_adapter *ad = NULL;
+        ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1 + (int)((u >> 35) & 1),
+                                             xp, 1, &ad),
+                         LORA_OK);
+        lib_result res;
+        ck_assert_int_eq(lib_run(ad, &l, &p, &res), LORA_OK);
+        surrogate sg;
+        surrogate_run(&l, &p, g, &res, &sg);
+        char desc[512];
+        ref_describe(&l, &p, desc, sizeof desc);
+        const double eo = rel_to(res.out, sg.out, res.nout);
+        const double eg = rel_to(res.grads, sg.grads, res.ngrads);
+        const double ex = fmax(rel_to(res.dxq, sg.dxq, res.nxq),
+                               cross ? rel_to(res.dxkv, sg.dxkv, res.nxkv) : 0.0);
+        ck_assert_msg(eo <= 2e-5 && eg <= 1e-4 && ex <= 1e-4,
+                      "g=%d R=%.3g: relative differences to the formula: out %.3g, dA/dB %.3g, "
+                      "dx %.3g [%s]", g, r, eo, eg, ex, desc);
+        if (verbose())
+            fprintf(stderr, "formula g=%d R=%.2f: out %.2e grads %.2e dx %.2e\n", g, r, eo, eg,
+                    ex);
+        surrogate_free(&sg);
+        lib_result_free(&res);
+        lora_adapter_destroy(ad);
+        ref_problem_free(&p);
+        ref_layer_free(&l);
+    }
+}
+END_TEST
+
 Suite *poly_suite(void)
 {
     Suite *s = suite_create("poly");
@@ -652,6 +1251,17 @@ Suite *poly_suite(void)
     tcase_add_test(tc, test_measure_rows_off);
     tcase_add_loop_test(tc, test_measure_rows_self, 0, 2);
     tcase_add_loop_test(tc, test_measure_rows_dq, 0, 2);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("certificate");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_loss_grad_bound_near_minimum);
+    tcase_add_test(tc, test_score_bound_float_mean);
+    tcase_add_test(tc, test_eta_covers_float_rounding);
+    tcase_add_loop_test(tc, test_certificate_sweep, 0, 5);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("backward_formula");
+    tcase_set_timeout(tc, 60);
+    tcase_add_loop_test(tc, test_poly_backward_formula, 0, 5);
     suite_add_tcase(s, tc);
     tc = tcase_create("determinism");
     tcase_set_timeout(tc, 60);

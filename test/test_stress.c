@@ -5,9 +5,9 @@
  * parameters) must be bitwise equal to the same work run serially, and nothing may stay
  * allocated. `make check-tsan` runs this suite under ThreadSanitizer.
  *
- * Adapters use LORA_CFG_THREADS = 1: the parallelism under test is the caller's threads
- * over distinct handles (lora.h's threading contract), not the library's OpenMP workers
- * (which ThreadSanitizer cannot follow through libgomp; threads_suite covers them).
+ * Jobs with an odd id use LORA_CFG_THREADS = 2, the others 1: the caller's threads over
+ * distinct handles (lora.h's threading contract) and, inside them, the adapters' own
+ * worker pools (pthreads, so ThreadSanitizer follows them too).
  * STRESS_THREADS and STRESS_STEPS (environment) scale the run; defaults 4 and 24. */
 #include <math.h>
 #include <pthread.h>
@@ -125,7 +125,7 @@ static lora_adapter *make_adapter(job *j, int causal, int rank, int backend, int
     const int64_t iv[][2] = {{LORA_CFG_D_MODEL, D_MODEL}, {LORA_CFG_N_HEADS, N_HEADS},
                              {LORA_CFG_N_KV_HEADS, N_KV}, {LORA_CFG_RANK, rank},
                              {LORA_CFG_TARGETS, 15},      {LORA_CFG_OUT_PROJ, 1},
-                             {LORA_CFG_CAUSAL, causal},   {LORA_CFG_THREADS, 1},
+                             {LORA_CFG_CAUSAL, causal},   {LORA_CFG_THREADS, 1 + j->id % 2},
                              {LORA_CFG_BACKEND, backend}, {LORA_CFG_SEED, j->id * 7 + rank},
                              {LORA_CFG_INIT, LORA_INIT_GAUSSIAN}};
     for (size_t i = 0; *st == LORA_OK && i < sizeof iv / sizeof iv[0]; i++)

@@ -79,6 +79,10 @@ static void adapter_free_members(lora_adapter *ad)
     lora_buf_free(&ad->mem, &ad->estimate_buf);
     lora_mem_free(&ad->mem, ad->group_r); /* group_r, plan_groups, saved_groups: one block */
     lora_mem_free(&ad->mem, ad->rope_freqs);
+    if (ad->la.pool) {
+        pool_destroy(ad->la.pool); /* joins the worker threads */
+        lora_mem_free(&ad->mem, ad->la.pool);
+    }
 }
 
 LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
@@ -145,6 +149,15 @@ LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
     ad->group_r =
         lora_mem_alloc(&ad->mem, groups * (sizeof(double) + 2 * sizeof(attn_group_plan)));
     if (!ad->group_r) {
+        adapter_free_members(ad);
+        lora_mem_free(&ad->mem, ad);
+        return LORA_ERR_NOMEM;
+    }
+    /* The worker pool: memory now, threads on first use (src/linalg/pool.h). */
+    void *pool_mem = lora_mem_alloc(&ad->mem, pool_bytes(ad->threads));
+    ad->la.pool = pool_init(pool_mem, ad->threads);
+    if (!ad->la.pool) {
+        lora_mem_free(&ad->mem, pool_mem);
         adapter_free_members(ad);
         lora_mem_free(&ad->mem, ad);
         return LORA_ERR_NOMEM;

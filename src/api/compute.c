@@ -279,9 +279,10 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
     float *const grads_before = dx_own + nxq + (kind == SAVED_CROSS ? nxkv : 0);
     memcpy(dout_own, dout, n * sizeof(float));
     lora_for_each_factor(ad, 1, lora_flat_copy_out, grads_before);
-    double grad_bound = 0.0, measured;
+    double grad_bound = 0.0, loss_grad_bound = 0.0, measured;
     layer_backward(l, ad->saved_groups, p, &ad->acts, dout_own, dxq_own, dxkv_own,
-                   dout_own + lora_io_floats(l, p, kind), ad->eta, &grad_bound, &measured);
+                   dout_own + lora_io_floats(l, p, kind), ad->eta, &grad_bound,
+                   &loss_grad_bound, &measured);
     const int st = check_backward_results(ad, dxq_own, dxkv_own, nxq, nxkv, kind);
     if (st != LORA_OK) {
         lora_for_each_factor(ad, 1, lora_flat_copy_in, grads_before);
@@ -292,6 +293,7 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
     if (dxkv && dxkv != dxq)
         memcpy(dxkv, dxkv_own, nxkv * sizeof(float));
     ad->info.grad_bound = grad_bound;
+    ad->info.loss_grad_bound = loss_grad_bound;
     ad->info.measured_dq_error = measured;
     ad->err[0] = '\0';
     return LORA_OK;

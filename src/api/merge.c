@@ -1,6 +1,7 @@
 /* Merging LoRA terms into weights (W + s·B·A, in double) and the merged-weight
  * inference forward, with its per-adapter cache of merged weights. */
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "internal.h"
@@ -24,19 +25,28 @@ static double lora_scale_double(const lora_adapter *ad)
 
 #define MERGE_BLOCK 256
 
-/* dst = fl32(src + sign·s·(B·A)), every entry's r-term sum and the addition in double.
- * dst NULL: only check. Returns the index of the first entry whose result is not
- * finite (NaN/Inf in src included), or -1. Rows run in parallel; the result does not
- * depend on the thread count. */
-static int64_t merge_rows(const layer_proj *p, int64_t rank, double s, double sign,
-                          const float *src, float *dst, int threads)
+/* What a part of merge_rows reads; first_bad is the smallest bad index any part saw. */
+typedef struct merge_job {
+    const layer_proj *p;
+    int64_t rank;
+    double s, sign;
+    const float *src;
+    float *dst;
+    _Atomic int64_t first_bad;
+} merge_job;
+
+/* A static share of the rows. */
+static void merge_part(void *arg, int worker, int workers)
 {
-    const int64_t out = p->out, in = p->in;
-    int64_t first_bad = INT64_MAX;
-    const double work = (double)out * (double)in * (double)rank;
-    const int nt = work > 4e6 ? threads : 1;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : first_bad)
-    for (int64_t i = 0; i < out; i++) {
+    merge_job *j = arg;
+    const layer_proj *p = j->p;
+    const int64_t out = p->out, in = p->in, rank = j->rank;
+    const double s = j->s, sign = j->sign;
+    const float *src = j->src;
+    float *dst = j->dst;
+    int64_t first_bad = INT64_MAX, lo, hi;
+    pool_static_range(out, worker, workers, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) {
         double acc[MERGE_BLOCK];
         const float *brow = p->b + i * rank;
         for (int64_t j0 = 0; j0 < in; j0 += MERGE_BLOCK) {
@@ -61,6 +71,23 @@ static int64_t merge_rows(const layer_proj *p, int64_t rank, double s, double si
             }
         }
     }
+    int64_t seen = atomic_load(&j->first_bad);
+    while (first_bad < seen && !atomic_compare_exchange_weak(&j->first_bad, &seen, first_bad))
+        ;
+}
+
+/* dst = fl32(src + sign·s·(B·A)), every entry's r-term sum and the addition in double.
+ * dst NULL: only check. Returns the index of the first entry whose result is not
+ * finite (NaN/Inf in src included), or -1. Rows run in parallel; the result does not
+ * depend on the thread count. */
+static int64_t merge_rows(const layer_proj *p, int64_t rank, double s, double sign,
+                          const float *src, float *dst, const la_ctx *la)
+{
+    const double work = (double)p->out * (double)p->in * (double)rank;
+    const int nt = work > 4e6 ? la->threads : 1;
+    merge_job j = {p, rank, s, sign, src, dst, INT64_MAX};
+    pool_run(la->pool, nt, merge_part, &j);
+    const int64_t first_bad = atomic_load(&j.first_bad);
     return first_bad == INT64_MAX ? -1 : first_bad;
 }
 
@@ -89,7 +116,7 @@ static int merge_common(const lora_adapter *ad, int target, float *weight, size_
     const double s = lora_scale_double(ad);
     /* Check every result first (safe merge): the buffer is written only if all are
      * finite. The second pass recomputes rather than allocating. */
-    const int64_t bad = merge_rows(p, ad->layer.rank, s, sign, weight, NULL, ad->threads);
+    const int64_t bad = merge_rows(p, ad->layer.rank, s, sign, weight, NULL, &ad->la);
     if (bad >= 0)
         return lora_set_error(err, LORA_ERR_NONFINITE,
                               "%s W_%s: entry (%lld, %lld) %s; the weight is unchanged",
@@ -97,7 +124,7 @@ static int merge_common(const lora_adapter *ad, int target, float *weight, size_
                               (long long)(bad / p->in), (long long)(bad % p->in),
                               isfinite(weight[bad]) ? "would become NaN/Inf"
                                                     : "is NaN/Inf");
-    merge_rows(p, ad->layer.rank, s, sign, weight, weight, ad->threads);
+    merge_rows(p, ad->layer.rank, s, sign, weight, weight, &ad->la);
     err[0] = '\0';
     return LORA_OK;
 }
@@ -133,7 +160,7 @@ static int build_merged(lora_adapter *ad)
                                       lora_proj_names[t], n);
         }
         const int64_t bad =
-            merge_rows(p, ad->layer.rank, s, 1.0, p->weight, ad->merged[t], ad->threads);
+            merge_rows(p, ad->layer.rank, s, 1.0, p->weight, ad->merged[t], &ad->la);
         if (bad >= 0)
             return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                                   "merged weight W_%s + s*B*A overflows at (%lld, %lld)",

@@ -56,6 +56,29 @@ int lora_plan_call(lora_adapter *ad, const attn_problem *p, const float *q,
     return plan_for_bounds(ad, p, ad->cfg.backend, plan);
 }
 
+/* Modelled flops of a plan (the sum over its kv-head groups). */
+static double plan_flops(const attn_problem *p, const lora_plan *plan)
+{
+    double f = 0.0;
+    for (int64_t g = 0; g < p->n_kv_heads; g++)
+        f += plan->groups[g].flops;
+    return f;
+}
+
+/* flops_poly: what AUTO runs when it runs POLY on some group (those groups at their own
+ * degrees, the rest EXACT); else what POLY would run on every group at its own degree
+ * (forced POLY's plan), INFINITY when some group has no degree. */
+static double report_flops_poly(lora_adapter *ad, const attn_problem *p,
+                                const lora_plan *auto_plan)
+{
+    if (auto_plan->poly_groups > 0)
+        return plan_flops(p, auto_plan);
+    lora_plan forced;
+    return plan_for_bounds(ad, p, LORA_BACKEND_POLY, &forced) == LORA_OK
+               ? plan_flops(p, &forced)
+               : INFINITY;
+}
+
 /* The report's degree, features, η and flops: the offers of POLY and EXACT for the
  * whole layer at its largest score bound. */
 static void report_offers(const lora_adapter *ad, const attn_problem *p, double r,
@@ -121,6 +144,7 @@ LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t b
     r.gamma_ratio = (r.gamma_q > r.gamma_k ? r.gamma_q : r.gamma_k) / sqrt(ln_l);
     r.score_bound = plan.score_bound;
     report_offers(ad, &p, plan.score_bound, &r);
+    r.flops_poly = report_flops_poly(ad, &p, &plan);
     r.struct_size = (uint32_t)(want < sizeof r ? want : sizeof r);
     memcpy(report, &r, r.struct_size);
     ad->err[0] = '\0';

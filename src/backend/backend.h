@@ -112,7 +112,10 @@ extern const attn_backend *const attn_backends[];
 const attn_backend *attn_backend_of(int id);
 
 /* R ≥ max |S_ij − c_i| over every (batch, head) of p, with c_i = β·q_i·k̄ the shift of
- * key centring: β·max_i‖q_i‖₂·max_j‖k_j − k̄‖₂ per head, maxed. O(L·d) per head.
+ * key centring: β·max_i‖q_i‖₂·max_j‖k_j − k̄‖₂ per head, maxed. O(L·d) per head. k̄ is
+ * the key mean rounded to float, the one the polynomial features subtract (a bound
+ * from the double mean misses scores up to 2R when the keys' spread is about one ulp
+ * of their mean).
  * group_r (n_kv_heads entries) receives the same maximum per kv-head group; the score
  * bound is what every backend's plan starts from. mean: scratch of head_dim doubles. */
 double attn_score_bound(const attn_problem *p, const float *q, const float *k,
@@ -123,7 +126,7 @@ double attn_score_bound(const attn_problem *p, const float *q, const float *k,
 typedef struct attn_group_plan {
     const attn_backend *backend;
     attn_params params;
-    double eta;
+    double eta, flops;
     int64_t order, features;
 } attn_group_plan;
 

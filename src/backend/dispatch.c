@@ -23,8 +23,9 @@ LA_VECTOR_CLONES double attn_score_bound(const attn_problem *p, const float *q,
             for (int64_t j = 0; j < p->len_kv; j++)
                 for (int64_t c = 0; c < d; c++)
                     mean[c] += kh[j * p->ldkv + c];
+            /* the mean the features subtract: rounded to float as in poly.c */
             for (int64_t c = 0; c < d; c++)
-                mean[c] /= (double)p->len_kv;
+                mean[c] = (double)(float)(mean[c] / (double)p->len_kv);
             double kmax = 0.0;
             for (int64_t j = 0; j < p->len_kv; j++) {
                 double s = 0.0;
@@ -67,7 +68,8 @@ static attn_problem groups_of(const attn_problem *p, int64_t g0, int64_t g1)
 static attn_group_plan group_plan(const attn_backend *b, const attn_offer *offer)
 {
     return (attn_group_plan){.backend = b, .params = offer->params, .eta = offer->eta,
-                             .order = offer->order, .features = offer->features};
+                             .flops = offer->flops, .order = offer->order,
+                             .features = offer->features};
 }
 
 void attn_dispatch_offer(const attn_problem *p, int id, double r, const attn_options *o,

@@ -34,12 +34,6 @@
 #include "../linalg/avx512_kernels.h"
 #include "backend.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#define WORKER_ID() ((int)omp_get_thread_num())
-#else
-#define WORKER_ID() 0
-#endif
 
 /* Tile sizes: S and dP tiles of ATTN_BQ × ATTN_BK floats stay in L2 (2 × 256 KB), and
  * ATTN_BK, ATTN_BQ are at most BLIS's KC for sgemm on x86-64 (384), so the BLIS
@@ -61,9 +55,10 @@
 #define PROB_FLUSH 5.42101086e-20f /* 2^-64 */
 #define EXP_CLAMP (-87.0f)
 
-#if defined(LORA_HAVE_LIBMVEC) && defined(_OPENMP) && defined(__x86_64__)
+#if defined(LORA_HAVE_LIBMVEC) && defined(__x86_64__)
 /* glibc's libmvec has vector variants of expf (_ZGVbN4v_expf ... _ZGVeN16v_expf);
- * declaring them lets the `omp simd` loops below call them. <math.h> only does so
+ * declaring them lets the `omp simd` loops below call them (the build's -fopenmp-simd
+ * honours the simd pragmas; no OpenMP runtime is involved). <math.h> only does so
  * under -ffast-math. */
 #pragma omp declare simd notinbranch
 extern float expf(float);
@@ -761,6 +756,35 @@ static void backward_task(const attn_problem *p, int nt, const tile_ws *w, int64
         backward_unit(p, nt, w, &t, j0, q, k, v, o, row_stat, do_, dk, dv);
 }
 
+/* What the parallel parts of exact_forward and exact_backward read (pool_run's ctx). */
+typedef struct exact_job {
+    const attn_problem *p;
+    const float *q, *k, *v, *o, *row_stat, *do_;
+    float *out, *out_stat, *dq, *dk, *dv;
+    void *ws;
+    int64_t count; /* forward units or backward tasks */
+    pool_queue queue;
+    /* key-split backward: the task, its slots and dQ partials, the chunk of query rows */
+    bwd_task whole;
+    int64_t slots, chunk_rows, c0, rows;
+    float *partials;
+} exact_job;
+
+static void forward_part(void *arg, int worker, int workers)
+{
+    (void)workers;
+    exact_job *j = arg;
+    const attn_problem *p = j->p;
+    const int64_t nqb = ceil_div(p->len_q, ATTN_BQ), heads = p->batch * p->n_heads;
+    const tile_ws w = worker_ws(p, j->ws, worker);
+    /* Last query blocks first: under causal attention they are the longest. */
+    for (int64_t u; (u = pool_queue_take(&j->queue)) < j->count;) {
+        const int64_t bh = u % heads, qb = nqb - 1 - u / heads;
+        forward_unit(p, 1, &w, bh / p->n_heads, bh % p->n_heads, qb * ATTN_BQ, j->q, j->k,
+                     j->v, j->out, j->out_stat);
+    }
+}
+
 static void exact_forward(const attn_problem *p, const float *q, const float *k,
                           const float *v, float *o, float *row_stat, void *ws)
 {
@@ -774,17 +798,10 @@ static void exact_forward(const attn_problem *p, const float *q, const float *k,
                          (u / heads) * ATTN_BQ, q, k, v, o, row_stat);
         return;
     }
-#pragma omp parallel num_threads(workers)
-    {
-        const tile_ws w = worker_ws(p, ws, WORKER_ID());
-        /* Last query blocks first: under causal attention they are the longest. */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < units; u++) {
-            const int64_t bh = u % heads, qb = nqb - 1 - u / heads;
-            forward_unit(p, 1, &w, bh / p->n_heads, bh % p->n_heads, qb * ATTN_BQ, q, k, v,
-                         o, row_stat);
-        }
-    }
+    exact_job j = {.p = p, .q = q, .k = k, .v = v, .out = o, .out_stat = row_stat, .ws = ws,
+                   .count = units};
+    pool_queue_start(&j.queue);
+    pool_run(p->la->pool, workers, forward_part, &j);
 }
 
 /* Slot owning key block kb of a task split over `slots`: dealt back and forth
@@ -794,6 +811,78 @@ static int64_t key_block_slot(int64_t kb, int64_t slots)
 {
     const int64_t round = kb / slots, pos = kb % slots;
     return round % 2 == 0 ? pos : slots - 1 - pos;
+}
+
+static void backward_tasks_part(void *arg, int worker, int workers)
+{
+    (void)workers;
+    exact_job *j = arg;
+    const tile_ws w = worker_ws(j->p, j->ws, worker);
+    for (int64_t t; (t = pool_queue_take(&j->queue)) < j->count;)
+        backward_task(j->p, 1, &w, t, j->q, j->k, j->v, j->o, j->row_stat, j->do_, j->dq, j->dk,
+                      j->dv);
+}
+
+/* Key-split mode: zeroes the task's dK, dV rows (a static share of them). */
+static void split_zero_part(void *arg, int worker, int workers)
+{
+    const exact_job *j = arg;
+    const attn_problem *p = j->p;
+    const int64_t d = p->head_dim;
+    int64_t lo, hi;
+    pool_static_range(p->len_kv, worker, workers, &lo, &hi);
+    for (int64_t jr = lo; jr < hi; jr++) {
+        const size_t off = (size_t)((j->whole.b * p->len_kv + jr) * p->ldkv + j->whole.kvh * d);
+        memset(j->dk + off, 0, (size_t)d * sizeof(float));
+        memset(j->dv + off, 0, (size_t)d * sizeof(float));
+    }
+}
+
+/* Key-split mode: the slots of one chunk of query rows, taken dynamically. */
+static void split_slots_part(void *arg, int worker, int workers)
+{
+    (void)workers;
+    exact_job *j = arg;
+    const attn_problem *p = j->p;
+    const tile_ws w = worker_ws(p, j->ws, worker);
+    const int64_t nkb = ceil_div(p->len_kv, ATTN_BK), slots = j->slots;
+    const int64_t width = (p->n_heads / p->n_kv_heads) * p->head_dim;
+    const int64_t c0 = j->c0, rows = j->rows, chunk_rows = j->chunk_rows;
+    for (int64_t slot; (slot = pool_queue_take(&j->queue)) < slots;) {
+        bwd_task t = j->whole;
+        t.i_lo = c0;
+        t.i_hi = c0 + rows;
+        if (slot > 0) { /* row i of the chunk at partial + (i - c0)*width */
+            t.dq_acc = j->partials + (size_t)(slot - 1) * (size_t)(chunk_rows * width) -
+                       c0 * width;
+            t.ld_acc = width;
+        }
+        zero_rows(t.dq_acc + c0 * t.ld_acc, rows, width, t.ld_acc);
+        for (int64_t kb = 0; kb < nkb; kb++)
+            if (key_block_slot(kb, slots) == slot)
+                backward_unit(p, 1, &w, &t, kb * ATTN_BK, j->q, j->k, j->v, j->o, j->row_stat,
+                              j->do_, j->dk, j->dv);
+    }
+}
+
+/* Key-split mode: adds the chunk's partials into dQ in slot order (static rows). */
+static void split_sum_part(void *arg, int worker, int workers)
+{
+    const exact_job *j = arg;
+    const attn_problem *p = j->p;
+    const int64_t width = (p->n_heads / p->n_kv_heads) * p->head_dim;
+    const int64_t c0 = j->c0, chunk_rows = j->chunk_rows, slots = j->slots;
+    int64_t lo, hi;
+    pool_static_range(j->rows, worker, workers, &lo, &hi);
+    for (int64_t i = c0 + lo; i < c0 + hi; i++) {
+        float *dst = j->whole.dq_acc + i * p->ldq;
+        for (int64_t sl = 1; sl < slots; sl++) {
+            const float *src = j->partials + (size_t)(sl - 1) * (size_t)(chunk_rows * width) +
+                               (size_t)((i - c0) * width);
+            for (int64_t c = 0; c < width; c++)
+                dst[c] += src[c];
+        }
+    }
 }
 
 static void exact_backward(const attn_problem *p, const float *q, const float *k,
@@ -807,14 +896,12 @@ static void exact_backward(const attn_problem *p, const float *q, const float *k
             backward_task(p, 1, &w, t, q, k, v, o, row_stat, do_, dq, dk, dv);
         return;
     }
+    exact_job j = {.p = p, .q = q, .k = k, .v = v, .o = o, .row_stat = row_stat, .do_ = do_,
+                   .dq = dq, .dk = dk, .dv = dv, .ws = ws, .count = tasks};
+    pool *workers_pool = p->la->pool;
     if (!backward_splits_keys(p)) {
-#pragma omp parallel num_threads(p->threads)
-        {
-            const tile_ws w = worker_ws(p, ws, WORKER_ID());
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < tasks; t++)
-                backward_task(p, 1, &w, t, q, k, v, o, row_stat, do_, dq, dk, dv);
-        }
+        pool_queue_start(&j.queue);
+        pool_run(workers_pool, p->threads, backward_tasks_part, &j);
         return;
     }
     /* Key-split mode: tasks one after another. In each, key block kb belongs to slot
@@ -824,53 +911,18 @@ static void exact_backward(const attn_problem *p, const float *q, const float *k
      * dQ in slot order. Which worker runs a slot does not change any sum, so the
      * dynamic schedule keeps the result fixed, and it keeps both cores busy when one is
      * slowed down (a loaded machine) or a causal slot is longer. */
-    const int64_t nkb = ceil_div(p->len_kv, ATTN_BK), d = p->head_dim;
-    const int64_t slots = split_slots(p);
-    const int workers = (int)min64(slots, p->threads);
-    const int64_t group = p->n_heads / p->n_kv_heads, width = group * d;
-    const int64_t chunk_rows = min64(p->len_q, ATTN_SPLIT_ROWS);
-    float *partials = (float *)ws + (size_t)p->threads * tile_floats(p);
+    j.slots = split_slots(p);
+    const int workers = (int)min64(j.slots, p->threads);
+    j.chunk_rows = min64(p->len_q, ATTN_SPLIT_ROWS);
+    j.partials = (float *)ws + (size_t)p->threads * tile_floats(p);
     for (int64_t task = 0; task < tasks; task++) {
-        const bwd_task whole = make_task(p, task, dq);
-#pragma omp parallel num_threads(workers)
-        {
-            const tile_ws w = worker_ws(p, ws, WORKER_ID());
-#pragma omp for schedule(static)
-            for (int64_t j = 0; j < p->len_kv; j++) {
-                const size_t off = (size_t)((whole.b * p->len_kv + j) * p->ldkv + whole.kvh * d);
-                memset(dk + off, 0, (size_t)d * sizeof(float));
-                memset(dv + off, 0, (size_t)d * sizeof(float));
-            }
-            for (int64_t c0 = 0; c0 < p->len_q; c0 += chunk_rows) {
-                const int64_t rows = min64(chunk_rows, p->len_q - c0);
-#pragma omp for schedule(dynamic, 1)
-                for (int64_t slot = 0; slot < slots; slot++) {
-                    bwd_task t = whole;
-                    t.i_lo = c0;
-                    t.i_hi = c0 + rows;
-                    if (slot > 0) { /* row i of the chunk at partial + (i - c0)*width */
-                        t.dq_acc = partials + (size_t)(slot - 1) * (size_t)(chunk_rows * width) -
-                                   c0 * width;
-                        t.ld_acc = width;
-                    }
-                    zero_rows(t.dq_acc + c0 * t.ld_acc, rows, width, t.ld_acc);
-                    for (int64_t kb = 0; kb < nkb; kb++)
-                        if (key_block_slot(kb, slots) == slot)
-                            backward_unit(p, 1, &w, &t, kb * ATTN_BK, q, k, v, o, row_stat,
-                                          do_, dk, dv);
-                }
-#pragma omp for schedule(static)
-                for (int64_t i = c0; i < c0 + rows; i++) {
-                    float *dst = whole.dq_acc + i * p->ldq;
-                    for (int64_t sl = 1; sl < slots; sl++) {
-                        const float *src = partials +
-                                           (size_t)(sl - 1) * (size_t)(chunk_rows * width) +
-                                           (size_t)((i - c0) * width);
-                        for (int64_t c = 0; c < width; c++)
-                            dst[c] += src[c];
-                    }
-                }
-            }
+        j.whole = make_task(p, task, dq);
+        pool_run(workers_pool, workers, split_zero_part, &j);
+        for (j.c0 = 0; j.c0 < p->len_q; j.c0 += j.chunk_rows) {
+            j.rows = min64(j.chunk_rows, p->len_q - j.c0);
+            pool_queue_start(&j.queue);
+            pool_run(workers_pool, workers, split_slots_part, &j);
+            pool_run(workers_pool, workers, split_sum_part, &j);
         }
     }
 }

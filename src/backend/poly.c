@@ -1,15 +1,25 @@
 /* The polynomial method (MATH §3): exp(β·q·k) ≈ φ(q)·φ(k) with φ the degree-g Taylor
  * monomial features, k = binom(g + d, d) columns. Nothing of size L × L or L × k·d is
- * formed: rows stream in blocks of POLY_BLOCK through k × (d+1)² running states.
+ * formed: rows stream in blocks of POLY_BLOCK through running states of k' × (d+1).
  *
- * Notation (per head): d = head_dim, V' = [V, 1] and Q' = [Q, 1] (a column of ones),
- * dO' = [dO, −ρ] with ρ_i = ⟨dO_i, Õ_i⟩, w_i = Σ_j φ(q_i)·φ(k_j) the normaliser. Then
- *   forward   Õ_i·w_i, w_i  = φ(q_i)·Σ_j φ(k_j) ⊗ V'_j                  (k × (d+1))
- *   dQ_i[e]  = β/w_i · Σ_c dO'_i[c] · φ(q_i)·Σ_j φ(k_j) V'_j[c] K_j[e]   (k × (d+1)·d)
- *   dK_j[e]  = β · Σ_c V'_j[c] · φ(k_j)·Σ_i φ(q_i)/w_i dO'_i[c] Q'_i[e] (k × (d+1)²)
- *   dV_j[c]  = the e = d column of the same product
- * which is MATH §3's (Ũ ⊛ dO)·((V̂ ⊛ V)ᵀ·K) − diag(ρ)·Ũ·(V̂ᵀ·K) and its transposes,
- * re-associated so every Kronecker contraction is one BLIS product per row block.
+ * Notation (per head): d = head_dim, V' = [V, 1] (a column of ones), dO' = [dO, −ρ]
+ * with ρ_i = ⟨dO_i, Õ_i⟩, p_g(s) = Σ_{t<=g} s^t/t! = φ_g(q)·φ_g(k), w_i = Σ_j p_g(s_ij)
+ * the normaliser. Forward:
+ *   Õ_i·w_i, w_i = φ_g(q_i)·Σ_j φ_g(k_j) ⊗ V'_j                     (k × (d+1) state)
+ * Backward: MATH §3's dS̃_ij = p_g(s_ij)/w_i·⟨dO'_i, V'_j⟩, with dQ = β·dS̃·K and
+ * dK = β·dS̃ᵀ·Q, through the Jacobian of the degree-(g+1) features: p_{g+1}' = p_g, so
+ * ∂/∂q φ_{g+1}(q)·φ_{g+1}(k) = p_g(q·k)·k and
+ *   dQ_i = qscale/w_i · J_{g+1}(q̂_i)ᵀ·M·dO'_i,   M = Σ_j φ_{g+1}(k̂_j) ⊗ V'_j (prefix)
+ *   dK_j = kscale · J_{g+1}(k̂_j)ᵀ·N·V'_j,        N = Σ_i φ_{g+1}(q̂_i)/w_i ⊗ dO'_i (suffix)
+ *   dV_j = φ_g(k̂_j)·N[:k, :d]
+ * (q̂, k̂ the scaled, centred rows the features see). Both states are k' × (d+1),
+ * k' = binom(g + 1 + d, d); Jᵀ is sparse: ∂φ_a/∂x_e = √a_e·φ_(a − e_e), so
+ * (J_{g+1}(x)ᵀ·z)_e = Σ_{|b|<=g} φ_b(x)·√(b_e + 1)·z_(b + e_e) (docs/math.md). Two routes
+ * (poly_backward_variant picks by the cost model): EXPANDED expands the state through
+ * the Jacobian once per change (k × d(d+1)) and multiplies the rows' degree-g features
+ * with it (wide products); JACOBIAN multiplies the state with the rows' dO' or V'
+ * (k' × rows, d + 1 deep) and contracts sparsely, k·d terms per row: fewer flops, run
+ * at a lower rate for small d.
  *
  * Causal attention (not in the paper): the sums over j run over a prefix. Keys before a
  * query block's diagonal sit in the running state; the diagonal block itself is done
@@ -26,31 +36,32 @@
 #include "backend.h"
 #include "poly_model.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#define WORKER_ID() ((size_t)omp_get_thread_num())
-#else
-#define WORKER_ID() ((size_t)0)
-#endif
-
 #define POLY_BLOCK 64
 
-/* The monomial table: feature m = feature parent[m] · x[var[m]] · fac[m], so every
- * feature x^a/√(a!) is one multiply from an earlier one (a! = Π a_i!). */
+/* The monomial table of degree g + 1 (k' entries; the first k are those of degree <= g):
+ * feature m = feature parent[m] · x[var[m]] · fac[m], so every feature x^a/√(a!) is one
+ * multiply from an earlier one (a! = Π a_i!). For the backward's Jacobian, per
+ * monomial b of degree <= g and variable e: child[b·d + e] is the index of b + e_e and
+ * dfac[b·d + e] = √(b_e + 1). */
 typedef struct poly_table {
-    int64_t k;
-    int32_t *parent, *var;
+    int64_t k, k1; /* features of degree <= g and <= g + 1 */
+    int32_t *parent, *var, *first; /* first: index of a monomial's first child */
     float *fac;
+    int32_t *child;
+    float *dfac;
 } poly_table;
 
 /* Per-worker scratch; sizes in floats. */
 typedef struct poly_work {
-    float *xt;      /* (d × B) transposed, shifted, scaled rows */
-    float *phq;     /* (k × B) query features, feature-major */
-    float *phk;     /* (k × B) key features */
-    float *rows;    /* (B × (d+1)²) Kronecker rows or V' rows */
-    float *prod;    /* (B × (d+1)²) products of features with the state */
-    float *state;   /* (k × (d+1)²) running prefix/suffix state */
+    float *xt;      /* (d × B) transposed, shifted, scaled rows; then Jᵀz (d × B) */
+    float *phq;     /* (k' × B) query features, feature-major */
+    float *phk;     /* (k' × B) key features */
+    float *rows;    /* (B × (d+1)) V' or dO' rows */
+    float *prod;    /* EXPANDED: (B × (d(d+1) + d)) features times the expanded state;
+                       JACOBIAN: (k' × B) the state times rows; forward: (B × (d+1)) */
+    float *state;   /* (k' × (d+1)) running prefix/suffix state */
+    float *jac;     /* EXPANDED: (k × (d(d+1) + d)) the state through the Jacobian */
+    int variant;    /* POLY_BACKWARD_* */
     float *diag_f;  /* (B × B) diagonal-block probabilities */
     float *diag_p;  /* (B × B) diagonal-block dP' */
     float *kmean;   /* (d) */
@@ -64,42 +75,69 @@ static int worker_count(const attn_problem *p)
     return (int)(t < p->threads ? t : p->threads);
 }
 
-static size_t table_floats(int64_t k) { return 3u * (size_t)k; }
+/* The degree-(g+1) count of a run's parameters. */
+static int64_t backward_features(const attn_problem *p)
+{
+    return poly_binom((int)poly_params_of(&p->params).degree + 1, p->head_dim,
+                      POLY_MAX_BACKWARD_FEATURES);
+}
 
-static size_t work_floats(int64_t k, int64_t d)
+static size_t table_floats(int64_t k, int64_t k1, int64_t d)
+{
+    return 4u * (size_t)k1 + 2u * (size_t)k * (size_t)d;
+}
+
+/* Floats of the product buffer and of the expanded state for a variant. */
+static size_t prod_floats(int variant, int64_t k1, int64_t d)
+{
+    const size_t B = POLY_BLOCK, cols = (size_t)d * ((size_t)d + 1) + (size_t)d;
+    return variant == POLY_BACKWARD_EXPANDED ? B * cols : (size_t)k1 * B;
+}
+
+static size_t jac_floats(int variant, int64_t k, int64_t d)
+{
+    const size_t cols = (size_t)d * ((size_t)d + 1) + (size_t)d;
+    return variant == POLY_BACKWARD_EXPANDED ? (size_t)k * cols : 0;
+}
+
+static size_t work_floats(int variant, int64_t k, int64_t k1, int64_t d)
 {
     const size_t d1 = (size_t)d + 1, B = POLY_BLOCK;
-    return d * B + 2u * (size_t)k * B + 2u * B * d1 * d1 + (size_t)k * d1 * d1 + 2u * B * B +
-           (size_t)d + 64u;
+    return d * B + 2u * (size_t)k1 * B + B * d1 + prod_floats(variant, k1, d) +
+           (size_t)k1 * d1 + jac_floats(variant, k, d) + 2u * B * B + (size_t)d + 64u;
 }
 
 static size_t poly_workspace_size(const attn_problem *p)
 {
-    const int64_t k = poly_params_of(&p->params).features;
-    if (k < 0)
+    const int64_t k = poly_params_of(&p->params).features, k1 = backward_features(p);
+    if (k < 0 || k1 < 0)
         return 0;
-    return (table_floats(k) + (size_t)worker_count(p) * work_floats(k, p->head_dim)) *
+    return (table_floats(k, k1, p->head_dim) +
+            (size_t)worker_count(p) *
+                work_floats(poly_params_of(&p->params).variant, k, k1, p->head_dim)) *
            sizeof(float);
 }
 
-static void build_table(int g, int64_t d, poly_table *t)
+/* The features of degree g + 1, degree by degree; a monomial of degree t extends one of
+ * degree t−1 by a variable no smaller than that one's last, so each multi-index appears
+ * once. run = the exponent of the last variable, giving the 1/√(a_j + 1) step. */
+static void build_monomials(int g1, int64_t d, poly_table *t)
 {
-    /* Degree by degree; a monomial of degree t extends one of degree t−1 by a variable
-     * no smaller than that one's last, so each multi-index appears once. run = the
-     * exponent of the last variable, giving the 1/√(a_j + 1) step. */
     int32_t *run = (int32_t *)t->fac; /* reuses fac as scratch until written */
     int64_t m = 1, lo = 0, hi = 1;    /* previous degree occupies [lo, hi) */
     t->parent[0] = -1;
     t->var[0] = 0;
     run[0] = 0;
-    for (int deg = 1; deg <= g; deg++) {
-        for (int64_t par = lo; par < hi; par++)
+    for (int deg = 1; deg <= g1; deg++) {
+        for (int64_t par = lo; par < hi; par++) {
+            t->first[par] = (int32_t)m;
             for (int64_t j = (par == 0 ? 0 : t->var[par]); j < d; j++) {
                 t->parent[m] = (int32_t)par;
                 t->var[m] = (int32_t)j;
                 run[m] = (par != 0 && t->var[par] == j) ? run[par] + 1 : 1;
                 m++;
             }
+        }
         lo = hi;
         hi = m;
     }
@@ -108,18 +146,42 @@ static void build_table(int g, int64_t d, poly_table *t)
     t->fac[0] = 1.0f;
 }
 
-/* Features of n rows x (stride ld): ph (k × n, feature-major) of (x − shift)·scale. */
-static void features(const poly_table *t, int64_t d, const float *x, int64_t ld, int64_t n,
-                     const float *shift, float scale, float *xt, float *ph)
+/* child and dfac of every monomial b of degree <= g. b·x_e is generated from b when e
+ * is no smaller than b's last variable; else b·x_e = (parent(b)·x_e)·x_var(b), a
+ * generated child of the earlier parent(b)·x_e. Exponents follow parents the same way. */
+static void build_jacobian(int64_t d, poly_table *t)
+{
+    for (int64_t b = 0; b < t->k; b++)
+        for (int64_t e = 0; e < d; e++) {
+            const int64_t at = b * d + e;
+            if (b == 0 || e >= t->var[b]) {
+                t->child[at] = t->first[b] + (int32_t)(e - (b == 0 ? 0 : t->var[b]));
+                t->dfac[at] = b == 0 ? 0.0f : t->dfac[t->parent[b] * d + e] + (t->var[b] == e);
+            } else {
+                const int32_t c1 = t->child[t->parent[b] * d + e];
+                t->child[at] = t->first[c1] + (t->var[b] - t->var[c1]);
+                t->dfac[at] = t->dfac[t->parent[b] * d + e];
+            }
+        }
+    for (int64_t i = 0; i < t->k * d; i++) /* exponent b_e → √(b_e + 1) */
+        t->dfac[i] = sqrtf(t->dfac[i] + 1.0f);
+}
+
+/* Features of n rows x (stride ld): ph (nf × n, feature-major) of (x − shift)·scale,
+ * the first nf of the table (t->k: degree <= g; t->k1: degree <= g + 1). */
+LA_VECTOR_CLONES static void features(const poly_table *t, int64_t nf, int64_t d,
+                                      const float *x, int64_t ld, int64_t n,
+                                      const float *shift, float scale, float *xt, float *ph)
 {
     for (int64_t r = 0; r < n; r++)
         for (int64_t c = 0; c < d; c++)
             xt[c * n + r] = (x[r * ld + c] - (shift ? shift[c] : 0.0f)) * scale;
     for (int64_t r = 0; r < n; r++)
         ph[r] = 1.0f;
-    for (int64_t m = 1; m < t->k; m++) {
-        const float *par = ph + (int64_t)t->parent[m] * n, *xv = xt + (int64_t)t->var[m] * n;
-        float *dst = ph + m * n;
+    for (int64_t m = 1; m < nf; m++) { /* a parent's row precedes its children's */
+        const float *restrict par = ph + (int64_t)t->parent[m] * n;
+        const float *restrict xv = xt + (int64_t)t->var[m] * n;
+        float *restrict dst = ph + m * n;
         const float f = t->fac[m];
         for (int64_t r = 0; r < n; r++)
             dst[r] = par[r] * xv[r] * f;
@@ -174,17 +236,18 @@ static int64_t diag_start(const attn_problem *p, int64_t i0)
     return p->causal ? i0 + (p->len_kv - p->len_q) : p->len_kv;
 }
 
-static void key_features(const attn_problem *p, const poly_table *t, const head_geom *hg,
-                         const poly_work *w, int64_t j0, int64_t n)
+/* nf features (t->k or t->k1) of keys [j0, j0 + n) into phk, of queries into phq. */
+static void key_features(const attn_problem *p, const poly_table *t, int64_t nf,
+                         const head_geom *hg, const poly_work *w, int64_t j0, int64_t n)
 {
-    features(t, p->head_dim, hg->k + j0 * p->ldkv, p->ldkv, n, w->kmean, hg->kscale, w->xt,
-             w->phk);
+    features(t, nf, p->head_dim, hg->k + j0 * p->ldkv, p->ldkv, n, w->kmean, hg->kscale,
+             w->xt, w->phk);
 }
 
-static void query_features(const attn_problem *p, const poly_table *t, const head_geom *hg,
-                           const poly_work *w, int64_t i0, int64_t n)
+static void query_features(const attn_problem *p, const poly_table *t, int64_t nf,
+                           const head_geom *hg, const poly_work *w, int64_t i0, int64_t n)
 {
-    features(t, p->head_dim, hg->q + i0 * p->ldq, p->ldq, n, NULL, hg->qscale, w->xt,
+    features(t, nf, p->head_dim, hg->q + i0 * p->ldq, p->ldq, n, NULL, hg->qscale, w->xt,
              w->phq);
 }
 
@@ -217,7 +280,7 @@ static void poly_forward_head(const attn_problem *p, int bt, const poly_table *t
         /* state += Σ_j φ(k_j) ⊗ V'_j over keys now visible to the whole block */
         while (absorbed < p0) {
             const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
-            key_features(p, t, &hg, w, absorbed, n);
+            key_features(p, t, kk, &hg, w, absorbed, n);
             for (int64_t r = 0; r < n; r++) {
                 memcpy(w->rows + r * d1, hg.v + (absorbed + r) * p->ldkv,
                        (size_t)d * sizeof(float));
@@ -227,14 +290,14 @@ static void poly_forward_head(const attn_problem *p, int bt, const poly_table *t
                     w->state, d1);
             absorbed += n;
         }
-        query_features(p, t, &hg, w, i0, bq);
+        query_features(p, t, kk, &hg, w, i0, bq);
         la_gemm(p->la, bt, LA_T, LA_N, bq, d1, kk, 1.0f, w->phq, bq, w->state, d1, 0.0f,
                 w->prod, d1);
         if (p->causal) { /* diagonal block: keys [p0, p0 + bq) */
             float ones[POLY_BLOCK];
             for (int64_t r = 0; r < bq; r++)
                 ones[r] = 1.0f;
-            key_features(p, t, &hg, w, p0, bq);
+            key_features(p, t, kk, &hg, w, p0, bq);
             diag_probs(p, bt, t, w, bq, ones); /* unnormalised here */
             for (int64_t r = 0; r < bq; r++) {
                 memcpy(w->rows + r * d1, hg.v + (p0 + r) * p->ldkv, (size_t)d * sizeof(float));
@@ -253,19 +316,32 @@ static void poly_forward_head(const attn_problem *p, int bt, const poly_table *t
     }
 }
 
-/* dO'_i = [dO_i, −ρ_i] for a block of rows, into out (bq × (d+1)). */
+/* dO'_i = [dO_i, −ρ_i]·scale_i for a block of rows, into out (bq × (d+1)); scale NULL
+ * for 1. */
 static void augmented_dout(const attn_problem *p, const float *doh, const float *oh,
-                           int64_t i0, int64_t bq, float *out)
+                           int64_t i0, int64_t bq, const float *scale, float *out)
 {
     const int64_t d = p->head_dim;
     for (int64_t r = 0; r < bq; r++) {
         const float *g = doh + (i0 + r) * p->ldo, *o = oh + (i0 + r) * p->ldo;
+        const float sc = scale ? scale[r] : 1.0f;
         float rho = 0.0f;
         for (int64_t c = 0; c < d; c++) {
             rho += g[c] * o[c];
-            out[r * (d + 1) + c] = g[c];
+            out[r * (d + 1) + c] = g[c] * sc;
         }
-        out[r * (d + 1) + d] = -rho;
+        out[r * (d + 1) + d] = -rho * sc;
+    }
+}
+
+/* V'_j = [V_j, 1] for keys [j0, j0 + n), into rows (n × (d+1)). */
+static void augmented_v(const attn_problem *p, const float *vh, int64_t j0, int64_t n,
+                        float *rows)
+{
+    const int64_t d = p->head_dim;
+    for (int64_t r = 0; r < n; r++) {
+        memcpy(rows + r * (d + 1), vh + (j0 + r) * p->ldkv, (size_t)d * sizeof(float));
+        rows[r * (d + 1) + d] = 1.0f;
     }
 }
 
@@ -293,8 +369,10 @@ static void head_grads_setup(const attn_problem *p, poly_work *w, int64_t b, int
 }
 
 /* The causal diagonal block of query block i0 (keys [p0, p0 + bq)), as exact attention
- * with approximate probabilities: dS = F ⊙ (dO·Vᵀ − ρ), dQ += β·dS·K, dK += β·dSᵀ·Q,
- * dV += Fᵀ·dO. phq holds the block's query features; dopr its dO' rows. */
+ * with approximate probabilities: dS = F ⊙ (dO·Vᵀ − ρ), dQ += β·dS·(K − k̄),
+ * dK += β·dSᵀ·Q, dV += Fᵀ·dO. The keys are centred as the prefix state's are (a row of
+ * dS sums to zero only over all its keys). phq holds the block's query features; dopr
+ * its dO' rows. */
 static void backward_diag_block(const attn_problem *p, int bt, const poly_table *t,
                                 poly_work *w, const head_grads *hd, int64_t i0, int64_t p0,
                                 int64_t bq, const float *inv_w, const float *dopr)
@@ -302,7 +380,7 @@ static void backward_diag_block(const attn_problem *p, int bt, const poly_table 
     const int64_t d1 = p->head_dim + 1, d = p->head_dim;
     const float beta = p->softmax_scale;
     const head_geom *hg = &hd->hg;
-    key_features(p, t, hg, w, p0, bq);
+    key_features(p, t, t->k, hg, w, p0, bq);
     diag_probs(p, bt, t, w, bq, inv_w);
     la_gemm(p->la, bt, LA_N, LA_T, bq, bq, d, 1.0f, hd->doh + i0 * p->ldo, p->ldo,
             hg->v + p0 * p->ldkv, p->ldkv, 0.0f, w->diag_p, bq);
@@ -311,132 +389,197 @@ static void backward_diag_block(const attn_problem *p, int bt, const poly_table 
         for (int64_t jj = 0; jj < bq; jj++)
             w->diag_p[r * bq + jj] = w->diag_f[r * bq + jj] * (w->diag_p[r * bq + jj] - rho);
     }
-    la_gemm(p->la, bt, LA_N, LA_N, bq, d, bq, beta, w->diag_p, bq, hg->k + p0 * p->ldkv,
-            p->ldkv, 1.0f, hd->dqh + i0 * p->ldq, p->ldq);
+    /* xt holds (K − k̄)ᵀ·kscale of the block (key_features) */
+    la_gemm(p->la, bt, LA_N, LA_T, bq, d, bq, beta / hg->kscale, w->diag_p, bq, w->xt, bq,
+            1.0f, hd->dqh + i0 * p->ldq, p->ldq);
     la_gemm(p->la, bt, LA_T, LA_N, bq, d, bq, beta, w->diag_p, bq, hg->q + i0 * p->ldq,
             p->ldq, 1.0f, hd->dkh + p0 * p->ldkv, p->ldkv);
     la_gemm(p->la, bt, LA_T, LA_N, bq, d, bq, 1.0f, w->diag_f, bq, hd->doh + i0 * p->ldo,
             p->ldo, 1.0f, hd->dvh + p0 * p->ldkv, p->ldkv);
 }
 
-/* state += Σ_j φ(k_j) ⊗ (V'_j ⊗ K_j) over keys [j0, j0 + n): the dQ prefix state. */
-static void absorb_keys_dq(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
-                           const head_geom *hg, int64_t j0, int64_t n)
+/* Columns of an expanded state: d·(d+1) Jacobian columns, plus d for dV. */
+static int64_t jac_cols(int64_t d, int with_dv) { return d * (d + 1) + (with_dv ? d : 0); }
+
+/* The Jacobian applied to a state S (k' × (d+1)): jac (k × jac_cols) with
+ * jac[b, e·(d+1) + c] = √(b_e + 1)·S[b + e_e, c], so that row i of Φ_g·jac holds
+ * (J_{g+1}(x_i)ᵀ·S)[e, c] = Σ_a ∂φ_a/∂x_e·S[a, c] (∂φ_a/∂x_e = √a_e·φ_(a − e_e)). With
+ * dv, the last d columns are S[b, c] (c < d): dV's φ_g·N. One pass over k·d·(d+1)
+ * entries, rebuilt only when S changed, so the products with it are as wide as the
+ * old face-splitting state's. */
+static void expand_state(const poly_table *t, int64_t d, const float *S, int with_dv,
+                         float *jac)
 {
-    const int64_t d = p->head_dim, d1 = d + 1, tcols = d1 * d;
-    key_features(p, t, hg, w, j0, n);
-    for (int64_t r = 0; r < n; r++) {
-        const float *vj = hg->v + (j0 + r) * p->ldkv;
-        const float *kj = hg->k + (j0 + r) * p->ldkv;
-        float *row = w->rows + r * tcols;
-        for (int64_t c = 0; c < d1; c++) {
-            const float vc = c < d ? vj[c] : 1.0f;
-            for (int64_t e = 0; e < d; e++)
-                row[c * d + e] = vc * kj[e];
+    const int64_t d1 = d + 1, cols = jac_cols(d, with_dv);
+    for (int64_t b = 0; b < t->k; b++) {
+        float *row = jac + b * cols;
+        for (int64_t e = 0; e < d; e++) {
+            const float f = t->dfac[b * d + e];
+            const float *src = S + (int64_t)t->child[b * d + e] * d1;
+            for (int64_t c = 0; c < d1; c++)
+                row[e * d1 + c] = f * src[c];
         }
+        if (with_dv)
+            memcpy(row + d * d1, S + b * d1, (size_t)d * sizeof(float));
     }
-    la_gemm(p->la, bt, LA_N, LA_N, t->k, tcols, n, 1.0f, w->phk, n, w->rows, tcols, 1.0f,
-            w->state, tcols);
 }
 
-/* Part 1, dQ: prefix state T[a, (c, e)] = Σ_j φ(k_j)[a]·V'_j[c]·K_j[e], swept over the
- * query blocks; causal blocks add their diagonal block. */
+/* out[r][e] = scale[r]·Σ_c y[r][e·(d+1) + c]·aug[r][c] for n rows (y: ldy floats per
+ * row, aug: (d+1) per row); add: accumulate into out instead of overwriting. */
+static void contract_rows(int64_t d, int64_t n, const float *y, int64_t ldy, const float *aug,
+                          const float *scale, float *out, int64_t ldo, int add)
+{
+    const int64_t d1 = d + 1;
+    for (int64_t r = 0; r < n; r++) {
+        const float *yr = y + r * ldy, *ar = aug + r * d1;
+        float *o = out + r * ldo;
+        for (int64_t e = 0; e < d; e++) {
+            float acc = 0.0f;
+            for (int64_t c = 0; c < d1; c++)
+                acc += yr[e * d1 + c] * ar[c];
+            o[e] = (add ? o[e] : 0.0f) + scale[r] * acc;
+        }
+    }
+}
+
+/* The JACOBIAN variant's contraction: acc (d × n) with acc[e][r] = Σ_{|b|<=g} φ_b(r)·
+ * √(b_e + 1)·z[b + e_e][r] = (J_{g+1}ᵀ·z_r)_e; ph (>= k × n) the rows' features, z
+ * (k' × n), both feature-major. */
+LA_VECTOR_CLONES static void jacobian_contract(const poly_table *t, int64_t d,
+                                               const float *ph, const float *z, int64_t n,
+                                               float *acc)
+{
+    memset(acc, 0, (size_t)(d * n) * sizeof(float));
+    for (int64_t b = 0; b < t->k; b++) {
+        const float *restrict pb = ph + b * n;
+        for (int64_t e = 0; e < d; e++) {
+            const float f = t->dfac[b * d + e];
+            const float *restrict zc = z + (int64_t)t->child[b * d + e] * n;
+            float *restrict ae = acc + e * n;
+            for (int64_t r = 0; r < n; r++)
+                ae[r] += f * pb[r] * zc[r];
+        }
+    }
+}
+
+/* out[r][e] (= or +=) scale[r]·(J_{g+1}(x_r)ᵀ·S·aug_r)_e for n rows whose degree-<=g
+ * features are in ph (feature-major) and whose (d+1)-vectors are aug: the state S
+ * (k' × (d+1)) through the variant's route. EXPANDED: Φ_gᵀ·jac then a (d+1)-contraction
+ * per row (jac = expand_state(S), current). JACOBIAN: z = S·augᵀ (k' × n), then the
+ * sparse contraction. */
+static void apply_jacobian(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
+                           const float *ph, const float *aug, int64_t n, const float *scale,
+                           float *out, int64_t ldo, int add, int with_dv)
+{
+    const int64_t d = p->head_dim, d1 = d + 1, cols = jac_cols(d, with_dv);
+    if (w->variant == POLY_BACKWARD_EXPANDED) {
+        la_gemm(p->la, bt, LA_T, LA_N, n, cols, t->k, 1.0f, ph, n, w->jac, cols, 0.0f,
+                w->prod, cols);
+        contract_rows(d, n, w->prod, cols, aug, scale, out, ldo, add);
+        return;
+    }
+    la_gemm(p->la, bt, LA_N, LA_T, t->k1, n, d1, 1.0f, w->state, d1, aug, d1, 0.0f, w->prod,
+            n);
+    jacobian_contract(t, d, ph, w->prod, n, w->xt);
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t e = 0; e < d; e++)
+            out[r * ldo + e] = (add ? out[r * ldo + e] : 0.0f) + scale[r] * w->xt[e * n + r];
+}
+
+/* Part 1, dQ: prefix state M = Σ_j φ_{g+1}(k̂_j) ⊗ V'_j (k' × (d+1)), swept over the query
+ * blocks; dQ_i = qscale/w_i·J_{g+1}(q̂_i)ᵀ·M·dO'_i. Causal blocks add their diagonal. */
 static void backward_dq(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
                         const head_grads *hd)
 {
-    const int64_t d = p->head_dim, d1 = d + 1, tcols = d1 * d;
-    const float beta = p->softmax_scale;
-    float inv_w[POLY_BLOCK];
-    memset(w->state, 0, (size_t)(t->k * tcols) * sizeof(float));
-    int64_t absorbed = 0;
+    const int64_t d = p->head_dim, d1 = d + 1;
+    float inv_w[POLY_BLOCK], sc[POLY_BLOCK];
+    memset(w->state, 0, (size_t)(t->k1 * d1) * sizeof(float));
+    int64_t absorbed = 0, expanded = -1;
     for (int64_t i0 = 0; i0 < p->len_q; i0 += POLY_BLOCK) {
         const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
         const int64_t p0 = diag_start(p, i0);
         while (absorbed < p0) {
             const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
-            absorb_keys_dq(p, bt, t, w, &hd->hg, absorbed, n);
+            key_features(p, t, t->k1, &hd->hg, w, absorbed, n);
+            augmented_v(p, hd->hg.v, absorbed, n, w->rows);
+            la_gemm(p->la, bt, LA_N, LA_N, t->k1, d1, n, 1.0f, w->phk, n, w->rows, d1, 1.0f,
+                    w->state, d1);
             absorbed += n;
         }
-        query_features(p, t, &hd->hg, w, i0, bq);
-        la_gemm(p->la, bt, LA_T, LA_N, bq, tcols, t->k, 1.0f, w->phq, bq, w->state, tcols,
-                0.0f, w->prod, tcols);
-        float *dopr = w->rows; /* rows is free again: dO' (bq × (d+1)) */
-        augmented_dout(p, hd->doh, hd->oh, i0, bq, dopr);
+        if (w->variant == POLY_BACKWARD_EXPANDED && expanded != absorbed) {
+            expand_state(t, d, w->state, 0, w->jac);
+            expanded = absorbed;
+        }
+        query_features(p, t, t->k, &hd->hg, w, i0, bq); /* the Jacobian needs degree <= g */
+        float *dopr = w->rows; /* dO' (bq × (d+1)) */
+        augmented_dout(p, hd->doh, hd->oh, i0, bq, NULL, dopr);
         for (int64_t r = 0; r < bq; r++) {
             inv_w[r] = 1.0f / hd->wrow[i0 + r];
-            const float *y = w->prod + r * tcols, *gp = dopr + r * d1;
-            float *dqi = hd->dqh + (i0 + r) * p->ldq;
-            for (int64_t e = 0; e < d; e++)
-                dqi[e] = 0.0f;
-            for (int64_t c = 0; c < d1; c++) {
-                const float gc = gp[c] * beta * inv_w[r];
-                for (int64_t e = 0; e < d; e++)
-                    dqi[e] += gc * y[c * d + e];
-            }
+            sc[r] = hd->hg.qscale * inv_w[r];
         }
+        apply_jacobian(p, bt, t, w, w->phq, dopr, bq, sc, hd->dqh + i0 * p->ldq, p->ldq, 0, 0);
         if (p->causal)
             backward_diag_block(p, bt, t, w, hd, i0, p0, bq, inv_w, dopr);
     }
 }
 
-/* dK, dV of keys [j_lo, j_hi) from the suffix state S (every query in it sees them). */
+/* dK, dV of keys [j_lo, j_hi) from the suffix state N (every query in it sees them):
+ * dK_j = kscale·J_{g+1}(k̂_j)ᵀ·N·V'_j, dV_j = φ_g(k̂_j)·N[:k, :d]. */
 static void emit_keys(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
                       const head_grads *hd, int64_t j_lo, int64_t j_hi)
 {
-    const int64_t d = p->head_dim, d1 = d + 1, scols = d1 * d1;
-    const float beta = p->softmax_scale;
+    const int64_t d = p->head_dim, d1 = d + 1, cols = jac_cols(d, 1);
+    const int expanded = w->variant == POLY_BACKWARD_EXPANDED;
+    if (j_lo >= j_hi)
+        return;
+    if (expanded)
+        expand_state(t, d, w->state, 1, w->jac);
+    float sc[POLY_BLOCK];
+    for (int64_t r = 0; r < POLY_BLOCK; r++)
+        sc[r] = hd->hg.kscale;
     for (int64_t j0 = j_lo; j0 < j_hi; j0 += POLY_BLOCK) {
         const int64_t n = j_hi - j0 < POLY_BLOCK ? j_hi - j0 : POLY_BLOCK;
-        key_features(p, t, &hd->hg, w, j0, n);
-        la_gemm(p->la, bt, LA_T, LA_N, n, scols, t->k, 1.0f, w->phk, n, w->state, scols,
-                0.0f, w->prod, scols);
-        for (int64_t r = 0; r < n; r++) {
-            const float *z = w->prod + r * scols, *vj = hd->hg.v + (j0 + r) * p->ldkv;
-            float *dkj = hd->dkh + (j0 + r) * p->ldkv, *dvj = hd->dvh + (j0 + r) * p->ldkv;
-            for (int64_t c = 0; c < d1; c++) {
-                const float vc = (c < d ? vj[c] : 1.0f) * beta;
-                for (int64_t e = 0; e < d; e++)
-                    dkj[e] += vc * z[c * d1 + e];
+        key_features(p, t, t->k, &hd->hg, w, j0, n); /* the Jacobian needs degree <= g */
+        augmented_v(p, hd->hg.v, j0, n, w->rows);
+        apply_jacobian(p, bt, t, w, w->phk, w->rows, n, sc, hd->dkh + j0 * p->ldkv, p->ldkv,
+                       1, 1);
+        if (expanded) /* dV: the last d columns of the product */
+            for (int64_t r = 0; r < n; r++) {
+                const float *z = w->prod + r * cols + d * d1;
+                float *dvj = hd->dvh + (j0 + r) * p->ldkv;
+                for (int64_t c = 0; c < d; c++)
+                    dvj[c] += z[c];
             }
-            for (int64_t c = 0; c < d; c++)
-                dvj[c] += z[c * d1 + d];
-        }
+        else
+            la_gemm(p->la, bt, LA_T, LA_N, n, d, t->k, 1.0f, w->phk, n, w->state, d1, 1.0f,
+                    hd->dvh + j0 * p->ldkv, p->ldkv);
     }
 }
 
-/* S += Σ_i φ(q_i)/w_i ⊗ (dO'_i ⊗ Q'_i) over query block i0 (bq rows). */
+/* N += Σ_i φ_{g+1}(q̂_i)/w_i ⊗ dO'_i over query block i0 (bq rows). */
 static void absorb_queries(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
                            const head_grads *hd, int64_t i0, int64_t bq)
 {
-    const int64_t d = p->head_dim, d1 = d + 1, scols = d1 * d1;
-    query_features(p, t, &hd->hg, w, i0, bq);
-    float *dopr = w->prod; /* (bq × (d+1)), then rows = Kronecker rows */
-    augmented_dout(p, hd->doh, hd->oh, i0, bq, dopr);
-    for (int64_t r = 0; r < bq; r++) {
-        const float iw = 1.0f / hd->wrow[i0 + r];
-        const float *qi = hd->hg.q + (i0 + r) * p->ldq, *gp = dopr + r * d1;
-        float *row = w->rows + r * scols;
-        for (int64_t c = 0; c < d1; c++) {
-            const float gc = gp[c] * iw;
-            for (int64_t e = 0; e < d; e++)
-                row[c * d1 + e] = gc * qi[e];
-            row[c * d1 + d] = gc;
-        }
-    }
-    la_gemm(p->la, bt, LA_N, LA_N, t->k, scols, bq, 1.0f, w->phq, bq, w->rows, scols, 1.0f,
-            w->state, scols);
+    const int64_t d1 = p->head_dim + 1;
+    float inv_w[POLY_BLOCK];
+    for (int64_t r = 0; r < bq; r++)
+        inv_w[r] = 1.0f / hd->wrow[i0 + r];
+    query_features(p, t, t->k1, &hd->hg, w, i0, bq);
+    augmented_dout(p, hd->doh, hd->oh, i0, bq, inv_w, w->rows);
+    la_gemm(p->la, bt, LA_N, LA_N, t->k1, d1, bq, 1.0f, w->phq, bq, w->rows, d1, 1.0f,
+            w->state, d1);
 }
 
-/* Part 2, dK and dV: suffix state S[a, (c, e)] = Σ_i φ(q_i)[a]/w_i·dO'_i[c]·Q'_i[e],
- * swept from the last query block; key j takes S of the blocks that see all of it.
- * For blk = last..0: emit the keys whose diagonal block is blk (every later block,
- * already in S, sees all of them), then add blk's queries to S. Finally emit the keys
- * before the first diagonal, which every query sees. */
+/* Part 2, dK and dV: suffix state N = Σ_i φ_{g+1}(q̂_i)/w_i ⊗ dO'_i, swept from the last
+ * query block; key j takes N of the blocks that see all of it. For blk = last..0: emit
+ * the keys whose diagonal block is blk (every later block, already in N, sees all of
+ * them), then add blk's queries to N. Finally emit the keys before the first diagonal,
+ * which every query sees. */
 static void backward_dkdv(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
                           const head_grads *hd)
 {
     const int64_t d1 = p->head_dim + 1;
-    memset(w->state, 0, (size_t)(t->k * d1 * d1) * sizeof(float));
+    memset(w->state, 0, (size_t)(t->k1 * d1) * sizeof(float));
     const int64_t nblocks = (p->len_q + POLY_BLOCK - 1) / POLY_BLOCK;
     for (int64_t blk = nblocks - 1; blk >= 0; blk--) {
         int64_t j_lo = diag_start(p, blk * POLY_BLOCK);
@@ -463,27 +606,41 @@ static void poly_backward_head(const attn_problem *p, int bt, const poly_table *
     backward_dkdv(p, bt, t, w, &hd);
 }
 
-static void carve_work(const attn_problem *p, int64_t k, float *base, poly_work *w)
+static void carve_work(const attn_problem *p, const poly_table *t, float *base,
+                       poly_work *w)
 {
     const size_t d = (size_t)p->head_dim, d1 = d + 1, B = POLY_BLOCK;
+    w->variant = poly_params_of(&p->params).variant;
     w->xt = base;
     w->phq = w->xt + d * B;
-    w->phk = w->phq + (size_t)k * B;
-    w->rows = w->phk + (size_t)k * B;
-    w->prod = w->rows + B * d1 * d1;
-    w->state = w->prod + B * d1 * d1;
-    w->diag_f = w->state + (size_t)k * d1 * d1;
+    w->phk = w->phq + (size_t)t->k1 * B;
+    w->rows = w->phk + (size_t)t->k1 * B;
+    w->prod = w->rows + B * d1;
+    w->state = w->prod + prod_floats(w->variant, t->k1, p->head_dim);
+    w->jac = w->state + (size_t)t->k1 * d1;
+    w->diag_f = w->jac + jac_floats(w->variant, t->k, p->head_dim);
     w->diag_p = w->diag_f + B * B;
     w->kmean = w->diag_p + B * B;
 }
 
-static void carve_table(const attn_problem *p, void *ws, poly_table *t, float **work0)
+/* The table in the workspace: its arrays, and the first worker's scratch after it.
+ * The Jacobian's part is built only for a backward. */
+static void carve_table(const attn_problem *p, void *ws, int backward, poly_table *t,
+                        float **work0)
 {
+    const int64_t d = p->head_dim;
     t->k = poly_params_of(&p->params).features;
+    t->k1 = backward_features(p);
     t->parent = (int32_t *)ws;
-    t->var = t->parent + t->k;
-    t->fac = (float *)(t->var + t->k);
-    *work0 = t->fac + t->k;
+    t->var = t->parent + t->k1;
+    t->first = t->var + t->k1;
+    t->fac = (float *)(t->first + t->k1);
+    t->child = (int32_t *)(t->fac + t->k1);
+    t->dfac = (float *)(t->child + t->k * d);
+    *work0 = t->dfac + t->k * d;
+    build_monomials((int)poly_params_of(&p->params).degree + 1, d, t);
+    if (backward)
+        build_jacobian(d, t);
 }
 
 /* One task = one (batch, kv head): its query heads share dK, dV rows. */
@@ -507,6 +664,31 @@ static void poly_task(const attn_problem *p, int bt, const poly_table *t, poly_w
     }
 }
 
+/* What a parallel part of poly_run reads (pool_run's ctx). */
+typedef struct poly_job {
+    const attn_problem *p;
+    const poly_table *t;
+    float *work0;
+    size_t stride;
+    int64_t tasks;
+    int backward;
+    const float *q, *k, *v, *o, *do_;
+    float *row_stat, *out, *dq, *dk, *dv;
+} poly_job;
+
+/* A static share of the tasks, with the worker's own work area. */
+static void poly_part(void *arg, int worker, int workers)
+{
+    const poly_job *j = arg;
+    poly_work w;
+    carve_work(j->p, j->t, j->work0 + (size_t)worker * j->stride, &w);
+    int64_t lo, hi;
+    pool_static_range(j->tasks, worker, workers, &lo, &hi);
+    for (int64_t task = lo; task < hi; task++)
+        poly_task(j->p, 1, j->t, &w, task, j->backward, j->q, j->k, j->v, j->o, j->row_stat,
+                  j->do_, j->out, j->dq, j->dk, j->dv);
+}
+
 /* Same scheduling rule as the exact backend: serial tasks with threaded products when
  * tasks are fewer than threads, else one task per worker with single-threaded ones. */
 static void poly_run(const attn_problem *p, void *ws, int backward, const float *q,
@@ -515,28 +697,22 @@ static void poly_run(const attn_problem *p, void *ws, int backward, const float 
 {
     poly_table t;
     float *work0;
-    carve_table(p, ws, &t, &work0);
-    build_table((int)poly_params_of(&p->params).degree, p->head_dim, &t);
-    const size_t stride = work_floats(t.k, p->head_dim);
+    carve_table(p, ws, backward, &t, &work0);
+    const size_t stride =
+        work_floats(poly_params_of(&p->params).variant, t.k, t.k1, p->head_dim);
     const int64_t tasks = task_count(p);
     const int workers = worker_count(p);
     if (workers <= 1 || tasks < p->threads) {
         poly_work w;
-        carve_work(p, t.k, work0, &w);
+        carve_work(p, &t, work0, &w);
         for (int64_t task = 0; task < tasks; task++)
             poly_task(p, p->threads, &t, &w, task, backward, q, k, v, o, row_stat, do_, out,
                       dq, dk, dv);
         return;
     }
-#pragma omp parallel num_threads(workers)
-    {
-        poly_work w;
-        carve_work(p, t.k, work0 + WORKER_ID() * stride, &w);
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < tasks; task++)
-            poly_task(p, 1, &t, &w, task, backward, q, k, v, o, row_stat, do_, out, dq, dk,
-                      dv);
-    }
+    poly_job j = {p, &t, work0, stride, tasks, backward, q, k, v, o, do_,
+                  row_stat, out, dq, dk, dv};
+    pool_run(p->la->pool, workers, poly_part, &j);
 }
 
 static void poly_forward(const attn_problem *p, const float *q, const float *k,

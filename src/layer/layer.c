@@ -351,34 +351,43 @@ static double max3(double a, double b, double c)
     return a > b ? (a > c ? a : c) : (b > c ? b : c);
 }
 
-/* MATH §4 made concrete. With |F̃ − F| <= η·F entrywise and D = d·max|dO|·max|V|
- * bounding |dP|: |ρ̃ − ρ| <= η·D, so each row of dS̃ − dS has ℓ1 norm <= η(3 + η)·D.
- * Then per entry: dQ <= β·η(3+η)·D·max|K|; dK <= β·η(3+η)·D·Lq·G·max|Q| and
- * dV <= η·Lq·G·max|dO| (column sums of F are at most Lq, G query heads per kv head);
- * the attention output carries η·max|V|. Each projection gradient multiplies its dY
- * error by the sizes and magnitudes of its other factors (dW = s·B·A chain). */
-static double grad_error_bound(const layer *l, const attn_problem *p, const layer_acts *a,
-                               const float *dattn, const float *dout, double eta)
+/* Magnitudes the error bounds read off the saved forward. */
+typedef struct bound_inputs {
+    double qm, km, vm;   /* max |Q|, |K|, |V| */
+    double d, lq, group; /* head_dim, len_q, query heads per kv head */
+    double beta, s, rank;
+    size_t nq, nk;       /* query and key rows */
+} bound_inputs;
+
+static bound_inputs bound_inputs_of(const layer *l, const attn_problem *p,
+                                    const layer_acts *a)
 {
-    if (eta <= 0.0)
-        return 0.0;
-    if (!isfinite(eta)) /* no certificate (δ >= 1); also avoids ∞·0 when dout = 0 */
-        return INFINITY;
-    const size_t nq = (size_t)(p->batch * p->len_q), nk = (size_t)(p->batch * p->len_kv);
-    const double qm = la_max_abs(a->q, nq * (size_t)l->q_dim);
-    const double km = la_max_abs(a->k, nk * (size_t)l->kv_dim);
-    const double vm = la_max_abs(a->v, nk * (size_t)l->kv_dim);
-    const double gm = la_max_abs(dattn, nq * (size_t)l->q_dim);
-    const double d = (double)l->head_dim, lq = (double)p->len_q;
-    const double group = (double)(l->n_heads / l->n_kv_heads), beta = fabs(l->softmax_scale);
-    const double ds_row = eta * (3.0 + eta) * d * gm * vm;
-    const double ey[PROJ_COUNT] = {beta * ds_row * km, beta * ds_row * lq * group * qm,
-                                   eta * lq * group * gm, 0.0};
-    const double s = fabs(l->lora_scale), r = (double)l->rank;
+    bound_inputs b;
+    b.nq = (size_t)(p->batch * p->len_q);
+    b.nk = (size_t)(p->batch * p->len_kv);
+    b.qm = la_max_abs(a->q, b.nq * (size_t)l->q_dim);
+    b.km = la_max_abs(a->k, b.nk * (size_t)l->kv_dim);
+    b.vm = la_max_abs(a->v, b.nk * (size_t)l->kv_dim);
+    b.d = (double)l->head_dim;
+    b.lq = (double)p->len_q;
+    b.group = (double)(l->n_heads / l->n_kv_heads);
+    b.beta = fabs(l->softmax_scale);
+    b.s = fabs(l->lora_scale);
+    b.rank = (double)l->rank;
+    return b;
+}
+
+/* Errors ey[t] (entrywise) of dY of the Q, K, V projections carried to every adapter
+ * gradient and dx entry they reach: the largest such bound. Each projection gradient
+ * multiplies its dY error by the sizes and magnitudes of its other factors (dW = s·B·A
+ * chain); dx sums the three paths. */
+static double proj_chain_bound(const layer *l, const layer_acts *a, const bound_inputs *in,
+                               const double ey[PROJ_O])
+{
     double bound = 0.0, dx = 0.0;
     for (int t = PROJ_Q; t <= PROJ_V; t++) {
         const layer_proj *pr = &l->proj[t];
-        const size_t rows = t == PROJ_Q ? nq : nk;
+        const size_t rows = t == PROJ_Q ? in->nq : in->nk;
         const double xm = la_max_abs(t == PROJ_Q ? a->xq : a->xkv, rows * (size_t)pr->in);
         const double wm = la_max_abs(pr->weight, (size_t)(pr->out * pr->in));
         double weff = wm;
@@ -386,27 +395,123 @@ static double grad_error_bound(const layer *l, const attn_problem *p, const laye
             const double bm = la_max_abs(pr->b, (size_t)(pr->out * l->rank));
             const double am = la_max_abs(pr->a, (size_t)(l->rank * pr->in));
             const double xam = la_max_abs(a->xa[t], rows * (size_t)l->rank);
-            bound = max3(bound, s * (double)rows * (double)pr->out * ey[t] * bm * xm,
-                         s * (double)rows * ey[t] * xam);
-            weff += s * r * bm * am;
+            bound = max3(bound, in->s * (double)rows * (double)pr->out * ey[t] * bm * xm,
+                         in->s * (double)rows * ey[t] * xam);
+            weff += in->s * in->rank * bm * am;
         }
         dx += (double)pr->out * ey[t] * weff;
     }
-    bound = bound > dx ? bound : dx;
+    return bound > dx ? bound : dx;
+}
+
+/* dY errors of Q, K, V from one of dS: row ℓ1 norm ds_row; dQ = β·dS·K,
+ * dK = β·dSᵀ·Q (column sums over Lq rows and G query heads), plus dV's error dv. */
+static void attn_dy_errors(const bound_inputs *in, double ds_row, double dv,
+                           double ey[PROJ_O])
+{
+    ey[PROJ_Q] = in->beta * ds_row * in->km;
+    ey[PROJ_K] = in->beta * ds_row * in->lq * in->group * in->qm;
+    ey[PROJ_V] = dv;
+}
+
+/* Gradients of the output projection's factors when dout carries error g and C error
+ * c (entrywise): dA_O = s·(dout·B_O)ᵀ·C, dB_O = s·doutᵀ·(C·A_Oᵀ). 0 unless O is
+ * adapted. */
+static double out_adapter_bound(const layer *l, const bound_inputs *in, double g, double c)
+{
     const layer_proj *po = &l->proj[PROJ_O];
-    if (l->out_proj && po->adapted) {
-        const double ec = eta * vm, gom = la_max_abs(dout, nq * (size_t)po->out);
-        const double bm = la_max_abs(po->b, (size_t)(po->out * l->rank));
-        const double am = la_max_abs(po->a, (size_t)(l->rank * po->in));
-        bound = max3(bound, s * (double)nq * (double)po->out * gom * bm * ec,
-                     s * (double)nq * gom * (double)po->in * am * ec);
+    if (!l->out_proj || !po->adapted)
+        return 0.0;
+    const double bm = la_max_abs(po->b, (size_t)(po->out * l->rank));
+    const double am = la_max_abs(po->a, (size_t)(l->rank * po->in));
+    const double nq = (double)in->nq;
+    return fmax(in->s * nq * (double)po->out * g * bm * c,
+                in->s * nq * g * (double)po->in * am * c);
+}
+
+/* MATH §4 made concrete, for the given dout. With |F̃ − F| <= η·F entrywise and
+ * D = d·max|dO|·max|V| bounding |dP|: |ρ̃ − ρ| <= η·D, so each row of dS̃ − dS has ℓ1
+ * norm <= η(3 + η)·D. Then per entry: dQ <= β·η(3+η)·D·max|K|; dK <= β·η(3+η)·D·Lq·G·
+ * max|Q| and dV <= η·Lq·G·max|dO| (column sums of F are at most Lq, G query heads per
+ * kv head); the attention output carries η·max|V| into the output projection's
+ * factors. */
+static double grad_error_bound(const layer *l, const layer_acts *a, const bound_inputs *in,
+                               const float *dattn, const float *dout, double eta)
+{
+    const double gm = la_max_abs(dattn, in->nq * (size_t)l->q_dim);
+    double ey[PROJ_O];
+    attn_dy_errors(in, eta * (3.0 + eta) * in->d * gm * in->vm, eta * in->lq * in->group * gm,
+                   ey);
+    double bound = proj_chain_bound(l, a, in, ey);
+    if (l->out_proj) {
+        const double gom = la_max_abs(dout, in->nq * (size_t)l->proj[PROJ_O].out);
+        bound = fmax(bound, out_adapter_bound(l, in, gom, eta * in->vm));
     }
     return bound;
 }
 
+/* Largest ℓ1 norms of the rows and of the columns of W + s·B·A, bounded through
+ * |B·A| <= |B|·|A|: rows by ‖W_o‖₁ + s·‖B_o‖₁·max_r‖A_r‖₁, columns likewise. */
+static void weff_l1_norms(const layer *l, const layer_proj *pr, double *row_max,
+                          double *col_max)
+{
+    double a_row = 0.0, b_col = 0.0; /* max_r ‖A_r,:‖₁, max_r ‖B_:,r‖₁ */
+    if (pr->adapted)
+        for (int64_t r = 0; r < l->rank; r++) {
+            double sa = 0.0, sb = 0.0;
+            for (int64_t c = 0; c < pr->in; c++)
+                sa += fabs(pr->a[r * pr->in + c]);
+            for (int64_t o = 0; o < pr->out; o++)
+                sb += fabs(pr->b[o * l->rank + r]);
+            a_row = fmax(a_row, sa);
+            b_col = fmax(b_col, sb);
+        }
+    const double s = fabs(l->lora_scale);
+    *row_max = *col_max = 0.0;
+    for (int64_t o = 0; o < pr->out; o++) {
+        double w = 0.0, b = 0.0;
+        for (int64_t c = 0; c < pr->in; c++)
+            w += fabs(pr->weight[o * pr->in + c]);
+        for (int64_t r = 0; pr->adapted && r < l->rank; r++)
+            b += fabs(pr->b[o * l->rank + r]);
+        *row_max = fmax(*row_max, w + s * b * a_row);
+    }
+    for (int64_t c = 0; c < pr->in; c++) {
+        double w = 0.0, a = 0.0;
+        for (int64_t o = 0; o < pr->out; o++)
+            w += fabs(pr->weight[o * pr->in + c]);
+        for (int64_t r = 0; pr->adapted && r < l->rank; r++)
+            a += fabs(pr->a[r * pr->in + c]);
+        *col_max = fmax(*col_max, w + s * b_col * a);
+    }
+}
+
+/* The loss term of the certificate (docs/math.md, "The gradient of the true loss").
+ * With dout = out~ − Y (lora_mse_loss on the approximate output) in place of the true
+ * out − Y, dout is off by Δ = out~ − out, |Δ| <= ε = η·max|V| (times W_O's largest row
+ * ℓ1 norm with an output projection). The exact gradient map is linear in dout, so
+ * the extra error is that map applied to Δ: |dP| <= d·m·max|V| and |ρ| likewise with m
+ * the bound on dC = Δ·W_O, so dS has row ℓ1 norm <= 2·d·m·max|V|; dV = Pᵀ·Δ <= Lq·G·m;
+ * the exact C = P·V is at most max|V|. */
+static double loss_error_term(const layer *l, const layer_acts *a, const bound_inputs *in,
+                              double eta)
+{
+    double eps = eta * in->vm, m = eps;
+    if (l->out_proj) {
+        double row_max, col_max;
+        weff_l1_norms(l, &l->proj[PROJ_O], &row_max, &col_max);
+        eps *= row_max;
+        m = eps * col_max;
+    }
+    double ey[PROJ_O];
+    attn_dy_errors(in, 2.0 * in->d * m * in->vm, in->lq * in->group * m, ey);
+    return fmax(proj_chain_bound(l, a, in, ey), out_adapter_bound(l, in, eps, in->vm));
+}
+
 void layer_backward(const layer *l, const attn_group_plan *plan, const attn_problem *p,
                     const layer_acts *a, float *dout, float *dxq, float *dxkv,
-                    float *ws, double eta, double *grad_bound, double *measured)
+                    float *ws, double eta, double *grad_bound, double *loss_grad_bound,
+                    double *measured)
 {
     drop_mask m[PROJ_COUNT];
     zero_padded_rows(p, dout, l->out_proj ? l->d_model : l->q_dim);
@@ -434,5 +539,12 @@ void layer_backward(const layer *l, const attn_group_plan *plan, const attn_prob
                   shared_dx, dyb, drop_of(l, a, PROJ_K, &m[PROJ_K]), a->drop_buf);
     proj_backward(l, &l->proj[PROJ_V], la, nt, a->xkv, a->xa[PROJ_V], nk, dv, dxkv, 1, dyb,
                   drop_of(l, a, PROJ_V, &m[PROJ_V]), a->drop_buf);
-    *grad_bound = grad_error_bound(l, p, a, dattn, dout, eta);
+    *grad_bound = *loss_grad_bound = 0.0;
+    if (eta > 0.0 && !isfinite(eta)) /* no certificate (δ >= 1); avoids ∞·0 at dout = 0 */
+        *grad_bound = *loss_grad_bound = INFINITY;
+    else if (eta > 0.0) {
+        const bound_inputs in = bound_inputs_of(l, p, a);
+        *grad_bound = grad_error_bound(l, a, &in, dattn, dout, eta);
+        *loss_grad_bound = *grad_bound + loss_error_term(l, a, &in, eta);
+    }
 }

@@ -93,14 +93,18 @@ void layer_attend(const layer *l, const attn_group_plan *plan, const attn_proble
 
 /* Accumulates dA, dB of adapted projections; dxq, dxkv (NULL or input-shaped) are
  * overwritten; dout is the caller's own copy (rows of padded queries are zeroed in it,
- * so their dout is ignored); for self-attention pass the same pointer as dxq and dxkv. plan: the
- * forward's. eta: the largest certified relative error of the attention probabilities
- * over the kv groups (0 when all ran exact); *grad_bound receives the certified
- * absolute error bound that implies on every returned gradient entry (MATH §4; exact
- * arithmetic). *measured (both steps): attn_dispatch_measure's sampled error. */
+ * so their dout is ignored); for self-attention pass the same pointer as dxq and dxkv.
+ * plan: the forward's. eta: the largest certified relative error of the attention probabilities
+ * over the kv groups (0 when all ran exact). Certified absolute error bounds on every
+ * returned gradient entry (MATH §4, docs/math.md; arithmetic outside η exact):
+ * *grad_bound against the exact gradient for this dout; *loss_grad_bound against the
+ * gradient of the true ½·Σ(out − Y)² when dout = out~ − Y came from lora_mse_loss on
+ * the approximate output. *measured (both steps): attn_dispatch_measure's sampled
+ * error. */
 void layer_backward(const layer *l, const attn_group_plan *plan, const attn_problem *p,
                     const layer_acts *a, float *dout, float *dxq, float *dxkv,
-                    float *ws, double eta, double *grad_bound, double *measured);
+                    float *ws, double eta, double *grad_bound, double *loss_grad_bound,
+                    double *measured);
 
 /* What the threshold estimator needs of self-attention's Q, K, V on x (p->batch ×
  * p->len_q rows), computed without storing them: max |entry| of each (bias and LoRA

@@ -15,13 +15,6 @@
 
 #include "layer.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#define WORKER_ID() ((size_t)omp_get_thread_num())
-#else
-#define WORKER_ID() 0
-#endif
-
 /* Rows of one product block: the block of products (≤ STATS_BLOCK × panel floats)
  * stays in L2 for narrow layers. Fewer rows when that gives every thread a block. */
 #define STATS_BLOCK 512
@@ -222,6 +215,35 @@ LA_VECTOR_CLONES static void add_rows(const float *x, int64_t n, int64_t w, doub
             acc[c] += x[i * w + c];
 }
 
+/* What a parallel part of the statistics reads (pool_run's ctx): the panel of head
+ * slots s0 .. s0+ns-1 and its key columns k0 .. k0+cols-1. */
+typedef struct stats_job {
+    const layer *l;
+    const attn_problem *p;
+    const stats_shape *s;
+    const stats_ws *w;
+    const float *x;
+    double *colsum;
+    int64_t s0, ns, k0, cols;
+} stats_job;
+
+/* A static share of the partial column sums. */
+static void sums_part(void *arg, int worker, int workers)
+{
+    const stats_job *j = arg;
+    const stats_shape *s = j->s;
+    const int64_t len = j->p->len_q, dm = s->d_model;
+    int64_t lo, hi;
+    pool_static_range(s->sum_tasks, worker, workers, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        const int64_t b = t / s->sums_per_batch, i0 = (t % s->sums_per_batch) * SUM_BLOCK;
+        const int64_t i1 = i0 + SUM_BLOCK < len ? i0 + SUM_BLOCK : len;
+        double *acc = j->colsum + t * dm;
+        memset(acc, 0, (size_t)dm * sizeof *acc);
+        add_rows(j->x + (b * len + i0) * dm, i1 - i0, dm, acc);
+    }
+}
+
 /* Column sums of x per fixed row block, then the per-batch mean x̄ (in the first
  * block's row of colsum). */
 static void input_means(const attn_problem *p, const stats_shape *s, const float *x,
@@ -229,14 +251,8 @@ static void input_means(const attn_problem *p, const stats_shape *s, const float
 {
     const int64_t len = p->len_q, dm = s->d_model;
     const int nt = (double)len * (double)p->batch * (double)dm > 1e5 ? s->nt : 1;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < s->sum_tasks; t++) {
-        const int64_t b = t / s->sums_per_batch, i0 = (t % s->sums_per_batch) * SUM_BLOCK;
-        const int64_t i1 = i0 + SUM_BLOCK < len ? i0 + SUM_BLOCK : len;
-        double *acc = colsum + t * dm;
-        memset(acc, 0, (size_t)dm * sizeof *acc);
-        add_rows(x + (b * len + i0) * dm, i1 - i0, dm, acc);
-    }
+    stats_job j = {.p = p, .s = s, .x = x, .colsum = colsum};
+    pool_run(p->la->pool, nt, sums_part, &j);
     for (int64_t b = 0; b < p->batch; b++) {
         double *mean = colsum + b * s->sums_per_batch * dm;
         for (int64_t t = 1; t < s->sums_per_batch; t++)
@@ -267,20 +283,71 @@ static void rotate_block(const layer *l, const attn_problem *p, int64_t b, int64
     }
 }
 
-/* The key mean of the panel's key columns [k0, k1) under RoPE: rows go through the key
- * rows of the panel's weights, get their bias, turn, and are summed per column in
- * double, in row order within fixed blocks of SUM_BLOCK rows (so the mean does not
- * depend on the thread count), then per batch element in block order. */
-static void rotated_key_means(const layer *l, const attn_problem *p, const stats_shape *s,
-                              const stats_ws *w, const float *x, int64_t s0, int64_t k0,
-                              int64_t k1)
+/* A static share of the key means x̄·W_Kᵀ + b_K of the panel's key columns. */
+static void kmean_part(void *arg, int worker, int workers)
 {
-    const int64_t len = p->len_q, dm = s->d_model, d = s->d, cols = k1 - k0;
-    const float *wk = w->w + (k0 - s0 * d) * dm, *bk = w->bias + (k0 - s0 * d);
-    const int nt = s->sum_tasks < s->nt ? (int)s->sum_tasks : s->nt;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < s->sum_tasks; t++) {
-        float *xb = w->worker + WORKER_ID() * w->worker_floats;
+    const stats_job *j = arg;
+    const layer *l = j->l;
+    const stats_ws *w = j->w;
+    const int64_t dm = j->s->d_model, d = j->s->d, s0 = j->s0, k0 = j->k0, cols = j->cols;
+    int64_t lo, hi;
+    pool_static_range(j->p->batch * cols, worker, workers, &lo, &hi);
+    for (int64_t e = lo; e < hi; e++) {
+        const int64_t b = e / cols, c = k0 + e % cols;
+        const double *mean = w->colsum + b * j->s->sums_per_batch * dm;
+        const float *wr = w->w + (c - s0 * d) * dm;
+        double acc = w->bias[c - s0 * d];
+        for (int64_t m = 0; m < dm; m++)
+            acc += mean[m] * wr[m];
+        w->kmean[b * l->kv_dim + (c - l->q_dim)] = (float)acc;
+    }
+}
+
+/* A static share of the row blocks: one product against the panel each, reduced into
+ * the block's per-slot maxima. */
+static void blocks_part(void *arg, int worker, int workers)
+{
+    const stats_job *j = arg;
+    const layer *l = j->l;
+    const attn_problem *p = j->p;
+    const stats_shape *s = j->s;
+    const stats_ws *w = j->w;
+    const int64_t len = p->len_q, dm = s->d_model, d = s->d, s0 = j->s0, ns = j->ns;
+    const float *x = j->x;
+    int64_t lo, hi;
+    pool_static_range(s->tasks, worker, workers, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        float *xb = w->worker + (size_t)worker * w->worker_floats;
+        float *yb = xb + ((size_t)(s->blk * dm + 15) & ~(size_t)15);
+        const int64_t b = t / s->blocks_per_batch, i0 = (t % s->blocks_per_batch) * s->blk;
+        const int64_t n = len - i0 < s->blk ? len - i0 : s->blk;
+        /* A copy: BLIS reads only library buffers (they carry tail padding). */
+        memcpy(xb, x + (b * len + i0) * dm, (size_t)(n * dm) * sizeof(float));
+        la_gemm(p->la, 1, LA_N, LA_T, n, ns * d, dm, 1.0f, xb, dm, w->w, dm, 0.0f, yb,
+                ns * d);
+        const int rope = l->rope != LORA_ROPE_NONE;
+        if (rope)
+            rotate_block(l, p, b, i0, n, s0, ns, w->bias, yb);
+        block_stats(l, yb, n, s0, ns, rope ? w->zero : w->bias, w->kmean + b * l->kv_dim,
+                    w->zero, w->slot + t * 2 * s->slots);
+    }
+}
+
+/* A static share of the fixed row blocks under RoPE (rotated_key_means): the key rows
+ * of the panel's weights, their bias, the turn, and column sums in double in row order. */
+static void rotated_sums_part(void *arg, int worker, int workers)
+{
+    const stats_job *j = arg;
+    const layer *l = j->l;
+    const attn_problem *p = j->p;
+    const stats_shape *s = j->s;
+    const stats_ws *w = j->w;
+    const int64_t len = p->len_q, dm = s->d_model, d = s->d, cols = j->cols;
+    const float *wk = w->w + (j->k0 - j->s0 * d) * dm, *bk = w->bias + (j->k0 - j->s0 * d);
+    int64_t lo, hi;
+    pool_static_range(s->sum_tasks, worker, workers, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        float *xb = w->worker + (size_t)worker * w->worker_floats;
         float *yb = xb + ((size_t)(s->blk * dm + 15) & ~(size_t)15);
         const int64_t b = t / s->sums_per_batch, i0 = (t % s->sums_per_batch) * SUM_BLOCK;
         const int64_t i1 = i0 + SUM_BLOCK < len ? i0 + SUM_BLOCK : len;
@@ -288,7 +355,7 @@ static void rotated_key_means(const layer *l, const attn_problem *p, const stats
         memset(acc, 0, (size_t)cols * sizeof *acc);
         for (int64_t r0 = i0; r0 < i1; r0 += s->blk) {
             const int64_t n = i1 - r0 < s->blk ? i1 - r0 : s->blk;
-            memcpy(xb, x + (b * len + r0) * dm, (size_t)(n * dm) * sizeof(float));
+            memcpy(xb, j->x + (b * len + r0) * dm, (size_t)(n * dm) * sizeof(float));
             la_gemm(p->la, 1, LA_N, LA_T, n, cols, dm, 1.0f, xb, dm, wk, dm, 0.0f, yb, cols);
             for (int64_t i = 0; i < n; i++) {
                 float *row = yb + i * cols;
@@ -300,12 +367,25 @@ static void rotated_key_means(const layer *l, const attn_problem *p, const stats
             }
         }
     }
-    for (int64_t b = 0; b < p->batch; b++)
-        for (int64_t c = 0; c < cols; c++) {
+}
+
+/* The key mean of the panel's key columns under RoPE: the turned keys' mean is no
+ * function of x̄, so the keys are projected and turned block by block and summed in
+ * fixed blocks of SUM_BLOCK rows (the mean does not depend on the thread count), then
+ * per batch element in block order. */
+static void rotated_key_means(stats_job *j)
+{
+    const layer *l = j->l;
+    const stats_shape *s = j->s;
+    const int nt = s->sum_tasks < s->nt ? (int)s->sum_tasks : s->nt;
+    pool_run(j->p->la->pool, nt, rotated_sums_part, j);
+    for (int64_t b = 0; b < j->p->batch; b++)
+        for (int64_t c = 0; c < j->cols; c++) {
             double sum = 0.0;
             for (int64_t t = 0; t < s->sums_per_batch; t++)
-                sum += w->ksum[(b * s->sums_per_batch + t) * l->kv_dim + c];
-            w->kmean[b * l->kv_dim + (k0 - l->q_dim) + c] = (float)(sum / (double)len);
+                sum += j->w->ksum[(b * s->sums_per_batch + t) * l->kv_dim + c];
+            j->w->kmean[b * l->kv_dim + (j->k0 - l->q_dim) + c] =
+                (float)(sum / (double)j->p->len_q);
         }
 }
 
@@ -315,7 +395,7 @@ int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float
     const stats_shape s = shape_of(l, p);
     stats_ws w;
     carve(l, p, &s, ws, &w);
-    const int64_t len = p->len_q, dm = s.d_model, d = s.d, nh = l->n_heads;
+    const int64_t dm = s.d_model, d = s.d, nh = l->n_heads;
     input_means(p, &s, x, w.colsum);
     memset(w.zero, 0, (size_t)(s.panel_slots * d) * sizeof(float));
     const int rope = l->rope != LORA_ROPE_NONE;
@@ -329,38 +409,15 @@ int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float
         const int64_t k0 = s0 * d > l->q_dim ? s0 * d : l->q_dim;
         const int64_t k1 = (s0 + ns) * d < l->q_dim + l->kv_dim ? (s0 + ns) * d
                                                                  : l->q_dim + l->kv_dim;
+        stats_job j = {l, p, &s, &w, x, w.colsum, s0, ns, k0, k1 - k0};
         if (k0 < k1 && rope) {
-            rotated_key_means(l, p, &s, &w, x, s0, k0, k1);
+            rotated_key_means(&j);
         } else if (k0 < k1) {
-            const int64_t cols = k1 - k0;
-            const int nt = (double)p->batch * (double)cols * (double)dm > 1e6 ? s.nt : 1;
-#pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t e = 0; e < p->batch * cols; e++) {
-                const int64_t b = e / cols, c = k0 + e % cols;
-                const double *mean = w.colsum + b * s.sums_per_batch * dm;
-                const float *wr = w.w + (c - s0 * d) * dm;
-                double acc = w.bias[c - s0 * d];
-                for (int64_t m = 0; m < dm; m++)
-                    acc += mean[m] * wr[m];
-                w.kmean[b * l->kv_dim + (c - l->q_dim)] = (float)acc;
-            }
+            const int nt = (double)p->batch * (double)j.cols * (double)dm > 1e6 ? s.nt : 1;
+            pool_run(p->la->pool, nt, kmean_part, &j);
         }
         const int nt = s.tasks < s.nt ? (int)s.tasks : s.nt;
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t t = 0; t < s.tasks; t++) {
-            float *xb = w.worker + WORKER_ID() * w.worker_floats;
-            float *yb = xb + ((size_t)(s.blk * dm + 15) & ~(size_t)15);
-            const int64_t b = t / s.blocks_per_batch, i0 = (t % s.blocks_per_batch) * s.blk;
-            const int64_t n = len - i0 < s.blk ? len - i0 : s.blk;
-            /* A copy: BLIS reads only library buffers (they carry tail padding). */
-            memcpy(xb, x + (b * len + i0) * dm, (size_t)(n * dm) * sizeof(float));
-            la_gemm(p->la, 1, LA_N, LA_T, n, ns * d, dm, 1.0f, xb, dm, w.w, dm, 0.0f, yb,
-                    ns * d);
-            if (rope)
-                rotate_block(l, p, b, i0, n, s0, ns, w.bias, yb);
-            block_stats(l, yb, n, s0, ns, rope ? w.zero : w.bias, w.kmean + b * l->kv_dim,
-                        w.zero, w.slot + t * 2 * s.slots);
-        }
+        pool_run(p->la->pool, nt, blocks_part, &j);
     }
 
     /* Maxima over the blocks of each batch element, then R over its heads. */

@@ -1,8 +1,9 @@
 /* BLIS behind la_*. Every call goes through the expert (_ex) interface with a per-call
- * runtime (one thread; la_gemm splits larger products over its own OpenMP threads) and
+ * runtime (one thread; la_gemm splits larger products over the adapter's pool) and
  * the context chosen in la_ctx_init, so BLIS's global thread setting and its CPU
  * detection are never relied on. */
 #include "linalg.h"
+#include "gemm_split.h"
 
 #include <blis.h>
 
@@ -18,6 +19,7 @@ void la_ctx_init(la_ctx *ctx, int threads)
 {
     bli_init();
     ctx->cntx = NULL;
+    ctx->pool = NULL;
     ctx->threads = threads > 0 ? threads : 1;
     ctx->arch = "blis-default";
     ctx->avx512 = 0;
@@ -59,11 +61,38 @@ static void gemm_one(const la_ctx *ctx, la_trans ta, la_trans tb, int64_t m, int
                  c, (inc_t)ldc, 1, (cntx_t *)ctx->cntx, &rntm);
 }
 
-/* Smallest share of a product worth a thread of its own (flops). */
-#define LA_MIN_FLOPS_PER_THREAD 4e6
-/* Row or column ranges of a split product are multiples of this (a multiple of the
- * register block sizes of BLIS's x86-64 sgemm kernels: 32 × 12, 6 × 16, ...). */
-#define LA_SPLIT_ALIGN 96
+/* A product split into `step`-long ranges of its rows or columns (la_gemm). */
+typedef struct gemm_split {
+    const la_ctx *ctx;
+    la_trans ta, tb;
+    int64_t m, n, k;
+    float alpha;
+    const float *a;
+    int64_t lda;
+    const float *b;
+    int64_t ldb;
+    float beta;
+    float *c;
+    int64_t ldc;
+    int split_rows;
+    int64_t step, len;
+} gemm_split;
+
+/* Range t of the split: one single-threaded BLIS call. */
+static void gemm_part(void *arg, int t, int parts)
+{
+    (void)parts;
+    const gemm_split *g = arg;
+    const int64_t lo = t * g->step, cnt = lo + g->step < g->len ? g->step : g->len - lo;
+    if (g->split_rows) /* rows lo.. of op(A) and C */
+        gemm_one(g->ctx, g->ta, g->tb, cnt, g->n, g->k, g->alpha,
+                 g->ta == LA_T ? g->a + lo : g->a + lo * g->lda, g->lda, g->b, g->ldb,
+                 g->beta, g->c + lo * g->ldc, g->ldc);
+    else /* columns lo.. of op(B) and C */
+        gemm_one(g->ctx, g->ta, g->tb, g->m, cnt, g->k, g->alpha, g->a, g->lda,
+                 g->tb == LA_T ? g->b + lo * g->ldb : g->b + lo, g->ldb, g->beta, g->c + lo,
+                 g->ldc);
+}
 
 void la_gemm(const la_ctx *ctx, int nthreads, la_trans ta, la_trans tb, int64_t m,
              int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
@@ -96,14 +125,7 @@ void la_gemm(const la_ctx *ctx, int nthreads, la_trans ta, la_trans tb, int64_t 
         gemm_one(ctx, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }
-#pragma omp parallel for num_threads((int)nt) schedule(static, 1)
-    for (int64_t t = 0; t < nt; t++) {
-        const int64_t lo = t * step, cnt = lo + step < len ? step : len - lo;
-        if (split_rows) /* rows lo.. of op(A) and C */
-            gemm_one(ctx, ta, tb, cnt, n, k, alpha, ta == LA_T ? a + lo : a + lo * lda, lda,
-                     b, ldb, beta, c + lo * ldc, ldc);
-        else /* columns lo.. of op(B) and C */
-            gemm_one(ctx, ta, tb, m, cnt, k, alpha, a, lda,
-                     tb == LA_T ? b + lo * ldb : b + lo, ldb, beta, c + lo, ldc);
-    }
+    gemm_split job = {ctx, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                      split_rows, step, len};
+    pool_run(ctx->pool, (int)nt, gemm_part, &job);
 }

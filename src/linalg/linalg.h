@@ -8,10 +8,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Chosen once per adapter: the BLIS kernel context and the thread count for products. */
+#include "pool.h"
+
+/* Chosen once per adapter: the BLIS kernel context, the thread count for products and
+ * the adapter's worker pool. */
 typedef struct la_ctx {
     void *cntx;      /* cntx_t*; NULL lets BLIS pick (shared-library builds) */
     int threads;     /* threads a product may use when the caller gives it all */
+    pool *pool;      /* the adapter's workers (NULL: everything on the calling thread) */
     const char *arch; /* name of the kernel set in use, for diagnostics */
     int avx512;       /* the CPU runs AVX-512 F/DQ/BW/VL (avx512_kernels.h may be used) */
 } la_ctx;
@@ -19,7 +23,8 @@ typedef struct la_ctx {
 typedef enum la_trans { LA_N = 0, LA_T = 1 } la_trans;
 
 /* Fills ctx: initialises BLIS (idempotent, thread-safe inside BLIS) and picks the
- * fastest kernel context this CPU runs. Never fails. */
+ * fastest kernel context this CPU runs; ctx->pool is NULL until the caller sets it.
+ * Never fails. */
 void la_ctx_init(la_ctx *ctx, int threads);
 
 /* Row-major C (m×n) = alpha·op(A)·op(B) + beta·C with op(A) (m×k), op(B) (k×n);

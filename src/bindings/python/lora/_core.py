@@ -253,6 +253,7 @@ class RunInfo:
     measured_out_error: float
     measured_dq_error: float
     poly_groups: int
+    loss_grad_bound: float
 
     def asdict(self):
         return dataclasses.asdict(self)

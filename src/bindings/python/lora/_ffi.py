@@ -56,6 +56,7 @@ class RunInfoC(ctypes.Structure):
         ("measured_out_error", ctypes.c_double),
         ("measured_dq_error", ctypes.c_double),
         ("poly_groups", ctypes.c_int64),
+        ("loss_grad_bound", ctypes.c_double),
     ]
 
 

@@ -174,3 +174,25 @@ def test_mse_loss_mean_matches_torch_mseloss():
         t64 = torch.nn.MSELoss()(torch.tensor(out, dtype=torch.float64),
                                  torch.tensor(target, dtype=torch.float64))
         assert loss == pytest.approx(float(t64), rel=1e-12)
+
+
+@pytest.mark.parametrize("momentum,dampening,weight_decay", [(0.9, 0.5, 0.0), (0.5, 0.9, 0.01)])
+def test_sgd_dampening_matches_torch_optim(momentum, dampening, weight_decay):
+    """torch.optim.SGD's buffer: g on the first step, then momentum*buf + (1-dampening)*g."""
+    if not lora.has("lora_optimizer_create"):
+        pytest.skip("liblora has no optimizer")
+    ad, _ = reference.make_layer(np.random.default_rng(21), d_model=8, n_heads=2, rank=2)
+    rng = np.random.default_rng(22)
+    p0 = ad.get_params_flat().copy()
+    grads = [rng.standard_normal(p0.size).astype(np.float32) for _ in range(5)]
+    opt = lora.Optimizer(ad, "sgd", lr=0.05, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay)
+    tp = torch.tensor(p0, dtype=torch.float64, requires_grad=True)
+    topt = torch.optim.SGD([tp], lr=0.05, momentum=momentum, dampening=dampening,
+                           weight_decay=weight_decay)
+    for g in grads:
+        ad.set_grads_flat(g)
+        opt.step()
+        tp.grad = torch.tensor(g, dtype=torch.float64)
+        topt.step()
+    assert np.allclose(ad.get_params_flat(), tp.detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -486,6 +486,8 @@ pub struct RunInfo {
     pub measured_dq_error: f64,
     /// kv-head groups that ran POLY (the others ran EXACT).
     pub poly_groups: i64,
+    /// Bound on the gradient error against the true loss (dout from `mse_loss`).
+    pub loss_grad_bound: f64,
 }
 
 /// The threshold statistics of one input (`lora_threshold_report`).
@@ -1146,6 +1148,7 @@ impl Adapter {
             measured_out_error: s.measured_out_error,
             measured_dq_error: s.measured_dq_error,
             poly_groups: s.poly_groups,
+            loss_grad_bound: s.loss_grad_bound,
         })
     }
 

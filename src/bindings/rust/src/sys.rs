@@ -139,6 +139,7 @@ pub struct lora_run_info {
     pub measured_out_error: c_double,
     pub measured_dq_error: c_double,
     pub poly_groups: i64,
+    pub loss_grad_bound: c_double,
 }
 
 /// `struct lora_threshold_report`: the threshold statistics of one input.
