@@ -107,10 +107,12 @@ void layer_backward(const layer *l, const attn_group_plan *plan, const attn_prob
                     double *measured);
 
 /* What the threshold estimator needs of self-attention's Q, K, V on x (p->batch ×
- * p->len_q rows), computed without storing them: max |entry| of each (bias and LoRA
- * included; index PROJ_Q/K/V) and the score bounds R of attn_score_bound per kv-head
- * group (group_r, n_kv_heads entries) and over all (score_bound), with the key mean
- * taken as x̄·W_Kᵀ + b_K (equal to the mean key up to rounding). */
+ * p->len_q rows, of which the valid ones count: p->mask's lengths), computed without
+ * storing them: max |entry| of each (bias and LoRA included, Q and K turned by RoPE at
+ * p's positions; index PROJ_Q/K/V) and the score bounds R of attn_score_bound per
+ * kv-head group (group_r, n_kv_heads entries) and over all (score_bound), with the key
+ * mean taken as x̄·W_Kᵀ + b_K (equal to the mean key up to rounding), or under RoPE
+ * as the mean of the turned keys. */
 typedef struct layer_qkv_stats_result {
     double max_abs[3];
     double score_bound;

@@ -33,6 +33,22 @@ typedef struct stats_shape {
 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+/* Rows [r0, r0 + n) of batch element b cut to its valid rows (right padding: attn_q_len
+ * of the call's arguments); 0 when none is valid. Padding takes no part in any
+ * statistic. */
+static int64_t valid_rows(const attn_problem *p, int64_t b, int64_t r0, int64_t n)
+{
+    const int64_t v = attn_q_len(p, b) - r0;
+    return v < 0 ? 0 : v < n ? v : n;
+}
+
+/* The divisor of batch element b's means: its valid rows (1 when none). */
+static double mean_rows(const attn_problem *p, int64_t b)
+{
+    const int64_t v = attn_q_len(p, b);
+    return v > 0 ? (double)v : 1.0;
+}
+
 static stats_shape shape_of(const layer *l, const attn_problem *p)
 {
     stats_shape s;
@@ -237,10 +253,10 @@ static void sums_part(void *arg, int worker, int workers)
     pool_static_range(s->sum_tasks, worker, workers, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) {
         const int64_t b = t / s->sums_per_batch, i0 = (t % s->sums_per_batch) * SUM_BLOCK;
-        const int64_t i1 = i0 + SUM_BLOCK < len ? i0 + SUM_BLOCK : len;
+        const int64_t n = valid_rows(j->p, b, i0, SUM_BLOCK);
         double *acc = j->colsum + t * dm;
         memset(acc, 0, (size_t)dm * sizeof *acc);
-        add_rows(j->x + (b * len + i0) * dm, i1 - i0, dm, acc);
+        add_rows(j->x + (b * len + i0) * dm, n, dm, acc);
     }
 }
 
@@ -259,7 +275,7 @@ static void input_means(const attn_problem *p, const stats_shape *s, const float
             for (int64_t c = 0; c < dm; c++)
                 mean[c] += colsum[(b * s->sums_per_batch + t) * dm + c];
         for (int64_t c = 0; c < dm; c++)
-            mean[c] /= (double)len;
+            mean[c] /= mean_rows(p, b);
     }
 }
 
@@ -320,11 +336,12 @@ static void blocks_part(void *arg, int worker, int workers)
         float *xb = w->worker + (size_t)worker * w->worker_floats;
         float *yb = xb + ((size_t)(s->blk * dm + 15) & ~(size_t)15);
         const int64_t b = t / s->blocks_per_batch, i0 = (t % s->blocks_per_batch) * s->blk;
-        const int64_t n = len - i0 < s->blk ? len - i0 : s->blk;
+        const int64_t n = valid_rows(p, b, i0, s->blk);
         /* A copy: BLIS reads only library buffers (they carry tail padding). */
         memcpy(xb, x + (b * len + i0) * dm, (size_t)(n * dm) * sizeof(float));
-        la_gemm(p->la, 1, LA_N, LA_T, n, ns * d, dm, 1.0f, xb, dm, w->w, dm, 0.0f, yb,
-                ns * d);
+        if (n > 0)
+            la_gemm(p->la, 1, LA_N, LA_T, n, ns * d, dm, 1.0f, xb, dm, w->w, dm, 0.0f, yb,
+                    ns * d);
         const int rope = l->rope != LORA_ROPE_NONE;
         if (rope)
             rotate_block(l, p, b, i0, n, s0, ns, w->bias, yb);
@@ -350,7 +367,7 @@ static void rotated_sums_part(void *arg, int worker, int workers)
         float *xb = w->worker + (size_t)worker * w->worker_floats;
         float *yb = xb + ((size_t)(s->blk * dm + 15) & ~(size_t)15);
         const int64_t b = t / s->sums_per_batch, i0 = (t % s->sums_per_batch) * SUM_BLOCK;
-        const int64_t i1 = i0 + SUM_BLOCK < len ? i0 + SUM_BLOCK : len;
+        const int64_t i1 = i0 + valid_rows(p, b, i0, SUM_BLOCK);
         double *acc = w->ksum + t * l->kv_dim;
         memset(acc, 0, (size_t)cols * sizeof *acc);
         for (int64_t r0 = i0; r0 < i1; r0 += s->blk) {
@@ -385,7 +402,7 @@ static void rotated_key_means(stats_job *j)
             for (int64_t t = 0; t < s->sums_per_batch; t++)
                 sum += j->w->ksum[(b * s->sums_per_batch + t) * l->kv_dim + c];
             j->w->kmean[b * l->kv_dim + (j->k0 - l->q_dim) + c] =
-                (float)(sum / (double)j->p->len_q);
+                (float)(sum / mean_rows(j->p, b));
         }
 }
 
