@@ -288,6 +288,31 @@ LORA_API int lora_adapter_get_config_double(const lora_adapter *ad, int param,
  * valid until its next call. NULL ad gives a static message. */
 LORA_API const char *lora_adapter_last_error(const lora_adapter *ad);
 
+/* Caller-owned storage for LoRA factor `which` of `target` and its gradient, used in
+ * place with no copy (a numpy array, a torch.nn.Parameter and its .grad). param: NULL =
+ * the adapter's own storage, else `count` floats (the factor's shape, row-major) whose
+ * current values become the factor. grad: NULL = own storage, else `count` floats whose
+ * current values become the accumulated gradient. Switching a borrowed buffer back to
+ * own storage (NULL) copies its current values over.
+ * Lifetime rule (as lora_adapter_set_base_borrowed): the buffers must stay valid until
+ * ad is destroyed or this factor is borrowed again. The library writes them in place:
+ * set_param, set_params_flat, copy_params and optimizer steps write param; backward,
+ * zero_grad and set_grads_flat write grad. Give each buffer a few bytes of slack if it
+ * may end at a page boundary (BLIS may read a float past an operand, docs/reliability.md).
+ * Writes by the caller: the caller may change a borrowed factor between calls (an
+ * optimizer step in another framework) without telling the library. Whenever a call
+ * depends on earlier values (a backward of a recorded tape, lora_forward_merged's cached
+ * merged weights) the library first compares a 64-bit fingerprint of the borrowed
+ * factors with the one it last saw; a change counts as lora_adapter_set_param (older
+ * tapes are LORA_ERR_STATE, merged weights are rebuilt). The check reads rank*(in+out)
+ * floats per borrowed factor, far below a forward's cost, and cannot be forgotten the
+ * way an explicit "parameters changed" call could. Writes into a borrowed gradient need
+ * no notice.
+ * Errors: INVALID_ARG (NULL ad, bad target/which, target not adapted, wrong count,
+ * param == grad), NONFINITE (a NaN/Inf in param or grad); nothing changes then. */
+LORA_API int lora_adapter_borrow_factor(lora_adapter *ad, int target, int which,
+                                        float *param, float *grad, size_t count);
+
 /* What the last forward or backward on an adapter ran. */
 typedef struct lora_run_info {
     uint32_t struct_size;  /* caller sets sizeof(lora_run_info); fields only appended */
@@ -383,6 +408,82 @@ LORA_API int lora_mse_loss(const float *out, const float *target, size_t n,
 LORA_API int lora_mse_loss_mean(const float *out, const float *target, size_t n,
                                 double *loss, float *dout);
 
+/* ---- Per-call arguments and tapes (0.2) -------------------------------------------- */
+/* A tape holds what one training forward saved for its backward, so any number of
+ * forwards can be in flight (layer reuse, weight tying, chosen/rejected pairs,
+ * activation checkpointing): each backward reads its own tape. The adapter's own saved
+ * forward (lora_forward / lora_backward) is a built-in tape.
+ * - A tape belongs to the adapter it was created for; using it with another adapter is
+ *   LORA_ERR_STATE (the tape names its adapter by an id, not by address).
+ * - A backward whose tape was recorded before the adapter's parameters or base weights
+ *   changed (set_param, set_params_flat, an optimizer step, set_base, copy_params, ...)
+ *   is LORA_ERR_STATE, never a silently wrong gradient. A tape may be backwarded more
+ *   than once; recording into it again replaces what it held.
+ * - Memory: a tape's activations (O(batch*len*width), as lora_forward keeps) come from
+ *   the adapter's allocator, held by the tape until lora_tape_destroy. Destroying the
+ *   adapter first is allowed: its tapes then only accept lora_tape_destroy (the
+ *   allocator's user_data must still be valid). */
+typedef struct lora_tape lora_tape;
+
+typedef struct lora_attn_args {
+    uint32_t struct_size;  /* sizeof(lora_attn_args); fields only appended */
+    uint32_t flags;        /* lora_forward_flag bits: LORA_FWD_INFER = 1: save nothing
+                              for backward, no dropout; parameters, gradients and every
+                              saved forward stay untouched */
+    const int64_t *q_lens; /* NULL or (batch): valid query rows per batch element (right
+                              padding). Padded rows: their rows of out are 0 (after W_O
+                              and its bias too), their dout is ignored, they are never
+                              attended, their dx rows are 0 */
+    const int64_t *kv_lens; /* NULL or (batch): valid keys; NULL in self-attention means
+                              q_lens */
+    const int64_t *q_pos;  /* NULL or (batch, len_q) positions used by RoPE, causal and
+                              WINDOW. Default: (len_kv - len_q) + i */
+    const int64_t *kv_pos; /* NULL or (batch, len_kv). Default: j */
+    const int32_t *q_seg;  /* NULL or (batch, len_q): query i sees key j only when
+                              q_seg == kv_seg (packed sequences) */
+    const int32_t *kv_seg; /* NULL or (batch, len_kv); NULL in self-attention means q_seg */
+    lora_tape *tape;       /* NULL: the adapter's own saved forward (as lora_forward);
+                              else this tape keeps what the backward needs */
+} lora_attn_args;
+
+/* Creates an empty tape for ad (it holds no forward until lora_forward_ex records one).
+ * Allocates through ad's allocator. *out is NULL on failure.
+ * Errors: INVALID_ARG (out or ad NULL), NOMEM; the message is in
+ * lora_adapter_last_error(ad). */
+LORA_API int lora_tape_create(lora_tape **out, const lora_adapter *ad);
+/* Frees a tape and its activations (also after its adapter was destroyed). NULL is a
+ * no-op. */
+LORA_API void lora_tape_destroy(lora_tape *tape);
+
+/* Forward with per-call arguments. xq (batch, len_q, D_MODEL); xkv NULL =
+ * self-attention on xq (then len_kv must equal len_q), else (batch, len_kv, D_MODEL);
+ * out as lora_forward's. args NULL = all defaults: then this equals lora_forward /
+ * lora_forward_cross bitwise. A training forward (no LORA_FWD_INFER) records into
+ * args->tape, or into the adapter's own saved forward when that is NULL.
+ * args->struct_size: at least the 0.2 size; a larger struct is accepted when the bytes
+ * beyond the fields this library knows are zero (UNSUPPORTED otherwise).
+ * The mask fields (q_lens ... kv_seg) are checked: lengths in 0 .. len (SHAPE), in
+ * self-attention kv_lens equal to q_lens (SHAPE), positions within +-2^52
+ * (INVALID_ARG); they run on the exact backend (POLY refuses them, AUTO runs EXACT).
+ * Errors: as lora_forward, plus INVALID_ARG (struct_size too small, unknown flags),
+ * SHAPE (xkv NULL with len_kv != len_q), STATE (args->tape of another adapter),
+ * UNSUPPORTED. A refused args struct changes nothing; otherwise on failure the tape it
+ * records into holds no forward (as lora_forward). */
+LORA_API int lora_forward_ex(lora_adapter *ad, const lora_attn_args *args, const float *xq,
+                             const float *xkv, int64_t batch, int64_t len_q, int64_t len_kv,
+                             float *out);
+/* Backward of the forward recorded in tape (NULL: the adapter's own saved forward, of
+ * either kind). dout has that forward's out shape. Gradients accumulate as
+ * lora_backward's. For a self-attention forward dxkv must be NULL and dxq (NULL or
+ * (batch, len, D_MODEL)) receives the whole dL/dx; for cross-attention dxq and dxkv are
+ * NULL or distinct buffers of their input's shape. The tape is kept.
+ * Errors: INVALID_ARG (ad or dout NULL, dxkv set for a self-attention tape, dxq == dxkv),
+ * STATE (the tape holds no forward, was recorded before a parameter or base change, or
+ * belongs to another adapter), NONFINITE, NOMEM; on failure the gradients and dx are
+ * unchanged. */
+LORA_API int lora_backward_ex(lora_adapter *ad, lora_tape *tape, const float *dout,
+                              float *dxq, float *dxkv);
+
 /* ---- Threshold estimator ------------------------------------------------------------ */
 /* What the paper's threshold says about one input, and what AUTO would do with it.
  * The polynomial backend pays when the score bound R is small (degree g stays low),
@@ -428,6 +529,15 @@ typedef struct lora_threshold_report {
  * than its first version. */
 LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t batch,
                                      int64_t seq_len, lora_threshold_report *report);
+/* lora_threshold_estimate for the self-attention call lora_forward_ex(ad, args, x, NULL,
+ * batch, seq_len, seq_len, ...) would make: the statistics over the valid rows
+ * (q_lens), Q and K turned by RoPE at args' positions, and what AUTO would do with
+ * them (lengths, positions and segments run on EXACT only). args NULL equals
+ * lora_threshold_estimate; args->flags and args->tape are ignored. Errors: as
+ * lora_threshold_estimate and lora_forward_ex's argument checks. */
+LORA_API int lora_threshold_estimate_ex(lora_adapter *ad, const lora_attn_args *args,
+                                        const float *x, int64_t batch, int64_t seq_len,
+                                        lora_threshold_report *report);
 
 /* ---- Optimizer ------------------------------------------------------------------------ */
 /* Updates every LoRA factor of an adapter from its accumulated gradients, with state

@@ -29,5 +29,7 @@ Suite *split_suite(void);     /* threaded products at real sizes: THREADS 1 = 2 
 Suite *bounds_suite(void);    /* error_bound and grad_bound known answers (MATH §3-4) */
 Suite *names_suite(void);     /* limits and trailing characters of tensor names, both formats */
 Suite *corners_suite(void);   /* second angles on single-test corners (optimizer, io, ...) */
+Suite *tapes_suite(void);     /* lora_forward_ex / lora_backward_ex, tapes, LORA_FWD_INFER */
+Suite *borrow_suite(void);    /* caller-owned factor and gradient storage */
 
 #endif

@@ -62,7 +62,8 @@ typedef enum entry_point {
     EP_COPY_PARAMS,
     EP_SAVE_PEFT, EP_LOAD_PEFT, EP_SAVE_GGUF, EP_LOAD_GGUF,
     EP_OPT_CREATE_SET, EP_OPT_STEP_SET, EP_MSE_LOSS_MEAN,
-    EP_SET_ROPE_FREQS,
+    EP_FORWARD_EX, EP_BACKWARD_EX, EP_TAPE_CREATE, EP_TAPE_DESTROY, EP_BORROW_FACTOR,
+    EP_SET_ROPE_FREQS, EP_THRESHOLD_ESTIMATE_EX,
     EP_COUNT
 } entry_point;
 
@@ -124,7 +125,13 @@ static const char *const ep_names[EP_COUNT] = {
     [EP_OPT_CREATE_SET] = "lora_optimizer_create_set",
     [EP_OPT_STEP_SET] = "lora_optimizer_step_set",
     [EP_MSE_LOSS_MEAN] = "lora_mse_loss_mean",
+    [EP_FORWARD_EX] = "lora_forward_ex",
+    [EP_BACKWARD_EX] = "lora_backward_ex",
+    [EP_TAPE_CREATE] = "lora_tape_create",
+    [EP_TAPE_DESTROY] = "lora_tape_destroy",
+    [EP_BORROW_FACTOR] = "lora_adapter_borrow_factor",
     [EP_SET_ROPE_FREQS] = "lora_adapter_set_rope_freqs",
+    [EP_THRESHOLD_ESTIMATE_EX] = "lora_threshold_estimate_ex",
 };
 
 /* ---- states before the call --------------------------------------------------------- */
@@ -180,7 +187,14 @@ typedef enum mut_kind {
     MK_LAYER,      /* save: layers[0] = v */
     MK_DUP_LAYER,  /* save: two adapters with the same layer index */
     MK_FIRST_AD_NULL, /* save: adapters[0] is NULL */
-    MK_DCOUNT      /* count = the good count + v */
+    MK_DCOUNT,     /* count = the good count + v */
+    MK_ARGS_FLAGS, /* forward_ex: args.flags = v */
+    MK_ARGS_MASK,  /* forward_ex: mask field k (q_lens, kv_lens, q_pos, kv_pos, q_seg,
+                      kv_seg) set */
+    MK_ARGS_TAIL,  /* forward_ex: struct_size past the struct, a nonzero byte there */
+    MK_TAPE,       /* the tape: k = 0 another adapter's, 1 empty, 2 recorded before a
+                      set_param */
+    MK_SELF_DXKV   /* backward_ex of a self-attention forward with dxkv set */
 } mut_kind;
 
 typedef struct mutation {
@@ -211,6 +225,11 @@ typedef struct mutation {
 #define M_DUP {MK_DUP_LAYER, 0, 0, 0.0}
 #define M_AD0 {MK_FIRST_AD_NULL, 0, 0, 0.0}
 #define M_DCOUNT(v) {MK_DCOUNT, 2, (v), 0.0}
+#define M_FLAGS(v) {MK_ARGS_FLAGS, 0, (v), 0.0}
+#define M_MASK(k) {MK_ARGS_MASK, (k), 0, 0.0}
+#define M_TAIL {MK_ARGS_TAIL, 0, 0, 0.0}
+#define M_TAPE(k) {MK_TAPE, (k), 0, 0.0}
+#define M_SELF_DXKV {MK_SELF_DXKV, 0, 0, 0.0}
 
 /* Wanted results besides lora_status values. */
 enum { W_STRING = -1, /* a non-NULL, non-empty static string */
@@ -238,14 +257,16 @@ typedef struct bad_row {
 #define BIG (INT64_C(1) << 32)
 
 /* Integer arguments, by entry point: set_int/get_int(param i0, value i1), set_double
- * (param i0), set_base(target i0), set/get_param and get_grad (target i0, which i1,
- * count i2), param_shape (target i0, which i1), get_config_* (param i0), forward and
+ * (param i0), set_base(target i0), set/get_param, get_grad and borrow_factor (target
+ * i0, which i1, count i2), param_shape (target i0, which i1), get_config_* (param i0), forward and
  * estimate (batch i0, seq_len i1), forward_cross (batch i0, len_q i1, len_kv i2),
  * mse_loss and mse_loss_mean (n i0), status_string (status i0), optimizer_create_set
- * (kind i0, n i2), optimizer_step_set (n i2).
- * Float buffers: set_base (weight 0, bias 1), set_param/get_* (src/dst 0), forward
+ * (kind i0, n i2), optimizer_step_set (n i2), forward_ex (batch i0, len_q i1, len_kv i2).
+ * Float buffers: set_base (weight 0, bias 1), set_param/get_* (src/dst 0),
+ * borrow_factor (param 0, grad 1), forward
  * (x 0, out 1), backward (dout 0, dx 1), forward_cross (xq 0, xkv 1, out 2),
- * backward_cross (dout 0, dxq 1, dxkv 2), mse_loss (out 0, target 1, dout 2),
+ * backward_cross and backward_ex (dout 0, dxq 1, dxkv 2), forward_ex (xq 0, xkv 1,
+ * out 2), mse_loss (out 0, target 1, dout 2),
  * estimate (x 0). Other pointers: get_int/get_double/get_config_* value (0),
  * param_shape rows (0) and cols (1), estimate report (0), run info (0), loss (0). */
 static const bad_row bad_rows[] = {
@@ -381,6 +402,16 @@ static const bad_row bad_rows[] = {
     ROW2(EP_SET_PARAM, PRE_SELF, M_INT(0, TO), M_INF(0), NONF, "-Inf in A of O"),
     ROW2(EP_SET_PARAM, PRE_SELF, M_INT(1, LORA_B), M_NAN(0), NONF, "NaN in B of Q"),
     ROW2(EP_SET_PARAM, PRE_CROSS, M_INT(1, LORA_B), M_INF(0), NONF, "-Inf in B of Q (cross)"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INT(0, 0), INV, "target 0"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INT(0, 3), INV, "target mask Q|K"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INT(1, 2), INV, "which 2"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INT(2, 15), INV, "count one short"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INT(2, -1), INV, "count SIZE_MAX"),
+    ROW(EP_BORROW_FACTOR, PRE_QV, M_INT(0, TK), INV, "K not adapted"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_ALIAS, INV, "param and grad the same buffer"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_NAN(0), NONF, "NaN in param"),
+    ROW(EP_BORROW_FACTOR, PRE_SELF, M_INF(1), NONF, "-Inf in grad"),
     ROW(EP_GET_PARAM, PRE_SELF, M_HANDLE, INV, "ad NULL"),
     ROW(EP_GET_PARAM, PRE_SELF, M_NULL(0), INV, "dst NULL"),
     ROW(EP_GET_PARAM, PRE_SELF, M_INT(0, 6), INV, "target mask K|V"),
@@ -469,6 +500,39 @@ static const bad_row bad_rows[] = {
     ROW(EP_BACKWARD_CROSS, PRE_CROSS, M_INF(0), NONF, "-Inf in the last dout"),
     ROW(EP_BACKWARD_CROSS, PRE_SELF, M_NONE, STATE, "after a self forward"),
     ROW(EP_BACKWARD_CROSS, PRE_NO_BASE_K, M_NONE, STATE, "never a forward"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_NULL(0), INV, "xq NULL"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_NULL(2), INV, "out NULL"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_NULL(1), SHP, "xkv NULL (self) with len_kv != len_q"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_INT(0, 0), SHP, "batch 0"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_INT(2, INT64_MAX), SHP, "len_kv overflows"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_NAN(0), NONF, "NaN in xq"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_INF(1), NONF, "-Inf in the last xkv"),
+    ROW(EP_FORWARD_EX, PRE_NO_BASE_K, M_NONE, STATE, "W_K unset"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_SIZE(0), INV, "args->struct_size 0"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_SIZE(8), INV, "args->struct_size 8"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_TAIL, LORA_ERR_UNSUPPORTED, "unknown nonzero tail"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_FLAGS(2), INV, "unknown flag 2"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_FLAGS(-1), INV, "every flag bit"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(0), SHP, "q_lens -1"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(1), SHP, "kv_lens -1"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(2), INV, "q_pos 2^62"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(3), INV, "kv_pos -2^62"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_TAPE(0), STATE, "tape of another adapter"),
+    ROW(EP_BACKWARD_EX, PRE_CROSS, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_BACKWARD_EX, PRE_CROSS, M_NULL(0), INV, "dout NULL"),
+    ROW(EP_BACKWARD_EX, PRE_CROSS, M_ALIAS, INV, "dxq and dxkv the same buffer"),
+    ROW(EP_BACKWARD_EX, PRE_SELF, M_SELF_DXKV, INV, "dxkv set for a self-attention tape"),
+    ROW(EP_BACKWARD_EX, PRE_CROSS, M_NAN(0), NONF, "NaN in dout"),
+    ROW(EP_BACKWARD_EX, PRE_SELF, M_INF(0), NONF, "-Inf in the last dout"),
+    ROW(EP_BACKWARD_EX, PRE_NOT_SAVED, M_NONE, STATE, "built-in tape dropped by set_param"),
+    ROW(EP_BACKWARD_EX, PRE_NO_BASE_Q, M_NONE, STATE, "never a forward"),
+    ROW(EP_BACKWARD_EX, PRE_CROSS, M_TAPE(0), STATE, "tape of another adapter"),
+    ROW(EP_BACKWARD_EX, PRE_CROSS, M_TAPE(1), STATE, "empty tape"),
+    ROW(EP_BACKWARD_EX, PRE_CROSS, M_TAPE(2), STATE, "tape recorded before set_param"),
+    ROW(EP_TAPE_CREATE, PRE_SELF, M_OUT, INV, "out NULL"),
+    ROW(EP_TAPE_CREATE, PRE_SELF, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_TAPE_DESTROY, PRE_NONE, M_HANDLE, W_VOID, "NULL is a no-op"),
     ROW(EP_MSE_LOSS, PRE_NONE, M_NULL(0), INV, "out NULL"),
     ROW(EP_MSE_LOSS, PRE_NONE, M_NULL(1), INV, "target NULL"),
     ROW(EP_MSE_LOSS, PRE_NONE, M_VNULL(0), INV, "loss NULL"),
@@ -494,6 +558,12 @@ static const bad_row bad_rows[] = {
     ROW(EP_THRESHOLD_ESTIMATE, PRE_SELF, M_NAN(0), NONF, "NaN in x"),
     ROW(EP_THRESHOLD_ESTIMATE, PRE_SELF, M_INF(0), NONF, "-Inf in the last x"),
     ROW(EP_THRESHOLD_ESTIMATE, PRE_NO_BASE_K, M_NONE, STATE, "W_K unset"),
+    /* the same checks through the args route (args NULL); args' own: attention_suite */
+    ROW(EP_THRESHOLD_ESTIMATE_EX, PRE_SELF, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_THRESHOLD_ESTIMATE_EX, PRE_SELF, M_NULL(0), INV, "x NULL"),
+    ROW(EP_THRESHOLD_ESTIMATE_EX, PRE_SELF, M_VNULL(0), INV, "report NULL"),
+    ROW(EP_THRESHOLD_ESTIMATE_EX, PRE_SELF, M_INT(0, 0), SHP, "batch 0"),
+    ROW(EP_THRESHOLD_ESTIMATE_EX, PRE_SELF, M_NAN(0), NONF, "NaN in x"),
 
     /* ---- optimizer ---- */
     ROW(EP_OPT_CREATE, PRE_SELF, M_OUT, INV, "out NULL"),
@@ -854,6 +924,15 @@ typedef struct call_args {
     lora_config *load_cfg;
     lora_adapter *loaded[4];
     size_t count_out;
+    /* forward_ex / backward_ex: the per-call arguments (room for a longer struct), the
+     * tape (and the adapter of a foreign one), dxkv of a self-attention backward */
+    struct {
+        lora_attn_args a;
+        unsigned char tail[32];
+    } ex;
+    lora_tape *tape, *tape_out;
+    lora_adapter *tape_owner;
+    int self_dxkv;
 } call_args;
 
 static void *plain_alloc(void *u, size_t n) { (void)u; return malloc(n); }
@@ -1033,6 +1112,54 @@ static void files_and_adapters(const bad_row *r, row_env *e, call_args *a)
     }
 }
 
+/* Sets mask field k of args to bad values (lengths -1, positions beyond +-2^52;
+ * segment ids have no bad value). */
+static void set_mask(lora_attn_args *args, int k)
+{
+    static int64_t lens[64], pos[64], neg[64];
+    for (int i = 0; i < 64; i++) {
+        lens[i] = -1;
+        pos[i] = INT64_C(1) << 62;
+        neg[i] = -(INT64_C(1) << 62);
+    }
+    switch (k) {
+    case 0: args->q_lens = lens; break;
+    case 1: args->kv_lens = lens; break;
+    case 2: args->q_pos = pos; break;
+    default: args->kv_pos = neg; break;
+    }
+}
+
+/* The tape of a row: kind 0 recorded by an identical second adapter, 1 the fixture's
+ * adapter's and empty, 2 the fixture's, recorded, then made stale by a set_param that
+ * writes the values the factor holds. */
+static void make_tape(row_env *e, call_args *a, int kind)
+{
+    tfx *f = &e->f;
+    lora_adapter *owner = f->ad;
+    if (kind == 0) {
+        ck_assert_int_eq(ref_make_adapter(&f->l, LORA_BACKEND_EXACT, 1, &a->tape_owner),
+                         LORA_OK);
+        owner = a->tape_owner;
+    }
+    ck_assert_int_eq(lora_tape_create(&a->tape, owner), LORA_OK);
+    if (kind == 1)
+        return;
+    lora_attn_args rec = {.struct_size = sizeof rec, .tape = a->tape};
+    float *out = malloc(f->nout * sizeof(float));
+    ck_assert_ptr_nonnull(out);
+    ck_assert_int_eq(lora_forward_ex(owner, &rec, f->xq, f->p.cross ? f->xkv : NULL,
+                                     f->p.batch, f->p.len_q, f->p.len_kv, out),
+                     LORA_OK);
+    free(out);
+    if (kind == 2) {
+        float p[16];
+        ck_assert_int_eq(lora_adapter_get_param(owner, TQ, LORA_A, p, 16), LORA_OK);
+        ck_assert_int_eq(lora_adapter_set_param(owner, TQ, LORA_A, p, 16), LORA_OK);
+    }
+    a->ex.a.tape = a->tape;
+}
+
 static void build_args(const bad_row *r, row_env *e, call_args *a)
 {
     memset(a, 0, sizeof *a);
@@ -1075,6 +1202,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     case EP_GET_PARAM:
     case EP_GET_GRAD:
     case EP_PARAM_SHAPE:
+    case EP_BORROW_FACTOR:
         a->i[0] = TQ;
         a->i[1] = LORA_A;
         a->i[2] = (int64_t)factor_count(f, TQ, LORA_A);
@@ -1084,11 +1212,13 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     case EP_FORWARD:
     case EP_FORWARD_MERGED:
     case EP_THRESHOLD_ESTIMATE:
+    case EP_THRESHOLD_ESTIMATE_EX:
         a->i[0] = f->p.batch;
         a->i[1] = f->p.len_q;
         break;
     case EP_FORWARD_CROSS:
     case EP_FORWARD_MERGED_CROSS:
+    case EP_FORWARD_EX:
         a->i[0] = f->p.batch;
         a->i[1] = f->p.len_q;
         a->i[2] = f->p.len_kv;
@@ -1134,9 +1264,21 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
                 a->buf[0][i] = 0.0f;
         break;
     }
+    case EP_BORROW_FACTOR: { /* the factor's values and a zero gradient */
+        const size_t n = factor_count(f, (int)a->i[0], (int)a->i[1]);
+        a->n[0] = a->n[1] = n ? n : 64;
+        a->buf[0] = guarded_alloc(a->n[0]);
+        a->buf[1] = guarded_alloc(a->n[1]);
+        for (size_t i = 0; i < a->n[0]; i++)
+            a->buf[0][i] = a->buf[1][i] = 0.0f;
+        if (n)
+            ref_to_float(a->i[1] == LORA_A ? f->l.a[t] : f->l.b[t], a->buf[0], n);
+        break;
+    }
     case EP_FORWARD:
     case EP_FORWARD_MERGED:
     case EP_THRESHOLD_ESTIMATE:
+    case EP_THRESHOLD_ESTIMATE_EX:
         a->n[0] = f->nxq;
         a->n[1] = f->nout;
         a->buf[0] = guarded_copy(f->xq, f->nxq);
@@ -1149,7 +1291,8 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
         a->buf[1] = guarded_copy(NULL, f->nxq);
         break;
     case EP_FORWARD_CROSS:
-    case EP_FORWARD_MERGED_CROSS: {
+    case EP_FORWARD_MERGED_CROSS:
+    case EP_FORWARD_EX: {
         /* The causal length rows read len_q 7 of xq: size xq and out for both lengths. */
         const size_t d = (size_t)f->l.cfg.d_model, oc = (size_t)ref_out_cols(&f->l);
         const size_t lq = (size_t)(a->i[1] > 0 && a->i[1] <= 64 ? a->i[1] : f->p.len_q);
@@ -1164,6 +1307,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
         break;
     }
     case EP_BACKWARD_CROSS:
+    case EP_BACKWARD_EX:
         a->n[0] = f->nout;
         a->n[1] = f->nxq;
         a->n[2] = f->nxkv;
@@ -1204,6 +1348,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     default: break;
     }
     files_and_adapters(r, e, a);
+    a->ex.a.struct_size = sizeof a->ex.a;
     a->report.struct_size = sizeof a->report;
     a->info.struct_size = sizeof a->info;
     a->alloc = (lora_allocator){plain_alloc, plain_free, NULL};
@@ -1230,7 +1375,16 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
         case MK_STRUCT_SIZE:
             a->report.struct_size = (uint32_t)m->v;
             a->info.struct_size = (uint32_t)m->v;
+            a->ex.a.struct_size = (uint32_t)m->v;
             break;
+        case MK_ARGS_FLAGS: a->ex.a.flags = (uint32_t)m->v; break;
+        case MK_ARGS_MASK: set_mask(&a->ex.a, m->k); break;
+        case MK_ARGS_TAIL:
+            a->ex.a.struct_size = sizeof a->ex;
+            a->ex.tail[3] = 1;
+            break;
+        case MK_TAPE: make_tape(e, a, m->k); break;
+        case MK_SELF_DXKV: a->self_dxkv = 1; break;
         case MK_HOOK_NULL:
             if (m->k == 0)
                 a->alloc.alloc = NULL;
@@ -1254,6 +1408,9 @@ static void free_args(call_args *a)
     lora_adapter_destroy(a->ad_out);
     lora_optimizer_destroy(a->opt_out);
     lora_adapter_destroy(a->ad2);
+    lora_tape_destroy(a->tape);
+    lora_tape_destroy(a->tape_out);
+    lora_adapter_destroy(a->tape_owner);
     lora_config_destroy(a->load_cfg);
     for (int k = 0; k < 4; k++)
         lora_adapter_destroy(a->loaded[k]);
@@ -1327,9 +1484,24 @@ static int invoke(int ep, row_env *e, call_args *a)
                                                      : (const lora_adapter *const *)a->adv,
                                          count, (int)a->i[0]);
     case EP_OPT_STEP_SET: return lora_optimizer_step_set(opt, a->null_adv ? NULL : a->adv, count);
+    case EP_FORWARD_EX:
+        return lora_forward_ex(ad, &a->ex.a, b[0], b[1], a->i[0], a->i[1], a->i[2], b[2]);
+    case EP_BACKWARD_EX: {
+        const int self = e->have_f && !e->f.p.cross;
+        float *dxkv = a->alias ? b[1] : self && !a->self_dxkv ? NULL : b[2];
+        return lora_backward_ex(ad, a->tape, b[0], b[1], dxkv);
+    }
+    case EP_TAPE_CREATE: return lora_tape_create(a->null_out ? NULL : &a->tape_out, ad);
+    case EP_BORROW_FACTOR:
+        return lora_adapter_borrow_factor(ad, (int)a->i[0], (int)a->i[1], b[0],
+                                          a->alias ? b[0] : b[1], count);
+    case EP_TAPE_DESTROY: lora_tape_destroy(NULL); return W_VOID;
     case EP_THRESHOLD_ESTIMATE:
         return lora_threshold_estimate(ad, b[0], a->i[0], a->i[1],
                                        a->null_vptr[0] ? NULL : &a->report);
+    case EP_THRESHOLD_ESTIMATE_EX:
+        return lora_threshold_estimate_ex(ad, NULL, b[0], a->i[0], a->i[1],
+                                          a->null_vptr[0] ? NULL : &a->report);
     case EP_OPT_CREATE:
         return lora_optimizer_create(a->null_out ? NULL : &a->opt_out, ad, (int)a->i[0]);
     case EP_OPT_DESTROY: lora_optimizer_destroy(a->null_handle ? NULL : e->opt); return W_VOID;
@@ -1452,8 +1624,9 @@ START_TEST(test_bad_input_row)
                 ck_assert_msg(a.loaded[k] == NULL, "%s: a failed load left adapter %d", what, k);
         if (r->ep == EP_CONFIG_CREATE || r->ep == EP_CONFIG_CREATE_WITH_ALLOCATOR ||
             r->ep == EP_ADAPTER_CREATE || r->ep == EP_OPT_CREATE ||
-            r->ep == EP_OPT_CREATE_SET)
-            ck_assert_msg(a.cfg_out == NULL && a.ad_out == NULL && a.opt_out == NULL,
+            r->ep == EP_OPT_CREATE_SET || r->ep == EP_TAPE_CREATE)
+            ck_assert_msg(a.cfg_out == NULL && a.ad_out == NULL && a.opt_out == NULL &&
+                              a.tape_out == NULL,
                           "%s: a handle was returned with an error", what);
     }
     free_args(&a);

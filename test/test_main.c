@@ -34,6 +34,8 @@ int main(void)
     srunner_add_suite(sr, bounds_suite());
     srunner_add_suite(sr, names_suite());
     srunner_add_suite(sr, corners_suite());
+    srunner_add_suite(sr, tapes_suite());
+    srunner_add_suite(sr, borrow_suite());
     /* Fork mode, unless CK_FORK=no (valgrind, TSan, debuggers: docs/reliability.md). */
     const char *fork_env = getenv("CK_FORK");
     srunner_set_fork_status(sr, fork_env && strcmp(fork_env, "no") == 0 ? CK_NOFORK : CK_FORK);

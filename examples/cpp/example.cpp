@@ -2,7 +2,7 @@
 // output of a teacher layer whose W_Q, W_V carry a hidden low-rank update, with the
 // library's AdamW; merged inference is checked against the LoRA forward; a second
 // adapter borrows the same base (no copy) and takes the trained factors by hot swap;
-// then two mistakes are caught as lora::Error.
+// two forwards are kept in flight on tapes; then two mistakes are caught as lora::Error.
 //
 // Build and run: make check-cpp  (or: c++ -std=c++17 -Wall -Wextra -Werror -Iinclude
 //   -Iexamples/cpp examples/cpp/example.cpp -Llib -Wl,-rpath,$PWD/lib -llora)
@@ -44,6 +44,39 @@ bool config_copies_work() {
            base.get_int(LORA_CFG_RANK) == 8 && wider.get_int(LORA_CFG_HEAD_DIM) == 16 &&
            wider.get_int(LORA_CFG_RANK) == 3 && assigned.get_int(LORA_CFG_D_MODEL) == 32 &&
            assigned.get_int(LORA_CFG_HEAD_DIM) == 16;
+}
+
+// Tapes: two forwards in flight, backwarded in reverse order, give each forward's own
+// gradients (as a forward immediately followed by its backward); a parameter change
+// makes a tape stale (LORA_ERR_STATE, never a wrong gradient).
+bool tapes_work(lora::Adapter &ad, const std::vector<float> &x1,
+                const std::vector<float> &x2) {
+    auto grads_of = [&](const std::vector<float> &x) {
+        ad.zero_grad();
+        const std::vector<float> y = ad.forward(x, kBatch, kSeqLen);
+        ad.backward(y, false); // loss 1/2 |y|^2: dout = y
+        return ad.grads_flat();
+    };
+    const std::vector<float> g1 = grads_of(x1), g2 = grads_of(x2);
+    lora::Tape t1(ad), t2(ad);
+    const std::vector<float> y1 = ad.forward_ex(x1, {}, kBatch, kSeqLen, kSeqLen, {}, &t1);
+    const std::vector<float> y2 = ad.forward_ex(x2, {}, kBatch, kSeqLen, kSeqLen, {}, &t2);
+    ad.zero_grad();
+    ad.backward_ex(y2, &t2, false);
+    bool ok = ad.grads_flat() == g2;
+    ad.zero_grad();
+    ad.backward_ex(y1, &t1, false);
+    ok = ok && ad.grads_flat() == g1;
+    ad.set_params_flat(ad.params_flat());
+    try {
+        ad.backward_ex(y1, &t1, false);
+        ok = false;
+    } catch (const lora::Error &e) {
+        ok = ok && e.status() == LORA_ERR_STATE;
+    }
+    std::printf("tapes: two forwards in flight, backwards in reverse order %s\n",
+                ok ? "match" : "DIFFER");
+    return ok;
 }
 
 } // namespace
@@ -131,7 +164,8 @@ int main() {
             (std::filesystem::temp_directory_path() / "lora-cpp-example-peft").string();
         lora::save_peft(dir, {{0, &student}});
         const lora::Config load_cfg = layer_config(kDModel, kHeads); // const is fine
-        if (load_cfg.get_int(LORA_CFG_HEAD_DIM) != kDModel / kHeads || !config_copies_work())
+        if (load_cfg.get_int(LORA_CFG_HEAD_DIM) != kDModel / kHeads || !config_copies_work() ||
+            !tapes_work(tenant, x, target))
             return 1;
         auto loaded = lora::load_peft(dir, load_cfg);
         auto again = lora::load_peft(dir, lora::Config(kDModel).n_heads(kHeads)); // temporary

@@ -100,6 +100,14 @@ struct AdapterDeleter {
 struct OptimizerDeleter {
     void operator()(lora_optimizer *o) const noexcept { lora_optimizer_destroy(o); }
 };
+struct TapeDeleter {
+    void operator()(lora_tape *t) const noexcept { lora_tape_destroy(t); }
+};
+// Sizes of the forward a backward reads (the adapter's own, or a tape's).
+struct Saved {
+    int kind = 0; // 0 none, 1 self, 2 cross
+    std::size_t out = 0, x = 0, xkv = 0;
+};
 inline void shape_check(bool ok, const char *function, const std::string &what) {
     if (!ok)
         throw Error(LORA_ERR_SHAPE, function, what);
@@ -127,6 +135,28 @@ inline double mse_loss(Span<const float> out, Span<const float> target,
 }
 
 class Adapter;
+
+// Per-call arguments of Adapter::forward_ex (lora_attn_args). The masks: q_lens,
+// kv_lens (batch), q_pos (batch*len_q), kv_pos (batch*len_kv), q_seg, kv_seg of the same
+// lengths; empty = default. A library without them throws LORA_ERR_UNSUPPORTED.
+struct AttnArgs {
+    bool infer = false; // LORA_FWD_INFER: save nothing for backward, no dropout
+    Span<const std::int64_t> q_lens, kv_lens, q_pos, kv_pos;
+    Span<const std::int32_t> q_seg, kv_seg;
+};
+
+// What one training forward keeps for its backward (lora_tape), so several forwards of
+// one adapter can be in flight. May outlive its adapter (then only its destructor runs).
+class Tape {
+public:
+    explicit Tape(const Adapter &ad);
+    lora_tape *get() const noexcept { return tape_.get(); }
+
+private:
+    friend class Adapter;
+    std::unique_ptr<lora_tape, detail::TapeDeleter> tape_;
+    detail::Saved saved_;
+};
 
 // ---- configuration ---------------------------------------------------------------------
 
@@ -472,6 +502,60 @@ public:
         return out;
     }
 
+    // lora_forward_ex: self-attention on xq when xkv is empty (then len_kv must equal
+    // len_q), else cross-attention; returns (batch, len_q, out_dim). A training forward
+    // records into tape, or into the adapter's own saved forward when tape is null.
+    std::vector<float> forward_ex(Span<const float> xq, Span<const float> xkv,
+                                  std::size_t batch, std::size_t len_q, std::size_t len_kv,
+                                  const AttnArgs &args = {}, Tape *tape = nullptr) {
+        const bool self = xkv.empty();
+        const std::size_t qn = input(xq, batch, len_q, "xq");
+        const std::size_t kvn = self ? qn : input(xkv, batch, len_kv, "xkv");
+        detail::shape_check(!self || len_kv == len_q, "forward_ex",
+                            "self-attention (xkv empty) needs len_kv = len_q");
+        lora_attn_args c{};
+        c.struct_size = sizeof c;
+        c.flags = args.infer ? LORA_FWD_INFER : 0;
+        c.q_lens = mask(args.q_lens, batch, "q_lens");
+        c.kv_lens = mask(args.kv_lens, batch, "kv_lens");
+        c.q_pos = mask(args.q_pos, batch * len_q, "q_pos");
+        c.kv_pos = mask(args.kv_pos, batch * len_kv, "kv_pos");
+        c.q_seg = mask(args.q_seg, batch * len_q, "q_seg");
+        c.kv_seg = mask(args.kv_seg, batch * len_kv, "kv_seg");
+        c.tape = tape ? tape->get() : nullptr;
+        detail::Saved &slot = tape ? tape->saved_ : saved_;
+        std::vector<float> out(batch * len_q * out_dim());
+        if (!args.infer)
+            slot = Saved{};
+        check(lora_forward_ex(ad_.get(), &c, xq.data(), self ? nullptr : xkv.data(),
+                              static_cast<std::int64_t>(batch),
+                              static_cast<std::int64_t>(len_q),
+                              static_cast<std::int64_t>(len_kv), out.data()),
+              "lora_forward_ex");
+        if (!args.infer)
+            slot = Saved{self ? 1 : 2, out.size(), qn, self ? 0 : kvn};
+        return out;
+    }
+    // lora_backward_ex: the backward of tape's forward (null: the adapter's own, self or
+    // cross). Returns (dx, {}) for self-attention, (dxq, dxkv) for cross-attention
+    // (both empty when want_dx is false). A stale tape or another adapter's throws
+    // LORA_ERR_STATE.
+    std::pair<std::vector<float>, std::vector<float>> backward_ex(Span<const float> dout,
+                                                                  Tape *tape = nullptr,
+                                                                  bool want_dx = true) {
+        const Saved &s = tape ? tape->saved_ : saved_;
+        if (s.kind == 0)
+            throw Error(LORA_ERR_STATE, "backward_ex", "no saved forward");
+        detail::shape_check(dout.size() == s.out, "backward_ex",
+                            detail::count_msg("dout", dout.size(), s.out));
+        std::vector<float> dxq(want_dx ? s.x : 0), dxkv(want_dx ? s.xkv : 0);
+        check(lora_backward_ex(ad_.get(), tape ? tape->get() : nullptr, dout.data(),
+                               want_dx ? dxq.data() : nullptr,
+                               want_dx && s.kind == 2 ? dxkv.data() : nullptr),
+              "lora_backward_ex");
+        return {std::move(dxq), std::move(dxkv)};
+    }
+
     lora_run_info run_info() const {
         lora_run_info info{};
         info.struct_size = sizeof info;
@@ -490,13 +574,16 @@ public:
     }
 
 private:
-    struct Saved {
-        int kind = 0; // 0 none, 1 self, 2 cross
-        std::size_t out = 0, x = 0, xkv = 0;
-    };
+    using Saved = detail::Saved;
     void check(int st, const char *function) const {
         if (st != LORA_OK)
             throw Error(st, function, lora_adapter_last_error(ad_.get()));
+    }
+    template <class T>
+    static const T *mask(Span<const T> m, std::size_t want, const char *name) {
+        detail::shape_check(m.empty() || m.size() == want, "forward_ex",
+                            detail::count_msg(name, m.size(), want));
+        return m.empty() ? nullptr : m.data();
     }
     std::size_t input(Span<const float> x, std::size_t batch, std::size_t rows,
                       const char *name) const {
@@ -534,6 +621,14 @@ private:
     bool out_proj_ = false;
     Saved saved_;
 };
+
+inline Tape::Tape(const Adapter &ad) {
+    lora_tape *t = nullptr;
+    const int st = lora_tape_create(&t, ad.get());
+    if (st != LORA_OK)
+        throw Error(st, "lora_tape_create", lora_adapter_last_error(ad.get()));
+    tape_.reset(t);
+}
 
 // ---- optimizer -------------------------------------------------------------------------
 

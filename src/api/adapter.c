@@ -71,13 +71,13 @@ static void adapter_free_members(lora_adapter *ad)
             lora_mem_free(&ad->mem, p->weight);
             lora_mem_free(&ad->mem, p->bias);
         }
-        lora_mem_free(&ad->mem, p->a); /* a, b, da, db share one block */
+        lora_mem_free(&ad->mem, ad->own_factors[t]); /* own a, b, da, db: one block */
     }
     lora_adapter_free_merged(ad);
-    lora_buf_free(&ad->mem, &ad->acts_buf);
+    lora_buf_free(&ad->mem, &ad->tape.acts_buf);
     lora_buf_free(&ad->mem, &ad->scratch);
     lora_buf_free(&ad->mem, &ad->estimate_buf);
-    lora_mem_free(&ad->mem, ad->group_r); /* group_r, plan_groups, saved_groups: one block */
+    lora_mem_free(&ad->mem, ad->group_r); /* group_r, plan_groups, tape.groups: one block */
     lora_mem_free(&ad->mem, ad->rope_freqs);
     if (ad->la.pool) {
         pool_destroy(ad->la.pool); /* joins the worker threads */
@@ -134,7 +134,7 @@ LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
         if (!p->adapted)
             continue;
         const size_t na = (size_t)(l->rank * p->in), nb = (size_t)(p->out * l->rank);
-        p->a = lora_mem_calloc(&ad->mem, 2 * (na + nb), sizeof(float));
+        p->a = ad->own_factors[t] = lora_mem_calloc(&ad->mem, 2 * (na + nb), sizeof(float));
         if (!p->a) {
             adapter_free_members(ad);
             lora_mem_free(&ad->mem, ad);
@@ -168,7 +168,8 @@ LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
         return LORA_ERR_NOMEM;
     }
     ad->plan_groups = (attn_group_plan *)(void *)(ad->group_r + groups);
-    ad->saved_groups = ad->plan_groups + groups;
+    ad->id = lora_new_handle_id(ad);
+    lora_tape_init(&ad->tape, ad, ad->plan_groups + groups);
     ad->info.struct_size = sizeof ad->info;
     ad->info.measured_out_error = ad->info.measured_dq_error = -1.0;
     *out = ad;
@@ -352,8 +353,10 @@ LORA_API int lora_adapter_zero_grad(lora_adapter *ad)
         return LORA_ERR_INVALID_ARG;
     for (int t = 0; t < PROJ_COUNT; t++) {
         layer_proj *p = &ad->layer.proj[t];
-        if (p->adapted)
-            memset(p->da, 0, (size_t)(ad->layer.rank * (p->in + p->out)) * sizeof(float));
+        if (p->adapted) { /* da and db may each be caller-owned (borrow.c) */
+            memset(p->da, 0, (size_t)(ad->layer.rank * p->in) * sizeof(float));
+            memset(p->db, 0, (size_t)(p->out * ad->layer.rank) * sizeof(float));
+        }
     }
     ad->err[0] = '\0';
     return LORA_OK;

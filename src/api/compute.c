@@ -81,21 +81,28 @@ int lora_forward_begin(lora_adapter *ad, const lora_forward_args *a, attn_proble
         return st;
     if (!a->out)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "out is NULL");
+    p->mask = a->mask; /* checked by lora_forward_ex; project_inputs points it at copies */
     return LORA_OK;
 }
 
 /* Copies the inputs into the activations and projects them. */
 static int project_inputs(lora_adapter *ad, const layer *l, const lora_forward_args *a,
-                          const attn_problem *p, lora_buf *acts_buf, layer_acts *acts)
+                          attn_problem *p, lora_buf *acts_buf, layer_acts *acts)
 {
-    const size_t n_acts = layer_acts_floats(l, p, a->self);
+    const size_t n_layer = layer_acts_floats(l, p, a->self);
+    const size_t n_acts = n_layer + (a->mask ? lora_mask_floats(p, a->mask) : 0);
     size_t acts_bytes;
-    if (n_acts == 0 || __builtin_mul_overflow(n_acts, sizeof(float), &acts_bytes))
+    if (n_layer == 0 || n_acts < n_layer ||
+        __builtin_mul_overflow(n_acts, sizeof(float), &acts_bytes))
         return lora_set_error(ad->err, LORA_ERR_SHAPE, "activation size overflows");
     if (lora_buf_reserve(&ad->mem, acts_buf, acts_bytes) != LORA_OK)
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
                               "cannot allocate %zu bytes of activations", acts_bytes);
     layer_acts_carve(l, p, a->self, acts_buf->ptr, acts);
+    if (a->mask) { /* the saved forward's problem must not point at the caller's arrays */
+        lora_mask_copy(p, a->mask, (float *)acts_buf->ptr + n_layer, &acts->mask);
+        p->mask = &acts->mask;
+    }
     acts->dropout = a->kind != SAVED_NONE && l->dropout > 0.0; /* inference never drops */
     acts->forward_count = ad->training_forwards;
     memcpy(acts->xq, a->xq, (size_t)(a->batch * a->len_q * l->d_model) * sizeof(float));
@@ -150,27 +157,37 @@ int lora_forward_layer(lora_adapter *ad, const layer *l, const lora_forward_args
     return LORA_OK;
 }
 
-/* lora_forward and lora_forward_cross: the core on the adapter's own layer, keeping
- * the activations for the backward. */
-static int run_forward(lora_adapter *ad, const lora_forward_args *a)
+/* A training forward: the core on the adapter's own layer, recording into tape (the
+ * built-in one for lora_forward / lora_forward_cross). */
+static int run_forward(lora_adapter *ad, const lora_forward_args *a, lora_tape *tape)
 {
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
-    ad->saved = SAVED_NONE; /* a failed forward leaves nothing to backpropagate */
+    lora_adapter_sync_borrowed(ad); /* the tape records the current generation */
+    tape->kind = SAVED_NONE; /* a failed forward leaves nothing to backpropagate */
     attn_problem p;
     lora_plan plan;
     int st = lora_forward_begin(ad, a, &p);
     if (st == LORA_OK)
-        st = lora_forward_layer(ad, &ad->layer, a, &p, &ad->acts_buf, &ad->acts, &plan);
+        st = lora_forward_layer(ad, &ad->layer, a, &p, &tape->acts_buf, &tape->acts, &plan);
     if (st != LORA_OK)
         return st;
-    ad->problem = p;
-    memcpy(ad->saved_groups, plan.groups, (size_t)p.n_kv_heads * sizeof *plan.groups);
-    ad->saved = a->kind;
-    ad->training_forwards++; /* the next training forward draws new dropout masks */
-    ad->eta = plan.run_eta;
+    lora_tape_record(tape, ad, &p, &plan, a->kind);
     ad->err[0] = '\0';
     return LORA_OK;
+}
+
+/* LORA_FWD_INFER: the core on the adapter's own layer in transient activations; no tape,
+ * parameter or gradient is touched. */
+static int run_forward_infer(lora_adapter *ad, const lora_forward_args *a)
+{
+    attn_problem p;
+    lora_plan plan;
+    layer_acts acts;
+    int st = lora_forward_begin(ad, a, &p);
+    if (st == LORA_OK)
+        st = lora_forward_layer(ad, &ad->layer, a, &p, &ad->infer_buf, &acts, &plan);
+    if (st == LORA_OK)
+        ad->err[0] = '\0';
+    return st;
 }
 
 size_t lora_io_floats(const layer *l, const attn_problem *p, lora_saved_kind kind)
@@ -248,29 +265,44 @@ static int check_backward_results(lora_adapter *ad, const float *dxq, const floa
     return LORA_OK;
 }
 
-static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *dxkv,
-                        lora_saved_kind kind)
+/* The 0.1 backwards need the built-in tape to hold a forward of their own kind. */
+static int check_builtin_kind(lora_adapter *ad, lora_saved_kind want)
 {
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
-    if (!dout)
-        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "dout is NULL");
-    if (ad->saved != kind)
-        return lora_set_error(ad->err, LORA_ERR_STATE,
-                              ad->saved == SAVED_NONE
-                                  ? "no saved forward: call %s first"
-                                  : "the saved forward is of the other kind: call %s first",
-                              kind == SAVED_SELF ? "lora_forward" : "lora_forward_cross");
+    const lora_saved_kind have = ad->tape.kind;
+    if (have == want)
+        return LORA_OK;
+    return lora_set_error(ad->err, LORA_ERR_STATE,
+                          have == SAVED_NONE
+                              ? "no saved forward: call %s first"
+                              : "the saved forward is of the other kind: call %s first",
+                          want == SAVED_SELF ? "lora_forward" : "lora_forward_cross");
+}
+
+/* The backward of tape's forward, whose checks have passed. For a self-attention tape
+ * dxkv is dxq (one dL/dx) or NULL. */
+static int run_backward(lora_adapter *ad, const lora_tape *tape, const float *dout,
+                        float *dxq, float *dxkv)
+{
+    const lora_saved_kind kind = tape->kind;
     const layer *l = &ad->layer;
-    const attn_problem *p = &ad->problem;
+    attn_problem prob = tape->problem;
+    prob.la = &ad->la;
+    const attn_problem *p = &prob;
     const size_t n = out_floats(l, p);
     const int64_t bad = lora_find_nonfinite(dout, n);
     if (bad >= 0)
         return lora_set_error(ad->err, LORA_ERR_NONFINITE,
                               "dout has a non-finite entry at index %lld", (long long)bad);
-    /* dout, dx and the gradients' prior values live in the front of the scratch the
-     * forward reserved (lora_io_floats): every gemm operand is a padded library buffer,
-     * and a backward whose results overflow puts the gradients back. */
+    /* The tape's forward reserved this scratch, but a later forward of another tape may
+     * have failed for memory and released it. */
+    const lora_plan plan = {.groups = tape->groups};
+    const size_t io = lora_io_floats(l, p, kind);
+    const int st_scratch = lora_reserve_scratch(ad, l, p, &plan, io);
+    if (st_scratch != LORA_OK)
+        return st_scratch;
+    /* dout, dx and the gradients' prior values live in the front of the scratch
+     * (lora_io_floats): every gemm operand is a padded library buffer, and a backward
+     * whose results overflow puts the gradients back. */
     float *const dout_own = ad->scratch.ptr, *const dx_own = dout_own + n;
     const size_t nxq = (size_t)(p->batch * p->len_q) * (size_t)l->d_model;
     const size_t nxkv = (size_t)(p->batch * p->len_kv) * (size_t)l->d_model;
@@ -280,9 +312,8 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
     memcpy(dout_own, dout, n * sizeof(float));
     lora_for_each_factor(ad, 1, lora_flat_copy_out, grads_before);
     double grad_bound = 0.0, loss_grad_bound = 0.0, measured;
-    layer_backward(l, ad->saved_groups, p, &ad->acts, dout_own, dxq_own, dxkv_own,
-                   dout_own + lora_io_floats(l, p, kind), ad->eta, &grad_bound,
-                   &loss_grad_bound, &measured);
+    layer_backward(l, tape->groups, p, &tape->acts, dout_own, dxq_own, dxkv_own,
+                   dout_own + io, tape->eta, &grad_bound, &loss_grad_bound, &measured);
     const int st = check_backward_results(ad, dxq_own, dxkv_own, nxq, nxkv, kind);
     if (st != LORA_OK) {
         lora_for_each_factor(ad, 1, lora_flat_copy_in, grads_before);
@@ -302,29 +333,143 @@ static int run_backward(lora_adapter *ad, const float *dout, float *dxq, float *
 LORA_API int lora_forward(lora_adapter *ad, const float *x, int64_t batch, int64_t seq_len,
                           float *out)
 {
-    const lora_forward_args a = {x, x, batch, seq_len, seq_len, out, 1, SAVED_SELF};
-    return run_forward(ad, &a);
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    const lora_forward_args a = {x, x, batch, seq_len, seq_len, out, 1, SAVED_SELF, NULL};
+    return run_forward(ad, &a, &ad->tape);
 }
 
 LORA_API int lora_backward(lora_adapter *ad, const float *dout, float *dx)
 {
-    return run_backward(ad, dout, dx, dx, SAVED_SELF);
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    if (!dout)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "dout is NULL");
+    lora_adapter_sync_borrowed(ad);
+    const int st = check_builtin_kind(ad, SAVED_SELF);
+    return st != LORA_OK ? st : run_backward(ad, &ad->tape, dout, dx, dx);
 }
 
 LORA_API int lora_forward_cross(lora_adapter *ad, const float *xq, const float *xkv,
                                 int64_t batch, int64_t len_q, int64_t len_kv, float *out)
 {
-    const lora_forward_args a = {xq, xkv, batch, len_q, len_kv, out, 0, SAVED_CROSS};
-    return run_forward(ad, &a);
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    const lora_forward_args a = {xq, xkv, batch, len_q, len_kv, out, 0, SAVED_CROSS, NULL};
+    return run_forward(ad, &a, &ad->tape);
 }
 
 LORA_API int lora_backward_cross(lora_adapter *ad, const float *dout, float *dxq,
                                  float *dxkv)
 {
-    if (ad && dxq && dxq == dxkv)
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    if (dxq && dxq == dxkv)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
                               "dxq and dxkv must be distinct buffers");
-    return run_backward(ad, dout, dxq, dxkv, SAVED_CROSS);
+    if (!dout)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "dout is NULL");
+    lora_adapter_sync_borrowed(ad);
+    const int st = check_builtin_kind(ad, SAVED_CROSS);
+    return st != LORA_OK ? st : run_backward(ad, &ad->tape, dout, dxq, dxkv);
+}
+
+/* ---- 0.2: per-call arguments and tapes ---- */
+
+/* The first (0.2) layout of lora_attn_args ends at tape; later fields are appended. */
+#define ATTN_ARGS_FIRST_SIZE (offsetof(lora_attn_args, tape) + sizeof(lora_tape *))
+
+/* Reads the caller's args into *dst (zero-filled past what the caller's struct_size
+ * holds). A larger struct is accepted when the bytes this library does not know are
+ * zero: a newer caller asking for something this build lacks is refused, not ignored. */
+int lora_read_attn_args(lora_adapter *ad, const lora_attn_args *args, lora_attn_args *dst)
+{
+    memset(dst, 0, sizeof *dst);
+    if (!args)
+        return LORA_OK;
+    const size_t size = args->struct_size;
+    if (size < ATTN_ARGS_FIRST_SIZE)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                              "args->struct_size = %zu is smaller than the first version "
+                              "(%zu bytes): set it to sizeof(lora_attn_args)",
+                              size, (size_t)ATTN_ARGS_FIRST_SIZE);
+    const unsigned char *bytes = (const unsigned char *)args;
+    for (size_t i = sizeof *dst; i < size; i++)
+        if (bytes[i])
+            return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
+                                  "args->struct_size = %zu: byte %zu is set, beyond the %zu "
+                                  "bytes of lora_attn_args this library knows",
+                                  size, i, sizeof *dst);
+    memcpy(dst, args, size < sizeof *dst ? size : sizeof *dst);
+    if (dst->flags & ~(uint32_t)LORA_FWD_INFER)
+        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                              "args->flags = 0x%x has bits other than LORA_FWD_INFER",
+                              (unsigned)dst->flags);
+    return LORA_OK;
+}
+
+LORA_API int lora_forward_ex(lora_adapter *ad, const lora_attn_args *args, const float *xq,
+                             const float *xkv, int64_t batch, int64_t len_q, int64_t len_kv,
+                             float *out)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    lora_attn_args call;
+    const int self = xkv == NULL;
+    int st = lora_read_attn_args(ad, args, &call);
+    attn_mask mask;
+    const int has_mask = st == LORA_OK && lora_mask_resolve(&call, self, &mask);
+    int64_t rows;
+    if (has_mask && batch >= 1 && len_q >= 1 && len_kv >= 1 &&
+        !__builtin_mul_overflow(batch, len_q > len_kv ? len_q : len_kv, &rows)) {
+        /* before anything is dropped: a refused args struct changes nothing (bad shapes
+         * are the forward's own errors, below) */
+        const attn_problem shape = {.batch = batch, .len_q = len_q, .len_kv = len_kv};
+        st = lora_mask_check(ad, &shape, &mask, self);
+    }
+    if (st == LORA_OK && call.tape)
+        st = lora_tape_check_owner(ad, call.tape, ad->err);
+    if (st != LORA_OK)
+        return st; /* refused arguments change nothing */
+    const int infer = (call.flags & LORA_FWD_INFER) != 0;
+    lora_tape *tape = call.tape ? call.tape : &ad->tape;
+    if (self && len_kv != len_q) {
+        if (!infer)
+            tape->kind = SAVED_NONE; /* as every failed training forward */
+        return lora_set_error(ad->err, LORA_ERR_SHAPE,
+                              "self-attention (xkv NULL) needs len_kv (%lld) = len_q (%lld)",
+                              (long long)len_kv, (long long)len_q);
+    }
+    const lora_forward_args a = {xq,  self ? xq : xkv, batch, len_q, len_kv, out, self,
+                                 infer ? SAVED_NONE : self ? SAVED_SELF : SAVED_CROSS,
+                                 has_mask ? &mask : NULL};
+    return infer ? run_forward_infer(ad, &a) : run_forward(ad, &a, tape);
+}
+
+LORA_API int lora_backward_ex(lora_adapter *ad, lora_tape *tape, const float *dout,
+                              float *dxq, float *dxkv)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    if (!tape)
+        tape = &ad->tape;
+    int st = lora_tape_check_owner(ad, tape, ad->err);
+    if (st == LORA_OK && !dout)
+        st = lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "dout is NULL");
+    if (st == LORA_OK) {
+        lora_adapter_sync_borrowed(ad);
+        st = lora_tape_check_replay(ad, tape);
+    }
+    if (st == LORA_OK && tape->kind == SAVED_SELF && dxkv)
+        st = lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                            "dxkv must be NULL: the tape's forward was self-attention (dxq "
+                            "receives the whole dL/dx)");
+    if (st == LORA_OK && tape->kind == SAVED_CROSS && dxq && dxq == dxkv)
+        st = lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
+                            "dxq and dxkv must be distinct buffers");
+    if (st != LORA_OK)
+        return st;
+    return run_backward(ad, tape, dout, dxq, tape->kind == SAVED_SELF ? dxq : dxkv);
 }
 
 LORA_API int lora_mse_loss(const float *out, const float *target, size_t n, double *loss,

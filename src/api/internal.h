@@ -66,41 +66,75 @@ void lora_buf_free(const lora_mem *m, lora_buf *b);
 
 typedef enum { SAVED_NONE = 0, SAVED_SELF = 1, SAVED_CROSS = 2 } lora_saved_kind;
 
+/* ---- tapes (tape.c) ---- */
+/* Per-call extras a forward keeps for its backward beyond the activations: what the
+ * call's arguments (lora_attn_args) and the adapter's counters were at that forward. */
+typedef struct lora_call_state {
+    uint64_t training_forward; /* the adapter's training-forward count at this forward
+                                  (the dropout stream's key) */
+} lora_call_state;
+
+/* Everything one training forward saves for its backward. The adapter's own saved
+ * forward (lora_forward / lora_backward) is one embedded in the handle; lora_tape_create
+ * makes more. A tape copies its adapter's allocator and names the adapter by id, never
+ * by pointer, so it neither dangles nor matches a later adapter at the same address. */
+struct lora_tape {
+    lora_mem mem;            /* the adapter's allocator (its activations come from it) */
+    uint64_t owner_id;       /* lora_adapter.id of the adapter it belongs to */
+    uint64_t generation;     /* the adapter's params_generation at the forward */
+    lora_saved_kind kind;    /* SAVED_NONE: holds no forward */
+    attn_problem problem;
+    layer_acts acts;         /* carved from acts_buf */
+    lora_buf acts_buf;
+    attn_group_plan *groups; /* n_kv_heads entries: the plan the forward ran */
+    double eta;              /* largest certified η of that plan (0 exact) */
+    lora_call_state call;
+};
+
 struct lora_adapter {
     lora_mem mem;
     lora_config_values cfg; /* resolved */
     layer layer;
     la_ctx la;
     int threads;
-    /* forward state */
-    lora_saved_kind saved;
-    attn_problem problem;
-    layer_acts acts;
-    lora_buf acts_buf;
+    uint64_t id;                /* names the handle to its tapes (lora_new_handle_id) */
+    uint64_t params_generation; /* bumped by lora_adapter_params_changed: a tape recorded
+                                   under another value is stale */
+    uint64_t training_forwards; /* training forwards recorded so far */
+    lora_tape tape;             /* the built-in tape (lora_forward's saved forward); its
+                                   groups are the third block of group_r */
     lora_buf scratch;
     lora_buf estimate_buf; /* lora_threshold_estimate's workspace (layer_qkv_stats) */
-    double eta;            /* largest certified η of the saved forward (0 exact) */
     /* Per kv-head group (n_kv_heads each, one block): the score bounds and backends
-     * of the last plan, and the plan the saved forward ran. */
+     * of the last plan (and the built-in tape's groups). */
     double *group_r;
-    attn_group_plan *plan_groups, *saved_groups;
+    attn_group_plan *plan_groups;
     lora_run_info info;
     char err[LORA_ERRMSG_SIZE];
     /* serving: borrowed bases (serving.c), the merged-weight cache (merge.c) */
     unsigned char base_borrowed[PROJ_COUNT]; /* weight/bias of proj t are the caller's */
     float *merged[PROJ_COUNT]; /* W + s·B·A of adapted projections, NULL = none */
     int merged_valid;          /* merged[] matches the current base and factors */
-    lora_buf infer_buf;        /* lora_forward_merged's activations and scratch */
+    lora_buf infer_buf;        /* transient activations of forwards that save nothing
+                                  (lora_forward_merged, LORA_FWD_INFER) */
+    /* caller-owned factor and gradient storage (borrow.c): layer.proj[t].a/b/da/db
+     * point either into own_factors[t] or to the caller's buffers */
+    float *own_factors[PROJ_COUNT]; /* own a, b, da, db of projection t: one block */
+    int factors_borrowed;           /* some factor's values live in caller memory */
+    uint64_t borrowed_print;        /* their fingerprint when the library last saw them */
     /* 0.2 attention (attention.c): RoPE's inverse frequencies (ROPE_DIM/2, NULL without
-     * RoPE; layer.rope_freqs points here) and the count of training forwards, which
-     * keys the dropout masks. */
+     * RoPE; layer.rope_freqs points here). */
     double *rope_freqs;
-    uint64_t training_forwards;
 };
 
 /* Called by everything that changes a base weight, a factor or the scale: drops the
- * saved forward and the merged-weight cache (params_changed.c). */
+ * built-in tape, makes every other tape stale (params_generation) and drops the
+ * merged-weight cache (params_changed.c). */
 void lora_adapter_params_changed(lora_adapter *ad);
+/* Notices writes the caller made into borrowed factors since the library last looked
+ * (a fingerprint of their values) and then calls lora_adapter_params_changed. Every
+ * entry point that uses derived state (a tape, the merged weights) calls it first. */
+void lora_adapter_sync_borrowed(lora_adapter *ad);
 /* Frees what merge.c owns (merged weights, inference buffer); adapter_free_members. */
 void lora_adapter_free_merged(lora_adapter *ad);
 
@@ -140,6 +174,8 @@ typedef struct lora_forward_args {
     float *out;
     int self;
     lora_saved_kind kind;
+    const attn_mask *mask; /* NULL: no per-call arguments; else resolved, the caller's
+                              arrays (copied into the activations by the forward) */
 } lora_forward_args;
 /* Validates a call's inputs and output pointer, filling the attention problem. */
 int lora_forward_begin(lora_adapter *ad, const lora_forward_args *a, attn_problem *p);
@@ -151,6 +187,21 @@ int lora_forward_layer(lora_adapter *ad, const layer *l, const lora_forward_args
                        attn_problem *p, lora_buf *acts_buf, layer_acts *acts,
                        lora_plan *plan);
 
+/* ---- tapes (tape.c) ---- */
+/* A 64-bit id for a new handle, unlikely to repeat within a process (OS randomness,
+ * else clocks and addresses mixed); never 0. */
+uint64_t lora_new_handle_id(const void *salt);
+/* Initialises t empty for ad (the built-in tape: groups is the handle's block). */
+void lora_tape_init(lora_tape *t, const lora_adapter *ad, attn_group_plan *groups);
+/* STATE (message in err) unless t belongs to ad. */
+int lora_tape_check_owner(const lora_adapter *ad, const lora_tape *t, char *err);
+/* STATE (message in ad->err) unless t holds a forward recorded under ad's current
+ * parameters (builtin: the message names the 0.1 call to make). */
+int lora_tape_check_replay(lora_adapter *ad, const lora_tape *t);
+/* Records into t a finished forward of ad (its acts are already in t->acts). */
+void lora_tape_record(lora_tape *t, lora_adapter *ad, const attn_problem *p,
+                      const lora_plan *plan, lora_saved_kind kind);
+
 /* Validates a forward's inputs (pointers, shapes, base weights, finiteness) and fills
  * the attention problem. xkv == xq for self-attention. */
 int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64_t batch,
@@ -158,6 +209,19 @@ int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64
 
 /* RoPE's frequency table from ROPE_THETA (attention.c); LORA_ERR_NOMEM or LORA_OK. */
 int lora_rope_init(lora_adapter *ad);
+/* Per-call arguments (attention.c). lora_mask_resolve: the mask fields of args with
+ * the self-attention defaults (the key side takes the query side's arrays); returns 0
+ * when every field is NULL. lora_mask_check: the values against p's shapes (lengths in
+ * 0 .. len, self-attention kv_lens equal to q_lens, |positions| <= 2^52), with a
+ * message naming the field. lora_mask_floats / lora_mask_copy: the arrays copied
+ * into a float buffer (8-byte aligned), dst pointing at the copies. */
+int lora_mask_resolve(const lora_attn_args *args, int self, attn_mask *m);
+/* Reads the caller's lora_attn_args into *dst (compute.c): struct_size and flags
+ * checked, zero past the caller's size. args NULL: all defaults. */
+int lora_read_attn_args(lora_adapter *ad, const lora_attn_args *args, lora_attn_args *dst);
+int lora_mask_check(lora_adapter *ad, const attn_problem *p, const attn_mask *m, int self);
+size_t lora_mask_floats(const attn_problem *p, const attn_mask *m);
+void lora_mask_copy(const attn_problem *p, const attn_mask *src, float *buf, attn_mask *dst);
 
 /* PROJ_* index of a lora_target value (one bit), or -1. */
 int lora_target_index(int target);

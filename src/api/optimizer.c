@@ -420,9 +420,10 @@ static int global_grad_norm(lora_optimizer *opt, lora_adapter *const *adapters, 
             const layer_proj *p = &ad->layer.proj[t];
             if (!p->adapted)
                 continue;
-            const size_t len = (size_t)(ad->layer.rank * (p->in + p->out)); /* da, db adjacent */
-            for (size_t i = 0; i < len; i++) {
-                const double g = (double)p->da[i];
+            for (size_t i = 0, na = (size_t)(ad->layer.rank * p->in),
+                        len = na + (size_t)(p->out * ad->layer.rank); i < len; i++) {
+                /* da and db may be separate (borrowed) buffers */
+                const double g = (double)(i < na ? p->da[i] : p->db[i - na]);
                 if (!isfinite(g))
                     return lora_set_error(opt->err, LORA_ERR_NONFINITE,
                                           "gradient of target %s of %s has a NaN/Inf entry; "

@@ -54,6 +54,9 @@ typedef struct layer_acts {
     int dropout;
     uint64_t forward_count;
     float *drop_buf;
+    /* The call's per-row arguments, copied (the problem of a saved forward points here;
+     * the arrays live in the caller's activation buffer after the layer's). */
+    attn_mask mask;
 } layer_acts;
 
 /* Rows of one block of dropped inputs. */

@@ -379,6 +379,7 @@ class Adapter:
     def _adopt(self, handle):
         self._handle = handle
         self._borrowed = {}  # target -> arrays a borrowed base keeps alive
+        self._borrowed_factors = {}  # (target, which) -> arrays borrowed as storage
         self._saved = None  # (kind, shapes...) of the forward a backward would use
         self._d_model = self.get_config(Param.D_MODEL)
         self._q_dim = self.get_config(Param.N_HEADS) * self.get_config(Param.HEAD_DIM)
@@ -394,6 +395,7 @@ class Adapter:
         if h:
             _lib.lora_adapter_destroy(h)
         self._borrowed = {}
+        self._borrowed_factors = {}
 
     @property
     def closed(self):
@@ -578,6 +580,26 @@ class Adapter:
                                                 _ptr(src), src.size),
                     "lora_adapter_set_param")
 
+    def borrow_factor(self, target, which, param, grad=None):
+        """lora_adapter_borrow_factor: `param` (and `grad`, if given) become the memory
+        of factor `which` of `target` (and of its accumulated gradient), used in place
+        with no copy: writable C-contiguous float32 arrays (numpy, or CPU torch tensors,
+        e.g. a Parameter's .data and .grad) with the factor's element count. Their
+        current values become the factor / gradient. None = the adapter's own storage
+        (a borrowed buffer's values are copied back). The adapter keeps references to
+        the arrays while it uses them. Writes into a borrowed factor between calls are
+        noticed (older tapes become stale, merged weights are rebuilt)."""
+        _need("lora_adapter_borrow_factor")
+        t, w = _target(target), _factor(which)
+        n = int(np.prod(self.param_shape(t, w)))
+        p = None if param is None else _shared_f32(param, "param", n)
+        g = None if grad is None else _shared_f32(grad, "grad", n)
+        self._check(_lib.lora_adapter_borrow_factor(self._h(), t, w, _ptr(p), _ptr(g), n),
+                    "lora_adapter_borrow_factor")
+        if param is not None:
+            self._saved = None
+        self._borrowed_factors[(t, w)] = (param, p, grad, g)
+
     def _names(self):
         for t in _TARGET_ORDER:
             if t & self._targets:
@@ -733,12 +755,7 @@ class Adapter:
                              "call backward%s" % (self._saved[0],
                                                   "" if self._saved[0] == "self"
                                                   else "_cross"))
-        d = as_f32(dout, "dout")
-        oshape = self._saved[1]
-        if d.size != int(np.prod(oshape)) or d.shape[-1] != oshape[-1]:
-            raise ShapeError(Status.SHAPE, "dout has shape %s, expected %s"
-                             % (d.shape, oshape))
-        return d
+        return _check_dout(dout, self._saved[1])
 
     def backward(self, dout, need_dx=True):
         """Backward of the last forward: adds dL/dA, dL/dB into the gradients and
@@ -780,6 +797,90 @@ class Adapter:
                     "lora_backward_cross")
         return (dxq, dxkv) if need_dx else None
 
+    # -- per-call arguments and tapes (lora_forward_ex, lora_backward_ex) --
+
+    def forward_ex(self, xq, xkv=None, *, tape=None, infer=False, q_lens=None,
+                   kv_lens=None, q_pos=None, kv_pos=None, q_seg=None, kv_seg=None,
+                   out=None):
+        """lora_forward_ex: self-attention on xq when xkv is None, else cross-attention
+        (shapes as forward / forward_cross). A training forward records into `tape` (a
+        Tape of this adapter), or into the adapter's own saved forward when tape is None
+        (then backward / backward_cross / backward_ex(tape=None) read it). infer=True
+        (LORA_FWD_INFER) saves nothing and touches no tape, parameter or gradient.
+        q_lens, kv_lens (batch,) int64; q_pos (batch, len_q), kv_pos (batch, len_kv)
+        int64; q_seg, kv_seg int32 of the same shapes: the per-call masks of
+        lora_attn_args (a library without them raises UnsupportedError)."""
+        _need("lora_forward_ex")
+        h = self._h()
+        q3, qgiven = self._input(xq, "xq")
+        kvgiven = None
+        kv3 = None
+        if xkv is not None:
+            kv3, kvgiven = self._input(xkv, "xkv")
+            if len(qgiven) != len(kvgiven) or q3.shape[0] != kv3.shape[0]:
+                raise ShapeError(Status.SHAPE, "xq %s and xkv %s differ in batch"
+                                 % (qgiven, kvgiven))
+        batch, len_q = q3.shape[0], q3.shape[1]
+        len_kv = len_q if kv3 is None else kv3.shape[1]
+        if tape is not None and (not isinstance(tape, Tape) or tape.adapter is not self):
+            raise StateError(Status.STATE, "tape belongs to another adapter",
+                             "lora_forward_ex")
+        args = _ffi.AttnArgsC(struct_size=ctypes.sizeof(_ffi.AttnArgsC),
+                              flags=int(ForwardFlag.INFER) if infer else 0,
+                              tape=tape._h() if tape is not None else None)
+        keep = []  # the mask arrays must live through the call
+        for name, value, dtype, shape in (
+                ("q_lens", q_lens, np.int64, (batch,)),
+                ("kv_lens", kv_lens, np.int64, (batch,)),
+                ("q_pos", q_pos, np.int64, (batch, len_q)),
+                ("kv_pos", kv_pos, np.int64, (batch, len_kv)),
+                ("q_seg", q_seg, np.int32, (batch, len_q)),
+                ("kv_seg", kv_seg, np.int32, (batch, len_kv))):
+            if value is not None:
+                arr = _int_array(value, name, dtype, shape)
+                keep.append(arr)
+                setattr(args, name, arr.ctypes.data)
+        oshape = qgiven[:-1] + (self.out_dim,)
+        o = _out_buffer(out, oshape, "out")
+        saved = ("self", oshape, qgiven) if kv3 is None else ("cross", oshape, qgiven,
+                                                                kvgiven)
+        owner = tape if tape is not None else self
+        if not infer:
+            owner._saved = None
+        self._check(_lib.lora_forward_ex(h, ctypes.byref(args), _ptr(q3), _ptr(kv3), batch,
+                                         len_q, len_kv, _ptr(o)), "lora_forward_ex")
+        if not infer:
+            owner._saved = saved
+        return o
+
+    def backward_ex(self, dout, tape=None, need_dx=True):
+        """lora_backward_ex: the backward of the forward recorded in `tape` (None: the
+        adapter's own saved forward, self or cross). Accumulates the gradients; returns
+        dx (self-attention), (dxq, dxkv) (cross-attention), or None when need_dx is
+        False. A tape may be backwarded more than once; one recorded before a change of
+        parameters or base weights raises StateError."""
+        _need("lora_backward_ex")
+        h = self._h()
+        if tape is not None and (not isinstance(tape, Tape) or tape.adapter is not self):
+            raise StateError(Status.STATE, "tape belongs to another adapter",
+                             "lora_backward_ex")
+        owner = tape if tape is not None else self
+        saved = owner._saved
+        if saved is None:
+            raise StateError(Status.STATE, "the tape holds no forward (record one with "
+                             "forward_ex)" if tape is not None else
+                             "no saved forward (run forward first)", "lora_backward_ex")
+        d = _check_dout(dout, saved[1])
+        dxq = np.empty(saved[2], dtype=np.float32) if need_dx else None
+        dxkv = np.empty(saved[3], dtype=np.float32) if need_dx and saved[0] == "cross" \
+            else None
+        self._check(_lib.lora_backward_ex(h, tape._h() if tape is not None else None,
+                                          _ptr(d), _ptr(dxq), _ptr(dxkv)),
+                    "lora_backward_ex")
+        if not need_dx:
+            return None
+        return dxq if saved[0] == "self" else (dxq, dxkv)
+
     @property
     def run_info(self):
         """RunInfo of the last forward/backward (lora_adapter_get_run_info)."""
@@ -798,6 +899,112 @@ class Adapter:
                                                  ctypes.byref(s)),
                     "lora_threshold_estimate")
         return _from_struct(ThresholdReport, s)
+
+
+def _shared_f32(a, name, count):
+    """A float32 ndarray over `a`'s own memory (a numpy array, or a CPU torch tensor
+    through .detach().numpy()), never a copy: anything that would need one raises."""
+    if not isinstance(a, np.ndarray) and hasattr(a, "detach"):
+        t = a.detach()
+        if str(t.dtype) != "torch.float32" or t.device.type != "cpu" \
+                or not t.is_contiguous():
+            raise DtypeError(Status.INVALID_ARG, "%s must be a contiguous CPU float32 "
+                             "tensor (it is %s on %s)" % (name, t.dtype, t.device))
+        a = t.numpy()
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        raise DtypeError(Status.INVALID_ARG, "%s must be a float32 array used in place "
+                         "(got %s)" % (name, getattr(a, "dtype", type(a).__name__)))
+    if not a.flags.c_contiguous or not a.flags.writeable or not a.flags.aligned:
+        raise InvalidArgumentError(Status.INVALID_ARG, "%s must be writable, aligned and "
+                                   "C-contiguous (it is used in place)" % name)
+    if a.size != count:
+        raise ShapeError(Status.SHAPE, "%s has %d values, the factor %d" % (name, a.size,
+                                                                          count))
+    return a
+
+
+def _check_dout(dout, oshape):
+    """dout as float32 with the saved forward's out shape (any equal-sized reshape)."""
+    d = as_f32(dout, "dout")
+    if d.size != int(np.prod(oshape)) or d.shape[-1] != oshape[-1]:
+        raise ShapeError(Status.SHAPE, "dout has shape %s, expected %s" % (d.shape, oshape))
+    return d
+
+
+def _int_array(value, name, dtype, shape):
+    """An integer mask argument as a C-contiguous array of dtype and shape (integers
+    only: a float array raises DtypeError)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu":
+        raise DtypeError(Status.INVALID_ARG, "%s is %s; it holds integers" % (name, arr.dtype))
+    if arr.shape != tuple(shape):
+        raise ShapeError(Status.SHAPE, "%s has shape %s, expected %s"
+                         % (name, arr.shape, tuple(shape)))
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+class Tape:
+    """A lora_tape: what one training forward keeps for its backward, so several
+    forwards can be in flight (layer reuse, weight tying, chosen/rejected pairs,
+    activation checkpointing). Made for one adapter; record with
+    adapter.forward_ex(x, tape=t), replay with adapter.backward_ex(dout, tape=t).
+
+        with lora.Tape(ad) as t1, lora.Tape(ad) as t2:
+            y1 = ad.forward_ex(x1, tape=t1)
+            y2 = ad.forward_ex(x2, tape=t2)
+            ad.backward_ex(dy2, tape=t2)
+            ad.backward_ex(dy1, tape=t1)
+    """
+
+    _handle = None
+
+    def __init__(self, adapter):
+        _need("lora_tape_create")
+        handle = _ffi.TapeP()
+        st = _lib.lora_tape_create(ctypes.byref(handle), adapter._h())
+        adapter._check(st, "lora_tape_create")
+        self._handle = handle
+        self._adapter = adapter
+        self._saved = None  # (kind, out shape, xq shape[, xkv shape]) of its forward
+
+    @property
+    def adapter(self):
+        """The Adapter this tape belongs to."""
+        return self._adapter
+
+    def _h(self):
+        if not self._handle:
+            raise StateError(Status.STATE, "the tape is closed")
+        return self._handle
+
+    def close(self):
+        """Frees the tape and its activations (lora_tape_destroy). Idempotent."""
+        h, self._handle = self._handle, None
+        self._saved = None
+        if h:
+            _lib.lora_tape_destroy(h)
+
+    @property
+    def closed(self):
+        return not self._handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone
+            pass
+
+    def __repr__(self):
+        state = "closed" if self.closed else (self._saved[0] + " forward" if self._saved
+                                              else "empty")
+        return "<lora.Tape %s>" % state
 
 
 # ---- optimizer -------------------------------------------------------------------------

@@ -43,6 +43,28 @@ class _Optimizer(ctypes.Structure):
 OptimizerP = ctypes.POINTER(_Optimizer)
 
 
+class _Tape(ctypes.Structure):
+    """Opaque lora_tape."""
+
+
+TapeP = ctypes.POINTER(_Tape)
+
+
+class AttnArgsC(ctypes.Structure):
+    """struct lora_attn_args, field for field (the mask pointers as void *)."""
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("q_lens", ctypes.c_void_p),
+        ("kv_lens", ctypes.c_void_p),
+        ("q_pos", ctypes.c_void_p),
+        ("kv_pos", ctypes.c_void_p),
+        ("q_seg", ctypes.c_void_p),
+        ("kv_seg", ctypes.c_void_p),
+        ("tape", TapeP),
+    ]
+
+
 class RunInfoC(ctypes.Structure):
     """struct lora_run_info, field for field."""
     _fields_ = [
@@ -155,6 +177,12 @@ _OPTIONAL_PROTOTYPES = {
                                        _sz, _i]),
     "lora_optimizer_step_set": (_i, [OptimizerP, ctypes.POINTER(AdapterP), _sz]),
     "lora_mse_loss_mean": (_i, [_p, _p, _sz, ctypes.POINTER(_d), _p]),
+    "lora_tape_create": (_i, [ctypes.POINTER(TapeP), AdapterP]),
+    "lora_tape_destroy": (None, [TapeP]),
+    "lora_forward_ex": (_i, [AdapterP, ctypes.POINTER(AttnArgsC), _p, _p, _i64, _i64, _i64,
+                             _p]),
+    "lora_backward_ex": (_i, [AdapterP, TapeP, _p, _p, _p]),
+    "lora_adapter_borrow_factor": (_i, [AdapterP, _i, _i, _p, _p, _sz]),
     "lora_adapter_set_rope_freqs": (_i, [AdapterP, _p, _sz]),
 }
 

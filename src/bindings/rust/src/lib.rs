@@ -1128,6 +1128,117 @@ impl Adapter {
         )
     }
 
+    /// `lora_forward_ex`: self-attention on `xq` when `xkv` is `None` (then `len_kv`
+    /// must equal `len_q`), else cross-attention; returns out (batch, len_q, out_dim).
+    /// A training forward records into `tape`, or into the adapter's own saved forward
+    /// when `tape` is `None` ([`Adapter::backward`] / [`Adapter::backward_cross`] then
+    /// read it). `args.infer` saves nothing and touches no tape, parameter or gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_ex(
+        &mut self,
+        xq: &[f32],
+        xkv: Option<&[f32]>,
+        batch: usize,
+        len_q: usize,
+        len_kv: usize,
+        args: &AttnArgs<'_>,
+        tape: Option<&mut Tape>,
+    ) -> Result<Vec<f32>> {
+        let qn = self.input_len("xq", xq.len(), batch, len_q)?;
+        let kvn = match xkv {
+            Some(kv) => self.input_len("xkv", kv.len(), batch, len_kv)?,
+            None => qn,
+        };
+        let mut c = args.to_sys(batch, len_q, len_kv, xkv.is_none())?;
+        let on = batch * len_q * self.out_dim();
+        let mut out = vec![0f32; on];
+        let saved = match xkv {
+            None => Saved::SelfAttn { out: on, x: qn },
+            Some(_) => Saved::Cross { out: on, xq: qn, xkv: kvn },
+        };
+        let slot = match tape {
+            Some(t) => {
+                c.tape = t.h;
+                &mut t.saved
+            }
+            None => &mut self.saved,
+        };
+        if !args.infer {
+            *slot = Saved::None;
+        }
+        let st = unsafe {
+            sys::lora_forward_ex(
+                self.h,
+                &c,
+                xq.as_ptr(),
+                xkv.map_or(ptr::null(), |kv| kv.as_ptr()),
+                batch as i64,
+                len_q as i64,
+                len_kv as i64,
+                out.as_mut_ptr(),
+            )
+        };
+        if st == sys::LORA_OK && !args.infer {
+            *slot = saved;
+        }
+        self.check(st, "lora_forward_ex")?;
+        Ok(out)
+    }
+
+    /// `lora_backward_ex`: the backward of the forward recorded in `tape` (`None`: the
+    /// adapter's own saved forward, self or cross). Accumulates the gradients. For a
+    /// self-attention forward `dxq` receives the whole dL/dx and `dxkv` must be `None`.
+    /// A tape may be backwarded more than once; one recorded before a change of
+    /// parameters or base weights, or made for another adapter, is `Status::State`.
+    pub fn backward_ex(
+        &mut self,
+        tape: Option<&mut Tape>,
+        dout: &[f32],
+        dxq: Option<&mut [f32]>,
+        dxkv: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let (saved, th) = match tape {
+            Some(t) => (t.saved, t.h),
+            None => (self.saved, ptr::null_mut()),
+        };
+        let (on, qn, kvn) = match saved {
+            Saved::SelfAttn { out, x } => (out, x, 0),
+            Saved::Cross { out, xq, xkv } => (out, xq, xkv),
+            Saved::None => return Err(Self::no_forward("backward_ex", "forward on this tape")),
+        };
+        if dout.len() != on {
+            return Err(shape_error(
+                "backward_ex",
+                format!("dout has {} values, expected {on}", dout.len()),
+            ));
+        }
+        let p = |d: Option<&mut [f32]>, n: usize, name: &str| -> Result<*mut f32> {
+            match d {
+                None => Ok(ptr::null_mut()),
+                Some(d) if d.len() == n => Ok(d.as_mut_ptr()),
+                Some(d) => Err(shape_error(
+                    "backward_ex",
+                    format!("{name} has {} values, expected {n}", d.len()),
+                )),
+            }
+        };
+        let pq = p(dxq, qn, "dxq")?;
+        let pkv = match (saved, dxkv) {
+            (Saved::SelfAttn { .. }, Some(_)) => {
+                return Err(LoraError::new(
+                    Status::InvalidArg,
+                    "backward_ex",
+                    "dxkv must be None: the forward was self-attention (dxq gets dL/dx)",
+                ))
+            }
+            (_, d) => p(d, kvn, "dxkv")?,
+        };
+        self.check(
+            unsafe { sys::lora_backward_ex(self.h, th, dout.as_ptr(), pq, pkv) },
+            "lora_backward_ex",
+        )
+    }
+
     /// What the last forward/backward ran.
     pub fn run_info(&self) -> Result<RunInfo> {
         let mut s = sys::lora_run_info {
@@ -1191,6 +1302,92 @@ impl Adapter {
             flops_poly: s.flops_poly,
             poly_groups: s.poly_groups,
         })
+    }
+}
+
+// ---- per-call arguments and tapes --------------------------------------------------------
+
+/// Per-call arguments of [`Adapter::forward_ex`] (`lora_attn_args`); `Default` is every
+/// default. The masks: `q_lens`, `kv_lens` (batch), `q_pos` (batch·len_q), `kv_pos`
+/// (batch·len_kv), `q_seg`, `kv_seg` of the same lengths; a library without them
+/// answers `Status::Unsupported`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttnArgs<'a> {
+    /// `LORA_FWD_INFER`: save nothing for backward, no dropout.
+    pub infer: bool,
+    pub q_lens: Option<&'a [i64]>,
+    pub kv_lens: Option<&'a [i64]>,
+    pub q_pos: Option<&'a [i64]>,
+    pub kv_pos: Option<&'a [i64]>,
+    pub q_seg: Option<&'a [i32]>,
+    pub kv_seg: Option<&'a [i32]>,
+}
+
+impl AttnArgs<'_> {
+    /// The C struct, after checking each mask's length (tape left NULL).
+    fn to_sys(&self, batch: usize, len_q: usize, len_kv: usize, self_attn: bool) -> Result<sys::lora_attn_args> {
+        fn ptr_of<T>(v: Option<&[T]>, n: usize, name: &str) -> Result<*const T> {
+            match v {
+                None => Ok(ptr::null()),
+                Some(v) if v.len() == n => Ok(v.as_ptr()),
+                Some(v) => Err(shape_error(
+                    "forward_ex",
+                    format!("{name} has {} values, expected {n}", v.len()),
+                )),
+            }
+        }
+        if self_attn && len_kv != len_q {
+            return Err(shape_error(
+                "forward_ex",
+                format!("self-attention (xkv None) needs len_kv ({len_kv}) = len_q ({len_q})"),
+            ));
+        }
+        Ok(sys::lora_attn_args {
+            flags: if self.infer { sys::LORA_FWD_INFER as u32 } else { 0 },
+            q_lens: ptr_of(self.q_lens, batch, "q_lens")?,
+            kv_lens: ptr_of(self.kv_lens, batch, "kv_lens")?,
+            q_pos: ptr_of(self.q_pos, batch * len_q, "q_pos")?,
+            kv_pos: ptr_of(self.kv_pos, batch * len_kv, "kv_pos")?,
+            q_seg: ptr_of(self.q_seg, batch * len_q, "q_seg")?,
+            kv_seg: ptr_of(self.kv_seg, batch * len_kv, "kv_seg")?,
+            ..Default::default()
+        })
+    }
+}
+
+/// A `lora_tape`: what one training forward keeps for its backward, so several forwards
+/// of one adapter can be in flight. Freed on drop (also after its adapter is dropped).
+pub struct Tape {
+    h: *mut sys::lora_tape,
+    saved: Saved,
+}
+
+// SAFETY: a tape is only read or written through &mut of it and of its adapter.
+unsafe impl Send for Tape {}
+
+impl Drop for Tape {
+    fn drop(&mut self) {
+        unsafe { sys::lora_tape_destroy(self.h) }
+    }
+}
+
+impl fmt::Debug for Tape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tape").field("saved", &self.saved).finish()
+    }
+}
+
+impl Tape {
+    /// `lora_tape_create`: an empty tape for `ad`.
+    pub fn new(ad: &Adapter) -> Result<Tape> {
+        let mut h = ptr::null_mut();
+        ad.check(unsafe { sys::lora_tape_create(&mut h, ad.h) }, "lora_tape_create")?;
+        Ok(Tape { h, saved: Saved::None })
+    }
+
+    /// The raw handle, for calls into [`sys`]. It stays owned by this Tape.
+    pub fn as_ptr(&self) -> *mut sys::lora_tape {
+        self.h
     }
 }
 

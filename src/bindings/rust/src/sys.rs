@@ -125,6 +125,44 @@ pub const LORA_B: c_int = 1;
 /// `lora_forward_flag`: flags of a forward's per-call arguments.
 pub const LORA_FWD_INFER: c_int = 1;
 
+/// Opaque `lora_tape`: what one training forward saved for its backward.
+#[repr(C)]
+pub struct lora_tape {
+    _private: [u8; 0],
+}
+
+/// `struct lora_attn_args`: per-call arguments of `lora_forward_ex` (zero = defaults).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct lora_attn_args {
+    pub struct_size: u32,
+    pub flags: u32,
+    pub q_lens: *const i64,
+    pub kv_lens: *const i64,
+    pub q_pos: *const i64,
+    pub kv_pos: *const i64,
+    pub q_seg: *const i32,
+    pub kv_seg: *const i32,
+    pub tape: *mut lora_tape,
+}
+
+impl Default for lora_attn_args {
+    /// Every field zero or NULL, struct_size = size_of::<lora_attn_args>().
+    fn default() -> Self {
+        lora_attn_args {
+            struct_size: std::mem::size_of::<lora_attn_args>() as u32,
+            flags: 0,
+            q_lens: std::ptr::null(),
+            kv_lens: std::ptr::null(),
+            q_pos: std::ptr::null(),
+            kv_pos: std::ptr::null(),
+            q_seg: std::ptr::null(),
+            kv_seg: std::ptr::null(),
+            tape: std::ptr::null_mut(),
+        }
+    }
+}
+
 /// `struct lora_run_info`: what the last forward or backward ran.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -252,6 +290,33 @@ extern "C" {
     ) -> c_int;
     pub fn lora_backward_cross(
         ad: *mut lora_adapter,
+        dout: *const f32,
+        dxq: *mut f32,
+        dxkv: *mut f32,
+    ) -> c_int;
+    pub fn lora_adapter_borrow_factor(
+        ad: *mut lora_adapter,
+        target: c_int,
+        which: c_int,
+        param: *mut f32,
+        grad: *mut f32,
+        count: usize,
+    ) -> c_int;
+    pub fn lora_tape_create(out: *mut *mut lora_tape, ad: *const lora_adapter) -> c_int;
+    pub fn lora_tape_destroy(tape: *mut lora_tape);
+    pub fn lora_forward_ex(
+        ad: *mut lora_adapter,
+        args: *const lora_attn_args,
+        xq: *const f32,
+        xkv: *const f32,
+        batch: i64,
+        len_q: i64,
+        len_kv: i64,
+        out: *mut f32,
+    ) -> c_int;
+    pub fn lora_backward_ex(
+        ad: *mut lora_adapter,
+        tape: *mut lora_tape,
         dout: *const f32,
         dxq: *mut f32,
         dxkv: *mut f32,

@@ -22,6 +22,10 @@ fn layouts_and_constants_match_c_compiler() {
     c.push_str("#define O(t, f) printf(#t \".\" #f \" %zu\\n\", offsetof(t, f));\n");
     c.push_str("#define V(n) printf(#n \" %ld\\n\", (long)(n));\nint main(void){\n");
     c.push_str("S(lora_run_info) S(lora_threshold_report) S(lora_allocator)\n");
+    c.push_str("S(lora_attn_args)\n");
+    for f in attn_args_fields() {
+        c.push_str(&format!("O(lora_attn_args, {})\n", f.0));
+    }
     for f in run_info_fields() {
         c.push_str(&format!("O(lora_run_info, {})\n", f.0));
     }
@@ -90,13 +94,27 @@ fn layouts_and_constants_match_c_compiler() {
             "lora_allocator.{f}"
         );
     }
+    assert_eq!(
+        c_val("lora_attn_args") as usize,
+        size_of::<sys::lora_attn_args>()
+    );
+    for (f, rust_off) in attn_args_fields() {
+        assert_eq!(
+            c_val(&format!("lora_attn_args.{f}")) as usize,
+            rust_off,
+            "lora_attn_args.{f}"
+        );
+    }
     let n = constants().len();
     for (name, v) in constants() {
         assert_eq!(c_val(name), v, "{name}");
     }
     println!(
-        "abi: 3 struct sizes, {} offsets, {n} constants match the C compiler",
-        run_info_fields().len() + report_fields().len() + allocator_fields().len()
+        "abi: 4 struct sizes, {} offsets, {n} constants match the C compiler",
+        run_info_fields().len()
+            + report_fields().len()
+            + allocator_fields().len()
+            + attn_args_fields().len()
     );
 }
 
@@ -126,6 +144,11 @@ fn report_fields() -> Vec<(&'static str, usize)> {
     fields!(sys::lora_threshold_report: struct_size, recommended_backend, gamma_q, gamma_k,
             gamma_v, gamma_ratio, score_bound, poly_degree, poly_rank, error_bound,
             flops_exact, flops_poly, poly_groups)
+}
+
+fn attn_args_fields() -> Vec<(&'static str, usize)> {
+    fields!(sys::lora_attn_args: struct_size, flags, q_lens, kv_lens, q_pos, kv_pos, q_seg,
+            kv_seg, tape)
 }
 
 fn allocator_fields() -> Vec<(&'static str, usize)> {
