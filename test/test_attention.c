@@ -50,13 +50,47 @@ static int has_args(const call_args *a)
     return a && (a->q_lens || a->kv_lens || a->q_pos || a->kv_pos || a->q_seg || a->kv_seg);
 }
 
-/* The library's forward + backward of p with args a (zero_grad first). */
+/* The library's forward + backward of p with args a (zero_grad first): lib_run, or
+ * when a has a field set lib_run (for the shapes and buffers: training forward 0) and
+ * then lora_forward_ex / lora_backward_ex (training forward 1). */
 static int lib_call(lora_adapter *ad, const ref_layer *l, const ref_problem *p,
                     const call_args *a, lib_result *r)
 {
-    if (has_args(a))
-        return LORA_ERR_UNSUPPORTED; /* per-call arguments: lora_forward_ex */
-    return lib_run(ad, l, p, r);
+    if (!has_args(a))
+        return lib_run(ad, l, p, r);
+    const int st0 = lib_run(ad, l, p, r); /* shapes and buffers (overwritten below) */
+    if (st0 != LORA_OK)
+        return st0;
+    lora_attn_args la = {.struct_size = sizeof la};
+    la.q_lens = a->q_lens;
+    la.kv_lens = a->kv_lens;
+    la.q_pos = a->q_pos;
+    la.kv_pos = a->kv_pos;
+    la.q_seg = a->q_seg;
+    la.kv_seg = a->kv_seg;
+    float *xq = malloc(r->nxq * sizeof(float)), *xkv = NULL;
+    float *dout = malloc(r->nout * sizeof(float));
+    ck_assert(xq && dout);
+    ref_to_float(p->xq, xq, r->nxq);
+    ref_to_float(p->dout, dout, r->nout);
+    if (p->cross) {
+        xkv = malloc(r->nxkv * sizeof(float));
+        ck_assert_ptr_nonnull(xkv);
+        ref_to_float(p->xkv, xkv, r->nxkv);
+    }
+    int st = lora_adapter_zero_grad(ad);
+    if (st == LORA_OK)
+        st = lora_forward_ex(ad, &la, xq, xkv, p->batch, p->len_q, p->len_kv, r->out);
+    if (st == LORA_OK)
+        st = lora_backward_ex(ad, NULL, dout, r->dxq, r->dxkv);
+    if (st == LORA_OK)
+        st = lora_adapter_get_grads_flat(ad, r->grads, r->ngrads);
+    r->status = st;
+    r->call = st == LORA_OK ? NULL : "lora_forward_ex / lora_backward_ex";
+    free(xq);
+    free(xkv);
+    free(dout);
+    return st;
 }
 
 /* The reference's out, dx and gradients of p with args a and the keep masks of the
@@ -157,7 +191,8 @@ static double check_against_ref(const ref_layer *l, const ref_problem *p, const 
     ck_assert_msg(st == LORA_OK, "%s: %s failed: %s (%s)", what, r.call ? r.call : "call",
                   lora_status_string(st), lora_adapter_last_error(ad));
     ref_result rr;
-    ref_run(l, p, a, 0, 0, &r, &rr);
+    /* lib_call's args route runs lib_run first: its forward_ex is training forward 1 */
+    ref_run(l, p, a, 0, has_args(a) ? 1 : 0, &r, &rr);
     const double e = result_error(&r, &rr);
     char desc[256];
     ck_assert_msg(e <= TOL_F32, "%s (%s): relative error %g", what,
@@ -826,6 +861,238 @@ START_TEST(test_attention_poly_rope_within_certificate)
 }
 END_TEST
 
+/* ---- per-call arguments ------------------------------------------------------------ */
+
+/* Random lengths, positions and segments (self and cross; with RoPE, GQA, causal,
+ * window, softcap, dropout and out-proj drawn too) against the reference. */
+START_TEST(test_attention_args_vs_reference)
+{
+    uint64_t rng = 0xA1160000 + (uint64_t)_i;
+    for (int n = 0; n < 10; n++) {
+        ref_config c = {.d_model = 8, .rank = 2, .head_dim = 4};
+        c.n_heads = ref_rng_next(&rng) % 2 ? 2 : 1;
+        c.n_kv_heads = c.n_heads == 2 && ref_rng_next(&rng) % 2 ? 1 : c.n_heads;
+        c.out_proj = (int)(ref_rng_next(&rng) % 2);
+        c.targets = 1 + (int)(ref_rng_next(&rng) % (c.out_proj ? 15 : 7));
+        c.causal = (int)(ref_rng_next(&rng) % 2);
+        c.bias = 1;
+        c.rope = (int)(ref_rng_next(&rng) % 3);
+        c.window = ref_rng_next(&rng) % 3 == 0 ? 2 : 0;
+        c.softcap = ref_rng_next(&rng) % 3 == 0 ? 1.5 : 0.0;
+        c.dropout = ref_rng_next(&rng) % 3 == 0 ? 0.25 : 0.0;
+        const int cross = (int)(ref_rng_next(&rng) % 2), batch = 2;
+        const int len_q = 2 + (int)(ref_rng_next(&rng) % 5);
+        const int len_kv = cross ? len_q + (int)(ref_rng_next(&rng) % 4) : len_q;
+        int64_t q_lens[2], kv_lens[2], q_pos[2 * 8], kv_pos[2 * 8];
+        int32_t q_seg[2 * 8], kv_seg[2 * 8];
+        call_args a = {0};
+        for (int b = 0; b < batch; b++) {
+            q_lens[b] = (int64_t)(ref_rng_next(&rng) % (uint64_t)(len_q + 1));
+            kv_lens[b] = cross ? (int64_t)(ref_rng_next(&rng) % (uint64_t)(len_kv + 1))
+                               : q_lens[b];
+        }
+        for (int i = 0; i < batch * len_q; i++) {
+            q_pos[i] = (int64_t)(ref_rng_next(&rng) % 9) - 2;
+            q_seg[i] = (int32_t)(ref_rng_next(&rng) % 2);
+        }
+        for (int j = 0; j < batch * len_kv; j++) {
+            kv_pos[j] = (int64_t)(ref_rng_next(&rng) % 9) - 2;
+            kv_seg[j] = (int32_t)(ref_rng_next(&rng) % 2);
+        }
+        const uint64_t pick = ref_rng_next(&rng);
+        a.q_lens = pick & 1 ? q_lens : NULL;
+        a.kv_lens = cross && pick & 2 ? kv_lens : NULL;
+        a.q_pos = pick & 4 ? q_pos : NULL;
+        a.kv_pos = cross && pick & 8 ? kv_pos : NULL;
+        a.q_seg = pick & 16 ? q_seg : NULL;
+        a.kv_seg = cross && pick & 32 ? kv_seg : NULL;
+        if (!has_args(&a))
+            a.q_lens = q_lens;
+        ref_layer l;
+        ref_problem p;
+        ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+        ref_layer_randomize(&l, ref_rng_next(&rng), 1.5, 0.7);
+        ck_assert_int_eq(ref_problem_init(&p, &l, cross, batch, len_q, len_kv, ref_rng_next(&rng)),
+                         0);
+        char what[64];
+        snprintf(what, sizeof what, "random args %d.%d (pick %d)", _i, n, (int)(pick & 63));
+        check_against_ref(&l, &p, &a, 1 + (int)(ref_rng_next(&rng) % 2), what);
+        ref_problem_free(&p);
+        ref_layer_free(&l);
+    }
+}
+END_TEST
+
+/* Tiles: 300 rows with padding, restarting positions and segments over the 256-row
+ * tiles (skipped, full and partial tiles all occur), head_dim 16 (fused tiles). */
+START_TEST(test_attention_args_tiles_vs_reference)
+{
+    ref_config c = {.d_model = 32, .n_heads = 2, .rank = 2, .targets = 7, .causal = _i,
+                    .rope = 1};
+    enum { L = 300 };
+    static int64_t lens[2] = {300, 170}, pos[2 * L];
+    static int32_t seg[2 * L];
+    for (int i = 0; i < 2 * L; i++) {
+        const int r = i % L;
+        seg[i] = r < 120 ? 0 : r < 280 ? 1 : 2;
+        pos[i] = r < 120 ? r : r < 280 ? r - 120 : r - 280;
+    }
+    call_args a = {.q_lens = lens, .q_pos = pos, .q_seg = seg};
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 131, 1.0, 0.5);
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 2, L, L, 132), 0);
+    check_against_ref(&l, &p, &a, 2, "300 rows, packed, padded");
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+static void run_args(const ref_layer *l, const ref_problem *p, const call_args *a,
+                     lib_result *r)
+{
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter(l, LORA_BACKEND_EXACT, 2, &ad), LORA_OK);
+    ck_assert_int_eq(lib_call(ad, l, p, a, r), LORA_OK);
+    lora_adapter_destroy(ad);
+}
+
+/* args NULL, lengths all full and segment ids all equal change nothing, bitwise. */
+START_TEST(test_attention_trivial_args_equal_none)
+{
+    ref_config c = {.d_model = 16, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 15,
+                    .causal = 1, .out_proj = 1, .bias = 1, .rope = 1, .window = 50};
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 141, 1.0, 0.5);
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 2, 270, 270, 142), 0);
+    static int64_t full[2] = {270, 270};
+    static int32_t same[2 * 270];
+    for (int i = 0; i < 2 * 270; i++)
+        same[i] = 7;
+    lib_result none, r;
+    run_args(&l, &p, NULL, &none);
+    /* args NULL through lora_forward_ex equals lora_forward */
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter(&l, LORA_BACKEND_EXACT, 2, &ad), LORA_OK);
+    float *x = malloc(none.nxq * sizeof(float)), *out = malloc(none.nout * sizeof(float));
+    ck_assert(x && out);
+    ref_to_float(p.xq, x, none.nxq);
+    ck_assert_int_eq(lora_forward_ex(ad, NULL, x, NULL, 2, 270, 270, out), LORA_OK);
+    ck_assert_msg(memcmp(out, none.out, none.nout * sizeof(float)) == 0,
+                  "forward_ex(args NULL) differs from lora_forward");
+    lora_adapter_destroy(ad);
+    free(x);
+    free(out);
+    const call_args lens = {.q_lens = full}, segs = {.q_seg = same};
+    run_args(&l, &p, &lens, &r);
+    assert_same(&none, &r, "all lengths full vs none");
+    lib_result_free(&r);
+    run_args(&l, &p, &segs, &r);
+    assert_same(&none, &r, "one segment id vs none");
+    lib_result_free(&r);
+    lib_result_free(&none);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* A packed row of three sequences (segments, positions restarting) equals running the
+ * sequences one by one: out and dx rows equal, gradients summed (to float rounding). */
+START_TEST(test_attention_packed_equals_separate)
+{
+    ref_config c = {.d_model = 16, .n_heads = 2, .rank = 2, .targets = 15, .causal = 1,
+                    .out_proj = 1, .bias = 1, .rope = 2};
+    const int lens[3] = {5, 9, 4}, L = 18;
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 151, 1.0, 0.5);
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 1, L, L, 152), 0);
+    int64_t pos[18];
+    int32_t seg[18];
+    for (int s = 0, i = 0; s < 3; s++)
+        for (int k = 0; k < lens[s]; k++, i++) {
+            pos[i] = k;
+            seg[i] = s;
+        }
+    const call_args a = {.q_pos = pos, .q_seg = seg};
+    lib_result packed;
+    run_args(&l, &p, &a, &packed);
+    float *gsum = calloc(packed.ngrads, sizeof(float));
+    ck_assert_ptr_nonnull(gsum);
+    double worst = 0.0, scale = 0.0;
+    for (int s = 0, i0 = 0; s < 3; i0 += lens[s], s++) {
+        ref_problem one;
+        ck_assert_int_eq(ref_problem_init(&one, &l, 0, 1, lens[s], lens[s], 1), 0);
+        memcpy(one.xq, p.xq + i0 * 16, (size_t)lens[s] * 16 * sizeof(double));
+        memcpy(one.dout, p.dout + i0 * 16, (size_t)lens[s] * 16 * sizeof(double));
+        lib_result r;
+        run_args(&l, &one, NULL, &r);
+        for (size_t k = 0; k < r.nout; k++) {
+            worst = fmax(worst, fabs(r.out[k] - packed.out[i0 * 16 + k]));
+            worst = fmax(worst, fabs(r.dxq[k] - packed.dxq[i0 * 16 + k]));
+            scale = fmax(scale, fabs(r.out[k]));
+        }
+        for (size_t k = 0; k < r.ngrads; k++)
+            gsum[k] += r.grads[k];
+        lib_result_free(&r);
+        ref_problem_free(&one);
+    }
+    for (size_t k = 0; k < packed.ngrads; k++) {
+        worst = fmax(worst, fabs(gsum[k] - packed.grads[k]));
+        scale = fmax(scale, fabs(gsum[k]));
+    }
+    ck_assert_msg(worst <= 1e-5 * scale, "packed vs separate differ by %g (scale %g)", worst,
+                  scale);
+    free(gsum);
+    lib_result_free(&packed);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* The estimator with args: AUTO runs exact attention under lengths (POLY refuses them),
+ * the statistics cover the valid rows only, and args NULL equals the 0.1 call. */
+START_TEST(test_attention_estimate_ex)
+{
+    ref_config c = {.d_model = 8, .n_heads = 2, .rank = 2, .targets = 3, .softmax_scale = 0.01};
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 161, 0.2, 0.1);
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 1, 4096, 4096, 162), 0);
+    float *x = malloc(4096 * 8 * sizeof(float));
+    ck_assert_ptr_nonnull(x);
+    ref_to_float(p.xq, x, 4096 * 8);
+    for (int i = 100 * 8; i < 4096 * 8; i++)
+        x[i] *= 100.0f; /* padding: large rows that would dominate Γ */
+    const ref_param deg = {LORA_CFG_POLY_DEGREE, 0, 2, 0.0};
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_AUTO, 1, &deg, 1, &ad), LORA_OK);
+    lora_threshold_report a = {.struct_size = sizeof a}, b = a, c0 = a;
+    ck_assert_int_eq(lora_threshold_estimate(ad, x, 1, 4096, &a), LORA_OK);
+    ck_assert_int_eq(lora_threshold_estimate_ex(ad, NULL, x, 1, 4096, &b), LORA_OK);
+    ck_assert_msg(memcmp(&a, &b, sizeof a) == 0, "estimate_ex(NULL) differs");
+    static const int64_t len[1] = {100};
+    lora_attn_args args = {.struct_size = sizeof args, .q_lens = len};
+    ck_assert_int_eq(lora_threshold_estimate_ex(ad, &args, x, 1, 4096, &c0), LORA_OK);
+    ck_assert_int_eq(c0.recommended_backend, LORA_BACKEND_EXACT);
+    ck_assert_msg(c0.gamma_q < a.gamma_q / 10.0, "padding counted in gamma_q (%g vs %g)",
+                  c0.gamma_q, a.gamma_q);
+    static const int64_t bad[1] = {4097};
+    args.q_lens = bad;
+    ck_assert_int_eq(lora_threshold_estimate_ex(ad, &args, x, 1, 4096, &c0), LORA_ERR_SHAPE);
+    ck_assert_ptr_nonnull(strstr(lora_adapter_last_error(ad), "q_lens"));
+    lora_adapter_destroy(ad);
+    free(x);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 Suite *attention_suite(void)
 {
     Suite *s = suite_create("attention");
@@ -847,6 +1114,11 @@ Suite *attention_suite(void)
     tcase_add_test(tc, test_attention_poly_refuses_window_softcap);
     tcase_add_loop_test(tc, test_attention_estimate_rope_score_bound, 0, 2);
     tcase_add_loop_test(tc, test_attention_poly_rope_within_certificate, 0, 2);
+    tcase_add_loop_test(tc, test_attention_args_vs_reference, 0, 4);
+    tcase_add_loop_test(tc, test_attention_args_tiles_vs_reference, 0, 2);
+    tcase_add_test(tc, test_attention_trivial_args_equal_none);
+    tcase_add_test(tc, test_attention_packed_equals_separate);
+    tcase_add_test(tc, test_attention_estimate_ex);
     suite_add_tcase(s, tc);
     return s;
 }
