@@ -883,8 +883,8 @@ START_TEST(test_attention_args_vs_reference)
         const int cross = (int)(ref_rng_next(&rng) % 2), batch = 2;
         const int len_q = 2 + (int)(ref_rng_next(&rng) % 5);
         const int len_kv = cross ? len_q + (int)(ref_rng_next(&rng) % 4) : len_q;
-        int64_t q_lens[2], kv_lens[2], q_pos[2 * 8], kv_pos[2 * 8];
-        int32_t q_seg[2 * 8], kv_seg[2 * 8];
+        int64_t q_lens[2], kv_lens[2], q_pos[2 * 12], kv_pos[2 * 12];
+        int32_t q_seg[2 * 12], kv_seg[2 * 12];
         call_args a = {0};
         for (int b = 0; b < batch; b++) {
             q_lens[b] = (int64_t)(ref_rng_next(&rng) % (uint64_t)(len_q + 1));
