@@ -114,8 +114,9 @@ typedef enum lora_config_param {
                                    query rows per (batch, head), compute their exact
                                    attention rows (O(rows*L*HEAD_DIM)) and report the
                                    measured error in lora_run_info */
-    /* 19-25: the setters, getters and lora_config_validate take them; until this build
-     * computes them, lora_adapter_create refuses a value other than the default with
+    /* 19-24: attention as real models compute it (docs/models.md). 25: the setters,
+     * getters and lora_config_validate take it; until this build computes it,
+     * lora_adapter_create refuses a value other than the default with
      * LORA_ERR_UNSUPPORTED (lora_config_validate names the parameter). */
     LORA_CFG_ROPE = 19,         /* lora_rope, default LORA_ROPE_NONE: rotary position
                                    embedding of Q and K after projection (bias and LoRA
@@ -252,6 +253,14 @@ LORA_API void lora_adapter_destroy(lora_adapter *ad);
  * NONFINITE, NOMEM. */
 LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *weight,
                                    const float *bias);
+
+/* Replaces RoPE's inverse frequencies (THETA^(-2i/ROPE_DIM) by default) with inv_freq:
+ * the route to linear, NTK, Llama 3 and YaRN scaling (docs/models.md). n must be
+ * ROPE_DIM/2; values finite and >= 0 (copied). Pair i of every Q and K head then turns
+ * by position*inv_freq[i] (angles in double). Drops the saved forward.
+ * Errors: INVALID_ARG (NULL, adapter without RoPE, wrong n, a negative value),
+ * NONFINITE. */
+LORA_API int lora_adapter_set_rope_freqs(lora_adapter *ad, const double *inv_freq, size_t n);
 
 /* Copies LoRA factor `which` of `target` in (set) or out (get), or its accumulated
  * gradient out (get_grad). count must equal the factor's element count (r*in for A,
@@ -456,8 +465,9 @@ LORA_API void lora_tape_destroy(lora_tape *tape);
  * args->tape, or into the adapter's own saved forward when that is NULL.
  * args->struct_size: at least the 0.2 size; a larger struct is accepted when the bytes
  * beyond the fields this library knows are zero (UNSUPPORTED otherwise).
- * This build refuses the mask fields (q_lens ... kv_seg) with UNSUPPORTED naming the
- * field.
+ * The mask fields (q_lens ... kv_seg) are checked: lengths in 0 .. len (SHAPE), in
+ * self-attention kv_lens equal to q_lens (SHAPE), positions within +-2^52
+ * (INVALID_ARG); they run on the exact backend (POLY refuses them, AUTO runs EXACT).
  * Errors: as lora_forward, plus INVALID_ARG (struct_size too small, unknown flags),
  * SHAPE (xkv NULL with len_kv != len_q), STATE (args->tape of another adapter),
  * UNSUPPORTED. A refused args struct changes nothing; otherwise on failure the tape it
@@ -522,6 +532,15 @@ typedef struct lora_threshold_report {
  * than its first version. */
 LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t batch,
                                      int64_t seq_len, lora_threshold_report *report);
+/* lora_threshold_estimate for the self-attention call lora_forward_ex(ad, args, x, NULL,
+ * batch, seq_len, seq_len, ...) would make: the statistics over the valid rows
+ * (q_lens), Q and K turned by RoPE at args' positions, and what AUTO would do with
+ * them (lengths, positions and segments run on EXACT only). args NULL equals
+ * lora_threshold_estimate; args->flags and args->tape are ignored. Errors: as
+ * lora_threshold_estimate and lora_forward_ex's argument checks. */
+LORA_API int lora_threshold_estimate_ex(lora_adapter *ad, const lora_attn_args *args,
+                                        const float *x, int64_t batch, int64_t seq_len,
+                                        lora_threshold_report *report);
 
 /* ---- Optimizer ------------------------------------------------------------------------ */
 /* Updates every LoRA factor of an adapter from its accumulated gradients, with state

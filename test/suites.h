@@ -9,6 +9,7 @@ Suite *config_suite(void);    /* defaults, derived defaults, bounds, validate */
 Suite *adapter_suite(void);   /* shapes, get_config, init, set/get param, run info */
 Suite *reference_suite(void); /* the double reference vs central finite differences */
 Suite *exact_suite(void);     /* LORA_BACKEND_EXACT vs the reference */
+Suite *attention_suite(void); /* RoPE, masks, window, softcap, dropout vs the reference */
 Suite *backward_suite(void);  /* accumulation, zero_grad, call order */
 Suite *threads_suite(void);   /* determinism per thread count, fork, thread failure */
 Suite *pool_suite(void);      /* the worker pool itself: parts, failure, nesting, fork */

@@ -65,6 +65,7 @@ typedef enum entry_point {
     EP_FORWARD_EX, EP_BACKWARD_EX, EP_TAPE_CREATE, EP_TAPE_DESTROY, EP_BORROW_FACTOR,
     EP_SET_BASE_TYPED, EP_APPLY, EP_APPLY_WITH_ERROR,
     EP_SAVE_PEFT_EX, EP_SAVE_GGUF_EX,
+    EP_SET_ROPE_FREQS, EP_THRESHOLD_ESTIMATE_EX,
     EP_COUNT
 } entry_point;
 
@@ -136,6 +137,8 @@ static const char *const ep_names[EP_COUNT] = {
     [EP_APPLY_WITH_ERROR] = "lora_apply_with_error",
     [EP_SAVE_PEFT_EX] = "lora_save_peft_ex",
     [EP_SAVE_GGUF_EX] = "lora_save_gguf_ex",
+    [EP_SET_ROPE_FREQS] = "lora_adapter_set_rope_freqs",
+    [EP_THRESHOLD_ESTIMATE_EX] = "lora_threshold_estimate_ex",
 };
 
 /* The saves (all take an adapter set; the _ex ones options too). */
@@ -536,12 +539,10 @@ static const bad_row bad_rows[] = {
     ROW(EP_FORWARD_EX, PRE_CROSS, M_TAIL, LORA_ERR_UNSUPPORTED, "unknown nonzero tail"),
     ROW(EP_FORWARD_EX, PRE_CROSS, M_FLAGS(2), INV, "unknown flag 2"),
     ROW(EP_FORWARD_EX, PRE_CROSS, M_FLAGS(-1), INV, "every flag bit"),
-    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(0), LORA_ERR_UNSUPPORTED, "q_lens (not built)"),
-    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(1), LORA_ERR_UNSUPPORTED, "kv_lens (not built)"),
-    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(2), LORA_ERR_UNSUPPORTED, "q_pos (not built)"),
-    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(3), LORA_ERR_UNSUPPORTED, "kv_pos (not built)"),
-    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(4), LORA_ERR_UNSUPPORTED, "q_seg (not built)"),
-    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(5), LORA_ERR_UNSUPPORTED, "kv_seg (not built)"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(0), SHP, "q_lens -1"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(1), SHP, "kv_lens -1"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(2), INV, "q_pos 2^62"),
+    ROW(EP_FORWARD_EX, PRE_CROSS, M_MASK(3), INV, "kv_pos -2^62"),
     ROW(EP_FORWARD_EX, PRE_CROSS, M_TAPE(0), STATE, "tape of another adapter"),
     ROW(EP_BACKWARD_EX, PRE_CROSS, M_HANDLE, INV, "ad NULL"),
     ROW(EP_BACKWARD_EX, PRE_CROSS, M_NULL(0), INV, "dout NULL"),
@@ -582,6 +583,12 @@ static const bad_row bad_rows[] = {
     ROW(EP_THRESHOLD_ESTIMATE, PRE_SELF, M_NAN(0), NONF, "NaN in x"),
     ROW(EP_THRESHOLD_ESTIMATE, PRE_SELF, M_INF(0), NONF, "-Inf in the last x"),
     ROW(EP_THRESHOLD_ESTIMATE, PRE_NO_BASE_K, M_NONE, STATE, "W_K unset"),
+    /* the same checks through the args route (args NULL); args' own: attention_suite */
+    ROW(EP_THRESHOLD_ESTIMATE_EX, PRE_SELF, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_THRESHOLD_ESTIMATE_EX, PRE_SELF, M_NULL(0), INV, "x NULL"),
+    ROW(EP_THRESHOLD_ESTIMATE_EX, PRE_SELF, M_VNULL(0), INV, "report NULL"),
+    ROW(EP_THRESHOLD_ESTIMATE_EX, PRE_SELF, M_INT(0, 0), SHP, "batch 0"),
+    ROW(EP_THRESHOLD_ESTIMATE_EX, PRE_SELF, M_NAN(0), NONF, "NaN in x"),
 
     /* ---- optimizer ---- */
     ROW(EP_OPT_CREATE, PRE_SELF, M_OUT, INV, "out NULL"),
@@ -702,6 +709,8 @@ static const bad_row bad_rows[] = {
     ROW(EP_SET_BASE_BORROWED, PRE_QV, M_INT(0, TO), INV, "TARGET_O without OUT_PROJ"),
     ROW2(EP_SET_BASE_BORROWED, PRE_SELF, M_INT(0, TV), M_NAN(0), NONF, "NaN in W_V"),
     ROW2(EP_SET_BASE_BORROWED, PRE_SELF, M_INT(0, TO), M_INF(1), NONF, "-Inf in the bias of O"),
+    /* NULL and the table's own checks (n, values): attention_suite */
+    ROW(EP_SET_ROPE_FREQS, PRE_SELF, M_NONE, INV, "adapter without RoPE"),
     ROW(EP_COPY_PARAMS, PRE_SELF, M_HANDLE, INV, "dst NULL"),
     ROW(EP_COPY_PARAMS, PRE_SELF, M_AD2, INV, "src NULL"),
     ROW(EP_COPY_PARAMS, PRE_SELF, M_OTHER_AD, INV, "src of another rank"),
@@ -1189,18 +1198,21 @@ static void files_and_adapters(const bad_row *r, row_env *e, call_args *a)
     }
 }
 
-/* Sets mask field k of args (any non-NULL pointer: this build refuses them all). */
+/* Sets mask field k of args to bad values (lengths -1, positions beyond +-2^52;
+ * segment ids have no bad value). */
 static void set_mask(lora_attn_args *args, int k)
 {
-    static const int64_t lens[64];
-    static const int32_t seg[64];
+    static int64_t lens[64], pos[64], neg[64];
+    for (int i = 0; i < 64; i++) {
+        lens[i] = -1;
+        pos[i] = INT64_C(1) << 62;
+        neg[i] = -(INT64_C(1) << 62);
+    }
     switch (k) {
     case 0: args->q_lens = lens; break;
     case 1: args->kv_lens = lens; break;
-    case 2: args->q_pos = lens; break;
-    case 3: args->kv_pos = lens; break;
-    case 4: args->q_seg = seg; break;
-    default: args->kv_seg = seg; break;
+    case 2: args->q_pos = pos; break;
+    default: args->kv_pos = neg; break;
     }
 }
 
@@ -1291,6 +1303,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     case EP_FORWARD:
     case EP_FORWARD_MERGED:
     case EP_THRESHOLD_ESTIMATE:
+    case EP_THRESHOLD_ESTIMATE_EX:
         a->i[0] = f->p.batch;
         a->i[1] = f->p.len_q;
         break;
@@ -1357,6 +1370,7 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     case EP_FORWARD:
     case EP_FORWARD_MERGED:
     case EP_THRESHOLD_ESTIMATE:
+    case EP_THRESHOLD_ESTIMATE_EX:
         a->n[0] = f->nxq;
         a->n[1] = f->nout;
         a->buf[0] = guarded_copy(f->xq, f->nxq);
@@ -1597,6 +1611,9 @@ static int invoke(int ep, row_env *e, call_args *a)
     case EP_THRESHOLD_ESTIMATE:
         return lora_threshold_estimate(ad, b[0], a->i[0], a->i[1],
                                        a->null_vptr[0] ? NULL : &a->report);
+    case EP_THRESHOLD_ESTIMATE_EX:
+        return lora_threshold_estimate_ex(ad, NULL, b[0], a->i[0], a->i[1],
+                                          a->null_vptr[0] ? NULL : &a->report);
     case EP_OPT_CREATE:
         return lora_optimizer_create(a->null_out ? NULL : &a->opt_out, ad, (int)a->i[0]);
     case EP_OPT_DESTROY: lora_optimizer_destroy(a->null_handle ? NULL : e->opt); return W_VOID;
@@ -1637,6 +1654,10 @@ static int invoke(int ep, row_env *e, call_args *a)
             return lora_apply(tenants, count, (int)a->i[0], tid, b[0], a->i[1], b[1]);
         return lora_apply_with_error(tenants, count, (int)a->i[0], tid, b[0], a->i[1], b[1],
                                      a->errbuf, sizeof a->errbuf);
+    }
+    case EP_SET_ROPE_FREQS: {
+        static const double freqs[2] = {1.0, 0.5};
+        return lora_adapter_set_rope_freqs(ad, freqs, 2);
     }
     case EP_SAVE_PEFT:
     case EP_SAVE_GGUF:

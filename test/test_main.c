@@ -14,6 +14,7 @@ int main(void)
     srunner_add_suite(sr, adapter_suite());
     srunner_add_suite(sr, reference_suite());
     srunner_add_suite(sr, exact_suite());
+    srunner_add_suite(sr, attention_suite());
     srunner_add_suite(sr, backward_suite());
     srunner_add_suite(sr, threads_suite());
     srunner_add_suite(sr, pool_suite());

@@ -188,6 +188,18 @@ int main() {
             return 1;
         std::filesystem::remove_all(dir);
 
+        // RoPE with a frequency table of zeros turns nothing: the tenant's output again.
+        lora::Adapter rotary =
+            lora::Config(kDModel).n_heads(kHeads).rank(kRank).threads(1).rope(lora::Rope::Half)
+                .build();
+        base(rotary);
+        rotary.copy_params_from(student);
+        const bool rope_turns = rotary.forward(x, kBatch, kSeqLen) != tenant_out;
+        rotary.set_rope_freqs(std::vector<double>(kDModel / kHeads / 2, 0.0));
+        const bool zero_table_same = rotary.forward(x, kBatch, kSeqLen) == tenant_out;
+        std::printf("RoPE changes the output: %s; a zero frequency table: %s\n",
+                    rope_turns ? "yes" : "NO", zero_table_same ? "same as none" : "DIFFERS");
+
         // Errors carry the status and the library's message.
         try {
             lora::Config(kDModel).n_heads(5).build();
@@ -202,7 +214,8 @@ int main() {
             if (e.status() != LORA_ERR_STATE)
                 return 1;
         }
-        if (!(last < 0.1 * first) || max_diff > 1e-4 || tenant_diff != 0 || !same_params) {
+        if (!(last < 0.1 * first) || max_diff > 1e-4 || tenant_diff != 0 || !same_params ||
+            !rope_turns || !zero_table_same) {
             std::fprintf(stderr, "the loss did not fall tenfold, or outputs differ\n");
             return 1;
         }

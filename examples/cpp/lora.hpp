@@ -422,6 +422,15 @@ public:
               "lora_adapter_unmerge");
     }
     // Hot swap: src's factors and scaling into this adapter (base, settings, gradients kept).
+    // Replaces RoPE's inverse frequencies (THETA^(-2i/ROPE_DIM) by default) with
+    // ROPE_DIM/2 finite values >= 0: linear, NTK, Llama 3 or YaRN scaling
+    // (docs/models.md). Drops the saved forward.
+    void set_rope_freqs(const std::vector<double> &inv_freq) {
+        saved_ = Saved{};
+        check(lora_adapter_set_rope_freqs(ad_.get(), inv_freq.data(), inv_freq.size()),
+              "lora_adapter_set_rope_freqs");
+    }
+
     void copy_params_from(const Adapter &src) {
         saved_ = Saved{};
         check(lora_adapter_copy_params(ad_.get(), src.get()), "lora_adapter_copy_params");

@@ -78,6 +78,7 @@ static void adapter_free_members(lora_adapter *ad)
     lora_buf_free(&ad->mem, &ad->scratch);
     lora_buf_free(&ad->mem, &ad->estimate_buf);
     lora_mem_free(&ad->mem, ad->group_r); /* group_r, plan_groups, tape.groups: one block */
+    lora_mem_free(&ad->mem, ad->rope_freqs);
     if (ad->la.pool) {
         pool_destroy(ad->la.pool); /* joins the worker threads */
         lora_mem_free(&ad->mem, ad->la.pool);
@@ -117,6 +118,12 @@ LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
     l->softmax_scale = (float)v.softmax_scale;
     l->causal = (int)v.causal;
     l->out_proj = (int)v.out_proj;
+    l->rope = (int)v.rope;
+    l->rope_dim = v.rope_dim;
+    l->window = v.window;
+    l->softcap = (float)v.softcap;
+    l->dropout = v.dropout;
+    l->seed = v.seed;
     const int64_t ins[PROJ_COUNT] = {l->d_model, l->d_model, l->d_model, l->q_dim};
     const int64_t outs[PROJ_COUNT] = {l->q_dim, l->kv_dim, l->kv_dim, l->d_model};
     for (int t = 0; t < PROJ_COUNT; t++) {
@@ -151,6 +158,11 @@ LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
     ad->la.pool = pool_init(pool_mem, ad->threads);
     if (!ad->la.pool) {
         lora_mem_free(&ad->mem, pool_mem);
+        adapter_free_members(ad);
+        lora_mem_free(&ad->mem, ad);
+        return LORA_ERR_NOMEM;
+    }
+    if (lora_rope_init(ad) != LORA_OK) {
         adapter_free_members(ad);
         lora_mem_free(&ad->mem, ad);
         return LORA_ERR_NOMEM;

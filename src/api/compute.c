@@ -61,6 +61,7 @@ int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64
         .n_heads = l->n_heads, .n_kv_heads = l->n_kv_heads, .head_dim = l->head_dim,
         .ldq = l->q_dim, .ldkv = l->kv_dim, .ldo = l->q_dim,
         .softmax_scale = l->softmax_scale, .causal = l->causal,
+        .softcap = l->softcap, .window = l->window,
         .threads = ad->threads, .la = &ad->la,
     };
     return LORA_OK;
@@ -80,21 +81,30 @@ int lora_forward_begin(lora_adapter *ad, const lora_forward_args *a, attn_proble
         return st;
     if (!a->out)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "out is NULL");
+    p->mask = a->mask; /* checked by lora_forward_ex; project_inputs points it at copies */
     return LORA_OK;
 }
 
 /* Copies the inputs into the activations and projects them. */
 static int project_inputs(lora_adapter *ad, const layer *l, const lora_forward_args *a,
-                          const attn_problem *p, lora_buf *acts_buf, layer_acts *acts)
+                          attn_problem *p, lora_buf *acts_buf, layer_acts *acts)
 {
-    const size_t n_acts = layer_acts_floats(l, p, a->self);
+    const size_t n_layer = layer_acts_floats(l, p, a->self);
+    const size_t n_acts = n_layer + (a->mask ? lora_mask_floats(p, a->mask) : 0);
     size_t acts_bytes;
-    if (n_acts == 0 || __builtin_mul_overflow(n_acts, sizeof(float), &acts_bytes))
+    if (n_layer == 0 || n_acts < n_layer ||
+        __builtin_mul_overflow(n_acts, sizeof(float), &acts_bytes))
         return lora_set_error(ad->err, LORA_ERR_SHAPE, "activation size overflows");
     if (lora_buf_reserve(&ad->mem, acts_buf, acts_bytes) != LORA_OK)
         return lora_set_error(ad->err, LORA_ERR_NOMEM,
                               "cannot allocate %zu bytes of activations", acts_bytes);
     layer_acts_carve(l, p, a->self, acts_buf->ptr, acts);
+    if (a->mask) { /* the saved forward's problem must not point at the caller's arrays */
+        lora_mask_copy(p, a->mask, (float *)acts_buf->ptr + n_layer, &acts->mask);
+        p->mask = &acts->mask;
+    }
+    acts->dropout = a->kind != SAVED_NONE && l->dropout > 0.0; /* inference never drops */
+    acts->forward_count = ad->training_forwards;
     memcpy(acts->xq, a->xq, (size_t)(a->batch * a->len_q * l->d_model) * sizeof(float));
     if (!a->self)
         memcpy(acts->xkv, a->xkv, (size_t)(a->batch * a->len_kv * l->d_model) * sizeof(float));
@@ -325,7 +335,7 @@ LORA_API int lora_forward(lora_adapter *ad, const float *x, int64_t batch, int64
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
-    const lora_forward_args a = {x, x, batch, seq_len, seq_len, out, 1, SAVED_SELF};
+    const lora_forward_args a = {x, x, batch, seq_len, seq_len, out, 1, SAVED_SELF, NULL};
     return run_forward(ad, &a, &ad->tape);
 }
 
@@ -345,7 +355,7 @@ LORA_API int lora_forward_cross(lora_adapter *ad, const float *xq, const float *
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
-    const lora_forward_args a = {xq, xkv, batch, len_q, len_kv, out, 0, SAVED_CROSS};
+    const lora_forward_args a = {xq, xkv, batch, len_q, len_kv, out, 0, SAVED_CROSS, NULL};
     return run_forward(ad, &a, &ad->tape);
 }
 
@@ -372,7 +382,7 @@ LORA_API int lora_backward_cross(lora_adapter *ad, const float *dout, float *dxq
 /* Reads the caller's args into *dst (zero-filled past what the caller's struct_size
  * holds). A larger struct is accepted when the bytes this library does not know are
  * zero: a newer caller asking for something this build lacks is refused, not ignored. */
-static int read_attn_args(lora_adapter *ad, const lora_attn_args *args, lora_attn_args *dst)
+int lora_read_attn_args(lora_adapter *ad, const lora_attn_args *args, lora_attn_args *dst)
 {
     memset(dst, 0, sizeof *dst);
     if (!args)
@@ -398,24 +408,6 @@ static int read_attn_args(lora_adapter *ad, const lora_attn_args *args, lora_att
     return LORA_OK;
 }
 
-/* The per-call masks (lengths, positions, segments). */
-static int check_call_masks(lora_adapter *ad, const lora_attn_args *args, int self)
-{
-    (void)self;
-    const struct {
-        const void *ptr;
-        const char *name;
-    } masks[] = {{args->q_lens, "q_lens"}, {args->kv_lens, "kv_lens"},
-                 {args->q_pos, "q_pos"},   {args->kv_pos, "kv_pos"},
-                 {args->q_seg, "q_seg"},   {args->kv_seg, "kv_seg"}};
-    for (size_t i = 0; i < sizeof masks / sizeof masks[0]; i++)
-        if (masks[i].ptr)
-            return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
-                                  "args->%s: per-call masks are not implemented in this build",
-                                  masks[i].name);
-    return LORA_OK;
-}
-
 LORA_API int lora_forward_ex(lora_adapter *ad, const lora_attn_args *args, const float *xq,
                              const float *xkv, int64_t batch, int64_t len_q, int64_t len_kv,
                              float *out)
@@ -424,9 +416,17 @@ LORA_API int lora_forward_ex(lora_adapter *ad, const lora_attn_args *args, const
         return LORA_ERR_INVALID_ARG;
     lora_attn_args call;
     const int self = xkv == NULL;
-    int st = read_attn_args(ad, args, &call);
-    if (st == LORA_OK)
-        st = check_call_masks(ad, &call, self);
+    int st = lora_read_attn_args(ad, args, &call);
+    attn_mask mask;
+    const int has_mask = st == LORA_OK && lora_mask_resolve(&call, self, &mask);
+    int64_t rows;
+    if (has_mask && batch >= 1 && len_q >= 1 && len_kv >= 1 &&
+        !__builtin_mul_overflow(batch, len_q > len_kv ? len_q : len_kv, &rows)) {
+        /* before anything is dropped: a refused args struct changes nothing (bad shapes
+         * are the forward's own errors, below) */
+        const attn_problem shape = {.batch = batch, .len_q = len_q, .len_kv = len_kv};
+        st = lora_mask_check(ad, &shape, &mask, self);
+    }
     if (st == LORA_OK && call.tape)
         st = lora_tape_check_owner(ad, call.tape, ad->err);
     if (st != LORA_OK)
@@ -441,7 +441,8 @@ LORA_API int lora_forward_ex(lora_adapter *ad, const lora_attn_args *args, const
                               (long long)len_kv, (long long)len_q);
     }
     const lora_forward_args a = {xq,  self ? xq : xkv, batch, len_q, len_kv, out, self,
-                                 infer ? SAVED_NONE : self ? SAVED_SELF : SAVED_CROSS};
+                                 infer ? SAVED_NONE : self ? SAVED_SELF : SAVED_CROSS,
+                                 has_mask ? &mask : NULL};
     return infer ? run_forward_infer(ad, &a) : run_forward(ad, &a, tape);
 }
 

@@ -52,12 +52,12 @@ enum {
     X(16, LORA_CFG_INIT,          init,          INT,    LORA_INIT_KAIMING_ZERO, LORA_INIT_ZERO, LORA_INIT_KAIMING_ZERO, 0) \
     X(17, LORA_CFG_OUT_PROJ,      out_proj,      INT,    0, 1,                    0, 0) \
     X(18, LORA_CFG_MEASURE_ROWS,  measure_rows,  INT,    0, LORA_MAX_DIM,         0, 0) \
-    X(19, LORA_CFG_ROPE,          rope,          INT,    LORA_ROPE_NONE, LORA_ROPE_INTERLEAVED, LORA_ROPE_NONE, CFG_NOT_COMPUTED) \
-    X(20, LORA_CFG_ROPE_THETA,    rope_theta,    DOUBLE, 0, DBL_MAX,              10000.0, CFG_LOW_OPEN | CFG_NOT_COMPUTED) \
-    X(21, LORA_CFG_ROPE_DIM,      rope_dim,      INT,    2, LORA_MAX_DIM,         0, CFG_EVEN | CFG_DERIVED | CFG_NOT_COMPUTED) \
-    X(22, LORA_CFG_WINDOW,        window,        INT,    0, INT64_MAX,            0, CFG_NOT_COMPUTED) \
-    X(23, LORA_CFG_SOFTCAP,       softcap,       DOUBLE, 0, DBL_MAX,              0.0, CFG_AS_FLOAT | CFG_NOT_COMPUTED) \
-    X(24, LORA_CFG_DROPOUT,       dropout,       DOUBLE, 0, 1,                    0.0, CFG_HIGH_OPEN | CFG_NOT_COMPUTED) \
+    X(19, LORA_CFG_ROPE,          rope,          INT,    LORA_ROPE_NONE, LORA_ROPE_INTERLEAVED, LORA_ROPE_NONE, 0) \
+    X(20, LORA_CFG_ROPE_THETA,    rope_theta,    DOUBLE, 0, DBL_MAX,              10000.0, CFG_LOW_OPEN) \
+    X(21, LORA_CFG_ROPE_DIM,      rope_dim,      INT,    2, LORA_MAX_DIM,         0, CFG_EVEN | CFG_DERIVED) \
+    X(22, LORA_CFG_WINDOW,        window,        INT,    0, INT64_MAX,            0, 0) \
+    X(23, LORA_CFG_SOFTCAP,       softcap,       DOUBLE, 0, DBL_MAX,              0.0, CFG_AS_FLOAT) \
+    X(24, LORA_CFG_DROPOUT,       dropout,       DOUBLE, 0, 1,                    0.0, CFG_HIGH_OPEN) \
     X(25, LORA_CFG_COMPUTE,       compute,       INT,    LORA_COMPUTE_F32, LORA_COMPUTE_BF16, LORA_COMPUTE_F32, CFG_NOT_COMPUTED)
 /* clang-format on */
 

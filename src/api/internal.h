@@ -122,6 +122,9 @@ struct lora_adapter {
     float *own_factors[PROJ_COUNT]; /* own a, b, da, db of projection t: one block */
     int factors_borrowed;           /* some factor's values live in caller memory */
     uint64_t borrowed_print;        /* their fingerprint when the library last saw them */
+    /* 0.2 attention (attention.c): RoPE's inverse frequencies (ROPE_DIM/2, NULL without
+     * RoPE; layer.rope_freqs points here). */
+    double *rope_freqs;
 };
 
 /* Called by everything that changes a base weight, a factor or the scale: drops the
@@ -171,6 +174,8 @@ typedef struct lora_forward_args {
     float *out;
     int self;
     lora_saved_kind kind;
+    const attn_mask *mask; /* NULL: no per-call arguments; else resolved, the caller's
+                              arrays (copied into the activations by the forward) */
 } lora_forward_args;
 /* Validates a call's inputs and output pointer, filling the attention problem. */
 int lora_forward_begin(lora_adapter *ad, const lora_forward_args *a, attn_problem *p);
@@ -201,6 +206,22 @@ void lora_tape_record(lora_tape *t, lora_adapter *ad, const attn_problem *p,
  * the attention problem. xkv == xq for self-attention. */
 int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64_t batch,
                       int64_t len_q, int64_t len_kv, int self, attn_problem *p);
+
+/* RoPE's frequency table from ROPE_THETA (attention.c); LORA_ERR_NOMEM or LORA_OK. */
+int lora_rope_init(lora_adapter *ad);
+/* Per-call arguments (attention.c). lora_mask_resolve: the mask fields of args with
+ * the self-attention defaults (the key side takes the query side's arrays); returns 0
+ * when every field is NULL. lora_mask_check: the values against p's shapes (lengths in
+ * 0 .. len, self-attention kv_lens equal to q_lens, |positions| <= 2^52), with a
+ * message naming the field. lora_mask_floats / lora_mask_copy: the arrays copied
+ * into a float buffer (8-byte aligned), dst pointing at the copies. */
+int lora_mask_resolve(const lora_attn_args *args, int self, attn_mask *m);
+/* Reads the caller's lora_attn_args into *dst (compute.c): struct_size and flags
+ * checked, zero past the caller's size. args NULL: all defaults. */
+int lora_read_attn_args(lora_adapter *ad, const lora_attn_args *args, lora_attn_args *dst);
+int lora_mask_check(lora_adapter *ad, const attn_problem *p, const attn_mask *m, int self);
+size_t lora_mask_floats(const attn_problem *p, const attn_mask *m);
+void lora_mask_copy(const attn_problem *p, const attn_mask *src, float *buf, attn_mask *dst);
 
 /* PROJ_* index of a lora_target value (one bit), or -1. */
 int lora_target_index(int target);

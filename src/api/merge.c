@@ -207,7 +207,7 @@ static int run_forward_merged(lora_adapter *ad, const lora_forward_args *a)
 LORA_API int lora_forward_merged(lora_adapter *ad, const float *x, int64_t batch,
                                  int64_t seq_len, float *out)
 {
-    const lora_forward_args a = {x, x, batch, seq_len, seq_len, out, 1, SAVED_NONE};
+    const lora_forward_args a = {x, x, batch, seq_len, seq_len, out, 1, SAVED_NONE, NULL};
     return run_forward_merged(ad, &a);
 }
 
@@ -215,6 +215,6 @@ LORA_API int lora_forward_merged_cross(lora_adapter *ad, const float *xq, const 
                                        int64_t batch, int64_t len_q, int64_t len_kv,
                                        float *out)
 {
-    const lora_forward_args a = {xq, xkv, batch, len_q, len_kv, out, 0, SAVED_NONE};
+    const lora_forward_args a = {xq, xkv, batch, len_q, len_kv, out, 0, SAVED_NONE, NULL};
     return run_forward_merged(ad, &a);
 }

@@ -96,11 +96,10 @@ static void report_offers(const lora_adapter *ad, const attn_problem *p, double 
     rep->flops_poly = runs ? poly.flops : INFINITY;
 }
 
-LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t batch,
-                                     int64_t seq_len, lora_threshold_report *report)
+/* lora_threshold_estimate(_ex): mask NULL or the call's resolved per-row arguments. */
+static int estimate(lora_adapter *ad, const attn_mask *mask, const float *x, int64_t batch,
+                    int64_t seq_len, lora_threshold_report *report)
 {
-    if (!ad)
-        return LORA_ERR_INVALID_ARG;
     if (!report)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "report is NULL");
     const size_t want = report->struct_size;
@@ -110,6 +109,8 @@ LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t b
                               want);
     attn_problem p;
     int st = lora_check_inputs(ad, x, x, batch, seq_len, seq_len, 1, &p);
+    if (st == LORA_OK && mask && (st = lora_mask_check(ad, &p, mask, 1)) == LORA_OK)
+        p.mask = mask; /* statistics over valid rows, RoPE at the positions; the plans */
     if (st != LORA_OK)
         return st;
     /* The projections' statistics block by block in the handle's own buffer: the saved
@@ -149,4 +150,27 @@ LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t b
     memcpy(report, &r, r.struct_size);
     ad->err[0] = '\0';
     return LORA_OK;
+}
+
+LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t batch,
+                                     int64_t seq_len, lora_threshold_report *report)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    return estimate(ad, NULL, x, batch, seq_len, report);
+}
+
+LORA_API int lora_threshold_estimate_ex(lora_adapter *ad, const lora_attn_args *args,
+                                        const float *x, int64_t batch, int64_t seq_len,
+                                        lora_threshold_report *report)
+{
+    if (!ad)
+        return LORA_ERR_INVALID_ARG;
+    lora_attn_args call;
+    attn_mask mask;
+    const int st = lora_read_attn_args(ad, args, &call);
+    if (st != LORA_OK)
+        return st;
+    const int has_mask = lora_mask_resolve(&call, 1, &mask);
+    return estimate(ad, has_mask ? &mask : NULL, x, batch, seq_len, report);
 }

@@ -19,16 +19,35 @@ typedef struct attn_params {
     int64_t word[2];
 } attn_params;
 
+/* A call's per-row arguments (lora_attn_args, resolved: in self-attention the key
+ * side already points at the query side's arrays). NULL fields take their defaults:
+ * q_len, kv_len (batch) all rows valid (right padding: rows i < q_len[b] are);
+ * q_pos (batch, len_q) (len_kv - len_q) + i; kv_pos (batch, len_kv) j; q_seg, kv_seg
+ * (batch, len) one segment. */
+typedef struct attn_mask {
+    const int64_t *q_len, *kv_len;
+    const int64_t *q_pos, *kv_pos;
+    const int32_t *q_seg, *kv_seg;
+} attn_mask;
+
 /* One call's attention problem. Q, dQ, O, dO rows have ldq/ldo floats, K, V, dK, dV
  * rows ldkv; head h occupies columns h*head_dim .. (h+1)*head_dim - 1; batch element b
  * starts at row b*len_q (queries) or b*len_kv (keys). Query head h reads kv head
- * h / (n_heads / n_kv_heads). */
+ * h / (n_heads / n_kv_heads).
+ * Visibility (attn_pair_visible): query i of batch element b sees key j iff both rows
+ * are valid, their segments are equal and, with d = pos_i - pos_j, causal: 0 <= d
+ * (and d < window when window > 0); non-causal with a window: |d| < window. A query
+ * that sees no key has output 0 and gradient 0. */
 typedef struct attn_problem {
     int64_t batch, len_q, len_kv;
     int64_t n_heads, n_kv_heads, head_dim;
     int64_t ldq, ldkv, ldo;
     float softmax_scale;
-    int causal; /* key j visible to query i iff j <= i + (len_kv - len_q) */
+    float softcap;      /* > 0: S <- softcap·tanh(S/softcap) after the scale, before masking */
+    int causal;         /* with default positions: key j visible to query i iff
+                           j <= i + (len_kv - len_q) */
+    int64_t window;     /* 0 = none */
+    const attn_mask *mask; /* NULL: every field default */
     int threads;
     const la_ctx *la;
     attn_params params;   /* the running backend's, from its plan (set per run) */
@@ -150,6 +169,68 @@ size_t attn_measure_scratch_floats(const attn_problem *p);
 void attn_measure(const attn_problem *p, const float *q, const float *k, const float *v,
                   const float *o, const float *do_, const float *dq, float *scratch,
                   double *out_err, double *dq_err);
+
+/* The resolved per-row arguments of batch element b (attn_mask, defaults applied). */
+static inline int64_t attn_q_len(const attn_problem *p, int64_t b)
+{
+    return p->mask && p->mask->q_len ? p->mask->q_len[b] : p->len_q;
+}
+static inline int64_t attn_kv_len(const attn_problem *p, int64_t b)
+{
+    return p->mask && p->mask->kv_len ? p->mask->kv_len[b] : p->len_kv;
+}
+static inline int64_t attn_q_pos(const attn_problem *p, int64_t b, int64_t i)
+{
+    return p->mask && p->mask->q_pos ? p->mask->q_pos[b * p->len_q + i]
+                                     : (p->len_kv - p->len_q) + i;
+}
+static inline int64_t attn_kv_pos(const attn_problem *p, int64_t b, int64_t j)
+{
+    return p->mask && p->mask->kv_pos ? p->mask->kv_pos[b * p->len_kv + j] : j;
+}
+static inline int32_t attn_q_seg(const attn_problem *p, int64_t b, int64_t i)
+{
+    return p->mask && p->mask->q_seg ? p->mask->q_seg[b * p->len_q + i] : 0;
+}
+static inline int32_t attn_kv_seg(const attn_problem *p, int64_t b, int64_t j)
+{
+    return p->mask && p->mask->kv_seg ? p->mask->kv_seg[b * p->len_kv + j] : 0;
+}
+
+/* Whether the position difference d = pos_i - pos_j passes causality and the window. */
+static inline int attn_distance_visible(const attn_problem *p, int64_t d)
+{
+    if (p->causal)
+        return d >= 0 && (p->window <= 0 || d < p->window);
+    return p->window <= 0 || (d < p->window && -d < p->window);
+}
+
+/* Whether query i of batch element b sees key j (the rule of attn_problem). */
+static inline int attn_pair_visible(const attn_problem *p, int64_t b, int64_t i, int64_t j)
+{
+    return i < attn_q_len(p, b) && j < attn_kv_len(p, b) &&
+           attn_q_seg(p, b, i) == attn_kv_seg(p, b, j) &&
+           attn_distance_visible(p, attn_q_pos(p, b, i) - attn_kv_pos(p, b, j));
+}
+
+/* The first option of p beyond 0.1's causal attention (a per-call mask field, WINDOW,
+ * SOFTCAP), as its public name for messages, or NULL: backends that only compute
+ * plain (causal) attention refuse the rest by it. */
+static inline const char *attn_extra_option(const attn_problem *p)
+{
+    const attn_mask *m = p->mask;
+    if (m && (m->q_len || m->kv_len))
+        return "lora_attn_args lengths (q_lens, kv_lens)";
+    if (m && (m->q_pos || m->kv_pos))
+        return "lora_attn_args positions (q_pos, kv_pos)";
+    if (m && (m->q_seg || m->kv_seg))
+        return "lora_attn_args segments (q_seg, kv_seg)";
+    if (p->window > 0)
+        return "LORA_CFG_WINDOW";
+    if (p->softcap > 0.0f)
+        return "LORA_CFG_SOFTCAP";
+    return NULL;
+}
 
 /* Number of keys visible to query row i (causal alignment of attn_problem). */
 static inline int64_t attn_visible_keys(const attn_problem *p, int64_t i)

@@ -2,8 +2,9 @@
  * cut into tiles of ATTN_BQ × ATTN_BK and nothing of size len_q × len_kv is ever
  * formed. The forward runs an online softmax over the key tiles of each query block
  * and keeps the output and one log-sum-exp per row; the backward recomputes each
- * tile's probabilities from the log-sum-exp. Causal attention skips the tiles above
- * the diagonal. Working memory: a few tiles per worker (0.6 MB at head_dim 64), plus,
+ * tile's probabilities from the log-sum-exp. Only tiles with a visible pair are
+ * computed (masks below): causal attention skips the tiles above the diagonal, and
+ * padding, windows and segments skip theirs. Working memory: a few tiles per worker (0.6 MB at head_dim 64), plus,
  * when one (batch, kv head) is split over workers, dQ partials of at most
  * ATTN_SPLIT_ROWS rows (1.8 MB at 2 threads, head_dim 64). Nothing grows with
  * len_q·len_kv.
@@ -76,13 +77,92 @@ extern float expf(float);
 #endif
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* Under causal attention, row i of a tile whose keys start at j0 sees
- * tile_vis0 + (i - i0) of them, clamped to 0 .. bk, where i0 is the tile's first row. */
-static int64_t tile_vis0(const attn_problem *p, int64_t i0, int64_t j0)
+/* ---- masks: which tiles run, and which entries of a tile are hidden --------------- *
+ * A tile is a block of query rows against a block of key rows of one batch element.
+ * Only valid rows (right padding) are computed: a block's span is its valid rows with
+ * the range of their positions and segment ids. From two spans a tile is skipped (no
+ * pair visible), full (every pair visible) or partial (hidden scores set to -inf before
+ * the softmax, which then gives them probability 0). So the work follows the visible
+ * pairs: padding, other segments and keys outside the window cost nothing. */
+typedef struct tile_span {
+    int64_t n;              /* valid rows, a prefix of the block */
+    int64_t pos_lo, pos_hi; /* over the valid rows */
+    int32_t seg_lo, seg_hi;
+} tile_span;
+
+enum { TILE_SKIP = 0, TILE_FULL = 1, TILE_PARTIAL = 2 };
+
+/* Span of rows [r0, r0 + n) of batch element b: keys when kv, else queries. */
+static tile_span span_of(const attn_problem *p, int kv, int64_t b, int64_t r0, int64_t n)
 {
-    return i0 + 1 + (p->len_kv - p->len_q) - j0;
+    const int64_t len = kv ? attn_kv_len(p, b) : attn_q_len(p, b);
+    tile_span t = {.n = len - r0 < n ? len - r0 : n};
+    if (t.n <= 0) {
+        t.n = 0;
+        return t;
+    }
+    const attn_mask *m = p->mask;
+    const int64_t *pos = !m ? NULL : kv ? m->kv_pos : m->q_pos;
+    const int32_t *seg = !m ? NULL : kv ? m->kv_seg : m->q_seg;
+    const int64_t row0 = b * (kv ? p->len_kv : p->len_q) + r0;
+    if (pos) {
+        t.pos_lo = t.pos_hi = pos[row0];
+        for (int64_t r = 1; r < t.n; r++) {
+            t.pos_lo = pos[row0 + r] < t.pos_lo ? pos[row0 + r] : t.pos_lo;
+            t.pos_hi = pos[row0 + r] > t.pos_hi ? pos[row0 + r] : t.pos_hi;
+        }
+    } else {
+        t.pos_lo = (kv ? 0 : p->len_kv - p->len_q) + r0;
+        t.pos_hi = t.pos_lo + t.n - 1;
+    }
+    if (seg) {
+        t.seg_lo = t.seg_hi = seg[row0];
+        for (int64_t r = 1; r < t.n; r++) {
+            t.seg_lo = seg[row0 + r] < t.seg_lo ? seg[row0 + r] : t.seg_lo;
+            t.seg_hi = seg[row0 + r] > t.seg_hi ? seg[row0 + r] : t.seg_hi;
+        }
+    }
+    return t;
+}
+
+/* TILE_SKIP, TILE_FULL or TILE_PARTIAL for queries q against keys k. */
+static int tile_class(const attn_problem *p, const tile_span *q, const tile_span *k)
+{
+    if (q->n == 0 || k->n == 0 || q->seg_hi < k->seg_lo || k->seg_hi < q->seg_lo)
+        return TILE_SKIP;
+    /* d = pos_i - pos_j ranges over [dlo, dhi]; visibility is an interval of d. */
+    const int64_t dlo = q->pos_lo - k->pos_hi, dhi = q->pos_hi - k->pos_lo;
+    const int64_t w = p->window;
+    if (p->causal ? (dhi < 0 || (w > 0 && dlo >= w)) : (w > 0 && (dlo >= w || -dhi >= w)))
+        return TILE_SKIP;
+    const int one_segment = q->seg_lo == q->seg_hi && k->seg_lo == k->seg_hi &&
+                            q->seg_lo == k->seg_lo;
+    const int all_near = p->causal ? dlo >= 0 && (w <= 0 || dhi < w)
+                                   : w <= 0 || (dhi < w && -dlo < w);
+    return one_segment && all_near ? TILE_FULL : TILE_PARTIAL;
+}
+
+/* Hides the pairs of a partial tile: s[r·rs + c·cs] = -inf for query i0 + r (r < nq)
+ * and key j0 + c (c < nk) that it does not see (all rows valid). seen (NULL: not
+ * wanted): seen[r] = 1 when query r sees a key of the tile. */
+static void tile_mask(const attn_problem *p, int64_t b, int64_t i0, int64_t nq, int64_t j0,
+                      int64_t nk, float *s, int64_t rs, int64_t cs, float *seen)
+{
+    for (int64_t r = 0; r < nq; r++) {
+        const int64_t pi = attn_q_pos(p, b, i0 + r);
+        const int32_t si = attn_q_seg(p, b, i0 + r);
+        int any = 0;
+        for (int64_t c = 0; c < nk; c++) {
+            if (attn_kv_seg(p, b, j0 + c) != si ||
+                !attn_distance_visible(p, pi - attn_kv_pos(p, b, j0 + c)))
+                s[r * rs + c * cs] = -INFINITY;
+            else
+                any = 1;
+        }
+        if (seen && any)
+            seen[r] = 1.0f;
+    }
 }
 
 /* ---- elementwise tile kernels ----------------------------------------------------- */
@@ -117,19 +197,20 @@ static inline __attribute__((always_inline)) void exp_diff(float *dst, const flo
         dst[q] = expf(dst[q]);
 }
 
-/* Online softmax over one tile. s (bq × bk, row stride bk) holds scaled scores; on
- * return it holds exp(s - m_new) (0 beyond a row's visible keys). vis0 + r is the
- * number of visible keys of row r (clamped to 0 .. bk). m, l: running row max and sum,
- * updated; o (bq × d, row stride ldo): the output accumulator, rescaled by
- * exp(m_old - m_new) unless first (then m, l start here). */
+/* Online softmax over one tile. s (bq × bk, row stride bk) holds scaled scores (-inf
+ * where hidden); on return it holds exp(s - m_new), 0 where hidden. m, l: running row
+ * max and sum, updated (a row that has seen only hidden keys keeps m = -inf, l = 0);
+ * o (bq × d, row stride ldo): the output accumulator, rescaled by exp(m_old - m_new)
+ * unless first (then m, l start here). The exponent's clamp turns -inf - -inf (NaN)
+ * into a flushed 0 too. */
 TILE_KERNEL
-static void tile_online_softmax(float *restrict s, int64_t bq, int64_t bk, int causal,
-                                int64_t vis0, float *restrict m, float *restrict l,
-                                float *restrict o, int64_t ldo, int64_t d, int first)
+static void tile_online_softmax(float *restrict s, int64_t bq, int64_t bk,
+                                float *restrict m, float *restrict l, float *restrict o,
+                                int64_t ldo, int64_t d, int first)
 {
     for (int64_t r = 0; r < bq; r++) {
         float *restrict row = s + r * bk;
-        const int64_t vis = causal ? (vis0 + r < 0 ? 0 : (vis0 + r > bk ? bk : vis0 + r)) : bk;
+        const int64_t vis = bk;
         float mx = first ? -INFINITY : m[r];
 #pragma omp simd reduction(max : mx)
         for (int64_t j = 0; j < vis; j++)
@@ -142,8 +223,6 @@ static void tile_online_softmax(float *restrict s, int64_t bq, int64_t bk, int c
             row[j] = pj;
             sum += pj;
         }
-        for (int64_t j = vis; j < bk; j++)
-            row[j] = 0.0f;
         if (first) {
             l[r] = sum;
         } else {
@@ -161,28 +240,97 @@ static void tile_online_softmax(float *restrict s, int64_t bq, int64_t bk, int c
     }
 }
 
-/* Backward tile: s (scaled scores) becomes P = exp(s - lse_r) and dp (dO·Vᵀ) becomes
- * dS = P ⊙ (dP - ρ_r); both 0 beyond a row's visible keys (up to bk). Rows stride ld. */
+/* Backward tile: s (scaled, capped scores, -inf where hidden) becomes
+ * P = exp(s - lse_r) and dp (dO·Vᵀ) becomes dS = P ⊙ (dP - ρ_r), times the softcap's
+ * derivative 1 - (s/cap)² when cap > 0 (s = cap·tanh(S/cap)); both 0 where hidden.
+ * Rows stride ld, bk columns each. */
 TILE_KERNEL
 static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t ld,
-                                int64_t bq, int64_t bk, int causal, int64_t vis0,
+                                int64_t bq, int64_t bk, float cap,
                                 const float *restrict lse, const float *restrict rho)
 {
+    const float inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
     for (int64_t r = 0; r < bq; r++) {
         float *restrict prow = s + r * ld, *restrict dsrow = dp + r * ld;
-        const int64_t vis = causal ? (vis0 + r < 0 ? 0 : (vis0 + r > bk ? bk : vis0 + r)) : bk;
         const float rr = rho[r];
-        exp_shifted(prow, vis, lse[r]);
+        if (cap > 0.0f) {
 #pragma omp simd
-        for (int64_t j = 0; j < vis; j++) {
+            for (int64_t j = 0; j < bk; j++) {
+                const float t = prow[j] * inv_cap; /* -inf where hidden: factor 0 */
+                dsrow[j] = (dsrow[j] - rr) * (1.0f - fminf(t * t, 1.0f));
+            }
+        } else {
+#pragma omp simd
+            for (int64_t j = 0; j < bk; j++)
+                dsrow[j] -= rr;
+        }
+        exp_shifted(prow, bk, lse[r]);
+#pragma omp simd
+        for (int64_t j = 0; j < bk; j++) {
             const float pj = isgreaterequal(prow[j], PROB_FLUSH) ? prow[j] : 0.0f;
             prow[j] = pj;
-            dsrow[j] = pj * (dsrow[j] - rr);
+            dsrow[j] *= pj;
         }
-        for (int64_t j = vis; j < bk; j++) {
-            prow[j] = 0.0f;
-            dsrow[j] = 0.0f;
+    }
+}
+
+/* Gemma 2's cap on scaled scores: x <- cap·tanh(x/cap) for n entries, through
+ * tanh(y) = sign(y)·(1 - e)/(1 + e), e = exp(-2|y|) (no overflow; vector expf). */
+TILE_KERNEL
+static void tile_softcap(float *restrict x, int64_t n, float cap)
+{
+    const float inv = 1.0f / cap;
+    float e[64];
+    for (int64_t j0 = 0; j0 < n; j0 += 64) {
+        const int64_t m = n - j0 < 64 ? n - j0 : 64;
+        float *restrict xj = x + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++)
+            e[j] = -2.0f * fabsf(xj[j] * inv);
+        exp_shifted(e, m, 0.0f);
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++)
+            xj[j] = copysignf(cap * ((1.0f - e[j]) / (1.0f + e[j])), xj[j]);
+    }
+}
+
+/* A computed tile's scores, as the products left them, made ready for the softmax:
+ * capped (count entries from s), then hidden pairs set to -inf (partial tiles; s[r·rs
+ * + c·cs] holds query i0 + r against key j0 + c). seen: as tile_mask's, NULL or set
+ * for every row of a full tile. */
+static void prepare_scores(const attn_problem *p, int cls, int64_t b, int64_t i0, int64_t nq,
+                           int64_t j0, int64_t nk, float *s, int64_t rs, int64_t cs,
+                           int64_t count, float *seen)
+{
+    if (p->softcap > 0.0f)
+        tile_softcap(s, count, p->softcap);
+    if (cls == TILE_PARTIAL)
+        tile_mask(p, b, i0, nq, j0, nk, s, rs, cs, seen);
+    else if (seen)
+        for (int64_t r = 0; r < nq; r++)
+            seen[r] = 1.0f;
+}
+
+/* The end of a query block's forward: rows r < nv that saw a key (seen[r] = 1) are
+ * divided by their sum l and get lse = m + log l (non-finite scores, l = 0, give NaN as
+ * they should); the others (no visible key, padding up to rows) get output 0 and
+ * lse = +inf, so the backward's P = 0. */
+TILE_KERNEL
+static void finish_rows(const float *m, const float *l, const float *seen, int64_t nv,
+                        int64_t rows, float *o, int64_t ldo, int64_t d, float *lse)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        float *restrict orow = o + r * ldo;
+        if (r >= nv || seen[r] == 0.0f) {
+            memset(orow, 0, (size_t)d * sizeof(float));
+            lse[r] = INFINITY;
+            continue;
         }
+        const float inv = 1.0f / l[r];
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++)
+            orow[c] *= inv;
+        lse[r] = m[r] + logf(l[r]);
     }
 }
 
@@ -305,21 +453,14 @@ LA_AVX512 static void pack_transposed(const float *src, int64_t ld, int64_t rows
 }
 
 /* Online softmax over a transposed tile: st has bk rows (keys) of n <= ATTN_BQ floats
- * (queries) holding scaled scores; it becomes exp(st - m_new) per query, 0 where masked
- * (key kk is visible to query q iff q >= qmin0 + kk, causal only). m, l: running max
- * and sum per query, updated; scale receives exp(m_old - m_new) (not set when first). */
+ * (queries) holding scaled scores (-inf where hidden); it becomes exp(st - m_new) per
+ * query, 0 where hidden. m, l: running max and sum per query, updated; scale receives
+ * exp(m_old - m_new) (not set when first). As tile_online_softmax for hidden rows. */
 LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64_t n,
-                                           int causal, int64_t qmin0, float *restrict m,
-                                           float *restrict l, float *restrict scale,
-                                           int first)
+                                           float *restrict m, float *restrict l,
+                                           float *restrict scale, int first)
 {
     float mx[ATTN_BQ], sum[ATTN_BQ];
-    if (causal)
-        for (int64_t kk = 0; kk < bk; kk++) {
-            const int64_t hidden = min64(n, qmin0 + kk);
-            for (int64_t q = 0; q < hidden; q++)
-                st[kk * n + q] = -INFINITY;
-        }
 #pragma omp simd
     for (int64_t q = 0; q < n; q++) {
         mx[q] = first ? -INFINITY : m[q];
@@ -363,23 +504,31 @@ LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *
                                           float *row_stat)
 {
     const int64_t d = p->head_dim, kvh = h / (p->n_heads / p->n_kv_heads);
-    const int64_t bq = min64(ATTN_BQ, p->len_q - i0), bqp = round_up(bq, 16);
+    const int64_t rows = min64(ATTN_BQ, p->len_q - i0);
+    const tile_span qs = span_of(p, 0, b, i0, rows);
+    const int64_t bq = qs.n, bqp = round_up(bq, 16);
     const float *qi = q + (b * p->len_q + i0) * p->ldq + h * d;
     const float *kh = k + b * p->len_kv * p->ldkv + kvh * d;
     const float *vh = v + b * p->len_kv * p->ldkv + kvh * d;
     float *oi = o + (b * p->len_q + i0) * p->ldo + h * d;
     float *lse = row_stat + (b * p->n_heads + h) * p->len_q + i0;
     float *qt = w->packed;
-    pack_transposed(qi, p->ldq, bq, bqp, d, qt);
-    const int64_t nk = attn_visible_keys(p, i0 + bq - 1);
-    for (int64_t j0 = 0; j0 < nk; j0 += ATTN_BK) {
-        const int64_t bk = min64(ATTN_BK, nk - j0);
-        const int first = j0 == 0;
+    if (bq > 0)
+        pack_transposed(qi, p->ldq, bq, bqp, d, qt);
+    float *seen = w->rho; /* the forward's use of rho: rows that saw a key */
+    memset(seen, 0, ATTN_BQ * sizeof(float));
+    int first = 1;
+    for (int64_t j0 = 0; j0 < p->len_kv && bq > 0; j0 += ATTN_BK) {
+        const tile_span ks = span_of(p, 1, b, j0, min64(ATTN_BK, p->len_kv - j0));
+        const int cls = tile_class(p, &qs, &ks);
+        if (cls == TILE_SKIP)
+            continue;
+        const int64_t bk = ks.n;
         /* Sᵀ[key][q] = β·Σ_c K[j0+key][c]·Q[i0+q][c] */
         la_tile_product(1, bqp, bk, d, p->softmax_scale, qt, bqp, kh + j0 * p->ldkv,
                         p->ldkv, w->s, bqp, 0);
-        fused_online_softmax(w->s, bk, bqp, p->causal, -tile_vis0(p, i0, j0) + 1, w->m,
-                             w->l, w->scale, first);
+        prepare_scores(p, cls, b, i0, bq, j0, bk, w->s, 1, bqp, bk * bqp, seen);
+        fused_online_softmax(w->s, bk, bqp, w->m, w->l, w->scale, first);
         if (!first)
             for (int64_t r = 0; r < bq; r++) {
                 const float f = w->scale[r];
@@ -393,50 +542,46 @@ LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *
         /* O[q][c] (+)= Σ_key P[key][q]·V[j0+key][c] */
         la_tile_product(0, d, bq, bk, 1.0f, vh + j0 * p->ldkv, p->ldkv, w->s, bqp, oi,
                         p->ldo, !first);
+        first = 0;
     }
-    for (int64_t r = 0; r < bq; r++) {
-        const float inv = 1.0f / w->l[r];
-        float *restrict orow = oi + r * p->ldo;
-#pragma omp simd
-        for (int64_t c = 0; c < d; c++)
-            orow[c] *= inv;
-        lse[r] = w->m[r] + logf(w->l[r]);
-    }
+    finish_rows(w->m, w->l, seen, bq, rows, oi, p->ldo, d, lse);
 }
 #endif
 
 /* ---- forward ---------------------------------------------------------------------- */
 
-/* Output rows [i0, i0+bq) of query head h of batch element b. */
+/* Output rows [i0, i0 + ATTN_BQ) of query head h of batch element b. */
 static void forward_block(const attn_problem *p, int nt, const tile_ws *w, int64_t b,
                           int64_t h, int64_t i0, const float *q, const float *k,
                           const float *v, float *o, float *row_stat)
 {
     const int64_t d = p->head_dim, kvh = h / (p->n_heads / p->n_kv_heads);
-    const int64_t bq = min64(ATTN_BQ, p->len_q - i0);
+    const int64_t rows = min64(ATTN_BQ, p->len_q - i0);
+    const tile_span qs = span_of(p, 0, b, i0, rows);
+    const int64_t bq = qs.n;
     const float *qi = q + (b * p->len_q + i0) * p->ldq + h * d;
     const float *kh = k + b * p->len_kv * p->ldkv + kvh * d;
     const float *vh = v + b * p->len_kv * p->ldkv + kvh * d;
     float *oi = o + (b * p->len_q + i0) * p->ldo + h * d;
     float *lse = row_stat + (b * p->n_heads + h) * p->len_q + i0;
-    const int64_t nk = attn_visible_keys(p, i0 + bq - 1);
-    for (int64_t j0 = 0; j0 < nk; j0 += ATTN_BK) {
-        const int64_t bk = min64(ATTN_BK, nk - j0);
-        const int first = j0 == 0;
+    float *seen = w->rho; /* the forward's use of rho: rows that saw a key */
+    memset(seen, 0, ATTN_BQ * sizeof(float));
+    int first = 1;
+    for (int64_t j0 = 0; j0 < p->len_kv && bq > 0; j0 += ATTN_BK) {
+        const tile_span ks = span_of(p, 1, b, j0, min64(ATTN_BK, p->len_kv - j0));
+        const int cls = tile_class(p, &qs, &ks);
+        if (cls == TILE_SKIP)
+            continue;
+        const int64_t bk = ks.n;
         la_gemm(p->la, nt, LA_N, LA_T, bq, bk, d, p->softmax_scale, qi, p->ldq,
                 kh + j0 * p->ldkv, p->ldkv, 0.0f, w->s, bk);
-        tile_online_softmax(w->s, bq, bk, p->causal, tile_vis0(p, i0, j0), w->m,
-                            w->l, oi, p->ldo, d, first);
+        prepare_scores(p, cls, b, i0, bq, j0, bk, w->s, bk, 1, bq * bk, seen);
+        tile_online_softmax(w->s, bq, bk, w->m, w->l, oi, p->ldo, d, first);
         la_gemm(p->la, nt, LA_N, LA_N, bq, d, bk, 1.0f, w->s, bk, vh + j0 * p->ldkv,
                 p->ldkv, first ? 0.0f : 1.0f, oi, p->ldo);
+        first = 0;
     }
-    for (int64_t r = 0; r < bq; r++) {
-        const float inv = 1.0f / w->l[r];
-        float *orow = oi + r * p->ldo;
-        for (int64_t c = 0; c < d; c++)
-            orow[c] *= inv;
-        lse[r] = w->m[r] + logf(w->l[r]);
-    }
+    finish_rows(w->m, w->l, seen, bq, rows, oi, p->ldo, d, lse);
 }
 
 /* ---- backward --------------------------------------------------------------------- */
@@ -459,30 +604,33 @@ static void backward_key_block(const attn_problem *p, int nt, const tile_ws *w,
                                const float *row_stat, const float *do_, float *dk,
                                float *dv)
 {
-    const int64_t d = p->head_dim, bk = min64(ATTN_BK, p->len_kv - j0);
+    const int64_t d = p->head_dim;
+    const tile_span ks = span_of(p, 1, t->b, j0, min64(ATTN_BK, p->len_kv - j0));
+    const int64_t bk = ks.n;
     const float *kj = k + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
     const float *vj = v + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
     float *dkj = dk + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
     float *dvj = dv + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
-    /* First query row that sees key j0. */
-    const int64_t first_row = p->causal ? max64(0, j0 - (p->len_kv - p->len_q)) : 0;
-    for (int64_t g = 0; g < t->group; g++) {
+    for (int64_t g = 0; g < t->group && bk > 0; g++) {
         const int64_t h = t->h0 + g;
         const float *lse_h = row_stat + (t->b * p->n_heads + h) * p->len_q;
-        for (int64_t i0 = max64((first_row / ATTN_BQ) * ATTN_BQ, t->i_lo); i0 < t->i_hi;
-             i0 += ATTN_BQ) {
-            const int64_t bq = min64(ATTN_BQ, p->len_q - i0);
+        for (int64_t i0 = t->i_lo; i0 < t->i_hi; i0 += ATTN_BQ) {
+            const tile_span qs = span_of(p, 0, t->b, i0, min64(ATTN_BQ, p->len_q - i0));
+            const int cls = tile_class(p, &qs, &ks);
+            if (cls == TILE_SKIP)
+                continue;
+            const int64_t bq = qs.n;
             const size_t qoff = (size_t)((t->b * p->len_q + i0) * p->ldq + h * d);
             const size_t ooff = (size_t)((t->b * p->len_q + i0) * p->ldo + h * d);
             const float *qi = q + qoff, *oi = o + ooff, *doi = do_ + ooff;
             float *dqi = t->dq_acc + i0 * t->ld_acc + g * d;
             la_gemm(p->la, nt, LA_N, LA_T, bq, bk, d, p->softmax_scale, qi, p->ldq, kj,
                     p->ldkv, 0.0f, w->s, bk);
+            prepare_scores(p, cls, t->b, i0, bq, j0, bk, w->s, bk, 1, bq * bk, NULL);
             la_gemm(p->la, nt, LA_N, LA_T, bq, bk, d, 1.0f, doi, p->ldo, vj, p->ldkv, 0.0f,
                     w->dp, bk);
             rows_dot(doi, oi, p->ldo, bq, d, w->rho);
-            tile_backward_probs(w->s, w->dp, bk, bq, bk, p->causal, tile_vis0(p, i0, j0),
-                                lse_h + i0, w->rho);
+            tile_backward_probs(w->s, w->dp, bk, bq, bk, p->softcap, lse_h + i0, w->rho);
             /* dV_j += Pᵀ·dO_i, dK_j += β·dSᵀ·Q_i, dQ_i += β·dS·K_j */
             la_gemm(p->la, nt, LA_T, LA_N, bk, d, bq, 1.0f, w->s, bk, doi, p->ldo, 1.0f,
                     dvj, p->ldkv);
@@ -503,8 +651,11 @@ LA_AVX512 static void fused_backward_key_block(const attn_problem *p, const tile
                                                const float *row_stat, const float *do_,
                                                float *dk, float *dv)
 {
-    const int64_t d = p->head_dim, bk = min64(ATTN_BK, p->len_kv - j0);
-    const int64_t bkp = round_up(bk, 16);
+    const int64_t d = p->head_dim;
+    const tile_span ks = span_of(p, 1, t->b, j0, min64(ATTN_BK, p->len_kv - j0));
+    const int64_t bk = ks.n, bkp = round_up(bk, 16);
+    if (bk == 0)
+        return;
     const float *kj = k + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
     const float *vj = v + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
     float *dkj = dk + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
@@ -513,23 +664,25 @@ LA_AVX512 static void fused_backward_key_block(const attn_problem *p, const tile
     pack_transposed(kj, p->ldkv, bk, bkp, d, kt);
     pack_transposed(vj, p->ldkv, bk, bkp, d, vt);
     const float beta = p->softmax_scale;
-    const int64_t first_row = p->causal ? max64(0, j0 - (p->len_kv - p->len_q)) : 0;
     for (int64_t g = 0; g < t->group; g++) {
         const int64_t h = t->h0 + g;
         const float *lse_h = row_stat + (t->b * p->n_heads + h) * p->len_q;
-        for (int64_t i0 = max64((first_row / ATTN_BQ) * ATTN_BQ, t->i_lo); i0 < t->i_hi;
-             i0 += ATTN_BQ) {
-            const int64_t bq = min64(ATTN_BQ, p->len_q - i0);
+        for (int64_t i0 = t->i_lo; i0 < t->i_hi; i0 += ATTN_BQ) {
+            const tile_span qs = span_of(p, 0, t->b, i0, min64(ATTN_BQ, p->len_q - i0));
+            const int cls = tile_class(p, &qs, &ks);
+            if (cls == TILE_SKIP)
+                continue;
+            const int64_t bq = qs.n;
             const size_t qoff = (size_t)((t->b * p->len_q + i0) * p->ldq + h * d);
             const size_t ooff = (size_t)((t->b * p->len_q + i0) * p->ldo + h * d);
             const float *qi = q + qoff, *oi = o + ooff, *doi = do_ + ooff;
             float *dqi = t->dq_acc + i0 * t->ld_acc + g * d;
             /* S[q][key] = β·Σ_c Q[q][c]·K[key][c],  dP[q][key] = Σ_c dO[q][c]·V[key][c] */
             la_tile_product(1, bkp, bq, d, beta, kt, bkp, qi, p->ldq, w->s, bkp, 0);
+            prepare_scores(p, cls, t->b, i0, bq, j0, bk, w->s, bkp, 1, bq * bkp, NULL);
             la_tile_product(1, bkp, bq, d, 1.0f, vt, bkp, doi, p->ldo, w->dp, bkp, 0);
             rows_dot(doi, oi, p->ldo, bq, d, w->rho);
-            tile_backward_probs(w->s, w->dp, bkp, bq, bk, p->causal, tile_vis0(p, i0, j0),
-                                lse_h + i0, w->rho);
+            tile_backward_probs(w->s, w->dp, bkp, bq, bk, p->softcap, lse_h + i0, w->rho);
             /* dV[key] += Σ_q P[q][key]·dO[q],  dK[key] += β·Σ_q dS[q][key]·Q[q] */
             la_tile_product(0, d, bk, bq, 1.0f, doi, p->ldo, w->s, bkp, dvj, p->ldkv, 1);
             la_tile_product(0, d, bk, bq, beta, qi, p->ldq, w->dp, bkp, dkj, p->ldkv, 1);

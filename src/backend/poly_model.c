@@ -121,6 +121,15 @@ void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offe
     const int64_t k = g > 0 ? poly_feature_count(g, d) : -1;
     memset(offer, 0, sizeof *offer);
     offer->eta = offer->flops = offer->cost = INFINITY;
+    const char *extra = attn_extra_option(p);
+    if (extra) { /* the kernels compute plain or causal attention with default positions */
+        offer->status = LORA_ERR_UNSUPPORTED;
+        snprintf(why, why_size,
+                 "%s: the polynomial backend cannot compute it; use LORA_BACKEND_EXACT "
+                 "(AUTO does)",
+                 extra);
+        return;
+    }
     if (g == 0) {
         offer->status = LORA_ERR_TOLERANCE;
         snprintf(why, why_size,

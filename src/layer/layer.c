@@ -1,5 +1,7 @@
 /* Projections and LoRA terms of one attention layer (MATH §2, "From a projection
- * gradient to the adapter"): dW is never formed, only dA and dB. */
+ * gradient to the adapter"): dW is never formed, only dA and dB. Also RoPE on the
+ * projected Q and K (and back on dQ, dK), PEFT's dropout on the LoRA branches' input,
+ * and the zero rows of padded queries. */
 #include "layer.h"
 
 #include <math.h>
@@ -37,6 +39,23 @@ static size_t wpanel_floats(const layer *l, const attn_problem *p)
     return most;
 }
 
+/* Widest input of an adapted projection (0 when none is adapted): the row width of
+ * the dropout block buffer. */
+static int64_t widest_adapted_in(const layer *l)
+{
+    int64_t w = 0;
+    for (int t = 0; t < PROJ_COUNT; t++)
+        if (l->proj[t].adapted && l->proj[t].in > w)
+            w = l->proj[t].in;
+    return w;
+}
+
+/* Floats of the dropout block buffer (0 without dropout). */
+static size_t drop_buf_floats(const layer *l)
+{
+    return l->dropout > 0.0 ? (size_t)LAYER_DROP_ROWS * (size_t)widest_adapted_in(l) : 0;
+}
+
 size_t layer_acts_floats(const layer *l, const attn_problem *p, int self)
 {
     const size_t nq = (size_t)(p->batch * p->len_q), nk = (size_t)(p->batch * p->len_kv);
@@ -50,6 +69,7 @@ size_t layer_acts_floats(const layer *l, const attn_problem *p, int self)
     for (int t = 0; t < PROJ_COUNT; t++)
         if (l->proj[t].adapted)
             ok &= mul_add(&n, (size_t)proj_rows(p, t), (size_t)l->rank);
+    ok &= mul_add(&n, drop_buf_floats(l), 1);
     ok &= mul_add(&n, wpanel_floats(l, p), 1); /* last: BLIS reads past it into padding */
     return ok ? n : 0;
 }
@@ -85,6 +105,10 @@ void layer_acts_carve(const layer *l, const attn_problem *p, int self, float *bu
             a->xa[t] = buf;
             buf += (size_t)proj_rows(p, t) * (size_t)l->rank;
         }
+    if (drop_buf_floats(l) > 0) {
+        a->drop_buf = buf;
+        buf += drop_buf_floats(l);
+    }
     a->wpanel = wpanel_floats(l, p) > 0 ? buf : NULL;
 }
 
@@ -98,9 +122,96 @@ size_t layer_scratch_floats(const layer *l, const attn_problem *p)
     return ok ? n : 0;
 }
 
-/* y (rows, out) = x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ, keeping xa = x·Aᵀ. */
+/* ---- dropout ---------------------------------------------------------------------- */
+
+static uint64_t mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+#define GOLDEN UINT64_C(0x9E3779B97F4A7C15)
+
+/* The mask of one target in one forward: element (row, col) is kept when the top 32
+ * bits of mix64(row_key(row) + (col + 1)·GOLDEN) are >= threshold = ceil(p·2³²). */
+typedef struct drop_mask {
+    uint64_t key, threshold;
+    float scale; /* 1/(1-p) */
+} drop_mask;
+
+static drop_mask drop_mask_of(uint64_t seed, uint64_t forward_count, int t, double p)
+{
+    drop_mask m;
+    m.key = mix64(mix64(mix64(seed + GOLDEN) ^ forward_count) ^ (uint64_t)t);
+    m.threshold = (uint64_t)ceil(p * 4294967296.0);
+    m.scale = (float)(1.0 / (1.0 - p));
+    return m;
+}
+
+static uint64_t drop_row_key(const drop_mask *m, int64_t row)
+{
+    return mix64(m->key ^ (uint64_t)row);
+}
+
+static int drop_kept(const drop_mask *m, uint64_t row_key, int64_t col)
+{
+    return (mix64(row_key + (uint64_t)(col + 1) * GOLDEN) >> 32) >= m->threshold;
+}
+
+int layer_dropout_keep(uint64_t seed, uint64_t forward_count, int t, int64_t row,
+                       int64_t col, double p)
+{
+    const drop_mask m = drop_mask_of(seed, forward_count, t, p);
+    return drop_kept(&m, drop_row_key(&m, row), col);
+}
+
+/* dst (n, in) = x rows [r0, r0 + n) of width in, dropped: kept entries times 1/(1-p),
+ * the others 0. */
+static void drop_rows(const drop_mask *m, const float *x, int64_t r0, int64_t n, int64_t in,
+                      float *dst)
+{
+    for (int64_t r = 0; r < n; r++) {
+        const uint64_t rk = drop_row_key(m, r0 + r);
+        const float *xr = x + (r0 + r) * in;
+        float *dr = dst + r * in;
+        for (int64_t c = 0; c < in; c++)
+            dr[c] = drop_kept(m, rk, c) ? xr[c] * m->scale : 0.0f;
+    }
+}
+
+/* The dropout of projection t in the forward that left a, or NULL when off. */
+static const drop_mask *drop_of(const layer *l, const layer_acts *a, int t, drop_mask *m)
+{
+    if (!a->dropout || !l->proj[t].adapted)
+        return NULL;
+    *m = drop_mask_of(l->seed, a->forward_count, t, l->dropout);
+    return m;
+}
+
+/* ---- projections --------------------------------------------------------------------- */
+
+/* xa (rows, rank) = X̃·Aᵀ, X̃ = x or, with dropout (dm), x dropped block by block in buf. */
+static void lora_down(const layer *l, const layer_proj *pr, const la_ctx *la, int nt,
+                      const float *x, int64_t rows, const drop_mask *dm, float *buf, float *xa)
+{
+    if (!dm) {
+        la_gemm(la, nt, LA_N, LA_T, rows, l->rank, pr->in, 1.0f, x, pr->in, pr->a, pr->in,
+                0.0f, xa, l->rank);
+        return;
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += LAYER_DROP_ROWS) {
+        const int64_t n = rows - r0 < LAYER_DROP_ROWS ? rows - r0 : LAYER_DROP_ROWS;
+        drop_rows(dm, x, r0, n, pr->in, buf);
+        la_gemm(la, nt, LA_N, LA_T, n, l->rank, pr->in, 1.0f, buf, pr->in, pr->a, pr->in,
+                0.0f, xa + r0 * l->rank, l->rank);
+    }
+}
+
+/* y (rows, out) = x·Wᵀ + bias + s·(X̃·Aᵀ)·Bᵀ, keeping xa = X̃·Aᵀ (X̃: lora_down). */
 static void proj_forward(const layer *l, const layer_proj *pr, const la_ctx *la, int nt,
-                         const float *x, int64_t rows, float *y, float *xa, float *wpanel)
+                         const float *x, int64_t rows, float *y, float *xa,
+                         const drop_mask *dm, float *buf, float *wpanel)
 {
     la_gemm_w(la, nt, LA_T, rows, pr->out, pr->in, 1.0f, x, pr->in, pr->weight, 0.0f, y,
               pr->out, wpanel);
@@ -109,45 +220,134 @@ static void proj_forward(const layer *l, const layer_proj *pr, const la_ctx *la,
             for (int64_t j = 0; j < pr->out; j++)
                 y[i * pr->out + j] += pr->bias[j];
     if (pr->adapted) {
-        la_gemm(la, nt, LA_N, LA_T, rows, l->rank, pr->in, 1.0f, x, pr->in, pr->a, pr->in,
-                0.0f, xa, l->rank);
+        lora_down(l, pr, la, nt, x, rows, dm, buf, xa);
         la_gemm(la, nt, LA_N, LA_T, rows, pr->out, l->rank, l->lora_scale, xa, l->rank,
                 pr->b, l->rank, 1.0f, y, pr->out);
     }
 }
 
-/* From dY (rows, out): dA += s·(dY·B)ᵀ·X, dB += s·dYᵀ·XA, and dX = (or +=) dY·W_eff. */
+/* With dropout: dA += s·(dY·B)ᵀ·X̃ and dX += s·((dY·B)·A) ⊙ keep/(1-p), block by block
+ * (dx NULL: dA only). */
+static void proj_backward_dropped(const layer *l, const layer_proj *pr, const la_ctx *la,
+                                  int nt, const float *x, int64_t rows, const float *dyb,
+                                  float *dx, const drop_mask *dm, float *buf)
+{
+    const float s = l->lora_scale;
+    for (int64_t r0 = 0; r0 < rows; r0 += LAYER_DROP_ROWS) {
+        const int64_t n = rows - r0 < LAYER_DROP_ROWS ? rows - r0 : LAYER_DROP_ROWS;
+        drop_rows(dm, x, r0, n, pr->in, buf);
+        la_gemm(la, nt, LA_T, LA_N, l->rank, pr->in, n, s, dyb + r0 * l->rank, l->rank, buf,
+                pr->in, 1.0f, pr->da, pr->in);
+        if (!dx)
+            continue;
+        la_gemm(la, nt, LA_N, LA_N, n, pr->in, l->rank, s * dm->scale, dyb + r0 * l->rank,
+                l->rank, pr->a, pr->in, 0.0f, buf, pr->in);
+        for (int64_t r = 0; r < n; r++) {
+            const uint64_t rk = drop_row_key(dm, r0 + r);
+            float *dxr = dx + (r0 + r) * pr->in;
+            const float *br = buf + r * pr->in;
+            for (int64_t c = 0; c < pr->in; c++)
+                if (drop_kept(dm, rk, c))
+                    dxr[c] += br[c];
+        }
+    }
+}
+
+/* From dY (rows, out): dA += s·(dY·B)ᵀ·X̃, dB += s·dYᵀ·XA, and dX = (or +=) dY·W + the
+ * LoRA path (dY·W_eff without dropout). */
 static void proj_backward(const layer *l, const layer_proj *pr, const la_ctx *la, int nt,
                           const float *x, const float *xa, int64_t rows, const float *dy,
-                          float *dx, int accumulate, float *dyb, float *wpanel)
+                          float *dx, int accumulate, float *dyb, const drop_mask *dm,
+                          float *buf, float *wpanel)
 {
     const float s = l->lora_scale;
     if (pr->adapted) {
         la_gemm(la, nt, LA_N, LA_N, rows, l->rank, pr->out, 1.0f, dy, pr->out, pr->b,
                 l->rank, 0.0f, dyb, l->rank);
-        la_gemm(la, nt, LA_T, LA_N, l->rank, pr->in, rows, s, dyb, l->rank, x, pr->in, 1.0f,
-                pr->da, pr->in);
+        if (!dm)
+            la_gemm(la, nt, LA_T, LA_N, l->rank, pr->in, rows, s, dyb, l->rank, x, pr->in,
+                    1.0f, pr->da, pr->in);
         la_gemm(la, nt, LA_T, LA_N, pr->out, l->rank, rows, s, dy, pr->out, xa, l->rank,
                 1.0f, pr->db, l->rank);
     }
     if (dx) {
         la_gemm_w(la, nt, LA_N, rows, pr->out, pr->in, 1.0f, dy, pr->out, pr->weight,
                   accumulate ? 1.0f : 0.0f, dx, pr->in, wpanel);
-        if (pr->adapted)
+        if (pr->adapted && !dm)
             la_gemm(la, nt, LA_N, LA_N, rows, pr->in, l->rank, s, dyb, l->rank, pr->a,
                     pr->in, 1.0f, dx, pr->in);
     }
+    if (pr->adapted && dm)
+        proj_backward_dropped(l, pr, la, nt, x, rows, dyb, dx, dm, buf);
+}
+
+/* ---- RoPE ----------------------------------------------------------------------------- */
+
+/* Turns `heads` heads of row x and `heads2` of row x2 (NULL: none) by position pos:
+ * each pair's angle pos·inv_freq[i] in double, once, its cos and sin applied in float
+ * to every head. inverse turns by -angle. */
+static void rope_rows2(const layer *l, int64_t pos, int inverse, float *x, int64_t heads,
+                       float *x2, int64_t heads2)
+{
+    const int64_t half = l->rope_dim / 2, hd = l->head_dim;
+    const int inter = l->rope == LORA_ROPE_INTERLEAVED;
+    for (int64_t i = 0; i < half; i++) {
+        const double angle = (double)pos * l->rope_freqs[i];
+        const float c = (float)cos(angle), sn = (float)(inverse ? -sin(angle) : sin(angle));
+        const int64_t ia = inter ? 2 * i : i, ib = inter ? 2 * i + 1 : i + half;
+        for (int64_t h = 0; h < heads + heads2; h++) {
+            float *v = h < heads ? x + h * hd : x2 + (h - heads) * hd;
+            const float va = v[ia], vb = v[ib];
+            v[ia] = va * c - vb * sn;
+            v[ib] = vb * c + va * sn;
+        }
+    }
+}
+
+void layer_rope_row(const layer *l, int64_t pos, float *x, int64_t heads)
+{
+    if (l->rope != LORA_ROPE_NONE)
+        rope_rows2(l, pos, 0, x, heads, NULL, 0);
+}
+
+void layer_rope(const layer *l, const attn_problem *p, float *q, float *k, int inverse)
+{
+    if (l->rope == LORA_ROPE_NONE)
+        return;
+    /* Q row i and K row i share their position (self-attention by default): one angle
+     * table for both. */
+    const int shared = p->len_q == p->len_kv && (!p->mask || p->mask->q_pos == p->mask->kv_pos);
+    for (int64_t b = 0; b < p->batch; b++) {
+        for (int64_t i = 0; i < p->len_q; i++) {
+            const int64_t r = b * p->len_q + i;
+            rope_rows2(l, attn_q_pos(p, b, i), inverse, q + r * l->q_dim, l->n_heads,
+                     shared ? k + r * l->kv_dim : NULL, shared ? l->n_kv_heads : 0);
+        }
+        for (int64_t j = 0; j < p->len_kv && !shared; j++)
+            rope_rows2(l, attn_kv_pos(p, b, j), inverse, k + (b * p->len_kv + j) * l->kv_dim,
+                       l->n_kv_heads, NULL, 0);
+    }
+}
+
+/* Zeroes the rows of padded queries of y (batch·len_q rows of width cols). */
+static void zero_padded_rows(const attn_problem *p, float *y, int64_t cols)
+{
+    for (int64_t b = 0; b < p->batch && p->mask && p->mask->q_len; b++)
+        for (int64_t i = attn_q_len(p, b); i < p->len_q; i++)
+            memset(y + (b * p->len_q + i) * cols, 0, (size_t)cols * sizeof(float));
 }
 
 void layer_project(const layer *l, const attn_problem *p, layer_acts *a)
 {
     const int64_t nq = p->batch * p->len_q, nk = p->batch * p->len_kv;
+    drop_mask m[3];
     proj_forward(l, &l->proj[PROJ_Q], p->la, p->threads, a->xq, nq, a->q, a->xa[PROJ_Q],
-                 a->wpanel);
+                 drop_of(l, a, PROJ_Q, &m[0]), a->drop_buf, a->wpanel);
     proj_forward(l, &l->proj[PROJ_K], p->la, p->threads, a->xkv, nk, a->k, a->xa[PROJ_K],
-                 a->wpanel);
+                 drop_of(l, a, PROJ_K, &m[1]), a->drop_buf, a->wpanel);
     proj_forward(l, &l->proj[PROJ_V], p->la, p->threads, a->xkv, nk, a->v, a->xa[PROJ_V],
-                 a->wpanel);
+                 drop_of(l, a, PROJ_V, &m[2]), a->drop_buf, a->wpanel);
+    layer_rope(l, p, a->q, a->k, 0);
 }
 
 void layer_attend(const layer *l, const attn_group_plan *plan, const attn_problem *p,
@@ -157,11 +357,13 @@ void layer_attend(const layer *l, const attn_group_plan *plan, const attn_proble
     attn_dispatch_forward(p, plan, a->q, a->k, a->v, a->attn, a->row_stat,
                           ws + layer_scratch_floats(l, p));
     *measured = attn_dispatch_measure(p, plan, a->q, a->k, a->v, a->attn, NULL, NULL, ws);
+    drop_mask m;
     if (l->out_proj)
         proj_forward(l, &l->proj[PROJ_O], p->la, p->threads, a->attn, nq, out,
-                     a->xa[PROJ_O], a->wpanel);
+                     a->xa[PROJ_O], drop_of(l, a, PROJ_O, &m), a->drop_buf, a->wpanel);
     else
         memcpy(out, a->attn, (size_t)nq * (size_t)l->q_dim * sizeof(float));
+    zero_padded_rows(p, out, l->out_proj ? l->d_model : l->q_dim);
 }
 
 
@@ -328,10 +530,12 @@ static double loss_error_term(const layer *l, const layer_acts *a, const bound_i
 }
 
 void layer_backward(const layer *l, const attn_group_plan *plan, const attn_problem *p,
-                    const layer_acts *a, const float *dout, float *dxq, float *dxkv,
+                    const layer_acts *a, float *dout, float *dxq, float *dxkv,
                     float *ws, double eta, double *grad_bound, double *loss_grad_bound,
                     double *measured)
 {
+    drop_mask m[PROJ_COUNT];
+    zero_padded_rows(p, dout, l->out_proj ? l->d_model : l->q_dim);
     const la_ctx *la = p->la;
     const int nt = p->threads;
     const int64_t nq = p->batch * p->len_q, nk = p->batch * p->len_kv;
@@ -342,19 +546,20 @@ void layer_backward(const layer *l, const attn_group_plan *plan, const attn_prob
     const float *dattn = dout;
     if (l->out_proj) {
         proj_backward(l, &l->proj[PROJ_O], la, nt, a->attn, a->xa[PROJ_O], nq, dout, dc, 0,
-                      dyb, a->wpanel);
+                      dyb, drop_of(l, a, PROJ_O, &m[PROJ_O]), a->drop_buf, a->wpanel);
         dattn = dc;
     }
     attn_dispatch_backward(p, plan, a->q, a->k, a->v, a->attn, a->row_stat, dattn, dq, dk,
                            dv, ws + layer_scratch_floats(l, p));
     *measured = attn_dispatch_measure(p, plan, a->q, a->k, a->v, a->attn, dattn, dq, ws);
+    layer_rope(l, p, dq, dk, 1);
     const int shared_dx = dxq != NULL && dxq == dxkv;
     proj_backward(l, &l->proj[PROJ_Q], la, nt, a->xq, a->xa[PROJ_Q], nq, dq, dxq, 0, dyb,
-                  a->wpanel);
+                  drop_of(l, a, PROJ_Q, &m[PROJ_Q]), a->drop_buf, a->wpanel);
     proj_backward(l, &l->proj[PROJ_K], la, nt, a->xkv, a->xa[PROJ_K], nk, dk, dxkv,
-                  shared_dx, dyb, a->wpanel);
+                  shared_dx, dyb, drop_of(l, a, PROJ_K, &m[PROJ_K]), a->drop_buf, a->wpanel);
     proj_backward(l, &l->proj[PROJ_V], la, nt, a->xkv, a->xa[PROJ_V], nk, dv, dxkv, 1, dyb,
-                  a->wpanel);
+                  drop_of(l, a, PROJ_V, &m[PROJ_V]), a->drop_buf, a->wpanel);
     *grad_bound = *loss_grad_bound = 0.0;
     if (eta > 0.0 && !isfinite(eta)) /* no certificate (δ >= 1); avoids ∞·0 at dout = 0 */
         *grad_bound = *loss_grad_bound = INFINITY;

@@ -27,6 +27,15 @@ typedef struct layer {
     float lora_scale;    /* s = alpha/r or alpha/√r */
     float softmax_scale; /* β */
     int causal, out_proj;
+    /* RoPE (LORA_ROPE_*): the first rope_dim dims of each Q and K head turn by
+     * position·rope_freqs[i] (rope_dim/2 inverse frequencies, owned by the adapter) */
+    int rope;
+    int64_t rope_dim;
+    const double *rope_freqs;
+    int64_t window;   /* LORA_CFG_WINDOW */
+    float softcap;    /* LORA_CFG_SOFTCAP */
+    double dropout;   /* LORA_CFG_DROPOUT: p of the LoRA branches' input dropout */
+    uint64_t seed;    /* LORA_CFG_SEED: keys the dropout masks */
     layer_proj proj[PROJ_COUNT];
 } layer;
 
@@ -37,9 +46,30 @@ typedef struct layer_acts {
     float *q, *k, *v;        /* projections (rows, q_dim / kv_dim) */
     float *attn;             /* attention output C (batch·len_q, q_dim) */
     float *row_stat;         /* backend's per-row statistic */
-    float *xa[PROJ_COUNT];   /* X·Aᵀ (rows, rank) of adapted projections */
+    float *xa[PROJ_COUNT];   /* X·Aᵀ (rows, rank) of adapted projections (the dropped X
+                                when dropout is on) */
     float *wpanel;           /* la_gemm_w's scratch for 16-bit base weights, or NULL */
+    /* Dropout: on for a training forward with p > 0; the masks are a function of the
+     * layer's seed, forward_count, target, row and column (layer_dropout_keep), so the
+     * backward regenerates its forward's masks instead of storing them. drop_buf:
+     * LAYER_DROP_ROWS rows of the widest adapted input, the dropped rows of one block. */
+    int dropout;
+    uint64_t forward_count;
+    float *drop_buf;
+    /* The call's per-row arguments, copied (the problem of a saved forward points here;
+     * the arrays live in the caller's activation buffer after the layer's). */
+    attn_mask mask;
 } layer_acts;
+
+/* Rows of one block of dropped inputs. */
+#define LAYER_DROP_ROWS 256
+
+/* Whether element (row, col) of target t's LoRA input is kept in training forward
+ * forward_count of a layer seeded `seed` with dropout p: a counter-based hash
+ * (docs/math.md#dropout) of those five values, so a mask needs no storage and no
+ * order of evaluation. */
+int layer_dropout_keep(uint64_t seed, uint64_t forward_count, int t, int64_t row,
+                       int64_t col, double p);
 
 /* Floats of activation storage for a call; self != 0 shares xq as xkv. Carve with
  * layer_acts_carve. Returns 0 when the count overflows size_t. */
@@ -57,12 +87,19 @@ size_t layer_scratch_floats(const layer *l, const attn_problem *p);
  * (batch·len_q, d_model) with out_proj, else (batch·len_q, q_dim). ws:
  * layer_scratch_floats floats, then attn_dispatch_workspace bytes. */
 void layer_project(const layer *l, const attn_problem *p, layer_acts *a);
+/* RoPE's rotation of Q rows q (batch·len_q, q_dim) and K rows k (batch·len_kv, kv_dim)
+ * by the positions of p (attn_q_pos, attn_kv_pos); inverse = 1 turns back (the
+ * transpose: the backward of dQ, dK). No-op without RoPE. */
+void layer_rope(const layer *l, const attn_problem *p, float *q, float *k, int inverse);
+/* Turns `heads` consecutive heads of one row x by position pos (no-op without RoPE). */
+void layer_rope_row(const layer *l, int64_t pos, float *x, int64_t heads);
 void layer_attend(const layer *l, const attn_group_plan *plan, const attn_problem *p,
                   layer_acts *a, float *out, float *ws, double *measured);
 
 /* Accumulates dA, dB of adapted projections; dxq, dxkv (NULL or input-shaped) are
- * overwritten; for self-attention pass the same pointer as dxq and dxkv. plan: the
- * forward's. eta: the largest certified relative error of the attention probabilities
+ * overwritten; dout is the caller's own copy (rows of padded queries are zeroed in it,
+ * so their dout is ignored); for self-attention pass the same pointer as dxq and dxkv.
+ * plan: the forward's. eta: the largest certified relative error of the attention probabilities
  * over the kv groups (0 when all ran exact). Certified absolute error bounds on every
  * returned gradient entry (MATH §4, docs/math.md; arithmetic outside η exact):
  * *grad_bound against the exact gradient for this dout; *loss_grad_bound against the
@@ -70,15 +107,17 @@ void layer_attend(const layer *l, const attn_group_plan *plan, const attn_proble
  * the approximate output. *measured (both steps): attn_dispatch_measure's sampled
  * error. */
 void layer_backward(const layer *l, const attn_group_plan *plan, const attn_problem *p,
-                    const layer_acts *a, const float *dout, float *dxq, float *dxkv,
+                    const layer_acts *a, float *dout, float *dxq, float *dxkv,
                     float *ws, double eta, double *grad_bound, double *loss_grad_bound,
                     double *measured);
 
 /* What the threshold estimator needs of self-attention's Q, K, V on x (p->batch ×
- * p->len_q rows), computed without storing them: max |entry| of each (bias and LoRA
- * included; index PROJ_Q/K/V) and the score bounds R of attn_score_bound per kv-head
- * group (group_r, n_kv_heads entries) and over all (score_bound), with the key mean
- * taken as x̄·W_Kᵀ + b_K (equal to the mean key up to rounding). */
+ * p->len_q rows, of which the valid ones count: p->mask's lengths), computed without
+ * storing them: max |entry| of each (bias and LoRA included, Q and K turned by RoPE at
+ * p's positions; index PROJ_Q/K/V) and the score bounds R of attn_score_bound per
+ * kv-head group (group_r, n_kv_heads entries) and over all (score_bound), with the key
+ * mean taken as x̄·W_Kᵀ + b_K (equal to the mean key up to rounding), or under RoPE
+ * as the mean of the turned keys. */
 typedef struct layer_qkv_stats_result {
     double max_abs[3];
     double score_bound;

@@ -3,7 +3,9 @@
  * bound R, without storing the projections. Rows go in blocks through one product
  * against the stacked effective weights [W_Q; W_K; W_V] (LoRA merged in, bias added),
  * reduced while the block is still in cache. The key mean that centring subtracts is
- * x̄·W_Kᵀ + b_K, so one pass over the rows suffices.
+ * x̄·W_Kᵀ + b_K, so one pass over the rows suffices; under RoPE (Q and K turned by
+ * their positions, as the backends see them) the rotated keys' mean is no function of
+ * x̄, so a first pass projects, turns and sums the keys block by block.
  *
  * Head slots: the stacked weights' rows, head_dim at a time; slot s < H is query head
  * s, the next KV slots are key heads, the last KV value heads. Wide layers go through
@@ -30,6 +32,22 @@ typedef struct stats_shape {
 } stats_shape;
 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Rows [r0, r0 + n) of batch element b cut to its valid rows (right padding: attn_q_len
+ * of the call's arguments); 0 when none is valid. Padding takes no part in any
+ * statistic. */
+static int64_t valid_rows(const attn_problem *p, int64_t b, int64_t r0, int64_t n)
+{
+    const int64_t v = attn_q_len(p, b) - r0;
+    return v < 0 ? 0 : v < n ? v : n;
+}
+
+/* The divisor of batch element b's means: its valid rows (1 when none). */
+static double mean_rows(const attn_problem *p, int64_t b)
+{
+    const int64_t v = attn_q_len(p, b);
+    return v > 0 ? (double)v : 1.0;
+}
 
 static stats_shape shape_of(const layer *l, const attn_problem *p)
 {
@@ -70,8 +88,10 @@ static size_t take(size_t *n, int64_t a, int64_t b, int *ok)
 
 typedef struct stats_ws {
     float *w, *bias;         /* one panel's merged weights (slots·d, d_model) and biases */
-    float *zero;             /* head_dim zeros: the centre of query and value slots */
+    float *zero;             /* a panel of zeros: the centre of query and value slots,
+                                and the bias of a block that already has its own */
     float *kmean;            /* (batch, kv_dim): the key mean of each batch element */
+    double *ksum;            /* RoPE: (sum_tasks, kv_dim) column sums of rotated keys */
     double *colsum;          /* (sum_tasks, d_model) partial column sums of x */
     double *slot;            /* (tasks, slots, 2): max ‖·‖² and max |entry| per slot */
     float *worker;           /* per worker: x block (blk, d_model), products (blk, panel) */
@@ -87,10 +107,12 @@ static size_t carve(const layer *l, const attn_problem *p, const stats_shape *s,
     int ok = 1;
     const size_t w_at = take(&n, panel, s->d_model, &ok);
     const size_t bias_at = take(&n, panel, 1, &ok);
-    const size_t zero_at = take(&n, s->d, 1, &ok);
+    const size_t zero_at = take(&n, panel, 1, &ok);
     const size_t kmean_at = take(&n, p->batch, l->kv_dim, &ok);
     const size_t colsum_at = take(&n, s->sum_tasks, 2 * s->d_model, &ok); /* doubles */
     const size_t slot_at = take(&n, s->tasks, 4 * s->slots, &ok);        /* doubles */
+    const size_t ksum_at =
+        take(&n, l->rope != LORA_ROPE_NONE ? s->sum_tasks : 0, 2 * l->kv_dim, &ok);
     take(&per, s->blk, s->d_model, &ok);
     take(&per, s->blk, panel, &ok);
     const size_t worker_at = take(&n, s->nt, (int64_t)per, &ok);
@@ -103,6 +125,7 @@ static size_t carve(const layer *l, const attn_problem *p, const stats_shape *s,
         w->kmean = ws + kmean_at;
         w->colsum = (double *)(void *)(ws + colsum_at);
         w->slot = (double *)(void *)(ws + slot_at);
+        w->ksum = (double *)(void *)(ws + ksum_at);
         w->worker = ws + worker_at;
         w->worker_floats = per;
     }
@@ -230,10 +253,10 @@ static void sums_part(void *arg, int worker, int workers)
     pool_static_range(s->sum_tasks, worker, workers, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) {
         const int64_t b = t / s->sums_per_batch, i0 = (t % s->sums_per_batch) * SUM_BLOCK;
-        const int64_t i1 = i0 + SUM_BLOCK < len ? i0 + SUM_BLOCK : len;
+        const int64_t n = valid_rows(j->p, b, i0, SUM_BLOCK);
         double *acc = j->colsum + t * dm;
         memset(acc, 0, (size_t)dm * sizeof *acc);
-        add_rows(j->x + (b * len + i0) * dm, i1 - i0, dm, acc);
+        add_rows(j->x + (b * len + i0) * dm, n, dm, acc);
     }
 }
 
@@ -252,7 +275,27 @@ static void input_means(const attn_problem *p, const stats_shape *s, const float
             for (int64_t c = 0; c < dm; c++)
                 mean[c] += colsum[(b * s->sums_per_batch + t) * dm + c];
         for (int64_t c = 0; c < dm; c++)
-            mean[c] /= (double)len;
+            mean[c] /= mean_rows(p, b);
+    }
+}
+
+/* Adds the panel's biases to a block of products y (rows i0 .. i0+n-1 of batch element
+ * b, slots s0 .. s0+ns-1) and turns its query and key slots by RoPE at the rows'
+ * positions, as the backends see them. */
+static void rotate_block(const layer *l, const attn_problem *p, int64_t b, int64_t i0,
+                         int64_t n, int64_t s0, int64_t ns, const float *bias, float *y)
+{
+    const int64_t d = l->head_dim, width = ns * d, nh = l->n_heads, nk = nh + l->n_kv_heads;
+    const int64_t q1 = nh < s0 + ns ? nh : s0 + ns;           /* query slots [s0, q1) */
+    const int64_t k0 = s0 > nh ? s0 : nh, k1 = nk < s0 + ns ? nk : s0 + ns; /* keys */
+    for (int64_t i = 0; i < n; i++) {
+        float *row = y + i * width;
+        for (int64_t c = 0; c < width; c++)
+            row[c] += bias[c];
+        if (s0 < q1)
+            layer_rope_row(l, attn_q_pos(p, b, i0 + i), row, q1 - s0);
+        if (k0 < k1)
+            layer_rope_row(l, attn_kv_pos(p, b, i0 + i), row + (k0 - s0) * d, k1 - k0);
     }
 }
 
@@ -293,14 +336,74 @@ static void blocks_part(void *arg, int worker, int workers)
         float *xb = w->worker + (size_t)worker * w->worker_floats;
         float *yb = xb + ((size_t)(s->blk * dm + 15) & ~(size_t)15);
         const int64_t b = t / s->blocks_per_batch, i0 = (t % s->blocks_per_batch) * s->blk;
-        const int64_t n = len - i0 < s->blk ? len - i0 : s->blk;
+        const int64_t n = valid_rows(p, b, i0, s->blk);
         /* A copy: BLIS reads only library buffers (they carry tail padding). */
         memcpy(xb, x + (b * len + i0) * dm, (size_t)(n * dm) * sizeof(float));
-        la_gemm(p->la, 1, LA_N, LA_T, n, ns * d, dm, 1.0f, xb, dm, w->w, dm, 0.0f, yb,
-                ns * d);
-        block_stats(l, yb, n, s0, ns, w->bias, w->kmean + b * l->kv_dim, w->zero,
-                    w->slot + t * 2 * s->slots);
+        if (n > 0)
+            la_gemm(p->la, 1, LA_N, LA_T, n, ns * d, dm, 1.0f, xb, dm, w->w, dm, 0.0f, yb,
+                    ns * d);
+        const int rope = l->rope != LORA_ROPE_NONE;
+        if (rope)
+            rotate_block(l, p, b, i0, n, s0, ns, w->bias, yb);
+        block_stats(l, yb, n, s0, ns, rope ? w->zero : w->bias, w->kmean + b * l->kv_dim,
+                    w->zero, w->slot + t * 2 * s->slots);
     }
+}
+
+/* A static share of the fixed row blocks under RoPE (rotated_key_means): the key rows
+ * of the panel's weights, their bias, the turn, and column sums in double in row order. */
+static void rotated_sums_part(void *arg, int worker, int workers)
+{
+    const stats_job *j = arg;
+    const layer *l = j->l;
+    const attn_problem *p = j->p;
+    const stats_shape *s = j->s;
+    const stats_ws *w = j->w;
+    const int64_t len = p->len_q, dm = s->d_model, d = s->d, cols = j->cols;
+    const float *wk = w->w + (j->k0 - j->s0 * d) * dm, *bk = w->bias + (j->k0 - j->s0 * d);
+    int64_t lo, hi;
+    pool_static_range(s->sum_tasks, worker, workers, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        float *xb = w->worker + (size_t)worker * w->worker_floats;
+        float *yb = xb + ((size_t)(s->blk * dm + 15) & ~(size_t)15);
+        const int64_t b = t / s->sums_per_batch, i0 = (t % s->sums_per_batch) * SUM_BLOCK;
+        const int64_t i1 = i0 + valid_rows(p, b, i0, SUM_BLOCK);
+        double *acc = w->ksum + t * l->kv_dim;
+        memset(acc, 0, (size_t)cols * sizeof *acc);
+        for (int64_t r0 = i0; r0 < i1; r0 += s->blk) {
+            const int64_t n = i1 - r0 < s->blk ? i1 - r0 : s->blk;
+            memcpy(xb, j->x + (b * len + r0) * dm, (size_t)(n * dm) * sizeof(float));
+            la_gemm(p->la, 1, LA_N, LA_T, n, cols, dm, 1.0f, xb, dm, wk, dm, 0.0f, yb, cols);
+            for (int64_t i = 0; i < n; i++) {
+                float *row = yb + i * cols;
+                for (int64_t c = 0; c < cols; c++)
+                    row[c] += bk[c];
+                layer_rope_row(l, attn_kv_pos(p, b, r0 + i), row, cols / d);
+                for (int64_t c = 0; c < cols; c++)
+                    acc[c] += row[c];
+            }
+        }
+    }
+}
+
+/* The key mean of the panel's key columns under RoPE: the turned keys' mean is no
+ * function of x̄, so the keys are projected and turned block by block and summed in
+ * fixed blocks of SUM_BLOCK rows (the mean does not depend on the thread count), then
+ * per batch element in block order. */
+static void rotated_key_means(stats_job *j)
+{
+    const layer *l = j->l;
+    const stats_shape *s = j->s;
+    const int nt = s->sum_tasks < s->nt ? (int)s->sum_tasks : s->nt;
+    pool_run(j->p->la->pool, nt, rotated_sums_part, j);
+    for (int64_t b = 0; b < j->p->batch; b++)
+        for (int64_t c = 0; c < j->cols; c++) {
+            double sum = 0.0;
+            for (int64_t t = 0; t < s->sums_per_batch; t++)
+                sum += j->w->ksum[(b * s->sums_per_batch + t) * l->kv_dim + c];
+            j->w->kmean[b * l->kv_dim + (j->k0 - l->q_dim) + c] =
+                (float)(sum / mean_rows(j->p, b));
+        }
 }
 
 int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float *ws,
@@ -311,7 +414,8 @@ int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float
     carve(l, p, &s, ws, &w);
     const int64_t dm = s.d_model, d = s.d, nh = l->n_heads;
     input_means(p, &s, x, w.colsum);
-    memset(w.zero, 0, (size_t)d * sizeof(float));
+    memset(w.zero, 0, (size_t)(s.panel_slots * d) * sizeof(float));
+    const int rope = l->rope != LORA_ROPE_NONE;
 
     for (int64_t s0 = 0; s0 < s.slots; s0 += s.panel_slots) {
         const int64_t ns = s.slots - s0 < s.panel_slots ? s.slots - s0 : s.panel_slots;
@@ -323,7 +427,9 @@ int layer_qkv_stats(const layer *l, const attn_problem *p, const float *x, float
         const int64_t k1 = (s0 + ns) * d < l->q_dim + l->kv_dim ? (s0 + ns) * d
                                                                  : l->q_dim + l->kv_dim;
         stats_job j = {l, p, &s, &w, x, w.colsum, s0, ns, k0, k1 - k0};
-        if (k0 < k1) {
+        if (k0 < k1 && rope) {
+            rotated_key_means(&j);
+        } else if (k0 < k1) {
             const int nt = (double)p->batch * (double)j.cols * (double)dm > 1e6 ? s.nt : 1;
             pool_run(p->la->pool, nt, kmean_part, &j);
         }

@@ -536,6 +536,20 @@ class Adapter:
                     "lora_adapter_set_base_borrowed")
         self._borrowed[t] = (w, b)
 
+    def set_rope_freqs(self, inv_freq):
+        """lora_adapter_set_rope_freqs: replaces RoPE's inverse frequencies
+        (THETA^(-2i/ROPE_DIM) by default) with ROPE_DIM/2 finite values >= 0, used in
+        float64: the route to linear, NTK, Llama 3 and YaRN scaling (docs/models.md).
+        Drops the saved forward."""
+        _need("lora_adapter_set_rope_freqs")
+        f = np.ascontiguousarray(np.asarray(inv_freq, dtype=np.float64))
+        if f.ndim != 1:
+            raise ShapeError(Status.SHAPE, "inv_freq has shape %s, expected (ROPE_DIM/2,)"
+                             % (f.shape,), "lora_adapter_set_rope_freqs")
+        self._saved = None
+        self._check(_lib.lora_adapter_set_rope_freqs(self._h(), _ptr(f), f.size),
+                    "lora_adapter_set_rope_freqs")
+
     # -- LoRA factors and gradients --
 
     def param_shape(self, target, which):

@@ -196,6 +196,7 @@ _OPTIONAL_PROTOTYPES = {
                                ctypes.POINTER(SaveOptionsC)]),
     "lora_save_gguf_ex": (_i, [_s, ctypes.POINTER(AdapterP), ctypes.POINTER(_i64), _sz,
                                ctypes.POINTER(SaveOptionsC)]),
+    "lora_adapter_set_rope_freqs": (_i, [AdapterP, _p, _sz]),
 }
 
 

@@ -278,3 +278,23 @@ def test_import_fails_clearly_without_a_library():
                        text=True)
     assert r.returncode != 0
     assert "ImportError" in r.stderr and "/nonexistent/liblora.so (no such file)" in r.stderr
+
+
+def test_rope_freqs_zero_table_is_no_rope(rng):
+    """A RoPE table of zeros turns nothing: the output equals the layer without RoPE;
+    a table of the wrong length or a negative value is refused."""
+    x = rng.uniform(-1, 1, (2, 5, 8)).astype(np.float32)
+    plain, _ = reference.make_layer(np.random.default_rng(7), d_model=8, n_heads=2)
+    rope, _ = reference.make_layer(np.random.default_rng(7), d_model=8, n_heads=2,
+                                   rope=lora.Rope.INTERLEAVED)
+    with plain, rope:
+        want = plain.forward(x)
+        assert not np.array_equal(rope.forward(x), want)
+        rope.set_rope_freqs([0.0, 0.0])
+        np.testing.assert_array_equal(rope.forward(x), want)
+        with pytest.raises(lora.InvalidArgumentError):
+            rope.set_rope_freqs([1.0, 0.5, 0.25])
+        with pytest.raises(lora.InvalidArgumentError):
+            rope.set_rope_freqs([1.0, -0.5])
+        with pytest.raises(lora.InvalidArgumentError):
+            plain.set_rope_freqs([1.0, 0.5])

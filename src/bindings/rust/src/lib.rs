@@ -885,6 +885,17 @@ impl Adapter {
         )
     }
 
+    /// Replaces RoPE's inverse frequencies (THETA^(-2i/ROPE_DIM) by default) with
+    /// ROPE_DIM/2 finite values >= 0: linear, NTK, Llama 3 or YaRN scaling
+    /// (docs/models.md). Drops the saved forward.
+    pub fn set_rope_freqs(&mut self, inv_freq: &[f64]) -> Result<()> {
+        self.saved = Saved::None;
+        self.check(
+            unsafe { sys::lora_adapter_set_rope_freqs(self.h, inv_freq.as_ptr(), inv_freq.len()) },
+            "lora_adapter_set_rope_freqs",
+        )
+    }
+
     /// Hot swap: copies `src`'s factors and scaling into this adapter, keeping its
     /// base weights, settings and gradients.
     pub fn copy_params_from(&mut self, src: &Adapter) -> Result<()> {

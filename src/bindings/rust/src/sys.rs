@@ -443,6 +443,8 @@ extern "C" {
         bias: *const f32,
     ) -> c_int;
     pub fn lora_adapter_copy_params(dst: *mut lora_adapter, src: *const lora_adapter) -> c_int;
+    pub fn lora_adapter_set_rope_freqs(ad: *mut lora_adapter, inv_freq: *const f64, n: usize)
+        -> c_int;
 
     // ---- I/O ----
     pub fn lora_save_peft(

@@ -288,3 +288,19 @@ fn adapter_is_send() {
     let h = std::thread::spawn(move || ad.param(Target::Q, Factor::A).unwrap().len());
     assert_eq!(h.join().unwrap(), 8 * 4);
 }
+
+#[test]
+fn rope_zero_freqs_equal_no_rope() {
+    let x = rnd(2 * 5 * 8, 77, 1.0);
+    let mut plain = layer(Config::new(8).n_heads(2));
+    let mut rope = layer(Config::new(8).n_heads(2).rope(lora::sys::LORA_ROPE_HALF as i64));
+    let want = plain.forward(&x, 2, 5).unwrap();
+    assert_ne!(rope.forward(&x, 2, 5).unwrap(), want);
+    rope.set_rope_freqs(&[0.0, 0.0]).unwrap();
+    assert_eq!(rope.forward(&x, 2, 5).unwrap(), want);
+    assert_eq!(
+        rope.set_rope_freqs(&[1.0, 0.5, 0.25]).unwrap_err().status,
+        Status::InvalidArg
+    );
+    assert_eq!(plain.set_rope_freqs(&[1.0, 0.5]).unwrap_err().status, Status::InvalidArg);
+}

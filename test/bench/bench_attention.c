@@ -1,0 +1,249 @@
+/* The cost of the 0.2 attention options in the exact backend, each against its
+ * baseline in the same run (timings interleaved, medians), through the public API:
+ * one head, head_dim = d_model = 64, LoRA rank 8 on Q, K, V, LORA_CFG_THREADS = T.
+ * One forward + backward per repetition. The comparisons and the targets they are
+ * meant to meet:
+ *
+ *   rope     RoPE (HALF) vs none, causal, L = 8192          ratio <= 1.05
+ *   padding  batch 4 x 8192 with rows [4096, 8192) of each element padding (q_lens),
+ *            vs unpadded, causal                              ratio <= 0.60
+ *   packed   one row of 16 sequences of 512 (segments, positions restarting) vs one
+ *            causal sequence of 8192                          ratio <= 0.10
+ *   window   WINDOW = 1024 vs full causal, L = 16384          ratio <= 1.3 x the visible
+ *            pairs' share of the causal pairs
+ *
+ *   bench_attention [--threads T] [--reps N] [--only rope|padding|packed|window]
+ * Prints one line per comparison: the two medians, their ratio, and the target. */
+#define _GNU_SOURCE
+#include <lora.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define CHECK(call)                                                                        \
+    do {                                                                                   \
+        int st_ = (call);                                                                  \
+        if (st_ != LORA_OK) {                                                              \
+            fprintf(stderr, "%s:%d: %s -> %s\n", __FILE__, __LINE__, #call,                \
+                    lora_status_string(st_));                                              \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+#define HEAD_DIM 64
+#define RANK 8
+#define MAX_REPS 31
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15u;
+static float urand(void) /* uniform in [-1, 1) */
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)((double)(rng_state >> 11) * 0x1p-52 - 1.0);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *t, int n)
+{
+    qsort(t, (size_t)n, sizeof t[0], cmp_double);
+    return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+}
+
+/* An exact-backend layer; rope and window as LORA_CFG_ROPE / LORA_CFG_WINDOW. */
+static lora_adapter *make_adapter(int threads, int rope, int64_t window)
+{
+    lora_config *cfg;
+    lora_adapter *ad;
+    CHECK(lora_config_create(&cfg));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_D_MODEL, HEAD_DIM));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_TARGETS,
+                              LORA_TARGET_Q | LORA_TARGET_K | LORA_TARGET_V));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_RANK, RANK));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_BACKEND, LORA_BACKEND_EXACT));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_THREADS, threads));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_CAUSAL, 1));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_ROPE, rope));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_WINDOW, window));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_INIT, LORA_INIT_GAUSSIAN));
+    CHECK(lora_adapter_create(&ad, cfg));
+    lora_config_destroy(cfg);
+    static float w[HEAD_DIM * HEAD_DIM], b[HEAD_DIM * RANK];
+    const int targets[3] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TARGET_V};
+    for (int t = 0; t < 3; t++) {
+        for (int i = 0; i < HEAD_DIM * HEAD_DIM; i++)
+            w[i] = urand() * 0.2f;
+        CHECK(lora_adapter_set_base(ad, targets[t], w, NULL));
+        for (int i = 0; i < HEAD_DIM * RANK; i++)
+            b[i] = urand() * 0.1f;
+        CHECK(lora_adapter_set_param(ad, targets[t], LORA_B, b, HEAD_DIM * RANK));
+    }
+    return ad;
+}
+
+/* One side of a comparison: an adapter, its call arguments and its inputs. */
+typedef struct side {
+    lora_adapter *ad;
+    lora_attn_args args;
+    int64_t batch, len;
+    float *x, *out, *dout, *dx;
+} side;
+
+static void side_init(side *s, lora_adapter *ad, int64_t batch, int64_t len)
+{
+    memset(s, 0, sizeof *s);
+    s->ad = ad;
+    s->args.struct_size = sizeof s->args;
+    s->batch = batch;
+    s->len = len;
+    const size_t n = (size_t)(batch * len) * HEAD_DIM;
+    s->x = malloc(n * sizeof(float));
+    s->out = malloc(n * sizeof(float));
+    s->dout = malloc(n * sizeof(float));
+    s->dx = malloc(n * sizeof(float));
+    if (!s->x || !s->out || !s->dout || !s->dx) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
+    for (size_t i = 0; i < n; i++) {
+        s->x[i] = urand();
+        s->dout[i] = urand();
+    }
+}
+
+static double side_step(side *s)
+{
+    const double t0 = now();
+    CHECK(lora_forward_ex(s->ad, &s->args, s->x, NULL, s->batch, s->len, s->len, s->out));
+    CHECK(lora_backward_ex(s->ad, NULL, s->dout, s->dx, NULL));
+    return now() - t0;
+}
+
+static void side_free(side *s)
+{
+    free(s->x);
+    free(s->out);
+    free(s->dout);
+    free(s->dx);
+    lora_adapter_destroy(s->ad);
+}
+
+/* Medians of a's and b's forward + backward, interleaved so both see the same load. */
+static void compare(const char *name, side *a, side *b, int reps, double target,
+                    const char *target_text)
+{
+    side_step(a); /* warm-up: buffers, page faults */
+    side_step(b);
+    double ta[MAX_REPS], tb[MAX_REPS];
+    for (int r = 0; r < reps; r++) {
+        ta[r] = side_step(a);
+        tb[r] = side_step(b);
+    }
+    const double ma = median(ta, reps), mb = median(tb, reps);
+    printf("%-8s  %9.4f s  vs  %9.4f s  ratio %.3f  (target %s %.3f)\n", name, ma, mb,
+           ma / mb, target_text, target);
+}
+
+static void bench_rope(int threads, int reps)
+{
+    side a, b;
+    side_init(&a, make_adapter(threads, LORA_ROPE_HALF, 0), 1, 8192);
+    side_init(&b, make_adapter(threads, LORA_ROPE_NONE, 0), 1, 8192);
+    compare("rope", &a, &b, reps, 1.05, "<=");
+    side_free(&a);
+    side_free(&b);
+}
+
+static void bench_padding(int threads, int reps)
+{
+    side a, b;
+    side_init(&a, make_adapter(threads, LORA_ROPE_NONE, 0), 4, 8192);
+    side_init(&b, make_adapter(threads, LORA_ROPE_NONE, 0), 4, 8192);
+    static int64_t lens[4] = {4096, 4096, 4096, 4096};
+    a.args.q_lens = lens;
+    compare("padding", &a, &b, reps, 0.60, "<=");
+    side_free(&a);
+    side_free(&b);
+}
+
+static void bench_packed(int threads, int reps)
+{
+    enum { SEQS = 16, SEQ_LEN = 512, L = SEQS * SEQ_LEN };
+    side a, b;
+    side_init(&a, make_adapter(threads, LORA_ROPE_NONE, 0), 1, L);
+    side_init(&b, make_adapter(threads, LORA_ROPE_NONE, 0), 1, L);
+    static int64_t pos[L];
+    static int32_t seg[L];
+    for (int i = 0; i < L; i++) {
+        pos[i] = i % SEQ_LEN;
+        seg[i] = i / SEQ_LEN;
+    }
+    a.args.q_pos = pos;
+    a.args.q_seg = seg;
+    compare("packed", &a, &b, reps, 0.10, "<=");
+    side_free(&a);
+    side_free(&b);
+}
+
+static void bench_window(int threads, int reps)
+{
+    const int64_t L = 16384, W = 1024;
+    side a, b;
+    side_init(&a, make_adapter(threads, LORA_ROPE_NONE, W), 1, L);
+    side_init(&b, make_adapter(threads, LORA_ROPE_NONE, 0), 1, L);
+    /* visible pairs: query i sees min(i + 1, W) keys */
+    const double window_pairs = (double)W * (double)(W + 1) / 2.0 + (double)(L - W) * (double)W;
+    const double causal_pairs = (double)L * (double)(L + 1) / 2.0;
+    compare("window", &a, &b, reps, 1.3 * window_pairs / causal_pairs, "<=");
+    side_free(&a);
+    side_free(&b);
+}
+
+int main(int argc, char **argv)
+{
+    int threads = 2, reps = 5;
+    const char *only = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+            threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--reps") && i + 1 < argc)
+            reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--only") && i + 1 < argc)
+            only = argv[++i];
+        else {
+            fprintf(stderr, "usage: %s [--threads T] [--reps N] "
+                            "[--only rope|padding|packed|window]\n",
+                    argv[0]);
+            return 2;
+        }
+    }
+    if (threads < 1 || reps < 1 || reps > MAX_REPS) {
+        fprintf(stderr, "threads >= 1, reps in 1..%d\n", MAX_REPS);
+        return 2;
+    }
+    printf("exact backend, head_dim %d, rank %d, %d threads, median of %d fwd+bwd\n",
+           HEAD_DIM, RANK, threads, reps);
+    if (!only || !strcmp(only, "rope"))
+        bench_rope(threads, reps);
+    if (!only || !strcmp(only, "padding"))
+        bench_padding(threads, reps);
+    if (!only || !strcmp(only, "packed"))
+        bench_packed(threads, reps);
+    if (!only || !strcmp(only, "window"))
+        bench_window(threads, reps);
+    return 0;
+}
