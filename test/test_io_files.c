@@ -699,6 +699,13 @@ START_TEST(test_peft_config_parity)
         {"\"target_modules\": \"q_proj|v_proj\"", LORA_ERR_FORMAT, "regex"},
         {"\"target_modules\": \".*\\\\.q_proj\"", LORA_ERR_FORMAT, "v_proj"},
         {"\"target_modules\": \"(?=x).*\"", LORA_ERR_UNSUPPORTED, "target_modules"},
+        /* Repetitions that glibc's regcomp would expand exponentially (a fuzzed
+         * "x++++...+" took gigabytes): refused before compiling. */
+        {"\"target_modules\": \"x+++++++++++++++++++++++++++++++++++++++++++++++++\"",
+         LORA_ERR_UNSUPPORTED, "target_modules"},
+        {"\"target_modules\": \"((((((((((x+)+)+)+)+)+)+)+)+)+)\"", LORA_ERR_UNSUPPORTED,
+         "target_modules"},
+        {"\"target_modules\": \".*q_proj{2}\"", LORA_ERR_UNSUPPORTED, "target_modules"},
         /* layers_to_transform (with the list form of target_modules) */
         {"\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": [0, 5]",
          LORA_OK, NULL},

@@ -104,6 +104,42 @@ static int config_refusals(const cJSON *root, const char *path, char *err)
     return LORA_OK;
 }
 
+/* Whether a target_modules regex stays small once compiled. glibc's regcomp copies the
+ * operand of every + and {m,n}, so stacked or nested repetitions grow the automaton
+ * exponentially (a fuzzed "x+++...+" took gigabytes). Refused: counted repetition
+ * {m,n}, a quantifier applied to a quantifier (but one lazy ?), more than 8 +. */
+static int regex_is_tame(const char *py)
+{
+    int in_class = 0, prev_quant = 0, plus = 0;
+    for (const char *p = py; *p; p++) {
+        if (*p == '\\') {
+            if (!p[1])
+                return 0;
+            p++;
+            prev_quant = 0;
+        } else if (in_class) {
+            in_class = *p != ']';
+        } else if (*p == '[') {
+            in_class = 1;
+            if (p[1] == '^' || p[1] == ']')
+                p++;
+            if (*p == '^' && p[1] == ']')
+                p++;
+            prev_quant = 0;
+        } else if (*p == '{') {
+            return 0;
+        } else if (*p == '*' || *p == '+' || *p == '?') {
+            if (prev_quant && !(*p == '?' && prev_quant == 1))
+                return 0;
+            plus += *p == '+';
+            prev_quant = prev_quant ? 2 : 1; /* 2: the lazy ? after a quantifier */
+        } else {
+            prev_quant = 0;
+        }
+    }
+    return plus <= 8;
+}
+
 /* A Python regular expression (re.fullmatch) as a POSIX extended one matching whole
  * keys: "^(...)$", with \d, (?:, and lazy quantifiers rewritten. 0 when it uses syntax
  * that has no POSIX equivalent here. */
@@ -184,7 +220,7 @@ static int config_targets(const cJSON *root, const char *path, peft_rules *rules
         char ere[REGEX_MAX + 16];
         if (strcasecmp(x->valuestring, "all-linear") == 0) {
             rules->all_linear = 1;
-        } else if (strlen(x->valuestring) > REGEX_MAX ||
+        } else if (strlen(x->valuestring) > REGEX_MAX || !regex_is_tame(x->valuestring) ||
                    !translate_regex(x->valuestring, ere, sizeof ere) ||
                    regcomp(&rules->regex, ere, REG_EXTENDED | REG_NOSUB) != 0) {
             return io_error(err, LORA_ERR_UNSUPPORTED,
@@ -263,7 +299,7 @@ static int layer_found(const peft_rules *rules, const char *key)
         if (strlen(it->valuestring) > REGEX_MAX)
             continue;
         snprintf(py, sizeof py, ".*\\.%s\\.\\d+\\..*", it->valuestring);
-        if (!translate_regex(py, ere, sizeof ere) ||
+        if (!regex_is_tame(py) || !translate_regex(py, ere, sizeof ere) ||
             regcomp(&re, ere, REG_EXTENDED | REG_NOSUB) != 0)
             continue;
         const int hit = regexec(&re, key, 0, NULL, 0) == 0;
