@@ -20,15 +20,7 @@
 #include <string.h>
 #include <time.h>
 
-#define CHECK(call)                                                                        \
-    do {                                                                                   \
-        int st_ = (call);                                                                  \
-        if (st_ != LORA_OK) {                                                              \
-            fprintf(stderr, "%s:%d: %s -> %s\n", __FILE__, __LINE__, #call,                \
-                    lora_status_string(st_));                                              \
-            exit(1);                                                                       \
-        }                                                                                  \
-    } while (0)
+#include "bench_common.h"
 
 #define D_MODEL 4096
 #define N_HEADS 32
@@ -38,34 +30,6 @@
 #define TENANTS 16
 #define ROWS 64
 #define MAX_REPS 101
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static uint64_t rng_state = 0x9E3779B97F4A7C15u;
-static float urand(void) /* uniform in [-1, 1) */
-{
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)((double)(rng_state >> 11) * 0x1p-52 - 1.0);
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *t, int n)
-{
-    qsort(t, (size_t)n, sizeof t[0], cmp_double);
-    return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-}
 
 static void *xmalloc(size_t n)
 {
