@@ -114,6 +114,13 @@ void gw_read(const char *path, gw_file *g)
             ck_assert(pos + 8 <= g->size);
             kv->len = (size_t)le64(b + pos);
             pos += 8;
+        } else if (kv->type == 9) { /* an array of scalars: its element type and count */
+            ck_assert(pos + 12 <= g->size);
+            kv->elem_type = le32(b + pos);
+            const size_t esz = gw_scalar(kv->elem_type);
+            ck_assert_msg(esz > 0, "key %s: array of type %u", kv->key, kv->elem_type);
+            kv->len = esz * (size_t)le64(b + pos + 4);
+            pos += 12;
         } else {
             kv->len = gw_scalar(kv->type);
             ck_assert_msg(kv->len > 0, "key %s: type %u", kv->key, kv->type);

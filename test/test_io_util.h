@@ -21,13 +21,14 @@ const char *json_value(const char *from, const char *key);
 /* "[a, b, ...]" into v (at most cap); returns the count. */
 int json_ints(const char *p, long long *v, int cap);
 
-/* A GGUF file walked byte by byte (scalar and string values; arrays are not expected). */
+/* A GGUF file walked byte by byte (scalar, string and scalar-array values). */
 #define GW_MAX 64
 typedef struct gw_kv {
     char key[96];
-    uint32_t type;
+    uint32_t type, elem_type; /* elem_type: an array's */
     size_t start;   /* where the key-value begins (its key's length) */
-    size_t at, len; /* the value's bytes in the file (strings: after the length) */
+    size_t at, len; /* the value's bytes in the file (strings: after the length; arrays:
+                       the elements, after type and count) */
 } gw_kv;
 typedef struct gw_tensor {
     char name[64];
