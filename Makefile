@@ -265,6 +265,10 @@ bench: deps
 	@$(MAKE) --no-print-directory bench-run
 bench-run: $(BENCHES)
 	@for b in $(BENCHES); do echo "== $$b"; $$b || exit 1; done
+	@echo "== test/bench/bench_torch.py"; py=""; for p in $(PYTHON_CANDIDATES); do \
+	    if $$p -c 'import numpy, torch' 2>/dev/null; then py=$$p; break; fi; done; \
+	if [ -z "$$py" ]; then echo "bench_torch: skipped (no python3 with numpy and torch: apt-get install python3-torch)"; \
+	else LORA_LIBRARY=$(CURDIR)/lib/liblora.so $$py test/bench/bench_torch.py || exit 1; fi
 	@if command -v gnuplot >/dev/null; then \
 	    gnuplot -e "csv='lib/bench/poly.csv'; out='lib/bench/poly.png'" \
 	        test/bench/poly_plot.gp 2>/dev/null && echo "wrote lib/bench/poly.png"; \

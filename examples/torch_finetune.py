@@ -4,11 +4,12 @@ adapter directory and loads them back.
 
     make && PYTHONPATH=src/bindings/python python3 examples/torch_finetune.py [DIR] [--check]
 
-The model: token embedding, two residual LoraAttention layers (causal, GQA, LoRA rank 4 on
-Q and V, output projection), a residual MLP and a vocabulary head. Only the LoRA factors
+The model: token embedding, two residual LoraAttention layers (causal, GQA, rotary position
+embedding in Hugging Face's rotate_half layout, LoRA rank 4 on Q and V, output projection),
+a residual MLP and a vocabulary head. Only the LoRA factors
 train (the usual LoRA fine-tune: everything else is frozen). --check trains a pure-torch
 twin alongside (the same layer written with torch ops, LoraAttention.reference, from the
-same initial weights) and fails unless both loss curves agree within 1e-4 relative.
+same initial weights, RoPE included) and fails unless both loss curves agree within 1e-4 relative.
 """
 import os
 import sys
@@ -21,6 +22,7 @@ import lora
 import lora.torch
 
 VOCAB, D_MODEL, HEADS, KV_HEADS, RANK, SEQ, BATCH = 24, 16, 4, 2, 4, 10, 6
+ROPE_THETA = 10000.0
 
 
 class TinyLM(torch.nn.Module):
@@ -37,8 +39,8 @@ class TinyLM(torch.nn.Module):
         for i in range(2):
             layer = lora.torch.LoraAttention(
                 D_MODEL, n_heads=HEADS, n_kv_heads=KV_HEADS, rank=RANK, alpha=8.0,
-                targets="qv", causal=True, out_proj=True, backend="exact", threads=1,
-                seed=seed + i)
+                targets="qv", causal=True, out_proj=True, rope="half", rope_theta=ROPE_THETA,
+                backend="exact", threads=1, seed=seed + i)
             for t in "qkvo":
                 out, inp = layer.adapter.base_shape(t)
                 layer.set_base(t, torch.randn(out, inp, generator=gen) / inp ** 0.5,
@@ -103,7 +105,7 @@ def main(argv):
             return 1
     lora.torch.save_peft(out_dir, list(model.attn))
     loaded = lora.load_peft(out_dir, d_model=D_MODEL, n_heads=HEADS, n_kv_heads=KV_HEADS,
-                            causal=True, out_proj=True)
+                            causal=True, out_proj=True, rope="half", rope_theta=ROPE_THETA)
     same = all(np.array_equal(loaded[i].param(t, w), model.attn[i].adapter.param(t, w))
                for i in range(2) for t in "qv" for w in "AB")
     print("saved PEFT adapter to %s; reloaded factors %s" % (out_dir,

@@ -257,7 +257,8 @@ LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *we
 /* Replaces RoPE's inverse frequencies (THETA^(-2i/ROPE_DIM) by default) with inv_freq:
  * the route to linear, NTK, Llama 3 and YaRN scaling (docs/models.md). n must be
  * ROPE_DIM/2; values finite and >= 0 (copied). Pair i of every Q and K head then turns
- * by position*inv_freq[i] (angles in double). Drops the saved forward.
+ * by position*inv_freq[i] (angles in double). Drops the saved forward. Saved files
+ * record a table other than THETA's, and loads restore it (docs/format-gguf.md).
  * Errors: INVALID_ARG (NULL, adapter without RoPE, wrong n, a negative value),
  * NONFINITE. */
 LORA_API int lora_adapter_set_rope_freqs(lora_adapter *ad, const double *inv_freq, size_t n);

@@ -535,20 +535,11 @@ END_TEST
 static void write_peft(const char *dir, const char *config, const char *header,
                        const void *data, size_t data_len, int64_t header_len_override)
 {
-    char *cp = path_in(dir, "adapter_config.json"), *wp = path_in(dir, "adapter_model.safetensors");
-    fx_write_file(cp, config, strlen(config));
-    const size_t hl = strlen(header);
-    unsigned char *buf = malloc(8 + hl + data_len + 1);
-    const uint64_t len = header_len_override >= 0 ? (uint64_t)header_len_override : hl;
-    for (int i = 0; i < 8; i++)
-        buf[i] = (unsigned char)(len >> (8 * i));
-    memcpy(buf + 8, header, hl);
-    if (data_len)
-        memcpy(buf + 8 + hl, data, data_len);
-    fx_write_file(wp, buf, 8 + hl + data_len);
-    free(buf);
-    free(cp);
-    free(wp);
+    tw_buf w = {0};
+    tw_st_header(&w, header, 0, header_len_override);
+    tw_put(&w, data, data_len);
+    tw_write_peft(dir, config, &w);
+    tw_free(&w);
 }
 
 #define GOOD_CONFIG "{\"r\": 2, \"lora_alpha\": 4, \"target_modules\": [\"q_proj\"]}"
@@ -746,88 +737,25 @@ END_TEST
 
 /* ---- crafted GGUF ------------------------------------------------------------------- */
 
-typedef struct gbuf {
-    unsigned char b[4096];
-    size_t n;
-} gbuf;
-
-static void g_u32(gbuf *g, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        g->b[g->n++] = (unsigned char)(v >> (8 * i));
-}
-
-static void g_u64(gbuf *g, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        g->b[g->n++] = (unsigned char)(v >> (8 * i));
-}
-
-static void g_str(gbuf *g, const char *s)
-{
-    g_u64(g, strlen(s));
-    memcpy(g->b + g->n, s, strlen(s));
-    g->n += strlen(s);
-}
-
-static void g_kv_str(gbuf *g, const char *k, const char *v)
-{
-    g_str(g, k);
-    g_u32(g, 8);
-    g_str(g, v);
-}
-
-static void g_header(gbuf *g, uint32_t version, uint64_t nt, uint64_t nkv)
-{
-    g->n = 0;
-    memcpy(g->b, "GGUF", 4);
-    g->n = 4;
-    g_u32(g, version);
-    g_u64(g, nt);
-    g_u64(g, nkv);
-}
-
-static void g_info(gbuf *g, const char *name, uint64_t ne0, uint64_t ne1, uint32_t type,
-                   uint64_t off)
-{
-    g_str(g, name);
-    g_u32(g, 2);
-    g_u64(g, ne0);
-    g_u64(g, ne1);
-    g_u32(g, type);
-    g_u64(g, off);
-}
-
-static void g_align(gbuf *g, size_t a)
-{
-    while (g->n % a)
-        g->b[g->n++] = 0;
-}
-
 /* The standard good adapter: the 2 type KVs (and alpha 4 unless no_alpha), then the Q
  * pair of layer 0: lora_a (F32 or F16, 0.125*k) at data offset 0, lora_b (F32) at 64. */
-static void g_good(gbuf *g, uint32_t type_a, int no_alpha)
+static void g_good(tw_buf *g, uint32_t type_a, int no_alpha)
 {
-    g_header(g, 3, 2, no_alpha ? 2 : 3);
-    g_kv_str(g, "general.type", "adapter");
-    g_kv_str(g, "adapter.type", "lora");
+    tw_gguf_header(g, 3, 2, no_alpha ? 2 : 3);
+    tw_gguf_kv_str(g, "general.type", "adapter");
+    tw_gguf_kv_str(g, "adapter.type", "lora");
     uint32_t u;
-    if (!no_alpha) {
-        g_str(g, "adapter.lora.alpha");
-        g_u32(g, 6);
-        const float alpha = 4.0f;
-        memcpy(&u, &alpha, 4);
-        g_u32(g, u);
-    }
-    g_info(g, "blk.0.attn_q.weight.lora_a", 8, 2, type_a, 0);
-    g_info(g, "blk.0.attn_q.weight.lora_b", 2, 8, 0, 64);
-    g_align(g, 32);
+    if (!no_alpha)
+        tw_gguf_kv_f32(g, "adapter.lora.alpha", 4.0f);
+    tw_gguf_info(g, "blk.0.attn_q.weight.lora_a", strlen("blk.0.attn_q.weight.lora_a"), 8, 2, type_a, 0);
+    tw_gguf_info(g, "blk.0.attn_q.weight.lora_b", strlen("blk.0.attn_q.weight.lora_b"), 2, 8, 0, 64);
+    tw_align(g, 32);
     const size_t data_start = g->n;
     for (int k = 0; k < 16; k++) {
         const float v = 0.125f * k;
         if (type_a == 0) {
             memcpy(&u, &v, 4);
-            g_u32(g, u);
+            tw_u32(g, u);
         } else { /* F16, exact for these values */
             uint16_t h = 0;
             if (k) {
@@ -835,20 +763,20 @@ static void g_good(gbuf *g, uint32_t type_a, int no_alpha)
                 const float m = frexpf(v, &e);
                 h = (uint16_t)(((e - 1 + 15) << 10) | (uint16_t)((m * 2.0f - 1.0f) * 1024.0f));
             }
-            g->b[g->n++] = (unsigned char)h;
-            g->b[g->n++] = (unsigned char)(h >> 8);
+            tw_u8(g, (unsigned char)h);
+            tw_u8(g, (unsigned char)(h >> 8));
         }
     }
     while (g->n < data_start + 64)
-        g->b[g->n++] = 0;
+        tw_u8(g, 0);
     for (int k = 0; k < 16; k++) {
         const float v = -0.5f + 0.0625f * k;
         memcpy(&u, &v, 4);
-        g_u32(g, u);
+        tw_u32(g, u);
     }
 }
 
-static int gguf_status(const char *path, const gbuf *g, const fx_spec *s)
+static int gguf_status(const char *path, const tw_buf *g, const fx_spec *s)
 {
     fx_write_file(path, g->b, g->n);
     return load_status(1, path, s);
@@ -859,7 +787,7 @@ START_TEST(test_gguf_hostile)
     fx_spec s = small_spec();
     char *dir = fx_tmpdir();
     char *path = path_in(dir, "h.gguf");
-    gbuf *g = malloc(sizeof *g);
+    tw_buf tb = {0}, *g = &tb;
     g_good(g, 0, 0);
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_OK);
     /* Values; alpha as stored, and missing alpha = rank (llama.cpp: scale 1). */
@@ -894,7 +822,7 @@ START_TEST(test_gguf_hostile)
         lora_config_destroy(cfg);
     }
     /* Crafted headers. */
-    g_header(g, 3, 0, 0);
+    tw_gguf_header(g, 3, 0, 0);
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT); /* no general.type */
     g_good(g, 0, 0);
     memcpy(g->b, "GGUG", 4);
@@ -910,79 +838,79 @@ START_TEST(test_gguf_hostile)
     g_good(g, 0, 0);
     g->b[4] = 2; /* v2 has the same layout */
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_OK);
-    g_header(g, 3, UINT64_C(1) << 62, 0);
+    tw_gguf_header(g, 3, UINT64_C(1) << 62, 0);
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
-    g_header(g, 3, 0, UINT64_MAX);
+    tw_gguf_header(g, 3, 0, UINT64_MAX);
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
     /* key length 2^63 */
-    g_header(g, 3, 0, 1);
-    g_u64(g, UINT64_C(1) << 63);
-    g_u32(g, 8);
+    tw_gguf_header(g, 3, 0, 1);
+    tw_u64(g, UINT64_C(1) << 63);
+    tw_u32(g, 8);
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
     /* string value longer than the file */
-    g_header(g, 3, 0, 1);
-    g_str(g, "general.type");
-    g_u32(g, 8);
-    g_u64(g, 1000);
+    tw_gguf_header(g, 3, 0, 1);
+    tw_gguf_str(g, "general.type", strlen("general.type"));
+    tw_u32(g, 8);
+    tw_u64(g, 1000);
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
     /* arrays: u32 array with 2^62 elements; nested 20 deep; bools of value 2 */
-    g_header(g, 3, 0, 1);
-    g_str(g, "x.arr");
-    g_u32(g, 9);
-    g_u32(g, 4);
-    g_u64(g, UINT64_C(1) << 62);
+    tw_gguf_header(g, 3, 0, 1);
+    tw_gguf_str(g, "x.arr", strlen("x.arr"));
+    tw_u32(g, 9);
+    tw_u32(g, 4);
+    tw_u64(g, UINT64_C(1) << 62);
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
-    g_header(g, 3, 0, 1);
-    g_str(g, "x.arr");
-    g_u32(g, 9);
+    tw_gguf_header(g, 3, 0, 1);
+    tw_gguf_str(g, "x.arr", strlen("x.arr"));
+    tw_u32(g, 9);
     for (int d = 0; d < 20; d++) {
-        g_u32(g, 9);
-        g_u64(g, 1);
+        tw_u32(g, 9);
+        tw_u64(g, 1);
     }
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
-    g_header(g, 3, 0, 1);
-    g_str(g, "x.b");
-    g_u32(g, 7);
-    g->b[g->n++] = 2;
+    tw_gguf_header(g, 3, 0, 1);
+    tw_gguf_str(g, "x.b", strlen("x.b"));
+    tw_u32(g, 7);
+    tw_u8(g, 2);
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
-    g_header(g, 3, 0, 1);
-    g_str(g, "x.t");
-    g_u32(g, 13); /* unknown value type */
-    g_u32(g, 0);
+    tw_gguf_header(g, 3, 0, 1);
+    tw_gguf_str(g, "x.t", strlen("x.t"));
+    tw_u32(g, 13); /* unknown value type */
+    tw_u32(g, 0);
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
     /* general.type "model", adapter.type "ia3", duplicate key, bad alignments. */
     const char *kv_cases[][2] = {{"general.type", "model"}, {"adapter.type", "ia3"}};
     for (int i = 0; i < 2; i++) {
-        g_header(g, 3, 0, 2);
-        g_kv_str(g, "general.type", i == 0 ? kv_cases[0][1] : "adapter");
-        g_kv_str(g, "adapter.type", i == 1 ? kv_cases[1][1] : "lora");
+        tw_gguf_header(g, 3, 0, 2);
+        tw_gguf_kv_str(g, "general.type", i == 0 ? kv_cases[0][1] : "adapter");
+        tw_gguf_kv_str(g, "adapter.type", i == 1 ? kv_cases[1][1] : "lora");
         ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_UNSUPPORTED);
     }
-    g_header(g, 3, 0, 3);
-    g_kv_str(g, "general.type", "adapter");
-    g_kv_str(g, "adapter.type", "lora");
-    g_kv_str(g, "general.type", "adapter");
+    tw_gguf_header(g, 3, 0, 3);
+    tw_gguf_kv_str(g, "general.type", "adapter");
+    tw_gguf_kv_str(g, "adapter.type", "lora");
+    tw_gguf_kv_str(g, "general.type", "adapter");
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
     const uint32_t aligns[] = {0, 3, 48};
     for (int i = 0; i < 3; i++) {
-        g_header(g, 3, 0, 3);
-        g_kv_str(g, "general.type", "adapter");
-        g_kv_str(g, "adapter.type", "lora");
-        g_str(g, "general.alignment");
-        g_u32(g, 4);
-        g_u32(g, aligns[i]);
+        tw_gguf_header(g, 3, 0, 3);
+        tw_gguf_kv_str(g, "general.type", "adapter");
+        tw_gguf_kv_str(g, "adapter.type", "lora");
+        tw_gguf_str(g, "general.alignment", strlen("general.alignment"));
+        tw_u32(g, 4);
+        tw_u32(g, aligns[i]);
         ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
     }
-    g_header(g, 3, 0, 3); /* alignment as a u64 */
-    g_kv_str(g, "general.type", "adapter");
-    g_kv_str(g, "adapter.type", "lora");
-    g_str(g, "general.alignment");
-    g_u32(g, 10);
-    g_u64(g, 32);
+    tw_gguf_header(g, 3, 0, 3); /* alignment as a u64 */
+    tw_gguf_kv_str(g, "general.type", "adapter");
+    tw_gguf_kv_str(g, "adapter.type", "lora");
+    tw_gguf_str(g, "general.alignment", strlen("general.alignment"));
+    tw_u32(g, 10);
+    tw_u64(g, 32);
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
-    g_header(g, 3, 0, 2); /* no tensors */
-    g_kv_str(g, "general.type", "adapter");
-    g_kv_str(g, "adapter.type", "lora");
+    tw_gguf_header(g, 3, 0, 2); /* no tensors */
+    tw_gguf_kv_str(g, "general.type", "adapter");
+    tw_gguf_kv_str(g, "adapter.type", "lora");
     ck_assert_int_eq(gguf_status(path, g, &s), LORA_ERR_FORMAT);
     /* Tensor infos: each with the two good KVs first. */
     const struct {
@@ -1005,18 +933,18 @@ START_TEST(test_gguf_hostile)
         {"blk.0.attn_q.weight.lora_a", 2, 8, 2, 0, 0, LORA_ERR_FORMAT}, /* A without B */
     };
     for (size_t i = 0; i < sizeof tcases / sizeof tcases[0]; i++) {
-        g_header(g, 3, 1, 2);
-        g_kv_str(g, "general.type", "adapter");
-        g_kv_str(g, "adapter.type", "lora");
-        g_str(g, tcases[i].name);
-        g_u32(g, tcases[i].n_dims);
+        tw_gguf_header(g, 3, 1, 2);
+        tw_gguf_kv_str(g, "general.type", "adapter");
+        tw_gguf_kv_str(g, "adapter.type", "lora");
+        tw_gguf_str(g, tcases[i].name, strlen(tcases[i].name));
+        tw_u32(g, tcases[i].n_dims);
         for (uint32_t d = 0; d < tcases[i].n_dims && d < 6; d++)
-            g_u64(g, d == 0 ? tcases[i].ne0 : d == 1 ? tcases[i].ne1 : 1);
-        g_u32(g, tcases[i].type);
-        g_u64(g, tcases[i].off);
-        g_align(g, 32);
+            tw_u64(g, d == 0 ? tcases[i].ne0 : d == 1 ? tcases[i].ne1 : 1);
+        tw_u32(g, tcases[i].type);
+        tw_u64(g, tcases[i].off);
+        tw_align(g, 32);
         for (int k = 0; k < 64; k++)
-            g->b[g->n++] = 0;
+            tw_u8(g, 0);
         const int st = gguf_status(path, g, &s);
         ck_assert_msg(st == tcases[i].want, "tensor case %zu: status %d, want %d", i, st,
                       tcases[i].want);
@@ -1034,23 +962,23 @@ START_TEST(test_gguf_hostile)
         {8, 2, 2, 8, 64, LORA_OK},
     };
     for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++) {
-        g_header(g, 3, 2, 2);
-        g_kv_str(g, "general.type", "adapter");
-        g_kv_str(g, "adapter.type", "lora");
-        g_info(g, "blk.3.attn_q.weight.lora_a", pairs[i].a0, pairs[i].a1, 0, 0);
-        g_info(g, "blk.3.attn_q.weight.lora_b", pairs[i].b0, pairs[i].b1, 0, pairs[i].boff);
-        g_align(g, 32);
+        tw_gguf_header(g, 3, 2, 2);
+        tw_gguf_kv_str(g, "general.type", "adapter");
+        tw_gguf_kv_str(g, "adapter.type", "lora");
+        tw_gguf_info(g, "blk.3.attn_q.weight.lora_a", strlen("blk.3.attn_q.weight.lora_a"), pairs[i].a0, pairs[i].a1, 0, 0);
+        tw_gguf_info(g, "blk.3.attn_q.weight.lora_b", strlen("blk.3.attn_q.weight.lora_b"), pairs[i].b0, pairs[i].b1, 0, pairs[i].boff);
+        tw_align(g, 32);
         /* The data end exactly with the later tensor, padded to 32 (no trailing bytes). */
         const uint64_t a_end = pairs[i].a0 * pairs[i].a1 * 4;
         const uint64_t b_end = pairs[i].boff + pairs[i].b0 * pairs[i].b1 * 4;
         const uint64_t data = ((a_end > b_end ? a_end : b_end) + 31) / 32 * 32;
         for (uint64_t k = 0; k < data; k++)
-            g->b[g->n++] = 0;
+            tw_u8(g, 0);
         const int st = gguf_status(path, g, &s);
         ck_assert_msg(st == pairs[i].want, "pair case %zu: status %d, want %d", i, st,
                       pairs[i].want);
     }
-    free(g);
+    tw_free(g);
     fx_rmtree(dir);
     free(path);
     free(dir);

@@ -239,26 +239,6 @@ START_TEST(test_sparse_trailing_refused)
 }
 END_TEST
 
-/* Appends a little-endian u64 / u32 / string to a GGUF under construction. */
-static void put_u64(unsigned char **q, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        *(*q)++ = (unsigned char)(v >> (8 * i));
-}
-
-static void put_u32(unsigned char **q, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        *(*q)++ = (unsigned char)(v >> (8 * i));
-}
-
-static void put_str(unsigned char **q, const char *s)
-{
-    put_u64(q, strlen(s));
-    memcpy(*q, s, strlen(s));
-    *q += strlen(s);
-}
-
 /* The two factors of layer 0, target Q (fx_default: A (4, 16), B (16, 4)) where B lies
  * 2 GiB into the data and the gap is a hole: the load succeeds reading only the named
  * ranges, memory bounded by the tensors (the old loader read the 2 GiB). */
@@ -270,53 +250,30 @@ START_TEST(test_sparse_ranges_only)
     char *dir = fx_tmpdir();
     char *path = path_in(dir, gguf ? "a.gguf" : "adapter_model.safetensors");
     const uint64_t gap = (uint64_t)2 << 30, na = 4 * 16 * 4, nb = 16 * 4 * 4;
-    unsigned char head[1024], *q = head;
-    size_t data_start;
+    tw_buf head = {0};
     if (gguf) {
-        memcpy(q, "GGUF", 4);
-        q += 4;
-        put_u32(&q, 3);
-        put_u64(&q, 2);
-        put_u64(&q, 2);
-        put_str(&q, "general.type");
-        put_u32(&q, 8);
-        put_str(&q, "adapter");
-        put_str(&q, "adapter.type");
-        put_u32(&q, 8);
-        put_str(&q, "lora");
+        tw_gguf_header(&head, 3, 2, 2);
+        tw_gguf_kv_str(&head, "general.type", "adapter");
+        tw_gguf_kv_str(&head, "adapter.type", "lora");
         const char *names[2] = {"blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b"};
         const uint64_t ne[2][2] = {{16, 4}, {4, 16}}, off[2] = {0, gap};
-        for (int t = 0; t < 2; t++) {
-            put_str(&q, names[t]);
-            put_u32(&q, 2);
-            put_u64(&q, ne[t][0]);
-            put_u64(&q, ne[t][1]);
-            put_u32(&q, 0);
-            put_u64(&q, off[t]);
-        }
-        while ((q - head) % 32)
-            *q++ = 0;
-        data_start = (size_t)(q - head);
+        for (int t = 0; t < 2; t++)
+            tw_gguf_info(&head, names[t], strlen(names[t]), ne[t][0], ne[t][1], 0, off[t]);
+        tw_align(&head, 32);
     } else {
         char json[512];
-        int len = snprintf(json, sizeof json,
-                           "{\"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight\":"
-                           "{\"dtype\":\"F32\",\"shape\":[4,16],\"data_offsets\":[0,%llu]},"
-                           "\"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight\":"
-                           "{\"dtype\":\"F32\",\"shape\":[16,4],\"data_offsets\":[%llu,%llu]}}",
-                           (unsigned long long)na, (unsigned long long)gap,
-                           (unsigned long long)(gap + nb));
-        while (len % 8)
-            json[len++] = ' ';
-        put_u64(&q, (uint64_t)len);
-        memcpy(q, json, (size_t)len);
-        q += len;
-        data_start = (size_t)(q - head);
-        char *cpath = path_in(dir, "adapter_config.json");
-        const char *config = "{\"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\"]}";
-        fx_write_file(cpath, config, strlen(config));
-        free(cpath);
+        snprintf(json, sizeof json,
+                 "{\"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight\":"
+                 "{\"dtype\":\"F32\",\"shape\":[4,16],\"data_offsets\":[0,%llu]},"
+                 "\"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight\":"
+                 "{\"dtype\":\"F32\",\"shape\":[16,4],\"data_offsets\":[%llu,%llu]}}",
+                 (unsigned long long)na, (unsigned long long)gap,
+                 (unsigned long long)(gap + nb));
+        tw_st_header(&head, json, 1, -1);
+        tw_write_peft(dir, "{\"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\"]}",
+                      NULL);
     }
+    const size_t data_start = head.n;
     /* A: 0.25 everywhere; B: 0.5 everywhere, at data_start + gap. */
     float a[64], b[64];
     for (int i = 0; i < 64; i++) {
@@ -325,7 +282,8 @@ START_TEST(test_sparse_ranges_only)
     }
     const int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(pwrite(fd, head, data_start, 0), (ssize_t)data_start);
+    ck_assert_int_eq(pwrite(fd, head.b, data_start, 0), (ssize_t)data_start);
+    tw_free(&head);
     ck_assert_int_eq(pwrite(fd, a, na, (off_t)data_start), (ssize_t)na);
     ck_assert_int_eq(pwrite(fd, b, nb, (off_t)(data_start + gap)), (ssize_t)nb);
     close(fd);
@@ -659,10 +617,7 @@ static void write_config(const char *dir, const char *body)
 {
     char text[2048];
     snprintf(text, sizeof text, "{\"r\": 4, \"lora_alpha\": 8%s%s}", body[0] ? ", " : "", body);
-    char *cpath = path_in(dir, "adapter_config.json");
-    unlink(cpath);
-    fx_write_file(cpath, text, strlen(text));
-    free(cpath);
+    tw_write_peft(dir, text, NULL);
 }
 
 /* adapter_config.json read as PEFT reads it. The set: layers 5 and 0, targets Q and V,
@@ -763,17 +718,11 @@ END_TEST
 /* A safetensors file with header json (space-padded) and n zero bytes of data. */
 static void write_st(const char *dir, const char *json, size_t n)
 {
-    size_t len = strlen(json), padded = (len + 7) / 8 * 8;
-    unsigned char *b = calloc(8 + padded + n, 1);
-    for (int i = 0; i < 8; i++)
-        b[i] = (unsigned char)((uint64_t)padded >> (8 * i));
-    memcpy(b + 8, json, len);
-    memset(b + 8 + len, ' ', padded - len);
-    char *wpath = path_in(dir, "adapter_model.safetensors");
-    unlink(wpath);
-    fx_write_file(wpath, b, 8 + padded + n);
-    free(wpath);
-    free(b);
+    tw_buf w = {0};
+    tw_st_header(&w, json, 1, -1);
+    tw_zeros(&w, n);
+    tw_write_peft(dir, NULL, &w);
+    tw_free(&w);
 }
 
 /* Safetensors headers: a field twice inside one tensor entry (the reference reader
@@ -820,47 +769,29 @@ END_TEST
 /* A GGUF adapter of layer `layer` (fx_default with target Q) with an optional extra
  * key-value: a u32 array key of 2 entries; tensor names get `suffix` appended (with
  * its length, so a NUL can be part of it). */
-static size_t build_gguf(unsigned char *buf, const char *layer, const char *extra_key,
-                         const char *suffix, size_t suffix_len)
+static void build_gguf(tw_buf *g, const char *layer, const char *extra_key, const char *suffix,
+                       size_t suffix_len)
 {
-    unsigned char *q = buf;
-    memcpy(q, "GGUF", 4);
-    q += 4;
-    put_u32(&q, 3);
-    put_u64(&q, 2);
-    put_u64(&q, extra_key ? 3 : 2);
-    put_str(&q, "general.type");
-    put_u32(&q, 8);
-    put_str(&q, "adapter");
-    put_str(&q, "adapter.type");
-    put_u32(&q, 8);
-    put_str(&q, "lora");
+    tw_gguf_header(g, 3, 2, extra_key ? 3 : 2);
+    tw_gguf_kv_str(g, "general.type", "adapter");
+    tw_gguf_kv_str(g, "adapter.type", "lora");
     if (extra_key) {
-        put_str(&q, extra_key);
-        put_u32(&q, 9);
-        put_u32(&q, 4);
-        put_u64(&q, 2);
-        put_u32(&q, 101);
-        put_u32(&q, 102);
+        tw_gguf_str(g, extra_key, strlen(extra_key));
+        tw_u32(g, 9);
+        tw_u32(g, 4);
+        tw_u64(g, 2);
+        tw_u32(g, 101);
+        tw_u32(g, 102);
     }
     for (int t = 0; t < 2; t++) {
         char name[128];
         const int n = snprintf(name, sizeof name, "blk.%s.attn_q.weight.lora_%c", layer,
                                t ? 'b' : 'a');
-        put_u64(&q, (uint64_t)n + suffix_len);
-        memcpy(q, name, (size_t)n);
-        memcpy(q + n, suffix, suffix_len);
-        q += (size_t)n + suffix_len;
-        put_u32(&q, 2);
-        put_u64(&q, t ? 4 : 16);
-        put_u64(&q, t ? 16 : 4);
-        put_u32(&q, 0);
-        put_u64(&q, t ? 256 : 0);
+        memcpy(name + n, suffix, suffix_len);
+        tw_gguf_info(g, name, (size_t)n + suffix_len, t ? 4 : 16, t ? 16 : 4, 0, t ? 256 : 0);
     }
-    while ((q - buf) % 32)
-        *q++ = 0;
-    memset(q, 0, 512);
-    return (size_t)(q - buf) + 512;
+    tw_align(g, 32);
+    tw_zeros(g, 512);
 }
 
 /* GGUF: adapter.alora.invocation_tokens (llama.cpp's activated LoRA) is UNSUPPORTED
@@ -886,18 +817,17 @@ START_TEST(test_gguf_alora_and_names)
         {"0", NULL, "x", 1, LORA_ERR_UNSUPPORTED},
         {"0", NULL, "\0", 1, LORA_ERR_UNSUPPORTED},
     };
-    unsigned char buf[2048];
+    tw_buf g = {0};
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
-        const size_t n = build_gguf(buf, rows[i].layer, rows[i].extra_key, rows[i].suffix,
-                                    rows[i].suffix_len);
-        unlink(gpath);
-        fx_write_file(gpath, buf, n);
+        build_gguf(&g, rows[i].layer, rows[i].extra_key, rows[i].suffix, rows[i].suffix_len);
+        tw_write(&g, gpath);
         const int st = try_load(1, gpath, cfg);
         ck_assert_msg(st == rows[i].want, "row %zu: status %d, want %d (%s)", i, st,
                       rows[i].want, lora_config_last_error(cfg));
         if (rows[i].extra_key && st != LORA_OK)
             ck_assert(strstr(lora_config_last_error(cfg), rows[i].extra_key) != NULL);
     }
+    tw_free(&g);
     lora_config_destroy(cfg);
     fx_rmtree(dir);
     free(gpath);

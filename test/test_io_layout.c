@@ -26,11 +26,17 @@ typedef struct layout_spec {
     int d_model, n_heads, n_kv_heads, rope, rope_dim; /* rope_dim 0: HEAD_DIM */
 } layout_spec;
 
+static fx_spec layout_fx(const layout_spec *s)
+{
+    return (fx_spec){.d_model = s->d_model, .n_heads = s->n_heads,
+                     .n_kv_heads = s->n_kv_heads, .rank = 2, .targets = 15, .out_proj = 1,
+                     .alpha = 4.0};
+}
+
 /* A config of s, rank 2, targets Q|K|V|O with OUT_PROJ. Asserts. */
 static lora_config *layout_config(const layout_spec *s)
 {
-    fx_spec f = {.d_model = s->d_model, .n_heads = s->n_heads, .n_kv_heads = s->n_kv_heads,
-                 .rank = 2, .targets = 15, .out_proj = 1, .alpha = 4.0};
+    fx_spec f = layout_fx(s);
     lora_config *cfg = fx_config(&f);
     ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_ROPE, s->rope), LORA_OK);
     if (s->rope_dim)
@@ -741,6 +747,168 @@ START_TEST(test_set_geometry_must_agree)
 }
 END_TEST
 
+/* ---- a custom RoPE frequency table (lora_adapter_set_rope_freqs) ------------------ */
+
+/* ad's self-attention output on a fixed input (L 6) with bases of seed 5: malloc'd. */
+static float *layout_forward(lora_adapter *ad, const layout_spec *s)
+{
+    const fx_spec f = layout_fx(s);
+    fx_base b;
+    fx_base_make(&b, &f, 5);
+    fx_base_apply(&b, ad, 1);
+    fx_base_free(&b);
+    const size_t nx = (size_t)(6 * s->d_model), nout = (size_t)(6 * fx_out_cols(&f));
+    float *x = malloc(nx * sizeof *x), *out = malloc(nout * sizeof *out);
+    fill_uniform(x, nx, 6, 1.0f);
+    ck_assert_int_eq(lora_forward(ad, x, 1, 6, out), LORA_OK);
+    free(x);
+    return out;
+}
+
+static const double custom_freqs[2] = {0.75, 0.03125}; /* rope_dim 4 */
+
+/* The table is recorded (GGUF liblora.rope_freqs float64 array, __metadata__ JSON text)
+ * and restored on load: the loaded adapter computes what the saved one does, which the
+ * default table would not. An adapter with THETA's table records none. */
+START_TEST(test_rope_freqs_round_trip)
+{
+    const int gguf = _i & 1;
+    const int rope = _i & 2 ? LORA_ROPE_INTERLEAVED : LORA_ROPE_HALF;
+    const layout_spec s = {32, 4, 2, rope, 4};
+    lora_adapter *ad = layout_adapter(&s, 90), *plain = layout_adapter(&s, 90);
+    ck_assert_int_eq(lora_adapter_set_rope_freqs(ad, custom_freqs, 2), LORA_OK);
+    char *dir = fx_tmpdir();
+    char *path = path_in(dir, gguf ? "a.gguf" : "peft");
+    char *plain_path = path_in(dir, gguf ? "p.gguf" : "plain");
+    ck_assert_int_eq(save_one(gguf, path, ad, NULL), LORA_OK);
+    ck_assert_int_eq(save_one(gguf, plain_path, plain, NULL), LORA_OK);
+    for (int k = 0; k < 2; k++) { /* the key is there for the custom table only */
+        const char *p = k ? plain_path : path;
+        if (gguf) {
+            gw_file g;
+            gw_read(p, &g);
+            const gw_kv *kv = gw_find(&g, "liblora.rope_freqs");
+            ck_assert(k ? kv == NULL
+                        : kv != NULL && kv->type == 9 && kv->elem_type == 12 && kv->len == 16);
+            for (int i = 0; !k && i < 2; i++) {
+                const uint64_t bits = le64(g.b + kv->at + 8 * i);
+                double v;
+                memcpy(&v, &bits, sizeof v);
+                ck_assert(v == custom_freqs[i]);
+            }
+            gw_free(&g);
+        } else {
+            char *w = path_in(p, "adapter_model.safetensors"), text[128];
+            st_metadata(w, "liblora.rope_freqs", text, sizeof text);
+            ck_assert_str_eq(text, k ? "" : "[0.75,0.03125]");
+            free(w);
+        }
+    }
+    lora_config *cfg = layout_config(&s);
+    lora_adapter *back = NULL, *back_plain = NULL;
+    ck_assert_int_eq(load_one(gguf, path, cfg, &back), LORA_OK);
+    ck_assert_int_eq(load_one(gguf, plain_path, cfg, &back_plain), LORA_OK);
+    float *want = layout_forward(ad, &s), *got = layout_forward(back, &s);
+    float *plain_out = layout_forward(back_plain, &s);
+    const size_t n = (size_t)(6 * s.d_model);
+    assert_floats_eq(got, want, n, "output with the restored table");
+    ck_assert_msg(memcmp(plain_out, want, n * sizeof *want) != 0,
+                  "the table changes nothing: the test proves nothing");
+    free(want);
+    free(got);
+    free(plain_out);
+    lora_adapter_destroy(back);
+    lora_adapter_destroy(back_plain);
+    lora_config_destroy(cfg);
+    lora_adapter_destroy(ad);
+    lora_adapter_destroy(plain);
+    fx_rmtree(dir);
+    free(path);
+    free(plain_path);
+    free(dir);
+}
+END_TEST
+
+/* PEFT weights whose __metadata__ text `from` becomes `to` (same length). */
+static void patch_metadata(const char *peft_dir, const char *from, const char *to)
+{
+    char *w = path_in(peft_dir, "adapter_model.safetensors");
+    size_t n, len = strlen(from);
+    unsigned char *b = fx_read_file(w, &n);
+    ck_assert_uint_eq(strlen(to), len);
+    size_t at = 0;
+    while (at + len <= n && memcmp(b + at, from, len) != 0)
+        at++;
+    ck_assert_msg(at + len <= n, "%s not in the file", from);
+    memcpy(b + at, to, len);
+    fx_write_file(w, b, n);
+    free(b);
+    free(w);
+}
+
+/* A table that cannot fit the config is SHAPE naming liblora.rope_freqs (a config
+ * without RoPE; a table of another length); a malformed one is FORMAT; a set whose
+ * members' tables differ cannot be saved as one file. */
+START_TEST(test_rope_freqs_refused)
+{
+    const layout_spec s = {32, 4, 2, LORA_ROPE_HALF, 4};
+    lora_adapter *ad = layout_adapter(&s, 91);
+    ck_assert_int_eq(lora_adapter_set_rope_freqs(ad, custom_freqs, 2), LORA_OK);
+    char *dir = fx_tmpdir();
+    char *peft = path_in(dir, "peft");
+    lora_adapter *back = NULL;
+    static const struct {
+        const char *from, *to, *field;
+        int rope, rope_dim, status;
+    } cases[] = {
+        {"\"liblora.rope\":\"half\"", "\"liblora.rope\":\"none\"", "liblora.rope_freqs",
+         LORA_ROPE_NONE, 0, LORA_ERR_SHAPE},
+        {"\"liblora.rope_dim\":\"4\"", "\"liblora.rope_dim\":\"6\"", "liblora.rope_freqs",
+         LORA_ROPE_HALF, 6, LORA_ERR_SHAPE},
+        {"[0.75,", "[-0.7,", "liblora.rope_freqs", LORA_ROPE_HALF, 4, LORA_ERR_FORMAT},
+        {"[0.75,", "{0.75,", "liblora.rope_freqs", LORA_ROPE_HALF, 4, LORA_ERR_FORMAT}};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        ck_assert_int_eq(save_one(0, peft, ad, NULL), LORA_OK);
+        patch_metadata(peft, cases[k].from, cases[k].to);
+        const layout_spec o = {32, 4, 2, cases[k].rope, cases[k].rope_dim};
+        lora_config *cfg = layout_config(&o);
+        ck_assert_int_eq(load_one(0, peft, cfg, &back), cases[k].status);
+        ck_assert_msg(strstr(lora_config_last_error(cfg), cases[k].field), "%zu: %s", k,
+                      lora_config_last_error(cfg));
+        lora_config_destroy(cfg);
+    }
+    /* GGUF: the array's element type float64 (12) retyped as float32 (6). */
+    char *path = path_in(dir, "a.gguf");
+    ck_assert_int_eq(save_one(1, path, ad, NULL), LORA_OK);
+    gw_file g;
+    gw_read(path, &g);
+    const gw_kv *kv = gw_find(&g, "liblora.rope_freqs");
+    ck_assert_ptr_nonnull(kv);
+    g.b[kv->start + 8 + strlen("liblora.rope_freqs") + 4] = 6;
+    fx_write_file(path, g.b, g.size);
+    gw_free(&g);
+    lora_config *cfg = layout_config(&s);
+    ck_assert_int_eq(load_one(1, path, cfg, &back), LORA_ERR_FORMAT);
+    ck_assert(strstr(lora_config_last_error(cfg), "liblora.rope_freqs"));
+    /* One file, one table. */
+    lora_adapter *other = layout_adapter(&s, 92);
+    lora_adapter *set[2] = {ad, other};
+    const int64_t layers[2] = {0, 1};
+    ck_assert_int_eq(lora_save_gguf(path, set, layers, 2, NULL), LORA_ERR_INVALID_ARG);
+    ck_assert(strstr(lora_adapter_last_error(ad), "RoPE frequency table"));
+    ck_assert_int_eq(lora_save_peft(peft, set, layers, 2), LORA_ERR_INVALID_ARG);
+    ck_assert_int_eq(lora_adapter_set_rope_freqs(other, custom_freqs, 2), LORA_OK);
+    ck_assert_int_eq(lora_save_gguf(path, set, layers, 2, NULL), LORA_OK);
+    lora_adapter_destroy(other);
+    lora_config_destroy(cfg);
+    lora_adapter_destroy(ad);
+    fx_rmtree(dir);
+    free(path);
+    free(peft);
+    free(dir);
+}
+END_TEST
+
 Suite *io_layout_suite(void)
 {
     Suite *s = suite_create("io_layout");
@@ -760,6 +928,10 @@ Suite *io_layout_suite(void)
     tcase_add_loop_test(tc, test_geometry_rope_contradiction_refused, 0, 2);
     tcase_add_test(tc, test_geometry_malformed);
     tcase_add_test(tc, test_set_geometry_must_agree);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("rope_freqs");
+    tcase_add_loop_test(tc, test_rope_freqs_round_trip, 0, 4);
+    tcase_add_test(tc, test_rope_freqs_refused);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <check.h>
 
@@ -114,6 +115,13 @@ void gw_read(const char *path, gw_file *g)
             ck_assert(pos + 8 <= g->size);
             kv->len = (size_t)le64(b + pos);
             pos += 8;
+        } else if (kv->type == 9) { /* an array of scalars: its element type and count */
+            ck_assert(pos + 12 <= g->size);
+            kv->elem_type = le32(b + pos);
+            const size_t esz = gw_scalar(kv->elem_type);
+            ck_assert_msg(esz > 0, "key %s: array of type %u", kv->key, kv->elem_type);
+            kv->len = esz * (size_t)le64(b + pos + 4);
+            pos += 12;
         } else {
             kv->len = gw_scalar(kv->type);
             ck_assert_msg(kv->len > 0, "key %s: type %u", kv->key, kv->type);
@@ -266,4 +274,119 @@ void st_metadata(const char *path, const char *key, char *out, size_t n)
     }
     free(hdr);
     free(buf);
+}
+
+/* ---- writers ---------------------------------------------------------------------- */
+
+void tw_put(tw_buf *t, const void *src, size_t n)
+{
+    if (t->n + n > t->cap) {
+        t->cap = (t->n + n) * 2 + 256;
+        t->b = realloc(t->b, t->cap);
+        ck_assert_ptr_nonnull(t->b);
+    }
+    if (n)
+        memcpy(t->b + t->n, src, n);
+    t->n += n;
+}
+
+void tw_le(tw_buf *t, uint64_t v, int bytes)
+{
+    unsigned char c[8];
+    for (int i = 0; i < bytes; i++)
+        c[i] = (unsigned char)(v >> (8 * i));
+    tw_put(t, c, (size_t)bytes);
+}
+
+void tw_u8(tw_buf *t, unsigned v) { tw_le(t, v, 1); }
+void tw_u32(tw_buf *t, uint32_t v) { tw_le(t, v, 4); }
+void tw_u64(tw_buf *t, uint64_t v) { tw_le(t, v, 8); }
+
+void tw_zeros(tw_buf *t, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        tw_u8(t, 0);
+}
+
+void tw_align(tw_buf *t, size_t a)
+{
+    while (t->n % a)
+        tw_u8(t, 0);
+}
+
+void tw_free(tw_buf *t)
+{
+    free(t->b);
+    memset(t, 0, sizeof *t);
+}
+
+void tw_write(const tw_buf *t, const char *path)
+{
+    unlink(path); /* a save may have left it read-only or a link */
+    fx_write_file(path, t->b, t->n);
+}
+
+void tw_gguf_header(tw_buf *t, uint32_t version, uint64_t n_tensors, uint64_t n_kv)
+{
+    t->n = 0;
+    tw_put(t, "GGUF", 4);
+    tw_u32(t, version);
+    tw_u64(t, n_tensors);
+    tw_u64(t, n_kv);
+}
+
+void tw_gguf_str(tw_buf *t, const char *s, size_t n)
+{
+    tw_u64(t, n);
+    tw_put(t, s, n);
+}
+
+void tw_gguf_kv_str(tw_buf *t, const char *key, const char *value)
+{
+    tw_gguf_str(t, key, strlen(key));
+    tw_u32(t, 8); /* string */
+    tw_gguf_str(t, value, strlen(value));
+}
+
+void tw_gguf_kv_f32(tw_buf *t, const char *key, float value)
+{
+    uint32_t u;
+    memcpy(&u, &value, 4);
+    tw_gguf_str(t, key, strlen(key));
+    tw_u32(t, 6); /* f32 */
+    tw_u32(t, u);
+}
+
+void tw_gguf_info(tw_buf *t, const char *name, size_t name_len, uint64_t ne0, uint64_t ne1,
+                  uint32_t type, uint64_t offset)
+{
+    tw_gguf_str(t, name, name_len);
+    tw_u32(t, 2);
+    tw_u64(t, ne0);
+    tw_u64(t, ne1);
+    tw_u32(t, type);
+    tw_u64(t, offset);
+}
+
+void tw_st_header(tw_buf *t, const char *json, int pad8, int64_t len_override)
+{
+    const size_t len = strlen(json), padded = pad8 ? (len + 7) / 8 * 8 : len;
+    tw_u64(t, len_override >= 0 ? (uint64_t)len_override : (uint64_t)padded);
+    tw_put(t, json, len);
+    for (size_t i = len; i < padded; i++)
+        tw_u8(t, ' ');
+}
+
+void tw_write_peft(const char *dir, const char *config, const tw_buf *weights)
+{
+    if (config) {
+        char *cpath = path_in(dir, "adapter_config.json");
+        tw_write(&(tw_buf){(unsigned char *)(uintptr_t)config, strlen(config), 0}, cpath);
+        free(cpath);
+    }
+    if (weights) {
+        char *wpath = path_in(dir, "adapter_model.safetensors");
+        tw_write(weights, wpath);
+        free(wpath);
+    }
 }

@@ -19,6 +19,7 @@
 
 #include "fixtures.h"
 #include "suites.h"
+#include "test_io_util.h"
 
 #define NT 8 /* tensors: A and B of q, k, v, o */
 #define D_MODEL 8
@@ -114,34 +115,10 @@ static void gguf_names(name_set *s, const char *layer)
 
 /* ---- writers ---------------------------------------------------------------------- */
 
-typedef struct buf {
-    unsigned char *p;
-    size_t n, cap;
-} buf;
-
-static void put(buf *b, const void *src, size_t n)
-{
-    if (b->n + n > b->cap) {
-        b->cap = (b->n + n) * 2 + 256;
-        b->p = realloc(b->p, b->cap);
-        ck_assert_ptr_nonnull(b->p);
-    }
-    memcpy(b->p + b->n, src, n);
-    b->n += n;
-}
-
-static void put_le(buf *b, uint64_t v, int bytes)
-{
-    for (int i = 0; i < bytes; i++) {
-        const unsigned char c = (unsigned char)(v >> (8 * i));
-        put(b, &c, 1);
-    }
-}
-
 /* The data section: each tensor's values at its offset (F32, BF16 = the high half of
  * the F32 bits, or F16 half_bits), zeros elsewhere; a later tensor overwrites an earlier
  * one where they overlap. */
-static void put_data(buf *b, const name_set *s)
+static void put_data(tw_buf *b, const name_set *s)
 {
     unsigned char *d = calloc(1, (size_t)s->data_bytes + 1);
     ck_assert_ptr_nonnull(d);
@@ -159,25 +136,23 @@ static void put_data(buf *b, const name_set *s)
             for (int k = 0; k < bytes; k++)
                 d[at + (uint64_t)k] = (unsigned char)(bits >> (8 * k));
         }
-    put(b, d, (size_t)s->data_bytes);
+    tw_put(b, d, (size_t)s->data_bytes);
     free(d);
 }
 
 /* adapter_config.json + adapter_model.safetensors (F32) in a fresh directory. */
 static char *write_peft(const name_set *s)
 {
-    char *dir = fx_tmpdir(), path[512];
+    char *dir = fx_tmpdir();
     static const char config[] =
         "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, \"target_modules\": "
         "[\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]}";
-    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
-    fx_write_file(path, config, strlen(config));
-    buf h = {0}, file = {0};
-    put(&h, "{", 1);
+    tw_buf h = {0}, file = {0};
+    tw_put(&h, "{", 1);
     if (s->st_metadata) {
-        put(&h, "\"__metadata__\":", 15);
-        put(&h, s->st_metadata, strlen(s->st_metadata));
-        put(&h, ",", 1);
+        tw_put(&h, "\"__metadata__\":", 15);
+        tw_put(&h, s->st_metadata, strlen(s->st_metadata));
+        tw_put(&h, ",", 1);
     }
     for (int i = 0; i < NT; i++) {
         char item[NAME_MAX_LEN + 128];
@@ -188,66 +163,39 @@ static char *write_peft(const name_set *s)
                                i ? "," : "", s->name[i], dtype_names[s->dtype], rows, cols,
                                (unsigned long long)s->begin[i],
                                (unsigned long long)(s->begin[i] + tensor_bytes(s)));
-        put(&h, item, (size_t)n);
+        tw_put(&h, item, (size_t)n);
     }
-    put(&h, "}", 1);
-    put_le(&file, h.n, 8);
-    put(&file, h.p, h.n);
+    tw_put(&h, "}", 2); /* with the NUL: the header as a C string */
+    tw_st_header(&file, (const char *)h.b, 0, -1);
     put_data(&file, s);
-    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
-    fx_write_file(path, file.p, file.n);
-    free(h.p);
-    free(file.p);
+    tw_write_peft(dir, config, &file);
+    tw_free(&h);
+    tw_free(&file);
     return dir;
-}
-
-static void gguf_str(buf *b, const char *s, size_t n)
-{
-    put_le(b, n, 8);
-    put(b, s, n);
 }
 
 /* The bytes of a GGUF v3 LoRA adapter (alignment 32); *header_end: where the tensor
  * infos end. */
-static buf gguf_bytes(const name_set *s, size_t *header_end)
+static tw_buf gguf_bytes(const name_set *s, size_t *header_end)
 {
-    buf b = {0};
-    put(&b, "GGUF", 4);
-    put_le(&b, 3, 4);
-    put_le(&b, NT, 8);
-    put_le(&b, s->gguf_repeat_kv ? 5 : 4, 8);
+    tw_buf b = {0};
+    tw_gguf_header(&b, 3, NT, s->gguf_repeat_kv ? 5 : 4);
     /* qwen2 rotates with NEOX RoPE, so its GGUF keeps Q/K rows in Hugging Face's order
      * and the values load unpermuted (llama's would be permuted: test_io_layout.c). */
     static const char *const kv[3][2] = {
         {"general.type", "adapter"}, {"adapter.type", "lora"}, {"general.architecture", "qwen2"}};
     for (int pass = 0; pass < 2; pass++) { /* the second pass: the repeated key only */
-        for (int i = 0; i < 3; i++) {
-            if (pass && s->gguf_repeat_kv != i + 1)
-                continue;
-            gguf_str(&b, kv[i][0], strlen(kv[i][0]));
-            put_le(&b, 8, 4); /* string */
-            gguf_str(&b, kv[i][1], strlen(kv[i][1]));
-        }
-        if (pass && s->gguf_repeat_kv != 4)
-            continue;
-        gguf_str(&b, "adapter.lora.alpha", 18);
-        put_le(&b, 6, 4); /* f32 */
-        const float alpha = pass ? 2.0f * s->gguf_alpha : s->gguf_alpha;
-        uint32_t u;
-        memcpy(&u, &alpha, 4);
-        put_le(&b, u, 4);
+        for (int i = 0; i < 3; i++)
+            if (!pass || s->gguf_repeat_kv == i + 1)
+                tw_gguf_kv_str(&b, kv[i][0], kv[i][1]);
+        if (!pass || s->gguf_repeat_kv == 4)
+            tw_gguf_kv_f32(&b, "adapter.lora.alpha", pass ? 2.0f * s->gguf_alpha : s->gguf_alpha);
     }
-    for (int i = 0; i < NT; i++) {
-        gguf_str(&b, s->name[i], s->len[i]);
-        put_le(&b, 2, 4);
-        put_le(&b, i % 2 ? RANK : D_MODEL, 8); /* ne[0]: columns */
-        put_le(&b, i % 2 ? D_MODEL : RANK, 8); /* ne[1]: rows */
-        put_le(&b, ggml_types[s->dtype], 4);
-        put_le(&b, s->begin[i], 8);
-    }
+    for (int i = 0; i < NT; i++) /* ne = [columns, rows] */
+        tw_gguf_info(&b, s->name[i], s->len[i], i % 2 ? RANK : D_MODEL, i % 2 ? D_MODEL : RANK,
+                     ggml_types[s->dtype], s->begin[i]);
     *header_end = b.n;
-    while (b.n % 32)
-        put_le(&b, 0, 1);
+    tw_align(&b, 32);
     put_data(&b, s);
     return b;
 }
@@ -259,9 +207,9 @@ static char *write_gguf_cut(const name_set *s, size_t size, char **dir_out)
     ck_assert_ptr_nonnull(path);
     sprintf(path, "%s/a.gguf", dir);
     size_t header_end;
-    buf b = gguf_bytes(s, &header_end);
-    fx_write_file(path, b.p, size < b.n ? size : b.n);
-    free(b.p);
+    tw_buf b = gguf_bytes(s, &header_end);
+    fx_write_file(path, b.b, size < b.n ? size : b.n);
+    tw_free(&b);
     *dir_out = dir;
     return path;
 }
@@ -525,9 +473,9 @@ START_TEST(test_gguf_every_truncation)
     name_set s;
     gguf_names(&s, "1");
     size_t header_end;
-    buf b = gguf_bytes(&s, &header_end);
+    tw_buf b = gguf_bytes(&s, &header_end);
     const size_t full = b.n;
-    free(b.p);
+    tw_free(&b);
     lora_config *cfg = names_config();
     for (size_t cut = 0; cut < full; cut++) {
         char *dir = NULL, *path = write_gguf_cut(&s, cut, &dir);

@@ -292,6 +292,26 @@ static int running_threads(void)
     return running;
 }
 
+/* Seconds since an unspecified start (CLOCK_MONOTONIC). */
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Polls count() until it returns want or `seconds` have passed; returns its last value.
+ * A deadline, not a fixed wait: on a loaded machine a thread may wait long for a CPU
+ * before it can go to sleep or finish exiting, but a spinning one never satisfies it. */
+static int wait_for_count(int (*count)(void), int want, double seconds)
+{
+    const double deadline = now_seconds() + seconds;
+    int n;
+    while ((n = count()) != want && now_seconds() < deadline)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    return n;
+}
+
 START_TEST(test_idle_workers_sleep_and_destroy_joins)
 {
     const int before = process_threads();
@@ -300,13 +320,17 @@ START_TEST(test_idle_workers_sleep_and_destroy_joins)
     tally t;
     run_and_check(p, 4, &t);
     ck_assert_int_eq(process_threads(), before + 3);
-    /* Only this thread should be running once the workers have gone to sleep. */
-    int running = 0;
-    for (int i = 0; i < 200 && (running = running_threads()) > 1; i++)
-        nanosleep(&(struct timespec){0, 10000000}, NULL);
-    ck_assert_msg(running == 1, "%d threads still running 2 s after the call", running);
+    /* Only this thread should be running once the workers have gone to sleep: a worker
+     * that spins stays runnable (state R) and keeps the count above 1 until the
+     * deadline. */
+    const int running = wait_for_count(running_threads, 1, 45.0);
+    ck_assert_msg(running == 1, "%d threads still running 45 s after the call", running);
     pool_free(p);
-    ck_assert_int_eq(process_threads(), before);
+    /* pool_free joined the workers; the kernel drops a joined thread's task entry a
+     * moment after the join returns, so the count is awaited (a worker left running
+     * would keep it above `before`). */
+    const int after = wait_for_count(process_threads, before, 45.0);
+    ck_assert_msg(after == before, "%d threads after destroy, %d before", after, before);
 }
 END_TEST
 

@@ -2,7 +2,8 @@
 // output of a teacher layer whose W_Q, W_V carry a hidden low-rank update, with the
 // library's AdamW; merged inference is checked against the LoRA forward; a second
 // adapter borrows the same base (no copy) and takes the trained factors by hot swap;
-// two forwards are kept in flight on tapes; then two mistakes are caught as lora::Error.
+// two forwards are kept in flight on tapes; caller vectors serve as a factor and its
+// gradient (borrowed, no copy); then two mistakes are caught as lora::Error.
 //
 // Build and run: make check-cpp  (or: c++ -std=c++17 -Wall -Wextra -Werror -Iinclude
 //   -Iexamples/cpp examples/cpp/example.cpp -Llib -Wl,-rpath,$PWD/lib -llora)
@@ -79,6 +80,46 @@ bool tapes_work(lora::Adapter &ad, const std::vector<float> &x1,
     }
     std::printf("tapes: two forwards in flight, backwards in reverse order %s\n",
                 ok ? "match" : "DIFFER");
+    return ok;
+}
+
+// Borrowed factors: caller vectors as a factor and its gradient, used in place (the
+// gradient lands in the caller's vector, an optimizer step writes the caller's factor,
+// the caller's own writes are seen); FactorBorrow gives the factor back at scope end.
+bool borrowed_factors_work(const lora::Adapter &trained, lora::Adapter &copy,
+                           lora::Adapter &ad, const std::vector<float> &x) {
+    ad.copy_params_from(trained);
+    copy.copy_params_from(trained);
+    const lora::Target q = lora::Target::Q;
+    const lora::Factor b = lora::Factor::B;
+    std::vector<float> param = ad.param(q, b), grad(param.size(), 0.0f);
+    bool ok = true;
+    {
+        lora::FactorBorrow lend(ad, q, b, param, grad);
+        for (lora::Adapter *a : {&ad, &copy}) {
+            a->zero_grad();
+            const std::vector<float> y = a->forward(x, kBatch, kSeqLen);
+            a->backward(y, false);
+        }
+        ok = grad == copy.grad(q, b);
+        lora::Optimizer sgd(ad, lora::OptimizerKind::Sgd);
+        sgd.lr(0.1);
+        const std::vector<float> before = param;
+        sgd.step(ad);
+        ok = ok && param != before && param == ad.param(q, b);
+        param[0] = 7.0f;
+        ok = ok && ad.param(q, b)[0] == 7.0f;
+    }
+    param[0] = -1.0f; // given back: the adapter holds its own copy again
+    ok = ok && ad.param(q, b)[0] == 7.0f;
+    try {
+        std::vector<float> short_buf(param.size() - 1);
+        ad.borrow_factor(q, b, short_buf);
+        ok = false;
+    } catch (const lora::Error &e) {
+        ok = ok && e.status() == LORA_ERR_SHAPE;
+    }
+    std::printf("borrowed factor and gradient: used in place %s\n", ok ? "yes" : "NO");
     return ok;
 }
 
@@ -170,6 +211,14 @@ int main() {
         if (load_cfg.get_int(LORA_CFG_HEAD_DIM) != kDModel / kHeads || !config_copies_work() ||
             !tapes_work(tenant, x, target))
             return 1;
+        {
+            lora::Adapter copy = lora::Config(kDModel).n_heads(kHeads).rank(kRank).threads(1).build();
+            lora::Adapter lender = lora::Config(kDModel).n_heads(kHeads).rank(kRank).threads(1).build();
+            base(copy);
+            base(lender);
+            if (!borrowed_factors_work(student, copy, lender, x))
+                return 1;
+        }
         auto loaded = lora::load_peft(dir, load_cfg);
         auto again = lora::load_peft(dir, lora::Config(kDModel).n_heads(kHeads)); // temporary
         const bool same_params = loaded.size() == 1 && again.size() == 1 &&

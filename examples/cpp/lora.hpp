@@ -366,6 +366,37 @@ public:
     }
     void zero_grad() { check(lora_adapter_zero_grad(ad_.get()), "lora_adapter_zero_grad"); }
 
+    // Uses caller memory as LoRA factor f of target t and, when grad is not empty, as its
+    // gradient, with no copy (lora_adapter_borrow_factor): param's current values become
+    // the factor, grad's the accumulated gradient; each holds the factor's exact element
+    // count (param_shape). The library then reads and writes them in place (optimizer
+    // steps and set_param write param; backward and zero_grad write grad) and notices
+    // writes the caller makes to param between calls (a fingerprint).
+    // Lifetime: both buffers must stay valid until this adapter is destroyed, f is
+    // borrowed again, or release_factor(t, f) gives it back to the adapter's own storage.
+    // Do not resize a std::vector lent here (its data would move). FactorBorrow does the
+    // release at the end of a scope.
+    void borrow_factor(Target t, Factor f, Span<float> param, Span<float> grad = {}) {
+        const auto [r, c] = param_shape(t, f);
+        detail::shape_check(param.size() == r * c, "borrow_factor",
+                            detail::count_msg("param", param.size(), r * c));
+        detail::shape_check(grad.empty() || grad.size() == r * c, "borrow_factor",
+                            detail::count_msg("grad", grad.size(), r * c));
+        check(lora_adapter_borrow_factor(ad_.get(), static_cast<int>(t), static_cast<int>(f),
+                                         param.data(), grad.empty() ? nullptr : grad.data(),
+                                         r * c),
+              "lora_adapter_borrow_factor");
+        saved_ = Saved{}; // new factor memory is a parameter change
+    }
+    // Gives factor f of t back to the adapter's own storage (the borrowed values are
+    // copied over); the caller's buffers are no longer used afterwards.
+    void release_factor(Target t, Factor f) {
+        const auto [r, c] = param_shape(t, f);
+        check(lora_adapter_borrow_factor(ad_.get(), static_cast<int>(t), static_cast<int>(f),
+                                         nullptr, nullptr, r * c),
+              "lora_adapter_borrow_factor");
+    }
+
     // Uses a shared, caller-owned base without copying it (multi-adapter serving). The
     // adapter keeps the shared_ptrs, so the buffers live as long as it may read them;
     // do not modify them meanwhile (lora.h's lifetime rule).
@@ -622,6 +653,30 @@ private:
     std::size_t d_model_ = 0, q_dim_ = 0, kv_dim_ = 0;
     bool out_proj_ = false;
     Saved saved_;
+};
+
+// Lends buffers to an adapter's factor for the lifetime of this object (borrow_factor
+// in the constructor, release_factor in the destructor): declare it after the buffers
+// and the adapter so that it is destroyed first.
+class FactorBorrow {
+public:
+    FactorBorrow(Adapter &ad, Target t, Factor f, Span<float> param, Span<float> grad = {})
+        : ad_(&ad), t_(t), f_(f) {
+        ad.borrow_factor(t, f, param, grad);
+    }
+    ~FactorBorrow() {
+        try {
+            ad_->release_factor(t_, f_);
+        } catch (...) { // cannot fail for a factor borrow_factor accepted
+        }
+    }
+    FactorBorrow(const FactorBorrow &) = delete;
+    FactorBorrow &operator=(const FactorBorrow &) = delete;
+
+private:
+    Adapter *ad_;
+    Target t_;
+    Factor f_;
 };
 
 inline Tape::Tape(const Adapter &ad) {

@@ -94,6 +94,14 @@ static void permute_record(float *dst, const float *src, const io_record *x,
 
 /* ---- adapter sets ------------------------------------------------------------------ */
 
+/* ad and a0 rotate with the same frequencies (their custom tables, or THETA's). */
+static int same_rope_table(const lora_adapter *ad, const lora_adapter *a0)
+{
+    size_t n, n0;
+    const double *f = lora_rope_custom_freqs(ad, &n), *f0 = lora_rope_custom_freqs(a0, &n0);
+    return n == n0 && (n == 0 || memcmp(f, f0, n * sizeof *f) == 0);
+}
+
 /* Every adapter is there, its layer in range, and it matches adapters[0]. */
 static int check_members(lora_adapter *const *adapters, const int64_t *layers, size_t count)
 {
@@ -121,6 +129,11 @@ static int check_members(lora_adapter *const *adapters, const int64_t *layers, s
                                       "adapters[%zu] differs from adapters[0] in %s (one file "
                                       "records one geometry)",
                                       i, io_geom_key(k) + strlen("liblora."));
+        if (!same_rope_table(ad, a0))
+            return lora_set_error(a0->err, LORA_ERR_INVALID_ARG,
+                                  "adapters[%zu] differs from adapters[0] in its RoPE "
+                                  "frequency table (one file records one table)",
+                                  i);
         for (int t = 0; t < PROJ_COUNT; t++) {
             const layer_proj *p = &ad->layer.proj[t], *q = &a0->layer.proj[t];
             if (p->adapted != q->adapted ||
@@ -337,6 +350,8 @@ static int save_set(int kind, const char *path, lora_adapter *const *adapters,
         st = permute_for_file(a0, r, n, file_rows, &perm);
     meta.qk_rows = file_rows;
     adapter_geometry(&a0->cfg, &meta.geom);
+    /* io only reads the table it records */
+    meta.rope_freqs = (double *)lora_rope_custom_freqs(a0, &meta.n_rope_freqs);
     if (st == LORA_OK)
         st = kind == FILE_PEFT ? io_peft_write(&a, path, &meta, r, n, a0->err)
                                : io_gguf_write(&a, path, &meta, arch, r, n, a0->err);
@@ -496,6 +511,24 @@ static int check_geometry(const io_geometry *file, const lora_config_values *v, 
     return LORA_OK;
 }
 
+/* A RoPE table the file records must fit the config's RoPE (loaded adapters get it). */
+static int check_rope_freqs(const io_meta *meta, const lora_config_values *v, char *err)
+{
+    if (!meta->rope_freqs)
+        return LORA_OK;
+    if (v->rope == LORA_ROPE_NONE)
+        return lora_set_error(err, LORA_ERR_SHAPE,
+                              "the file's adapter records " IO_ROPE_FREQS_KEY " (%zu RoPE "
+                              "frequencies), the config has no RoPE",
+                              meta->n_rope_freqs);
+    if (meta->n_rope_freqs != (size_t)(v->rope_dim / 2))
+        return lora_set_error(err, LORA_ERR_SHAPE,
+                              "the file's " IO_ROPE_FREQS_KEY " has %zu frequencies, the "
+                              "config's rope_dim/2 is %lld",
+                              meta->n_rope_freqs, (long long)(v->rope_dim / 2));
+    return LORA_OK;
+}
+
 /* *out: a copy of cfg with the file's rank, alpha, rsLoRA and targets, *v its resolved
  * values; the geometry the file records and every record's shape must fit its layer.
  * *max_floats: the largest record. */
@@ -518,7 +551,8 @@ static int resolve_config(const lora_config *cfg, const io_records *rec,
     if (st != LORA_OK)
         return lora_set_error(err, st, "the file's adapters do not fit the config: %s",
                               out->err);
-    if ((st = check_geometry(&meta->geom, &v, err)) != LORA_OK)
+    if ((st = check_geometry(&meta->geom, &v, err)) != LORA_OK ||
+        (st = check_rope_freqs(meta, &v, err)) != LORA_OK)
         return st;
     *v_out = v;
     const int64_t q_dim = v.n_heads * v.head_dim, kv_dim = v.n_kv_heads * v.head_dim;
@@ -569,6 +603,12 @@ static int create_adapters(const io_source *src, const lora_config *cfg,
             }
             adapters[made] = ad;
             layers[made++] = x->layer;
+            if (src->meta.rope_freqs &&
+                (st = lora_adapter_set_rope_freqs(ad, src->meta.rope_freqs,
+                                                  src->meta.n_rope_freqs)) != LORA_OK) {
+                lora_set_error(err, st, IO_ROPE_FREQS_KEY ": %s", lora_adapter_last_error(ad));
+                break;
+            }
         }
         const size_t n = (size_t)(x->rows * x->cols);
         st = io_source_values(src, x, buf, err);

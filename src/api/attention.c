@@ -5,6 +5,27 @@
 
 #include "internal.h"
 
+/* THETA's inverse frequency i: THETA^(-2i/ROPE_DIM), in double. */
+static double rope_default_freq(double theta, int64_t i, int64_t rope_dim)
+{
+    return pow(theta, -2.0 * (double)i / (double)rope_dim);
+}
+
+const double *lora_rope_custom_freqs(const lora_adapter *ad, size_t *n)
+{
+    const layer *l = &ad->layer;
+    *n = 0;
+    if (l->rope == LORA_ROPE_NONE)
+        return NULL;
+    const int64_t half = l->rope_dim / 2;
+    for (int64_t i = 0; i < half; i++)
+        if (ad->rope_freqs[i] != rope_default_freq(ad->cfg.rope_theta, i, l->rope_dim)) {
+            *n = (size_t)half;
+            return ad->rope_freqs;
+        }
+    return NULL;
+}
+
 int lora_rope_init(lora_adapter *ad)
 {
     layer *l = &ad->layer;
@@ -14,9 +35,8 @@ int lora_rope_init(lora_adapter *ad)
     ad->rope_freqs = lora_mem_alloc(&ad->mem, (size_t)half * sizeof(double));
     if (!ad->rope_freqs)
         return LORA_ERR_NOMEM;
-    /* inv_freq[i] = THETA^(-2i/ROPE_DIM), in double */
     for (int64_t i = 0; i < half; i++)
-        ad->rope_freqs[i] = pow(ad->cfg.rope_theta, -2.0 * (double)i / (double)l->rope_dim);
+        ad->rope_freqs[i] = rope_default_freq(ad->cfg.rope_theta, i, l->rope_dim);
     l->rope_freqs = ad->rope_freqs;
     return LORA_OK;
 }

@@ -209,6 +209,9 @@ int lora_check_inputs(lora_adapter *ad, const float *xq, const float *xkv, int64
 
 /* RoPE's frequency table from ROPE_THETA (attention.c); LORA_ERR_NOMEM or LORA_OK. */
 int lora_rope_init(lora_adapter *ad);
+/* ad's RoPE table when lora_adapter_set_rope_freqs made it differ from THETA's (files
+ * record it), else NULL; *n its length. */
+const double *lora_rope_custom_freqs(const lora_adapter *ad, size_t *n);
 /* Per-call arguments (attention.c). lora_mask_resolve: the mask fields of args with
  * the self-attention defaults (the key side takes the query side's arrays); returns 0
  * when every field is NULL. lora_mask_check: the values against p's shapes (lengths in

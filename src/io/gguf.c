@@ -81,6 +81,19 @@ static void kv_f64(const io_alloc *a, kv_list *k, const char *key, double v)
     k->fail = k->fail || io_bytes_u64(a, &k->b, bits);
 }
 
+/* An array of float64 (GGUF_ARRAY of GGUF_FLOAT64). */
+static void kv_f64_array(const io_alloc *a, kv_list *k, const char *key, const double *v,
+                         size_t n)
+{
+    kv_key(a, k, key, GGUF_ARRAY);
+    k->fail = k->fail || io_bytes_u32(a, &k->b, GGUF_FLOAT64) || io_bytes_u64(a, &k->b, n);
+    for (size_t i = 0; i < n && !k->fail; i++) {
+        uint64_t bits;
+        memcpy(&bits, &v[i], 8);
+        k->fail = io_bytes_u64(a, &k->b, bits);
+    }
+}
+
 static void kv_bool(const io_alloc *a, kv_list *k, const char *key, int v)
 {
     const unsigned char byte = v ? 1 : 0;
@@ -181,6 +194,8 @@ static void put_geometry(const io_alloc *a, kv_list *k, const io_meta *meta)
         }
     }
     kv_string(a, k, "liblora.qk_rows", io_rope_name(meta->qk_rows));
+    if (meta->rope_freqs)
+        kv_f64_array(a, k, IO_ROPE_FREQS_KEY, meta->rope_freqs, meta->n_rope_freqs);
 }
 
 /* The header: magic, version, counts, then the key-values. */
@@ -449,14 +464,15 @@ static void printable_name(char *nm, const unsigned char *name, uint64_t nlen)
 /* The keys liblora reads; KEY_GEOM + i is geometry field i. */
 enum {
     KEY_OTHER, KEY_GTYPE, KEY_ATYPE, KEY_ALPHA, KEY_ALIGN, KEY_ALORA, KEY_ARCH, KEY_QK_ROWS,
-    KEY_GEOM, KEY_COUNT = KEY_GEOM + IO_GEOM_COUNT
+    KEY_ROPE_FREQS, KEY_GEOM, KEY_COUNT = KEY_GEOM + IO_GEOM_COUNT
 };
 
 static int key_id(const unsigned char *key, uint64_t klen)
 {
     static const char *const names[KEY_GEOM] = {
         NULL, "general.type", "adapter.type", "adapter.lora.alpha", "general.alignment",
-        "adapter.alora.invocation_tokens", "general.architecture", "liblora.qk_rows"};
+        "adapter.alora.invocation_tokens", "general.architecture", "liblora.qk_rows",
+        IO_ROPE_FREQS_KEY};
     if (!key)
         return KEY_OTHER;
     for (int k = 1; k < KEY_GEOM; k++)
@@ -470,6 +486,7 @@ static int key_id(const unsigned char *key, uint64_t klen)
 
 /* What the key-values say that the tensors need. */
 typedef struct gguf_kvs {
+    const io_alloc *alloc; /* for the values kept (the RoPE table) */
     uint64_t alignment;
     int seen[KEY_COUNT];
     int arch_rows, key_rows; /* the Q/K row order by general.architecture, liblora.qk_rows */
@@ -577,6 +594,32 @@ static int read_geometry(cursor *c, uint32_t type, int g, io_meta *meta, char *e
     return LORA_OK;
 }
 
+/* liblora.rope_freqs: an array of 1 .. IO_MAX_ROPE_FREQS float64 values, finite, >= 0. */
+static int read_rope_freqs(cursor *c, uint32_t type, const io_alloc *a, io_meta *meta,
+                           char *err)
+{
+    uint32_t et = 0;
+    uint64_t n = 0;
+    if (type != GGUF_ARRAY || !rd_u32(c, &et) || !rd_u64(c, &n) || et != GGUF_FLOAT64 ||
+        n == 0 || n > IO_MAX_ROPE_FREQS)
+        return io_error(err, LORA_ERR_FORMAT,
+                        "GGUF: " IO_ROPE_FREQS_KEY " is not an array of 1 to %d float64",
+                        IO_MAX_ROPE_FREQS);
+    double *f = io_calloc(a, (size_t)n, sizeof *f);
+    if (!f)
+        return io_error(err, LORA_ERR_NOMEM, "cannot allocate %llu frequencies",
+                        (unsigned long long)n);
+    meta->rope_freqs = f; /* the source frees it, also on failure */
+    meta->n_rope_freqs = (size_t)n;
+    for (uint64_t i = 0; i < n; i++)
+        if (!rd_number(c, GGUF_FLOAT64, &f[i]) || !isfinite(f[i]) || f[i] < 0.0)
+            return io_error(err, LORA_ERR_FORMAT,
+                            "GGUF: " IO_ROPE_FREQS_KEY "[%llu] is missing, not finite or "
+                            "negative",
+                            (unsigned long long)i);
+    return LORA_OK;
+}
+
 /* The value of key k (not KEY_OTHER). */
 static int read_known_value(cursor *c, int k, uint32_t type, gguf_kvs *kv, io_meta *meta,
                             char *err)
@@ -585,6 +628,7 @@ static int read_known_value(cursor *c, int k, uint32_t type, gguf_kvs *kv, io_me
     case KEY_GTYPE: return read_type_string(c, type, "general.type", "adapter", err);
     case KEY_ATYPE: return read_type_string(c, type, "adapter.type", "lora", err);
     case KEY_ARCH: return read_arch(c, type, kv, err);
+    case KEY_ROPE_FREQS: return read_rope_freqs(c, type, kv->alloc, meta, err);
     case KEY_QK_ROWS: {
         const int st = read_rope_string(c, type, "liblora.qk_rows", &kv->key_rows, err);
         if (st == LORA_OK && kv->key_rows == LORA_ROPE_NONE)
@@ -645,9 +689,11 @@ static int read_kv(cursor *c, uint64_t i, gguf_kvs *kv, io_meta *meta, char *err
     return LORA_OK;
 }
 
-static int read_kvs(cursor *c, uint64_t n_kv, gguf_kvs *kv, io_meta *meta, char *err)
+static int read_kvs(cursor *c, const io_alloc *a, uint64_t n_kv, gguf_kvs *kv, io_meta *meta,
+                    char *err)
 {
     memset(kv, 0, sizeof *kv);
+    kv->alloc = a;
     kv->alignment = GGUF_ALIGNMENT;
     kv->arch_rows = io_gguf_qk_rows(NULL); /* no general.architecture: the writer's default */
     *meta = (io_meta){.alpha = NAN}; /* alpha missing: alpha = rank, llama.cpp's scale 1 */
@@ -810,7 +856,7 @@ int io_gguf_read(const io_alloc *a, const char *path, io_source *s, char *err)
     gguf_kvs kv;
     st = read_header(&c, &n_tensors, &n_kv, err);
     if (st == LORA_OK)
-        st = read_kvs(&c, n_kv, &kv, &s->meta, err);
+        st = read_kvs(&c, a, n_kv, &kv, &s->meta, err);
     if (st == LORA_OK)
         st = read_tensor_infos(&c, n_tensors, kv.alignment, s, err);
     io_free(a, c.win);

@@ -533,6 +533,7 @@ void io_source_free(io_source *s)
     const io_alloc *a = &s->alloc;
     io_records_free(a, &s->rec);
     io_bytes_free(a, &s->names);
+    io_free(a, s->meta.rope_freqs);
     if (s->json)
         cJSON_Delete(s->json);
     if (s->fd >= 0)

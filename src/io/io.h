@@ -95,7 +95,16 @@ typedef struct io_meta {
     io_geometry geom;       /* write: what to record; read: what the file records */
     int qk_rows; /* the order of the Q/K factor rows in the file: LORA_ROPE_HALF (Hugging
                     Face) or LORA_ROPE_INTERLEAVED (GGUF of a NORM-RoPE architecture) */
+    /* RoPE's inverse frequencies when they are not THETA's (lora_adapter_set_rope_freqs),
+     * recorded as "liblora.rope_freqs"; NULL none. write: the caller's table; read: owned
+     * by the source (io_source_free), each value finite and >= 0. */
+    double *rope_freqs;
+    size_t n_rope_freqs;
 } io_meta;
+
+/* Most RoPE frequencies a file may record (ROPE_DIM/2; a longer table is FORMAT). */
+#define IO_MAX_ROPE_FREQS 8192
+#define IO_ROPE_FREQS_KEY "liblora.rope_freqs"
 
 /* The factors of n_layers layers adapting the targets in mask, in file order: layer by
  * layer (position 0, 1, ...), targets Q, K, V, O, A before B. Start from a zeroed

@@ -83,7 +83,8 @@ static int config_json(const io_meta *meta, const io_record *r, size_t n, char *
  * the geometry (liblora.*). */
 typedef struct meta_strings {
     char r[24], alpha[32], geom[IO_GEOM_COUNT][32];
-    const char *kv[2 * (3 + IO_GEOM_COUNT)];
+    char *freqs; /* the RoPE table as JSON array text (cJSON's memory), or NULL */
+    const char *kv[2 * (4 + IO_GEOM_COUNT)];
     size_t n; /* pairs in kv */
 } meta_strings;
 
@@ -122,8 +123,18 @@ static int geom_text(int i, double v, char *out, size_t n)
     }
 }
 
+/* The RoPE table as "[f0,f1,...]" (cJSON's numbers: locale-independent, exact). */
+static char *freqs_text(const double *f, size_t n)
+{
+    cJSON *arr = n <= (size_t)INT32_MAX ? cJSON_CreateDoubleArray(f, (int)n) : NULL;
+    char *t = arr ? cJSON_PrintUnformatted(arr) : NULL;
+    cJSON_Delete(arr);
+    return t;
+}
+
 static int file_metadata(const io_meta *meta, meta_strings *m)
 {
+    m->freqs = NULL;
     if (!number_text((double)meta->rank, m->r, sizeof m->r) ||
         !number_text(meta->alpha, m->alpha, sizeof m->alpha))
         return LORA_ERR_NOMEM;
@@ -138,6 +149,13 @@ static int file_metadata(const io_meta *meta, meta_strings *m)
             return LORA_ERR_NOMEM;
         m->kv[2 * m->n] = io_geom_key(i);
         m->kv[2 * m->n + 1] = m->geom[i];
+        m->n++;
+    }
+    if (meta->rope_freqs) {
+        if (!(m->freqs = freqs_text(meta->rope_freqs, meta->n_rope_freqs)))
+            return LORA_ERR_NOMEM;
+        m->kv[2 * m->n] = IO_ROPE_FREQS_KEY;
+        m->kv[2 * m->n + 1] = m->freqs;
         m->n++;
     }
     return LORA_OK;
@@ -157,11 +175,12 @@ static int weights_file(const io_alloc *a, const io_meta *meta, const io_record 
                  r[k].which == LORA_B ? 'B' : 'A');
         e[k] = (st_entry){name, r[k].rows, r[k].cols, r[k].values};
     }
-    meta_strings m;
+    meta_strings m = {.freqs = NULL};
     if (st == LORA_OK)
         st = file_metadata(meta, &m);
     if (st == LORA_OK)
         st = st_write(a, e, n, m.kv, m.n, file);
+    cJSON_free(m.freqs);
     io_free(a, names);
     io_free(a, e);
     return st;
@@ -346,6 +365,37 @@ static int read_metadata_geometry(const cJSON *md, io_geometry *g, char *err)
     return LORA_OK;
 }
 
+/* The RoPE table the weights' __metadata__ records (liblora.rope_freqs, when present):
+ * JSON array text of 1 .. IO_MAX_ROPE_FREQS numbers, finite and >= 0. */
+static int read_metadata_freqs(const io_alloc *a, const cJSON *md, io_meta *meta, char *err)
+{
+    const cJSON *x = md ? cJSON_GetObjectItemCaseSensitive(md, IO_ROPE_FREQS_KEY) : NULL;
+    if (!x)
+        return LORA_OK;
+    cJSON *arr = cJSON_IsString(x) ? cJSON_ParseWithOpts(x->valuestring, NULL, 1) : NULL;
+    const int n = cJSON_IsArray(arr) ? cJSON_GetArraySize(arr) : 0;
+    int st = n >= 1 && n <= IO_MAX_ROPE_FREQS ? LORA_OK : LORA_ERR_FORMAT;
+    if (st == LORA_OK && !(meta->rope_freqs = io_calloc(a, (size_t)n, sizeof(double))))
+        st = LORA_ERR_NOMEM;
+    int i = 0;
+    for (const cJSON *v = arr ? arr->child : NULL; st == LORA_OK && v; v = v->next, i++) {
+        if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || v->valuedouble < 0.0)
+            st = LORA_ERR_FORMAT;
+        else
+            meta->rope_freqs[i] = v->valuedouble;
+    }
+    cJSON_Delete(arr);
+    meta->n_rope_freqs = meta->rope_freqs ? (size_t)n : 0; /* the source frees the table */
+    if (st == LORA_ERR_NOMEM)
+        return io_error(err, st, "cannot allocate %d frequencies", n);
+    if (st != LORA_OK)
+        return io_error(err, st,
+                        PEFT_WEIGHTS ": __metadata__ " IO_ROPE_FREQS_KEY " is not a JSON "
+                        "array of 1 to %d finite numbers >= 0",
+                        IO_MAX_ROPE_FREQS);
+    return LORA_OK;
+}
+
 int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err)
 {
     io_source_init(s, a);
@@ -370,6 +420,8 @@ int io_peft_read(const io_alloc *a, const char *dir, io_source *s, char *err)
     st = check_scale_metadata(sf.metadata, &s->meta, err);
     if (st == LORA_OK)
         st = read_metadata_geometry(sf.metadata, &s->meta.geom, err);
+    if (st == LORA_OK)
+        st = read_metadata_freqs(a, sf.metadata, &s->meta, err);
     s->meta.qk_rows = LORA_ROPE_HALF; /* Hugging Face's order (rotate_half) */
     for (size_t i = 0; i < sf.n && st == LORA_OK; i++) {
         io_record x;

@@ -16,7 +16,7 @@ static void die(const char *what, int st)
     exit(1);
 }
 
-static lora_adapter *make(int rank, int targets, int rslora, uint64_t seed)
+static lora_adapter *make(int rank, int targets, int rslora, int rope, uint64_t seed)
 {
     lora_config *cfg = NULL;
     lora_adapter *ad = NULL;
@@ -25,7 +25,7 @@ static lora_adapter *make(int rank, int targets, int rslora, uint64_t seed)
                              {LORA_CFG_N_KV_HEADS, 1}, {LORA_CFG_OUT_PROJ, 1},
                              {LORA_CFG_RANK, rank}, {LORA_CFG_TARGETS, targets},
                              {LORA_CFG_RSLORA, rslora}, {LORA_CFG_SEED, (int64_t)seed},
-                             {LORA_CFG_INIT, LORA_INIT_GAUSSIAN}};
+                             {LORA_CFG_INIT, LORA_INIT_GAUSSIAN}, {LORA_CFG_ROPE, rope}};
     for (size_t i = 0; st == LORA_OK && i < sizeof kv / sizeof kv[0]; i++)
         st = lora_config_set_int(cfg, (int)kv[i][0], kv[i][1]);
     if (st == LORA_OK)
@@ -33,6 +33,10 @@ static lora_adapter *make(int rank, int targets, int rslora, uint64_t seed)
     if (st != LORA_OK)
         die("create", st);
     lora_config_destroy(cfg);
+    /* A custom RoPE table, so the files record liblora.rope_freqs (head_dim 4: 2). */
+    static const double freqs[2] = {0.5, 0.0078125};
+    if (rope && (st = lora_adapter_set_rope_freqs(ad, freqs, 2)) != LORA_OK)
+        die("set_rope_freqs", st);
     /* B = 0 after init: nonzero values make the seeds exercise conversions. */
     size_t n = 0;
     lora_adapter_param_count(ad, &n);
@@ -79,14 +83,14 @@ int main(int argc, char **argv)
         snprintf(path, sizeof path, "%s/%s", out, sub[i]);
         mkdir(path, 0755);
     }
-    /* Adapter sets: (rank, targets, rslora, layers). */
-    static const int sets[][4] = {{2, 15, 0, 1}, {1, 5, 0, 1}, {4, 15, 1, 2}, {2, 3, 0, 2},
-                                  {3, 8, 0, 1}};
+    /* Adapter sets: (rank, targets, rslora, layers, RoPE with a custom table). */
+    static const int sets[][5] = {{2, 15, 0, 1, 0}, {1, 5, 0, 1, 0}, {4, 15, 1, 2, 0},
+                                  {2, 3, 0, 2, 0},  {3, 8, 0, 1, 0}, {2, 3, 0, 2, 1}};
     for (size_t s = 0; s < sizeof sets / sizeof sets[0]; s++) {
         lora_adapter *ads[2] = {NULL, NULL};
         const int64_t layers[2] = {0, 3};
         for (int l = 0; l < sets[s][3]; l++)
-            ads[l] = make(sets[s][0], sets[s][1], sets[s][2], 17 * s + (uint64_t)l);
+            ads[l] = make(sets[s][0], sets[s][1], sets[s][2], sets[s][4], 17 * s + (uint64_t)l);
         int st;
         snprintf(path, sizeof path, "%s/corpus_gguf/seed%zu.gguf", out, s);
         if ((st = lora_save_gguf(path, ads, layers, (size_t)sets[s][3], NULL)) != LORA_OK)

@@ -15,7 +15,9 @@ nn.Parameters sharing memory with a liblora adapter, trained with torch.optim.
 - Every forward that autograd may differentiate records into its own lora.Tape, so a
   layer can run several times before its backwards (reuse, weight tying, checkpointing,
   chosen/rejected pairs). Forwards under torch.no_grad() (or with nothing requiring
-  grad) are LORA_FWD_INFER: nothing is saved.
+  grad) are LORA_FWD_INFER: nothing is saved. Tapes come from a small per-module pool
+  and go back when autograd frees the node, so a training loop allocates no activation
+  memory per step.
 - float32 on the CPU only: a float64 (or other) input raises lora.DtypeError, with no
   silent cast. `reference(x)` computes the same layer with plain torch ops (any dtype,
   autograd through torch): the oracle of the tests and a fallback for other devices.
@@ -25,6 +27,7 @@ Importable only when torch is installed (ImportError otherwise).
 """
 import math
 
+import numpy as np
 import torch
 
 from . import _core
@@ -57,6 +60,37 @@ def _ptrs(w, b):
     return (w.data_ptr(), None if b is None else b.data_ptr())
 
 
+class _TapeLease:
+    """A tape of the module's pool, lent to one autograd node: returned to the pool
+    when the node is freed (the graph is gone, so no backward can read it again). A
+    tape keeps its activation memory between recordings, so a training loop reuses a
+    few tapes instead of allocating and faulting in megabytes per forward."""
+
+    __slots__ = ("module", "tape")
+
+    def __init__(self, module):
+        pool = module._tape_pool
+        self.module = module
+        self.tape = pool.pop() if pool else Tape(module.adapter)
+
+    def __del__(self):
+        tape, self.tape = self.tape, None
+        if tape is None:
+            return
+        try:
+            pool = self.module._tape_pool
+            if len(pool) < _TAPE_POOL_MAX and not tape.closed:
+                pool.append(tape)
+            else:
+                tape.close()
+        except Exception:  # interpreter shutdown: the tape's own finaliser frees it
+            pass
+
+
+# Idle tapes a module keeps (each holds one forward's activations).
+_TAPE_POOL_MAX = 4
+
+
 class _AttentionFunction(torch.autograd.Function):
     """One liblora forward on its own tape; the backward reads that tape. Inputs: the
     module, xq, xkv (or None), the mask arguments, then the factor Parameters (so
@@ -65,16 +99,16 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, masks, xq, xkv, *factors):
-        ad = module.adapter
-        tape = Tape(ad)
+        lease = _TapeLease(module)
         kv = None if xkv is None else _as_input(xkv, "xkv")
-        out = ad.forward_ex(_as_input(xq, "xq").numpy(), _np(kv), tape=tape, **masks)
-        ctx.module, ctx.tape, ctx.cross = module, tape, xkv is not None
+        out = module.adapter.forward_ex(_as_input(xq, "xq").numpy(), _np(kv),
+                                        tape=lease.tape, **masks)
+        ctx.module, ctx.lease, ctx.cross = module, lease, xkv is not None
         return torch.from_numpy(out)
 
     @staticmethod
     def backward(ctx, dout):
-        module, tape = ctx.module, ctx.tape
+        module, tape = ctx.module, ctx.lease.tape
         module._bind_grads()
         want_dx = ctx.needs_input_grad[2] or (ctx.cross and ctx.needs_input_grad[3])
         d = dout.detach().to(torch.float32).contiguous().numpy()
@@ -108,6 +142,8 @@ class LoraAttention(torch.nn.Module):
         self.lora_B = torch.nn.ParameterDict()
         self._bound = {}  # (target, factor) -> (param data_ptr, grad data_ptr or None)
         self._base_ptrs = {}  # target -> (weight data_ptr, bias data_ptr or None)
+        self._tape_pool = []  # idle tapes (_TapeLease)
+        self._rope_freqs = None  # a table set by set_rope_freqs (float64), for reference
         for t in self.adapter.targets:
             for w, store in (("A", self.lora_A), ("B", self.lora_B)):
                 store[t] = torch.nn.Parameter(torch.from_numpy(self.adapter.param(t, w)))
@@ -201,11 +237,43 @@ class LoraAttention(torch.nn.Module):
                                                             **masks))
         return _AttentionFunction.apply(self, masks, xq, xkv, *factors)
 
+    def set_rope_freqs(self, inv_freq):
+        """Replaces RoPE's inverse frequencies (lora_adapter_set_rope_freqs: rope_dim/2
+        values) in the adapter and in `reference`."""
+        self.adapter.set_rope_freqs(inv_freq)
+        self._rope_freqs = torch.as_tensor(np.asarray(inv_freq, dtype=np.float64)).clone()
+
+    def _rope(self, x, first):
+        """x (batch, heads, length, head_dim) rotated at positions first, first + 1, ...
+        as the configured RoPE does it (angles in float64, applied in x's dtype)."""
+        c = self.config
+        if c["rope"] == _core.Rope.NONE:
+            return x
+        rd = c["rope_dim"]
+        inv = self._rope_freqs
+        if inv is None:
+            inv = c["rope_theta"] ** (-torch.arange(0, rd, 2, dtype=torch.float64) / rd)
+        pos = torch.arange(first, first + x.shape[-2], dtype=torch.float64)
+        angle = torch.outer(pos, inv)
+        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        rot, rest = x[..., :rd], x[..., rd:]
+        if c["rope"] == _core.Rope.HALF:  # Hugging Face rotate_half: i pairs with i + rd/2
+            x1, x2 = rot[..., : rd // 2], rot[..., rd // 2:]
+            rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:  # interleaved (GPT-J, Meta): 2i pairs with 2i + 1
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        return torch.cat((rot, rest), dim=-1)
+
     def reference(self, xq, xkv=None, factors=None):
         """The same layer in plain torch ops, in xq's dtype, differentiable by autograd
-        (no per-call masks): the tests' oracle. factors: {("q", "A"): tensor, ...} to
-        use instead of this module's Parameters."""
+        (RoPE at liblora's default positions; no per-call masks, window, softcap
+        or dropout): the tests' oracle. factors: {("q", "A"): tensor, ...} to use
+        instead of this module's Parameters."""
         c = self.config
+        for name in ("window", "softcap", "dropout"):
+            if c[name]:
+                raise NotImplementedError("LoraAttention.reference has no %s" % name)
         factors = factors or {}
         dt = xq.dtype
         xkv = xq if xkv is None else xkv
@@ -224,8 +292,9 @@ class LoraAttention(torch.nn.Module):
             return y
 
         B, Lq, Lkv = xq.shape[0], xq.shape[1], xkv.shape[1]
-        q = proj(xq, "q").view(B, Lq, H, dh).transpose(1, 2)
-        k = proj(xkv, "k").view(B, Lkv, Hkv, dh).transpose(1, 2)
+        # liblora's default positions: keys j, queries (Lkv - Lq) + i
+        q = self._rope(proj(xq, "q").view(B, Lq, H, dh).transpose(1, 2), Lkv - Lq)
+        k = self._rope(proj(xkv, "k").view(B, Lkv, Hkv, dh).transpose(1, 2), 0)
         v = proj(xkv, "v").view(B, Lkv, Hkv, dh).transpose(1, 2)
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)

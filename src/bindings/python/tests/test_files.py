@@ -225,3 +225,37 @@ def test_base_model_name_or_path(adapter_set, tmp_path):
     assert meta["general.base_model.0.repo_url"] == "https://huggingface.co/Qwen/Qwen2-0.5B"
     with pytest.raises(lora.InvalidArgumentError):
         lora.save_gguf(str(path), adapter_set, base_model_name_or_path="bad\x01name")
+
+
+def test_rope_freqs_recorded_and_restored(tmp_path):
+    """A custom RoPE table (Adapter.set_rope_freqs) travels with the files: the PEFT
+    __metadata__ holds it as JSON text, and a load gives the loaded adapter the same
+    function as the saved one (a default table would not)."""
+    need("lora_adapter_set_rope_freqs")
+    cfg = dict(d_model=16, n_heads=2, rank=2, targets="qk", rope="half", threads=1)
+    rng = np.random.default_rng(3)
+    ad = lora.Adapter(seed=1, **cfg)
+    ad.set_rope_freqs([0.9, 0.5, 0.25, 0.003])
+    bases = {t: rng.standard_normal(ad.base_shape(t)).astype(np.float32) for t in "qkv"}
+    for t in "qk":
+        for f in "AB":
+            ad.set_param(t, f, rng.standard_normal(ad.param_shape(t, f)).astype(np.float32))
+    for t, w in bases.items():
+        ad.set_base(t, w)
+    x = rng.standard_normal((1, 7, 16)).astype(np.float32)
+    want = ad.forward(x)
+    d = tmp_path / "peft"
+    lora.save_peft(str(d), {0: ad})
+    _, meta = read_safetensors(d / "adapter_model.safetensors")
+    assert json.loads(meta["liblora.rope_freqs"]) == [0.9, 0.5, 0.25, 0.003]
+    gguf = tmp_path / "a.gguf"
+    lora.save_gguf(str(gguf), {0: ad})
+    for back in (lora.load_peft(str(d), **cfg)[0], lora.load_gguf(str(gguf), **cfg)[0]):
+        for t, w in bases.items():
+            back.set_base(t, w)
+        np.testing.assert_array_equal(back.forward(x), want)
+    plain = lora.Adapter(seed=1, **cfg)
+    plain.copy_params_from(ad)
+    for t, w in bases.items():
+        plain.set_base(t, w)
+    assert not np.array_equal(plain.forward(x), want)

@@ -75,6 +75,55 @@ def test_gradients_match_float64_reference(cross):
         assert rel(getattr(m, "lora_" + w)[t].grad, want) < TOL, (t, w)
 
 
+@pytest.mark.parametrize("rope,rope_dim,custom,cross", [
+    ("half", None, False, False), ("interleaved", None, False, False),
+    ("half", 2, False, True), ("interleaved", 2, True, False), ("half", None, True, True)])
+def test_rope_gradients_match_float64_reference(rope, rope_dim, custom, cross):
+    """RoPE in the module (liblora) and in reference (torch ops): both layouts, partial
+    rotation, a custom frequency table, cross-attention (query positions offset)."""
+    extra = dict(rope=rope, head_dim=4, rope_theta=100.0)
+    if rope_dim:
+        extra["rope_dim"] = rope_dim
+    m = layer(8, **extra)
+    if custom:
+        n = m.config["rope_dim"] // 2
+        m.set_rope_freqs(np.linspace(0.9, 0.05, n))
+    gen = torch.Generator().manual_seed(9)
+    xq = torch.randn(2, 5, 12, generator=gen, requires_grad=True)
+    xkv = torch.randn(2, 7, 12, generator=gen, requires_grad=True) if cross else None
+    g = torch.randn(2, 5, 12, generator=gen)
+    out = m(xq, xkv)
+    (out * g).sum().backward()
+    ref_out, ref_dxq, ref_dxkv, ref_f = reference_grads(m, xq, xkv, g)
+    assert rel(out, ref_out) < TOL
+    assert rel(xq.grad, ref_dxq) < TOL
+    if cross:
+        assert rel(xkv.grad, ref_dxkv) < TOL
+    for (t, w), want in ref_f.items():
+        assert rel(getattr(m, "lora_" + w)[t].grad, want) < TOL, (t, w)
+    m0 = layer(8, **dict(extra, rope="none"))  # the rotation changes the output
+    assert rel(m0.reference(xq.detach().double(), None if xkv is None else
+                            xkv.detach().double()), ref_out) > 1e-3
+
+
+def test_tapes_come_from_a_pool():
+    """A training loop reuses the module's tapes (and their activation memory) once
+    autograd has freed a step's graph; forwards in flight get tapes of their own."""
+    m = layer(10)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    y = m(x)
+    first = y.grad_fn.lease.tape
+    y.sum().backward()
+    del y  # frees the graph: the tape goes back to the pool
+    y = m(x)
+    assert y.grad_fn.lease.tape is first
+    y2 = m(x)
+    assert y2.grad_fn.lease.tape is not first
+    (y + y2).sum().backward()
+    del y, y2
+    assert len(m._tape_pool) == 2
+
+
 def test_layer_reused_twice_before_backward():
     """Two forwards of one layer in flight (each on its own tape)."""
     m = layer(4)
@@ -129,8 +178,8 @@ def test_float64_is_refused():
 
 
 def test_worked_example_matches_pure_torch_twin(tmp_path):
-    """examples/torch_finetune.py: 50 AdamW steps of the liblora model against its
-    pure-torch twin within 1e-4 relative, then a PEFT save and reload."""
+    """examples/torch_finetune.py: 50 AdamW steps of the liblora model (RoPE layers)
+    against its pure-torch twin (RoPE in torch ops) within 1e-4 relative, then a PEFT save and reload."""
     path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "examples",
                         "torch_finetune.py")
     if not os.path.exists(path):
@@ -138,7 +187,9 @@ def test_worked_example_matches_pure_torch_twin(tmp_path):
     spec = importlib.util.spec_from_file_location("torch_finetune", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    lib = example.train(example.TinyLM())
+    model = example.TinyLM()
+    assert all(a.config["rope"] == lora.Rope.HALF for a in model.attn)  # RoPE layers
+    lib = example.train(model)
     twin = example.train(example.TinyLM(reference=True))
     assert len(lib) == 50 and lib[-1] < 0.5 * lib[0]
     assert max(abs(a - b) / abs(b) for a, b in zip(lib, twin)) < 1e-4

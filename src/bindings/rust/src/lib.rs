@@ -29,7 +29,7 @@ pub mod sys;
 use std::ffi::CStr;
 use std::fmt;
 use std::os::raw::{c_char, c_int};
-use std::ptr;
+use std::ptr::{self, NonNull};
 use std::sync::Arc;
 
 // ---- errors ----------------------------------------------------------------------------
@@ -529,6 +529,46 @@ pub struct Adapter {
     /// Bases used in place (set_base_borrowed), kept alive as long as the C side may
     /// read them; indexed by Target position (Q, K, V, O).
     borrowed: [Option<Borrowed>; 4],
+    /// Factor (and gradient) storage handed over by borrow_factor_owned, indexed by
+    /// 2 * Target position + (0 for A, 1 for B). Fields drop after `Drop::drop`, so the
+    /// memory is freed only after the handle is destroyed.
+    owned_factors: [Option<OwnedFactor>; 8],
+}
+
+/// Memory the library uses in place for a factor: held as raw pointers (from
+/// `Box::into_raw`), since the library writes it while no Rust reference exists.
+struct OwnedFactor {
+    param: NonNull<[f32]>,
+    grad: Option<NonNull<[f32]>>,
+}
+
+impl OwnedFactor {
+    fn into_boxes(self) -> (Box<[f32]>, Option<Box<[f32]>>) {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: both came from Box::into_raw and are given back once.
+        unsafe {
+            (
+                Box::from_raw(me.param.as_ptr()),
+                me.grad.map(|g| Box::from_raw(g.as_ptr())),
+            )
+        }
+    }
+}
+
+impl Drop for OwnedFactor {
+    fn drop(&mut self) {
+        // SAFETY: as into_boxes; the handle that used them is gone or no longer uses them.
+        unsafe {
+            drop(Box::from_raw(self.param.as_ptr()));
+            if let Some(g) = self.grad {
+                drop(Box::from_raw(g.as_ptr()));
+            }
+        }
+    }
+}
+
+fn factor_index(t: Target, w: Factor) -> usize {
+    2 * target_index(t) + matches!(w, Factor::B) as usize
 }
 
 /// A borrowed base weight and its optional bias.
@@ -575,6 +615,7 @@ impl Adapter {
             targets: Vec::new(),
             saved: Saved::None,
             borrowed: Default::default(),
+            owned_factors: Default::default(),
         };
         let head_dim = ad.config_int(sys::LORA_CFG_HEAD_DIM)? as usize;
         ad.d_model = ad.config_int(sys::LORA_CFG_D_MODEL)? as usize;
@@ -800,6 +841,180 @@ impl Adapter {
             },
             "lora_adapter_set_param",
         )
+    }
+
+    /// Uses caller memory as a LoRA factor and (optionally) its gradient, with no copy
+    /// (`lora_adapter_borrow_factor`): `param`'s current values become the factor,
+    /// `grad`'s the accumulated gradient; each holds the factor's exact element count.
+    /// The library then reads and writes them in place (optimizer steps and
+    /// `set_param` write `param`; backward and `zero_grad` write `grad`), and notices
+    /// changes the caller makes to `param` between calls (a fingerprint). `None` for
+    /// both gives the factor back to the adapter's own storage (values copied over).
+    ///
+    /// # Safety
+    /// Until this adapter is dropped or this factor is borrowed again (or given back
+    /// with `None`), both buffers must stay allocated, and no Rust reference to them may
+    /// be used while a call on this adapter (or an optimizer holding it) runs: the
+    /// library writes them through raw pointers. Use [`Adapter::borrow_factor_owned`] or
+    /// [`Adapter::with_borrowed_factor`] for the same zero-copy storage without
+    /// `unsafe`.
+    pub unsafe fn borrow_factor(
+        &mut self,
+        target: Target,
+        which: Factor,
+        param: Option<*mut [f32]>,
+        grad: Option<*mut [f32]>,
+    ) -> Result<()> {
+        let count = self.factor_count(target, which)?;
+        for (name, b) in [("param", param), ("grad", grad)] {
+            if let Some(b) = b {
+                if b.len() != count {
+                    return Err(shape_error(
+                        "borrow_factor",
+                        format!("{} has {} values, the factor {}", name, b.len(), count),
+                    ));
+                }
+            }
+        }
+        let raw = |b: Option<*mut [f32]>| b.map_or(ptr::null_mut(), |b| b as *mut f32);
+        self.check(
+            sys::lora_adapter_borrow_factor(
+                self.h,
+                target.code(),
+                which.code(),
+                raw(param),
+                raw(grad),
+                count,
+            ),
+            "lora_adapter_borrow_factor",
+        )?;
+        if param.is_some() {
+            self.saved = Saved::None; // new factor memory is a parameter change
+        }
+        Ok(())
+    }
+
+    fn factor_count(&self, target: Target, which: Factor) -> Result<usize> {
+        let (r, c) = self.param_shape(target, which)?;
+        Ok(r * c)
+    }
+
+    /// The safe, owning form of [`Adapter::borrow_factor`]: the adapter takes the boxes
+    /// and uses them in place as the factor (and its gradient) until
+    /// [`Adapter::release_factor`] returns them, or drop frees them. Read and change
+    /// them in place with [`Adapter::factor_storage`] / [`Adapter::factor_storage_mut`].
+    /// On an error the boxes are dropped and nothing changes.
+    pub fn borrow_factor_owned(
+        &mut self,
+        target: Target,
+        which: Factor,
+        param: Box<[f32]>,
+        grad: Option<Box<[f32]>>,
+    ) -> Result<()> {
+        let owned = OwnedFactor {
+            param: NonNull::from(Box::leak(param)),
+            grad: grad.map(|g| NonNull::from(Box::leak(g))),
+        };
+        // SAFETY: the memory is owned by `owned`, kept in self until the library no
+        // longer uses it; Rust references to it only come from &self / &mut self.
+        unsafe {
+            self.borrow_factor(
+                target,
+                which,
+                Some(owned.param.as_ptr()),
+                owned.grad.map(|g| g.as_ptr()),
+            )?;
+        }
+        // Frees storage this factor borrowed before, which the library no longer uses.
+        self.owned_factors[factor_index(target, which)] = Some(owned);
+        Ok(())
+    }
+
+    /// Gives the factor back to the adapter's own storage (its current values copied
+    /// over) and returns the boxes of [`Adapter::borrow_factor_owned`], or `None` when
+    /// the factor does not use owned storage.
+    pub fn release_factor(
+        &mut self,
+        target: Target,
+        which: Factor,
+    ) -> Result<Option<(Box<[f32]>, Option<Box<[f32]>>)>> {
+        if self.owned_factors[factor_index(target, which)].is_none() {
+            return Ok(None);
+        }
+        // SAFETY: None borrows nothing.
+        unsafe { self.borrow_factor(target, which, None, None)? };
+        Ok(self.owned_factors[factor_index(target, which)]
+            .take()
+            .map(OwnedFactor::into_boxes))
+    }
+
+    /// The factor memory and gradient memory of [`Adapter::borrow_factor_owned`], read in
+    /// place (None when the factor does not use owned storage).
+    pub fn factor_storage(
+        &self,
+        target: Target,
+        which: Factor,
+    ) -> Option<(&[f32], Option<&[f32]>)> {
+        self.owned_factors[factor_index(target, which)]
+            .as_ref()
+            .map(|o| {
+                // SAFETY: owned by self; the library writes it only during &mut self calls.
+                unsafe {
+                    (
+                        &*o.param.as_ptr() as &[f32],
+                        o.grad.map(|g| &*g.as_ptr() as &[f32]),
+                    )
+                }
+            })
+    }
+
+    /// As [`Adapter::factor_storage`], writable: an optimizer of the caller's can step the
+    /// factor in place (the library notices the change before it depends on the values).
+    pub fn factor_storage_mut(
+        &mut self,
+        target: Target,
+        which: Factor,
+    ) -> Option<(&mut [f32], Option<&mut [f32]>)> {
+        self.owned_factors[factor_index(target, which)]
+            .as_mut()
+            .map(|o| {
+                // SAFETY: as factor_storage; &mut self excludes every library call meanwhile.
+                unsafe { (&mut *o.param.as_ptr(), o.grad.map(|g| &mut *g.as_ptr())) }
+            })
+    }
+
+    /// Runs `f` with `param` (and `grad`) used in place as a LoRA factor and its
+    /// gradient, then gives the factor back to the adapter's own storage (its values
+    /// copied over), also when `f` panics. The borrows of the slices last exactly as
+    /// long as the library may use them, so this needs no `unsafe`.
+    pub fn with_borrowed_factor<R>(
+        &mut self,
+        target: Target,
+        which: Factor,
+        param: &mut [f32],
+        grad: Option<&mut [f32]>,
+        f: impl FnOnce(&mut Adapter) -> R,
+    ) -> Result<R> {
+        struct GiveBack<'a>(&'a mut Adapter, Target, Factor);
+        impl Drop for GiveBack<'_> {
+            fn drop(&mut self) {
+                // SAFETY: None borrows nothing; a failure cannot happen for a factor
+                // that borrow_factor accepted (target and which are valid).
+                let _ = unsafe { self.0.borrow_factor(self.1, self.2, None, None) };
+            }
+        }
+        // SAFETY: the slices stay mutably borrowed until GiveBack has returned the
+        // factor to own storage, at the latest when this function returns or unwinds.
+        unsafe {
+            self.borrow_factor(
+                target,
+                which,
+                Some(param as *mut [f32]),
+                grad.map(|g| g as *mut [f32]),
+            )?
+        };
+        let guard = GiveBack(self, target, which);
+        Ok(f(&mut *guard.0))
     }
 
     /// Resets every gradient to zero.
