@@ -502,17 +502,19 @@ START_TEST(test_decode_tenants_equal_alone)
 }
 END_TEST
 
-/* THREADS 1, 2, 3: bitwise the same outputs (prefill and steps, GQA, batch 3). */
+/* THREADS 1, 2, 3: bitwise the same outputs (prefill and steps, GQA, batch 3); row 1
+ * with projections large enough that the steps split their columns over the pool. */
 START_TEST(test_decode_threads_bitwise)
 {
     dcfg c = dcfg_default();
     c.rope = LORA_ROPE_INTERLEAVED;
-    c.heads = 4, c.kv = 2, c.d_model = 48;
+    c.heads = 4, c.kv = 2, c.d_model = _i == 0 ? 48 : 512;
     fx_base b;
     const fx_spec s = dcfg_spec(&c);
     fx_base_make(&b, &s, 40);
     enum { B = 3, L = 30 };
-    static float x[B * L * 48], outs[3][B * L * 48];
+    static float x[B * L * 512], outs[3][B * L * 512];
+    const int d = c.d_model;
     fill_uniform(x, sizeof x / sizeof(float), 41, 1.0f);
     for (int th = 1; th <= 3; th++) {
         c.threads = th;
@@ -520,13 +522,13 @@ START_TEST(test_decode_threads_bitwise)
         lora_kv_cache *cache = NULL;
         ck_assert_int_eq(lora_kv_cache_create(&cache, ad, B, L), LORA_OK);
         for (int64_t at = 0, n = 20; at < L; at += n, n = 1) {
-            float sx[B * 20 * 48], so[B * 20 * 48];
+            static float sx[B * 20 * 512], so[B * 20 * 512];
             for (int q = 0; q < B; q++)
-                memcpy(sx + q * n * 48, x + (q * L + at) * 48, sizeof(float) * (size_t)(n * 48));
+                memcpy(sx + q * n * d, x + (q * L + at) * d, sizeof(float) * (size_t)(n * d));
             ck_assert_int_eq(lora_decode(ad, cache, sx, n, so), LORA_OK);
             for (int q = 0; q < B; q++)
-                memcpy(outs[th - 1] + (q * L + at) * 48, so + q * n * 48,
-                       sizeof(float) * (size_t)(n * 48));
+                memcpy(outs[th - 1] + (q * L + at) * d, so + q * n * d,
+                       sizeof(float) * (size_t)(n * d));
         }
         lora_kv_cache_destroy(cache);
         lora_adapter_destroy(ad);
@@ -764,7 +766,7 @@ Suite *decode_suite(void)
     tcase_add_test(tc, test_decode_reset);
     tcase_add_test(tc, test_decode_bf16_base);
     tcase_add_test(tc, test_decode_tenants_equal_alone);
-    tcase_add_test(tc, test_decode_threads_bitwise);
+    tcase_add_loop_test(tc, test_decode_threads_bitwise, 0, 2);
     tcase_add_test(tc, test_decode_leaves_adapter_untouched);
     tcase_add_test(tc, test_decode_bad_args);
     tcase_add_test(tc, test_decode_cache_uses_allocator);

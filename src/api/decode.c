@@ -228,10 +228,23 @@ static int check_decode(lora_adapter *ad, const lora_decode_args *a, const lora_
 
 /* ---- the step ----------------------------------------------------------------------- */
 
+/* Steps of at most this many rows (on AVX-512) split each projection's columns over
+ * the pool: la_gemm_w's register kernel then streams every weight once on all the
+ * adapter's threads, and a column's sums do not depend on the split. */
+#define DEC_SPLIT_ROWS 16
+/* ... for weights of at least this many elements (smaller ones cost less to stream
+ * than to hand out to the pool). */
+#define DEC_SPLIT_MIN_WEIGHTS (INT64_C(1) << 18)
+
+static int splits_columns(const lora_adapter *ad, int64_t rows)
+{
+    return rows <= DEC_SPLIT_ROWS && ad->la.avx512 && ad->threads > 1 && ad->la.pool;
+}
+
 /* One step's working memory, carved from the adapter's inference buffer. */
 typedef struct dec_ws {
-    float *x, *q, *k, *v, *c, *o, *xa, *wpanel, *parts;
-    size_t part_floats;
+    float *x, *q, *k, *v, *c, *o, *xa, *wpanel, *parts, *cols;
+    size_t part_floats, cols_floats; /* per part: attention, column split */
     dattn_seq *seqs;
     int32_t *tenant_of_row, *tenant_map;
     const lora_adapter **sub; /* tenants adapting one projection */
@@ -271,7 +284,9 @@ static int reserve_ws(lora_adapter *ad, int64_t batch, int64_t rows, int64_t max
     int ok = 1;
     w->part_floats = dattn_part_floats(l->head_dim, max_new);
     ok &= w->part_floats > 0;
-    const size_t at[13] = {
+    const size_t widest = (size_t)(l->d_model > l->q_dim ? l->d_model : l->q_dim);
+    w->cols_floats = splits_columns(ad, rows) ? r * (widest + 16 + (size_t)l->rank) + 32 : 0;
+    const size_t at[14] = {
         carve(&off, r, (size_t)l->d_model * 4, &ok), carve(&off, r, (size_t)l->q_dim * 4, &ok),
         carve(&off, r, (size_t)l->kv_dim * 4, &ok), carve(&off, r, (size_t)l->kv_dim * 4, &ok),
         carve(&off, r, (size_t)l->q_dim * 4, &ok), carve(&off, r, out_w * 4, &ok),
@@ -279,7 +294,8 @@ static int reserve_ws(lora_adapter *ad, int64_t batch, int64_t rows, int64_t max
         carve(&off, (size_t)parts, w->part_floats * 4, &ok),
         carve(&off, (size_t)batch, sizeof(dattn_seq), &ok),
         carve(&off, r, sizeof(int32_t), &ok), carve(&off, n_tenants, sizeof(int32_t), &ok),
-        carve(&off, n_tenants, sizeof(void *), &ok)};
+        carve(&off, n_tenants, sizeof(void *), &ok),
+        carve(&off, (size_t)ad->threads, w->cols_floats * 4, &ok)};
     if (!ok)
         return lora_set_error(ad->err, LORA_ERR_SHAPE, "decode working memory size overflows");
     if (lora_buf_reserve(&ad->mem, &ad->infer_buf, off) != LORA_OK)
@@ -293,6 +309,7 @@ static int reserve_ws(lora_adapter *ad, int64_t batch, int64_t rows, int64_t max
     w->tenant_of_row = (int32_t *)(void *)(base + at[10]);
     w->tenant_map = (int32_t *)(void *)(base + at[11]);
     w->sub = (const lora_adapter **)(void *)(base + at[12]);
+    w->cols = (float *)(void *)(base + at[13]);
     return LORA_OK;
 }
 
@@ -319,11 +336,51 @@ static int add_tenant_terms(lora_adapter *ad, const lora_decode_args *a, const d
                                  LORA_ERRMSG_SIZE);
 }
 
+/* A projection of few rows split into blocks of 16 columns over the pool: each part
+ * projects its columns (a slice of W's rows, bias and B) into its own scratch. */
+typedef struct cols_job {
+    const layer *l;
+    int t;
+    const la_ctx *la;
+    const float *x;
+    int64_t rows;
+    float *y, *scratch;
+    size_t part_floats;
+} cols_job;
+
+static void cols_part(void *ctx, int part, int parts)
+{
+    const cols_job *j = ctx;
+    const layer_proj *pr = &j->l->proj[j->t];
+    const int64_t blocks = (pr->out + 15) / 16, lo = blocks * part / parts * 16;
+    const int64_t hi = blocks * (part + 1) / parts * 16 < pr->out
+                           ? blocks * (part + 1) / parts * 16 : pr->out;
+    if (lo >= hi)
+        return;
+    layer sub = *j->l;
+    layer_proj *sp = &sub.proj[j->t];
+    sp->out = hi - lo;
+    sp->weight.data = (const unsigned char *)pr->weight.data +
+                      (size_t)(lo * pr->in) * la_dtype_size(pr->weight.dtype);
+    sp->bias = pr->bias ? pr->bias + lo : NULL;
+    sp->b = pr->adapted ? pr->b + lo * sub.rank : NULL;
+    float *yp = j->scratch + (size_t)part * j->part_floats;
+    float *xa = yp + (((size_t)(j->rows * (hi - lo)) + 15) & ~(size_t)15);
+    layer_project_rows(&sub, j->t, j->la, 1, j->x, j->rows, yp, xa, NULL);
+    for (int64_t r = 0; r < j->rows; r++)
+        memcpy(j->y + r * pr->out + lo, yp + r * (hi - lo), (size_t)(hi - lo) * sizeof(float));
+}
+
 /* y = projection t of x: base (and ad's LoRA, or the tenants') for all rows. */
 static int project(lora_adapter *ad, const layer *base, const lora_decode_args *a,
                    const dec_ws *w, int64_t batch, int t, const float *x, int64_t rows, float *y)
 {
-    layer_project_rows(base, t, &ad->la, ad->threads, x, rows, y, w->xa, w->wpanel);
+    if (w->cols_floats > 0 && base->proj[t].out * base->proj[t].in >= DEC_SPLIT_MIN_WEIGHTS) {
+        cols_job job = {base, t, &ad->la, x, rows, y, w->cols, w->cols_floats};
+        pool_run(ad->la.pool, ad->threads, cols_part, &job);
+    } else {
+        layer_project_rows(base, t, &ad->la, ad->threads, x, rows, y, w->xa, w->wpanel);
+    }
     return a->tenants ? add_tenant_terms(ad, a, w, batch, t, x, rows, y) : LORA_OK;
 }
 
