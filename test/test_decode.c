@@ -173,10 +173,11 @@ static layer_row layer_rows(int i)
     case 9: return (layer_row){"dropout off in decode", (c.dropout = 0.5, c), 0};
     case 10: return (layer_row){"no out_proj, no bias", (c.out_proj = 0, c.bias = 0, c.targets = 7, c), 0};
     case 11: return (layer_row){"head_dim 144", (c.d_model = 288, c), 0};
+    case 12: return (layer_row){"head_dim 5", (c.d_model = 10, c), 0};
     default: return (layer_row){"large capacity", c, 1000};
     }
 }
-#define LAYER_ROWS 13
+#define LAYER_ROWS 14
 
 START_TEST(test_decode_token_by_token_matches_forward)
 {
