@@ -95,7 +95,7 @@ APP_LDLIBS := -Llib -Wl,-rpath,$(CURDIR)/lib -llora -lm
 .PHONY: all lib check check-build check-c check-c-run demo deps install uninstall clean \
         header-check symbols-check static-symbols-check include-check deps-check \
         install-check amalgamation amalgamation-check check-vendor print-sources examples bench
-.PHONY: check-bindings check-python check-python-install check-rust check-cpp check-mpi
+.PHONY: serve-check check-bindings check-python check-python-install check-rust check-cpp check-mpi
 
 all: lib
 lib: $(SHARED) $(STATIC)
@@ -159,7 +159,7 @@ check-c-run: $(TEST_BIN)
 
 # deps-check alone first: it changes header times for a moment, which a parallel
 # compile must not see.
-check-build: check-c-run header-check symbols-check static-symbols-check include-check
+check-build: check-c-run header-check symbols-check static-symbols-check include-check serve-check
 	@$(MAKE) --no-print-directory deps-check
 	@$(MAKE) --no-print-directory install-check amalgamation-check check-vendor
 	@$(MAKE) --no-print-directory check-bindings
@@ -180,6 +180,9 @@ deps:
 
 # ---- examples ----
 examples: $(EXAMPLES)
+# The continuous-batching example checks its batched outputs against each request alone.
+serve-check: lib/examples/serve
+	lib/examples/serve 12 128
 lib/examples/%: examples/%.c $(SHARED)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(APP_CFLAGS) -o $@ $< $(APP_LDLIBS)

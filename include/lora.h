@@ -765,6 +765,96 @@ LORA_API int lora_apply_with_error(const lora_adapter *const *tenants, size_t n_
                                    int target, const int32_t *tenant_of_row, const float *x,
                                    int64_t rows, float *y, char *error, size_t error_size);
 
+/* ---- Decoding with a KV cache (0.2) --------------------------------------------------- */
+/* A KV cache holds, for each of `batch` sequences, the keys and values (after
+ * projection, bias, LoRA and RoPE) of the tokens decoded so far: kv heads only (GQA),
+ * float32. lora_decode appends new tokens and attends over them, so generating a token
+ * costs one pass over the weights and the sequence's cache, not a forward over the
+ * whole context.
+ *
+ * Memory: 2 * batch * n_kv_heads * slots * head_dim floats (slots rounded up to 16),
+ * from the adapter's allocator (the config's lora_allocator, if any), where slots =
+ * capacity, or WINDOW when the adapter has 0 < WINDOW < capacity: then the cache is a
+ * ring that keeps only the last WINDOW tokens of each sequence (the only ones a new
+ * token can see), and capacity bounds the length (the positions) only. */
+typedef struct lora_kv_cache lora_kv_cache;
+
+/* Room for `capacity` tokens for each of `batch` sequences, shaped for ad (its KV heads,
+ * HEAD_DIM and WINDOW); all sequences empty. ad is only read: the cache does not refer
+ * to it afterwards and may serve any adapter of the same KV heads and HEAD_DIM (and,
+ * for a ring, WINDOW).
+ * Errors: INVALID_ARG (out or ad NULL), SHAPE (batch or capacity < 1, sizes overflow),
+ * NOMEM; *out is then NULL. No message is written (ad is const). */
+LORA_API int lora_kv_cache_create(lora_kv_cache **out, const lora_adapter *ad,
+                                  int64_t batch, int64_t capacity);
+/* NULL is a no-op. */
+LORA_API void lora_kv_cache_destroy(lora_kv_cache *cache);
+/* Empties sequence b (b = -1: all). Errors: INVALID_ARG (cache NULL, b outside
+ * [-1, batch)). */
+LORA_API int lora_kv_cache_reset(lora_kv_cache *cache, int64_t b);
+/* *len = tokens sequence b holds (its next position). Only reads cache. Errors:
+ * INVALID_ARG (NULL, b outside [0, batch)). */
+LORA_API int lora_kv_cache_length(const lora_kv_cache *cache, int64_t b, int64_t *len);
+
+/* x: (batch, n_new, D_MODEL) with the cache's batch. Sequence b's new tokens take
+ * positions len_b .. len_b + n_new - 1; their K and V (projection, bias, LoRA, RoPE at
+ * those positions) are appended; the new queries attend causally over the sequence's
+ * cached and new tokens (and WINDOW: key j visible to query i when 0 <= pos_i - pos_j <
+ * WINDOW; SOFTCAP applies). out: (batch, n_new, D_MODEL) with OUT_PROJ, else (batch,
+ * n_new, n_heads * HEAD_DIM), as lora_forward's rows for those tokens. Decoding a
+ * sequence token by token (or in any split into calls) gives the rows of one causal
+ * lora_forward_ex of the whole sequence, up to float rounding; decoding is causal
+ * whatever LORA_CFG_CAUSAL says. Saves nothing for backward, never drops (dropout is
+ * for training), and leaves the parameters, gradients, tapes and run info untouched; it
+ * grows the adapter's working memory. The result is bitwise the same for any THREADS:
+ * the attention runs on the adapter's worker pool, one (sequence, kv head) at a time,
+ * reading that head's cache once. With bf16/f16 base weights the projections convert
+ * on the fly (lora_adapter_set_base_typed).
+ * Errors: INVALID_ARG (NULL), SHAPE (n_new < 1, the cache's KV heads or HEAD_DIM unlike
+ * ad's, a sequence's length + n_new over capacity: nothing is appended to any
+ * sequence, sizes overflow), INVALID_ARG (a ring cache made for another WINDOW), STATE
+ * (a base weight not set), NONFINITE (NaN/Inf in x, or a result that overflows float),
+ * NOMEM. A failed call changes neither the cache nor out. Message:
+ * lora_adapter_last_error(ad). */
+LORA_API int lora_decode(lora_adapter *ad, lora_kv_cache *cache, const float *x,
+                         int64_t n_new, float *out);
+
+/* Extras of a decode step (zero-initialise, set struct_size, fill what you need; fields
+ * past struct_size take their defaults, unknown nonzero bytes of a newer header are
+ * UNSUPPORTED). */
+typedef struct lora_decode_args {
+    uint32_t struct_size;  /* sizeof(lora_decode_args); fields only appended */
+    uint32_t flags;        /* must be 0 */
+    const int64_t *n_tokens; /* NULL or (batch): sequence b takes n_tokens[b] in
+                                [0, n_new] new tokens, rows 0 .. n_tokens[b] - 1 of its
+                                block of x; its other rows are not read and their out rows
+                                are 0; 0 leaves the sequence alone. Continuous batching:
+                                one call prefills new requests and steps running ones.
+                                NULL: n_new each */
+    /* Many tenants in one batch: every sequence b with tenant_of_seq[b] = t >= 0 uses
+     * tenants[t]'s LoRA factors and scale (any targets and ranks), -1 the base alone; ad
+     * supplies the base weights and biases, the attention settings (RoPE and its
+     * frequencies, WINDOW, SOFTCAP, softmax scale), the working memory and the threads,
+     * and its own factors are not used. The base projections run once for the whole
+     * batch; each tenant's LoRA terms are added through lora_apply (its factors read
+     * once per projection per step). Tenants are only read (several threads may decode
+     * with the same tenants at once, each with its own ad and cache). Each tenant must
+     * match ad in D_MODEL, N_HEADS, N_KV_HEADS, HEAD_DIM and OUT_PROJ (SHAPE otherwise);
+     * nothing else of a tenant is read (its base weights need not be set). tenants NULL:
+     * ad's own LoRA terms for every sequence. */
+    const lora_adapter *const *tenants;
+    size_t n_tenants;             /* 1 .. 2^31-1 when tenants is set */
+    const int32_t *tenant_of_seq; /* (batch) when tenants is set */
+} lora_decode_args;
+
+/* lora_decode with args (NULL: lora_decode). Errors as lora_decode, plus INVALID_ARG
+ * (struct_size smaller than the first version, flags, n_tokens[b] outside [0, n_new],
+ * tenants without tenant_of_seq or the reverse, n_tenants 0 or too large, a tenant
+ * NULL, a tenant id outside [-1, n_tenants)), SHAPE (a tenant's geometry unlike ad's),
+ * UNSUPPORTED (unknown fields). */
+LORA_API int lora_decode_ex(lora_adapter *ad, const lora_decode_args *args,
+                            lora_kv_cache *cache, const float *x, int64_t n_new, float *out);
+
 /* ---- I/O ----------------------------------------------------------------------------- */
 /* Adapter files hold the LoRA factors (not the base weights) of several layers: an
  * adapter set is an array of adapters with one layer index each (int64 >= 0, distinct,

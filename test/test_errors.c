@@ -66,6 +66,8 @@ typedef enum entry_point {
     EP_SET_BASE_TYPED, EP_APPLY, EP_APPLY_WITH_ERROR,
     EP_SAVE_PEFT_EX, EP_SAVE_GGUF_EX,
     EP_SET_ROPE_FREQS, EP_THRESHOLD_ESTIMATE_EX,
+    EP_KV_CACHE_CREATE, EP_KV_CACHE_DESTROY, EP_KV_CACHE_RESET, EP_KV_CACHE_LENGTH,
+    EP_DECODE, EP_DECODE_EX,
     EP_COUNT
 } entry_point;
 
@@ -139,6 +141,12 @@ static const char *const ep_names[EP_COUNT] = {
     [EP_SAVE_GGUF_EX] = "lora_save_gguf_ex",
     [EP_SET_ROPE_FREQS] = "lora_adapter_set_rope_freqs",
     [EP_THRESHOLD_ESTIMATE_EX] = "lora_threshold_estimate_ex",
+    [EP_KV_CACHE_CREATE] = "lora_kv_cache_create",
+    [EP_KV_CACHE_DESTROY] = "lora_kv_cache_destroy",
+    [EP_KV_CACHE_RESET] = "lora_kv_cache_reset",
+    [EP_KV_CACHE_LENGTH] = "lora_kv_cache_length",
+    [EP_DECODE] = "lora_decode",
+    [EP_DECODE_EX] = "lora_decode_ex",
 };
 
 /* The saves (all take an adapter set; the _ex ones options too). */
@@ -724,6 +732,46 @@ static const bad_row bad_rows[] = {
     ROW(EP_SET_BASE_TYPED, PRE_SELF, M_INT(2, 0x80000001), INV, "flags BORROW|2^31"),
     ROW2(EP_SET_BASE_TYPED, PRE_SELF, M_INT(0, TV), M_NAN(0), NONF, "NaN in W_V (f32)"),
     ROW2(EP_SET_BASE_TYPED, PRE_SELF, M_INT(0, TO), M_INF(1), NONF, "-Inf in the bias of O"),
+    /* ---- KV cache and decoding (cache: batch 2, capacity 4; decode n_new i0 = 1) ---- */
+    ROW(EP_KV_CACHE_CREATE, PRE_SELF, M_OUT, INV, "out NULL"),
+    ROW(EP_KV_CACHE_CREATE, PRE_SELF, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_KV_CACHE_CREATE, PRE_SELF, M_INT(0, 0), SHP, "batch 0"),
+    ROW(EP_KV_CACHE_CREATE, PRE_SELF, M_INT(1, -1), SHP, "capacity -1"),
+    ROW(EP_KV_CACHE_CREATE, PRE_SELF, M_INT(1, INT64_MAX), SHP, "capacity overflows"),
+    ROW(EP_KV_CACHE_CREATE, PRE_SELF, M_INT(0, INT64_MAX / 4), SHP, "batch overflows"),
+    ROW(EP_KV_CACHE_DESTROY, PRE_NONE, M_HANDLE, W_VOID, "NULL is a no-op"),
+    ROW(EP_KV_CACHE_RESET, PRE_SELF, M_HANDLE, INV, "cache NULL"),
+    ROW(EP_KV_CACHE_RESET, PRE_SELF, M_INT(0, 2), INV, "b = batch"),
+    ROW(EP_KV_CACHE_RESET, PRE_SELF, M_INT(0, -2), INV, "b -2"),
+    ROW(EP_KV_CACHE_LENGTH, PRE_SELF, M_HANDLE, INV, "cache NULL"),
+    ROW(EP_KV_CACHE_LENGTH, PRE_SELF, M_VNULL(0), INV, "len NULL"),
+    ROW(EP_KV_CACHE_LENGTH, PRE_SELF, M_INT(0, -1), INV, "b -1"),
+    ROW(EP_KV_CACHE_LENGTH, PRE_SELF, M_INT(0, 2), INV, "b = batch"),
+    ROW(EP_DECODE, PRE_SELF, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_DECODE, PRE_SELF, M_VNULL(0), INV, "cache NULL"),
+    ROW(EP_DECODE, PRE_SELF, M_NULL(0), INV, "x NULL"),
+    ROW(EP_DECODE, PRE_SELF, M_NULL(1), INV, "out NULL"),
+    ROW(EP_DECODE, PRE_SELF, M_INT(0, 0), SHP, "n_new 0"),
+    ROW(EP_DECODE, PRE_SELF, M_INT(0, -1), SHP, "n_new -1"),
+    ROW(EP_DECODE, PRE_SELF, M_INT(0, 5), SHP, "n_new over capacity"),
+    ROW(EP_DECODE, PRE_SELF, M_INT(0, INT64_MAX), SHP, "n_new overflows"),
+    ROW(EP_DECODE, PRE_SELF, M_NAN(0), NONF, "NaN in x"),
+    ROW(EP_DECODE, PRE_SELF, M_INF(0), NONF, "-Inf in the last x"),
+    ROW(EP_DECODE, PRE_NO_BASE_Q, M_NONE, STATE, "W_Q unset"),
+    ROW(EP_DECODE, PRE_NO_BASE_O, M_NONE, STATE, "W_O unset"),
+    ROW(EP_DECODE, PRE_SELF, M_OTHER_AD, SHP, "cache of another kv geometry"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_HANDLE, INV, "ad NULL"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_SIZE(0), INV, "args->struct_size 0"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_TAIL, LORA_ERR_UNSUPPORTED, "unknown nonzero tail"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_FLAGS(1), INV, "flags 1"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_AD0, INV, "tenants[0] NULL"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_INT(2, 0), INV, "n_tenants 0"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_TENANT(1), INV, "tenant id = n_tenants"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_TENANT(-2), INV, "tenant id -2"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_CFG_MISMATCH, SHP, "a tenant of another width"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_VNULL(1), INV, "tenant_of_seq NULL with tenants"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_MASK(0), INV, "n_tokens[0] -1"),
+    ROW(EP_DECODE_EX, PRE_SELF, M_NAN(0), NONF, "NaN in a read row of x"),
     ROW(EP_APPLY, PRE_SELF, M_VNULL(0), INV, "tenants NULL"),
     ROW(EP_APPLY, PRE_SELF, M_AD0, INV, "tenants[0] NULL"),
     ROW(EP_APPLY, PRE_SELF, M_INT(2, 0), INV, "n_tenants 0"),
@@ -1006,7 +1054,13 @@ typedef struct call_args {
     lora_tape *tape, *tape_out;
     lora_adapter *tape_owner;
     int self_dxkv;
-    int32_t tid[4];    /* apply: tenant_of_row */
+    int32_t tid[4];    /* apply: tenant_of_row; decode_ex: tenant_of_seq */
+    lora_kv_cache *cache, *cache_out; /* decode: batch 2, capacity 4 */
+    struct {
+        lora_decode_args a;
+        unsigned char tail[32];
+    } dex;
+    int64_t n_tokens[2]; /* decode_ex */
     char errbuf[256];  /* apply_with_error: the caller's message buffer */
 } call_args;
 
@@ -1105,6 +1159,28 @@ static void files_and_adapters(const bad_row *r, row_env *e, call_args *a)
         } else {
             ck_assert_int_eq(ref_make_adapter(&f->l, LORA_BACKEND_EXACT, 1, &a->ad2), LORA_OK);
         }
+    }
+    if (ep == EP_KV_CACHE_RESET || ep == EP_KV_CACHE_LENGTH || ep == EP_DECODE ||
+        ep == EP_DECODE_EX) {
+        if (other) { /* a cache made for 2 kv heads */
+            lora_config *cfg = fixture_cfg(f, 0, 0);
+            ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_N_KV_HEADS, 2), LORA_OK);
+            ck_assert_int_eq(lora_adapter_create(&a->ad2, cfg), LORA_OK);
+            lora_config_destroy(cfg);
+        }
+        ck_assert_int_eq(lora_kv_cache_create(&a->cache, other ? a->ad2 : f->ad, 2, 4), LORA_OK);
+    }
+    if (ep == EP_DECODE_EX) {
+        a->adv[0] = f->ad;
+        if (r->m.kind == MK_CFG_MISMATCH) { /* a second tenant of width 16 */
+            lora_config *cfg = fixture_cfg(f, 16, 0);
+            ck_assert_int_eq(lora_adapter_create(&a->ad2, cfg), LORA_OK);
+            lora_config_destroy(cfg);
+            a->adv[1] = a->ad2;
+            a->i[2] = 2;
+            a->tid[1] = 1;
+        }
+        return;
     }
     if (ep == EP_APPLY || ep == EP_APPLY_WITH_ERROR) {
         a->adv[0] = f->ad;
@@ -1262,6 +1338,9 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     case EP_SET_BASE_TYPED: a->i[0] = TQ; a->i[1] = LORA_DTYPE_F32; a->i[2] = 0; break;
     case EP_APPLY:
     case EP_APPLY_WITH_ERROR: a->i[0] = TQ; a->i[1] = 3; a->i[2] = 1; break;
+    case EP_KV_CACHE_CREATE: a->i[0] = 2; a->i[1] = 4; break;
+    case EP_DECODE: a->i[0] = 1; break;
+    case EP_DECODE_EX: a->i[0] = 1; a->i[2] = 1; break;
     case EP_OPT_CREATE: a->i[0] = LORA_OPTIMIZER_ADAMW; break;
     case EP_OPT_SET_INT: a->i[0] = LORA_OPT_NESTEROV; a->i[1] = 0; break;
     case EP_OPT_SET_DOUBLE: a->i[0] = LORA_OPT_LR; a->d = 1e-3; break;
@@ -1429,6 +1508,20 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
             ck_assert_int_eq(lora_adapter_get_params_flat(f->ad, a->buf[0], n), LORA_OK);
         break;
     }
+    case EP_DECODE:
+    case EP_DECODE_EX: {
+        /* x (2, n_new, d), out (2, n_new, out cols); n_new 0, negative or huge: 1 */
+        const size_t nn = (size_t)(a->i[0] > 0 && a->i[0] <= 64 ? a->i[0] : 1);
+        a->n[0] = 2 * nn * (size_t)f->l.cfg.d_model;
+        a->n[1] = 2 * nn * (size_t)ref_out_cols(&f->l);
+        a->buf[0] = guarded_alloc(a->n[0]);
+        a->buf[1] = guarded_alloc(a->n[1]);
+        fill_uniform(a->buf[0], a->n[0], 93, 1.0f);
+        a->n_tokens[0] = a->n_tokens[1] = (int64_t)nn;
+        const int32_t tid[4] = {0, -1, 0, 0};
+        memcpy(a->tid, tid, sizeof tid);
+        break;
+    }
     case EP_APPLY:
     case EP_APPLY_WITH_ERROR: {
         /* x (rows, in), y (rows, out) of the target (Q's when it is no projection); the
@@ -1457,6 +1550,9 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
     }
     files_and_adapters(r, e, a);
     a->ex.a.struct_size = sizeof a->ex.a;
+    a->dex.a = (lora_decode_args){.struct_size = sizeof a->dex.a, .n_tokens = a->n_tokens,
+                                  .tenants = (const lora_adapter *const *)a->adv,
+                                  .n_tenants = (size_t)a->i[2], .tenant_of_seq = a->tid};
     a->report.struct_size = sizeof a->report;
     a->info.struct_size = sizeof a->info;
     a->save_opts = (lora_save_options){sizeof a->save_opts, "org/model", NULL};
@@ -1485,13 +1581,22 @@ static void build_args(const bad_row *r, row_env *e, call_args *a)
             a->report.struct_size = (uint32_t)m->v;
             a->info.struct_size = (uint32_t)m->v;
             a->ex.a.struct_size = (uint32_t)m->v;
+            a->dex.a.struct_size = (uint32_t)m->v;
             a->save_opts.struct_size = (uint32_t)m->v;
             break;
-        case MK_ARGS_FLAGS: a->ex.a.flags = (uint32_t)m->v; break;
-        case MK_ARGS_MASK: set_mask(&a->ex.a, m->k); break;
+        case MK_ARGS_FLAGS:
+            a->ex.a.flags = (uint32_t)m->v;
+            a->dex.a.flags = (uint32_t)m->v;
+            break;
+        case MK_ARGS_MASK:
+            set_mask(&a->ex.a, m->k);
+            a->n_tokens[0] = -1; /* decode_ex */
+            break;
         case MK_ARGS_TAIL:
             a->ex.a.struct_size = sizeof a->ex;
             a->ex.tail[3] = 1;
+            a->dex.a.struct_size = sizeof a->dex;
+            a->dex.tail[3] = 1;
             break;
         case MK_TAPE: make_tape(e, a, m->k); break;
         case MK_SELF_DXKV: a->self_dxkv = 1; break;
@@ -1519,6 +1624,8 @@ static void free_args(call_args *a)
     lora_config_destroy(a->cfg_out);
     lora_adapter_destroy(a->ad_out);
     lora_optimizer_destroy(a->opt_out);
+    lora_kv_cache_destroy(a->cache);
+    lora_kv_cache_destroy(a->cache_out);
     lora_adapter_destroy(a->ad2);
     lora_tape_destroy(a->tape);
     lora_tape_destroy(a->tape_out);
@@ -1655,6 +1762,18 @@ static int invoke(int ep, row_env *e, call_args *a)
         return lora_apply_with_error(tenants, count, (int)a->i[0], tid, b[0], a->i[1], b[1],
                                      a->errbuf, sizeof a->errbuf);
     }
+    case EP_KV_CACHE_CREATE:
+        return lora_kv_cache_create(a->null_out ? NULL : &a->cache_out, ad, a->i[0], a->i[1]);
+    case EP_KV_CACHE_DESTROY: lora_kv_cache_destroy(NULL); return W_VOID;
+    case EP_KV_CACHE_RESET: return lora_kv_cache_reset(a->null_handle ? NULL : a->cache, a->i[0]);
+    case EP_KV_CACHE_LENGTH:
+        return lora_kv_cache_length(a->null_handle ? NULL : a->cache, a->i[0],
+                                    a->null_vptr[0] ? NULL : &a->value_i);
+    case EP_DECODE:
+        return lora_decode(ad, a->null_vptr[0] ? NULL : a->cache, b[0], a->i[0], b[1]);
+    case EP_DECODE_EX:
+        a->dex.a.tenant_of_seq = a->null_lay ? NULL : a->tid;
+        return lora_decode_ex(ad, &a->dex.a, a->cache, b[0], a->i[0], b[1]);
     case EP_SET_ROPE_FREQS: {
         static const double freqs[2] = {1.0, 0.5};
         return lora_adapter_set_rope_freqs(ad, freqs, 2);
@@ -1697,6 +1816,9 @@ static const char *row_message(const bad_row *r, const row_env *e, const call_ar
     case EP_CONFIG_CREATE:
     case EP_CONFIG_CREATE_WITH_ALLOCATOR:
     case EP_ADAPTER_CREATE: /* lora_config_validate gives it: checked below */
+    case EP_KV_CACHE_CREATE: /* const ad: no message */
+    case EP_KV_CACHE_RESET:
+    case EP_KV_CACHE_LENGTH:
     case EP_APPLY:          /* writes no message anywhere */
         return NULL;
     case EP_APPLY_WITH_ERROR:

@@ -9,6 +9,7 @@
 //   -Iexamples/cpp examples/cpp/example.cpp -Llib -Wl,-rpath,$PWD/lib -llora)
 #include "lora.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -262,6 +263,39 @@ int main() {
             std::printf("caught (status %d): %s\n", e.status(), e.what());
             if (e.status() != LORA_ERR_STATE)
                 return 1;
+        }
+        // Decoding with a KV cache: token by token equals one causal inference forward;
+        // a sequence of the teacher tenant in a batch decoded on dec's base equals the
+        // teacher decoding it alone.
+        lora::Adapter dec = lora::Config(kDModel).n_heads(kHeads).rank(kRank).causal(true)
+                                .threads(1).build();
+        base(dec);
+        lora::AttnArgs infer;
+        infer.infer = true;
+        const std::vector<float> x1(x.begin(), x.begin() + kSeqLen * kDModel);
+        const std::vector<float> whole = dec.forward_ex(x1, {}, 1, kSeqLen, kSeqLen, infer);
+        lora::KvCache cache(dec, 1, kSeqLen);
+        double decode_diff = 0;
+        for (std::size_t i = 0; i < kSeqLen; i++) {
+            const std::vector<float> xi(x1.begin() + i * kDModel, x1.begin() + (i + 1) * kDModel);
+            const std::vector<float> yi = dec.decode(cache, xi, 1);
+            for (std::size_t j = 0; j < kDModel; j++)
+                decode_diff = std::max(decode_diff,
+                                       (double)std::fabs(yi[j] - whole[i * kDModel + j]));
+        }
+        lora::KvCache pair(dec, 2, kSeqLen), alone(teacher, 1, kSeqLen);
+        std::vector<float> x2(x1);
+        x2.insert(x2.end(), x1.begin(), x1.end());
+        const std::vector<const lora::Adapter *> tenants{&teacher};
+        const std::vector<std::int32_t> ids{0, -1};
+        const std::vector<float> both = dec.decode(pair, x2, kSeqLen, {}, tenants, ids);
+        const std::vector<float> own = teacher.decode(alone, x1, kSeqLen);
+        for (std::size_t j = 0; j < own.size(); j++)
+            decode_diff = std::max(decode_diff, (double)std::fabs(both[j] - own[j]));
+        std::printf("decode vs forward, tenants vs alone: max |diff| %.3g\n", decode_diff);
+        if (decode_diff > 1e-4) {
+            std::fprintf(stderr, "decoding differs from the forward\n");
+            return 1;
         }
         if (!(last < 0.1 * first) || max_diff > 1e-4 || tenant_diff != 0 || !same_params ||
             !rope_turns || !zero_table_same) {

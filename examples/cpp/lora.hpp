@@ -105,6 +105,9 @@ struct OptimizerDeleter {
 struct TapeDeleter {
     void operator()(lora_tape *t) const noexcept { lora_tape_destroy(t); }
 };
+struct KvCacheDeleter {
+    void operator()(lora_kv_cache *c) const noexcept { lora_kv_cache_destroy(c); }
+};
 // Sizes of the forward a backward reads (the adapter's own, or a tape's).
 struct Saved {
     int kind = 0; // 0 none, 1 self, 2 cross
@@ -158,6 +161,32 @@ private:
     friend class Adapter;
     std::unique_ptr<lora_tape, detail::TapeDeleter> tape_;
     detail::Saved saved_;
+};
+
+// Keys and values of `batch` sequences of up to `capacity` tokens for Adapter::decode
+// (lora_kv_cache), shaped for the adapter it is made with.
+class KvCache {
+public:
+    KvCache(const Adapter &ad, std::size_t batch, std::size_t capacity);
+    lora_kv_cache *get() const noexcept { return cache_.get(); }
+    std::size_t batch() const noexcept { return batch_; }
+    // Empties sequence b (-1: all).
+    void reset(std::int64_t b = -1) {
+        const int st = lora_kv_cache_reset(cache_.get(), b);
+        if (st != LORA_OK)
+            throw Error(st, "lora_kv_cache_reset", "b = " + std::to_string(b));
+    }
+    std::size_t length(std::size_t b) const {
+        std::int64_t n = 0;
+        const int st = lora_kv_cache_length(cache_.get(), static_cast<std::int64_t>(b), &n);
+        if (st != LORA_OK)
+            throw Error(st, "lora_kv_cache_length", "b = " + std::to_string(b));
+        return static_cast<std::size_t>(n);
+    }
+
+private:
+    std::unique_ptr<lora_kv_cache, detail::KvCacheDeleter> cache_;
+    std::size_t batch_;
 };
 
 // ---- configuration ---------------------------------------------------------------------
@@ -569,6 +598,36 @@ public:
             slot = Saved{self ? 1 : 2, out.size(), qn, self ? 0 : kvn};
         return out;
     }
+    // lora_decode(_ex): appends n_new tokens per sequence (x: batch*n_new*d_model) to
+    // cache, returns their outputs (batch*n_new*out_dim). n_tokens (batch, or empty):
+    // tokens per sequence; tenants with tenant_of_seq (batch, -1 = base alone): each
+    // sequence's LoRA terms from its tenant, on this adapter's base.
+    std::vector<float> decode(KvCache &cache, Span<const float> x, std::size_t n_new,
+                              Span<const std::int64_t> n_tokens = {},
+                              Span<const Adapter *const> tenants = {},
+                              Span<const std::int32_t> tenant_of_seq = {}) {
+        const std::size_t batch = cache.batch();
+        input(x, batch, n_new, "x");
+        detail::shape_check(n_tokens.empty() || n_tokens.size() == batch, "decode",
+                            detail::count_msg("n_tokens", n_tokens.size(), batch));
+        detail::shape_check(tenants.empty() == tenant_of_seq.empty() &&
+                                (tenant_of_seq.empty() || tenant_of_seq.size() == batch),
+                            "decode", "tenants need tenant_of_seq (batch entries)");
+        std::vector<const lora_adapter *> handles;
+        for (std::size_t i = 0; i < tenants.size(); i++)
+            handles.push_back(tenants.data()[i]->get());
+        lora_decode_args a{};
+        a.struct_size = sizeof a;
+        a.n_tokens = n_tokens.empty() ? nullptr : n_tokens.data();
+        a.tenants = handles.empty() ? nullptr : handles.data();
+        a.n_tenants = handles.size();
+        a.tenant_of_seq = tenant_of_seq.empty() ? nullptr : tenant_of_seq.data();
+        std::vector<float> out(batch * n_new * out_dim());
+        check(lora_decode_ex(ad_.get(), &a, cache.get(), x.data(),
+                             static_cast<std::int64_t>(n_new), out.data()),
+              "lora_decode_ex");
+        return out;
+    }
     // lora_backward_ex: the backward of tape's forward (null: the adapter's own, self or
     // cross). Returns (dx, {}) for self-attention, (dxq, dxkv) for cross-attention
     // (both empty when want_dx is false). A stale tape or another adapter's throws
@@ -678,6 +737,17 @@ private:
     Target t_;
     Factor f_;
 };
+
+inline KvCache::KvCache(const Adapter &ad, std::size_t batch, std::size_t capacity)
+    : batch_(batch) {
+    lora_kv_cache *c = nullptr;
+    const int st = lora_kv_cache_create(&c, ad.get(), static_cast<std::int64_t>(batch),
+                                        static_cast<std::int64_t>(capacity));
+    if (st != LORA_OK)
+        throw Error(st, "lora_kv_cache_create",
+                    "batch " + std::to_string(batch) + ", capacity " + std::to_string(capacity));
+    cache_.reset(c);
+}
 
 inline Tape::Tape(const Adapter &ad) {
     lora_tape *t = nullptr;

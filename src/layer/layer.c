@@ -281,6 +281,13 @@ static void proj_backward(const layer *l, const layer_proj *pr, const la_ctx *la
         proj_backward_dropped(l, pr, la, nt, x, rows, dyb, dx, dm, buf);
 }
 
+/* One projection of rows of x without dropout (decoding): proj_forward's y and xa. */
+void layer_project_rows(const layer *l, int t, const la_ctx *la, int nt, const float *x,
+                        int64_t rows, float *y, float *xa, float *wpanel)
+{
+    proj_forward(l, &l->proj[t], la, nt, x, rows, y, xa, NULL, NULL, wpanel);
+}
+
 /* ---- RoPE ----------------------------------------------------------------------------- */
 
 /* Turns `heads` heads of row x and `heads2` of row x2 (NULL: none) by position pos:

@@ -87,6 +87,11 @@ size_t layer_scratch_floats(const layer *l, const attn_problem *p);
  * (batch·len_q, d_model) with out_proj, else (batch·len_q, q_dim). ws:
  * layer_scratch_floats floats, then attn_dispatch_workspace bytes. */
 void layer_project(const layer *l, const attn_problem *p, layer_acts *a);
+/* y (rows, out) = x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ of projection t (PROJ_*), no dropout; xa
+ * (rows, rank) receives x·Aᵀ when t is adapted. wpanel: la_gemm_w_scratch_floats for
+ * these rows (NULL when 0). x must be a library buffer (BLIS may read past its end). */
+void layer_project_rows(const layer *l, int t, const la_ctx *la, int nt, const float *x,
+                        int64_t rows, float *y, float *xa, float *wpanel);
 /* RoPE's rotation of Q rows q (batch·len_q, q_dim) and K rows k (batch·len_kv, kv_dim)
  * by the positions of p (attn_q_pos, attn_kv_pos); inverse = 1 turns back (the
  * transpose: the backward of dQ, dK). No-op without RoPE. */

@@ -10,10 +10,14 @@
  * 2. One decode row through the layer (lora_forward, batch 1, one token: every base
  *    weight read once) with a float base and with a bf16 base (both borrowed), against
  *    a plain pass over the float and the bf16 weight bytes.
+ * 3. One decode step over a KV cache of 4096 tokens (lora_decode, --threads threads,
+ *    default 2) for batch 1 and batch 8, float and bf16 base, against a plain pass (same
+ *    threads) over the base weights once plus the sequences' K/V bytes.
  *
- *   bench_serving [--reps N] */
+ *   bench_serving [--reps N] [--threads N] */
 #include <lora.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -231,14 +235,192 @@ static void bench_decode_row(int reps)
     }
 }
 
+/* ---- decode steps over a KV cache --------------------------------------------------- */
+
+#define CONTEXT 4096
+#define DECODE_BATCH 8
+
+/* One pass over n bytes split over `threads` threads (as many as the decode uses):
+ * plain pthreads, created per pass (microseconds against the milliseconds of a pass),
+ * so no spinning runtime competes with the library's workers between passes. */
+typedef struct stream_part {
+    const char *p;
+    size_t n;
+    uint32_t acc;
+} stream_part;
+
+static void *stream_part_run(void *arg)
+{
+    stream_part *s = arg;
+    const uint32_t *w = (const uint32_t *)(const void *)s->p;
+    uint32_t lanes[16] = {0};
+    for (size_t i = 0; i + 16 <= s->n / 4; i += 16)
+        for (int j = 0; j < 16; j++)
+            lanes[j] ^= w[i + j];
+    for (int j = 0; j < 16; j++)
+        s->acc ^= lanes[j];
+    return NULL;
+}
+
+#define MAX_STREAM_THREADS 64
+static void stream_read_threads(const void *p, size_t n, int threads)
+{
+    threads = threads > MAX_STREAM_THREADS ? MAX_STREAM_THREADS : threads;
+    stream_part parts[MAX_STREAM_THREADS];
+    pthread_t tid[MAX_STREAM_THREADS];
+    const size_t chunk = (n / (size_t)threads) & ~(size_t)63;
+    for (int t = 0; t < threads; t++) {
+        parts[t] = (stream_part){(const char *)p + (size_t)t * chunk,
+                                 t == threads - 1 ? n - (size_t)t * chunk : chunk, 0};
+        if (t > 0 && pthread_create(&tid[t], NULL, stream_part_run, &parts[t]) != 0) {
+            fprintf(stderr, "pthread_create failed\n");
+            exit(1);
+        }
+    }
+    stream_part_run(&parts[0]);
+    uint32_t acc = parts[0].acc;
+    for (int t = 1; t < threads; t++) {
+        pthread_join(tid[t], NULL);
+        acc ^= parts[t].acc;
+    }
+    sink = (float)acc;
+}
+
+/* Fills every sequence of cache to CONTEXT tokens through a cheap adapter of the same
+ * kv heads and head_dim (d_model 64, one query head per kv head): the cached values do
+ * not matter for timing, only their number. */
+static void prefill(lora_kv_cache *cache, int64_t batch, int threads)
+{
+    lora_config *cfg = NULL;
+    CHECK(lora_config_create(&cfg));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_D_MODEL, 64));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_N_HEADS, N_KV_HEADS));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_N_KV_HEADS, N_KV_HEADS));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_HEAD_DIM, HEAD_DIM));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_OUT_PROJ, 0));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_THREADS, threads));
+    lora_adapter *cheap = NULL;
+    CHECK(lora_adapter_create(&cheap, cfg));
+    lora_config_destroy(cfg);
+    const int64_t kvd = N_KV_HEADS * HEAD_DIM;
+    float *w = xmalloc((size_t)(kvd * 64) * sizeof(float));
+    for (int64_t i = 0; i < kvd * 64; i++)
+        w[i] = 0.1f * urand();
+    for (int t = 0; t < 3; t++)
+        CHECK(lora_adapter_set_base_borrowed(cheap, 1 << t, w, NULL));
+    const int64_t chunk = 512;
+    float *x = xmalloc((size_t)(batch * chunk * 64) * sizeof(float));
+    float *out = xmalloc((size_t)(batch * chunk * kvd) * sizeof(float));
+    for (int64_t i = 0; i < batch * chunk * 64; i++)
+        x[i] = urand();
+    for (int64_t at = 0; at < CONTEXT; at += chunk)
+        CHECK(lora_decode(cheap, cache, x, chunk, out));
+    lora_adapter_destroy(cheap);
+    free(w), free(x), free(out);
+}
+
+/* Median seconds of one decode step (one token per sequence) of ad on cache. */
+static double time_steps(lora_adapter *ad, lora_kv_cache *cache, int64_t batch, int reps,
+                         double *stream, const float *const *w, const size_t *wbytes,
+                         const void *kv, size_t kv_bytes, int threads)
+{
+    float *x = xmalloc((size_t)(batch * D_MODEL) * sizeof(float));
+    float *y = xmalloc((size_t)(batch * D_MODEL) * sizeof(float));
+    for (int64_t i = 0; i < batch * D_MODEL; i++)
+        x[i] = urand();
+    double t[MAX_REPS], s[MAX_REPS];
+    CHECK(lora_decode(ad, cache, x, 1, y)); /* warm: working memory, pool threads */
+    for (int k = 0; k < reps; k++) {
+        double t0 = now();
+        CHECK(lora_decode(ad, cache, x, 1, y));
+        t[k] = now() - t0;
+        t0 = now();
+        for (int i = 0; i < 4; i++)
+            stream_read_threads(w[i], wbytes[i], threads);
+        stream_read_threads(kv, kv_bytes, threads);
+        s[k] = now() - t0;
+    }
+    free(x), free(y);
+    *stream = median(s, reps);
+    return median(t, reps);
+}
+
+static void bench_decode_cache(int reps, int threads)
+{
+    const int targets[4] = {LORA_TARGET_Q, LORA_TARGET_K, LORA_TARGET_V, LORA_TARGET_O};
+    const int64_t q = N_HEADS * HEAD_DIM, kv = N_KV_HEADS * HEAD_DIM;
+    const int64_t outs[4] = {q, kv, kv, D_MODEL}, ins[4] = {D_MODEL, D_MODEL, D_MODEL, q};
+    lora_config *cfg = layer_config();
+    CHECK(lora_config_set_int(cfg, LORA_CFG_THREADS, threads));
+    lora_adapter *af = NULL, *ab = NULL;
+    CHECK(lora_adapter_create(&af, cfg));
+    CHECK(lora_adapter_create(&ab, cfg));
+    lora_config_destroy(cfg);
+    random_factors(af);
+    CHECK(lora_adapter_copy_params(ab, af));
+    float *wf[4];
+    uint16_t *wb[4];
+    size_t bf[4], bb[4];
+    for (int t = 0; t < 4; t++) {
+        const size_t n = (size_t)(outs[t] * ins[t]);
+        wf[t] = xmalloc(n * sizeof(float));
+        wb[t] = xmalloc(n * sizeof(uint16_t));
+        bf[t] = n * sizeof(float), bb[t] = n * sizeof(uint16_t);
+        for (size_t i = 0; i < n; i++) {
+            wf[t][i] = urand() / sqrtf((float)ins[t]);
+            wb[t][i] = to_bf16(wf[t][i]);
+        }
+        CHECK(lora_adapter_set_base_borrowed(af, targets[t], wf[t], NULL));
+        CHECK(lora_adapter_set_base_typed(ab, targets[t], wb[t], LORA_DTYPE_BF16, NULL,
+                                          LORA_BASE_BORROW));
+    }
+    const size_t kv_seq = (size_t)CONTEXT * (size_t)kv * 2 * sizeof(float); /* K and V */
+    void *kvbuf = xmalloc(kv_seq * DECODE_BATCH);
+    memset(kvbuf, 1, kv_seq * DECODE_BATCH);
+    printf("\ndecode step over a KV cache (lora_decode, context %d, %d threads; streaming: "
+           "the base weights once + the sequences' K/V bytes, same threads)\n",
+           CONTEXT, threads);
+    printf("%-6s %6s %12s %12s %8s\n", "base", "batch", "step_us", "stream_us", "ratio");
+    const int64_t batches[2] = {1, DECODE_BATCH};
+    double step[2][2];
+    for (int bi = 0; bi < 2; bi++) {
+        const int64_t batch = batches[bi];
+        lora_kv_cache *cache = NULL;
+        CHECK(lora_kv_cache_create(&cache, af, batch, CONTEXT + MAX_REPS + 2));
+        prefill(cache, batch, threads);
+        for (int dt = 0; dt < 2; dt++) {
+            double stream;
+            lora_adapter *ad = dt == 0 ? af : ab;
+            step[dt][bi] = time_steps(ad, cache, batch, reps, &stream,
+                                      dt == 0 ? (const float *const *)wf
+                                              : (const float *const *)(void *)wb,
+                                      dt == 0 ? bf : bb, kvbuf, kv_seq * (size_t)batch, threads);
+            printf("%-6s %6lld %12.1f %12.1f %8.2f\n", dt == 0 ? "f32" : "bf16",
+                   (long long)batch, 1e6 * step[dt][bi], 1e6 * stream, step[dt][bi] / stream);
+        }
+        lora_kv_cache_destroy(cache);
+    }
+    printf("bf16 / f32 step: batch 1 %.2f, batch %d %.2f (targets: ratio <= 1.25, bf16/f32 "
+           "batch 1 <= 0.6)\n",
+           step[1][0] / step[0][0], DECODE_BATCH, step[1][1] / step[0][1]);
+    lora_adapter_destroy(af);
+    lora_adapter_destroy(ab);
+    for (int t = 0; t < 4; t++)
+        free(wf[t]), free(wb[t]);
+    free(kvbuf);
+}
+
 int main(int argc, char **argv)
 {
-    int reps = 21;
+    int reps = 21, threads = 2;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--reps") == 0 && i + 1 < argc) {
             reps = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
+            threads = atoi(argv[++i]) < 1 ? 1 : atoi(argv[i]);
         } else {
-            fprintf(stderr, "usage: %s [--reps N]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--reps N] [--threads N (decode steps, default 2)]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -254,5 +436,6 @@ int main(int argc, char **argv)
     for (int i = 0; i < TENANTS; i++)
         lora_adapter_destroy(tenants[i]);
     bench_decode_row(reps);
+    bench_decode_cache(reps, threads);
     return 0;
 }

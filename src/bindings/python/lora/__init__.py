@@ -17,7 +17,7 @@ from ._errors import (Status, LoraError, InvalidArgumentError, ShapeError,
                       LoraIOError, FormatError, ToleranceError, DtypeError)
 from ._core import (Param, Target, Backend, Rope, Compute, Dtype, ForwardFlag, Init, Factor,
                     RunInfo, ThresholdReport,
-                    Adapter, Tape, Optimizer, OptParam, OptimizerKind, mse_loss, mse_loss_mean,
+                    Adapter, Tape, KvCache, Optimizer, OptParam, OptimizerKind, mse_loss, mse_loss_mean,
                     version, version_number, status_string, as_f32, save_peft, load_peft,
                     save_gguf, load_gguf)
 
@@ -33,7 +33,7 @@ def has(name):
     return _ffi.has(name)
 
 __all__ = [
-    "Adapter", "Tape", "Optimizer", "save_peft", "load_peft", "save_gguf", "load_gguf", "OptParam", "OptimizerKind", "RunInfo", "ThresholdReport", "mse_loss",
+    "Adapter", "Tape", "KvCache", "Optimizer", "save_peft", "load_peft", "save_gguf", "load_gguf", "OptParam", "OptimizerKind", "RunInfo", "ThresholdReport", "mse_loss",
     "mse_loss_mean", "version", "version_number",
     "status_string", "as_f32", "library_path", "has",
     "Param", "Target", "Backend", "Rope", "Compute", "Dtype", "ForwardFlag", "Init", "Factor",

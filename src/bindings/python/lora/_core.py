@@ -890,6 +890,53 @@ class Adapter:
             return None
         return dxq if saved[0] == "self" else (dxq, dxkv)
 
+    # -- decoding with a KV cache (lora_decode, lora_decode_ex) --
+
+    def decode(self, cache, x, *, n_tokens=None, tenants=None, tenant_of_seq=None, out=None):
+        """lora_decode: appends x (batch, n_new, d_model), or (batch, d_model) for one
+        token each, to `cache` (a KvCache with that batch) and returns the new rows'
+        outputs, shaped as x with out_dim columns. n_tokens (batch,) int64: tokens each
+        sequence takes (the rest of its rows are not read; their outputs are 0).
+        tenants (a list of Adapters) with tenant_of_seq (batch,) int32: each sequence
+        uses its tenant's LoRA terms (-1: the base alone), this adapter the base weights
+        and attention settings (lora_decode_ex). Saves nothing for backward."""
+        h = self._h()
+        a = as_f32(x, "x")
+        if a.ndim not in (2, 3) or a.shape[-1] != self._d_model or a.size == 0:
+            raise ShapeError(Status.SHAPE, "x has shape %s, expected (batch, n_new, %d) or "
+                             "(batch, %d)" % (a.shape, self._d_model, self._d_model))
+        x3 = a.reshape(a.shape[:1] + (1,) + a.shape[1:]) if a.ndim == 2 else a
+        batch, n_new = x3.shape[0], x3.shape[1]
+        if batch != cache.batch:
+            raise ShapeError(Status.SHAPE, "x holds %d sequences, the cache %d"
+                             % (batch, cache.batch))
+        o = _out_buffer(out, a.shape[:-1] + (self.out_dim,), "out")
+        if n_tokens is None and tenants is None and tenant_of_seq is None:
+            self._check(_lib.lora_decode(h, cache._h(), _ptr(x3), n_new, _ptr(o)),
+                        "lora_decode")
+            return o
+        _need("lora_decode_ex")
+        args = _ffi.DecodeArgsC(struct_size=ctypes.sizeof(_ffi.DecodeArgsC))
+        keep = []
+        if n_tokens is not None:
+            nt = _int_array(n_tokens, "n_tokens", np.int64, (batch,))
+            keep.append(nt)
+            args.n_tokens = _ptr(nt)
+        if (tenants is None) != (tenant_of_seq is None):
+            raise InvalidArgumentError(Status.INVALID_ARG, "tenants and tenant_of_seq go "
+                                       "together")
+        if tenants is not None:
+            tlist = list(tenants)
+            handles = (_ffi.AdapterP * max(1, len(tlist)))(*[t._h() for t in tlist])
+            ids = _int_array(tenant_of_seq, "tenant_of_seq", np.int32, (batch,))
+            keep += [handles, ids]
+            args.tenants = ctypes.cast(handles, ctypes.POINTER(_ffi.AdapterP))
+            args.n_tenants = len(tlist)
+            args.tenant_of_seq = _ptr(ids)
+        self._check(_lib.lora_decode_ex(h, ctypes.byref(args), cache._h(), _ptr(x3), n_new,
+                                        _ptr(o)), "lora_decode_ex")
+        return o
+
     @property
     def run_info(self):
         """RunInfo of the last forward/backward (lora_adapter_get_run_info)."""
@@ -1014,6 +1061,79 @@ class Tape:
         state = "closed" if self.closed else (self._saved[0] + " forward" if self._saved
                                               else "empty")
         return "<lora.Tape %s>" % state
+
+
+class KvCache:
+    """A lora_kv_cache: keys and values of `batch` sequences of up to `capacity` tokens,
+    shaped for `adapter` (its kv heads, head_dim and window: with 0 < WINDOW < capacity
+    it keeps only the last WINDOW tokens). Fill it with adapter.decode(cache, x).
+
+        with lora.KvCache(ad, batch=2, capacity=64) as cache:
+            y = ad.decode(cache, prompt)           # (2, n, d_model): prefill
+            y = ad.decode(cache, next_tokens)      # (2, d_model): one step
+    """
+
+    _handle = None
+
+    def __init__(self, adapter, batch, capacity):
+        _need("lora_kv_cache_create")
+        handle = _ffi.KvCacheP()
+        st = _lib.lora_kv_cache_create(ctypes.byref(handle), adapter._h(), int(batch),
+                                       int(capacity))
+        if st != Status.OK:
+            raise error_for(st, "lora_kv_cache_create(batch=%d, capacity=%d) failed"
+                            % (batch, capacity), "lora_kv_cache_create")
+        self._handle = handle
+        self.batch = int(batch)
+        self.capacity = int(capacity)
+
+    def _h(self):
+        if not self._handle:
+            raise StateError(Status.STATE, "the cache is closed")
+        return self._handle
+
+    def reset(self, b=-1):
+        """Empties sequence b (-1: all)."""
+        st = _lib.lora_kv_cache_reset(self._h(), int(b))
+        if st != Status.OK:
+            raise error_for(st, "sequence %d is outside [-1, %d)" % (b, self.batch),
+                            "lora_kv_cache_reset")
+
+    def length(self, b):
+        """Tokens sequence b holds."""
+        v = ctypes.c_int64()
+        st = _lib.lora_kv_cache_length(self._h(), int(b), ctypes.byref(v))
+        if st != Status.OK:
+            raise error_for(st, "sequence %d is outside [0, %d)" % (b, self.batch),
+                            "lora_kv_cache_length")
+        return v.value
+
+    @property
+    def lengths(self):
+        return [self.length(b) for b in range(self.batch)]
+
+    def close(self):
+        """Frees the cache (lora_kv_cache_destroy). Idempotent."""
+        h, self._handle = self._handle, None
+        if h:
+            _lib.lora_kv_cache_destroy(h)
+
+    @property
+    def closed(self):
+        return not self._handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone
+            pass
 
 
 # ---- optimizer -------------------------------------------------------------------------

@@ -50,6 +50,25 @@ class _Tape(ctypes.Structure):
 TapeP = ctypes.POINTER(_Tape)
 
 
+class _KvCache(ctypes.Structure):
+    """Opaque lora_kv_cache."""
+
+
+KvCacheP = ctypes.POINTER(_KvCache)
+
+
+class DecodeArgsC(ctypes.Structure):
+    """struct lora_decode_args, field for field."""
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("n_tokens", ctypes.c_void_p),
+        ("tenants", ctypes.POINTER(AdapterP)),
+        ("n_tenants", ctypes.c_size_t),
+        ("tenant_of_seq", ctypes.c_void_p),
+    ]
+
+
 class AttnArgsC(ctypes.Structure):
     """struct lora_attn_args, field for field (the mask pointers as void *)."""
     _fields_ = [
@@ -197,6 +216,12 @@ _OPTIONAL_PROTOTYPES = {
     "lora_save_gguf_ex": (_i, [_s, ctypes.POINTER(AdapterP), ctypes.POINTER(_i64), _sz,
                                ctypes.POINTER(SaveOptionsC)]),
     "lora_adapter_set_rope_freqs": (_i, [AdapterP, _p, _sz]),
+    "lora_kv_cache_create": (_i, [ctypes.POINTER(KvCacheP), AdapterP, _i64, _i64]),
+    "lora_kv_cache_destroy": (None, [KvCacheP]),
+    "lora_kv_cache_reset": (_i, [KvCacheP, _i64]),
+    "lora_kv_cache_length": (_i, [KvCacheP, _i64, ctypes.POINTER(_i64)]),
+    "lora_decode": (_i, [AdapterP, KvCacheP, _p, _i64, _p]),
+    "lora_decode_ex": (_i, [AdapterP, ctypes.POINTER(DecodeArgsC), KvCacheP, _p, _i64, _p]),
 }
 
 

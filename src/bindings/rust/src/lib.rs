@@ -1606,6 +1606,112 @@ impl Tape {
     }
 }
 
+// ---- decoding with a KV cache ---------------------------------------------------------
+
+/// Keys and values of `batch` sequences of up to `capacity` tokens for
+/// [`Adapter::decode`] (`lora_kv_cache`, freed on drop). Shaped for the adapter it was
+/// made with (kv heads, head_dim; with 0 < WINDOW < capacity a ring of WINDOW tokens).
+pub struct KvCache {
+    h: *mut sys::lora_kv_cache,
+    batch: usize,
+}
+
+// SAFETY: a cache is only used through &mut of it (decode) or & (length).
+unsafe impl Send for KvCache {}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        unsafe { sys::lora_kv_cache_destroy(self.h) }
+    }
+}
+
+impl KvCache {
+    /// `lora_kv_cache_create`: every sequence empty.
+    pub fn new(ad: &Adapter, batch: usize, capacity: usize) -> Result<KvCache> {
+        let mut h = ptr::null_mut();
+        let st = unsafe { sys::lora_kv_cache_create(&mut h, ad.h, batch as i64, capacity as i64) };
+        match Status::from_code(st) {
+            None => Ok(KvCache { h, batch }),
+            Some(s) => Err(LoraError::new(
+                s,
+                "lora_kv_cache_create",
+                format!("batch {batch}, capacity {capacity}"),
+            )),
+        }
+    }
+
+    /// Sequences of the cache.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// `lora_kv_cache_reset`: empties sequence `b`, or all with `None`.
+    pub fn reset(&mut self, b: Option<usize>) -> Result<()> {
+        let st = unsafe { sys::lora_kv_cache_reset(self.h, b.map_or(-1, |b| b as i64)) };
+        match Status::from_code(st) {
+            None => Ok(()),
+            Some(s) => Err(LoraError::new(s, "lora_kv_cache_reset", format!("b = {b:?}"))),
+        }
+    }
+
+    /// `lora_kv_cache_length`: tokens sequence `b` holds.
+    pub fn length(&self, b: usize) -> Result<usize> {
+        let mut n = 0i64;
+        let st = unsafe { sys::lora_kv_cache_length(self.h, b as i64, &mut n) };
+        match Status::from_code(st) {
+            None => Ok(n as usize),
+            Some(s) => Err(LoraError::new(s, "lora_kv_cache_length", format!("b = {b}"))),
+        }
+    }
+}
+
+impl Adapter {
+    /// `lora_decode`: appends `n_new` tokens per sequence (x: batch x n_new x d_model)
+    /// to `cache` and returns their outputs (batch x n_new x out_dim). Saves nothing
+    /// for backward.
+    pub fn decode(&mut self, cache: &mut KvCache, x: &[f32], n_new: usize) -> Result<Vec<f32>> {
+        self.decode_ex(cache, x, n_new, None, None)
+    }
+
+    /// `lora_decode_ex`: `n_tokens[b]` tokens for sequence b (the rest of its rows are
+    /// not read, their outputs 0); `tenants` with the tenant of each sequence (-1: the
+    /// base alone) runs each sequence with its tenant's LoRA terms on this adapter's
+    /// base.
+    pub fn decode_ex(
+        &mut self,
+        cache: &mut KvCache,
+        x: &[f32],
+        n_new: usize,
+        n_tokens: Option<&[i64]>,
+        tenants: Option<(&[&Adapter], &[i32])>,
+    ) -> Result<Vec<f32>> {
+        let batch = cache.batch;
+        self.input_len("x", x.len(), batch, n_new)?;
+        if n_tokens.map_or(false, |n| n.len() != batch)
+            || tenants.map_or(false, |(_, ids)| ids.len() != batch)
+        {
+            return Err(shape_error("lora_decode_ex", format!("per-sequence arrays need {batch} entries")));
+        }
+        let handles: Vec<*const sys::lora_adapter> =
+            tenants.map_or(Vec::new(), |(t, _)| t.iter().map(|a| a.h as *const _).collect());
+        let mut args = sys::lora_decode_args::default();
+        if let Some(n) = n_tokens {
+            args.n_tokens = n.as_ptr();
+        }
+        if let Some((_, ids)) = tenants {
+            args.tenants = handles.as_ptr();
+            args.n_tenants = handles.len();
+            args.tenant_of_seq = ids.as_ptr();
+        }
+        let mut out = vec![0f32; batch * n_new * self.out_dim()];
+        let st = unsafe {
+            sys::lora_decode_ex(self.h, &args, cache.h, x.as_ptr(), n_new as i64, out.as_mut_ptr())
+        };
+        self.check(st, "lora_decode_ex")?;
+        Ok(out)
+    }
+}
+
 // ---- optimizer -------------------------------------------------------------------------
 
 /// Which update rule an [`Optimizer`] applies (`lora_optimizer_kind`).

@@ -134,6 +134,38 @@ pub struct lora_tape {
     _private: [u8; 0],
 }
 
+/// Opaque `lora_kv_cache`.
+#[repr(C)]
+pub struct lora_kv_cache {
+    _private: [u8; 0],
+}
+
+/// `struct lora_decode_args`: extras of `lora_decode_ex` (zero = defaults).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct lora_decode_args {
+    pub struct_size: u32,
+    pub flags: u32,
+    pub n_tokens: *const i64,
+    pub tenants: *const *const lora_adapter,
+    pub n_tenants: usize,
+    pub tenant_of_seq: *const i32,
+}
+
+impl Default for lora_decode_args {
+    /// Every field zero or NULL, struct_size = size_of::<lora_decode_args>().
+    fn default() -> Self {
+        lora_decode_args {
+            struct_size: std::mem::size_of::<lora_decode_args>() as u32,
+            flags: 0,
+            n_tokens: std::ptr::null(),
+            tenants: std::ptr::null(),
+            n_tenants: 0,
+            tenant_of_seq: std::ptr::null(),
+        }
+    }
+}
+
 /// `struct lora_attn_args`: per-call arguments of `lora_forward_ex` (zero = defaults).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -445,6 +477,32 @@ extern "C" {
     pub fn lora_adapter_copy_params(dst: *mut lora_adapter, src: *const lora_adapter) -> c_int;
     pub fn lora_adapter_set_rope_freqs(ad: *mut lora_adapter, inv_freq: *const f64, n: usize)
         -> c_int;
+
+    // ---- decoding with a KV cache ----
+    pub fn lora_kv_cache_create(
+        out: *mut *mut lora_kv_cache,
+        ad: *const lora_adapter,
+        batch: i64,
+        capacity: i64,
+    ) -> c_int;
+    pub fn lora_kv_cache_destroy(cache: *mut lora_kv_cache);
+    pub fn lora_kv_cache_reset(cache: *mut lora_kv_cache, b: i64) -> c_int;
+    pub fn lora_kv_cache_length(cache: *const lora_kv_cache, b: i64, len: *mut i64) -> c_int;
+    pub fn lora_decode(
+        ad: *mut lora_adapter,
+        cache: *mut lora_kv_cache,
+        x: *const f32,
+        n_new: i64,
+        out: *mut f32,
+    ) -> c_int;
+    pub fn lora_decode_ex(
+        ad: *mut lora_adapter,
+        args: *const lora_decode_args,
+        cache: *mut lora_kv_cache,
+        x: *const f32,
+        n_new: i64,
+        out: *mut f32,
+    ) -> c_int;
 
     // ---- I/O ----
     pub fn lora_save_peft(
