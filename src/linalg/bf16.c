@@ -25,10 +25,12 @@
 #define BF_MV 4 /* vectors of 16 lanes per register block */
 #define BF_NB 6 /* broadcast columns per register block */
 
-/* Projection blocking: a KC × NC block of W (128 KB of bf16 pairs) stays in L2 while
- * blocks of MC rows of X (48 KB) pass over it. KC is even so pairs never straddle. */
+/* Projection blocking: a KC × NC block of W (512 KB of bf16 pairs) stays in L2 while
+ * blocks of MC rows of X (48 KB) pass over it; a strip of 64 of its columns (32 KB)
+ * stays in L1 while the rows go by. X is read once per NC columns: a wide NC keeps
+ * that (memory-bound) pass rare. KC is even so pairs never straddle. */
 #define BF_KC 256
-#define BF_NC 256
+#define BF_NC 1024
 #define BF_MC 96
 
 int la_cpu_bf16(void)
@@ -260,15 +262,40 @@ static LA_BF16_TARGET void pack_w_block(const bf16_gemm_job *j, int64_t k0, int6
         pack_rows_interleaved(j->w, (size_t)(k0 * j->in + j0), (size_t)j->in, kc, nc, wp, ld);
         return;
     }
-    /* op(W) = Wᵀ: column l of the block is row j0 + l of W, its pairs consecutive */
-    uint32_t row[BF_KC / 2];
+    /* op(W) = Wᵀ: column l of the block is row j0 + l of W, its pairs consecutive.
+     * Sixteen rows at a time are converted, then transposed 16 words per store (a
+     * store per word at a stride of ld would hit one L1 set over and over). */
+    uint32_t rows[16][BF_KC / 2];
     const int64_t pairs = (kc + 1) / 2;
-    for (int64_t l = 0; l < round16(nc); l++) {
-        if (l < nc)
-            pack_row(j->w, (size_t)((j0 + l) * j->in + k0), kc, row);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
+                                                            6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(BF_KC / 2));
+    for (int64_t l0 = 0; l0 < nc; l0 += 16) {
+        for (int64_t r = 0; r < 16; r++) {
+            if (l0 + r < nc)
+                pack_row(j->w, (size_t)((j0 + l0 + r) * j->in + k0), kc, rows[r]);
+            else
+                memset(rows[r], 0, sizeof rows[r]);
+        }
         for (int64_t p = 0; p < pairs; p++)
-            wp[p * ld + l] = l < nc ? row[p] : 0u;
+            _mm512_storeu_si512(wp + p * ld + l0,
+                                _mm512_i32gather_epi32(idx, (const int *)rows[0] + p, 4));
     }
+}
+
+/* Rows of X are read KC floats at a time at a stride of a whole row, which the hardware
+ * prefetchers follow poorly (the pass over X was memory-latency bound): the row
+ * BF_PREFETCH_ROWS ahead is asked for while one is converted. */
+#define BF_PREFETCH_ROWS 4
+
+static inline void prefetch_row(const bf16_gemm_job *j, int64_t row, int64_t r_hi,
+                                int64_t k0, int64_t kc)
+{
+    if (row >= r_hi)
+        return;
+    const char *p = (const char *)(j->x + row * j->ldx + k0);
+    for (int64_t b = 0; b < kc * (int64_t)sizeof(float); b += 64)
+        __builtin_prefetch(p + b, 0, 3);
 }
 
 /* Rows [r_lo, r_hi) and columns [c_lo, c_hi) of C, blocked as the header says. */
@@ -283,9 +310,11 @@ static LA_BF16_TARGET void gemm_range(const bf16_gemm_job *j, int64_t r_lo, int6
             const int first = k0 == 0;
             for (int64_t i0 = r_lo; i0 < r_hi; i0 += BF_MC) {
                 const int64_t mc = r_hi - i0 < BF_MC ? r_hi - i0 : BF_MC;
-                for (int64_t i = 0; i < mc; i++)
+                for (int64_t i = 0; i < mc; i++) {
+                    prefetch_row(j, i0 + i + BF_PREFETCH_ROWS, r_hi, k0, kc);
                     pack_row(la_wmat_of_f32(j->x), (size_t)((i0 + i) * j->ldx + k0), kc,
                              xp + i * pairs);
+                }
                 const int acc = !first || j->beta != 0.0f;
                 bf16_product(nc, mc, pairs, wp, ncp, xp, pairs, 1, j->c + i0 * j->ldc + j0,
                              j->ldc, j->alpha, acc, first ? j->beta : 1.0f);
@@ -324,12 +353,13 @@ void la_bf16_gemm_w(const la_ctx *ctx, int nthreads, la_trans tw, int64_t m, int
                        .in = in, .ldx = ldx, .ldc = ldc, .alpha = alpha, .beta = beta, .x = x,
                        .w = w, .c = c, .scratch = scratch};
 #ifdef LA_HAVE_BF16_KERNELS
-    /* Split the longer side of C, never into pieces under one register strip. */
-    j.split_rows = j.m >= j.n;
+    /* Parts take columns (each packs only its share of W, the larger operand to
+     * convert) unless that leaves a part under two register strips. */
+    int64_t parts = nthreads < ctx->threads ? nthreads : ctx->threads;
+    j.split_rows = j.n < 2 * 16 * BF_MV * parts;
     const int64_t units = j.split_rows ? (j.m + BF_NB - 1) / BF_NB
                                        : (j.n + 16 * BF_MV - 1) / (16 * BF_MV);
     const double flops = 2.0 * (double)m * (double)j.n * (double)j.k;
-    int64_t parts = nthreads < ctx->threads ? nthreads : ctx->threads;
     parts = parts < units ? parts : units;
     if ((double)parts * 4e6 > flops)
         parts = (int64_t)(flops / 4e6);
