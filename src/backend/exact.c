@@ -47,6 +47,8 @@
 #ifndef ATTN_BK
 #define ATTN_BK 256
 #endif
+/* Largest tile side a bf16 tile product sees (with head_dim). */
+#define BF16_MOST (ATTN_BQ > ATTN_BK ? ATTN_BQ : ATTN_BK)
 
 /* Probabilities below PROB_FLUSH = 2^-64 are set to 0. A row's sum is at least 1, so
  * what is dropped is below 2^-64·len_kv, far under float rounding; and it keeps the
@@ -375,8 +377,7 @@ static size_t tile_floats(const attn_problem *p)
 {
     size_t n = 2u * ATTN_BQ * ATTN_BK + 4u * ATTN_BQ;
     if (use_fused(p))
-        n += 2u * (size_t)p->head_dim * ATTN_BK +
-             attn_exact_bf16_tile_floats(p, ATTN_BQ > ATTN_BK ? ATTN_BQ : ATTN_BK);
+        n += 2u * (size_t)p->head_dim * ATTN_BK + attn_exact_bf16_tile_floats(p, BF16_MOST);
     return n;
 }
 
@@ -443,13 +444,16 @@ static tile_ws worker_ws(const attn_problem *p, void *ws, int worker)
  *   backward: S, P, dP, dS as [query][key]; dV, dK rows and dQ rows accumulate in place.
  */
 
-/* la_tile_product, or its bf16 twin in bf16 compute (w->bf16 set). */
+/* la_tile_product, or its bf16 twin in bf16 compute (w->bf16 set); a_kept: A is the
+ * same through the work unit (bf16.h). */
 LA_AVX512 static void tile_product(const tile_ws *w, int brows, int64_t m, int64_t n,
                                    int64_t k, float alpha, const float *a, int64_t sa,
-                                   const float *b, int64_t sb, float *c, int64_t scj, int acc)
+                                   const float *b, int64_t sb, float *c, int64_t scj, int acc,
+                                   int a_kept)
 {
     if (w->bf16)
-        la_bf16_tile_product(brows, m, n, k, alpha, a, sa, b, sb, c, scj, acc, w->bf16);
+        la_bf16_tile_product(brows, m, n, k, alpha, a, sa, b, sb, c, scj, acc, a_kept,
+                             w->bf16);
     else
         la_tile_product(brows, m, n, k, alpha, a, sa, b, sb, c, scj, acc);
 }
@@ -530,6 +534,8 @@ LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *
     float *qt = w->packed;
     if (bq > 0)
         pack_transposed(qi, p->ldq, bq, bqp, d, qt);
+    if (w->bf16) /* qt's content is new */
+        la_bf16_tile_forget(w->bf16, BF16_MOST);
     float *seen = w->rho; /* the forward's use of rho: rows that saw a key */
     memset(seen, 0, ATTN_BQ * sizeof(float));
     int first = 1;
@@ -541,7 +547,7 @@ LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *
         const int64_t bk = ks.n;
         /* Sᵀ[key][q] = β·Σ_c K[j0+key][c]·Q[i0+q][c] */
         tile_product(w, 1, bqp, bk, d, p->softmax_scale, qt, bqp, kh + j0 * p->ldkv,
-                        p->ldkv, w->s, bqp, 0);
+                     p->ldkv, w->s, bqp, 0, 1);
         prepare_scores(p, cls, b, i0, bq, j0, bk, w->s, 1, bqp, bk * bqp, seen);
         fused_online_softmax(w->s, bk, bqp, w->m, w->l, w->scale, first);
         if (!first)
@@ -556,7 +562,7 @@ LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *
             }
         /* O[q][c] (+)= Σ_key P[key][q]·V[j0+key][c] */
         tile_product(w, 0, d, bq, bk, 1.0f, vh + j0 * p->ldkv, p->ldkv, w->s, bqp, oi,
-                        p->ldo, !first);
+                     p->ldo, !first, 0);
         first = 0;
     }
     finish_rows(w->m, w->l, seen, bq, rows, oi, p->ldo, d, lse);
@@ -678,6 +684,8 @@ LA_AVX512 static void fused_backward_key_block(const attn_problem *p, const tile
     float *kt = w->packed, *vt = w->packed + d * bkp;
     pack_transposed(kj, p->ldkv, bk, bkp, d, kt);
     pack_transposed(vj, p->ldkv, bk, bkp, d, vt);
+    if (w->bf16) /* kt's and vt's content is new */
+        la_bf16_tile_forget(w->bf16, BF16_MOST);
     const float beta = p->softmax_scale;
     for (int64_t g = 0; g < t->group; g++) {
         const int64_t h = t->h0 + g;
@@ -693,16 +701,17 @@ LA_AVX512 static void fused_backward_key_block(const attn_problem *p, const tile
             const float *qi = q + qoff, *oi = o + ooff, *doi = do_ + ooff;
             float *dqi = t->dq_acc + i0 * t->ld_acc + g * d;
             /* S[q][key] = β·Σ_c Q[q][c]·K[key][c],  dP[q][key] = Σ_c dO[q][c]·V[key][c] */
-            tile_product(w, 1, bkp, bq, d, beta, kt, bkp, qi, p->ldq, w->s, bkp, 0);
+            tile_product(w, 1, bkp, bq, d, beta, kt, bkp, qi, p->ldq, w->s, bkp, 0, 1);
             prepare_scores(p, cls, t->b, i0, bq, j0, bk, w->s, bkp, 1, bq * bkp, NULL);
-            tile_product(w, 1, bkp, bq, d, 1.0f, vt, bkp, doi, p->ldo, w->dp, bkp, 0);
+            tile_product(w, 1, bkp, bq, d, 1.0f, vt, bkp, doi, p->ldo, w->dp, bkp, 0, 1);
             rows_dot(doi, oi, p->ldo, bq, d, w->rho);
             tile_backward_probs(w->s, w->dp, bkp, bq, bk, p->softcap, lse_h + i0, w->rho);
             /* dV[key] += Σ_q P[q][key]·dO[q],  dK[key] += β·Σ_q dS[q][key]·Q[q] */
-            tile_product(w, 0, d, bk, bq, 1.0f, doi, p->ldo, w->s, bkp, dvj, p->ldkv, 1);
-            tile_product(w, 0, d, bk, bq, beta, qi, p->ldq, w->dp, bkp, dkj, p->ldkv, 1);
+            tile_product(w, 0, d, bk, bq, 1.0f, doi, p->ldo, w->s, bkp, dvj, p->ldkv, 1, 0);
+            tile_product(w, 0, d, bk, bq, beta, qi, p->ldq, w->dp, bkp, dkj, p->ldkv, 1, 0);
             /* dQ[q] += β·Σ_key dS[q][key]·K[key] */
-            tile_product(w, 1, d, bq, bk, beta, kj, p->ldkv, w->dp, bkp, dqi, t->ld_acc, 1);
+            tile_product(w, 1, d, bq, bk, beta, kj, p->ldkv, w->dp, bkp, dqi, t->ld_acc, 1,
+                         1);
         }
     }
 }

@@ -49,10 +49,29 @@ int la_cpu_bf16(void)
 
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
+/* The tile scratch: a header naming the kept operands, then LA_BF16_KEPT kept A
+ * slots, one A slot for the others and the B slot, each `slot` words. */
+typedef struct kept_operand {
+    const float *a;
+    int64_t sa, m, k;
+} kept_operand;
+
+typedef struct tile_header {
+    kept_operand kept[LA_BF16_KEPT];
+    int64_t next;   /* slot the next kept operand replaces (round robin) */
+    int64_t slot;   /* words per slot */
+} tile_header;
+
+#define TILE_HEADER_WORDS ((sizeof(tile_header) + 63) / 64 * 16)
+
+static size_t tile_slot_words(int64_t most)
+{
+    return (size_t)round16((most + 1) / 2 * round16(most));
+}
+
 size_t la_bf16_tile_scratch_floats(int64_t most)
 {
-    const size_t pairs = (size_t)(most + 1) / 2, lanes = (size_t)round16(most);
-    return 2 * pairs * lanes + 16;
+    return TILE_HEADER_WORDS + (LA_BF16_KEPT + 2) * tile_slot_words(most);
 }
 
 /* Per part: the W block (KC/2 pairs × NC lanes) and the X block (MC rows × KC/2). */
@@ -209,14 +228,37 @@ static LA_BF16_TARGET void bf16_product(int64_t lanes, int64_t n, int64_t pairs,
     }
 }
 
+/* The packed A of a tile product: a kept copy when there is one, else packed now (into
+ * a kept slot when a_kept). */
+static LA_BF16_TARGET const uint32_t *packed_a(tile_header *h, const float *a, int64_t sa,
+                                               int64_t m, int64_t k, int a_kept)
+{
+    uint32_t *slots = (uint32_t *)h + TILE_HEADER_WORDS;
+    int64_t s = LA_BF16_KEPT; /* the slot of other operands */
+    if (a_kept) {
+        for (int64_t i = 0; i < LA_BF16_KEPT; i++) {
+            const kept_operand *o = &h->kept[i];
+            if (o->a == a && o->sa == sa && o->m == m && o->k == k)
+                return slots + i * h->slot;
+        }
+        s = h->next;
+        h->next = (h->next + 1) % LA_BF16_KEPT;
+        h->kept[s] = (kept_operand){a, sa, m, k};
+    }
+    uint32_t *ap = slots + s * h->slot;
+    pack_rows_interleaved(la_wmat_of_f32(a), 0, (size_t)sa, k, m, ap, m);
+    return ap;
+}
+
 static LA_BF16_TARGET void tile_product(int brows, int64_t m, int64_t n, int64_t k, float alpha,
                                  const float *a, int64_t sa, const float *b, int64_t sb,
-                                 float *c, int64_t scj, int accumulate, float *scratch)
+                                 float *c, int64_t scj, int accumulate, int a_kept,
+                                 float *scratch)
 {
     const int64_t pairs = (k + 1) / 2, np = round16(n);
-    uint32_t *ap = (uint32_t *)scratch;
-    uint32_t *bp = ap + round16(pairs * m);
-    pack_rows_interleaved(la_wmat_of_f32(a), 0, (size_t)sa, k, m, ap, m);
+    tile_header *h = (tile_header *)scratch;
+    const uint32_t *ap = packed_a(h, a, sa, m, k, a_kept);
+    uint32_t *bp = (uint32_t *)scratch + TILE_HEADER_WORDS + (LA_BF16_KEPT + 1) * h->slot;
     if (brows) { /* word (p, j) at bp[j·pairs + p] */
         for (int64_t j = 0; j < n; j++)
             pack_row(la_wmat_of_f32(b), (size_t)(j * sb), k, bp + j * pairs);
@@ -230,14 +272,21 @@ static LA_BF16_TARGET void tile_product(int brows, int64_t m, int64_t n, int64_t
 
 void la_bf16_tile_product(int brows, int64_t m, int64_t n, int64_t k, float alpha,
                           const float *a, int64_t sa, const float *b, int64_t sb, float *c,
-                          int64_t scj, int accumulate, float *scratch)
+                          int64_t scj, int accumulate, int a_kept, float *scratch)
 {
 #ifdef LA_HAVE_BF16_KERNELS
-    tile_product(brows, m, n, k, alpha, a, sa, b, sb, c, scj, accumulate, scratch);
+    tile_product(brows, m, n, k, alpha, a, sa, b, sb, c, scj, accumulate, a_kept, scratch);
 #else
     (void)brows, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)sa, (void)b;
-    (void)sb, (void)c, (void)scj, (void)accumulate, (void)scratch;
+    (void)sb, (void)c, (void)scj, (void)accumulate, (void)a_kept, (void)scratch;
 #endif
+}
+
+void la_bf16_tile_forget(float *scratch, int64_t most)
+{
+    tile_header *h = (tile_header *)scratch;
+    memset(h, 0, sizeof *h);
+    h->slot = (int64_t)tile_slot_words(most);
 }
 
 /* ---- projections ------------------------------------------------------------------- */

@@ -34,9 +34,16 @@ size_t la_bf16_tile_scratch_floats(int64_t most);
 
 /* la_tile_product (avx512_kernels.h) with bf16 operands:
  *   C[j·scj + i] = alpha·Σ_k A[k·sa + i]·B(k, j)  (+ C when accumulate),
- * i < m (a multiple of 16), j < n, B(k, j) = b[j·sb + k] when brows else b[k·sb + j]. */
+ * i < m (a multiple of 16), j < n, B(k, j) = b[j·sb + k] when brows else b[k·sb + j].
+ * a_kept: A stays unchanged until the next la_bf16_tile_forget (an operand reused
+ * across tiles); its packed copy is then kept (up to LA_BF16_KEPT of them) and reused
+ * when the same a, sa, m, k come again. */
+#define LA_BF16_KEPT 3
 void la_bf16_tile_product(int brows, int64_t m, int64_t n, int64_t k, float alpha,
                           const float *a, int64_t sa, const float *b, int64_t sb, float *c,
-                          int64_t scj, int accumulate, float *scratch);
+                          int64_t scj, int accumulate, int a_kept, float *scratch);
+/* (Re)starts a tile scratch for m, n, k up to `most`: before its first product, and
+ * whenever kept operands' sources may change (drops them). */
+void la_bf16_tile_forget(float *scratch, int64_t most);
 
 #endif
