@@ -116,7 +116,15 @@ static inline __attribute__((always_inline)) LA_BF16_TARGET __m512 load16(la_wma
  * k consecutive elements of a row from element i0. */
 static LA_BF16_TARGET void pack_row(la_wmat src, size_t i0, int64_t k, uint32_t *dst)
 {
-    for (int64_t t = 0; t < k; t += 32) {
+    int64_t t = 0;
+    if (src.dtype == LA_F32) { /* whole chunks without masks (masked loads are slower) */
+        const float *s = (const float *)src.data + i0;
+        for (; t + 32 <= k; t += 32) {
+            const __m512 lo = _mm512_loadu_ps(s + t), hi = _mm512_loadu_ps(s + t + 16);
+            _mm512_storeu_si512(dst + t / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+    for (; t < k; t += 32) {
         const int64_t left = k - t;
         const __m512 lo = load16(src, i0 + (size_t)t, lanes_mask(left));
         const __m512 hi = load16(src, i0 + (size_t)t + 16, lanes_mask(left - 16));
@@ -133,7 +141,14 @@ static LA_BF16_TARGET void pack_rows_interleaved(la_wmat src, size_t i0, size_t 
     for (int64_t p = 0; p < (k + 1) / 2; p++) {
         const size_t r0 = i0 + (size_t)(2 * p) * rs;
         const int odd_pad = 2 * p + 1 >= k;
-        for (int64_t l = 0; l < n; l += 16) {
+        int64_t l = 0;
+        if (src.dtype == LA_F32 && !odd_pad) { /* whole vectors without masks */
+            const float *s0 = (const float *)src.data + r0, *s1 = s0 + rs;
+            for (; l + 16 <= n; l += 16)
+                _mm512_storeu_si512(dst + p * ld + l, pair_words(_mm512_loadu_ps(s0 + l),
+                                                                 _mm512_loadu_ps(s1 + l)));
+        }
+        for (; l < n; l += 16) {
             const __mmask16 mk = lanes_mask(n - l);
             const __m512 lo = load16(src, r0 + (size_t)l, mk);
             const __m512 hi = odd_pad ? _mm512_setzero_ps() : load16(src, r0 + rs + (size_t)l, mk);
