@@ -170,6 +170,70 @@ START_TEST(test_bf16_refused_without_instructions)
 }
 END_TEST
 
+/* A bf16 base (lora_adapter_set_base_typed) in bf16 compute is used as it is: the same
+ * bits as a float base holding the same values. */
+START_TEST(test_bf16_typed_base_same_as_float)
+{
+    if (!cpu_has_bf16())
+        return;
+    const bf16_case *k = &cases[0];
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &k->c), 0);
+    ref_layer_randomize(&l, 1950, 1.5, 0.5);
+    uint16_t *w16[REF_NPROJ] = {0};
+    for (int t = 0; t < REF_NPROJ; t++) {
+        if (!ref_has_proj(&l, t))
+            continue;
+        const size_t n = (size_t)(l.out[t] * l.in[t]);
+        w16[t] = malloc(n * sizeof(uint16_t));
+        ck_assert_ptr_nonnull(w16[t]);
+        for (size_t i = 0; i < n; i++) { /* truncate to bf16: the value stays exact */
+            const float f = (float)l.w[t][i];
+            uint32_t bits;
+            memcpy(&bits, &f, sizeof bits);
+            w16[t][i] = (uint16_t)(bits >> 16);
+            bits = (uint32_t)w16[t][i] << 16;
+            float g;
+            memcpy(&g, &bits, sizeof g);
+            l.w[t][i] = g;
+        }
+    }
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, k->batch, k->len_q, 0, 1951), 0);
+    lora_adapter *ad32 = NULL, *ad16 = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_EXACT, 2, &compute_bf16, 1, &ad32),
+                     LORA_OK);
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_EXACT, 2, &compute_bf16, 1, &ad16),
+                     LORA_OK);
+    for (int t = 0; t < REF_NPROJ; t++) {
+        if (!w16[t])
+            continue;
+        float *bias = NULL;
+        if (l.bias[t]) {
+            bias = malloc((size_t)l.out[t] * sizeof(float));
+            ck_assert_ptr_nonnull(bias);
+            ref_to_float(l.bias[t], bias, (size_t)l.out[t]);
+        }
+        ck_assert_int_eq(lora_adapter_set_base_typed(ad16, 1 << t, w16[t], LORA_DTYPE_BF16,
+                                                     bias, 0),
+                         LORA_OK);
+        free(bias);
+    }
+    lib_result r32, r16;
+    ck_assert_int_eq(lib_run(ad32, &l, &p, &r32), LORA_OK);
+    ck_assert_int_eq(lib_run(ad16, &l, &p, &r16), LORA_OK);
+    ck_assert(lib_result_same(&r32, &r16));
+    lib_result_free(&r32);
+    lib_result_free(&r16);
+    lora_adapter_destroy(ad32);
+    lora_adapter_destroy(ad16);
+    for (int t = 0; t < REF_NPROJ; t++)
+        free(w16[t]);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 /* ---- fp32 unchanged ----------------------------------------------------------------- */
 
 static uint64_t fnv1a(uint64_t h, const float *x, size_t n)
@@ -242,6 +306,7 @@ Suite *bf16_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, test_bf16_vs_reference, 0, N_CASES);
     tcase_add_test(tc, test_bf16_poly_runs_fp32);
+    tcase_add_test(tc, test_bf16_typed_base_same_as_float);
     suite_add_tcase(s, tc);
     tc = tcase_create("cpu");
     tcase_add_test(tc, test_bf16_refused_without_instructions);
