@@ -170,6 +170,51 @@ START_TEST(test_bf16_refused_without_instructions)
 }
 END_TEST
 
+/* AUTO and the estimator price exact attention lower in bf16 (its products run at
+ * about twice the rate): over lengths where POLY starts to win in fp32, bf16 mode
+ * recommends EXACT for some, and never POLY where fp32 recommends EXACT. */
+START_TEST(test_bf16_auto_prices_exact_lower)
+{
+    if (!cpu_has_bf16())
+        return;
+    const ref_config c = {.d_model = 16, .n_heads = 1, .rank = 2, .targets = 5};
+    ref_layer l;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 1960, 0.35, 0.5);
+    const ref_param tol = {LORA_CFG_TOLERANCE, 1, 0, 0.05};
+    const ref_param both[] = {tol, compute_bf16};
+    lora_adapter *ad32 = NULL, *ad16 = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_AUTO, 1, &tol, 1, &ad32), LORA_OK);
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_AUTO, 1, both, 2, &ad16), LORA_OK);
+    const int64_t lens[] = {32768, 49152, 65536, 98304, 131072};
+    const int64_t most = 131072;
+    float *x = malloc((size_t)most * 16 * sizeof(float));
+    ck_assert_ptr_nonnull(x);
+    uint64_t rng = 1961;
+    for (size_t i = 0; i < (size_t)most * 16; i++)
+        x[i] = ref_uniform_f(&rng);
+    int differ = 0, poly32 = 0;
+    for (size_t i = 0; i < sizeof lens / sizeof lens[0]; i++) {
+        lora_threshold_report r32 = {.struct_size = sizeof r32};
+        lora_threshold_report r16 = {.struct_size = sizeof r16};
+        ck_assert_int_eq(lora_threshold_estimate(ad32, x, 1, lens[i], &r32), LORA_OK);
+        ck_assert_int_eq(lora_threshold_estimate(ad16, x, 1, lens[i], &r16), LORA_OK);
+        ck_assert_double_eq(r32.flops_exact, r16.flops_exact);
+        ck_assert_msg(!(r16.recommended_backend == LORA_BACKEND_POLY &&
+                        r32.recommended_backend == LORA_BACKEND_EXACT),
+                      "L %lld: bf16 recommends POLY where fp32 does not", (long long)lens[i]);
+        poly32 += r32.recommended_backend == LORA_BACKEND_POLY;
+        differ += r32.recommended_backend != r16.recommended_backend;
+    }
+    ck_assert_msg(poly32 > 0, "fp32 never recommends POLY: the lengths miss the crossover");
+    ck_assert_msg(differ > 0, "bf16 recommends what fp32 does at every length");
+    free(x);
+    lora_adapter_destroy(ad32);
+    lora_adapter_destroy(ad16);
+    ref_layer_free(&l);
+}
+END_TEST
+
 /* A bf16 base (lora_adapter_set_base_typed) in bf16 compute is used as it is: the same
  * bits as a float base holding the same values. */
 START_TEST(test_bf16_typed_base_same_as_float)
@@ -307,6 +352,7 @@ Suite *bf16_suite(void)
     tcase_add_loop_test(tc, test_bf16_vs_reference, 0, N_CASES);
     tcase_add_test(tc, test_bf16_poly_runs_fp32);
     tcase_add_test(tc, test_bf16_typed_base_same_as_float);
+    tcase_add_test(tc, test_bf16_auto_prices_exact_lower);
     suite_add_tcase(s, tc);
     tc = tcase_create("cpu");
     tcase_add_test(tc, test_bf16_refused_without_instructions);
