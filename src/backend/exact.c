@@ -13,7 +13,8 @@
  * - fused (CPUs with AVX-512, head_dim a multiple of 16): register-blocked FMA kernels
  *   (src/linalg/avx512_kernels.h) read the operands where they lie, so the softmax
  *   output feeds the next product without a packing pass. BLIS products cost ~30%
- *   more here, most of it in packing the freshly computed P and dS tiles.
+ *   more here, most of it in packing the freshly computed P and dS tiles. Under
+ *   LORA_COMPUTE_BF16 the same products take bf16 operands (exact_bf16.c, bf16.h).
  * - BLIS (everything else, and the reference the fused one is tested against): each
  *   product is one single-threaded BLIS call (src/linalg).
  * The elementwise softmax work is vectorised with glibc's libmvec vector expf when the
