@@ -116,7 +116,8 @@ typedef enum lora_config_param {
                                    measured error in lora_run_info */
     /* 19-24: attention as real models compute it (docs/models.md). 25: bf16 products
      * (docs/compute.md); on a CPU without AVX512_BF16, lora_adapter_create refuses
-     * LORA_COMPUTE_BF16 with LORA_ERR_UNSUPPORTED (lora_config_validate says why). */
+     * LORA_COMPUTE_BF16 with LORA_ERR_UNSUPPORTED (lora_config_validate says why); the
+     * environment variable LORA_DISABLE_BF16=1, read at create, masks the instructions. */
     LORA_CFG_ROPE = 19,         /* lora_rope, default LORA_ROPE_NONE: rotary position
                                    embedding of Q and K after projection (bias and LoRA
                                    included), per head, before the scores */

@@ -300,7 +300,22 @@ static uint64_t result_hash(const lib_result *r)
 }
 
 /* fp32 results of cases 0-3 (fused AVX-512 tiles, 1 and 2 threads), as computed by the
- * library before bf16 compute existed, on CPUs with AVX-512 (BLIS's skx kernels). */
+ * library before bf16 compute existed, in the default optimised build on CPUs with
+ * AVX512_BF16 (BLIS's skx kernels). Other builds (sanitizers: -O1) round differently,
+ * so the pins are checked only in optimised builds without sanitizers. A deliberate
+ * change of fp32 arithmetic elsewhere re-takes them (the failure prints the new hash). */
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define F32_PINS_APPLY 0
+#endif
+#endif
+#ifndef F32_PINS_APPLY
+#if defined(__OPTIMIZE__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#define F32_PINS_APPLY 1
+#else
+#define F32_PINS_APPLY 0
+#endif
+#endif
 static const uint64_t f32_pins[4] = {
     UINT64_C(0x46dfdafb90ea03e9), UINT64_C(0x8e1f77f0918c090c), UINT64_C(0x841913b4f9fb95e1),
     UINT64_C(0x112f62b29eaab5c4),
@@ -334,7 +349,7 @@ START_TEST(test_f32_bitwise_unchanged)
     lib_result set = run_f32(&cases[_i], 1, &l, &p);
     ck_assert(lib_result_same(&def, &set));
     const uint64_t h = result_hash(&set);
-    if (cpu_has_bf16())
+    if (F32_PINS_APPLY && cpu_has_bf16())
         ck_assert_msg(h == f32_pins[_i], "case %d: fp32 hash %#llx, pinned %#llx", _i,
                       (unsigned long long)h, (unsigned long long)f32_pins[_i]);
     lib_result_free(&def);
