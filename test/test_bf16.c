@@ -167,6 +167,7 @@ START_TEST(test_bf16_refused_without_instructions)
     ck_assert_int_eq(st, cpu_has_bf16() ? LORA_OK : LORA_ERR_UNSUPPORTED);
     lora_adapter_destroy(ad);
     lora_config_destroy(cfg);
+    ck_assert_int_eq(unsetenv("LORA_DISABLE_BF16"), 0);
 }
 END_TEST
 

@@ -498,6 +498,7 @@ START_TEST(test_config_reserved_params_refused_until_computed)
         assert_accepted(cfg, cases[i].name);
         lora_config_destroy(cfg);
     }
+    ck_assert_int_eq(unsetenv("LORA_DISABLE_BF16"), 0);
 }
 END_TEST
 
