@@ -186,8 +186,7 @@ def main():
             torch.set_num_threads(args.threads)
         except ImportError:
             print("(torch not installed: liblora columns only)")
-    print(f"liblora {lora.version_string() if hasattr(lora, 'version_string') else ''}"
-          f"{'; torch ' + torch.__version__ if torch else ''}")
+    print(f"liblora {lora.version()}{'; torch ' + torch.__version__ if torch else ''}")
     for name in args.layers.split(","):
         run_layer(name, LAYERS[name], args, torch)
     return 0
