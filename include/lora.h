@@ -114,10 +114,10 @@ typedef enum lora_config_param {
                                    query rows per (batch, head), compute their exact
                                    attention rows (O(rows*L*HEAD_DIM)) and report the
                                    measured error in lora_run_info */
-    /* 19-24: attention as real models compute it (docs/models.md). 25: the setters,
-     * getters and lora_config_validate take it; until this build computes it,
-     * lora_adapter_create refuses a value other than the default with
-     * LORA_ERR_UNSUPPORTED (lora_config_validate names the parameter). */
+    /* 19-24: attention as real models compute it (docs/models.md). 25: bf16 products
+     * (docs/compute.md); on a CPU without AVX512_BF16, lora_adapter_create refuses
+     * LORA_COMPUTE_BF16 with LORA_ERR_UNSUPPORTED (lora_config_validate says why); the
+     * environment variable LORA_DISABLE_BF16=1, read at create, masks the instructions. */
     LORA_CFG_ROPE = 19,         /* lora_rope, default LORA_ROPE_NONE: rotary position
                                    embedding of Q and K after projection (bias and LoRA
                                    included), per head, before the scores */
@@ -162,7 +162,11 @@ typedef enum lora_rope {
 typedef enum lora_compute {
     LORA_COMPUTE_F32 = 0, /* products in fp32 */
     LORA_COMPUTE_BF16 = 1 /* products take bf16 operands with fp32 accumulation;
-                             statistics, factors, gradients and state stay fp32 */
+                             statistics, factors, gradients and state stay fp32.
+                             Which products: the base projections X*W^T and dY*W, and
+                             exact attention's QK^T, PV, dO*V^T, dS*K, dS^T*Q, P^T*dO;
+                             the LoRA products (rank r) and POLY stay fp32
+                             (docs/compute.md) */
 } lora_compute;
 
 typedef enum lora_init {
@@ -356,6 +360,12 @@ typedef struct lora_run_info {
                               dout is c*(out~ - target) (lora_mse_loss_mean: c = 2/n)
                               the bound is grad_bound + c*(loss_grad_bound -
                               grad_bound). 0 for EXACT, 0 after a forward */
+    int32_t attention_compute; /* LORA_COMPUTE_BF16 when the last forward's EXACT groups
+                              took bf16 operands (LORA_CFG_COMPUTE = BF16 and HEAD_DIM a
+                              multiple of 16); else LORA_COMPUTE_F32: F32 mode, every
+                              group on POLY (POLY always computes in fp32), or a
+                              HEAD_DIM the bf16 tiles do not take. The projections
+                              follow LORA_CFG_COMPUTE alone */
 } lora_run_info;
 
 /* Fills *info (up to info->struct_size bytes). Errors: INVALID_ARG (NULL, struct_size

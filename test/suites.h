@@ -35,5 +35,6 @@ Suite *tapes_suite(void);     /* lora_forward_ex / lora_backward_ex, tapes, LORA
 Suite *borrow_suite(void);    /* caller-owned factor and gradient storage */
 Suite *io_layout_suite(void); /* save options, Q/K row order per format, recorded geometry */
 Suite *decode_suite(void);    /* KV cache and lora_decode vs the full forward, many tenants */
+Suite *bf16_suite(void);      /* LORA_COMPUTE_BF16 vs reference, CPU refusal, fp32 unchanged */
 
 #endif

@@ -104,6 +104,7 @@ LORA_API int lora_adapter_create(lora_adapter **out, const lora_config *cfg)
     ad->cfg = v;
     ad->threads = v.threads > 0 ? (int)v.threads : default_threads();
     la_ctx_init(&ad->la, ad->threads);
+    ad->la.bf16 = v.compute == LORA_COMPUTE_BF16;
 
     layer *l = &ad->layer;
     l->d_model = v.d_model;

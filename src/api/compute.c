@@ -231,6 +231,10 @@ void lora_record_run(lora_adapter *ad, const lora_plan *plan, double measured_ou
     ad->info.score_bound = plan->score_bound;
     ad->info.measured_out_error = measured_out;
     ad->info.measured_dq_error = -1.0;
+    const attn_problem head = {.head_dim = ad->layer.head_dim, .la = &ad->la};
+    ad->info.attention_compute = plan->poly_groups < ad->layer.n_kv_heads && attn_exact_bf16(&head)
+                                     ? LORA_COMPUTE_BF16
+                                     : LORA_COMPUTE_F32;
 }
 
 static void find_nonfinite_block(void *ctx, float *data, size_t len, size_t offset)

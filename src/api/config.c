@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "../linalg/bf16.h"
 
 /* Largest element count of one tensor the library accepts (2^40 floats = 4 TiB). */
 #define LORA_MAX_ELEMS (INT64_C(1) << 40)
@@ -282,6 +283,11 @@ int lora_config_resolve(const lora_config_values *in, lora_config_values *out, c
     const int st = check_values(&v, err);
     if (st != LORA_OK)
         return st;
+    if (v.compute == LORA_COMPUTE_BF16 && !la_cpu_bf16())
+        return lora_set_error(err, LORA_ERR_UNSUPPORTED,
+                              "LORA_CFG_COMPUTE = LORA_COMPUTE_BF16 needs a CPU with AVX512_BF16 "
+                              "(Zen 4, Cooper Lake, Sapphire Rapids or later); this one has "
+                              "none (or LORA_DISABLE_BF16 is set): use LORA_COMPUTE_F32");
     *out = v;
     return LORA_OK;
 }

@@ -58,7 +58,7 @@ enum {
     X(22, LORA_CFG_WINDOW,        window,        INT,    0, INT64_MAX,            0, 0) \
     X(23, LORA_CFG_SOFTCAP,       softcap,       DOUBLE, 0, DBL_MAX,              0.0, CFG_AS_FLOAT) \
     X(24, LORA_CFG_DROPOUT,       dropout,       DOUBLE, 0, 1,                    0.0, CFG_HIGH_OPEN) \
-    X(25, LORA_CFG_COMPUTE,       compute,       INT,    LORA_COMPUTE_F32, LORA_COMPUTE_BF16, LORA_COMPUTE_F32, CFG_NOT_COMPUTED)
+    X(25, LORA_CFG_COMPUTE,       compute,       INT,    LORA_COMPUTE_F32, LORA_COMPUTE_BF16, LORA_COMPUTE_F32, 0)
 /* clang-format on */
 
 /* The C type of a field, by table type. */

@@ -241,4 +241,12 @@ static inline int64_t attn_visible_keys(const attn_problem *p, int64_t i)
     return n < 0 ? 0 : (n > p->len_kv ? p->len_kv : n);
 }
 
+/* LORA_COMPUTE_BF16 in exact attention (exact_bf16.c): 1 when p's tiles take bf16
+ * operands (bf16 compute on a head_dim the fused tiles run); the factor on exact
+ * attention's modelled cost (1 in fp32); scratch floats per worker for the bf16 tile
+ * products of tiles up to `tile` rows and columns (0 when fp32). */
+int attn_exact_bf16(const attn_problem *p);
+double attn_exact_cost_ratio(const attn_problem *p);
+size_t attn_exact_bf16_tile_floats(const attn_problem *p, int64_t tile);
+
 #endif

@@ -13,7 +13,8 @@
  * - fused (CPUs with AVX-512, head_dim a multiple of 16): register-blocked FMA kernels
  *   (src/linalg/avx512_kernels.h) read the operands where they lie, so the softmax
  *   output feeds the next product without a packing pass. BLIS products cost ~30%
- *   more here, most of it in packing the freshly computed P and dS tiles.
+ *   more here, most of it in packing the freshly computed P and dS tiles. Under
+ *   LORA_COMPUTE_BF16 the same products take bf16 operands (exact_bf16.c, bf16.h).
  * - BLIS (everything else, and the reference the fused one is tested against): each
  *   product is one single-threaded BLIS call (src/linalg).
  * The elementwise softmax work is vectorised with glibc's libmvec vector expf when the
@@ -32,6 +33,7 @@
 #include <string.h>
 
 #include "../linalg/avx512_kernels.h"
+#include "../linalg/bf16.h"
 #include "backend.h"
 
 
@@ -46,6 +48,8 @@
 #ifndef ATTN_BK
 #define ATTN_BK 256
 #endif
+/* Largest tile side a bf16 tile product sees (with head_dim). */
+#define BF16_MOST (ATTN_BQ > ATTN_BK ? ATTN_BQ : ATTN_BK)
 
 /* Probabilities below PROB_FLUSH = 2^-64 are set to 0. A row's sum is at least 1, so
  * what is dropped is below 2^-64·len_kv, far under float rounding; and it keeps the
@@ -374,7 +378,7 @@ static size_t tile_floats(const attn_problem *p)
 {
     size_t n = 2u * ATTN_BQ * ATTN_BK + 4u * ATTN_BQ;
     if (use_fused(p))
-        n += 2u * (size_t)p->head_dim * ATTN_BK;
+        n += 2u * (size_t)p->head_dim * ATTN_BK + attn_exact_bf16_tile_floats(p, BF16_MOST);
     return n;
 }
 
@@ -414,6 +418,7 @@ typedef struct tile_ws {
     float *s, *dp;                /* ATTN_BQ × ATTN_BK */
     float *m, *l, *rho, *scale;   /* ATTN_BQ each */
     float *packed;                /* fused path: 2 × head_dim × ATTN_BK */
+    float *bf16;                  /* fused path in bf16 compute: the products' scratch */
 } tile_ws;
 
 static tile_ws worker_ws(const attn_problem *p, void *ws, int worker)
@@ -425,6 +430,7 @@ static tile_ws worker_ws(const attn_problem *p, void *ws, int worker)
     t.rho = t.l + ATTN_BQ;
     t.scale = t.rho + ATTN_BQ;
     t.packed = t.scale + ATTN_BQ;
+    t.bf16 = use_fused(p) && attn_exact_bf16(p) ? t.packed + 2 * p->head_dim * ATTN_BK : NULL;
     return t;
 }
 
@@ -438,6 +444,20 @@ static tile_ws worker_ws(const attn_problem *p, void *ws, int worker)
  *             row max and sum are lane-wise), O rows accumulate in place.
  *   backward: S, P, dP, dS as [query][key]; dV, dK rows and dQ rows accumulate in place.
  */
+
+/* la_tile_product, or its bf16 twin in bf16 compute (w->bf16 set); a_kept: A is the
+ * same through the work unit (bf16.h). */
+LA_AVX512 static void tile_product(const tile_ws *w, int brows, int64_t m, int64_t n,
+                                   int64_t k, float alpha, const float *a, int64_t sa,
+                                   const float *b, int64_t sb, float *c, int64_t scj, int acc,
+                                   int a_kept)
+{
+    if (w->bf16)
+        la_bf16_tile_product(brows, m, n, k, alpha, a, sa, b, sb, c, scj, acc, a_kept,
+                             w->bf16);
+    else
+        la_tile_product(brows, m, n, k, alpha, a, sa, b, sb, c, scj, acc);
+}
 
 /* dst[c·rows_pad + r] = src[r·ld + c] for r < rows, c < cols; 0 for rows <= r < rows_pad. */
 LA_AVX512 static void pack_transposed(const float *src, int64_t ld, int64_t rows,
@@ -515,6 +535,8 @@ LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *
     float *qt = w->packed;
     if (bq > 0)
         pack_transposed(qi, p->ldq, bq, bqp, d, qt);
+    if (w->bf16) /* qt's content is new */
+        la_bf16_tile_forget(w->bf16, BF16_MOST);
     float *seen = w->rho; /* the forward's use of rho: rows that saw a key */
     memset(seen, 0, ATTN_BQ * sizeof(float));
     int first = 1;
@@ -525,8 +547,8 @@ LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *
             continue;
         const int64_t bk = ks.n;
         /* Sᵀ[key][q] = β·Σ_c K[j0+key][c]·Q[i0+q][c] */
-        la_tile_product(1, bqp, bk, d, p->softmax_scale, qt, bqp, kh + j0 * p->ldkv,
-                        p->ldkv, w->s, bqp, 0);
+        tile_product(w, 1, bqp, bk, d, p->softmax_scale, qt, bqp, kh + j0 * p->ldkv,
+                     p->ldkv, w->s, bqp, 0, 1);
         prepare_scores(p, cls, b, i0, bq, j0, bk, w->s, 1, bqp, bk * bqp, seen);
         fused_online_softmax(w->s, bk, bqp, w->m, w->l, w->scale, first);
         if (!first)
@@ -540,8 +562,8 @@ LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *
                 }
             }
         /* O[q][c] (+)= Σ_key P[key][q]·V[j0+key][c] */
-        la_tile_product(0, d, bq, bk, 1.0f, vh + j0 * p->ldkv, p->ldkv, w->s, bqp, oi,
-                        p->ldo, !first);
+        tile_product(w, 0, d, bq, bk, 1.0f, vh + j0 * p->ldkv, p->ldkv, w->s, bqp, oi,
+                     p->ldo, !first, 0);
         first = 0;
     }
     finish_rows(w->m, w->l, seen, bq, rows, oi, p->ldo, d, lse);
@@ -663,6 +685,8 @@ LA_AVX512 static void fused_backward_key_block(const attn_problem *p, const tile
     float *kt = w->packed, *vt = w->packed + d * bkp;
     pack_transposed(kj, p->ldkv, bk, bkp, d, kt);
     pack_transposed(vj, p->ldkv, bk, bkp, d, vt);
+    if (w->bf16) /* kt's and vt's content is new */
+        la_bf16_tile_forget(w->bf16, BF16_MOST);
     const float beta = p->softmax_scale;
     for (int64_t g = 0; g < t->group; g++) {
         const int64_t h = t->h0 + g;
@@ -678,16 +702,17 @@ LA_AVX512 static void fused_backward_key_block(const attn_problem *p, const tile
             const float *qi = q + qoff, *oi = o + ooff, *doi = do_ + ooff;
             float *dqi = t->dq_acc + i0 * t->ld_acc + g * d;
             /* S[q][key] = β·Σ_c Q[q][c]·K[key][c],  dP[q][key] = Σ_c dO[q][c]·V[key][c] */
-            la_tile_product(1, bkp, bq, d, beta, kt, bkp, qi, p->ldq, w->s, bkp, 0);
+            tile_product(w, 1, bkp, bq, d, beta, kt, bkp, qi, p->ldq, w->s, bkp, 0, 1);
             prepare_scores(p, cls, t->b, i0, bq, j0, bk, w->s, bkp, 1, bq * bkp, NULL);
-            la_tile_product(1, bkp, bq, d, 1.0f, vt, bkp, doi, p->ldo, w->dp, bkp, 0);
+            tile_product(w, 1, bkp, bq, d, 1.0f, vt, bkp, doi, p->ldo, w->dp, bkp, 0, 1);
             rows_dot(doi, oi, p->ldo, bq, d, w->rho);
             tile_backward_probs(w->s, w->dp, bkp, bq, bk, p->softcap, lse_h + i0, w->rho);
             /* dV[key] += Σ_q P[q][key]·dO[q],  dK[key] += β·Σ_q dS[q][key]·Q[q] */
-            la_tile_product(0, d, bk, bq, 1.0f, doi, p->ldo, w->s, bkp, dvj, p->ldkv, 1);
-            la_tile_product(0, d, bk, bq, beta, qi, p->ldq, w->dp, bkp, dkj, p->ldkv, 1);
+            tile_product(w, 0, d, bk, bq, 1.0f, doi, p->ldo, w->s, bkp, dvj, p->ldkv, 1, 0);
+            tile_product(w, 0, d, bk, bq, beta, qi, p->ldq, w->dp, bkp, dkj, p->ldkv, 1, 0);
             /* dQ[q] += β·Σ_key dS[q][key]·K[key] */
-            la_tile_product(1, d, bq, bk, beta, kj, p->ldkv, w->dp, bkp, dqi, t->ld_acc, 1);
+            tile_product(w, 1, d, bq, bk, beta, kj, p->ldkv, w->dp, bkp, dqi, t->ld_acc, 1,
+                         1);
         }
     }
 }
@@ -942,7 +967,8 @@ static void exact_plan(const attn_problem *p, double r, const attn_options *o,
     (void)r, (void)o, (void)why, (void)why_size;
     memset(offer, 0, sizeof *offer);
     offer->status = LORA_OK;
-    offer->flops = offer->cost = exact_flops(p);
+    offer->flops = exact_flops(p);
+    offer->cost = offer->flops * attn_exact_cost_ratio(p);
 }
 
 const attn_backend attn_backend_exact = {

@@ -7,6 +7,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "../linalg/bf16.h"
+
 /* Rows each projection reads: queries for Q and the output projection, keys for K, V. */
 static int64_t proj_rows(const attn_problem *p, int which)
 {
@@ -36,6 +38,8 @@ static size_t wpanel_floats(const layer *l, const attn_problem *p)
             most = n > most ? n : most;
         }
     }
+    if (p->la->bf16 && la_bf16_gemm_w_scratch_floats(p->la->threads) > most)
+        most = la_bf16_gemm_w_scratch_floats(p->la->threads);
     return most;
 }
 
@@ -191,6 +195,20 @@ static const drop_mask *drop_of(const layer *l, const layer_acts *a, int t, drop
 
 /* ---- projections --------------------------------------------------------------------- */
 
+/* The product with the base weight (la_gemm_w's arguments): bf16 operands under
+ * LORA_COMPUTE_BF16. The LoRA products stay fp32 (docs/compute.md). */
+static void base_product(const la_ctx *la, int nt, la_trans tw, int64_t rows,
+                         const layer_proj *pr, const float *x, int64_t ldx, float beta, float *c,
+                         int64_t ldc, float *wpanel)
+{
+    if (la->bf16)
+        la_bf16_gemm_w(la, nt, tw, rows, pr->out, pr->in, 1.0f, x, ldx, pr->weight, beta, c,
+                       ldc, wpanel);
+    else
+        la_gemm_w(la, nt, tw, rows, pr->out, pr->in, 1.0f, x, ldx, pr->weight, beta, c, ldc,
+                  wpanel);
+}
+
 /* xa (rows, rank) = X̃·Aᵀ, X̃ = x or, with dropout (dm), x dropped block by block in buf. */
 static void lora_down(const layer *l, const layer_proj *pr, const la_ctx *la, int nt,
                       const float *x, int64_t rows, const drop_mask *dm, float *buf, float *xa)
@@ -213,8 +231,7 @@ static void proj_forward(const layer *l, const layer_proj *pr, const la_ctx *la,
                          const float *x, int64_t rows, float *y, float *xa,
                          const drop_mask *dm, float *buf, float *wpanel)
 {
-    la_gemm_w(la, nt, LA_T, rows, pr->out, pr->in, 1.0f, x, pr->in, pr->weight, 0.0f, y,
-              pr->out, wpanel);
+    base_product(la, nt, LA_T, rows, pr, x, pr->in, 0.0f, y, pr->out, wpanel);
     if (pr->bias)
         for (int64_t i = 0; i < rows; i++)
             for (int64_t j = 0; j < pr->out; j++)
@@ -271,8 +288,8 @@ static void proj_backward(const layer *l, const layer_proj *pr, const la_ctx *la
                 1.0f, pr->db, l->rank);
     }
     if (dx) {
-        la_gemm_w(la, nt, LA_N, rows, pr->out, pr->in, 1.0f, dy, pr->out, pr->weight,
-                  accumulate ? 1.0f : 0.0f, dx, pr->in, wpanel);
+        base_product(la, nt, LA_N, rows, pr, dy, pr->out, accumulate ? 1.0f : 0.0f, dx, pr->in,
+                     wpanel);
         if (pr->adapted && !dm)
             la_gemm(la, nt, LA_N, LA_N, rows, pr->in, l->rank, s, dyb, l->rank, pr->a,
                     pr->in, 1.0f, dx, pr->in);

@@ -23,6 +23,7 @@ void la_ctx_init(la_ctx *ctx, int threads)
     ctx->threads = threads > 0 ? threads : 1;
     ctx->arch = "blis-default";
     ctx->avx512 = 0;
+    ctx->bf16 = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
     ctx->avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");

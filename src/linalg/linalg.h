@@ -18,6 +18,8 @@ typedef struct la_ctx {
     pool *pool;      /* the adapter's workers (NULL: everything on the calling thread) */
     const char *arch; /* name of the kernel set in use, for diagnostics */
     int avx512;       /* the CPU runs AVX-512 F/DQ/BW/VL (avx512_kernels.h may be used) */
+    int bf16;         /* LORA_COMPUTE_BF16: projections and exact attention tiles take bf16
+                         operands (bf16.h); set by the adapter, 0 from la_ctx_init */
 } la_ctx;
 
 typedef enum la_trans { LA_N = 0, LA_T = 1 } la_trans;

@@ -17,7 +17,8 @@
  * before the sgemm buffers are allocated) is its own.
  *
  *   bench_exact [--lens 1024,4096,...] [--threads T] [--reps N] [--causal] [--no-exp]
- *               [--exp-full]
+ *               [--exp-full] [--compute f32|bf16]
+ * --compute bf16 runs the layer with LORA_COMPUTE_BF16 (bf16 operands, fp32 sums).
  * LORA_BENCH_LENS overrides the default sweep {1024, 4096, 16384, 65536} the same way.
  * Also prints the accuracy of the vector expf the softmax blocks use (glibc libmvec),
  * which the public API does not reach, over the inputs the backend gives it: every 13th
@@ -41,6 +42,8 @@
 #define RANK 8
 #define SGEMM_N 2048
 #define MAX_REPS 31
+
+static int64_t compute_mode = LORA_COMPUTE_F32; /* --compute */
 
 /* Peak resident set of this process in MB, from /proc/self/status. */
 static double peak_rss_mb(void)
@@ -116,6 +119,7 @@ static lora_adapter *make_adapter(int threads, int causal)
     CHECK(lora_config_set_int(cfg, LORA_CFG_THREADS, threads));
     CHECK(lora_config_set_int(cfg, LORA_CFG_CAUSAL, causal));
     CHECK(lora_config_set_int(cfg, LORA_CFG_INIT, LORA_INIT_GAUSSIAN));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_COMPUTE, compute_mode));
     CHECK(lora_adapter_create(&ad, cfg));
     lora_config_destroy(cfg);
     float w[HEAD_DIM * HEAD_DIM];
@@ -314,19 +318,24 @@ int main(int argc, char **argv)
             do_exp = 0;
         else if (!strcmp(argv[i], "--exp-full"))
             exp_stride = 1;
+        else if (!strcmp(argv[i], "--compute") && i + 1 < argc && !strcmp(argv[i + 1], "bf16"))
+            compute_mode = LORA_COMPUTE_BF16, i++;
+        else if (!strcmp(argv[i], "--compute") && i + 1 < argc && !strcmp(argv[i + 1], "f32"))
+            compute_mode = LORA_COMPUTE_F32, i++;
         else
             nlens = -1;
         if (nlens < 1 || threads < 1 || reps < 0 || reps > MAX_REPS) {
             fprintf(stderr,
                     "usage: %s [--lens L1,L2,..] [--threads T] [--reps N (1..%d)] "
-                    "[--causal] [--no-exp] [--exp-full]\n",
+                    "[--causal] [--no-exp] [--exp-full] [--compute f32|bf16]\n",
                     argv[0], MAX_REPS);
             return 2;
         }
     }
     printf("liblora %s exact backend: batch 1, 1 head, head_dim %d, LoRA rank %d on Q,K,V, "
-           "%d threads%s\n",
-           lora_version_string(), HEAD_DIM, RANK, threads, causal ? ", causal" : "");
+           "%d threads%s%s\n",
+           lora_version_string(), HEAD_DIM, RANK, threads, causal ? ", causal" : "",
+           compute_mode == LORA_COMPUTE_BF16 ? ", LORA_COMPUTE_BF16" : "");
     printf("GFLOP/s count 4*L^2*d forward, 8*L^2*d backward%s; sgemm: m=n=k=%d; "
            "mem: peak RSS of the case's process\n",
            causal ? ", halved (causal)" : "", SGEMM_N);

@@ -12,7 +12,10 @@ Then, unless --no-lora, runs lib/bench/bench_exact with the same lengths, thread
 causal flag, and prints both with the speedup, from the same session of the machine.
 
     /usr/bin/python3 test/bench/torch_attention.py [--lens 1024,4096,8192] [--threads 2]
-        [--reps 5] [--causal] [--max-len 16384] [--no-lora]
+        [--reps 5] [--causal] [--max-len 16384] [--no-lora] [--autocast]
+
+--autocast runs torch under torch.autocast("cpu", torch.bfloat16) and liblora with
+LORA_COMPUTE_BF16 (bench_exact --compute bf16): bf16 against bf16.
 
 Exits 0 with a message when torch is not installed (Debian: apt-get install python3-torch).
 """
@@ -27,7 +30,7 @@ HEAD_DIM = 64
 RANK = 8
 
 
-def torch_case(torch, L, reps, causal):
+def torch_case(torch, L, reps, causal, autocast=False):
     g = torch.Generator().manual_seed(1)
     d = HEAD_DIM
 
@@ -56,7 +59,8 @@ def torch_case(torch, L, reps, causal):
         for t in list(a.values()) + list(b.values()) + [x]:
             t.grad = None
         t0 = time.perf_counter()
-        out = forward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = forward()
         t1 = time.perf_counter()
         out.backward(dout)
         t2 = time.perf_counter()
@@ -67,14 +71,15 @@ def torch_case(torch, L, reps, causal):
     return statistics.median(tf), statistics.median(tb)
 
 
-def lora_cases(lens, threads, reps, causal):
+def lora_cases(lens, threads, reps, causal, autocast=False):
     exe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "lib", "bench",
                        "bench_exact")
     if not os.path.exists(exe):
         print(f"({exe} not built: run `make lib/bench/bench_exact` for the side by side)")
         return {}
     cmd = [exe, "--lens", ",".join(str(L) for L in lens), "--threads", str(threads),
-           "--reps", str(reps), "--no-exp"] + (["--causal"] if causal else [])
+           "--reps", str(reps), "--no-exp"] + (["--causal"] if causal else []) + \
+        (["--compute", "bf16"] if autocast else [])
     print("$ " + " ".join(cmd))
     out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
     print(out, end="")
@@ -94,6 +99,8 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--max-len", type=int, default=16384)
     ap.add_argument("--no-lora", action="store_true")
+    ap.add_argument("--autocast", action="store_true",
+                    help="torch autocast bf16 against liblora LORA_COMPUTE_BF16")
     args = ap.parse_args()
     try:
         import torch
@@ -103,7 +110,8 @@ def main():
         return 0
     torch.set_num_threads(args.threads)
     lens = [int(s) for s in args.lens.split(",") if s]
-    print(f"PyTorch {torch.__version__} CPU autograd, fp32, {torch.get_num_threads()} threads, "
+    mode = "autocast bf16" if args.autocast else "fp32"
+    print(f"PyTorch {torch.__version__} CPU autograd, {mode}, {torch.get_num_threads()} threads, "
           f"batch 1, 1 head, head_dim {HEAD_DIM}, LoRA rank {RANK} on Q,K,V"
           f"{', causal' if args.causal else ''}; median of {args.reps}")
     results = {}
@@ -111,12 +119,12 @@ def main():
         if L > args.max_len:
             print(f"  L = {L}: skipped (above --max-len; autograd needs ~{18 * L * L / 1e9:.0f} GB)")
             continue
-        tf, tb = torch_case(torch, L, args.reps, args.causal)
+        tf, tb = torch_case(torch, L, args.reps, args.causal, args.autocast)
         results[L] = (tf, tb)
         print(f"  L = {L:6d}: forward {tf * 1e3:9.2f} ms, backward {tb * 1e3:9.2f} ms", flush=True)
     if args.no_lora or not results:
         return 0
-    rows = lora_cases(sorted(results), args.threads, args.reps, args.causal)
+    rows = lora_cases(sorted(results), args.threads, args.reps, args.causal, args.autocast)
     if not rows:
         return 0
     print(f"{'L':>6} {'torch_fb_ms':>12} {'lora_fb_ms':>11} {'speedup':>8}")

@@ -261,6 +261,7 @@ class RunInfo:
     measured_dq_error: float
     poly_groups: int
     loss_grad_bound: float
+    attention_compute: int  # Compute: what the EXACT groups' products ran in
 
     def asdict(self):
         return dataclasses.asdict(self)

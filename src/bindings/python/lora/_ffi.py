@@ -98,6 +98,7 @@ class RunInfoC(ctypes.Structure):
         ("measured_dq_error", ctypes.c_double),
         ("poly_groups", ctypes.c_int64),
         ("loss_grad_bound", ctypes.c_double),
+        ("attention_compute", ctypes.c_int32),
     ]
 
 

@@ -42,7 +42,7 @@ def test_struct_layout_matches_library():
         info = ctypes.cast(buf, ctypes.POINTER(_ffi.RunInfoC)).contents
         info.struct_size = 512
         assert lora._ffi.lib.lora_adapter_get_run_info(ad._handle, ctypes.byref(info)) == 0
-        assert info.struct_size == ctypes.sizeof(_ffi.RunInfoC) == 80
+        assert info.struct_size == ctypes.sizeof(_ffi.RunInfoC) == 88
         assert info.measured_out_error == -1.0 and info.measured_dq_error == -1.0
         assert info.poly_groups == 0 and info.loss_grad_bound == 0.0
     ad, _ = reference.make_layer(np.random.default_rng(0), d_model=4)

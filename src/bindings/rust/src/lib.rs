@@ -488,6 +488,8 @@ pub struct RunInfo {
     pub poly_groups: i64,
     /// Bound on the gradient error against the true loss (dout from `mse_loss`).
     pub loss_grad_bound: f64,
+    /// What the EXACT groups' products ran in (`sys::LORA_COMPUTE_*`; POLY is fp32).
+    pub attention_compute: i32,
 }
 
 /// The threshold statistics of one input (`lora_threshold_report`).
@@ -1475,6 +1477,7 @@ impl Adapter {
             measured_dq_error: s.measured_dq_error,
             poly_groups: s.poly_groups,
             loss_grad_bound: s.loss_grad_bound,
+            attention_compute: s.attention_compute,
         })
     }
 

@@ -213,6 +213,7 @@ pub struct lora_run_info {
     pub measured_dq_error: c_double,
     pub poly_groups: i64,
     pub loss_grad_bound: c_double,
+    pub attention_compute: i32,
 }
 
 /// `struct lora_threshold_report`: the threshold statistics of one input.

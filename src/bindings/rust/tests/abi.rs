@@ -153,7 +153,7 @@ macro_rules! fields {
 fn run_info_fields() -> Vec<(&'static str, usize)> {
     fields!(sys::lora_run_info: struct_size, backend, poly_degree, poly_rank, error_bound,
             grad_bound, score_bound, measured_out_error, measured_dq_error, poly_groups,
-            loss_grad_bound)
+            loss_grad_bound, attention_compute)
 }
 
 fn report_fields() -> Vec<(&'static str, usize)> {
