@@ -761,7 +761,10 @@ LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src
  * also while those tenants run calls that leave their factors and scale alone
  * (forwards, merges, getters); a call changing a tenant (set_param, copy_params into
  * it, an optimizer step, destroy) needs it to itself. It allocates transient workspace
- * through tenants[0]'s allocator. See docs/serving.md.
+ * through tenants[0]'s allocator and runs on tenants[0]'s worker threads (its
+ * LORA_CFG_THREADS); while those are busy (a concurrent lora_apply with the same
+ * tenants[0], or a call running on tenants[0]) it runs on the calling thread alone,
+ * with the same result. See docs/serving.md.
  * Errors: INVALID_ARG (tenants, tenant_of_row, x or y NULL, n_tenants 0 or > 2^31-1,
  * a tenants[i] NULL, bad target, a tenant not adapting target, a tenant id outside
  * [-1, n_tenants)), SHAPE (tenants differ in (in, out), rows < 0, sizes overflow),

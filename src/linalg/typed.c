@@ -4,9 +4,12 @@
 #include <string.h>
 
 #include "avx512_kernels.h"
+#include "pool.h"
 
 /* Products with at most this many rows stream W through registers (with AVX-512). */
 #define LA_STREAM_ROWS 16
+/* Bytes of W per part of a register-route product (256 KiB). */
+#define LA_STREAM_PART_BYTES (INT64_C(1) << 18)
 /* Floats of one converted row panel of W (4 MiB): wide enough that BLIS's packing of X,
  * repeated per panel, stays a small part of the product. */
 #define LA_PANEL_FLOATS (INT64_C(1) << 20)
@@ -227,6 +230,17 @@ stream_cols(const int GW, const int GX, const int DT, const stream_job *j, int64
     }
 }
 
+/* Parts for a register-route product on up to nthreads threads: one per 256 KiB of W
+ * (below that, waking a thread costs about what it saves), at most one per 16-column
+ * block. row_bytes: bytes of one row of W. */
+static int stream_parts(int64_t out, int64_t row_bytes, int nthreads)
+{
+    int64_t parts = 1 + out * row_bytes / LA_STREAM_PART_BYTES;
+    const int64_t blocks = (out + 15) / 16;
+    parts = parts < blocks ? parts : blocks;
+    return (int)(parts < nthreads ? parts : nthreads);
+}
+
 /* The register block by the row count (every accumulator busy), then the dtype. */
 #define STREAM_SHAPES(DT)                                                                  \
     do {                                                                                   \
@@ -271,10 +285,9 @@ void la_gemm_w(const la_ctx *ctx, int nthreads, la_trans tw, int64_t m, int64_t 
         stream_job job = {.m = m, .out = out, .in = in, .ldx = ldx, .ldc = ldc,
                           .alpha = alpha, .beta = beta, .x = x, .w = w.data,
                           .dtype = w.dtype, .c = c};
-        /* Parts over the columns of C (pool-shaped); all on the calling thread for now:
-         * the result is the same for any number of parts. */
-        (void)nthreads;
-        stream_part(&job, 0, 1);
+        /* Parts over the columns of C: any split gives the same C (stream_cols). */
+        pool_run(ctx->pool, stream_parts(out, in * (int64_t)la_dtype_size(w.dtype), nthreads),
+                 stream_part, &job);
         return;
     }
 #endif
