@@ -230,8 +230,9 @@ START_TEST(test_typed_base_equals_float)
 END_TEST
 
 /* A projection wider than one conversion panel (1048 x 1048 > 2^20 weights), with
- * 8-wide tails: one row (register route, a partial row group) and 20 rows (two panels;
- * dx sums over both). */
+ * 8-wide tails of 16 columns and 24-wide tails of 32: one row and two (register route;
+ * with bf16 the dot-product route where the CPU has it), five rows (register route,
+ * bf16 in pairs) and 20 rows (two panels; dx sums over both). */
 START_TEST(test_typed_base_wide)
 {
     fx_spec s = fx_default();
@@ -245,12 +246,14 @@ START_TEST(test_typed_base_wide)
     lora_adapter *typed = fx_adapter_nobase(&s, 2), *flt = fx_adapter_nobase(&s, 2);
     typed_apply(&b, typed, LORA_DTYPE_BF16, 0);
     fx_base_apply(&b.f, flt, 1);
-    const int64_t lens[2] = {1, 20};
-    for (int k = 0; k < 2; k++) {
+    const int64_t lens[4] = {1, 2, 5, 20};
+    for (int k = 0; k < 4; k++) {
         typed_run rt, rf;
         typed_run_once(typed, &s, 1, lens[k], &rt);
         typed_run_once(flt, &s, 1, lens[k], &rf);
-        assert_runs_close(&rt, &rf, lens[k] == 1 ? "wide, 1 row" : "wide, 20 rows");
+        char what[32];
+        snprintf(what, sizeof what, "wide, %lld rows", (long long)lens[k]);
+        assert_runs_close(&rt, &rf, what);
         typed_run_free(&rt);
         typed_run_free(&rf);
     }
