@@ -149,14 +149,23 @@ load_w(const int DT, const void *p, int64_t c, __mmask16 mask, int partial)
     return _mm512_cvtph_ps(h);
 }
 
+/* x[c .. c+31] as two vectors, the first n (<= 32) elements loaded, the rest 0. */
+static inline __attribute__((always_inline)) LA_AVX512 void
+load_x32(const float *x, int64_t c, int64_t n, __m512 *a, __m512 *b)
+{
+    const __mmask16 m0 = n >= 16 ? 0xffffu : (__mmask16)((1u << n) - 1u);
+    const __mmask16 m1 = n >= 32 ? 0xffffu : n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1u);
+    *a = _mm512_maskz_loadu_ps(m0, x + c);
+    *b = _mm512_maskz_loadu_ps(m1, x + c + 16);
+}
+
 /* x_i[c .. c+31] (the first `n` of them, the rest 0) as its even and odd elements:
  * the order of bf16 W loaded as 16 pairs (pair_halves). */
 static inline __attribute__((always_inline)) LA_AVX512 void
 x_pairs(const float *x, int64_t c, int64_t n, __m512 *even, __m512 *odd)
 {
-    const __mmask16 m0 = n >= 16 ? 0xffffu : (__mmask16)((1u << n) - 1u);
-    const __mmask16 m1 = n >= 32 ? 0xffffu : n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1u);
-    const __m512 a = _mm512_maskz_loadu_ps(m0, x + c), b = _mm512_maskz_loadu_ps(m1, x + c + 16);
+    __m512 a, b;
+    load_x32(x, c, n, &a, &b);
     const __m512i ie = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i io = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     *even = _mm512_permutex2var_ps(a, ie, b);
@@ -209,14 +218,17 @@ stream_block_bf16(const int GW, const int GX, const void *const *wr, const float
 static inline __attribute__((always_inline)) LA_AVX512_BF16 void
 x_split3(const float *x, int64_t c, int64_t n, __m512bh *hi, __m512bh *mid, __m512bh *lo)
 {
-    const __mmask16 m0 = n >= 16 ? 0xffffu : (__mmask16)((1u << n) - 1u);
-    const __mmask16 m1 = n >= 32 ? 0xffffu : n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1u);
     const __m512i top = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 a = _mm512_maskz_loadu_ps(m0, x + c), b = _mm512_maskz_loadu_ps(m1, x + c + 16);
+    __m512 a, b;
+    load_x32(x, c, n, &a, &b);
     __m512bh *parts[3] = {hi, mid, lo};
     for (int k = 0; k < 3; k++) { /* the last part has at most 8 bits left: exact */
-        const __m512 ta = k < 2 ? _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), top)) : a;
-        const __m512 tb = k < 2 ? _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(b), top)) : b;
+        const __m512 ta = k < 2 ? _mm512_castsi512_ps(
+                                      _mm512_and_si512(_mm512_castps_si512(a), top))
+                                : a;
+        const __m512 tb = k < 2 ? _mm512_castsi512_ps(
+                                      _mm512_and_si512(_mm512_castps_si512(b), top))
+                                : b;
         *parts[k] = _mm512_cvtne2ps_pbh(tb, ta); /* columns c .. c+15 first */
         a = _mm512_sub_ps(a, ta);
         b = _mm512_sub_ps(b, tb);
