@@ -22,19 +22,19 @@
  *   const (lora_config_get_*, lora_adapter_create's cfg, lora_adapter_get_*,
  *   lora_adapter_param_shape, lora_adapter_param_count, lora_adapter_merge/unmerge,
  *   lora_tape_create, lora_optimizer_create(_set), lora_optimizer_get_*, lora_apply's
- *   tenants, lora_*_last_error) never writes to it, not even
- *   an error message: any number of threads may call these on one handle at once, also
- *   while other threads create adapters from the same config or run lora_apply over the
- *   same tenants. A failed const call is reported by its status alone (each function's
- *   Errors line lists the causes): the handle's last_error keeps what it held, and is
- *   not that call's detail (lora_apply_with_error writes lora_apply's into the
- *   caller's buffer). A call taking a handle as non-const (setters, forward, backward,
- *   optimizer steps, destroy) needs that handle to itself: no other call on it may run
- *   meanwhile. There is no process-global mutable state. An adapter's worker threads
- *   (LORA_CFG_THREADS) are its own: started on first use, joined by
- *   lora_adapter_destroy; concurrent calls that find them busy run on the calling
- *   thread alone, with the same results. fork() is safe (the child starts its own
- *   workers); when threads cannot be created, calls run on fewer with the same
+ *   tenants, lora_*_last_error) never writes to it, not even an error message: any
+ *   number of threads may call these on one handle at once, also while other threads
+ *   create adapters from the same config or run lora_apply over the same tenants. A
+ *   failed const call is reported by its status alone (each function's Errors line
+ *   lists the causes): the handle's last_error keeps what it held and is not that
+ *   call's detail (lora_apply_with_error writes lora_apply's into the caller's buffer).
+ *   A call taking a handle as non-const (setters, forward, backward, optimizer steps,
+ *   destroy) needs that handle to itself: no other call on it may run meanwhile
+ *   (lora_apply states one exception). There is no process-global mutable state. An
+ *   adapter's worker threads (LORA_CFG_THREADS) are its own: started on first use,
+ *   joined by lora_adapter_destroy; concurrent calls that find them busy run on the
+ *   calling thread alone, with the same results. fork() is safe (the child starts its
+ *   own workers); when threads cannot be created, calls run on fewer with the same
  *   results (docs/threading.md).
  * - ABI: handles are opaque, enum and #define values are frozen (append only), and
  *   public structs are append-only and carry struct_size. Only lora_* symbols are
