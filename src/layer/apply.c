@@ -119,8 +119,7 @@ int apply_parts(const apply_job *job, int threads)
     int64_t floats = 0; /* what the tasks stream: factors, then x and y rows */
     for (int64_t t = 0; t < job->n_tasks; t++) {
         const apply_task *tk = &job->tasks[t];
-        floats += job->tenants[tk->tenant].rank * (job->in + job->out) +
-                  tk->rows * (job->in + job->out);
+        floats += (job->tenants[tk->tenant].rank + tk->rows) * (job->in + job->out);
     }
     int64_t parts = 1 + floats / APPLY_PART_MIN_FLOATS;
     parts = parts < job->n_tasks ? parts : job->n_tasks;
