@@ -18,12 +18,24 @@
  * - Orientation is torch.nn.Linear / PEFT: a weight W is (out, in) and y = x·Wᵀ + b;
  *   LoRA factors are A (r, in) and B (out, r); the adapted weight is W + s·B·A with
  *   s = alpha/r (alpha/√r with rsLoRA).
- * - Threads: distinct handles are independent; one handle is used by one thread at a
- *   time, except that lora_apply only reads its tenants (see there). There is no
- *   process-global mutable state. An adapter's worker threads (LORA_CFG_THREADS) are
- *   its own: started on first use, joined by lora_adapter_destroy. fork() is safe (the
- *   child starts its own workers); when threads cannot be created, calls run on fewer
- *   with the same results.
+ * - Threads: distinct handles are independent. A function that takes a handle as
+ *   const (lora_config_get_*, lora_adapter_create's cfg, lora_adapter_get_*,
+ *   lora_adapter_param_shape, lora_adapter_param_count, lora_adapter_merge/unmerge,
+ *   lora_tape_create, lora_optimizer_create(_set), lora_optimizer_get_*, lora_apply's
+ *   tenants, lora_*_last_error) never writes to it, not even an error message: any
+ *   number of threads may call these on one handle at once, also while other threads
+ *   create adapters from the same config or run lora_apply over the same tenants. A
+ *   failed const call is reported by its status alone (each function's Errors line
+ *   lists the causes): the handle's last_error keeps what it held and is not that
+ *   call's detail (lora_apply_with_error writes lora_apply's into the caller's buffer).
+ *   A call taking a handle as non-const (setters, forward, backward, optimizer steps,
+ *   destroy) needs that handle to itself: no other call on it may run meanwhile
+ *   (lora_apply states one exception). There is no process-global mutable state. An
+ *   adapter's worker threads (LORA_CFG_THREADS) are its own: started on first use,
+ *   joined by lora_adapter_destroy; concurrent calls that find them busy run on the
+ *   calling thread alone, with the same results. fork() is safe (the child starts its
+ *   own workers); when threads cannot be created, calls run on fewer with the same
+ *   results (docs/threading.md).
  * - ABI: handles are opaque, enum and #define values are frozen (append only), and
  *   public structs are append-only and carry struct_size. Only lora_* symbols are
  *   exported. See docs/abi.md.
@@ -197,8 +209,9 @@ LORA_API int lora_config_get_double(const lora_config *cfg, int param, double *v
  * nothing. Returns the status create would return for them (NOMEM aside) and keeps the
  * reason, readable with lora_config_last_error. */
 LORA_API int lora_config_validate(lora_config *cfg);
-/* Detail of the last failed call on this config ("" if none). Owned by the config,
- * valid until its next call. */
+/* Detail of the last failed non-const call on this config ("" if none; const calls
+ * such as the getters write no message). Owned by the config, valid until its next
+ * non-const call. */
 LORA_API const char *lora_config_last_error(const lora_config *cfg);
 
 /* Memory hooks (as zstd's ZSTD_customMem). Every allocation liblora makes for a config
@@ -290,8 +303,9 @@ LORA_API int lora_adapter_get_config_int(const lora_adapter *ad, int param,
                                          int64_t *value);
 LORA_API int lora_adapter_get_config_double(const lora_adapter *ad, int param,
                                             double *value);
-/* Detail of the last failed call on this adapter ("" if none). Owned by the adapter,
- * valid until its next call. NULL ad gives a static message. */
+/* Detail of the last failed non-const call on this adapter ("" if none; const calls
+ * such as the getters write no message). Owned by the adapter, valid until its next
+ * non-const call. NULL ad gives a static message. */
 LORA_API const char *lora_adapter_last_error(const lora_adapter *ad);
 
 /* Caller-owned storage for LoRA factor `which` of `target` and its gradient, used in
@@ -462,8 +476,8 @@ typedef struct lora_attn_args {
 
 /* Creates an empty tape for ad (it holds no forward until lora_forward_ex records one).
  * Allocates through ad's allocator. *out is NULL on failure.
- * Errors: INVALID_ARG (out or ad NULL), NOMEM; the message is in
- * lora_adapter_last_error(ad). */
+ * Errors: INVALID_ARG (out or ad NULL), NOMEM (ad is const: no message, see Threads
+ * at the top). */
 LORA_API int lora_tape_create(lora_tape **out, const lora_adapter *ad);
 /* Frees a tape and its activations (also after its adapter was destroyed). NULL is a
  * no-op. */
@@ -589,8 +603,8 @@ typedef enum lora_optimizer_param {
 /* Creates an optimizer of `kind` (lora_optimizer_kind) for adapters shaped like ad
  * (same targets, rank and projection sizes); state zero, step 0. It allocates through
  * ad's allocator and keeps no pointer to ad. *out is NULL on failure.
- * Errors: INVALID_ARG (NULL, unknown kind), NOMEM; the message is in
- * lora_adapter_last_error(ad). */
+ * Errors: INVALID_ARG (NULL, unknown kind), NOMEM (ad is const: no message, see
+ * Threads at the top). */
 LORA_API int lora_optimizer_create(lora_optimizer **out, const lora_adapter *ad, int kind);
 /* Frees an optimizer. NULL is a no-op. */
 LORA_API void lora_optimizer_destroy(lora_optimizer *opt);
@@ -617,8 +631,8 @@ LORA_API int lora_optimizer_step(lora_optimizer *opt, lora_adapter *ad);
 /* Zeroes the state (moments, momentum buffers) and the step count; keeps parameters.
  * Errors: INVALID_ARG (NULL). */
 LORA_API int lora_optimizer_reset(lora_optimizer *opt);
-/* Detail of the last failed call on this optimizer ("" if none); NULL gives a static
- * message. */
+/* Detail of the last failed non-const call on this optimizer ("" if none; the getters
+ * write no message); NULL gives a static message. */
 LORA_API const char *lora_optimizer_last_error(const lora_optimizer *opt);
 
 /* All LoRA factors (or their gradients) of an adapter as one flat vector, for
@@ -641,8 +655,8 @@ LORA_API int lora_adapter_set_grads_flat(lora_adapter *ad, const float *src, siz
  * is this with the set of one adapter. The optimizer keeps the shapes of adapters[0..n-1],
  * in order, and no pointer to them; it allocates through adapters[0]'s allocator.
  * Errors: INVALID_ARG (out or adapters NULL, n = 0, an entry NULL or repeated, unknown
- * kind), NOMEM; *out is NULL on failure, the message is in
- * lora_adapter_last_error(adapters[0]) (when that is not NULL). */
+ * kind), NOMEM; *out is NULL on failure (the adapters are const: no message, see
+ * Threads at the top). */
 LORA_API int lora_optimizer_create_set(lora_optimizer **out,
                                        const lora_adapter *const *adapters, size_t n,
                                        int kind);
@@ -758,7 +772,10 @@ LORA_API int lora_adapter_copy_params(lora_adapter *dst, const lora_adapter *src
  * also while those tenants run calls that leave their factors and scale alone
  * (forwards, merges, getters); a call changing a tenant (set_param, copy_params into
  * it, an optimizer step, destroy) needs it to itself. It allocates transient workspace
- * through tenants[0]'s allocator. See docs/serving.md.
+ * through tenants[0]'s allocator and runs on tenants[0]'s worker threads (its
+ * LORA_CFG_THREADS); while those are busy (a concurrent lora_apply with the same
+ * tenants[0], or a call running on tenants[0]) it runs on the calling thread alone,
+ * with the same result. See docs/serving.md.
  * Errors: INVALID_ARG (tenants, tenant_of_row, x or y NULL, n_tenants 0 or > 2^31-1,
  * a tenants[i] NULL, bad target, a tenant not adapting target, a tenant id outside
  * [-1, n_tenants)), SHAPE (tenants differ in (in, out), rows < 0, sizes overflow),

@@ -2,7 +2,8 @@
 # instrumented library and test binary under lib/<check>/, apart from the normal build.
 #   make check-asan       ASan + UBSan (gcc), every suite, -fno-sanitize-recover=all
 #   make check-valgrind   memcheck on the normal test binary: zero errors, zero leaks
-#   make check-tsan       ThreadSanitizer (gcc) on stress_suite and lora_apply's threads,
+#   make check-tsan       ThreadSanitizer (gcc) on stress_suite, lora_apply's threads and
+#                         const handles shared by threads (serving const_threads),
 #                         library without OpenMP
 #   make fuzz             libFuzzer (clang) targets in test/fuzz/, FUZZ_SECONDS each
 #   make abi-check        abidiff + exported symbols against test/abi/ (abi-update)
@@ -69,6 +70,8 @@ check-tsan-run: lib/tsan/lora_tests
 	CK_FORK=no CK_RUN_SUITE=stress STRESS_THREADS=$(STRESS_THREADS) STRESS_STEPS=$(STRESS_STEPS) \
 	    TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 lib/tsan/lora_tests
 	CK_FORK=no CK_RUN_SUITE=serving CK_RUN_CASE=apply \
+	    TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 lib/tsan/lora_tests
+	CK_FORK=no CK_RUN_SUITE=serving CK_RUN_CASE=const_threads \
 	    TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 lib/tsan/lora_tests
 
 # ---- fuzzing: one libFuzzer binary per test/fuzz/fuzz_*.c -------------------------------

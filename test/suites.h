@@ -24,6 +24,7 @@ Suite *merge_suite(void);     /* merge/unmerge bound, safe merge, merged forward
 Suite *serving_suite(void);   /* borrowed bases, hot swap, concurrent tenants */
 TCase *serving_apply_tcase(void); /* serving: lora_apply (test_apply.c) */
 TCase *serving_typed_tcase(void); /* serving: bf16/f16 base weights (test_typed.c) */
+TCase *serving_const_threads_tcase(void); /* serving: const handles shared by threads */
 Suite *io_suite(void);        /* PEFT and GGUF round trips, independent readers, fuzz */
 Suite *nonfinite_suite(void); /* overflowing results: NONFINITE, nothing changed */
 Suite *io_files_suite(void);  /* special paths, sparse files, torn saves, PEFT parity */

@@ -4,6 +4,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -281,6 +282,90 @@ START_TEST(test_apply_concurrent_threads)
 }
 END_TEST
 
+/* Threads listed for this process (/proc/self/status). */
+static int process_thread_count(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    ck_assert_ptr_nonnull(f);
+    char line[256];
+    int n = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "Threads: %d", &n) == 1)
+            break;
+    fclose(f);
+    ck_assert_int_gt(n, 0);
+    return n;
+}
+
+/* Tenants wide enough for several parts (d_model 256: 64 KiB of factors and rows per
+ * part); tenants[0] is made with `threads` worker threads, so lora_apply runs on them. */
+#define WIDE_TENANTS 6
+static void make_wide_tenants(lora_adapter **t, int threads)
+{
+    static const int ranks[WIDE_TENANTS] = {16, 64, 5, 33, 8, 48};
+    for (int i = 0; i < WIDE_TENANTS; i++) {
+        fx_spec s = fx_default();
+        s.d_model = 256;
+        s.n_heads = s.n_kv_heads = 4;
+        s.rank = ranks[i];
+        s.alpha = 2.0 + i;
+        lora_config *cfg = fx_config(&s);
+        ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_THREADS, i == 0 ? threads : 1),
+                         LORA_OK);
+        ck_assert_int_eq(lora_adapter_create(&t[i], cfg), LORA_OK);
+        lora_config_destroy(cfg);
+        fx_randomize_factors(t[i], 500u + (uint64_t)i, 0.5f);
+    }
+}
+
+/* lora_apply runs on tenants[0]'s worker threads (the process gains threads) and gives
+ * bitwise the single-threaded y for 1 to 4 threads: many rows per tenant (the BLIS
+ * route) and a decode batch of two rows per tenant (the register route). */
+START_TEST(test_apply_same_for_any_thread_count)
+{
+    const int64_t in = 256, out = 256, rows = 300;
+    int32_t *tid = malloc((size_t)rows * sizeof(int32_t));
+    float *x = malloc((size_t)(rows * in) * sizeof(float));
+    float *y0 = malloc((size_t)(rows * out) * sizeof(float));
+    float *y1[2], *y = malloc((size_t)(rows * out) * sizeof(float));
+    fill_uniform(x, (size_t)(rows * in), 7, 1.0f);
+    fill_uniform(y0, (size_t)(rows * out), 8, 1.0f);
+    const int64_t n_rows[2] = {rows, 2 * WIDE_TENANTS};
+    for (int threads = 1; threads <= 4; threads++) {
+        lora_adapter *t[WIDE_TENANTS];
+        make_wide_tenants(t, threads);
+        const lora_adapter *const *ct = (const lora_adapter *const *)t;
+        const int before = process_thread_count();
+        for (int c = 0; c < 2; c++) {
+            for (int64_t r = 0; r < n_rows[c]; r++)
+                tid[r] = r % 11 == 5 ? -1 : (int32_t)((r * 5) % WIDE_TENANTS);
+            memcpy(y, y0, (size_t)(rows * out) * sizeof(float));
+            ck_assert_int_eq(lora_apply(ct, WIDE_TENANTS, LORA_TARGET_V, tid, x, n_rows[c], y),
+                             LORA_OK);
+            if (threads == 1) {
+                y1[c] = malloc((size_t)(rows * out) * sizeof(float));
+                memcpy(y1[c], y, (size_t)(rows * out) * sizeof(float));
+                ck_assert(memcmp(y, y0, (size_t)(n_rows[c] * out) * sizeof(float)) != 0);
+            } else {
+                ck_assert_msg(memcmp(y, y1[c], (size_t)(rows * out) * sizeof(float)) == 0,
+                              "%d threads, case %d: y differs from 1 thread", threads, c);
+            }
+        }
+        if (threads > 1)
+            ck_assert_msg(process_thread_count() > before,
+                          "%d threads: lora_apply started no worker", threads);
+        for (int i = 0; i < WIDE_TENANTS; i++)
+            lora_adapter_destroy(t[i]);
+    }
+    free(y1[0]);
+    free(y1[1]);
+    free(tid);
+    free(x);
+    free(y0);
+    free(y);
+}
+END_TEST
+
 /* Every bad input: its status, a message naming the argument, y unchanged. */
 START_TEST(test_apply_bad_inputs)
 {
@@ -371,14 +456,17 @@ START_TEST(test_apply_bad_inputs)
 }
 END_TEST
 
-/* An allocator that fails while `fail` is set. */
+/* An allocator that fails while `fail` is set, after `ok_left` more successes. */
 typedef struct switch_alloc {
-    int fail;
+    int fail, ok_left;
 } switch_alloc;
 
 static void *switch_malloc(void *u, size_t n)
 {
-    return ((switch_alloc *)u)->fail ? NULL : malloc(n);
+    switch_alloc *sw = u;
+    if (sw->fail && sw->ok_left-- <= 0)
+        return NULL;
+    return malloc(n);
 }
 static void switch_free(void *u, void *p)
 {
@@ -412,6 +500,12 @@ START_TEST(test_apply_nomem)
                      LORA_ERR_NOMEM);
     ck_assert(strstr(err, "allocate") != NULL);
     ck_assert(memcmp(y, y0, sizeof y) == 0);
+    sw.ok_left = 1; /* the sorted rows, then not the parts' scratch */
+    ck_assert_int_eq(lora_apply_with_error(tenants, 1, LORA_TARGET_Q, tid, x, 3, y, err,
+                                           sizeof err),
+                     LORA_ERR_NOMEM);
+    ck_assert(strstr(err, "workspace") != NULL);
+    ck_assert(memcmp(y, y0, sizeof y) == 0);
     sw.fail = 0;
     ck_assert_int_eq(lora_apply(tenants, 1, LORA_TARGET_Q, tid, x, 3, y), LORA_OK);
     ck_assert(memcmp(y, y0, sizeof y) != 0);
@@ -428,5 +522,6 @@ TCase *serving_apply_tcase(void)
     tcase_add_test(tc, test_apply_bad_inputs);
     tcase_add_test(tc, test_apply_nomem);
     tcase_add_test(tc, test_apply_concurrent_threads);
+    tcase_add_test(tc, test_apply_same_for_any_thread_count);
     return tc;
 }

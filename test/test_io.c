@@ -1175,9 +1175,13 @@ static int run_op(int op, lora_adapter *const *ad, lora_config *cfg, const char 
     case OP_OPTIMIZER: {
         lora_optimizer *opt = NULL;
         st = lora_optimizer_create(&opt, ad[0], LORA_OPTIMIZER_ADAMW);
+        if (st != LORA_OK) { /* ad[0] is const to create: the status is the report */
+            ck_assert_str_eq(lora_adapter_last_error(ad[0]), "");
+            *msg = "lora_optimizer_create failed (status only: its adapter is const)";
+            return st;
+        }
         *msg = lora_adapter_last_error(ad[0]);
-        if (st == LORA_OK)
-            st = lora_optimizer_step(opt, ad[0]);
+        st = lora_optimizer_step(opt, ad[0]);
         lora_optimizer_destroy(opt);
         return st;
     }

@@ -162,7 +162,7 @@ START_TEST(test_merge_nonfinite_untouched)
             memcpy(w, w0, n * sizeof(float));
             ck_assert_int_eq(fn(ad, LORA_TARGET_Q, w, n), LORA_ERR_NONFINITE);
             ck_assert(memcmp(w, w0, n * sizeof(float)) == 0);
-            ck_assert(strstr(lora_adapter_last_error(ad), "NaN/Inf") != NULL);
+            ck_assert_str_eq(lora_adapter_last_error(ad), ""); /* const: no message (lora.h, Threads) */
         }
     }
     /* A finite weight whose merged value overflows. */
@@ -183,7 +183,6 @@ START_TEST(test_merge_nonfinite_untouched)
     memcpy(w, w0, n * sizeof(float));
     ck_assert_int_eq(lora_adapter_merge(ad, LORA_TARGET_Q, w, n), LORA_ERR_NONFINITE);
     ck_assert(memcmp(w, w0, n * sizeof(float)) == 0);
-    ck_assert(strstr(lora_adapter_last_error(ad), "(0, 7)") != NULL);
     w0[7] = -FLT_MAX;
     memcpy(w, w0, n * sizeof(float));
     ck_assert_int_eq(lora_adapter_unmerge(ad, LORA_TARGET_Q, w, n), LORA_ERR_NONFINITE);
@@ -217,17 +216,16 @@ START_TEST(test_merge_bad_arguments)
             int target;
             float *w;
             size_t n;
-            const char *msg;
         } bad[] = {
-            {3, w, n, "not one of"},
-            {LORA_TARGET_K, w, 16 * 8, "not adapted"},
-            {LORA_TARGET_Q, NULL, n, "NULL"},
-            {LORA_TARGET_Q, w, n - 1, "does not match"},
-            {LORA_TARGET_Q, w, 0, "does not match"},
+            {3, w, n},                 /* not a target */
+            {LORA_TARGET_K, w, 16 * 8}, /* not adapted */
+            {LORA_TARGET_Q, NULL, n},
+            {LORA_TARGET_Q, w, n - 1}, /* count does not match */
+            {LORA_TARGET_Q, w, 0},
         };
         for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
             ck_assert_int_eq(fn(ad, bad[i].target, bad[i].w, bad[i].n), LORA_ERR_INVALID_ARG);
-            ck_assert_msg(strstr(lora_adapter_last_error(ad), bad[i].msg) != NULL,
+            ck_assert_msg(lora_adapter_last_error(ad)[0] == '\0', /* const: no message */
                           "case %zu: message '%s'", i, lora_adapter_last_error(ad));
         }
     }

@@ -251,7 +251,7 @@ START_TEST(test_optimizer_bad_parameters)
     ck_assert_ptr_null(opt);
     ck_assert_int_eq(lora_optimizer_create(&opt, ad, 2), LORA_ERR_INVALID_ARG);
     ck_assert_ptr_null(opt);
-    ck_assert(strstr(lora_adapter_last_error(ad), "kind") != NULL);
+    ck_assert_str_eq(lora_adapter_last_error(ad), ""); /* const: no message (lora.h, Threads) */
     ck_assert_int_eq(lora_optimizer_create(&opt, ad, LORA_OPTIMIZER_ADAMW), LORA_OK);
     ck_assert_int_eq(lora_optimizer_create(&sgd, ad, LORA_OPTIMIZER_SGD), LORA_OK);
     const struct {
@@ -536,7 +536,7 @@ START_TEST(test_flat_views)
     ck_assert_int_eq(lora_adapter_param_count(NULL, &n), LORA_ERR_INVALID_ARG);
     ck_assert_int_eq(lora_adapter_param_count(ad, NULL), LORA_ERR_INVALID_ARG);
     ck_assert_int_eq(lora_adapter_get_params_flat(ad, flat, n - 1), LORA_ERR_INVALID_ARG);
-    ck_assert(strstr(lora_adapter_last_error(ad), "does not match") != NULL);
+    ck_assert_str_eq(lora_adapter_last_error(ad), ""); /* const: no message (lora.h, Threads) */
     ck_assert_int_eq(lora_adapter_get_grads_flat(ad, NULL, n), LORA_ERR_INVALID_ARG);
     ck_assert_int_eq(lora_adapter_set_params_flat(NULL, flat, n), LORA_ERR_INVALID_ARG);
     ck_assert_int_eq(lora_adapter_set_grads_flat(ad, flat, n + 1), LORA_ERR_INVALID_ARG);
@@ -723,8 +723,8 @@ START_TEST(test_optimizer_set_of_one)
 }
 END_TEST
 
-/* Bad sets: each call fails with INVALID_ARG or NONFINITE, a message, and no adapter
- * or state changed. */
+/* Bad sets: each call fails with INVALID_ARG or NONFINITE, no adapter or state
+ * changed, and (creation takes the adapters as const) no message written to them. */
 START_TEST(test_optimizer_set_errors)
 {
     lora_adapter *ads[SET_N];
@@ -737,12 +737,12 @@ START_TEST(test_optimizer_set_errors)
     ck_assert_int_eq(lora_optimizer_create_set(&opt, cads, 0, 0), LORA_ERR_INVALID_ARG);
     const lora_adapter *holes[SET_N] = {ads[0], NULL, ads[2]};
     ck_assert_int_eq(lora_optimizer_create_set(&opt, holes, SET_N, 0), LORA_ERR_INVALID_ARG);
-    ck_assert_str_eq(lora_adapter_last_error(ads[0]), "adapters[1] is NULL");
+    ck_assert_str_eq(lora_adapter_last_error(ads[0]), ""); /* const: no message (lora.h, Threads) */
     const lora_adapter *twice[SET_N] = {ads[0], ads[1], ads[0]};
     ck_assert_int_eq(lora_optimizer_create_set(&opt, twice, SET_N, 0), LORA_ERR_INVALID_ARG);
-    ck_assert(strstr(lora_adapter_last_error(ads[0]), "adapters[0] and adapters[2]") != NULL);
+    ck_assert_str_eq(lora_adapter_last_error(ads[0]), "");
     ck_assert_int_eq(lora_optimizer_create_set(&opt, cads, SET_N, 7), LORA_ERR_INVALID_ARG);
-    ck_assert(strstr(lora_adapter_last_error(ads[0]), "kind") != NULL);
+    ck_assert_str_eq(lora_adapter_last_error(ads[0]), "");
     ck_assert_ptr_null(opt);
 
     ck_assert_int_eq(lora_optimizer_create_set(&opt, cads, SET_N, LORA_OPTIMIZER_SGD), LORA_OK);

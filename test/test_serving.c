@@ -387,5 +387,6 @@ Suite *serving_suite(void)
     suite_add_tcase(s, tc);
     suite_add_tcase(s, serving_apply_tcase());
     suite_add_tcase(s, serving_typed_tcase());
+    suite_add_tcase(s, serving_const_threads_tcase());
     return s;
 }

@@ -230,8 +230,9 @@ START_TEST(test_typed_base_equals_float)
 END_TEST
 
 /* A projection wider than one conversion panel (1048 x 1048 > 2^20 weights), with
- * 8-wide tails: one row (register route, a partial row group) and 20 rows (two panels;
- * dx sums over both). */
+ * 8-wide tails of 16 columns and 24-wide tails of 32: one row and two (register route;
+ * with bf16 the dot-product route where the CPU has it), five rows (register route,
+ * bf16 in pairs) and 20 rows (two panels; dx sums over both). */
 START_TEST(test_typed_base_wide)
 {
     fx_spec s = fx_default();
@@ -245,18 +246,66 @@ START_TEST(test_typed_base_wide)
     lora_adapter *typed = fx_adapter_nobase(&s, 2), *flt = fx_adapter_nobase(&s, 2);
     typed_apply(&b, typed, LORA_DTYPE_BF16, 0);
     fx_base_apply(&b.f, flt, 1);
-    const int64_t lens[2] = {1, 20};
-    for (int k = 0; k < 2; k++) {
+    const int64_t lens[4] = {1, 2, 5, 20};
+    for (int k = 0; k < 4; k++) {
         typed_run rt, rf;
         typed_run_once(typed, &s, 1, lens[k], &rt);
         typed_run_once(flt, &s, 1, lens[k], &rf);
-        assert_runs_close(&rt, &rf, lens[k] == 1 ? "wide, 1 row" : "wide, 20 rows");
+        char what[32];
+        snprintf(what, sizeof what, "wide, %lld rows", (long long)lens[k]);
+        assert_runs_close(&rt, &rf, what);
         typed_run_free(&rt);
         typed_run_free(&rf);
     }
     lora_adapter_destroy(typed);
     lora_adapter_destroy(flt);
     typed_base_free(&b);
+}
+END_TEST
+
+/* The register route splits W's rows over the adapter's threads: the forward is bitwise
+ * the single-threaded one for 1 to 3 threads, for bf16, f16 and float bases. Sequences
+ * of one token (attention returns the value row, exactly), 7 of them: x·Wᵀ with 7 rows
+ * for Q, K, V and O, each W 512 x 512 (several parts). */
+START_TEST(test_typed_same_for_any_thread_count)
+{
+    fx_spec s = fx_default();
+    s.d_model = 512;
+    s.n_heads = 8;
+    s.n_kv_heads = 2;
+    s.rank = 4;
+    const int64_t batch = 7;
+    const size_t nx = (size_t)(batch * s.d_model), ny = (size_t)(batch * fx_out_cols(&s));
+    float *x = malloc(nx * sizeof(float)), *y = malloc(ny * sizeof(float));
+    float *y1 = malloc(ny * sizeof(float));
+    fill_uniform(x, nx, 12, 1.0f);
+    const int dtypes[3] = {LORA_DTYPE_BF16, LORA_DTYPE_F16, LORA_DTYPE_F32};
+    for (int d = 0; d < 3; d++) {
+        typed_base b;
+        typed_base_make(&b, &s, 13, d == 1 ? LORA_DTYPE_F16 : LORA_DTYPE_BF16);
+        for (int threads = 1; threads <= 3; threads++) {
+            lora_config *cfg = fx_config(&s);
+            ck_assert_int_eq(lora_config_set_int(cfg, LORA_CFG_THREADS, threads), LORA_OK);
+            lora_adapter *ad = NULL;
+            ck_assert_int_eq(lora_adapter_create(&ad, cfg), LORA_OK);
+            lora_config_destroy(cfg);
+            fx_randomize_factors(ad, 14, 0.5f);
+            if (dtypes[d] == LORA_DTYPE_F32)
+                fx_base_apply(&b.f, ad, 1);
+            else
+                typed_apply(&b, ad, dtypes[d], 0);
+            ck_assert_int_eq(lora_forward(ad, x, batch, 1, threads == 1 ? y1 : y), LORA_OK);
+            if (threads > 1)
+                ck_assert_msg(memcmp(y, y1, ny * sizeof(float)) == 0,
+                              "dtype %d, %d threads: the forward differs from 1 thread",
+                              dtypes[d], threads);
+            lora_adapter_destroy(ad);
+        }
+        typed_base_free(&b);
+    }
+    free(x);
+    free(y);
+    free(y1);
 }
 END_TEST
 
@@ -446,6 +495,7 @@ TCase *serving_typed_tcase(void)
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, test_typed_base_equals_float, 0, 4);
     tcase_add_test(tc, test_typed_base_wide);
+    tcase_add_test(tc, test_typed_same_for_any_thread_count);
     tcase_add_test(tc, test_typed_borrow_lifetime);
     tcase_add_test(tc, test_typed_copy_memory);
     tcase_add_test(tc, test_typed_bad_inputs);

@@ -93,6 +93,21 @@ inline std::string version() { return lora_version_string(); }
 inline std::uint32_t version_number() { return lora_version_number(); }
 
 namespace detail {
+// Calls taking their handle as const write no message into it (lora.h, Threads): the
+// handle's last error would be an older call's.
+inline const char *message_of(const char *function, const char *last_error) {
+    static const std::string const_calls[] = {
+        "lora_config_get_int", "lora_config_get_double", "lora_adapter_get_config_int",
+        "lora_adapter_get_config_double", "lora_adapter_param_shape", "lora_adapter_get_param",
+        "lora_adapter_get_grad", "lora_adapter_param_count", "lora_adapter_get_params_flat",
+        "lora_adapter_get_grads_flat", "lora_adapter_merge", "lora_adapter_unmerge",
+        "lora_adapter_get_run_info", "lora_tape_create", "lora_optimizer_create",
+        "lora_optimizer_create_set", "lora_optimizer_get_int", "lora_optimizer_get_double"};
+    for (const std::string &c : const_calls)
+        if (c == function)
+            return "";
+    return last_error;
+}
 struct ConfigDeleter {
     void operator()(lora_config *c) const noexcept { lora_config_destroy(c); }
 };
@@ -303,7 +318,8 @@ private:
     }
     void check(int st, const char *function) const {
         if (st != LORA_OK)
-            throw Error(st, function, lora_config_last_error(cfg_.get()));
+            throw Error(st, function,
+                        detail::message_of(function, lora_config_last_error(cfg_.get())));
     }
     std::unique_ptr<lora_config, detail::ConfigDeleter> cfg_;
     std::vector<Setting> settings_;
@@ -669,7 +685,8 @@ private:
     using Saved = detail::Saved;
     void check(int st, const char *function) const {
         if (st != LORA_OK)
-            throw Error(st, function, lora_adapter_last_error(ad_.get()));
+            throw Error(st, function,
+                        detail::message_of(function, lora_adapter_last_error(ad_.get())));
     }
     template <class T>
     static const T *mask(Span<const T> m, std::size_t want, const char *name) {
@@ -753,7 +770,7 @@ inline Tape::Tape(const Adapter &ad) {
     lora_tape *t = nullptr;
     const int st = lora_tape_create(&t, ad.get());
     if (st != LORA_OK)
-        throw Error(st, "lora_tape_create", lora_adapter_last_error(ad.get()));
+        throw Error(st, "lora_tape_create", ""); // ad is const: no message
     tape_.reset(t);
 }
 
@@ -769,7 +786,7 @@ public:
         lora_optimizer *o = nullptr;
         int st = lora_optimizer_create(&o, ad.get(), static_cast<int>(kind));
         if (st != LORA_OK)
-            throw Error(st, "lora_optimizer_create", lora_adapter_last_error(ad.get()));
+            throw Error(st, "lora_optimizer_create", ""); // ad is const: no message
         opt_.reset(o);
     }
     Optimizer &set_double(int param, double v) {
@@ -811,7 +828,8 @@ public:
 private:
     void check(int st, const char *function) const {
         if (st != LORA_OK)
-            throw Error(st, function, lora_optimizer_last_error(opt_.get()));
+            throw Error(st, function,
+                        detail::message_of(function, lora_optimizer_last_error(opt_.get())));
     }
     std::unique_ptr<lora_optimizer, detail::OptimizerDeleter> opt_;
 };

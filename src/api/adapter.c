@@ -191,7 +191,7 @@ LORA_API int lora_adapter_set_base(lora_adapter *ad, int target, const float *we
     return lora_adapter_set_base_typed(ad, target, weight, LORA_DTYPE_F32, bias, 0);
 }
 
-/* Resolves (target, which) to a factor; NULL (with the adapter's message set) if bad. */
+/* Resolves (target, which) to a factor; NULL (with the message in err, if any) if bad. */
 static const layer_proj *factor_proj(const lora_adapter *ad, int target, int which,
                                      size_t *count, char *err)
 {
@@ -223,17 +223,11 @@ static int copy_factor(const lora_adapter *ad, int target, int which, float *dst
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     size_t n;
-    const layer_proj *p = factor_proj(ad, target, which, &n, lora_err_buf(ad));
-    if (!p)
+    const layer_proj *p = factor_proj(ad, target, which, &n, NULL); /* const: no message */
+    if (!p || !dst || count != n)
         return LORA_ERR_INVALID_ARG;
-    if (!dst)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "dst is NULL");
-    if (count != n)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
-                              "count %zu does not match the factor's %zu elements", count, n);
     const float *src = grad ? (which == LORA_A ? p->da : p->db) : (which == LORA_A ? p->a : p->b);
     memcpy(dst, src, n * sizeof(float));
-    lora_err_buf(ad)[0] = '\0';
     return LORA_OK;
 }
 
@@ -279,14 +273,11 @@ LORA_API int lora_adapter_param_shape(const lora_adapter *ad, int target, int wh
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     size_t n;
-    const layer_proj *p = factor_proj(ad, target, which, &n, lora_err_buf(ad));
-    if (!p)
+    const layer_proj *p = factor_proj(ad, target, which, &n, NULL); /* const: no message */
+    if (!p || !rows || !cols)
         return LORA_ERR_INVALID_ARG;
-    if (!rows || !cols)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "rows or cols is NULL");
     *rows = which == LORA_A ? ad->layer.rank : p->out;
     *cols = which == LORA_A ? p->in : ad->layer.rank;
-    lora_err_buf(ad)[0] = '\0';
     return LORA_OK;
 }
 
@@ -313,10 +304,7 @@ LORA_API int lora_adapter_get_config_int(const lora_adapter *ad, int param, int6
         *value = ad->threads; /* the resolved count, not 0 */
         return LORA_OK;
     }
-    if (lora_config_values_get_int(&ad->cfg, param, value) != LORA_OK)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
-                              "value is NULL or %d is not an integer parameter", param);
-    return LORA_OK;
+    return lora_config_values_get_int(&ad->cfg, param, value);
 }
 
 LORA_API int lora_adapter_get_config_double(const lora_adapter *ad, int param,
@@ -324,10 +312,7 @@ LORA_API int lora_adapter_get_config_double(const lora_adapter *ad, int param,
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
-    if (lora_config_values_get_double(&ad->cfg, param, value) != LORA_OK)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
-                              "value is NULL or %d is not a double parameter", param);
-    return LORA_OK;
+    return lora_config_values_get_double(&ad->cfg, param, value);
 }
 
 LORA_API const char *lora_adapter_last_error(const lora_adapter *ad)
@@ -340,12 +325,10 @@ LORA_API int lora_adapter_get_run_info(const lora_adapter *ad, lora_run_info *in
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     if (!info)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "info is NULL");
+        return LORA_ERR_INVALID_ARG;
     const size_t want = info->struct_size;
     if (want < offsetof(lora_run_info, measured_dq_error) + sizeof(double))
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
-                              "info->struct_size = %zu is smaller than the first version",
-                              want);
+        return LORA_ERR_INVALID_ARG; /* smaller than the first version */
     lora_run_info full = ad->info;
     full.struct_size = (uint32_t)(want < sizeof full ? want : sizeof full);
     memcpy(info, &full, full.struct_size);

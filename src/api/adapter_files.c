@@ -205,7 +205,7 @@ static int set_records(lora_adapter *const *adapters, const int64_t *layers,
         total++;
     io_record *r = lora_mem_calloc(&a0->mem, total ? total : 1, sizeof *r);
     if (!r)
-        return lora_set_error(lora_err_buf(a0), LORA_ERR_NOMEM,
+        return lora_set_error(adapters[0]->err, LORA_ERR_NOMEM,
                               "cannot allocate %zu tensor entries", total);
     size_t k = 0;
     for (io_walk w = {0}; io_walk_next(&w, count, mask); k++) {

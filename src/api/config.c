@@ -313,31 +313,19 @@ int lora_config_values_get_double(const lora_config_values *in, int param, doubl
     *value = *double_field(&v, d);
     return LORA_OK;
 }
-/* The message buffer is the one field a const accessor may write: it is scratch. */
-static char *config_err(const lora_config *cfg) { return ((lora_config *)cfg)->err; }
-
+/* The getters read the config only (lora.h, Threads): a failure is its status alone. */
 LORA_API int lora_config_get_int(const lora_config *cfg, int param, int64_t *value)
 {
     if (!cfg)
         return LORA_ERR_INVALID_ARG;
-    if (lora_config_values_get_int(&cfg->v, param, value) != LORA_OK)
-        return value ? lora_set_error(config_err(cfg), LORA_ERR_INVALID_ARG,
-                                      "%d is not an integer parameter", param)
-                     : lora_set_error(config_err(cfg), LORA_ERR_INVALID_ARG, "value is NULL");
-    config_err(cfg)[0] = '\0';
-    return LORA_OK;
+    return lora_config_values_get_int(&cfg->v, param, value);
 }
 
 LORA_API int lora_config_get_double(const lora_config *cfg, int param, double *value)
 {
     if (!cfg)
         return LORA_ERR_INVALID_ARG;
-    if (lora_config_values_get_double(&cfg->v, param, value) != LORA_OK)
-        return value ? lora_set_error(config_err(cfg), LORA_ERR_INVALID_ARG,
-                                      "%d is not a double parameter", param)
-                     : lora_set_error(config_err(cfg), LORA_ERR_INVALID_ARG, "value is NULL");
-    config_err(cfg)[0] = '\0';
-    return LORA_OK;
+    return lora_config_values_get_double(&cfg->v, param, value);
 }
 
 LORA_API const char *lora_config_last_error(const lora_config *cfg)

@@ -45,20 +45,20 @@ LORA_API int lora_adapter_param_count(const lora_adapter *ad, size_t *count)
     if (!ad)
         return LORA_ERR_INVALID_ARG;
     if (!count)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "count is NULL");
+        return LORA_ERR_INVALID_ARG; /* const: no message */
     *count = lora_factor_floats(&ad->layer);
-    lora_err_buf(ad)[0] = '\0';
     return LORA_OK;
 }
 
+/* err: the message's place, NULL for a const adapter. */
 static int flat_check(const lora_adapter *ad, const void *buf, size_t count,
-                      const char *name)
+                      const char *name, char *err)
 {
     if (!buf)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "%s is NULL", name);
+        return lora_set_error(err, LORA_ERR_INVALID_ARG, "%s is NULL", name);
     const size_t n = lora_factor_floats(&ad->layer);
     if (count != n)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG,
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
                               "count %zu does not match the adapter's %zu parameters",
                               count, n);
     return LORA_OK;
@@ -68,11 +68,10 @@ static int flat_get(const lora_adapter *ad, float *dst, size_t count, int grad)
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
-    int st = flat_check(ad, dst, count, "dst");
+    int st = flat_check(ad, dst, count, "dst", NULL);
     if (st != LORA_OK)
         return st;
     lora_for_each_factor(ad, grad, lora_flat_copy_out, dst);
-    lora_err_buf(ad)[0] = '\0';
     return LORA_OK;
 }
 
@@ -80,7 +79,7 @@ static int flat_set(lora_adapter *ad, const float *src, size_t count, int grad)
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
-    int st = flat_check(ad, src, count, "src");
+    int st = flat_check(ad, src, count, "src", ad->err);
     if (st != LORA_OK)
         return st;
     const int64_t bad = lora_find_nonfinite(src, count);

@@ -230,9 +230,6 @@ void lora_mask_copy(const attn_problem *p, const attn_mask *src, float *buf, att
 int lora_target_index(int target);
 /* "Q", "K", "V", "O" by PROJ_* index, for messages. */
 extern const char *const lora_proj_names[PROJ_COUNT];
-/* The error buffer of a handle reached through a const pointer: scratch that
- * accessors may write. */
-static inline char *lora_err_buf(const lora_adapter *ad) { return ((lora_adapter *)ad)->err; }
 /* Floats at the front of the handle's scratch for library-owned copies of the caller's
  * gemm operands (BLIS kernels may read a float past an operand's end: only padded
  * library buffers are safe, docs/reliability.md): out, or dout in a backward
@@ -248,7 +245,9 @@ int lora_reserve_scratch(lora_adapter *ad, const layer *l, const attn_problem *p
 /* Records in ad->info what a forward with plan ran. */
 void lora_record_run(lora_adapter *ad, const lora_plan *plan, double measured_out);
 
-/* Writes a printf-style message into a handle's error buffer and returns status. */
+/* Writes a printf-style message into a handle's error buffer and returns status. err
+ * NULL writes nothing: a call on a const handle passes NULL (lora.h, Threads), since
+ * it never writes to the handle. */
 int lora_set_error(char *err, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Index of the first non-finite entry of x[0..n), or -1. */

@@ -96,7 +96,7 @@ static int merge_common(const lora_adapter *ad, int target, float *weight, size_
 {
     if (!ad)
         return LORA_ERR_INVALID_ARG;
-    char *err = lora_err_buf(ad);
+    char *const err = NULL; /* ad is const: the messages below go nowhere */
     const int t = lora_target_index(target);
     if (t < 0)
         return lora_set_error(err, LORA_ERR_INVALID_ARG,
@@ -125,7 +125,6 @@ static int merge_common(const lora_adapter *ad, int target, float *weight, size_
                               isfinite(weight[bad]) ? "would become NaN/Inf"
                                                     : "is NaN/Inf");
     merge_rows(p, ad->layer.rank, s, sign, weight, weight, &ad->la);
-    err[0] = '\0';
     return LORA_OK;
 }
 

@@ -81,7 +81,7 @@ static int create_set(lora_optimizer **out, const lora_adapter *const *adapters,
     *out = NULL;
     if (!adapters || n == 0)
         return LORA_ERR_INVALID_ARG; /* no adapter to hold a message */
-    char *err = adapters[0] ? lora_err_buf(adapters[0]) : NULL;
+    char *const err = NULL; /* the adapters are const: the messages below go nowhere */
     int st = check_set(adapters, n, err, single);
     if (st != LORA_OK)
         return st;
@@ -154,7 +154,6 @@ LORA_API const char *lora_optimizer_last_error(const lora_optimizer *opt)
     return opt ? opt->err : "NULL optimizer";
 }
 
-static char *opt_err(const lora_optimizer *o) { return ((lora_optimizer *)o)->err; }
 
 /* Which kinds a parameter applies to: bit 0 AdamW, bit 1 SGD; is_int; read_only. */
 typedef struct opt_param_desc {
@@ -177,32 +176,32 @@ static const opt_param_desc opt_params[] = {
 };
 
 /* Looks param up for an access of type is_int (writing when set); NULL with the
- * message set when refused. */
+ * message in err (NULL for the getters: the optimizer is const) when refused. */
 static const opt_param_desc *opt_find(const lora_optimizer *o, int param, int is_int,
-                                      int set)
+                                      int set, char *err)
 {
     const opt_param_desc *d = NULL;
     for (size_t i = 0; i < sizeof opt_params / sizeof opt_params[0]; i++)
         if (opt_params[i].param == param)
             d = &opt_params[i];
     if (!d) {
-        lora_set_error(opt_err(o), LORA_ERR_INVALID_ARG, "unknown optimizer parameter %d",
+        lora_set_error(err, LORA_ERR_INVALID_ARG, "unknown optimizer parameter %d",
                        param);
         return NULL;
     }
     const char *kind = o->kind == LORA_OPTIMIZER_ADAMW ? "AdamW" : "SGD";
     if (!((d->kinds >> (o->kind == LORA_OPTIMIZER_ADAMW ? 0 : 1)) & 1)) {
-        lora_set_error(opt_err(o), LORA_ERR_INVALID_ARG, "%s does not apply to %s", d->name,
+        lora_set_error(err, LORA_ERR_INVALID_ARG, "%s does not apply to %s", d->name,
                        kind);
         return NULL;
     }
     if (d->is_int != is_int) {
-        lora_set_error(opt_err(o), LORA_ERR_INVALID_ARG, "%s is %s parameter", d->name,
+        lora_set_error(err, LORA_ERR_INVALID_ARG, "%s is %s parameter", d->name,
                        d->is_int ? "an integer" : "a double");
         return NULL;
     }
     if (set && d->read_only) {
-        lora_set_error(opt_err(o), LORA_ERR_INVALID_ARG, "%s is read-only", d->name);
+        lora_set_error(err, LORA_ERR_INVALID_ARG, "%s is read-only", d->name);
         return NULL;
     }
     return d;
@@ -212,7 +211,7 @@ LORA_API int lora_optimizer_set_int(lora_optimizer *opt, int param, int64_t valu
 {
     if (!opt)
         return LORA_ERR_INVALID_ARG;
-    const opt_param_desc *d = opt_find(opt, param, 1, 1);
+    const opt_param_desc *d = opt_find(opt, param, 1, 1, opt->err);
     if (!d)
         return LORA_ERR_INVALID_ARG;
     /* The only writable integer parameter is NESTEROV. */
@@ -228,7 +227,7 @@ LORA_API int lora_optimizer_set_double(lora_optimizer *opt, int param, double va
 {
     if (!opt)
         return LORA_ERR_INVALID_ARG;
-    const opt_param_desc *d = opt_find(opt, param, 0, 1);
+    const opt_param_desc *d = opt_find(opt, param, 0, 1, opt->err);
     if (!d)
         return LORA_ERR_INVALID_ARG;
     if (!isfinite(value))
@@ -259,13 +258,10 @@ LORA_API int lora_optimizer_get_int(const lora_optimizer *opt, int param, int64_
 {
     if (!opt)
         return LORA_ERR_INVALID_ARG;
-    const opt_param_desc *d = opt_find(opt, param, 1, 0);
-    if (!d)
+    const opt_param_desc *d = opt_find(opt, param, 1, 0, NULL);
+    if (!d || !value)
         return LORA_ERR_INVALID_ARG;
-    if (!value)
-        return lora_set_error(opt_err(opt), LORA_ERR_INVALID_ARG, "value is NULL");
     *value = param == LORA_OPT_STEP ? opt->step : opt->nesterov;
-    opt_err(opt)[0] = '\0';
     return LORA_OK;
 }
 
@@ -273,11 +269,9 @@ LORA_API int lora_optimizer_get_double(const lora_optimizer *opt, int param, dou
 {
     if (!opt)
         return LORA_ERR_INVALID_ARG;
-    const opt_param_desc *d = opt_find(opt, param, 0, 0);
-    if (!d)
+    const opt_param_desc *d = opt_find(opt, param, 0, 0, NULL);
+    if (!d || !value)
         return LORA_ERR_INVALID_ARG;
-    if (!value)
-        return lora_set_error(opt_err(opt), LORA_ERR_INVALID_ARG, "value is NULL");
     switch (param) {
     case LORA_OPT_LR: *value = opt->lr; break;
     case LORA_OPT_BETA1: *value = opt->beta1; break;
@@ -289,7 +283,6 @@ LORA_API int lora_optimizer_get_double(const lora_optimizer *opt, int param, dou
     case LORA_OPT_MAX_GRAD_NORM: *value = opt->max_grad_norm; break;
     default: *value = opt->grad_norm; break; /* LORA_OPT_GRAD_NORM */
     }
-    opt_err(opt)[0] = '\0';
     return LORA_OK;
 }
 

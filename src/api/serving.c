@@ -230,6 +230,52 @@ static size_t carve_at(size_t *off, size_t n, size_t sz, int *ok)
     return at;
 }
 
+/* Stable counting sort of the adapted rows by tenant into job->order, cut into tasks of
+ * at most block rows (counts: n_tenants + 1 scratch entries). */
+static void apply_sort(apply_job *job, apply_task *tasks, int64_t *order, int64_t *counts,
+                       size_t n_tenants, const int32_t *tenant_of_row, int64_t rows,
+                       int64_t block)
+{
+    memset(counts, 0, (n_tenants + 1) * sizeof *counts);
+    for (int64_t r = 0; r < rows; r++)
+        if (tenant_of_row[r] >= 0)
+            counts[tenant_of_row[r] + 1]++;
+    for (size_t i = 0; i < n_tenants; i++)
+        counts[i + 1] += counts[i];
+    int64_t n_tasks = 0;
+    for (size_t i = 0; i < n_tenants; i++)
+        for (int64_t s = counts[i]; s < counts[i + 1]; s += block) {
+            const int64_t left = counts[i + 1] - s;
+            tasks[n_tasks++] = (apply_task){(int32_t)i, s, left < block ? left : block};
+        }
+    for (int64_t r = 0; r < rows; r++)
+        if (tenant_of_row[r] >= 0)
+            order[counts[tenant_of_row[r]]++] = r;
+    job->order = order;
+    job->tasks = tasks;
+    job->n_tasks = n_tasks;
+}
+
+/* The tasks on tenants[0]'s worker threads, each part in its own scratch. The pool
+ * takes one caller at a time: a concurrent caller (or one while tenants[0] runs a
+ * forward) finds it busy and runs every part itself, with the same y. */
+static int apply_tasks(const lora_adapter *lead, apply_job *job, char *err)
+{
+    const int parts = apply_parts(job, lead->threads);
+    size_t floats;
+    if (__builtin_mul_overflow(job->part_floats, (size_t)parts, &floats) ||
+        floats > SIZE_MAX / sizeof(float))
+        return lora_set_error(err, LORA_ERR_SHAPE, "lora_apply's workspace size overflows");
+    job->scratch = lora_mem_alloc(&lead->mem, floats * sizeof(float));
+    if (!job->scratch)
+        return lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate %zu floats of workspace",
+                              floats);
+    pool_queue_start(&job->queue);
+    pool_run(lead->la.pool, parts, apply_part, job);
+    lora_mem_free(&lead->mem, job->scratch);
+    return LORA_OK;
+}
+
 static int apply_run(const lora_adapter *const *tenants, size_t n_tenants, int target,
                      const int32_t *tenant_of_row, const float *x, int64_t rows, float *y,
                      char *err)
@@ -251,7 +297,6 @@ static int apply_run(const lora_adapter *const *tenants, size_t n_tenants, int t
     const size_t order_at = carve_at(&bytes, (size_t)rows, sizeof(int64_t), &ok);
     const size_t tasks_at = carve_at(&bytes, (size_t)rows, sizeof(apply_task), &ok);
     const size_t views_at = carve_at(&bytes, n_tenants, sizeof(apply_tenant), &ok);
-    const size_t scratch_at = carve_at(&bytes, part_floats, sizeof(float), &ok);
     if (!ok)
         return lora_set_error(err, LORA_ERR_SHAPE, "lora_apply's workspace size overflows");
     const lora_mem *mem = &tenants[0]->mem;
@@ -259,37 +304,18 @@ static int apply_run(const lora_adapter *const *tenants, size_t n_tenants, int t
     if (!ws)
         return lora_set_error(err, LORA_ERR_NOMEM, "cannot allocate %zu bytes of workspace",
                               bytes);
-    int64_t *counts = (int64_t *)(void *)(ws + counts_at);
-    int64_t *order = (int64_t *)(void *)(ws + order_at);
-    apply_task *tasks = (apply_task *)(void *)(ws + tasks_at);
     apply_tenant *views = (apply_tenant *)(void *)(ws + views_at);
     for (size_t i = 0; i < n_tenants; i++) {
         const layer *l = &tenants[i]->layer;
         views[i] = (apply_tenant){l->proj[t].a, l->proj[t].b, l->rank, l->lora_scale};
     }
-    /* Stable counting sort of the adapted rows by tenant. */
-    memset(counts, 0, (n_tenants + 1) * sizeof *counts);
-    for (int64_t r = 0; r < rows; r++)
-        if (tenant_of_row[r] >= 0)
-            counts[tenant_of_row[r] + 1]++;
-    for (size_t i = 0; i < n_tenants; i++)
-        counts[i + 1] += counts[i];
-    int64_t n_tasks = 0;
-    for (size_t i = 0; i < n_tenants; i++)
-        for (int64_t s = counts[i]; s < counts[i + 1]; s += block) {
-            const int64_t left = counts[i + 1] - s;
-            tasks[n_tasks++] = (apply_task){(int32_t)i, s, left < block ? left : block};
-        }
-    for (int64_t r = 0; r < rows; r++)
-        if (tenant_of_row[r] >= 0)
-            order[counts[tenant_of_row[r]]++] = r;
     apply_job job = {.la = &tenants[0]->la, .tenants = views, .in = in, .out = out,
-                     .panel_rows = panel_rows, .x = x, .y = y, .order = order, .tasks = tasks,
-                     .n_tasks = n_tasks, .scratch = (float *)(void *)(ws + scratch_at),
-                     .part_floats = part_floats};
-    apply_part(&job, 0, 1); /* every task on the calling thread */
+                     .panel_rows = panel_rows, .x = x, .y = y, .part_floats = part_floats};
+    apply_sort(&job, (apply_task *)(void *)(ws + tasks_at), (int64_t *)(void *)(ws + order_at),
+               (int64_t *)(void *)(ws + counts_at), n_tenants, tenant_of_row, rows, block);
+    st = apply_tasks(tenants[0], &job, err);
     lora_mem_free(mem, ws);
-    return LORA_OK;
+    return st;
 }
 
 LORA_API int lora_apply_with_error(const lora_adapter *const *tenants, size_t n_tenants,

@@ -33,6 +33,8 @@ LORA_API const char *lora_status_string(int status)
 
 int lora_set_error(char *err, int status, const char *fmt, ...)
 {
+    if (!err)
+        return status;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err, LORA_ERRMSG_SIZE, fmt, ap);

@@ -81,8 +81,7 @@ void lora_tape_record(lora_tape *t, lora_adapter *ad, const attn_problem *p,
 LORA_API int lora_tape_create(lora_tape **out, const lora_adapter *ad)
 {
     if (!out)
-        return ad ? lora_set_error(lora_err_buf(ad), LORA_ERR_INVALID_ARG, "out is NULL")
-                  : LORA_ERR_INVALID_ARG;
+        return LORA_ERR_INVALID_ARG; /* ad is const: no message */
     *out = NULL;
     if (!ad)
         return LORA_ERR_INVALID_ARG;
@@ -91,7 +90,7 @@ LORA_API int lora_tape_create(lora_tape **out, const lora_adapter *ad)
     const size_t head = (sizeof(lora_tape) + 63u) & ~(size_t)63u;
     unsigned char *block = lora_mem_alloc(&ad->mem, head + groups * sizeof(attn_group_plan));
     if (!block)
-        return lora_set_error(lora_err_buf(ad), LORA_ERR_NOMEM, "cannot allocate a tape");
+        return LORA_ERR_NOMEM;
     lora_tape *t = (lora_tape *)(void *)block;
     lora_tape_init(t, ad, (attn_group_plan *)(void *)(block + head));
     *out = t;

@@ -14,6 +14,8 @@
 
 /* Tasks of at most this many rows take the register kernels (with AVX-512). */
 #define APPLY_SMALL_ROWS 16
+/* Floats streamed per part below which one more part does not pay (64 KiB). */
+#define APPLY_PART_MIN_FLOATS 16384
 /* Scratch floats a task's panels aim at (4 MiB): bounds block_rows. */
 #define APPLY_PANEL_FLOATS (INT64_C(1) << 20)
 
@@ -112,11 +114,23 @@ static void run_task(const apply_job *j, const apply_task *tk, float *ws)
     }
 }
 
+int apply_parts(const apply_job *job, int threads)
+{
+    int64_t floats = 0; /* what the tasks stream: factors, then x and y rows */
+    for (int64_t t = 0; t < job->n_tasks; t++) {
+        const apply_task *tk = &job->tasks[t];
+        floats += (job->tenants[tk->tenant].rank + tk->rows) * (job->in + job->out);
+    }
+    int64_t parts = 1 + floats / APPLY_PART_MIN_FLOATS;
+    parts = parts < job->n_tasks ? parts : job->n_tasks;
+    return (int)(parts < threads ? parts : threads);
+}
+
 void apply_part(void *job, int part, int parts)
 {
-    const apply_job *j = job;
-    const int64_t lo = j->n_tasks * part / parts, hi = j->n_tasks * (part + 1) / parts;
+    apply_job *j = job;
+    (void)parts;
     float *ws = j->scratch + (size_t)part * j->part_floats;
-    for (int64_t t = lo; t < hi; t++)
+    for (int64_t t; (t = pool_queue_take(&j->queue)) < j->n_tasks;)
         run_task(j, &j->tasks[t], ws);
 }

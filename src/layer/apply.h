@@ -6,8 +6,8 @@
  * order). Each task reads its tenant's factors once and writes only its own rows of y,
  * so tasks run in any order on any number of threads with bitwise the same y: a row's
  * sums never depend on which part or thread ran its task. apply_part has pool_fn's
- * shape (ctx, part, parts): it runs a static share of the tasks in the part's own
- * scratch. */
+ * shape (ctx, part, parts): it takes tasks from the job's queue one at a time (tenants'
+ * tasks differ in rank and rows) and runs them in the part's own scratch. */
 #ifndef LORA_APPLY_H
 #define LORA_APPLY_H
 
@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "../linalg/linalg.h"
+#include "../linalg/pool.h"
 
 /* What lora_apply reads of one tenant. */
 typedef struct apply_tenant {
@@ -40,6 +41,7 @@ typedef struct apply_job {
     int64_t n_tasks;
     float *scratch; /* parts · apply_part_floats floats, 64-byte aligned */
     size_t part_floats;
+    pool_queue queue; /* the next task (pool_queue_start before the run) */
 } apply_job;
 
 /* Rows per task for this shape (at most; shape-dependent only, never thread-dependent). */
@@ -47,7 +49,11 @@ int64_t apply_block_rows(int64_t in, int64_t out, int64_t max_rank);
 /* Scratch floats one part needs for tasks of up to `rows` rows (a multiple of 16); 0
  * when it overflows. */
 size_t apply_part_floats(int64_t rows, int64_t in, int64_t out, int64_t max_rank);
-/* Runs tasks [lo, hi) of part `part` of `parts` (static split) in the part's scratch. */
+/* Parts worth running for this job on up to `threads` threads: 1 when a part would
+ * stream fewer than about 64 KiB of factors, x and y (waking a thread costs more). */
+int apply_parts(const apply_job *job, int threads);
+/* Part `part` of `parts`: takes tasks from the queue until none is left, in the part's
+ * scratch (parts <= the parts the scratch was sized for). */
 void apply_part(void *job, int part, int parts);
 
 #endif

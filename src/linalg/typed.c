@@ -4,9 +4,14 @@
 #include <string.h>
 
 #include "avx512_kernels.h"
+#include "pool.h"
 
+/* The dot-product route's pseudo-dtype (stream_block): bf16 W on AVX512_BF16. */
+#define LA_BF16_DOT 3
 /* Products with at most this many rows stream W through registers (with AVX-512). */
 #define LA_STREAM_ROWS 16
+/* Bytes of W per part of a register-route product (256 KiB). */
+#define LA_STREAM_PART_BYTES (INT64_C(1) << 18)
 /* Floats of one converted row panel of W (4 MiB): wide enough that BLIS's packing of X,
  * repeated per panel, stays a small part of the product. */
 #define LA_PANEL_FLOATS (INT64_C(1) << 20)
@@ -131,7 +136,7 @@ size_t la_gemm_w_scratch_floats(const la_ctx *ctx, la_trans tw, int64_t m, la_dt
 
 #ifdef LA_HAVE_AVX512_KERNELS
 /* 16 elements of W at element c of row p (the first `mask` lanes when partial) as
- * floats; DT is an la_dtype. */
+ * floats; DT is LA_F32 or LA_F16 (bf16 takes stream_block_bf16 or dot_block). */
 static inline __attribute__((always_inline)) LA_AVX512 __m512
 load_w(const int DT, const void *p, int64_t c, __mmask16 mask, int partial)
 {
@@ -141,9 +146,139 @@ load_w(const int DT, const void *p, int64_t c, __mmask16 mask, int partial)
     const uint16_t *q = (const uint16_t *)p + c;
     const __m256i h = partial ? _mm256_maskz_loadu_epi16(mask, q)
                               : _mm256_loadu_si256((const __m256i *)(const void *)q);
-    if (DT == LA_BF16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return _mm512_cvtph_ps(h);
+}
+
+/* x[c .. c+31] as two vectors, the first n (<= 32) elements loaded, the rest 0. */
+static inline __attribute__((always_inline)) LA_AVX512 void
+load_x32(const float *x, int64_t c, int64_t n, __m512 *a, __m512 *b)
+{
+    const __mmask16 m0 = n >= 16 ? 0xffffu : (__mmask16)((1u << n) - 1u);
+    const __mmask16 m1 = n >= 32 ? 0xffffu : n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1u);
+    *a = _mm512_maskz_loadu_ps(m0, x + c);
+    *b = _mm512_maskz_loadu_ps(m1, x + c + 16);
+}
+
+/* x_i[c .. c+31] (the first `n` of them, the rest 0) as its even and odd elements:
+ * the order of bf16 W loaded as 16 pairs (pair_halves). */
+static inline __attribute__((always_inline)) LA_AVX512 void
+x_pairs(const float *x, int64_t c, int64_t n, __m512 *even, __m512 *odd)
+{
+    __m512 a, b;
+    load_x32(x, c, n, &a, &b);
+    const __m512i ie = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i io = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    *even = _mm512_permutex2var_ps(a, ie, b);
+    *odd = _mm512_permutex2var_ps(a, io, b);
+}
+
+/* 32 bf16 of a W row (16 pairs, one 32-bit lane each) as floats, exactly: the even
+ * elements shifted up, the odd ones masked in place (no widening shuffle). */
+static inline __attribute__((always_inline)) LA_AVX512 void
+pair_halves(__m512i v, __m512 *even, __m512 *odd)
+{
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* stream_block for bf16 W, 32 columns a step: lane l of a chain sums columns 2l and
+ * 2l+1 of every step. */
+static inline __attribute__((always_inline)) LA_AVX512 void
+stream_block_bf16(const int GW, const int GX, const void *const *wr, const float *const *xr,
+                  int64_t in, __m512 *acc)
+{
+    for (int64_t c = 0; c < in; c += 32) {
+        const int64_t n = in - c < 32 ? in - c : 32;
+        const __mmask32 wm = n == 32 ? 0xffffffffu : (__mmask32)((1u << n) - 1u);
+        __m512 xe[LA_STREAM_ROWS / 4], xo[LA_STREAM_ROWS / 4];
+#pragma GCC unroll 4
+        for (int i = 0; i < GX; i++)
+            x_pairs(xr[i], c, n, &xe[i], &xo[i]);
+#pragma GCC unroll 16
+        for (int jw = 0; jw < GW; jw++) {
+            const uint16_t *q = (const uint16_t *)wr[jw] + c;
+            __m512 we, wo;
+            pair_halves(n == 32 ? _mm512_loadu_si512((const void *)q)
+                                : _mm512_maskz_loadu_epi16(wm, q),
+                        &we, &wo);
+#pragma GCC unroll 4
+            for (int i = 0; i < GX; i++)
+                acc[jw * GX + i] =
+                    _mm512_fmadd_ps(wo, xo[i], _mm512_fmadd_ps(we, xe[i], acc[jw * GX + i]));
+        }
+    }
+}
+
+#define LA_AVX512_BF16 \
+    __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16")))
+/* The bf16 dot-product route (vdpbf16ps) for one or two rows of x: x is split exactly
+ * into three bf16 parts (8 + 8 + 8 significand bits: truncate, subtract, truncate,
+ * subtract), so every product w·x_part is exact and only the float sums round, as on
+ * the converting routes. A step takes 32 columns; lane l sums columns 2l and 2l+1. */
+static inline __attribute__((always_inline)) LA_AVX512_BF16 void
+x_split3(const float *x, int64_t c, int64_t n, __m512bh *hi, __m512bh *mid, __m512bh *lo)
+{
+    const __m512i top = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 a, b;
+    load_x32(x, c, n, &a, &b);
+    __m512bh *parts[3] = {hi, mid, lo};
+    for (int k = 0; k < 3; k++) { /* the last part has at most 8 bits left: exact */
+        const __m512 ta = k < 2 ? _mm512_castsi512_ps(
+                                      _mm512_and_si512(_mm512_castps_si512(a), top))
+                                : a;
+        const __m512 tb = k < 2 ? _mm512_castsi512_ps(
+                                      _mm512_and_si512(_mm512_castps_si512(b), top))
+                                : b;
+        *parts[k] = _mm512_cvtne2ps_pbh(tb, ta); /* columns c .. c+15 first */
+        a = _mm512_sub_ps(a, ta);
+        b = _mm512_sub_ps(b, tb);
+    }
+}
+
+static inline __attribute__((always_inline)) LA_AVX512_BF16 void
+dot_block(const int GW, const int GX, const void *const *wr, const float *const *xr,
+          int64_t in, __m512 *acc_out)
+{
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int l = 0; l < 16; l++)
+        acc[l] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < in; c += 32) {
+        const int64_t n = in - c < 32 ? in - c : 32;
+        const __mmask32 wm = n == 32 ? 0xffffffffu : (__mmask32)((1u << n) - 1u);
+        __m512bh xh[2], xm[2], xl[2];
+#pragma GCC unroll 2
+        for (int i = 0; i < GX; i++)
+            x_split3(xr[i], c, n, &xh[i], &xm[i], &xl[i]);
+#pragma GCC unroll 16
+        for (int jw = 0; jw < GW; jw++) {
+            const uint16_t *q = (const uint16_t *)wr[jw] + c;
+            const __m512bh wv = (__m512bh)(n == 32 ? _mm512_loadu_si512((const void *)q)
+                                                   : _mm512_maskz_loadu_epi16(wm, q));
+#pragma GCC unroll 2
+            for (int i = 0; i < GX; i++) { /* small parts first */
+                __m512 *a = &acc[jw * GX + i];
+                *a = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_dpbf16_ps(*a, wv, xl[i]), wv,
+                                                       xm[i]),
+                                      wv, xh[i]);
+            }
+        }
+    }
+#pragma GCC unroll 16
+    for (int l = 0; l < 16; l++)
+        acc_out[l] = acc[l];
+}
+
+/* Out of line: the caller is compiled without avx512bf16. */
+static LA_AVX512_BF16 void dot_block_16x1(const void *const *wr, const float *const *xr,
+                                          int64_t in, __m512 *acc)
+{
+    dot_block(16, 1, wr, xr, in, acc);
+}
+static LA_AVX512_BF16 void dot_block_8x2(const void *const *wr, const float *const *xr,
+                                         int64_t in, __m512 *acc)
+{
+    dot_block(8, 2, wr, xr, in, acc);
 }
 
 /* acc[jw·GX + i] = Σ_c w_jw[c]·x_i[c] for GW rows of W and GX rows of x (GW·GX = 16):
@@ -152,11 +287,22 @@ static inline __attribute__((always_inline)) LA_AVX512 void
 stream_block(const int GW, const int GX, const int DT, const void *const *wr,
              const float *const *xr, int64_t in, __m512 *acc)
 {
-    const int64_t full = in & ~INT64_C(15);
-    const __mmask16 tail = (__mmask16)((1u << (in - full)) - 1u);
 #pragma GCC unroll 16
     for (int l = 0; l < 16; l++)
         acc[l] = _mm512_setzero_ps();
+    if (DT == LA_BF16_DOT) {
+        if (GX == 1)
+            dot_block_16x1(wr, xr, in, acc);
+        else
+            dot_block_8x2(wr, xr, in, acc);
+        return;
+    }
+    if (DT == LA_BF16) {
+        stream_block_bf16(GW, GX, wr, xr, in, acc);
+        return;
+    }
+    const int64_t full = in & ~INT64_C(15);
+    const __mmask16 tail = (__mmask16)((1u << (in - full)) - 1u);
     for (int64_t c = 0; c < full; c += 16) {
         __m512 xv[LA_STREAM_ROWS];
 #pragma GCC unroll 16
@@ -192,6 +338,7 @@ typedef struct stream_job {
     const float *x;
     const void *w;
     la_dtype dtype;
+    int bf16_dot; /* the CPU has AVX512_BF16 */
     float *c;
 } stream_job;
 
@@ -227,6 +374,17 @@ stream_cols(const int GW, const int GX, const int DT, const stream_job *j, int64
     }
 }
 
+/* Parts for a register-route product on up to nthreads threads: one per 256 KiB of W
+ * (below that, waking a thread costs about what it saves), at most one per 16-column
+ * block. row_bytes: bytes of one row of W. */
+static int stream_parts(int64_t out, int64_t row_bytes, int nthreads)
+{
+    int64_t parts = 1 + out * row_bytes / LA_STREAM_PART_BYTES;
+    const int64_t blocks = (out + 15) / 16;
+    parts = parts < blocks ? parts : blocks;
+    return (int)(parts < nthreads ? parts : nthreads);
+}
+
 /* The register block by the row count (every accumulator busy), then the dtype. */
 #define STREAM_SHAPES(DT)                                                                  \
     do {                                                                                   \
@@ -248,7 +406,12 @@ static LA_AVX512 void stream_part(void *job, int part, int parts)
     hi = hi < j->out ? hi : j->out;
     if (lo >= hi)
         return;
-    if (j->dtype == LA_BF16)
+    if (j->dtype == LA_BF16 && j->m <= 2 && j->bf16_dot) {
+        if (j->m == 1)
+            stream_cols(16, 1, LA_BF16_DOT, j, lo, hi);
+        else
+            stream_cols(8, 2, LA_BF16_DOT, j, lo, hi);
+    } else if (j->dtype == LA_BF16)
         STREAM_SHAPES(LA_BF16);
     else if (j->dtype == LA_F16)
         STREAM_SHAPES(LA_F16);
@@ -270,11 +433,12 @@ void la_gemm_w(const la_ctx *ctx, int nthreads, la_trans tw, int64_t m, int64_t 
     if (streams(ctx, tw, m)) {
         stream_job job = {.m = m, .out = out, .in = in, .ldx = ldx, .ldc = ldc,
                           .alpha = alpha, .beta = beta, .x = x, .w = w.data,
-                          .dtype = w.dtype, .c = c};
-        /* Parts over the columns of C (pool-shaped); all on the calling thread for now:
-         * the result is the same for any number of parts. */
-        (void)nthreads;
-        stream_part(&job, 0, 1);
+                          .dtype = w.dtype,
+                          .bf16_dot = w.dtype == LA_BF16 && __builtin_cpu_supports("avx512bf16"),
+                          .c = c};
+        /* Parts over the columns of C: any split gives the same C (stream_cols). */
+        pool_run(ctx->pool, stream_parts(out, in * (int64_t)la_dtype_size(w.dtype), nthreads),
+                 stream_part, &job);
         return;
     }
 #endif

@@ -10,11 +10,16 @@
  * 2. One decode row through the layer (lora_forward, batch 1, one token: every base
  *    weight read once) with a float base and with a bf16 base (both borrowed), against
  *    a plain pass over the float and the bf16 weight bytes.
- * 3. One decode step over a KV cache of 4096 tokens (lora_decode, --threads threads,
+ * 3. The typed projection alone, 1..8 rows x 4096 -> 4096: a layer whose cost is W_Q
+ *    (K and V one head of 128 wide, no output projection; one token per sequence, so
+ *    attention is a copy), with f32, bf16 and f16 bases, against a plain pass over W_Q.
+ * 4. One decode step over a KV cache of 4096 tokens (lora_decode, --threads threads,
  *    default 2) for batch 1 and batch 8, float and bf16 base, against a plain pass (same
  *    threads) over the base weights once plus the sequences' K/V bytes.
  *
- *   bench_serving [--reps N] [--threads N] */
+ *   bench_serving [--reps N] [--threads T]   (T: LORA_CFG_THREADS, default 1; the
+ *   projection and apply sections stream on one thread, so compare their ratios at
+ *   T = 1; the decode steps run on T threads, default 2, and stream on as many) */
 #include <lora.h>
 #include <math.h>
 #include <pthread.h>
@@ -67,6 +72,8 @@ static void stream_update(float *y, size_t n) /* read and write */
         y[i] += 1.0f;
 }
 
+static int bench_threads = 1; /* --threads */
+
 static lora_config *layer_config(void)
 {
     lora_config *cfg = NULL;
@@ -78,7 +85,7 @@ static lora_config *layer_config(void)
     CHECK(lora_config_set_int(cfg, LORA_CFG_OUT_PROJ, 1));
     CHECK(lora_config_set_int(cfg, LORA_CFG_TARGETS, 15));
     CHECK(lora_config_set_int(cfg, LORA_CFG_RANK, RANK));
-    CHECK(lora_config_set_int(cfg, LORA_CFG_THREADS, 1));
+    CHECK(lora_config_set_int(cfg, LORA_CFG_THREADS, bench_threads));
     CHECK(lora_config_set_int(cfg, LORA_CFG_BACKEND, LORA_BACKEND_EXACT));
     return cfg;
 }
@@ -408,6 +415,86 @@ static void bench_decode_cache(int reps, int threads)
     for (int t = 0; t < 4; t++)
         free(wf[t]), free(wb[t]);
     free(kvbuf);
+/* bf16 bits -> IEEE half bits (values of the benchmark are normal halves). */
+static uint16_t bf16_to_f16(uint16_t b)
+{
+    const uint32_t u = (uint32_t)b << 16;
+    const uint32_t sign = (u >> 16) & 0x8000u, e = (u >> 23) & 0xffu, m = u & 0x7fffffu;
+    if (e < 113) /* below half's normal range: 0 */
+        return (uint16_t)sign;
+    return (uint16_t)(sign | ((e - 112) << 10) | (m >> 13));
+}
+
+/* The projection x·W_Qᵀ of m one-token sequences (layer_config with one kv head and no
+ * output projection: W_K and W_V add 1/16 of W_Q's bytes). */
+static void bench_projection(int reps)
+{
+    const int64_t n = (int64_t)D_MODEL * D_MODEL, kvn = (int64_t)HEAD_DIM * D_MODEL;
+    const int dtypes[3] = {LORA_DTYPE_F32, LORA_DTYPE_BF16, LORA_DTYPE_F16};
+    float *wf = xmalloc((size_t)n * sizeof(float)), *kvf = xmalloc((size_t)kvn * sizeof(float));
+    uint16_t *wb = xmalloc((size_t)n * 2), *wh = xmalloc((size_t)n * 2);
+    uint16_t *kvb = xmalloc((size_t)kvn * 2), *kvh = xmalloc((size_t)kvn * 2);
+    for (int64_t i = 0; i < n + kvn; i++) {
+        uint16_t *b = i < n ? &wb[i] : &kvb[i - n], *h = i < n ? &wh[i] : &kvh[i - n];
+        float *f = i < n ? &wf[i] : &kvf[i - n];
+        *b = to_bf16(urand() / 64.0f);
+        *h = bf16_to_f16(*b);
+        const uint32_t u = (uint32_t)*b << 16;
+        memcpy(f, &u, sizeof u);
+    }
+    const void *w[3] = {wf, wb, wh}, *kv[3] = {kvf, kvb, kvh};
+    lora_adapter *ad[3];
+    for (int d = 0; d < 3; d++) {
+        lora_config *cfg = layer_config();
+        CHECK(lora_config_set_int(cfg, LORA_CFG_N_KV_HEADS, 1));
+        CHECK(lora_config_set_int(cfg, LORA_CFG_OUT_PROJ, 0));
+        CHECK(lora_config_set_int(cfg, LORA_CFG_TARGETS, LORA_TARGET_Q | LORA_TARGET_V));
+        CHECK(lora_adapter_create(&ad[d], cfg));
+        lora_config_destroy(cfg);
+        CHECK(lora_adapter_set_base_typed(ad[d], LORA_TARGET_Q, w[d], dtypes[d], NULL,
+                                          LORA_BASE_BORROW));
+        CHECK(lora_adapter_set_base_typed(ad[d], LORA_TARGET_K, kv[d], dtypes[d], NULL,
+                                          LORA_BASE_BORROW));
+        CHECK(lora_adapter_set_base_typed(ad[d], LORA_TARGET_V, kv[d], dtypes[d], NULL,
+                                          LORA_BASE_BORROW));
+    }
+    float *x = xmalloc(8 * D_MODEL * sizeof(float)), *y = xmalloc(8 * D_MODEL * sizeof(float));
+    for (int i = 0; i < 8 * D_MODEL; i++)
+        x[i] = urand();
+    const lora_attn_args args = {.struct_size = sizeof args, .flags = LORA_FWD_INFER};
+    printf("\nprojection x·W_Qᵀ, 4096 -> 4096, one-token sequences (LORA_FWD_INFER; "
+           "stream = one pass over W_Q as f32 / as 16-bit)\n");
+    printf("%-5s %10s %10s %10s %11s %11s %9s %9s\n", "rows", "f32_us", "bf16_us", "f16_us",
+           "stream32_us", "stream16_us", "bf16/f32", "f16/f32");
+    for (int m = 1; m <= 8; m++) {
+        double t[3][MAX_REPS], s32[MAX_REPS], s16[MAX_REPS];
+        for (int k = 0; k < reps; k++) {
+            for (int d = 0; d < 3; d++) {
+                const double t0 = now();
+                CHECK(lora_forward_ex(ad[d], &args, x, NULL, m, 1, 1, y));
+                t[d][k] = now() - t0;
+            }
+            double t0 = now();
+            stream_read(wf, (size_t)n * sizeof(float));
+            s32[k] = now() - t0;
+            t0 = now();
+            stream_read(wb, (size_t)n * 2);
+            s16[k] = now() - t0;
+        }
+        const double mf = median(t[0], reps), mb = median(t[1], reps), mh = median(t[2], reps);
+        printf("%-5d %10.1f %10.1f %10.1f %11.1f %11.1f %9.2f %9.2f\n", m, 1e6 * mf, 1e6 * mb,
+               1e6 * mh, 1e6 * median(s32, reps), 1e6 * median(s16, reps), mb / mf, mh / mf);
+    }
+    for (int d = 0; d < 3; d++)
+        lora_adapter_destroy(ad[d]);
+    free(wf);
+    free(wb);
+    free(wh);
+    free(kvf);
+    free(kvb);
+    free(kvh);
+    free(x);
+    free(y);
 }
 
 int main(int argc, char **argv)
@@ -417,10 +504,10 @@ int main(int argc, char **argv)
         if (strcmp(argv[i], "--reps") == 0 && i + 1 < argc) {
             reps = atoi(argv[++i]);
         } else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
-            threads = atoi(argv[++i]) < 1 ? 1 : atoi(argv[i]);
+            bench_threads = atoi(argv[++i]) < 1 ? 1 : atoi(argv[i]);
+            threads = bench_threads;
         } else {
-            fprintf(stderr, "usage: %s [--reps N] [--threads N (decode steps, default 2)]\n",
-                    argv[0]);
+            fprintf(stderr, "usage: %s [--reps N] [--threads T]\n", argv[0]);
             return 2;
         }
     }
@@ -436,6 +523,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < TENANTS; i++)
         lora_adapter_destroy(tenants[i]);
     bench_decode_row(reps);
+    bench_projection(reps);
     bench_decode_cache(reps, threads);
     return 0;
 }

@@ -434,9 +434,12 @@ class Adapter:
             raise StateError(Status.STATE, "the adapter is closed")
         return self._handle
 
-    def _check(self, st, fn):
+    def _check(self, st, fn, const=False):
+        # A call taking the adapter as const writes no message (lora.h, Threads): the
+        # last error would be an older call's.
         if st != Status.OK:
-            raise error_for(st, _lib.lora_adapter_last_error(self._handle).decode(), fn)
+            msg = "" if const else _lib.lora_adapter_last_error(self._handle).decode()
+            raise error_for(st, msg, fn)
 
     # -- configuration --
 
@@ -447,12 +450,12 @@ class Adapter:
             v = ctypes.c_double()
             self._check(_lib.lora_adapter_get_config_double(self._h(), int(p),
                                                              ctypes.byref(v)),
-                        "lora_adapter_get_config_double")
+                        "lora_adapter_get_config_double", const=True)
         else:
             v = ctypes.c_int64()
             self._check(_lib.lora_adapter_get_config_int(self._h(), int(p),
                                                           ctypes.byref(v)),
-                        "lora_adapter_get_config_int")
+                        "lora_adapter_get_config_int", const=True)
         return v.value
 
     @property
@@ -556,17 +559,21 @@ class Adapter:
     def param_shape(self, target, which):
         """(rows, cols) of factor `which` of `target`: A is (rank, in), B (out, rank)."""
         r, c = ctypes.c_int64(), ctypes.c_int64()
-        self._check(_lib.lora_adapter_param_shape(self._h(), _target(target),
-                                                  _factor(which), ctypes.byref(r),
-                                                  ctypes.byref(c)),
-                    "lora_adapter_param_shape")
+        t = _target(target)
+        if t in (1, 2, 4, 8) and not t & self._targets:
+            raise InvalidArgumentError(Status.INVALID_ARG, "target %s is not adapted"
+                                       % "QKVO"[t.bit_length() - 1],
+                                       "lora_adapter_param_shape")
+        self._check(_lib.lora_adapter_param_shape(self._h(), t, _factor(which),
+                                                  ctypes.byref(r), ctypes.byref(c)),
+                    "lora_adapter_param_shape", const=True)
         return (r.value, c.value)
 
     def _get(self, fn, name, target, which, out):
         shape = self.param_shape(target, which)
         dst = _out_buffer(out, shape, "out")
         self._check(fn(self._h(), _target(target), _factor(which), _ptr(dst), dst.size),
-                    name)
+                    name, const=True)
         return dst
 
     def param(self, target, which, out=None):
@@ -644,7 +651,7 @@ class Adapter:
         """Total floats in all LoRA factors (lora_adapter_param_count)."""
         n = ctypes.c_size_t()
         self._check(_lib.lora_adapter_param_count(self._h(), ctypes.byref(n)),
-                    "lora_adapter_param_count")
+                    "lora_adapter_param_count", const=True)
         return n.value
 
     def get_params_flat(self, out=None):
@@ -652,7 +659,7 @@ class Adapter:
         then B, row-major."""
         dst = _out_buffer(out, (self.param_count,), "out")
         self._check(_lib.lora_adapter_get_params_flat(self._h(), _ptr(dst), dst.size),
-                    "lora_adapter_get_params_flat")
+                    "lora_adapter_get_params_flat", const=True)
         return dst
 
     def set_params_flat(self, values):
@@ -666,7 +673,7 @@ class Adapter:
         """All accumulated gradients as one vector (get_params_flat's order)."""
         dst = _out_buffer(out, (self.param_count,), "out")
         self._check(_lib.lora_adapter_get_grads_flat(self._h(), _ptr(dst), dst.size),
-                    "lora_adapter_get_grads_flat")
+                    "lora_adapter_get_grads_flat", const=True)
         return dst
 
     def set_grads_flat(self, values):
@@ -688,7 +695,7 @@ class Adapter:
             if w.shape != shape:
                 raise ShapeError(Status.SHAPE, "weight has shape %s, expected %s"
                                  % (w.shape, shape), name)
-        self._check(fn(self._h(), t, _ptr(w), w.size), name)
+        self._check(fn(self._h(), t, _ptr(w), w.size), name, const=True)
         return w
 
     def merge(self, target, weight, inplace=False):
@@ -943,7 +950,7 @@ class Adapter:
         """RunInfo of the last forward/backward (lora_adapter_get_run_info)."""
         s = _ffi.RunInfoC(struct_size=ctypes.sizeof(_ffi.RunInfoC))
         self._check(_lib.lora_adapter_get_run_info(self._h(), ctypes.byref(s)),
-                    "lora_adapter_get_run_info")
+                    "lora_adapter_get_run_info", const=True)
         return _from_struct(RunInfo, s)
 
     def threshold_estimate(self, x):
@@ -1019,7 +1026,7 @@ class Tape:
         _need("lora_tape_create")
         handle = _ffi.TapeP()
         st = _lib.lora_tape_create(ctypes.byref(handle), adapter._h())
-        adapter._check(st, "lora_tape_create")
+        adapter._check(st, "lora_tape_create", const=True)
         self._handle = handle
         self._adapter = adapter
         self._saved = None  # (kind, out shape, xq shape[, xkv shape]) of its forward
@@ -1192,11 +1199,18 @@ class Optimizer:
                 raise InvalidArgumentError(Status.INVALID_ARG, "the adapter set is empty",
                                            "lora_optimizer_create_set")
             arr = _handles(self._adapters)
+            seen = {}
+            for i, handle in enumerate(arr):  # the library names no repeat (const)
+                a = ctypes.cast(handle, ctypes.c_void_p).value
+                if a in seen:
+                    raise InvalidArgumentError(
+                        Status.INVALID_ARG, "adapters[%d] and adapters[%d] are the same "
+                        "adapter" % (seen[a], i), "lora_optimizer_create_set")
+                seen[a] = i
             st = _lib.lora_optimizer_create_set(ctypes.byref(h), arr, len(arr), k)
             fn = "lora_optimizer_create_set"
         if st != Status.OK:
-            raise error_for(st, _lib.lora_adapter_last_error(
-                self._adapters[0]._h()).decode(), fn)
+            raise error_for(st, "", fn)  # the adapters are const: no message
         self._handle = h
         self.kind = OptimizerKind(k)
         betas = params.pop("betas", None)

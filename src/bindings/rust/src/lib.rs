@@ -95,6 +95,30 @@ pub struct LoraError {
     pub function: &'static str,
 }
 
+/// Calls taking their handle as const write no message into it (lora.h, Threads): the
+/// handle's last error would be an older call's.
+fn takes_const_handle(function: &str) -> bool {
+    matches!(
+        function,
+        "lora_adapter_get_config_int"
+            | "lora_adapter_get_config_double"
+            | "lora_adapter_param_shape"
+            | "lora_adapter_get_param"
+            | "lora_adapter_get_grad"
+            | "lora_adapter_param_count"
+            | "lora_adapter_get_params_flat"
+            | "lora_adapter_get_grads_flat"
+            | "lora_adapter_merge"
+            | "lora_adapter_unmerge"
+            | "lora_adapter_get_run_info"
+            | "lora_tape_create"
+            | "lora_optimizer_create"
+            | "lora_optimizer_create_set"
+            | "lora_optimizer_get_int"
+            | "lora_optimizer_get_double"
+    )
+}
+
 impl LoraError {
     fn new(status: Status, function: &'static str, message: impl Into<String>) -> Self {
         LoraError {
@@ -641,6 +665,7 @@ impl Adapter {
     fn check(&self, st: c_int, function: &'static str) -> Result<()> {
         match Status::from_code(st) {
             None => Ok(()),
+            Some(s) if takes_const_handle(function) => Err(LoraError::new(s, function, "")),
             Some(s) => Err(LoraError::new(s, function, self.last_error())),
         }
     }
@@ -770,6 +795,10 @@ impl Adapter {
 
     /// (rows, cols) of a LoRA factor: A is (rank, in), B is (out, rank).
     pub fn param_shape(&self, target: Target, which: Factor) -> Result<(usize, usize)> {
+        if !self.targets.contains(&target) {
+            let msg = format!("target {target:?} is not adapted");
+            return Err(LoraError::new(Status::InvalidArg, "lora_adapter_param_shape", msg));
+        }
         let (mut r, mut c) = (0i64, 0i64);
         self.check(
             unsafe {
@@ -1799,6 +1828,7 @@ impl Optimizer {
     fn check(&self, st: c_int, function: &'static str) -> Result<()> {
         match Status::from_code(st) {
             None => Ok(()),
+            Some(s) if takes_const_handle(function) => Err(LoraError::new(s, function, "")),
             Some(s) => Err(LoraError::new(s, function, self.last_error())),
         }
     }
