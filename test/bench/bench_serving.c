@@ -415,6 +415,8 @@ static void bench_decode_cache(int reps, int threads)
     for (int t = 0; t < 4; t++)
         free(wf[t]), free(wb[t]);
     free(kvbuf);
+}
+
 /* bf16 bits -> IEEE half bits (values of the benchmark are normal halves). */
 static uint16_t bf16_to_f16(uint16_t b)
 {
