@@ -259,17 +259,15 @@ static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t l
                 const float t = prow[j] * inv_cap; /* -inf where hidden: factor 0 */
                 dsrow[j] = (dsrow[j] - rr) * (1.0f - fminf(t * t, 1.0f));
             }
-        } else {
-#pragma omp simd
-            for (int64_t j = 0; j < bk; j++)
-                dsrow[j] -= rr;
         }
         exp_shifted(prow, bk, lse[r]);
+        /* Without the cap, dP - ρ is formed here: one pass over the tile less. */
+        const float shift = cap > 0.0f ? 0.0f : rr;
 #pragma omp simd
         for (int64_t j = 0; j < bk; j++) {
             const float pj = isgreaterequal(prow[j], PROB_FLUSH) ? prow[j] : 0.0f;
             prow[j] = pj;
-            dsrow[j] *= pj;
+            dsrow[j] = (dsrow[j] - shift) * pj;
         }
     }
 }
