@@ -954,7 +954,8 @@ END_TEST
  * and BLIS ones (head_dim 12):
  *   0 segments of 19 to 45 rows, boundaries inside tiles and sub-tiles;
  *   1 segments of 64 rows (whole sub-tile blocks: full sub-tiles inside partial tiles);
- *   2 two segment ids alternating every 40 rows (a sequence in non-adjacent blocks);
+ *   2 two segment ids alternating every 64 rows (a sequence in non-adjacent blocks:
+ *     full blocks with hidden ones between them);
  *   3 window 100 (not a multiple of 32), lengths 600 and 333 (padded tails);
  *   4 window 70, positions shifted by 5 every 150 rows, lengths 517 and 600. */
 START_TEST(test_attention_sub_tiles_vs_reference)
@@ -972,7 +973,7 @@ START_TEST(test_attention_sub_tiles_vs_reference)
             start = r;
             len = r == 0 ? 19 : 19 + (len - 19 + 7) % 33;
         }
-        seg[i] = which == 0 ? start : which == 1 ? r / 64 : (r / 40) % 2;
+        seg[i] = which == 0 ? start : which == 1 ? r / 64 : (r / 64) % 2;
         pos[i] = which == 0 ? r - start : which == 1 ? r % 64 : which == 4 ? r + 5 * (r / 150) : r;
     }
     lens[0] = which == 3 ? 600 : which == 4 ? 517 : L;

@@ -144,12 +144,15 @@ static int tile_class(const attn_problem *p, const tile_span *q, const tile_span
 }
 
 /* Partial tiles are cut into sub-tiles: for each ATTN_SUB-long block of one dimension
- * (the outer one), only the rows of the other from its first to its last ATTN_SUB-long
- * block with a visible pair are computed. A causal diagonal tile so costs 56% of a
- * full one instead of 100%, and segments or windows shorter than a tile cost about
- * their pairs. A multiple of 16 (the fused tiles' vector length). */
+ * (the outer one), the ATTN_SUB-long blocks of the other with a visible pair are
+ * computed, in runs of consecutive full blocks (no mask) and of consecutive partial
+ * ones (masked). A causal diagonal tile so costs 56% of a full one instead of 100% and
+ * masks only its diagonal blocks, and segments or windows shorter than a tile cost
+ * about their pairs. A multiple of 16 (the fused tiles' vector length). -D overrides. */
+#ifndef ATTN_SUB
 #define ATTN_SUB 32
-#define ATTN_MAX_SUBS ((ATTN_BQ > ATTN_BK ? ATTN_BQ : ATTN_BK) / ATTN_SUB)
+#endif
+#define ATTN_MAX_SUBS ((ATTN_BQ / ATTN_SUB) * (ATTN_BK / ATTN_SUB))
 _Static_assert(ATTN_BQ % ATTN_SUB == 0 && ATTN_BK % ATTN_SUB == 0 && ATTN_SUB % 16 == 0,
                "tiles are whole sub-tiles of whole vectors");
 
@@ -161,8 +164,8 @@ typedef struct sub_tile {
 
 /* The sub-tiles of a tile of class cls (not TILE_SKIP) between the query span qs (rows
  * from i0) and the key span ks (keys from j0): the whole tile when it is full, else the
- * cut described at ATTN_SUB, keys outer when keys_outer. A sub-tile is full when every
- * block pair in it is. Fills out (ATTN_MAX_SUBS at most); returns the count. */
+ * cut described at ATTN_SUB, keys outer when keys_outer. Fills out (ATTN_MAX_SUBS at
+ * most); returns the count. */
 static int sub_tiles(const attn_problem *p, int cls, int64_t b, int64_t i0,
                      const tile_span *qs, int64_t j0, const tile_span *ks, int keys_outer,
                      sub_tile *out)
@@ -181,22 +184,22 @@ static int sub_tiles(const attn_problem *p, int cls, int64_t b, int64_t i0,
     int count = 0;
     for (int64_t o = 0; o < n_out; o += ATTN_SUB) {
         const tile_span outer = span_of(p, keys_outer, b, out0 + o, min64(ATTN_SUB, n_out - o));
-        int64_t first = -1, last = -1;
-        int all_full = 1;
-        for (int64_t t = 0; t < in_blocks; t++) {
-            const int c = keys_outer ? tile_class(p, &inner[t], &outer)
-                                     : tile_class(p, &outer, &inner[t]);
-            if (c != TILE_SKIP) {
-                all_full = all_full && c == TILE_FULL && (first < 0 || last == t - 1);
-                first = first < 0 ? t : first;
-                last = t;
+        int64_t run = -1; /* first inner block of the current run */
+        int run_cls = TILE_SKIP;
+        for (int64_t t = 0; t <= in_blocks; t++) {
+            const int c = t == in_blocks ? TILE_SKIP
+                          : keys_outer   ? tile_class(p, &inner[t], &outer)
+                                         : tile_class(p, &outer, &inner[t]);
+            if (c == run_cls)
+                continue;
+            if (run_cls != TILE_SKIP) { /* the run [run, t) ends */
+                const int64_t lo = run * ATTN_SUB, n = min64(t * ATTN_SUB, n_in) - lo;
+                out[count++] = keys_outer ? (sub_tile){lo, n, o, outer.n, run_cls}
+                                          : (sub_tile){o, outer.n, lo, n, run_cls};
             }
+            run = t;
+            run_cls = c;
         }
-        if (first < 0)
-            continue;
-        const int64_t lo = first * ATTN_SUB, n = min64((last + 1) * ATTN_SUB, n_in) - lo;
-        out[count++] = keys_outer ? (sub_tile){lo, n, o, outer.n, all_full ? TILE_FULL : TILE_PARTIAL}
-                                  : (sub_tile){o, outer.n, lo, n, all_full ? TILE_FULL : TILE_PARTIAL};
     }
     return count;
 }
