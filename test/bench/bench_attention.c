@@ -17,7 +17,12 @@
  * ratios (each repetition times a and b back to back, so a load change between
  * repetitions cancels), the goal figure derived from it, its target, and ok or MISSED.
  * --cpu times the process's CPU time instead of the wall clock (with --threads 1, a
- * figure that a loaded machine disturbs much less). */
+ * figure that a loaded machine disturbs much less).
+ *
+ * packed, padding and window also time the baseline's layer with WINDOW = 1 (each query
+ * sees one key: the layer's cost without attention, projections and LoRA terms
+ * included), f, and print the attention's own figure, ((a - f) / (b - f)) / share: at
+ * head_dim = d_model = 64 the projections are a visible part of a sparse layer's time. */
 #define _GNU_SOURCE
 #include <lora.h>
 #include <stdint.h>
@@ -121,24 +126,40 @@ static void side_free(side *s)
     lora_adapter_destroy(s->ad);
 }
 
-/* Times a and b (forward + backward) back to back, reps times. Prints both medians and
- * the goal figure: the median of the repetitions' ratios a/b, divided by `share` (1
- * unless the goal is stated against a share), against the target. */
-static void compare(const char *name, side *a, side *b, int reps, double share,
+/* Times a and b (forward + backward) back to back, reps times, and f after them when
+ * not NULL. Prints both medians and the goal figure: the median of the repetitions'
+ * ratios a/b, divided by `share` (1 unless the goal is stated against a share), against
+ * the target; with f, the attention's own figure too (above). */
+static void compare(const char *name, side *a, side *b, side *f, int reps, double share,
                     const char *goal, double target)
 {
     side_step(a); /* warm-up: buffers, page faults */
     side_step(b);
-    double ta[MAX_REPS], tb[MAX_REPS], ratio[MAX_REPS];
+    if (f)
+        side_step(f);
+    double ta[MAX_REPS], tb[MAX_REPS], ratio[MAX_REPS], tf[MAX_REPS], own[MAX_REPS];
     for (int r = 0; r < reps; r++) {
         ta[r] = side_step(a);
         tb[r] = side_step(b);
         ratio[r] = ta[r] / tb[r] / share;
+        if (f) {
+            tf[r] = side_step(f);
+            own[r] = (ta[r] - tf[r]) / (tb[r] - tf[r]) / share;
+        }
     }
     const double figure = median(ratio, reps);
     printf("%-8s %9.4f s vs %9.4f s  %-28s %6.3f  (target <= %.3f)  %s\n", name,
            median(ta, reps), median(tb, reps), goal, figure, target,
            figure <= target ? "ok" : "MISSED");
+    if (f)
+        printf("%-8s attention only (window-1 layer %.4f s subtracted): %.3f\n", "",
+               median(tf, reps), median(own, reps));
+}
+
+/* The layer of b with WINDOW = 1 (no attention to speak of), the same inputs. */
+static void side_fixed(side *f, const side *b, int threads)
+{
+    side_init(f, make_adapter(threads, LORA_ROPE_NONE, 1), b->batch, b->len);
 }
 
 static void bench_rope(int threads, int reps)
@@ -146,7 +167,7 @@ static void bench_rope(int threads, int reps)
     side a, b;
     side_init(&a, make_adapter(threads, LORA_ROPE_HALF, 0), 1, 8192);
     side_init(&b, make_adapter(threads, LORA_ROPE_NONE, 0), 1, 8192);
-    compare("rope", &a, &b, reps, 1.0, "with / without RoPE", 1.05);
+    compare("rope", &a, &b, NULL, reps, 1.0, "with / without RoPE", 1.05);
     side_free(&a);
     side_free(&b);
 }
@@ -158,9 +179,12 @@ static void bench_padding(int threads, int reps)
     side_init(&b, make_adapter(threads, LORA_ROPE_NONE, 0), 4, 8192);
     static int64_t lens[4] = {4096, 4096, 4096, 4096};
     a.args.q_lens = lens;
-    compare("padding", &a, &b, reps, 1.0, "half padding / none", 0.60);
+    side f;
+    side_fixed(&f, &b, threads);
+    compare("padding", &a, &b, &f, reps, 1.0, "half padding / none", 0.60);
     side_free(&a);
     side_free(&b);
+    side_free(&f);
 }
 
 static void bench_packed(int threads, int reps)
@@ -177,9 +201,12 @@ static void bench_packed(int threads, int reps)
     }
     a.args.q_pos = pos;
     a.args.q_seg = seg;
-    compare("packed", &a, &b, reps, 1.0, "16 x 512 packed / causal 8192", 0.10);
+    side f;
+    side_fixed(&f, &b, threads);
+    compare("packed", &a, &b, &f, reps, 1.0, "16 x 512 packed / causal 8192", 0.10);
     side_free(&a);
     side_free(&b);
+    side_free(&f);
 }
 
 static void bench_window(int threads, int reps)
@@ -193,9 +220,12 @@ static void bench_window(int threads, int reps)
     const double causal_pairs = (double)L * (double)(L + 1) / 2.0;
     char goal[64];
     snprintf(goal, sizeof goal, "(window / causal) / %.4f", window_pairs / causal_pairs);
-    compare("window", &a, &b, reps, window_pairs / causal_pairs, goal, 1.3);
+    side f;
+    side_fixed(&f, &b, threads);
+    compare("window", &a, &b, &f, reps, window_pairs / causal_pairs, goal, 1.3);
     side_free(&a);
     side_free(&b);
+    side_free(&f);
 }
 
 int main(int argc, char **argv)
