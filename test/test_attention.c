@@ -949,6 +949,51 @@ START_TEST(test_attention_args_tiles_vs_reference)
 }
 END_TEST
 
+/* Sub-tiles (the exact backend cuts partial 256-row tiles into 32-row blocks): 600 rows,
+ * batch 2, against the reference, each case causal and not, fused tiles (head_dim 16)
+ * and BLIS ones (head_dim 12):
+ *   0 segments of 19 to 45 rows, boundaries inside tiles and sub-tiles;
+ *   1 segments of 64 rows (whole sub-tile blocks: full sub-tiles inside partial tiles);
+ *   2 two segment ids alternating every 64 rows (a sequence in non-adjacent blocks:
+ *     full blocks with hidden ones between them);
+ *   3 window 100 (not a multiple of 32), lengths 600 and 333 (padded tails);
+ *   4 window 70, positions shifted by 5 every 150 rows, lengths 517 and 600. */
+START_TEST(test_attention_sub_tiles_vs_reference)
+{
+    const int which = _i / 4, causal = _i % 2, fused = (_i / 2) % 2 == 0;
+    enum { L = 600 };
+    ref_config c = {.d_model = fused ? 32 : 24, .n_heads = 2, .rank = 2, .targets = 7,
+                    .causal = causal, .rope = 1, .window = which == 3 ? 100 : which == 4 ? 70 : 0};
+    static int64_t lens[2], pos[2 * L];
+    static int32_t seg[2 * L];
+    int start = 0, len = 19;
+    for (int i = 0; i < 2 * L; i++) {
+        const int r = i % L;
+        if (r == 0 || r - start == len) { /* case 0: lengths 19, 26, .., 45, 19, .. */
+            start = r;
+            len = r == 0 ? 19 : 19 + (len - 19 + 7) % 33;
+        }
+        seg[i] = which == 0 ? start : which == 1 ? r / 64 : (r / 64) % 2;
+        pos[i] = which == 0 ? r - start : which == 1 ? r % 64 : which == 4 ? r + 5 * (r / 150) : r;
+    }
+    lens[0] = which == 3 ? 600 : which == 4 ? 517 : L;
+    lens[1] = which == 3 ? 333 : L;
+    call_args a = {.q_lens = which >= 3 ? lens : NULL, .q_pos = which == 2 || which == 3 ? NULL : pos,
+                   .q_seg = which <= 2 ? seg : NULL};
+    ref_layer l;
+    ref_problem p;
+    ck_assert_int_eq(ref_layer_init(&l, &c), 0);
+    ref_layer_randomize(&l, 140 + (uint64_t)_i, 1.0, 0.5);
+    ck_assert_int_eq(ref_problem_init(&p, &l, 0, 2, L, L, 141 + (uint64_t)_i), 0);
+    char what[64];
+    snprintf(what, sizeof what, "sub-tiles case %d, causal %d, %s tiles", which, causal,
+             fused ? "fused" : "BLIS");
+    check_against_ref(&l, &p, &a, 1 + _i % 3 % 2, what);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 static void run_args(const ref_layer *l, const ref_problem *p, const call_args *a,
                      lib_result *r)
 {
@@ -1116,6 +1161,7 @@ Suite *attention_suite(void)
     tcase_add_loop_test(tc, test_attention_poly_rope_within_certificate, 0, 2);
     tcase_add_loop_test(tc, test_attention_args_vs_reference, 0, 4);
     tcase_add_loop_test(tc, test_attention_args_tiles_vs_reference, 0, 2);
+    tcase_add_loop_test(tc, test_attention_sub_tiles_vs_reference, 0, 20);
     tcase_add_test(tc, test_attention_trivial_args_equal_none);
     tcase_add_test(tc, test_attention_packed_equals_separate);
     tcase_add_test(tc, test_attention_estimate_ex);

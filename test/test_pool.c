@@ -4,7 +4,8 @@
  * part runs exactly once (many calls, any part count), the static partition, fewer
  * threads when creation fails (and a retry later), a nested call and concurrent
  * callers fall back to the calling thread, a forked child starts its own threads,
- * idle workers sleep instead of spinning, and destroy joins them. */
+ * idle workers sleep instead of spinning, destroy joins them, and the caller does not
+ * wait for workers that took no part. */
 #include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
@@ -23,11 +24,34 @@
 /* Thread creations allowed before the substitute fails with EAGAIN (< 0: no limit). */
 static atomic_int create_budget = -1;
 
+/* While set, threads created start only once it is cleared (a worker slow to start). */
+static atomic_int hold_new_threads;
+
+typedef struct held_start {
+    void *(*fn)(void *);
+    void *arg;
+} held_start;
+
+static void *held_main(void *arg)
+{
+    const held_start *h = arg;
+    while (atomic_load(&hold_new_threads))
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    return h->fn(h->arg);
+}
+
 static int limited_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *),
                           void *arg)
 {
+    static held_start held[64];
+    static atomic_int n_held;
     if (atomic_load(&create_budget) >= 0 && atomic_fetch_sub(&create_budget, 1) <= 0)
         return EAGAIN;
+    if (atomic_load(&hold_new_threads)) {
+        held_start *h = &held[atomic_fetch_add(&n_held, 1) % 64];
+        *h = (held_start){fn, arg};
+        return pthread_create(t, attr, held_main, h);
+    }
     return pthread_create(t, attr, fn, arg);
 }
 
@@ -266,6 +290,47 @@ START_TEST(test_forked_child_starts_its_own_threads)
 }
 END_TEST
 
+/* Releases the held threads after 3 s unless told to before. */
+static atomic_int release_now, released_by_timeout;
+
+static void *release_later(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < 300 && !atomic_load(&release_now); i++)
+        nanosleep(&(struct timespec){0, 10000000}, NULL);
+    if (!atomic_load(&release_now))
+        atomic_store(&released_by_timeout, 1);
+    atomic_store(&hold_new_threads, 0);
+    return NULL;
+}
+
+/* The caller waits only for parts being run: when its workers have not started yet, it
+ * runs every part itself and returns (it used to wait for each invited worker to wake
+ * up, which on a short job costs more than the job). Workers that start late, holding
+ * jobs that are over, take no part of later ones. */
+START_TEST(test_caller_does_not_wait_for_idle_workers)
+{
+    pool *p = pool_new(3);
+    atomic_store(&hold_new_threads, 1);
+    pthread_t releaser;
+    ck_assert_int_eq(pthread_create(&releaser, NULL, release_later, NULL), 0);
+    tally t;
+    for (int rep = 0; rep < 20; rep++) {
+        run_and_check(p, 3, &t);
+        for (int i = 0; i < 3; i++)
+            ck_assert(pthread_equal(t.ran[i], pthread_self()));
+    }
+    ck_assert_msg(!atomic_load(&released_by_timeout),
+                  "pool_run waited for workers that took no part");
+    atomic_store(&release_now, 1);
+    ck_assert_int_eq(pthread_join(releaser, NULL), 0);
+    for (int rep = 0; rep < 300; rep++)
+        run_and_check(p, 1 + rep % 5, &t);
+    ck_assert_int_eq(pool_threads_started(p), 2);
+    pool_free(p);
+}
+END_TEST
+
 /* Threads of this process in state R (running or runnable), from /proc/self/task. */
 static int running_threads(void)
 {
@@ -346,6 +411,7 @@ Suite *pool_suite(void)
     tcase_add_test(tc, test_concurrent_callers);
     tcase_add_test(tc, test_forked_child_starts_its_own_threads);
     tcase_add_test(tc, test_idle_workers_sleep_and_destroy_joins);
+    tcase_add_test(tc, test_caller_does_not_wait_for_idle_workers);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -396,8 +396,8 @@ static int project_qkv(lora_adapter *ad, const layer *base, const lora_decode_ar
     for (int64_t b = 0; b < batch && st == LORA_OK; b++)
         for (int64_t i = 0; i < w->seqs[b].n; i++) {
             const int64_t r = w->seqs[b].row0 + i, pos = w->seqs[b].len + i;
-            layer_rope_row(l, pos, w->q + r * l->q_dim, l->n_heads);
-            layer_rope_row(l, pos, w->k + r * l->kv_dim, l->n_kv_heads);
+            layer_rope_row(l, &ad->la, pos, w->q + r * l->q_dim, l->n_heads);
+            layer_rope_row(l, &ad->la, pos, w->k + r * l->kv_dim, l->n_kv_heads);
         }
     return st;
 }

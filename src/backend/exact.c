@@ -147,25 +147,121 @@ static int tile_class(const attn_problem *p, const tile_span *q, const tile_span
     return one_segment && all_near ? TILE_FULL : TILE_PARTIAL;
 }
 
+/* Partial tiles are cut into sub-tiles: for each ATTN_SUB-long block of one dimension
+ * (the outer one), the ATTN_SUB-long blocks of the other with a visible pair are
+ * computed, in runs of consecutive full blocks (no mask) and of consecutive partial
+ * ones (masked). A causal diagonal tile so costs 56% of a full one instead of 100% and
+ * masks only its diagonal blocks, and segments or windows shorter than a tile cost
+ * about their pairs. A multiple of 16 (the fused tiles' vector length). -D overrides. */
+#ifndef ATTN_SUB
+#define ATTN_SUB 32
+#endif
+#define ATTN_MAX_SUBS ((ATTN_BQ / ATTN_SUB) * (ATTN_BK / ATTN_SUB))
+_Static_assert(ATTN_BQ % ATTN_SUB == 0 && ATTN_BK % ATTN_SUB == 0 && ATTN_SUB % 16 == 0,
+               "tiles are whole sub-tiles of whole vectors");
+
+/* Queries [i0 + r0, + nr) against keys [j0 + c0, + nc) of a tile; cls as tile_class's. */
+typedef struct sub_tile {
+    int64_t r0, nr, c0, nc;
+    int cls;
+} sub_tile;
+
+/* The sub-tiles of a tile of class cls (not TILE_SKIP) between the query span qs (rows
+ * from i0) and the key span ks (keys from j0): the whole tile when it is full, else the
+ * cut described at ATTN_SUB, keys outer when keys_outer. Fills out (ATTN_MAX_SUBS at
+ * most); returns the count. */
+static int sub_tiles(const attn_problem *p, int cls, int64_t b, int64_t i0,
+                     const tile_span *qs, int64_t j0, const tile_span *ks, int keys_outer,
+                     sub_tile *out)
+{
+    if (cls == TILE_FULL) {
+        out[0] = (sub_tile){0, qs->n, 0, ks->n, TILE_FULL};
+        return 1;
+    }
+    const int64_t n_out = keys_outer ? ks->n : qs->n, n_in = keys_outer ? qs->n : ks->n;
+    const int64_t out0 = keys_outer ? j0 : i0, in0 = keys_outer ? i0 : j0;
+    const int64_t in_blocks = (n_in + ATTN_SUB - 1) / ATTN_SUB;
+    tile_span inner[ATTN_MAX_SUBS];
+    for (int64_t t = 0; t < in_blocks; t++)
+        inner[t] = span_of(p, !keys_outer, b, in0 + t * ATTN_SUB,
+                           min64(ATTN_SUB, n_in - t * ATTN_SUB));
+    int count = 0;
+    for (int64_t o = 0; o < n_out; o += ATTN_SUB) {
+        const tile_span outer = span_of(p, keys_outer, b, out0 + o, min64(ATTN_SUB, n_out - o));
+        int64_t run = -1; /* first inner block of the current run */
+        int run_cls = TILE_SKIP;
+        for (int64_t t = 0; t <= in_blocks; t++) {
+            const int c = t == in_blocks ? TILE_SKIP
+                          : keys_outer   ? tile_class(p, &inner[t], &outer)
+                                         : tile_class(p, &outer, &inner[t]);
+            if (c == run_cls)
+                continue;
+            if (run_cls != TILE_SKIP) { /* the run [run, t) ends */
+                const int64_t lo = run * ATTN_SUB, n = min64(t * ATTN_SUB, n_in) - lo;
+                out[count++] = keys_outer ? (sub_tile){lo, n, o, outer.n, run_cls}
+                                          : (sub_tile){o, outer.n, lo, n, run_cls};
+            }
+            run = t;
+            run_cls = c;
+        }
+    }
+    return count;
+}
+
 /* Hides the pairs of a partial tile: s[r·rs + c·cs] = -inf for query i0 + r (r < nq)
- * and key j0 + c (c < nk) that it does not see (all rows valid). seen (NULL: not
- * wanted): seen[r] = 1 when query r sees a key of the tile. */
+ * and key j0 + c (c < nk) that it does not see (all rows valid). rs or cs is 1; the
+ * test runs in vectors along that dimension, from the rows' positions and segment ids
+ * gathered first. seen (NULL: not wanted): seen[r] = 1 when query r sees a key of the
+ * tile. */
+TILE_KERNEL
 static void tile_mask(const attn_problem *p, int64_t b, int64_t i0, int64_t nq, int64_t j0,
                       int64_t nk, float *s, int64_t rs, int64_t cs, float *seen)
 {
+    int64_t qpos[ATTN_BQ], kpos[ATTN_BK];
+    int32_t qseg[ATTN_BQ], kseg[ATTN_BK];
+    float unwanted[ATTN_BQ];
+    float *restrict sn = seen ? seen : unwanted;
     for (int64_t r = 0; r < nq; r++) {
-        const int64_t pi = attn_q_pos(p, b, i0 + r);
-        const int32_t si = attn_q_seg(p, b, i0 + r);
-        int any = 0;
-        for (int64_t c = 0; c < nk; c++) {
-            if (attn_kv_seg(p, b, j0 + c) != si ||
-                !attn_distance_visible(p, pi - attn_kv_pos(p, b, j0 + c)))
-                s[r * rs + c * cs] = -INFINITY;
-            else
-                any = 1;
+        qpos[r] = attn_q_pos(p, b, i0 + r);
+        qseg[r] = attn_q_seg(p, b, i0 + r);
+    }
+    for (int64_t c = 0; c < nk; c++) {
+        kpos[c] = attn_kv_pos(p, b, j0 + c);
+        kseg[c] = attn_kv_seg(p, b, j0 + c);
+    }
+    /* attn_distance_visible as an interval [dlo, dhi] of pos_i - pos_j */
+    const int64_t w = p->window;
+    const int64_t dhi = w > 0 ? w - 1 : INT64_MAX;
+    const int64_t dlo = p->causal ? 0 : w > 0 ? 1 - w : INT64_MIN;
+    if (cs == 1) {
+        for (int64_t r = 0; r < nq; r++) {
+            float *restrict row = s + r * rs;
+            const int64_t pi = qpos[r];
+            const int32_t si = qseg[r];
+            int any = 0;
+#pragma omp simd reduction(| : any)
+            for (int64_t c = 0; c < nk; c++) {
+                const int64_t d = pi - kpos[c];
+                const int vis = (kseg[c] == si) & (d >= dlo) & (d <= dhi);
+                row[c] = vis ? row[c] : -INFINITY;
+                any |= vis;
+            }
+            if (any)
+                sn[r] = 1.0f;
         }
-        if (seen && any)
-            seen[r] = 1.0f;
+        return;
+    }
+    for (int64_t c = 0; c < nk; c++) {
+        float *restrict col = s + c * cs;
+        const int64_t pj = kpos[c];
+        const int32_t sj = kseg[c];
+#pragma omp simd
+        for (int64_t r = 0; r < nq; r++) {
+            const int64_t d = qpos[r] - pj;
+            const int vis = (qseg[r] == sj) & (d >= dlo) & (d <= dhi);
+            col[r] = vis ? col[r] : -INFINITY;
+            sn[r] = vis ? 1.0f : sn[r];
+        }
     }
 }
 
@@ -203,19 +299,19 @@ static inline __attribute__((always_inline)) void exp_diff(float *dst, const flo
 
 /* Online softmax over one tile. s (bq × bk, row stride bk) holds scaled scores (-inf
  * where hidden); on return it holds exp(s - m_new), 0 where hidden. m, l: running row
- * max and sum, updated (a row that has seen only hidden keys keeps m = -inf, l = 0);
- * o (bq × d, row stride ldo): the output accumulator, rescaled by exp(m_old - m_new)
- * unless first (then m, l start here). The exponent's clamp turns -inf - -inf (NaN)
- * into a flushed 0 too. */
+ * max and sum (from -inf and 0: start_rows), updated (a row that has seen only hidden
+ * keys keeps m = -inf, l = 0); o (bq × d, row stride ldo): the output accumulator,
+ * rescaled by exp(m_old - m_new), which is 0 while m_old = -inf. The exponent's clamp
+ * turns -inf - -inf (NaN) into a flushed 0 too. */
 TILE_KERNEL
 static void tile_online_softmax(float *restrict s, int64_t bq, int64_t bk,
                                 float *restrict m, float *restrict l, float *restrict o,
-                                int64_t ldo, int64_t d, int first)
+                                int64_t ldo, int64_t d)
 {
     for (int64_t r = 0; r < bq; r++) {
         float *restrict row = s + r * bk;
         const int64_t vis = bk;
-        float mx = first ? -INFINITY : m[r];
+        float mx = m[r];
 #pragma omp simd reduction(max : mx)
         for (int64_t j = 0; j < vis; j++)
             mx = row[j] > mx ? row[j] : mx;
@@ -227,18 +323,14 @@ static void tile_online_softmax(float *restrict s, int64_t bq, int64_t bk,
             row[j] = pj;
             sum += pj;
         }
-        if (first) {
-            l[r] = sum;
-        } else {
-            float scale = expf(m[r] - mx);
-            scale = scale >= PROB_FLUSH ? scale : 0.0f;
-            l[r] = l[r] * scale + sum;
-            if (scale != 1.0f) {
-                float *restrict orow = o + r * ldo;
+        float scale = expf(m[r] - mx);
+        scale = scale >= PROB_FLUSH ? scale : 0.0f;
+        l[r] = l[r] * scale + sum;
+        if (scale != 1.0f) {
+            float *restrict orow = o + r * ldo;
 #pragma omp simd
-                for (int64_t c = 0; c < d; c++)
-                    orow[c] *= scale;
-            }
+            for (int64_t c = 0; c < d; c++)
+                orow[c] *= scale;
         }
         m[r] = mx;
     }
@@ -263,17 +355,15 @@ static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t l
                 const float t = prow[j] * inv_cap; /* -inf where hidden: factor 0 */
                 dsrow[j] = (dsrow[j] - rr) * (1.0f - fminf(t * t, 1.0f));
             }
-        } else {
-#pragma omp simd
-            for (int64_t j = 0; j < bk; j++)
-                dsrow[j] -= rr;
         }
         exp_shifted(prow, bk, lse[r]);
+        /* Without the cap, dP - ρ is formed here: one pass over the tile less. */
+        const float shift = cap > 0.0f ? 0.0f : rr;
 #pragma omp simd
         for (int64_t j = 0; j < bk; j++) {
             const float pj = isgreaterequal(prow[j], PROB_FLUSH) ? prow[j] : 0.0f;
             prow[j] = pj;
-            dsrow[j] *= pj;
+            dsrow[j] = (dsrow[j] - shift) * pj;
         }
     }
 }
@@ -434,6 +524,22 @@ static tile_ws worker_ws(const attn_problem *p, void *ws, int worker)
     return t;
 }
 
+/* A backward key block of one (batch, kv head) task: keys [j0, j0 + ATTN_BK), their K,
+ * V rows and the dK, dV rows they own; fused tiles: Kᵀ and Vᵀ packed (bkp lanes). */
+typedef struct key_block {
+    int64_t j0, bkp;
+    const float *k, *v, *kt, *vt;
+    float *dk, *dv;
+} key_block;
+
+/* A backward query block [i0, ..) of head h: its Q, O, dO rows, its log-sum-exps, and
+ * where its dQ rows are added (row stride ld_dq). */
+typedef struct query_tile {
+    int64_t b, i0, ld_dq;
+    const float *q, *o, *do_, *lse;
+    float *dq;
+} query_tile;
+
 #ifdef LA_HAVE_AVX512_KERNELS
 /* ---- fused AVX-512 tiles ---------------------------------------------------------- *
  * Every tile product is one la_tile_product call on operands as they lie: the kernels
@@ -474,16 +580,16 @@ LA_AVX512 static void pack_transposed(const float *src, int64_t ld, int64_t rows
 
 /* Online softmax over a transposed tile: st has bk rows (keys) of n <= ATTN_BQ floats
  * (queries) holding scaled scores (-inf where hidden); it becomes exp(st - m_new) per
- * query, 0 where hidden. m, l: running max and sum per query, updated; scale receives
- * exp(m_old - m_new) (not set when first). As tile_online_softmax for hidden rows. */
+ * query, 0 where hidden. m, l: running max and sum per query (from start_rows),
+ * updated; scale receives exp(m_old - m_new). As tile_online_softmax for hidden rows. */
 LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64_t n,
                                            float *restrict m, float *restrict l,
-                                           float *restrict scale, int first)
+                                           float *restrict scale)
 {
     float mx[ATTN_BQ], sum[ATTN_BQ];
 #pragma omp simd
     for (int64_t q = 0; q < n; q++) {
-        mx[q] = first ? -INFINITY : m[q];
+        mx[q] = m[q];
         sum[q] = 0.0f;
     }
     for (int64_t kk = 0; kk < bk; kk++) {
@@ -501,14 +607,6 @@ LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64
             sum[q] += row[q];
         }
     }
-    if (first) {
-#pragma omp simd
-        for (int64_t q = 0; q < n; q++) {
-            l[q] = sum[q];
-            m[q] = mx[q];
-        }
-        return;
-    }
     exp_diff(scale, m, mx, n);
 #pragma omp simd
     for (int64_t q = 0; q < n; q++) {
@@ -518,10 +616,101 @@ LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64
     }
 }
 
-LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *w, int64_t b,
-                                          int64_t h, int64_t i0, const float *q,
-                                          const float *k, const float *v, float *o,
-                                          float *row_stat)
+/* One sub-tile of a forward query block on the fused tiles: qt holds Qᵀ of the block
+ * (bqp lanes), kh and vh the head's K and V from key j0, oi the block's O rows. */
+LA_AVX512 static void fused_forward_sub(const attn_problem *p, const tile_ws *w,
+                                        const sub_tile *t, int64_t b, int64_t i0, int64_t j0,
+                                        const float *qt, int64_t bqp, const float *kh,
+                                        const float *vh, float *oi)
+{
+    const int64_t d = p->head_dim, nr = t->nr, nrp = round_up(nr, 16), nc = t->nc;
+    const float *kj = kh + (j0 + t->c0) * p->ldkv, *vj = vh + (j0 + t->c0) * p->ldkv;
+    float *o_sub = oi + t->r0 * p->ldo;
+    /* Sᵀ[key][q] = β·Σ_c K[key][c]·Q[q][c] */
+    tile_product(w, 1, nrp, nc, d, p->softmax_scale, qt + t->r0, bqp, kj, p->ldkv, w->s, nrp,
+                 0, 1);
+    prepare_scores(p, t->cls, b, i0 + t->r0, nr, j0 + t->c0, nc, w->s, 1, nrp, nc * nrp,
+                   w->rho + t->r0);
+    fused_online_softmax(w->s, nc, nrp, w->m + t->r0, w->l + t->r0, w->scale + t->r0);
+    for (int64_t r = 0; r < nr; r++) {
+        const float f = w->scale[t->r0 + r];
+        if (f != 1.0f) {
+            float *restrict orow = o_sub + r * p->ldo;
+#pragma omp simd
+            for (int64_t c = 0; c < d; c++)
+                orow[c] *= f;
+        }
+    }
+    /* O[q][c] += Σ_key P[key][q]·V[key][c] */
+    tile_product(w, 0, d, nr, nc, 1.0f, vj, p->ldkv, w->s, nrp, o_sub, p->ldo, 1, 0);
+}
+
+/* One sub-tile of a backward key block on the fused tiles (kb->kt, kb->vt: Kᵀ, Vᵀ of
+ * the key block). */
+LA_AVX512 static void fused_backward_sub(const attn_problem *p, const tile_ws *w,
+                                         const key_block *kb, const query_tile *qt,
+                                         const sub_tile *t)
+{
+    const int64_t d = p->head_dim, nr = t->nr, nc = t->nc, nkp = round_up(nc, 16);
+    const float beta = p->softmax_scale;
+    const float *qi = qt->q + t->r0 * p->ldq, *oi = qt->o + t->r0 * p->ldo;
+    const float *doi = qt->do_ + t->r0 * p->ldo;
+    /* S[q][key] = β·Σ_c Q[q][c]·K[key][c],  dP[q][key] = Σ_c dO[q][c]·V[key][c] */
+    tile_product(w, 1, nkp, nr, d, beta, kb->kt + t->c0, kb->bkp, qi, p->ldq, w->s, nkp, 0, 1);
+    prepare_scores(p, t->cls, qt->b, qt->i0 + t->r0, nr, kb->j0 + t->c0, nc, w->s, nkp, 1,
+                   nr * nkp, NULL);
+    tile_product(w, 1, nkp, nr, d, 1.0f, kb->vt + t->c0, kb->bkp, doi, p->ldo, w->dp, nkp, 0,
+                 1);
+    rows_dot(doi, oi, p->ldo, nr, d, w->rho);
+    tile_backward_probs(w->s, w->dp, nkp, nr, nc, p->softcap, qt->lse + t->r0, w->rho);
+    /* dV[key] += Σ_q P[q][key]·dO[q],  dK[key] += β·Σ_q dS[q][key]·Q[q] */
+    tile_product(w, 0, d, nc, nr, 1.0f, doi, p->ldo, w->s, nkp, kb->dv + t->c0 * p->ldkv,
+                 p->ldkv, 1, 0);
+    tile_product(w, 0, d, nc, nr, beta, qi, p->ldq, w->dp, nkp, kb->dk + t->c0 * p->ldkv,
+                 p->ldkv, 1, 0);
+    /* dQ[q] += β·Σ_key dS[q][key]·K[key] */
+    tile_product(w, 1, d, nr, nc, beta, kb->k + t->c0 * p->ldkv, p->ldkv, w->dp, nkp,
+                 qt->dq + t->r0 * qt->ld_dq, qt->ld_dq, 1, 1);
+}
+#endif
+
+/* ---- forward ---------------------------------------------------------------------- */
+
+/* One sub-tile of a forward query block on BLIS tiles (qi, oi: the block's Q, O rows). */
+static void forward_sub(const attn_problem *p, int nt, const tile_ws *w, const sub_tile *t,
+                        int64_t b, int64_t i0, int64_t j0, const float *qi, const float *kh,
+                        const float *vh, float *oi)
+{
+    const int64_t d = p->head_dim, nr = t->nr, nc = t->nc;
+    const float *kj = kh + (j0 + t->c0) * p->ldkv, *vj = vh + (j0 + t->c0) * p->ldkv;
+    float *o_sub = oi + t->r0 * p->ldo;
+    la_gemm(p->la, nt, LA_N, LA_T, nr, nc, d, p->softmax_scale, qi + t->r0 * p->ldq, p->ldq,
+            kj, p->ldkv, 0.0f, w->s, nc);
+    prepare_scores(p, t->cls, b, i0 + t->r0, nr, j0 + t->c0, nc, w->s, nc, 1, nr * nc,
+                   w->rho + t->r0);
+    tile_online_softmax(w->s, nr, nc, w->m + t->r0, w->l + t->r0, o_sub, p->ldo, d);
+    la_gemm(p->la, nt, LA_N, LA_N, nr, d, nc, 1.0f, w->s, nc, vj, p->ldkv, 1.0f, o_sub,
+            p->ldo);
+}
+
+/* A query block's start: running max -inf, sums 0, no row has seen a key (w->rho, the
+ * forward's use of it), output rows [0, rows) 0. */
+static void start_rows(const tile_ws *w, int64_t rows, float *o, int64_t ldo, int64_t d)
+{
+    for (int64_t r = 0; r < ATTN_BQ; r++) {
+        w->m[r] = -INFINITY;
+        w->l[r] = 0.0f;
+        w->rho[r] = 0.0f;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        memset(o + r * ldo, 0, (size_t)d * sizeof(float));
+}
+
+/* Output rows [i0, i0 + ATTN_BQ) of query head h of batch element b, on the fused tiles
+ * (fused: Qᵀ packed once into w->packed) or BLIS ones. */
+static void forward_block(const attn_problem *p, int nt, const tile_ws *w, int64_t b,
+                          int64_t h, int64_t i0, const float *q, const float *k,
+                          const float *v, float *o, float *row_stat)
 {
     const int64_t d = p->head_dim, kvh = h / (p->n_heads / p->n_kv_heads);
     const int64_t rows = min64(ATTN_BQ, p->len_q - i0);
@@ -532,78 +721,33 @@ LA_AVX512 static void fused_forward_block(const attn_problem *p, const tile_ws *
     const float *vh = v + b * p->len_kv * p->ldkv + kvh * d;
     float *oi = o + (b * p->len_q + i0) * p->ldo + h * d;
     float *lse = row_stat + (b * p->n_heads + h) * p->len_q + i0;
-    float *qt = w->packed;
-    if (bq > 0)
-        pack_transposed(qi, p->ldq, bq, bqp, d, qt);
-    if (w->bf16) /* qt's content is new */
+    const int fused = use_fused(p);
+    start_rows(w, bq, oi, p->ldo, d);
+#ifdef LA_HAVE_AVX512_KERNELS
+    if (fused && bq > 0)
+        pack_transposed(qi, p->ldq, bq, bqp, d, w->packed);
+    if (w->bf16) /* Qᵀ's content is new */
         la_bf16_tile_forget(w->bf16, BF16_MOST);
-    float *seen = w->rho; /* the forward's use of rho: rows that saw a key */
-    memset(seen, 0, ATTN_BQ * sizeof(float));
-    int first = 1;
-    for (int64_t j0 = 0; j0 < p->len_kv && bq > 0; j0 += ATTN_BK) {
-        const tile_span ks = span_of(p, 1, b, j0, min64(ATTN_BK, p->len_kv - j0));
-        const int cls = tile_class(p, &qs, &ks);
-        if (cls == TILE_SKIP)
-            continue;
-        const int64_t bk = ks.n;
-        /* Sᵀ[key][q] = β·Σ_c K[j0+key][c]·Q[i0+q][c] */
-        tile_product(w, 1, bqp, bk, d, p->softmax_scale, qt, bqp, kh + j0 * p->ldkv,
-                     p->ldkv, w->s, bqp, 0, 1);
-        prepare_scores(p, cls, b, i0, bq, j0, bk, w->s, 1, bqp, bk * bqp, seen);
-        fused_online_softmax(w->s, bk, bqp, w->m, w->l, w->scale, first);
-        if (!first)
-            for (int64_t r = 0; r < bq; r++) {
-                const float f = w->scale[r];
-                if (f != 1.0f) {
-                    float *restrict orow = oi + r * p->ldo;
-#pragma omp simd
-                    for (int64_t c = 0; c < d; c++)
-                        orow[c] *= f;
-                }
-            }
-        /* O[q][c] (+)= Σ_key P[key][q]·V[j0+key][c] */
-        tile_product(w, 0, d, bq, bk, 1.0f, vh + j0 * p->ldkv, p->ldkv, w->s, bqp, oi,
-                     p->ldo, !first, 0);
-        first = 0;
-    }
-    finish_rows(w->m, w->l, seen, bq, rows, oi, p->ldo, d, lse);
-}
 #endif
-
-/* ---- forward ---------------------------------------------------------------------- */
-
-/* Output rows [i0, i0 + ATTN_BQ) of query head h of batch element b. */
-static void forward_block(const attn_problem *p, int nt, const tile_ws *w, int64_t b,
-                          int64_t h, int64_t i0, const float *q, const float *k,
-                          const float *v, float *o, float *row_stat)
-{
-    const int64_t d = p->head_dim, kvh = h / (p->n_heads / p->n_kv_heads);
-    const int64_t rows = min64(ATTN_BQ, p->len_q - i0);
-    const tile_span qs = span_of(p, 0, b, i0, rows);
-    const int64_t bq = qs.n;
-    const float *qi = q + (b * p->len_q + i0) * p->ldq + h * d;
-    const float *kh = k + b * p->len_kv * p->ldkv + kvh * d;
-    const float *vh = v + b * p->len_kv * p->ldkv + kvh * d;
-    float *oi = o + (b * p->len_q + i0) * p->ldo + h * d;
-    float *lse = row_stat + (b * p->n_heads + h) * p->len_q + i0;
-    float *seen = w->rho; /* the forward's use of rho: rows that saw a key */
-    memset(seen, 0, ATTN_BQ * sizeof(float));
-    int first = 1;
+    sub_tile sub[ATTN_MAX_SUBS];
     for (int64_t j0 = 0; j0 < p->len_kv && bq > 0; j0 += ATTN_BK) {
         const tile_span ks = span_of(p, 1, b, j0, min64(ATTN_BK, p->len_kv - j0));
         const int cls = tile_class(p, &qs, &ks);
         if (cls == TILE_SKIP)
             continue;
-        const int64_t bk = ks.n;
-        la_gemm(p->la, nt, LA_N, LA_T, bq, bk, d, p->softmax_scale, qi, p->ldq,
-                kh + j0 * p->ldkv, p->ldkv, 0.0f, w->s, bk);
-        prepare_scores(p, cls, b, i0, bq, j0, bk, w->s, bk, 1, bq * bk, seen);
-        tile_online_softmax(w->s, bq, bk, w->m, w->l, oi, p->ldo, d, first);
-        la_gemm(p->la, nt, LA_N, LA_N, bq, d, bk, 1.0f, w->s, bk, vh + j0 * p->ldkv,
-                p->ldkv, first ? 0.0f : 1.0f, oi, p->ldo);
-        first = 0;
+        const int count = sub_tiles(p, cls, b, i0, &qs, j0, &ks, 1, sub);
+        for (int t = 0; t < count; t++) {
+#ifdef LA_HAVE_AVX512_KERNELS
+            if (fused) {
+                fused_forward_sub(p, w, &sub[t], b, i0, j0, w->packed, bqp, kh, vh, oi);
+                continue;
+            }
+#endif
+            forward_sub(p, nt, w, &sub[t], b, i0, j0, qi, kh, vh, oi);
+        }
     }
-    finish_rows(w->m, w->l, seen, bq, rows, oi, p->ldo, d, lse);
+    (void)bqp;
+    finish_rows(w->m, w->l, w->rho, bq, rows, oi, p->ldo, d, lse);
 }
 
 /* ---- backward --------------------------------------------------------------------- */
@@ -618,8 +762,33 @@ typedef struct bwd_task {
     int64_t ld_acc;
 } bwd_task;
 
-/* Key block [j0, j0+bk) of a task against every query block that sees it: adds into
- * dK, dV rows of the block (owned by the caller) and into t->dq_acc. */
+/* One sub-tile of a backward key block on BLIS tiles. */
+static void backward_sub(const attn_problem *p, int nt, const tile_ws *w, const key_block *kb,
+                         const query_tile *qt, const sub_tile *t)
+{
+    const int64_t d = p->head_dim, nr = t->nr, nc = t->nc;
+    const float *qi = qt->q + t->r0 * p->ldq, *oi = qt->o + t->r0 * p->ldo;
+    const float *doi = qt->do_ + t->r0 * p->ldo;
+    const float *kj = kb->k + t->c0 * p->ldkv, *vj = kb->v + t->c0 * p->ldkv;
+    la_gemm(p->la, nt, LA_N, LA_T, nr, nc, d, p->softmax_scale, qi, p->ldq, kj, p->ldkv, 0.0f,
+            w->s, nc);
+    prepare_scores(p, t->cls, qt->b, qt->i0 + t->r0, nr, kb->j0 + t->c0, nc, w->s, nc, 1,
+                   nr * nc, NULL);
+    la_gemm(p->la, nt, LA_N, LA_T, nr, nc, d, 1.0f, doi, p->ldo, vj, p->ldkv, 0.0f, w->dp, nc);
+    rows_dot(doi, oi, p->ldo, nr, d, w->rho);
+    tile_backward_probs(w->s, w->dp, nc, nr, nc, p->softcap, qt->lse + t->r0, w->rho);
+    /* dV_j += Pᵀ·dO_i, dK_j += β·dSᵀ·Q_i, dQ_i += β·dS·K_j */
+    la_gemm(p->la, nt, LA_T, LA_N, nc, d, nr, 1.0f, w->s, nc, doi, p->ldo, 1.0f,
+            kb->dv + t->c0 * p->ldkv, p->ldkv);
+    la_gemm(p->la, nt, LA_T, LA_N, nc, d, nr, p->softmax_scale, w->dp, nc, qi, p->ldq, 1.0f,
+            kb->dk + t->c0 * p->ldkv, p->ldkv);
+    la_gemm(p->la, nt, LA_N, LA_N, nr, d, nc, p->softmax_scale, w->dp, nc, kj, p->ldkv, 1.0f,
+            qt->dq + t->r0 * qt->ld_dq, qt->ld_dq);
+}
+
+/* Key block [j0, j0 + ATTN_BK) of a task against every query block that sees it: adds
+ * into dK, dV rows of the block (owned by the caller) and into t->dq_acc. Fused tiles
+ * (Kᵀ, Vᵀ packed once into w->packed) or BLIS ones. */
 static void backward_key_block(const attn_problem *p, int nt, const tile_ws *w,
                                const bwd_task *t, int64_t j0, const float *q,
                                const float *k, const float *v, const float *o,
@@ -628,107 +797,53 @@ static void backward_key_block(const attn_problem *p, int nt, const tile_ws *w,
 {
     const int64_t d = p->head_dim;
     const tile_span ks = span_of(p, 1, t->b, j0, min64(ATTN_BK, p->len_kv - j0));
-    const int64_t bk = ks.n;
-    const float *kj = k + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
-    const float *vj = v + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
-    float *dkj = dk + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
-    float *dvj = dv + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
-    for (int64_t g = 0; g < t->group && bk > 0; g++) {
-        const int64_t h = t->h0 + g;
-        const float *lse_h = row_stat + (t->b * p->n_heads + h) * p->len_q;
-        for (int64_t i0 = t->i_lo; i0 < t->i_hi; i0 += ATTN_BQ) {
-            const tile_span qs = span_of(p, 0, t->b, i0, min64(ATTN_BQ, p->len_q - i0));
-            const int cls = tile_class(p, &qs, &ks);
-            if (cls == TILE_SKIP)
-                continue;
-            const int64_t bq = qs.n;
-            const size_t qoff = (size_t)((t->b * p->len_q + i0) * p->ldq + h * d);
-            const size_t ooff = (size_t)((t->b * p->len_q + i0) * p->ldo + h * d);
-            const float *qi = q + qoff, *oi = o + ooff, *doi = do_ + ooff;
-            float *dqi = t->dq_acc + i0 * t->ld_acc + g * d;
-            la_gemm(p->la, nt, LA_N, LA_T, bq, bk, d, p->softmax_scale, qi, p->ldq, kj,
-                    p->ldkv, 0.0f, w->s, bk);
-            prepare_scores(p, cls, t->b, i0, bq, j0, bk, w->s, bk, 1, bq * bk, NULL);
-            la_gemm(p->la, nt, LA_N, LA_T, bq, bk, d, 1.0f, doi, p->ldo, vj, p->ldkv, 0.0f,
-                    w->dp, bk);
-            rows_dot(doi, oi, p->ldo, bq, d, w->rho);
-            tile_backward_probs(w->s, w->dp, bk, bq, bk, p->softcap, lse_h + i0, w->rho);
-            /* dV_j += Pᵀ·dO_i, dK_j += β·dSᵀ·Q_i, dQ_i += β·dS·K_j */
-            la_gemm(p->la, nt, LA_T, LA_N, bk, d, bq, 1.0f, w->s, bk, doi, p->ldo, 1.0f,
-                    dvj, p->ldkv);
-            la_gemm(p->la, nt, LA_T, LA_N, bk, d, bq, p->softmax_scale, w->dp, bk, qi,
-                    p->ldq, 1.0f, dkj, p->ldkv);
-            la_gemm(p->la, nt, LA_N, LA_N, bq, d, bk, p->softmax_scale, w->dp, bk, kj,
-                    p->ldkv, 1.0f, dqi, t->ld_acc);
-        }
-    }
-}
-
-#ifdef LA_HAVE_AVX512_KERNELS
-/* backward_key_block on the fused tiles (layouts above). */
-LA_AVX512 static void fused_backward_key_block(const attn_problem *p, const tile_ws *w,
-                                               const bwd_task *t, int64_t j0,
-                                               const float *q, const float *k,
-                                               const float *v, const float *o,
-                                               const float *row_stat, const float *do_,
-                                               float *dk, float *dv)
-{
-    const int64_t d = p->head_dim;
-    const tile_span ks = span_of(p, 1, t->b, j0, min64(ATTN_BK, p->len_kv - j0));
-    const int64_t bk = ks.n, bkp = round_up(bk, 16);
-    if (bk == 0)
+    if (ks.n == 0)
         return;
-    const float *kj = k + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
-    const float *vj = v + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
-    float *dkj = dk + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
-    float *dvj = dv + (t->b * p->len_kv + j0) * p->ldkv + t->kvh * d;
-    float *kt = w->packed, *vt = w->packed + d * bkp;
-    pack_transposed(kj, p->ldkv, bk, bkp, d, kt);
-    pack_transposed(vj, p->ldkv, bk, bkp, d, vt);
-    if (w->bf16) /* kt's and vt's content is new */
+    const size_t kv_off = (size_t)((t->b * p->len_kv + j0) * p->ldkv + t->kvh * d);
+    const int64_t bkp = round_up(ks.n, 16);
+    const key_block kb = {j0, bkp, k + kv_off, v + kv_off, w->packed, w->packed + d * bkp,
+                          dk + kv_off, dv + kv_off};
+    const int fused = use_fused(p);
+#ifdef LA_HAVE_AVX512_KERNELS
+    if (fused) {
+        pack_transposed(kb.k, p->ldkv, ks.n, bkp, d, w->packed);
+        pack_transposed(kb.v, p->ldkv, ks.n, bkp, d, w->packed + d * bkp);
+    }
+    if (w->bf16) /* Kᵀ's and Vᵀ's content is new */
         la_bf16_tile_forget(w->bf16, BF16_MOST);
-    const float beta = p->softmax_scale;
+#endif
+    sub_tile sub[ATTN_MAX_SUBS];
     for (int64_t g = 0; g < t->group; g++) {
         const int64_t h = t->h0 + g;
-        const float *lse_h = row_stat + (t->b * p->n_heads + h) * p->len_q;
         for (int64_t i0 = t->i_lo; i0 < t->i_hi; i0 += ATTN_BQ) {
             const tile_span qs = span_of(p, 0, t->b, i0, min64(ATTN_BQ, p->len_q - i0));
             const int cls = tile_class(p, &qs, &ks);
             if (cls == TILE_SKIP)
                 continue;
-            const int64_t bq = qs.n;
             const size_t qoff = (size_t)((t->b * p->len_q + i0) * p->ldq + h * d);
             const size_t ooff = (size_t)((t->b * p->len_q + i0) * p->ldo + h * d);
-            const float *qi = q + qoff, *oi = o + ooff, *doi = do_ + ooff;
-            float *dqi = t->dq_acc + i0 * t->ld_acc + g * d;
-            /* S[q][key] = β·Σ_c Q[q][c]·K[key][c],  dP[q][key] = Σ_c dO[q][c]·V[key][c] */
-            tile_product(w, 1, bkp, bq, d, beta, kt, bkp, qi, p->ldq, w->s, bkp, 0, 1);
-            prepare_scores(p, cls, t->b, i0, bq, j0, bk, w->s, bkp, 1, bq * bkp, NULL);
-            tile_product(w, 1, bkp, bq, d, 1.0f, vt, bkp, doi, p->ldo, w->dp, bkp, 0, 1);
-            rows_dot(doi, oi, p->ldo, bq, d, w->rho);
-            tile_backward_probs(w->s, w->dp, bkp, bq, bk, p->softcap, lse_h + i0, w->rho);
-            /* dV[key] += Σ_q P[q][key]·dO[q],  dK[key] += β·Σ_q dS[q][key]·Q[q] */
-            tile_product(w, 0, d, bk, bq, 1.0f, doi, p->ldo, w->s, bkp, dvj, p->ldkv, 1, 0);
-            tile_product(w, 0, d, bk, bq, beta, qi, p->ldq, w->dp, bkp, dkj, p->ldkv, 1, 0);
-            /* dQ[q] += β·Σ_key dS[q][key]·K[key] */
-            tile_product(w, 1, d, bq, bk, beta, kj, p->ldkv, w->dp, bkp, dqi, t->ld_acc, 1,
-                         1);
+            const query_tile qt = {t->b, i0, t->ld_acc, q + qoff, o + ooff, do_ + ooff,
+                                   row_stat + (t->b * p->n_heads + h) * p->len_q + i0,
+                                   t->dq_acc + i0 * t->ld_acc + g * d};
+            const int count = sub_tiles(p, cls, t->b, i0, &qs, j0, &ks, 0, sub);
+            for (int s = 0; s < count; s++) {
+#ifdef LA_HAVE_AVX512_KERNELS
+                if (fused) {
+                    fused_backward_sub(p, w, &kb, &qt, &sub[s]);
+                    continue;
+                }
+#endif
+                backward_sub(p, nt, w, &kb, &qt, &sub[s]);
+            }
         }
     }
 }
-#endif
 
-/* Dispatch to the fused tiles or the BLIS ones. */
+/* One forward unit and one backward key block (both tile kinds behind them). */
 static void forward_unit(const attn_problem *p, int nt, const tile_ws *w, int64_t b,
                          int64_t h, int64_t i0, const float *q, const float *k,
                          const float *v, float *o, float *row_stat)
 {
-#ifdef LA_HAVE_AVX512_KERNELS
-    if (use_fused(p)) {
-        fused_forward_block(p, w, b, h, i0, q, k, v, o, row_stat);
-        return;
-    }
-#endif
     forward_block(p, nt, w, b, h, i0, q, k, v, o, row_stat);
 }
 
@@ -737,12 +852,6 @@ static void backward_unit(const attn_problem *p, int nt, const tile_ws *w, const
                           const float *o, const float *row_stat, const float *do_,
                           float *dk, float *dv)
 {
-#ifdef LA_HAVE_AVX512_KERNELS
-    if (use_fused(p)) {
-        fused_backward_key_block(p, w, t, j0, q, k, v, o, row_stat, do_, dk, dv);
-        return;
-    }
-#endif
     backward_key_block(p, nt, w, t, j0, q, k, v, o, row_stat, do_, dk, dv);
 }
 

@@ -307,32 +307,122 @@ void layer_project_rows(const layer *l, int t, const la_ctx *la, int nt, const f
 
 /* ---- RoPE ----------------------------------------------------------------------------- */
 
+#if defined(LORA_HAVE_LIBMVEC) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include "../linalg/avx512_kernels.h"
+/* glibc libmvec's 8-lane double cos and sin (at most 4 ulp in double, so the float
+ * they round to is the correctly rounded one but in rare ties). */
+__m512d _ZGVeN8v_cos(__m512d x);
+__m512d _ZGVeN8v_sin(__m512d x);
+#define ROPE_VECTOR_ANGLES 1
+
+/* c[i], s[i] = cos, sin of pos·freq[i] for the first n - n % 8 pairs; returns them. */
+LA_AVX512 static int64_t rope_angles8(int64_t pos, const double *freq, int64_t n, float *c,
+                                      float *s)
+{
+    const __m512d vp = _mm512_set1_pd((double)pos);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m512d a = _mm512_mul_pd(vp, _mm512_loadu_pd(freq + i));
+        _mm256_storeu_ps(c + i, _mm512_cvtpd_ps(_ZGVeN8v_cos(a)));
+        _mm256_storeu_ps(s + i, _mm512_cvtpd_ps(_ZGVeN8v_sin(a)));
+    }
+    return i;
+}
+#endif
+
+/* c[i], s[i] = cos, sin of the angle pos·freq[i] (i < n), in double, rounded to float
+ * (vector cos and sin on CPUs with AVX-512: the scalar ones cost more than the rest of
+ * RoPE together). */
+static void rope_angles(const layer *l, int vector, int64_t pos, int64_t n, float *c, float *s)
+{
+    int64_t i = 0;
+#ifdef ROPE_VECTOR_ANGLES
+    if (vector)
+        i = rope_angles8(pos, l->rope_freqs, n, c, s);
+#else
+    (void)vector;
+#endif
+    for (; i < n; i++) {
+        const double angle = (double)pos * l->rope_freqs[i];
+        c[i] = (float)cos(angle);
+        s[i] = (float)sin(angle);
+    }
+}
+
 /* Turns `heads` heads of row x and `heads2` of row x2 (NULL: none) by position pos:
  * each pair's angle pos·inv_freq[i] in double, once, its cos and sin applied in float
- * to every head. inverse turns by -angle. */
-static void rope_rows2(const layer *l, int64_t pos, int inverse, float *x, int64_t heads,
-                       float *x2, int64_t heads2)
+ * to every head. inverse turns by -angle. vector: the CPU has AVX-512. */
+static void rope_rows2(const layer *l, int vector, int64_t pos, int inverse, float *x,
+                       int64_t heads, float *x2, int64_t heads2)
 {
+    enum { CHUNK = 64 };
     const int64_t half = l->rope_dim / 2, hd = l->head_dim;
     const int inter = l->rope == LORA_ROPE_INTERLEAVED;
-    for (int64_t i = 0; i < half; i++) {
-        const double angle = (double)pos * l->rope_freqs[i];
-        const float c = (float)cos(angle), sn = (float)(inverse ? -sin(angle) : sin(angle));
-        const int64_t ia = inter ? 2 * i : i, ib = inter ? 2 * i + 1 : i + half;
-        for (int64_t h = 0; h < heads + heads2; h++) {
-            float *v = h < heads ? x + h * hd : x2 + (h - heads) * hd;
-            const float va = v[ia], vb = v[ib];
-            v[ia] = va * c - vb * sn;
-            v[ib] = vb * c + va * sn;
+    float cs[CHUNK], sn[CHUNK];
+    for (int64_t i0 = 0; i0 < half; i0 += CHUNK) {
+        const int64_t n = half - i0 < CHUNK ? half - i0 : CHUNK;
+        rope_angles(l, vector, pos, n, cs, sn);
+        for (int64_t i = i0; i < i0 + n; i++) {
+            const float c = cs[i - i0], sv = inverse ? -sn[i - i0] : sn[i - i0];
+            const int64_t ia = inter ? 2 * i : i, ib = inter ? 2 * i + 1 : i + half;
+            for (int64_t h = 0; h < heads + heads2; h++) {
+                float *v = h < heads ? x + h * hd : x2 + (h - heads) * hd;
+                const float va = v[ia], vb = v[ib];
+                v[ia] = va * c - vb * sv;
+                v[ib] = vb * c + va * sv;
+            }
         }
     }
 }
 
-void layer_rope_row(const layer *l, int64_t pos, float *x, int64_t heads)
+static int rope_vector(const la_ctx *la)
+{
+#ifdef ROPE_VECTOR_ANGLES
+    return la->avx512;
+#else
+    (void)la;
+    return 0;
+#endif
+}
+
+void layer_rope_row(const layer *l, const la_ctx *la, int64_t pos, float *x, int64_t heads)
 {
     if (l->rope != LORA_ROPE_NONE)
-        rope_rows2(l, pos, 0, x, heads, NULL, 0);
+        rope_rows2(l, rope_vector(la), pos, 0, x, heads, NULL, 0);
 }
+
+/* layer_rope's work, split over the pool by rows (rows are independent). */
+typedef struct rope_job {
+    const layer *l;
+    const attn_problem *p;
+    float *q, *k;
+    int inverse, shared, vector;
+} rope_job;
+
+static void rope_part(void *arg, int part, int parts)
+{
+    const rope_job *j = arg;
+    const layer *l = j->l;
+    const attn_problem *p = j->p;
+    const int64_t q_rows = p->batch * p->len_q, kv_rows = j->shared ? 0 : p->batch * p->len_kv;
+    int64_t lo, hi;
+    pool_static_range(q_rows + kv_rows, part, parts, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++) {
+        if (r < q_rows) {
+            const int64_t b = r / p->len_q, i = r % p->len_q;
+            rope_rows2(l, j->vector, attn_q_pos(p, b, i), j->inverse, j->q + r * l->q_dim,
+                       l->n_heads, j->shared ? j->k + r * l->kv_dim : NULL,
+                       j->shared ? l->n_kv_heads : 0);
+        } else {
+            const int64_t rk = r - q_rows, b = rk / p->len_kv, jk = rk % p->len_kv;
+            rope_rows2(l, j->vector, attn_kv_pos(p, b, jk), j->inverse, j->k + rk * l->kv_dim,
+                       l->n_kv_heads, NULL, 0);
+        }
+    }
+}
+
+/* Rows per thread below which RoPE runs on the calling thread. */
+#define ROPE_MIN_ROWS_PER_THREAD 512
 
 void layer_rope(const layer *l, const attn_problem *p, float *q, float *k, int inverse)
 {
@@ -341,16 +431,11 @@ void layer_rope(const layer *l, const attn_problem *p, float *q, float *k, int i
     /* Q row i and K row i share their position (self-attention by default): one angle
      * table for both. */
     const int shared = p->len_q == p->len_kv && (!p->mask || p->mask->q_pos == p->mask->kv_pos);
-    for (int64_t b = 0; b < p->batch; b++) {
-        for (int64_t i = 0; i < p->len_q; i++) {
-            const int64_t r = b * p->len_q + i;
-            rope_rows2(l, attn_q_pos(p, b, i), inverse, q + r * l->q_dim, l->n_heads,
-                     shared ? k + r * l->kv_dim : NULL, shared ? l->n_kv_heads : 0);
-        }
-        for (int64_t j = 0; j < p->len_kv && !shared; j++)
-            rope_rows2(l, attn_kv_pos(p, b, j), inverse, k + (b * p->len_kv + j) * l->kv_dim,
-                       l->n_kv_heads, NULL, 0);
-    }
+    rope_job j = {l, p, q, k, inverse, shared, rope_vector(p->la)};
+    const int64_t rows = p->batch * (p->len_q + (shared ? 0 : p->len_kv));
+    const int64_t most = rows / ROPE_MIN_ROWS_PER_THREAD;
+    const int64_t parts = most < p->threads ? most : p->threads;
+    pool_run(p->la->pool, parts > 1 ? (int)parts : 1, rope_part, &j);
 }
 
 /* Zeroes the rows of padded queries of y (batch·len_q rows of width cols). */

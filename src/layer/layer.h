@@ -97,7 +97,7 @@ void layer_project_rows(const layer *l, int t, const la_ctx *la, int nt, const f
  * transpose: the backward of dQ, dK). No-op without RoPE. */
 void layer_rope(const layer *l, const attn_problem *p, float *q, float *k, int inverse);
 /* Turns `heads` consecutive heads of one row x by position pos (no-op without RoPE). */
-void layer_rope_row(const layer *l, int64_t pos, float *x, int64_t heads);
+void layer_rope_row(const layer *l, const la_ctx *la, int64_t pos, float *x, int64_t heads);
 void layer_attend(const layer *l, const attn_group_plan *plan, const attn_problem *p,
                   layer_acts *a, float *out, float *ws, double *measured);
 

@@ -293,9 +293,10 @@ static void rotate_block(const layer *l, const attn_problem *p, int64_t b, int64
         for (int64_t c = 0; c < width; c++)
             row[c] += bias[c];
         if (s0 < q1)
-            layer_rope_row(l, attn_q_pos(p, b, i0 + i), row, q1 - s0);
+            layer_rope_row(l, p->la, attn_q_pos(p, b, i0 + i), row, q1 - s0);
         if (k0 < k1)
-            layer_rope_row(l, attn_kv_pos(p, b, i0 + i), row + (k0 - s0) * d, k1 - k0);
+            layer_rope_row(l, p->la, attn_kv_pos(p, b, i0 + i), row + (k0 - s0) * d,
+                           k1 - k0);
     }
 }
 
@@ -378,7 +379,7 @@ static void rotated_sums_part(void *arg, int worker, int workers)
                 float *row = yb + i * cols;
                 for (int64_t c = 0; c < cols; c++)
                     row[c] += bk[c];
-                layer_rope_row(l, attn_kv_pos(p, b, r0 + i), row, cols / d);
+                layer_rope_row(l, p->la, attn_kv_pos(p, b, r0 + i), row, cols / d);
                 for (int64_t c = 0; c < cols; c++)
                     acc[c] += row[c];
             }

@@ -1,9 +1,10 @@
 /* The per-adapter worker pool (pool.h). One job at a time: the caller publishes it
  * under the lock and advances the job counter; the workers it invites (the first
- * `helpers` of them) take parts from a shared counter, and the caller, after taking
- * parts itself, waits until every invited worker has finished. A worker reads a job
- * only under the lock, so a worker that was not invited and wakes late never mixes
- * two jobs. */
+ * `helpers` of them) and the caller take parts from a shared counter, and the caller
+ * then waits until every part has completed. It never waits for a worker that took no
+ * part: a worker still waking up when the parts are gone (short jobs) costs nothing.
+ * The part counter carries the job's tag, so a worker that wakes late, holding the
+ * view of a job that is over, takes no part of the next one. */
 #include "pool.h"
 
 #include <pthread.h>
@@ -22,6 +23,10 @@
 #define POOL_SPIN_POLLS 256
 #endif
 
+/* The part counter: (job tag << PART_BITS) | next part. parts < 2^PART_BITS. */
+#define PART_BITS 24
+#define PART_MASK ((UINT64_C(1) << PART_BITS) - 1)
+
 typedef struct pool_worker {
     pool *owner;
     int index;          /* invited to a job when index < its helpers */
@@ -32,7 +37,7 @@ typedef struct pool_worker {
 struct pool {
     pthread_mutex_t lock;
     pthread_cond_t wake; /* workers: a new job or stop */
-    pthread_cond_t done; /* caller: the last invited worker finished */
+    pthread_cond_t done; /* caller: a worker completed the last part */
     _Atomic pid_t owner; /* the process the threads belong to; 0 while being reset */
     atomic_int busy;     /* a pool_run holds the pool */
     int capacity;        /* threads it may start */
@@ -42,8 +47,8 @@ struct pool {
     int stop, helpers, parts;
     pool_fn fn;
     void *ctx;
-    atomic_int next_part;
-    atomic_int finished; /* invited workers done with the job */
+    _Atomic uint64_t next_part; /* tagged, see PART_BITS */
+    atomic_int completed;       /* parts of the job that have returned */
     pool_worker workers[];
 };
 
@@ -96,15 +101,28 @@ pool *pool_init(void *mem, int threads)
     atomic_init(&p->busy, 0);
     atomic_init(&p->job, 0);
     atomic_init(&p->next_part, 0);
-    atomic_init(&p->finished, 0);
+    atomic_init(&p->completed, 0);
     return init_sync(p) == 0 ? p : NULL;
 }
 
-static void take_parts(pool *p, pool_fn fn, void *ctx, int parts)
+static uint64_t part_tag(uint64_t job) { return job << PART_BITS; }
+
+/* Takes parts of job `job` until none is left (or the job is over); counts each one
+ * completed. Returns 1 when this thread completed the job's last part. */
+static int take_parts(pool *p, uint64_t job, pool_fn fn, void *ctx, int parts)
 {
-    int part;
-    while ((part = atomic_fetch_add_explicit(&p->next_part, 1, memory_order_relaxed)) < parts)
-        fn(ctx, part, parts);
+    const uint64_t tag = part_tag(job);
+    int last = 0;
+    uint64_t v = atomic_load_explicit(&p->next_part, memory_order_relaxed);
+    while ((v & ~PART_MASK) == tag && (int)(v & PART_MASK) < parts) {
+        if (!atomic_compare_exchange_weak_explicit(&p->next_part, &v, v + 1,
+                                                   memory_order_relaxed, memory_order_relaxed))
+            continue;
+        fn(ctx, (int)(v & PART_MASK), parts);
+        last = atomic_fetch_add_explicit(&p->completed, 1, memory_order_acq_rel) + 1 == parts;
+        v = atomic_load_explicit(&p->next_part, memory_order_relaxed);
+    }
+    return last;
 }
 
 static job_view next_job(pool *p, uint64_t seen)
@@ -133,8 +151,7 @@ static void *worker_main(void *arg)
             return NULL;
         if (w->index >= j.helpers)
             continue;
-        take_parts(p, j.fn, j.ctx, j.parts);
-        if (atomic_fetch_add_explicit(&p->finished, 1, memory_order_acq_rel) + 1 == j.helpers) {
+        if (take_parts(p, j.id, j.fn, j.ctx, j.parts)) {
             pthread_mutex_lock(&p->lock);
             pthread_cond_signal(&p->done);
             pthread_mutex_unlock(&p->lock);
@@ -203,7 +220,7 @@ static void run_alone(int parts, pool_fn fn, void *ctx)
 
 void pool_run(pool *p, int parts, pool_fn fn, void *ctx)
 {
-    if (!p || parts <= 1 || !claim(p)) {
+    if (!p || parts <= 1 || (uint64_t)parts > PART_MASK || !claim(p)) {
         run_alone(parts, fn, ctx);
         return;
     }
@@ -218,19 +235,20 @@ void pool_run(pool *p, int parts, pool_fn fn, void *ctx)
     p->ctx = ctx;
     p->parts = parts;
     p->helpers = helpers;
-    atomic_store(&p->next_part, 0);
-    atomic_store(&p->finished, 0);
-    atomic_fetch_add(&p->job, 1);
+    const uint64_t job = atomic_load(&p->job) + 1;
+    atomic_store(&p->completed, 0);
+    atomic_store(&p->next_part, part_tag(job));
+    atomic_store(&p->job, job);
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
 
-    take_parts(p, fn, ctx, parts);
+    take_parts(p, job, fn, ctx, parts);
     for (int i = 0; i < POOL_SPIN_POLLS &&
-                    atomic_load_explicit(&p->finished, memory_order_acquire) < helpers;
+                    atomic_load_explicit(&p->completed, memory_order_acquire) < parts;
          i++)
         cpu_relax();
     pthread_mutex_lock(&p->lock);
-    while (atomic_load_explicit(&p->finished, memory_order_acquire) < helpers)
+    while (atomic_load_explicit(&p->completed, memory_order_acquire) < parts)
         pthread_cond_wait(&p->done, &p->lock);
     pthread_mutex_unlock(&p->lock);
     atomic_store(&p->busy, 0);

@@ -4,8 +4,10 @@
  * 64, LoRA rank 8 on Q, K, V, LORA_CFG_THREADS = T (default 2). For each L: forward and
  * backward times (medians), achieved GFLOP/s counting 4·L²·d_h flops forward and
  * 8·L²·d_h backward (halved when causal; projections and LoRA terms are timed but not
- * counted), the same run's plain sgemm GFLOP/s, their ratio, and the peak resident
- * memory of the process after its first forward+backward.
+ * counted), the same run's plain sgemm GFLOP/s, their ratio, the peak resident
+ * memory of the process after its first forward+backward, and busy: the process's CPU
+ * time over wall time × T during forward+backward (100% = every thread always working;
+ * less shows threads waiting or a loaded machine).
  *
  * The reference sgemm: a square m = n = k = 2048 product (17 GFLOP) with T threads,
  * called on BLIS linked into this program with the Makefile's BLIS flags and, for the
@@ -97,10 +99,27 @@ static double sgemm_seconds(const sgemm_bench *s)
     return now() - t0;
 }
 
+/* After the reference sgemm, BLIS's OpenMP threads spin (libgomp's default wait policy:
+ * 5 to 9 ms of CPU measured here) before they sleep. The library's own worker threads
+ * would share the cores with them, so the library is timed only after they sleep. */
+static void let_openmp_threads_sleep(void)
+{
+    nanosleep(&(struct timespec){0, 100000000}, NULL);
+}
+
+/* CPU seconds of the whole process (every thread). */
+static double process_cpu(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 /* ---- one case ----------------------------------------------------------------------- */
 
 typedef struct case_result {
     double fwd_s, bwd_s, sgemm_gflops, peak_mb;
+    double busy; /* process CPU time over wall time × threads, fwd+bwd */
     int reps;
     char arch[32];
 } case_result;
@@ -165,18 +184,22 @@ static void run_case(int64_t L, int threads, int reps, int causal, case_result *
         s.c[i] = 0.0f;
     }
     sgemm_seconds(&s); /* warm-up */
-    double tf[MAX_REPS], tb[MAX_REPS], ts[MAX_REPS];
+    double tf[MAX_REPS], tb[MAX_REPS], ts[MAX_REPS], busy[MAX_REPS];
     for (int r = 0; r < reps; r++) {
         ts[r] = sgemm_seconds(&s);
+        let_openmp_threads_sleep();
+        const double c0 = process_cpu();
         double t0 = now();
         CHECK(lora_forward(ad, x, 1, L, out));
         tf[r] = now() - t0;
         t0 = now();
         CHECK(lora_backward(ad, dout, dx));
         tb[r] = now() - t0;
+        busy[r] = (process_cpu() - c0) / ((tf[r] + tb[r]) * threads);
     }
     res->fwd_s = median(tf, reps);
     res->bwd_s = median(tb, reps);
+    res->busy = median(busy, reps);
     res->sgemm_gflops = 2.0 * SGEMM_N * SGEMM_N * (double)SGEMM_N / median(ts, reps) / 1e9;
     res->reps = reps;
     free(s.a);
@@ -339,8 +362,8 @@ int main(int argc, char **argv)
     printf("GFLOP/s count 4*L^2*d forward, 8*L^2*d backward%s; sgemm: m=n=k=%d; "
            "mem: peak RSS of the case's process\n",
            causal ? ", halved (causal)" : "", SGEMM_N);
-    printf("%6s %5s %9s %9s %8s %8s %8s %8s %7s %8s %5s\n", "L", "reps", "fwd_ms", "bwd_ms",
-           "fwd_GF", "bwd_GF", "fb_GF", "sgemm_GF", "ratio", "mem_MB", "blis");
+    printf("%6s %5s %9s %9s %8s %8s %8s %8s %7s %8s %5s %5s\n", "L", "reps", "fwd_ms", "bwd_ms",
+           "fwd_GF", "bwd_GF", "fb_GF", "sgemm_GF", "ratio", "mem_MB", "blis", "busy");
     int failed = 0;
     for (int li = 0; li < nlens; li++) {
         const int64_t L = lens[li];
@@ -355,9 +378,10 @@ int main(int argc, char **argv)
         const double f = (causal ? 0.5 : 1.0) * (double)L * (double)L * HEAD_DIM;
         const double gf = 4.0 * f / res.fwd_s / 1e9, gb = 8.0 * f / res.bwd_s / 1e9;
         const double gfb = 12.0 * f / (res.fwd_s + res.bwd_s) / 1e9;
-        printf("%6lld %5d %9.2f %9.2f %8.1f %8.1f %8.1f %8.1f %6.0f%% %8.1f %5s\n",
+        printf("%6lld %5d %9.2f %9.2f %8.1f %8.1f %8.1f %8.1f %6.0f%% %8.1f %5s %4.0f%%\n",
                (long long)L, res.reps, res.fwd_s * 1e3, res.bwd_s * 1e3, gf, gb, gfb,
-               res.sgemm_gflops, 100.0 * gfb / res.sgemm_gflops, res.peak_mb, res.arch);
+               res.sgemm_gflops, 100.0 * gfb / res.sgemm_gflops, res.peak_mb, res.arch,
+               100.0 * res.busy);
     }
     if (do_exp) {
         double ulp, rel, ns;
