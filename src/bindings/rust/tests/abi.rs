@@ -26,6 +26,10 @@ fn layouts_and_constants_match_c_compiler() {
     for f in attn_args_fields() {
         c.push_str(&format!("O(lora_attn_args, {})\n", f.0));
     }
+    c.push_str("S(lora_decode_args)\n");
+    for f in decode_args_fields() {
+        c.push_str(&format!("O(lora_decode_args, {})\n", f.0));
+    }
     c.push_str("S(lora_save_options)\n");
     for f in save_options_fields() {
         c.push_str(&format!("O(lora_save_options, {})\n", f.0));
@@ -110,6 +114,17 @@ fn layouts_and_constants_match_c_compiler() {
         );
     }
     assert_eq!(
+        c_val("lora_decode_args") as usize,
+        size_of::<sys::lora_decode_args>()
+    );
+    for (f, rust_off) in decode_args_fields() {
+        assert_eq!(
+            c_val(&format!("lora_decode_args.{f}")) as usize,
+            rust_off,
+            "lora_decode_args.{f}"
+        );
+    }
+    assert_eq!(
         c_val("lora_save_options") as usize,
         size_of::<sys::lora_save_options>()
     );
@@ -125,11 +140,12 @@ fn layouts_and_constants_match_c_compiler() {
         assert_eq!(c_val(name), v, "{name}");
     }
     println!(
-        "abi: 4 struct sizes, {} offsets, {n} constants match the C compiler",
+        "abi: 7 struct sizes, {} offsets, {n} constants match the C compiler",
         run_info_fields().len()
             + report_fields().len()
             + allocator_fields().len()
             + attn_args_fields().len()
+            + decode_args_fields().len()
             + save_options_fields().len()
     );
 }
@@ -165,6 +181,11 @@ fn report_fields() -> Vec<(&'static str, usize)> {
 fn attn_args_fields() -> Vec<(&'static str, usize)> {
     fields!(sys::lora_attn_args: struct_size, flags, q_lens, kv_lens, q_pos, kv_pos, q_seg,
             kv_seg, tape)
+}
+
+fn decode_args_fields() -> Vec<(&'static str, usize)> {
+    fields!(sys::lora_decode_args: struct_size, flags, n_tokens, tenants, n_tenants,
+            tenant_of_seq)
 }
 
 fn save_options_fields() -> Vec<(&'static str, usize)> {
