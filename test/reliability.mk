@@ -101,8 +101,9 @@ fuzz-seeds: $(SHARED)
 	@mkdir -p lib/fuzz
 	$(CC) $(CFLAGS) $(APP_CFLAGS) -o lib/fuzz/make_seeds test/fuzz/make_seeds.c $(APP_LDLIBS)
 	rm -rf lib/fuzz/seeds && mkdir -p lib/fuzz/seeds && lib/fuzz/make_seeds lib/fuzz/seeds
-	for c in config gguf safetensors peft_json; do rm -rf test/fuzz/corpus_$$c; \
-	    cp -r lib/fuzz/seeds/corpus_$$c test/fuzz/; done
+	# Overwrites the generated seeds and keeps the rest (regression-* inputs found by fuzzing).
+	for c in config gguf safetensors peft_json; do mkdir -p test/fuzz/corpus_$$c; \
+	    cp lib/fuzz/seeds/corpus_$$c/* test/fuzz/corpus_$$c/; done
 # Each target runs FUZZ_SECONDS on a copy of its seed corpus (the committed seeds stay
 # as they are); crashes are written to lib/fuzz/crash-* and fail the run.
 fuzz: reliability-deps
