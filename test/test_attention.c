@@ -1054,8 +1054,9 @@ START_TEST(test_attention_packed_equals_separate)
 }
 END_TEST
 
-/* The estimator with args: AUTO runs exact attention under lengths (POLY refuses them),
- * the statistics cover the valid rows only, and args NULL equals the 0.1 call. */
+/* The estimator with args: the statistics and the plans cover the valid rows only (a
+ * padded batch reports what its valid rows alone report), and args NULL equals the 0.1
+ * call. */
 START_TEST(test_attention_estimate_ex)
 {
     ref_config c = {.d_model = 8, .n_heads = 2, .rank = 2, .targets = 3, .softmax_scale = 0.01};
@@ -1079,7 +1080,16 @@ START_TEST(test_attention_estimate_ex)
     static const int64_t len[1] = {100};
     lora_attn_args args = {.struct_size = sizeof args, .q_lens = len};
     ck_assert_int_eq(lora_threshold_estimate_ex(ad, &args, x, 1, 4096, &c0), LORA_OK);
-    ck_assert_int_eq(c0.recommended_backend, LORA_BACKEND_EXACT);
+    lora_threshold_report v = a;
+    ck_assert_int_eq(lora_threshold_estimate(ad, x, 1, 100, &v), LORA_OK);
+    ck_assert_int_eq(c0.recommended_backend, v.recommended_backend);
+    ck_assert_int_eq(c0.poly_degree, v.poly_degree);
+    ck_assert_msg(c0.flops_exact == v.flops_exact && c0.flops_poly == v.flops_poly,
+                  "flops with padding (%g, %g) vs the valid rows alone (%g, %g)",
+                  c0.flops_exact, c0.flops_poly, v.flops_exact, v.flops_poly);
+    ck_assert_msg(fabs(c0.score_bound - v.score_bound) <= 1e-6 * v.score_bound,
+                  "R with padding %.17g vs the valid rows alone %.17g", c0.score_bound,
+                  v.score_bound);
     ck_assert_msg(c0.gamma_q < a.gamma_q / 10.0, "padding counted in gamma_q (%g vs %g)",
                   c0.gamma_q, a.gamma_q);
     static const int64_t bad[1] = {4097};
