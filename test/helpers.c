@@ -196,6 +196,12 @@ lora_adapter *adapter_new(const lora_config *cfg, uint64_t seed)
 
 int lib_run(lora_adapter *ad, const ref_layer *l, const ref_problem *p, lib_result *r)
 {
+    return lib_run_ex(ad, l, p, NULL, r);
+}
+
+int lib_run_ex(lora_adapter *ad, const ref_layer *l, const ref_problem *p,
+               const lora_attn_args *args, lib_result *r)
+{
     memset(r, 0, sizeof *r);
     const int64_t d = l->cfg.d_model;
     r->nxq = (size_t)(p->batch * p->len_q * d);
@@ -233,12 +239,17 @@ int lib_run(lora_adapter *ad, const ref_layer *l, const ref_problem *p, lib_resu
         }                         \
     } while (0)
     LRUN(lora_adapter_zero_grad(ad));
-    if (p->cross)
+    if (args)
+        LRUN(lora_forward_ex(ad, args, xq, p->cross ? xkv : NULL, p->batch, p->len_q,
+                             p->len_kv, r->out));
+    else if (p->cross)
         LRUN(lora_forward_cross(ad, xq, xkv, p->batch, p->len_q, p->len_kv, r->out));
     else
         LRUN(lora_forward(ad, xq, p->batch, p->len_q, r->out));
     LRUN(lora_adapter_get_run_info(ad, &r->fwd_info));
-    if (p->cross)
+    if (args)
+        LRUN(lora_backward_ex(ad, NULL, dout, r->dxq, p->cross ? r->dxkv : NULL));
+    else if (p->cross)
         LRUN(lora_backward_cross(ad, dout, r->dxq, r->dxkv));
     else
         LRUN(lora_backward(ad, dout, r->dxq));

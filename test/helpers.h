@@ -66,6 +66,9 @@ typedef struct lib_result {
 /* zero_grad, forward(_cross), backward(_cross), get_grad on ad with p's inputs (rounded
  * to float). Returns r->status; r must be freed with lib_result_free either way. */
 int lib_run(lora_adapter *ad, const ref_layer *l, const ref_problem *p, lib_result *r);
+/* lib_run through lora_forward_ex / lora_backward_ex with args (NULL: lib_run). */
+int lib_run_ex(lora_adapter *ad, const ref_layer *l, const ref_problem *p,
+               const lora_attn_args *args, lib_result *r);
 void lib_result_free(lib_result *r);
 /* Bitwise equality of two results' out, dx and gradients. */
 int lib_result_same(const lib_result *a, const lib_result *b);

@@ -51,16 +51,17 @@ static int has_args(const call_args *a)
 }
 
 /* The library's forward + backward of p with args a (zero_grad first): lib_run, or
- * when a has a field set lib_run (for the shapes and buffers: training forward 0) and
- * then lora_forward_ex / lora_backward_ex (training forward 1). */
+ * when a has a field set lib_run (training forward 0) and then lib_run_ex with them
+ * (training forward 1). */
 static int lib_call(lora_adapter *ad, const ref_layer *l, const ref_problem *p,
                     const call_args *a, lib_result *r)
 {
     if (!has_args(a))
         return lib_run(ad, l, p, r);
-    const int st0 = lib_run(ad, l, p, r); /* shapes and buffers (overwritten below) */
+    const int st0 = lib_run(ad, l, p, r); /* training forward 0 */
     if (st0 != LORA_OK)
         return st0;
+    lib_result_free(r);
     lora_attn_args la = {.struct_size = sizeof la};
     la.q_lens = a->q_lens;
     la.kv_lens = a->kv_lens;
@@ -68,29 +69,7 @@ static int lib_call(lora_adapter *ad, const ref_layer *l, const ref_problem *p,
     la.kv_pos = a->kv_pos;
     la.q_seg = a->q_seg;
     la.kv_seg = a->kv_seg;
-    float *xq = malloc(r->nxq * sizeof(float)), *xkv = NULL;
-    float *dout = malloc(r->nout * sizeof(float));
-    ck_assert(xq && dout);
-    ref_to_float(p->xq, xq, r->nxq);
-    ref_to_float(p->dout, dout, r->nout);
-    if (p->cross) {
-        xkv = malloc(r->nxkv * sizeof(float));
-        ck_assert_ptr_nonnull(xkv);
-        ref_to_float(p->xkv, xkv, r->nxkv);
-    }
-    int st = lora_adapter_zero_grad(ad);
-    if (st == LORA_OK)
-        st = lora_forward_ex(ad, &la, xq, xkv, p->batch, p->len_q, p->len_kv, r->out);
-    if (st == LORA_OK)
-        st = lora_backward_ex(ad, NULL, dout, r->dxq, r->dxkv);
-    if (st == LORA_OK)
-        st = lora_adapter_get_grads_flat(ad, r->grads, r->ngrads);
-    r->status = st;
-    r->call = st == LORA_OK ? NULL : "lora_forward_ex / lora_backward_ex";
-    free(xq);
-    free(xkv);
-    free(dout);
-    return st;
+    return lib_run_ex(ad, l, p, &la, r);
 }
 
 /* The reference's out, dx and gradients of p with args a and the keep masks of the

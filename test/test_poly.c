@@ -66,6 +66,19 @@ static void setup_case(const poly_case *pc, uint64_t seed, ref_layer *l, ref_pro
                      0);
 }
 
+/* Per-call arguments of a case for the library and the reference (on = 0: none). The
+ * two views point at the arrays of the same struct: fill it in place, never copy it. */
+typedef struct case_args {
+    int on;
+    lora_attn_args lib;
+    ref_attn_args ref;
+    int64_t q_lens[2], kv_lens[2], q_pos[2 * 96], kv_pos[2 * 96];
+    int32_t q_seg[2 * 96], kv_seg[2 * 96];
+} case_args;
+
+static const lora_attn_args *lib_args(const case_args *ca) { return ca && ca->on ? &ca->lib : NULL; }
+static const ref_attn_args *ref_args(const case_args *ca) { return ca && ca->on ? &ca->ref : NULL; }
+
 /* Absolute errors of a library run against the reference, and the reference's maxima. */
 typedef struct abs_errors {
     double out, grad, dx;             /* max |lib - ref| over out, every dA/dB, dx */
@@ -83,15 +96,16 @@ static double max_abs_diff(const float *x, const double *y, size_t n)
 }
 
 static void reference_abs_errors(const ref_layer *l, const ref_problem *p,
-                                 const lib_result *r, abs_errors *a)
+                                 const case_args *ca, const lib_result *r, abs_errors *a)
 {
     memset(a, 0, sizeof *a);
     double *rout = malloc(r->nout * sizeof(double));
     ref_grads g;
     ck_assert_ptr_nonnull(rout);
     ck_assert_int_eq(ref_grads_alloc(&g, l, p->batch, p->len_q, p->len_kv), 0);
-    ref_forward(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, rout);
-    ref_backward(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, p->dout, &g);
+    const double *xkv = p->cross ? p->xkv : NULL;
+    ref_forward_ex(l, ref_args(ca), p->xq, xkv, p->batch, p->len_q, p->len_kv, rout);
+    ref_backward_ex(l, ref_args(ca), p->xq, xkv, p->batch, p->len_q, p->len_kv, p->dout, &g);
     a->out = max_abs_diff(r->out, rout, r->nout);
     a->out_ref = ref_max_abs(rout, r->nout);
     const float *lg = r->grads;
@@ -172,7 +186,7 @@ static void poly_eval_run(const ref_layer *l, const ref_problem *p, int g, int t
     pe->grad_rel = grad_rel(&pe->e);
     lib_result r;
     ck_assert_int_eq(lib_run(ad, l, p, &r), LORA_OK);
-    reference_abs_errors(l, p, &r, &pe->a);
+    reference_abs_errors(l, p, NULL, &r, &pe->a);
     lib_result_free(&r);
     lora_adapter_destroy(ad);
 }
@@ -651,27 +665,28 @@ typedef struct train_eval {
 } train_eval;
 
 static void train_step(lora_adapter *ad, const ref_layer *l, ref_problem *p,
-                       const float *target, train_eval *te)
+                       const case_args *ca, const float *target, train_eval *te)
 {
     const size_t nout = (size_t)(p->batch * p->len_q * ref_out_cols(l));
     for (size_t i = 0; i < nout; i++)
         p->dout[i] = 0.0;
     lib_result first;
-    ck_assert_int_eq(lib_run(ad, l, p, &first), LORA_OK);
+    ck_assert_int_eq(lib_run_ex(ad, l, p, lib_args(ca), &first), LORA_OK);
     float *dout = malloc(nout * sizeof(float));
     double *rout = malloc(nout * sizeof(double)), loss;
     ck_assert(dout && rout);
     ck_assert_int_eq(lora_mse_loss(first.out, target, nout, &loss, dout), LORA_OK);
     for (size_t i = 0; i < nout; i++)
         p->dout[i] = dout[i];
-    ck_assert_int_eq(lib_run(ad, l, p, &te->r), LORA_OK);
+    ck_assert_int_eq(lib_run_ex(ad, l, p, lib_args(ca), &te->r), LORA_OK);
     ck_assert_msg(memcmp(first.out, te->r.out, nout * sizeof(float)) == 0,
                   "the same forward gave another output");
-    reference_abs_errors(l, p, &te->r, &te->given);
-    ref_forward(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, rout);
+    reference_abs_errors(l, p, ca, &te->r, &te->given);
+    ref_forward_ex(l, ref_args(ca), p->xq, p->cross ? p->xkv : NULL, p->batch, p->len_q,
+                   p->len_kv, rout);
     for (size_t i = 0; i < nout; i++)
         p->dout[i] = rout[i] - (double)target[i];
-    reference_abs_errors(l, p, &te->r, &te->truth);
+    reference_abs_errors(l, p, ca, &te->r, &te->truth);
     free(rout);
     free(dout);
     lib_result_free(&first);
@@ -681,14 +696,15 @@ static double grad_err(const abs_errors *a) { return fmax(a->grad, a->dx); }
 static double grad_ref(const abs_errors *a) { return fmax(a->grad_ref, a->dx_ref); }
 
 /* target = the exact output (rounded to float), plus noise of the given size. */
-static float *make_target(const ref_layer *l, const ref_problem *p, double noise,
-                          uint64_t seed)
+static float *make_target(const ref_layer *l, const ref_problem *p, const case_args *ca,
+                          double noise, uint64_t seed)
 {
     const size_t nout = (size_t)(p->batch * p->len_q * ref_out_cols(l));
     double *rout = malloc(nout * sizeof(double));
     float *t = malloc(nout * sizeof(float));
     ck_assert(rout && t);
-    ref_forward(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, rout);
+    ref_forward_ex(l, ref_args(ca), p->xq, p->cross ? p->xkv : NULL, p->batch, p->len_q,
+                   p->len_kv, rout);
     uint64_t st = seed;
     for (size_t i = 0; i < nout; i++)
         t[i] = (float)(rout[i] + noise * ref_uniform(&st));
@@ -717,13 +733,13 @@ START_TEST(test_loss_grad_bound_near_minimum)
                     ref_problem p;
                     setup_case(&pc, 4000 + (uint64_t)(dm * 100 + op * 10 + len + ri), &l, &p);
                     const double r = problem_set_score_bound(&l, &p, ri ? 0.25 : 0.1);
-                    float *target = make_target(&l, &p, 0.0, 1);
+                    float *target = make_target(&l, &p, NULL, 0.0, 1);
                     const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 2, 0.0}};
                     lora_adapter *ad = NULL;
                     ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 1, &ad),
                                      LORA_OK);
                     train_eval te;
-                    train_step(ad, &l, &p, target, &te);
+                    train_step(ad, &l, &p, NULL, target, &te);
                     const lora_run_info *in = &te.r.info;
                     const double err = grad_err(&te.truth);
                     char desc[512];
@@ -934,6 +950,66 @@ static void sweep_case(uint64_t *st, poly_case *pc, double *r, double *tol, int 
     *degree = mode == 5 ? 2 + 2 * (int)((u >> 44) % 3) : 0;
     static const double noises[] = {0.0, 1e-3, 1.0};
     *noise = noises[(u >> 47) % 3];
+    if (head_dim % 2 == 0) /* none, HALF, INTERLEAVED */
+        pc->c.rope = (int)((u >> 50) % 3);
+}
+
+/* One side's positions and segment ids (batch rows of n): segment ids ascend from a
+ * random start, a new packed sequence every 16 rows or so, its positions restarting
+ * at 0; gaps: positions step by 0 to 3 (repeats and holes), never decreasing within a
+ * sequence, as POLY needs. */
+static void random_side(uint64_t *st, int batch, int n, int segs, int gaps, int64_t *pos,
+                        int32_t *seg)
+{
+    for (int b = 0; b < batch; b++) {
+        int32_t id = (int32_t)(ref_rng_next(st) % 5) - 2;
+        int64_t at = (int64_t)(ref_rng_next(st) % 9) - 3;
+        for (int i = 0; i < n; i++) {
+            if (segs && i > 0 && ref_rng_next(st) % 16 == 0) {
+                id += 1 + (int32_t)(ref_rng_next(st) % 2);
+                at = 0;
+            }
+            seg[b * n + i] = id;
+            pos[b * n + i] = at;
+            at += gaps ? (int64_t)(ref_rng_next(st) % 4) : 1;
+        }
+    }
+}
+
+/* Random per-call arguments for a sweep case, two in three with some: right padding,
+ * packed sequences, explicit positions with gaps; cross-attention draws its key side
+ * on its own (segments present on one side only, or on both). */
+static void random_args(uint64_t *st, const poly_case *pc, case_args *ca)
+{
+    memset(ca, 0, sizeof *ca);
+    const uint64_t u = ref_rng_next(st);
+    if (u % 3 == 0)
+        return;
+    const int lens = (u >> 2) & 1, segs = (u >> 3) & 1, gaps = (u >> 4) & 1;
+    const int pos = gaps || (segs && ((u >> 5) & 1)) || (!lens && !segs);
+    random_side(st, pc->batch, pc->len_q, segs, gaps, ca->q_pos, ca->q_seg);
+    random_side(st, pc->batch, pc->len_kv, segs, gaps, ca->kv_pos, ca->kv_seg);
+    for (int b = 0; b < pc->batch; b++) {
+        ca->q_lens[b] = (int64_t)(ref_rng_next(st) % (uint64_t)(pc->len_q + 1));
+        ca->kv_lens[b] = (int64_t)(ref_rng_next(st) % (uint64_t)(pc->len_kv + 1));
+    }
+    ca->on = 1;
+    ca->lib.struct_size = sizeof ca->lib;
+    ca->ref.q_lens = ca->lib.q_lens = lens ? ca->q_lens : NULL;
+    ca->ref.q_pos = ca->lib.q_pos = pos ? ca->q_pos : NULL;
+    ca->ref.q_seg = ca->lib.q_seg = segs ? ca->q_seg : NULL;
+    if (!pc->cross)
+        return; /* the key side is the query side */
+    ca->ref.kv_lens = ca->lib.kv_lens = lens ? ca->kv_lens : NULL;
+    ca->ref.kv_pos = ca->lib.kv_pos = pos ? ca->kv_pos : NULL;
+    ca->ref.kv_seg = ca->lib.kv_seg = segs ? ca->kv_seg : NULL;
+}
+
+/* poly_sum_keys of docs/math.md: the key count of the rounding share. */
+static int64_t sum_keys(const poly_case *pc, const case_args *ca)
+{
+    const int explicit_pos = ca->on && (ca->lib.q_pos || ca->lib.kv_pos);
+    return pc->c.causal && explicit_pos ? 2 * pc->len_kv + pc->len_q + 128 : pc->len_kv;
 }
 
 /* Keys far from 0: a K bias of ±(10 .. 1e4) per column (rounded to float). */
@@ -946,8 +1022,9 @@ static void shift_keys(ref_layer *l, uint64_t *st)
 
 /* Every certificate holds on random small layers in the training loop: 350 layers
  * (self and cross, causal, GQA, batch 2, biases, keys shifted far from 0, output
- * projection), R from 0.05 to 2, tolerances from 0.1 down to the floor and explicit
- * degrees, targets at, near and far from the exact output. Per run: the output within
+ * projection, RoPE of both layouts, and per-call right padding, packed sequences and
+ * explicit positions with gaps), R from 0.05 to 2, tolerances from 0.1 down to the
+ * floor and explicit degrees, targets at, near and far from the exact output. Per run: the output within
  * η·max|V| (through W_O), the gradient for the given dout within grad_bound and the
  * gradient of the true loss within loss_grad_bound. The certificates take arithmetic
  * outside η as exact: the slack is twice what the same step on EXACT shows against the
@@ -955,31 +1032,38 @@ static void shift_keys(ref_layer *l, uint64_t *st)
 START_TEST(test_certificate_sweep)
 {
     uint64_t st = 0xC0FFEE + (uint64_t)_i;
-    int ran = 0, refused = 0;
+    int ran = 0, refused = 0, masked = 0;
     for (int it = 0; it < 70; it++) {
         poly_case pc;
         double rt, tol, noise;
         int degree, key_shift;
         sweep_case(&st, &pc, &rt, &tol, &degree, &noise, &key_shift);
+        case_args ca;
+        random_args(&st, &pc, &ca);
         ref_layer l;
         ref_problem p;
         setup_case(&pc, ref_rng_next(&st), &l, &p);
         if (key_shift)
             shift_keys(&l, &st);
-        const double r = problem_set_score_bound(&l, &p, rt);
+        problem_set_score_bound(&l, &p, rt);
+        /* the R the library sees (valid rows, positions): exact attention's run info */
+        lora_adapter *ad = NULL, *ex = NULL;
+        ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_EXACT, 1, NULL, 0, &ex), LORA_OK);
+        lib_result probe;
+        ck_assert_int_eq(lib_run_ex(ex, &l, &p, lib_args(&ca), &probe), LORA_OK);
+        const double r = probe.fwd_info.score_bound;
+        lib_result_free(&probe);
         int g_floor;
-        const double floor_eta = eta_floor(r, l.head_dim, p.len_kv, &g_floor);
+        const double floor_eta = eta_floor(r, l.head_dim, sum_keys(&pc, &ca), &g_floor);
         if (tol == 0.0)
-            tol = floor_eta * 1.001; /* R in float may exceed the reference R by ~1e-6 */
-        float *target = make_target(&l, &p, noise, ref_rng_next(&st));
+            tol = floor_eta * 1.0001;
+        float *target = make_target(&l, &p, &ca, noise, ref_rng_next(&st));
         const ref_param xp[] = {{LORA_CFG_TOLERANCE, 1, 0, tol},
                                 {LORA_CFG_POLY_DEGREE, 0, degree, 0.0}};
-        lora_adapter *ad = NULL, *ex = NULL;
         ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 2, &ad), LORA_OK);
         char desc[512];
         ref_describe(&l, &p, desc, sizeof desc);
-        lib_result probe;
-        const int status = lib_run(ad, &l, &p, &probe);
+        const int status = lib_run_ex(ad, &l, &p, lib_args(&ca), &probe);
         lib_result_free(&probe);
         if (status != LORA_OK) { /* only when no degree certifies the tolerance */
             ck_assert_msg(status == LORA_ERR_TOLERANCE && degree == 0 && floor_eta > tol * 0.999,
@@ -987,11 +1071,11 @@ START_TEST(test_certificate_sweep)
                           lora_status_string(status), desc);
             refused++;
         } else {
-            ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_EXACT, 1, NULL, 0, &ex),
-                             LORA_OK);
             train_eval te, te_exact;
-            train_step(ad, &l, &p, target, &te);
-            train_step(ex, &l, &p, target, &te_exact);
+            train_step(ad, &l, &p, &ca, target, &te);
+            train_step(ex, &l, &p, &ca, target, &te_exact);
+            ck_assert_int_eq(te.r.info.backend, LORA_BACKEND_POLY);
+            masked += ca.on;
             const lora_run_info *in = &te.r.info;
             double vmax;
             problem_score_bound(&l, &p, &vmax);
@@ -1021,15 +1105,17 @@ START_TEST(test_certificate_sweep)
                         grad_err(&te_exact.truth), desc);
             lib_result_free(&te.r);
             lib_result_free(&te_exact.r);
-            lora_adapter_destroy(ex);
             ran++;
         }
+        lora_adapter_destroy(ex);
         lora_adapter_destroy(ad);
         free(target);
         ref_problem_free(&p);
         ref_layer_free(&l);
     }
-    ck_assert_msg(ran >= 50, "only %d of 70 layers ran (%d refused)", ran, refused);
+    ck_assert_msg(ran >= 50 && masked >= 25,
+                  "only %d of 70 layers ran (%d refused, %d with per-call arguments)", ran,
+                  refused, masked);
 }
 END_TEST
 
