@@ -13,30 +13,6 @@
 #include "helpers.h"
 #include "suites.h"
 
-/* ---- the library's dropout masks, from their definition (docs/math.md#dropout) ---- */
-
-static uint64_t mix(uint64_t z)
-{
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
-}
-
-/* keep (rows, in): 1 where element (row, col) of target t's LoRA input is kept in the
- * training forward numbered count of an adapter seeded seed. */
-static void lib_keep_mask(uint64_t seed, uint64_t count, int t, int64_t rows, int64_t in,
-                          double p, uint8_t *keep)
-{
-    const uint64_t golden = UINT64_C(0x9E3779B97F4A7C15);
-    const uint64_t key = mix(mix(mix(seed + golden) ^ count) ^ (uint64_t)t);
-    const uint64_t threshold = (uint64_t)ceil(p * 4294967296.0);
-    for (int64_t r = 0; r < rows; r++) {
-        const uint64_t rk = mix(key ^ (uint64_t)r);
-        for (int64_t c = 0; c < in; c++)
-            keep[r * in + c] = (mix(rk + (uint64_t)(c + 1) * golden) >> 32) >= threshold;
-    }
-}
-
 /* ---- one library run against the reference ---------------------------------------- */
 
 /* Per-call arguments of a test (NULL = default), for the library and the reference. */
