@@ -153,39 +153,39 @@ static const bound_case bound_cases[] = {
     /* GQA (2 query heads per kv head), output projection with LoRA, biases. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 15, .alpha = 1.0,
       .softmax_scale = 0.25, .out_proj = 1, .bias = 1},
-     0, 4, 4, 2, 0.0, 0, 0, 0},
+     0, 4, 4, 2, 0.0, 0, 0, 0, 0},
     /* Cross-attention, two kv groups with their own degree (6 and 8) from a tolerance
        just above the second group's floor (1.2e-4: 1e-4 is below it), no output
        projection. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 2, .rank = 2, .targets = 7, .alpha = 4.0,
       .softmax_scale = 0.125, .causal = 1},
-     1, 2, 4, 0, 1.5e-4, 0, 0, 0},
+     1, 2, 4, 0, 1.5e-4, 0, 0, 0, 0},
     /* dO (5 x 4 = 20 entries) peaks at its last entry, X at entry 15. */
     {{.d_model = 4, .n_heads = 1, .rank = 2, .targets = 7, .alpha = 2.0,
       .softmax_scale = 0.125},
-     0, 5, 5, 4, 0.0, 1, 0, 0},
+     0, 5, 5, 4, 0.0, 1, 0, 0, 0},
     /* LoRA on O only, under Q and V that do not depend on X (max|V| <= 1/4). */
     {{.d_model = 4, .n_heads = 2, .rank = 2, .targets = 8, .alpha = 2.0,
       .softmax_scale = 0.125, .out_proj = 1, .bias = 1},
-     0, 4, 4, 2, 0.0, 0, 1, 0},
+     0, 4, 4, 2, 0.0, 0, 1, 0, 0},
     /* Keys near 10^4 (LoRA on Q, V and O), three keys: the mean is no float. */
     {{.d_model = 4, .n_heads = 2, .rank = 2, .targets = 13, .alpha = 2.0,
       .softmax_scale = 0.25, .out_proj = 1, .bias = 1},
-     0, 3, 3, 2, 0.0, 0, 0, 1},
+     0, 3, 3, 2, 0.0, 0, 0, 1, 0},
     /* Cross-attention over 70 keys: two 64-key blocks summed into the state (the
        rounding count's ⌈L_kv/64⌉). */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 7, .alpha = 2.0,
       .softmax_scale = 0.03125},
-     1, 3, 70, 2, 0.0, 0, 0, 0},
+     1, 3, 70, 2, 0.0, 0, 0, 0, 0},
     /* RoPE (HALF, θ = 1: angles up to 6 rad, near π/4 at position 1): dQ and dK are
        turned back, each entry's error bound grows by max |cos| + |sin| over the angles. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .head_dim = 4, .rank = 2, .targets = 7,
       .alpha = 2.0, .softmax_scale = 0.03125, .bias = 1, .rope = 1, .rope_theta = 1.0},
-     0, 7, 7, 2, 0.0, 0, 0, 0},
+     0, 7, 7, 2, 0.0, 0, 0, 0, 0},
     /* RoPE INTERLEAVED with an output projection, causal cross-attention. */
     {{.d_model = 4, .n_heads = 2, .head_dim = 2, .rank = 2, .targets = 15, .alpha = 2.0,
       .softmax_scale = 0.125, .causal = 1, .out_proj = 1, .rope = 2, .rope_theta = 3.0},
-     1, 3, 5, 2, 0.0, 0, 0, 0},
+     1, 3, 5, 2, 0.0, 0, 0, 0, 0},
     /* LoRA dropout p = 1/2 on Q, K, V: the branches saw X·keep·2, dA and dx's LoRA path
        grow by 1/(1 − p) = 2. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 7, .alpha = 2.0,

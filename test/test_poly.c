@@ -72,8 +72,8 @@ typedef struct case_args {
     int on;
     lora_attn_args lib;
     ref_attn_args ref;
-    int64_t q_lens[2], kv_lens[2], q_pos[2 * 96], kv_pos[2 * 96];
-    int32_t q_seg[2 * 96], kv_seg[2 * 96];
+    int64_t q_lens[2], kv_lens[2], q_pos[2 * 320], kv_pos[2 * 320];
+    int32_t q_seg[2 * 320], kv_seg[2 * 320];
 } case_args;
 
 static const lora_attn_args *lib_args(const case_args *ca) { return ca && ca->on ? &ca->lib : NULL; }
@@ -1320,6 +1320,350 @@ START_TEST(test_poly_backward_formula)
 }
 END_TEST
 
+/* ---- 10. per-call arguments: padding, packed sequences, positions -------------------- */
+
+/* Points ca's library and reference views at the given arrays (NULL: default). */
+static void point_args(case_args *ca, const int64_t *q_lens, const int64_t *kv_lens,
+                       const int64_t *q_pos, const int64_t *kv_pos, const int32_t *q_seg,
+                       const int32_t *kv_seg)
+{
+    memset(ca, 0, sizeof *ca);
+    ca->on = 1;
+    ca->lib.struct_size = sizeof ca->lib;
+    ca->ref.q_lens = ca->lib.q_lens = q_lens;
+    ca->ref.kv_lens = ca->lib.kv_lens = kv_lens;
+    ca->ref.q_pos = ca->lib.q_pos = q_pos;
+    ca->ref.kv_pos = ca->lib.kv_pos = kv_pos;
+    ca->ref.q_seg = ca->lib.q_seg = q_seg;
+    ca->ref.kv_seg = ca->lib.kv_seg = kv_seg;
+}
+
+/* Segment ids (ascending) and positions restarting at 0 for batch rows of n split into
+ * sequences of the given lengths (the last one takes the rest). */
+static void packed_rows(int batch, int n, const int *lens, int nseq, int64_t *pos,
+                        int32_t *seg)
+{
+    for (int b = 0; b < batch; b++)
+        for (int i = 0, s = 0, at = 0; i < n; i++, at++) {
+            if (s + 1 < nseq && at == lens[s]) {
+                s++;
+                at = 0;
+            }
+            seg[b * n + i] = s;
+            pos[b * n + i] = at;
+        }
+}
+
+typedef struct args_case {
+    const char *name;
+    poly_case pc;
+} args_case;
+
+static const args_case args_cases[] = {
+    {"padding {200, 77}, causal, GQA, RoPE half",
+     {{.d_model = 16, .n_heads = 4, .n_kv_heads = 2, .head_dim = 4, .rank = 2, .targets = 7,
+       .causal = 1, .bias = 1, .rope = 1, .rope_theta = 50.0},
+      0, 2, 200, 0}},
+    {"packed 70 + 100 + 30, positions restarting, non-causal, RoPE interleaved",
+     {{.d_model = 8, .n_heads = 2, .head_dim = 4, .rank = 2, .targets = 7, .bias = 1,
+       .rope = 2, .rope_theta = 50.0},
+      0, 1, 200, 0}},
+    {"packed 50 + 130 + 80 and padded {260, 150}, causal, out-projection",
+     {{.d_model = 8, .n_heads = 2, .head_dim = 4, .rank = 2, .targets = 15, .causal = 1,
+       .out_proj = 1, .bias = 1},
+      0, 2, 260, 0}},
+    {"cross causal, queries at every 4th position: diagonals of several key blocks",
+     {{.d_model = 8, .n_heads = 2, .n_kv_heads = 1, .head_dim = 4, .rank = 2, .targets = 7,
+       .causal = 1, .rope = 1, .rope_theta = 100.0},
+      1, 1, 70, 300}},
+    {"cross non-causal, segments on both sides (one without keys), key padding",
+     {{.d_model = 8, .n_heads = 2, .head_dim = 4, .rank = 2, .targets = 7, .bias = 1},
+      1, 2, 90, 150}},
+    {"positions repeating (i/3), causal, GQA, RoPE half",
+     {{.d_model = 8, .n_heads = 2, .n_kv_heads = 1, .head_dim = 4, .rank = 2, .targets = 7,
+       .causal = 1, .rope = 1, .rope_theta = 20.0},
+      0, 1, 150, 0}},
+};
+#define N_ARGS_CASES ((int)(sizeof args_cases / sizeof args_cases[0]))
+
+/* The arguments of args case ci in ca (its own arrays). */
+static void args_of_case(int ci, case_args *ca)
+{
+    const poly_case *pc = &args_cases[ci].pc;
+    const int n = pc->len_q;
+    static const int lens1[3] = {70, 100, 30}, lens2[3] = {50, 130, 80};
+    memset(ca, 0, sizeof *ca);
+    switch (ci) {
+    case 0:
+        ca->q_lens[0] = 200;
+        ca->q_lens[1] = 77;
+        point_args(ca, ca->q_lens, NULL, NULL, NULL, NULL, NULL);
+        ca->q_lens[0] = 200; /* point_args cleared the arrays */
+        ca->q_lens[1] = 77;
+        break;
+    case 1:
+    case 2:
+        point_args(ca, ci == 2 ? ca->q_lens : NULL, NULL, ca->q_pos, NULL, ca->q_seg, NULL);
+        packed_rows(pc->batch, n, ci == 1 ? lens1 : lens2, 3, ca->q_pos, ca->q_seg);
+        ca->q_lens[0] = 260;
+        ca->q_lens[1] = 150;
+        break;
+    case 3:
+        point_args(ca, NULL, NULL, ca->q_pos, NULL, NULL, NULL);
+        for (int i = 0; i < n; i++)
+            ca->q_pos[i] = 4 * i;
+        break;
+    case 4:
+        point_args(ca, NULL, ca->kv_lens, NULL, NULL, ca->q_seg, ca->kv_seg);
+        for (int b = 0; b < 2; b++) {
+            for (int i = 0; i < n; i++)
+                ca->q_seg[b * n + i] = i < 40 ? 0 : i < 60 ? 1 : 2; /* no key has id 1 */
+            for (int j = 0; j < pc->len_kv; j++)
+                ca->kv_seg[b * pc->len_kv + j] = j < 60 ? 0 : j < 100 ? 2 : 3;
+            ca->kv_lens[b] = b ? 130 : 150;
+        }
+        break;
+    default:
+        point_args(ca, NULL, NULL, ca->q_pos, NULL, NULL, NULL);
+        for (int i = 0; i < n; i++)
+            ca->q_pos[i] = i / 3;
+        break;
+    }
+}
+
+/* POLY with per-call arguments against the double reference with the same arguments:
+ * it runs POLY, the output stays within η·max|V| (through W_O) and every gradient
+ * entry within grad_bound, with the slack of the certificate sweep (twice what EXACT
+ * shows: float rounding outside η), and the relative error is that of plain POLY at
+ * R = 0.5, g = 4. */
+START_TEST(test_poly_args_within_certificate)
+{
+    const args_case *ac = &args_cases[_i];
+    ref_layer l;
+    ref_problem p;
+    setup_case(&ac->pc, 7000 + (uint64_t)_i, &l, &p);
+    problem_set_score_bound(&l, &p, 0.5);
+    case_args ca;
+    args_of_case(_i, &ca);
+    double vmax;
+    problem_score_bound(&l, &p, &vmax);
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 4, 0.0}};
+    lora_adapter *ad = NULL, *ex = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 2, xp, 1, &ad), LORA_OK);
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_EXACT, 2, NULL, 0, &ex), LORA_OK);
+    lib_result r, re;
+    ck_assert_msg(lib_run_ex(ad, &l, &p, lib_args(&ca), &r) == LORA_OK, "%s: %s: %s",
+                  ac->name, r.call, lora_adapter_last_error(ad));
+    ck_assert_int_eq(lib_run_ex(ex, &l, &p, lib_args(&ca), &re), LORA_OK);
+    ck_assert_int_eq(r.info.backend, LORA_BACKEND_POLY);
+    abs_errors a, ae;
+    reference_abs_errors(&l, &p, &ca, &r, &a);
+    reference_abs_errors(&l, &p, &ca, &re, &ae);
+    const lora_run_info *in = &r.info;
+    const double out_b = in->error_bound * vmax * out_proj_gain(&l);
+    ck_assert_msg(a.out <= out_b + 2.0 * ae.out + 1e-7 * a.out_ref,
+                  "%s: |out~ - out| %.3g > eta*max|V| %.3g (exact %.3g)", ac->name, a.out,
+                  out_b, ae.out);
+    const double slack = 2.0 * grad_err(&ae) + 1e-7 * grad_ref(&a);
+    ck_assert_msg(grad_err(&a) <= in->grad_bound + slack,
+                  "%s: gradient error %.3g > grad_bound %.3g + %.3g", ac->name, grad_err(&a),
+                  in->grad_bound, slack);
+    const double rel = fmax(a.out / a.out_ref, grad_err(&a) / grad_ref(&a));
+    ck_assert_msg(rel <= 1e-4, "%s: relative error %.3g at R %.3g, g 4", ac->name, rel,
+                  in->score_bound);
+    if (verbose())
+        fprintf(stderr, "args %s: R %.3f out %.2e/%.2e grads %.2e/%.2e rel %.2e\n", ac->name,
+                in->score_bound, a.out, out_b, grad_err(&a), in->grad_bound, rel);
+    lib_result_free(&r);
+    lib_result_free(&re);
+    lora_adapter_destroy(ad);
+    lora_adapter_destroy(ex);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* Arguments that change nothing give POLY's results bitwise: lengths all full, one
+ * segment id, positions equal to the default; and a run repeated with the same thread
+ * count is bitwise the same (1 and 3 threads). */
+START_TEST(test_poly_trivial_args_equal_none)
+{
+    const poly_case pc = {{.d_model = 16, .n_heads = 4, .n_kv_heads = 2, .head_dim = 4,
+                           .rank = 2, .targets = 15, .causal = 1, .out_proj = 1, .bias = 1,
+                           .rope = 2},
+                          0, 2, 150, 0};
+    ref_layer l;
+    ref_problem p;
+    setup_case(&pc, 7100, &l, &p);
+    problem_set_score_bound(&l, &p, 0.5);
+    static int64_t full[2] = {150, 150}, pos[2 * 150];
+    static int32_t same[2 * 150];
+    for (int i = 0; i < 2 * 150; i++) {
+        same[i] = -3;
+        pos[i] = i % 150;
+    }
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 4, 0.0}};
+    for (int threads = 1; threads <= 3; threads += 2) {
+        lora_adapter *ad = NULL;
+        ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, threads, xp, 1, &ad),
+                         LORA_OK);
+        lib_result none, again, r;
+        ck_assert_int_eq(lib_run(ad, &l, &p, &none), LORA_OK);
+        ck_assert_int_eq(none.info.backend, LORA_BACKEND_POLY);
+        ck_assert_int_eq(lib_run(ad, &l, &p, &again), LORA_OK);
+        ck_assert_msg(lib_result_same(&none, &again), "threads %d: a repeated run differs",
+                      threads);
+        lib_result_free(&again);
+        case_args ca[3];
+        point_args(&ca[0], full, NULL, NULL, NULL, NULL, NULL);
+        point_args(&ca[1], NULL, NULL, NULL, NULL, same, NULL);
+        point_args(&ca[2], NULL, NULL, pos, NULL, NULL, NULL);
+        static const char *what[3] = {"lengths all full", "one segment id",
+                                      "default positions given"};
+        for (int k = 0; k < 3; k++) {
+            ck_assert_int_eq(lib_run_ex(ad, &l, &p, lib_args(&ca[k]), &r), LORA_OK);
+            ck_assert_int_eq(r.info.backend, LORA_BACKEND_POLY);
+            ck_assert_msg(lib_result_same(&none, &r), "threads %d: %s differs from none",
+                          threads, what[k]);
+            lib_result_free(&r);
+        }
+        lib_result_free(&none);
+        lora_adapter_destroy(ad);
+    }
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* A packed row of three sequences (positions restarting) against the sequences run one
+ * by one, both on POLY: the prefix sums restart at the boundaries, so the two differ by
+ * no more than their certificates (the packed run centres the keys over the whole row,
+ * each separate run over its own). Output rows within the two outputs' η·max|V|, dx
+ * rows and the summed gradients within the two grad_bounds. */
+START_TEST(test_poly_packed_equals_separate)
+{
+    const poly_case pc = {{.d_model = 8, .n_heads = 2, .n_kv_heads = 1, .head_dim = 4,
+                           .rank = 2, .targets = 7, .causal = _i, .bias = 1, .rope = 1,
+                           .rope_theta = 30.0},
+                          0, 1, 230, 0};
+    static const int lens[3] = {100, 66, 64};
+    ref_layer l;
+    ref_problem p;
+    setup_case(&pc, 7200 + (uint64_t)_i, &l, &p);
+    problem_set_score_bound(&l, &p, 0.5);
+    double vmax;
+    problem_score_bound(&l, &p, &vmax);
+    case_args ca;
+    point_args(&ca, NULL, NULL, ca.q_pos, NULL, ca.q_seg, NULL);
+    packed_rows(1, 230, lens, 3, ca.q_pos, ca.q_seg);
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 4, 0.0}};
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 1, &ad), LORA_OK);
+    lib_result packed;
+    ck_assert_int_eq(lib_run_ex(ad, &l, &p, lib_args(&ca), &packed), LORA_OK);
+    ck_assert_int_eq(packed.info.backend, LORA_BACKEND_POLY);
+    float *gsum = calloc(packed.ngrads, sizeof(float));
+    ck_assert_ptr_nonnull(gsum);
+    const int dm = 8;
+    double out_diff = 0.0, dx_diff = 0.0, eta_sum = packed.fwd_info.error_bound;
+    double grad_bounds = packed.info.grad_bound;
+    for (int s = 0, i0 = 0; s < 3; i0 += lens[s], s++) {
+        ref_problem one;
+        ck_assert_int_eq(ref_problem_init(&one, &l, 0, 1, lens[s], lens[s], 1), 0);
+        memcpy(one.xq, p.xq + i0 * dm, (size_t)lens[s] * dm * sizeof(double));
+        memcpy(one.dout, p.dout + i0 * dm, (size_t)lens[s] * dm * sizeof(double));
+        lib_result r;
+        ck_assert_int_eq(lib_run(ad, &l, &one, &r), LORA_OK);
+        ck_assert_int_eq(r.info.backend, LORA_BACKEND_POLY);
+        for (size_t k = 0; k < r.nout; k++)
+            out_diff = fmax(out_diff, fabs(r.out[k] - packed.out[(size_t)i0 * dm + k]));
+        for (size_t k = 0; k < r.nxq; k++)
+            dx_diff = fmax(dx_diff, fabs(r.dxq[k] - packed.dxq[(size_t)i0 * dm + k]));
+        for (size_t k = 0; k < r.ngrads; k++)
+            gsum[k] += r.grads[k];
+        eta_sum = fmax(eta_sum, packed.fwd_info.error_bound + r.fwd_info.error_bound);
+        grad_bounds += r.info.grad_bound;
+        lib_result_free(&r);
+        ref_problem_free(&one);
+    }
+    double grad_diff = 0.0, gscale = 0.0;
+    for (size_t k = 0; k < packed.ngrads; k++) {
+        grad_diff = fmax(grad_diff, fabs(gsum[k] - packed.grads[k]));
+        gscale = fmax(gscale, fabs(packed.grads[k]));
+    }
+    ck_assert_msg(out_diff <= eta_sum * vmax + 1e-6 * vmax,
+                  "out rows differ by %.3g > %.3g", out_diff, eta_sum * vmax);
+    ck_assert_msg(dx_diff <= grad_bounds && grad_diff <= grad_bounds + 1e-6 * gscale,
+                  "dx rows differ by %.3g, summed gradients by %.3g; bounds %.3g", dx_diff,
+                  grad_diff, grad_bounds);
+    ck_assert_msg(out_diff > 0.0, "packed and separate runs are bitwise equal: the centring "
+                                  "this test allows for is gone; tighten it");
+    if (verbose())
+        fprintf(stderr, "packed vs separate (causal %d): out %.2e dx %.2e grads %.2e\n", _i,
+                out_diff, dx_diff, grad_diff);
+    free(gsum);
+    lib_result_free(&packed);
+    lora_adapter_destroy(ad);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* Layouts the sweep cannot take: segment ids that go down along the rows (a packed
+ * sequence split in two), and under causality positions that go down within a
+ * sequence. Forced POLY returns LORA_ERR_UNSUPPORTED naming the array and AUTO runs
+ * EXACT; without causality positions do not matter and POLY runs. */
+START_TEST(test_poly_args_refused_layouts)
+{
+    const poly_case pc = {{.d_model = 8, .n_heads = 2, .head_dim = 4, .rank = 2, .targets = 7,
+                           .causal = 1},
+                          0, 1, 40, 0};
+    ref_layer l;
+    ref_problem p;
+    setup_case(&pc, 7300, &l, &p);
+    problem_set_score_bound(&l, &p, 0.3);
+    static int32_t seg[40];
+    static int64_t pos[40];
+    for (int i = 0; i < 40; i++) {
+        seg[i] = i < 10 ? 0 : i < 30 ? 1 : 0; /* id 0 again after id 1 */
+        pos[i] = i == 25 ? 3 : i;             /* 24, 3, 26 */
+    }
+    static const struct {
+        int use_seg, causal, refused;
+        const char *name;
+    } rows[] = {{1, 1, 1, "q_seg"}, {0, 1, 1, "q_pos"}, {0, 0, 0, ""}};
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 2, 0.0}};
+    for (int k = 0; k < 3; k++) {
+        l.cfg.causal = rows[k].causal;
+        case_args ca;
+        point_args(&ca, NULL, NULL, rows[k].use_seg ? NULL : pos, NULL,
+                   rows[k].use_seg ? seg : NULL, NULL);
+        for (int backend = LORA_BACKEND_AUTO; backend <= LORA_BACKEND_POLY; backend += 2) {
+            lora_adapter *ad = NULL;
+            ck_assert_int_eq(ref_make_adapter_ex(&l, backend, 1, xp, 1, &ad), LORA_OK);
+            lib_result r;
+            const int st = lib_run_ex(ad, &l, &p, lib_args(&ca), &r);
+            if (backend == LORA_BACKEND_POLY && rows[k].refused) {
+                ck_assert_int_eq(st, LORA_ERR_UNSUPPORTED);
+                ck_assert_msg(strstr(lora_adapter_last_error(ad), rows[k].name) != NULL,
+                              "message '%s' does not name %s", lora_adapter_last_error(ad),
+                              rows[k].name);
+            } else {
+                ck_assert_int_eq(st, LORA_OK);
+                if (rows[k].refused) /* AUTO: exact attention, no POLY group */
+                    ck_assert_int_eq(r.info.poly_groups, 0);
+                else if (backend == LORA_BACKEND_POLY)
+                    ck_assert_int_eq(r.info.backend, LORA_BACKEND_POLY);
+            }
+            lib_result_free(&r);
+            lora_adapter_destroy(ad);
+        }
+    }
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 Suite *poly_suite(void)
 {
     Suite *s = suite_create("poly");
@@ -1328,6 +1672,13 @@ Suite *poly_suite(void)
     tcase_add_loop_test(tc, test_poly_vs_reference, 0, N_CASES);
     tcase_add_test(tc, test_poly_grad_bound_small);
     tcase_add_test(tc, test_poly_block_edges);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("args");
+    tcase_set_timeout(tc, 60);
+    tcase_add_loop_test(tc, test_poly_args_within_certificate, 0, N_ARGS_CASES);
+    tcase_add_test(tc, test_poly_trivial_args_equal_none);
+    tcase_add_loop_test(tc, test_poly_packed_equals_separate, 0, 2);
+    tcase_add_test(tc, test_poly_args_refused_layouts);
     suite_add_tcase(s, tc);
     tc = tcase_create("bugs");
     tcase_add_test(tc, test_grad_bound_not_nan_when_eta_infinite);
