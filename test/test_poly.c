@@ -1664,6 +1664,85 @@ START_TEST(test_poly_args_refused_layouts)
 }
 END_TEST
 
+/* LORA_CFG_MEASURE_ROWS under per-call arguments: the sampled exact rows see what the
+ * forward saw (valid rows, segments, positions), so the measured errors of args
+ * cases 0-5 are POLY's own (about 1e-6 at R 0.5, g 4), not the distance to unmasked
+ * attention. */
+START_TEST(test_poly_args_measure_rows)
+{
+    const args_case *ac = &args_cases[_i];
+    ref_layer l;
+    ref_problem p;
+    setup_case(&ac->pc, 7000 + (uint64_t)_i, &l, &p);
+    problem_set_score_bound(&l, &p, 0.5);
+    case_args ca;
+    args_of_case(_i, &ca);
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 4, 0.0},
+                            {LORA_CFG_MEASURE_ROWS, 0, 16, 0.0}};
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 2, &ad), LORA_OK);
+    lib_result r;
+    ck_assert_int_eq(lib_run_ex(ad, &l, &p, lib_args(&ca), &r), LORA_OK);
+    const double mo = r.fwd_info.measured_out_error, mq = r.info.measured_dq_error;
+    ck_assert_msg(mo >= 0.0 && mo <= 1e-4 && mq >= 0.0 && mq <= 1e-3,
+                  "%s: measured out error %.3g, dq error %.3g", ac->name, mo, mq);
+    lib_result_free(&r);
+    lora_adapter_destroy(ad);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* The estimator takes the arguments: a row packed into 8 sequences of 256 (non-causal)
+ * leaves 1/8 of the pairs, so EXACT's modelled flops fall 8× while POLY's (linear in
+ * the rows) stay; the recommendation follows the plan AUTO makes for that call. */
+START_TEST(test_poly_estimate_packed)
+{
+    const poly_case pc = {{.d_model = 8, .n_heads = 2, .head_dim = 4, .rank = 2, .targets = 7,
+                           .softmax_scale = 0.01},
+                          0, 1, 2048, 0};
+    ref_layer l;
+    ref_problem p;
+    setup_case(&pc, 7400, &l, &p);
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_AUTO, 1, NULL, 0, &ad), LORA_OK);
+    float *x = malloc(2048 * 8 * sizeof(float));
+    ck_assert_ptr_nonnull(x);
+    ref_to_float(p.xq, x, 2048 * 8);
+    static int64_t pos[2048];
+    static int32_t seg[2048];
+    static const int lens[8] = {256, 256, 256, 256, 256, 256, 256, 256};
+    packed_rows(1, 2048, lens, 8, pos, seg);
+    lora_attn_args args = {.struct_size = sizeof args, .q_pos = pos, .q_seg = seg};
+    lora_threshold_report plain = {.struct_size = sizeof plain}, packed = plain;
+    ck_assert_int_eq(lora_threshold_estimate(ad, x, 1, 2048, &plain), LORA_OK);
+    ck_assert_int_eq(lora_threshold_estimate_ex(ad, &args, x, 1, 2048, &packed), LORA_OK);
+    ck_assert_msg(packed.flops_exact == plain.flops_exact / 8.0,
+                  "flops_exact packed %.17g, unpacked %.17g", packed.flops_exact,
+                  plain.flops_exact);
+    ck_assert_int_gt(plain.poly_degree, 0);
+    /* POLY's flops of the same rows (flops_poly is POLY's plan for the whole layer
+     * whenever AUTO runs POLY nowhere, else AUTO's plan) */
+    if (plain.poly_groups == 2 && packed.poly_groups == 2)
+        ck_assert(packed.flops_poly == plain.flops_poly);
+    ck_assert_int_eq(packed.poly_groups > 0, packed.recommended_backend == LORA_BACKEND_POLY);
+    /* what AUTO then runs on the call */
+    float *out = malloc(2048 * 8 * sizeof(float));
+    ck_assert_ptr_nonnull(out);
+    args.flags = LORA_FWD_INFER;
+    ck_assert_int_eq(lora_forward_ex(ad, &args, x, NULL, 1, 2048, 2048, out), LORA_OK);
+    lora_run_info info = {.struct_size = sizeof info};
+    ck_assert_int_eq(lora_adapter_get_run_info(ad, &info), LORA_OK);
+    ck_assert_int_eq(info.backend, packed.recommended_backend);
+    ck_assert_int_eq(info.poly_groups, packed.poly_groups);
+    free(out);
+    free(x);
+    lora_adapter_destroy(ad);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 Suite *poly_suite(void)
 {
     Suite *s = suite_create("poly");
@@ -1679,6 +1758,8 @@ Suite *poly_suite(void)
     tcase_add_test(tc, test_poly_trivial_args_equal_none);
     tcase_add_loop_test(tc, test_poly_packed_equals_separate, 0, 2);
     tcase_add_test(tc, test_poly_args_refused_layouts);
+    tcase_add_loop_test(tc, test_poly_args_measure_rows, 0, N_ARGS_CASES);
+    tcase_add_test(tc, test_poly_estimate_packed);
     suite_add_tcase(s, tc);
     tc = tcase_create("bugs");
     tcase_add_test(tc, test_grad_bound_not_nan_when_eta_infinite);
