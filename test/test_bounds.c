@@ -186,6 +186,11 @@ static const bound_case bound_cases[] = {
     {{.d_model = 4, .n_heads = 2, .head_dim = 2, .rank = 2, .targets = 15, .alpha = 2.0,
       .softmax_scale = 0.125, .causal = 1, .out_proj = 1, .rope = 2, .rope_theta = 3.0},
      1, 3, 5, 2, 0.0, 0, 0, 0, 0},
+    /* RoPE, LoRA on Q only with s = 4: dA_Q, dB_Q (the query side's turn back)
+       dominate the bound. */
+    {{.d_model = 4, .n_heads = 1, .head_dim = 4, .rank = 2, .targets = 1, .alpha = 8.0,
+      .softmax_scale = 0.03125, .rope = 1, .rope_theta = 1.0},
+     0, 6, 6, 2, 0.0, 0, 0, 0, 0},
     /* LoRA dropout p = 1/2 on Q, K, V: the branches saw X·keep·2, dA and dx's LoRA path
        grow by 1/(1 − p) = 2. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 7, .alpha = 2.0,
