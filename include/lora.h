@@ -541,7 +541,8 @@ LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t b
 /* lora_threshold_estimate for the self-attention call lora_forward_ex(ad, args, x, NULL,
  * batch, seq_len, seq_len, ...) would make: the statistics over the valid rows
  * (q_lens), Q and K turned by RoPE at args' positions, and what AUTO would do with
- * them (lengths, positions and segments run on EXACT only). args NULL equals
+ * them: the flops of both backends count the valid rows and, for EXACT, the pairs
+ * within segments; layouts POLY refuses (lora_forward_ex) plan EXACT. args NULL equals
  * lora_threshold_estimate; args->flags and args->tape are ignored. Errors: as
  * lora_threshold_estimate and lora_forward_ex's argument checks. */
 LORA_API int lora_threshold_estimate_ex(lora_adapter *ad, const lora_attn_args *args,
