@@ -248,10 +248,16 @@ static void head_setup(const attn_problem *p, int64_t b, int64_t h, const float 
     hg->kscale = (float)(1.0 / c);
 }
 
-/* First key of query row i's diagonal: keys before it are visible to row i and to
- * every later row of the run (w->vis ascends); without causality every key is. A
- * block's diagonal is [diag_start(first row), diag_start(last row)). */
-static int64_t diag_start(const poly_work *w, int64_t i) { return w->vis[i]; }
+/* First key of the diagonal of the query block at i0: keys before it are visible to
+ * every row of the block and of the later blocks (w->vis ascends), keys from it to the
+ * last row's w->vis are masked per row. Causal, the diagonal starts one key before the
+ * first row's end, so with default positions it is the square block of the rows' own
+ * keys (full product tiles); the start ascends with i0, so the state and the
+ * diagonals never overlap. Without causality every key is in the state. */
+static int64_t diag_start(const attn_problem *p, const poly_work *w, int64_t i0)
+{
+    return !p->causal ? p->len_kv : w->vis[i0] > 0 ? w->vis[i0] - 1 : 0;
+}
 
 /* 1/w_i, or 0 for a row that sees no key (its output is 0 and it passes no gradient). */
 static float inverse_weight(float w) { return w > 0.0f ? 1.0f / w : 0.0f; }
@@ -297,7 +303,7 @@ static void forward_run(const attn_problem *p, int bt, const poly_table *t, poly
     int64_t absorbed = 0;
     for (int64_t i0 = 0; i0 < p->len_q; i0 += POLY_BLOCK) {
         const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
-        const int64_t p0 = diag_start(w, i0), p1 = diag_start(w, i0 + bq - 1);
+        const int64_t p0 = diag_start(p, w, i0), p1 = w->vis[i0 + bq - 1];
         /* state += Σ_j φ(k_j) ⊗ V'_j over keys now visible to the whole block */
         while (absorbed < p0) {
             const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
@@ -559,7 +565,7 @@ static void backward_dq(const attn_problem *p, int bt, const poly_table *t, poly
     int64_t absorbed = 0, expanded = -1;
     for (int64_t i0 = 0; i0 < p->len_q; i0 += POLY_BLOCK) {
         const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
-        const int64_t p0 = diag_start(w, i0), p1 = diag_start(w, i0 + bq - 1);
+        const int64_t p0 = diag_start(p, w, i0), p1 = w->vis[i0 + bq - 1];
         while (absorbed < p0) {
             const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
             key_features(p, t, t->k1, &hd->hg, w, absorbed, n);
@@ -645,15 +651,15 @@ static void backward_dkdv(const attn_problem *p, int bt, const poly_table *t, po
     memset(w->state, 0, (size_t)(t->k1 * d1) * sizeof(float));
     const int64_t nblocks = (p->len_q + POLY_BLOCK - 1) / POLY_BLOCK;
     for (int64_t blk = nblocks - 1; blk >= 0; blk--) {
-        const int64_t j_lo = diag_start(w, blk * POLY_BLOCK);
+        const int64_t j_lo = diag_start(p, w, blk * POLY_BLOCK);
         const int64_t j_hi =
-            blk + 1 < nblocks ? diag_start(w, (blk + 1) * POLY_BLOCK) : p->len_kv;
+            blk + 1 < nblocks ? diag_start(p, w, (blk + 1) * POLY_BLOCK) : p->len_kv;
         emit_keys(p, bt, t, w, hd, j_lo, j_hi);
         const int64_t i0 = blk * POLY_BLOCK;
         absorb_queries(p, bt, t, w, hd, i0,
                        p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK);
     }
-    emit_keys(p, bt, t, w, hd, 0, diag_start(w, 0));
+    emit_keys(p, bt, t, w, hd, 0, diag_start(p, w, 0));
 }
 
 static void poly_backward_head(const attn_problem *p, int bt, const poly_table *t,
