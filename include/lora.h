@@ -352,7 +352,9 @@ typedef struct lora_run_info {
                               exact gradient FOR THE dout GIVEN to this backward (other
                               arithmetic exact; docs/math.md). It does not cover the
                               error that dout itself carries when computed from POLY's
-                              output: see loss_grad_bound. 0 for EXACT */
+                              output: see loss_grad_bound. Includes RoPE's turning
+                              back of dQ, dK (up to sqrt 2) and dropout's 1/(1 - p).
+                              0 for EXACT */
     double score_bound;    /* R >= max |S_ij - c_i| of the last forward (see
                               lora_threshold_report); computed for every backend */
     double measured_out_error; /* with LORA_CFG_MEASURE_ROWS and POLY: max |O~ - O| /
@@ -492,7 +494,10 @@ LORA_API void lora_tape_destroy(lora_tape *tape);
  * beyond the fields this library knows are zero (UNSUPPORTED otherwise).
  * The mask fields (q_lens ... kv_seg) are checked: lengths in 0 .. len (SHAPE), in
  * self-attention kv_lens equal to q_lens (SHAPE), positions within +-2^52
- * (INVALID_ARG); they run on the exact backend (POLY refuses them, AUTO runs EXACT).
+ * (INVALID_ARG). Both backends run them. POLY needs each packed sequence's rows
+ * together in ascending segment ids and, when causal, positions that never decrease
+ * within a sequence; other layouts run on EXACT (AUTO; forced POLY: UNSUPPORTED naming
+ * the array), as do WINDOW and SOFTCAP.
  * Errors: as lora_forward, plus INVALID_ARG (struct_size too small, unknown flags),
  * SHAPE (xkv NULL with len_kv != len_q), STATE (args->tape of another adapter),
  * UNSUPPORTED. A refused args struct changes nothing; otherwise on failure the tape it
@@ -528,7 +533,8 @@ typedef struct lora_threshold_report {
                                     (ln 2 for L = 1): the paper's statistic */
     double score_bound;          /* R >= max |S_ij - c_i| over heads and batch, softmax
                                     scale included; c_i = β·q_i·mean_j(k_j), the exact
-                                    per-row shift of key centring */
+                                    per-row shift of key centring (the mean over the
+                                    batch element's valid keys, all segments) */
     int64_t poly_degree;         /* even degree POLY needs at R (the most any kv-head
                                     group needs): LORA_CFG_POLY_DEGREE if set, else the
                                     smallest meeting TOLERANCE (0: none within limits) */
@@ -560,7 +566,8 @@ LORA_API int lora_threshold_estimate(lora_adapter *ad, const float *x, int64_t b
 /* lora_threshold_estimate for the self-attention call lora_forward_ex(ad, args, x, NULL,
  * batch, seq_len, seq_len, ...) would make: the statistics over the valid rows
  * (q_lens), Q and K turned by RoPE at args' positions, and what AUTO would do with
- * them (lengths, positions and segments run on EXACT only). args NULL equals
+ * them: the flops of both backends count the valid rows and, for EXACT, the pairs
+ * within segments; layouts POLY refuses (lora_forward_ex) plan EXACT. args NULL equals
  * lora_threshold_estimate; args->flags and args->tape are ignored. Errors: as
  * lora_threshold_estimate and lora_forward_ex's argument checks. */
 LORA_API int lora_threshold_estimate_ex(lora_adapter *ad, const lora_attn_args *args,

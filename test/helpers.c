@@ -196,6 +196,12 @@ lora_adapter *adapter_new(const lora_config *cfg, uint64_t seed)
 
 int lib_run(lora_adapter *ad, const ref_layer *l, const ref_problem *p, lib_result *r)
 {
+    return lib_run_ex(ad, l, p, NULL, r);
+}
+
+int lib_run_ex(lora_adapter *ad, const ref_layer *l, const ref_problem *p,
+               const lora_attn_args *args, lib_result *r)
+{
     memset(r, 0, sizeof *r);
     const int64_t d = l->cfg.d_model;
     r->nxq = (size_t)(p->batch * p->len_q * d);
@@ -233,12 +239,17 @@ int lib_run(lora_adapter *ad, const ref_layer *l, const ref_problem *p, lib_resu
         }                         \
     } while (0)
     LRUN(lora_adapter_zero_grad(ad));
-    if (p->cross)
+    if (args)
+        LRUN(lora_forward_ex(ad, args, xq, p->cross ? xkv : NULL, p->batch, p->len_q,
+                             p->len_kv, r->out));
+    else if (p->cross)
         LRUN(lora_forward_cross(ad, xq, xkv, p->batch, p->len_q, p->len_kv, r->out));
     else
         LRUN(lora_forward(ad, xq, p->batch, p->len_q, r->out));
     LRUN(lora_adapter_get_run_info(ad, &r->fwd_info));
-    if (p->cross)
+    if (args)
+        LRUN(lora_backward_ex(ad, NULL, dout, r->dxq, p->cross ? r->dxkv : NULL));
+    else if (p->cross)
         LRUN(lora_backward_cross(ad, dout, r->dxq, r->dxkv));
     else
         LRUN(lora_backward(ad, dout, r->dxq));
@@ -309,4 +320,26 @@ double problem_set_score_bound(ref_layer *l, const ref_problem *p, double r)
     l->softmax_scale = beta;
     l->cfg.softmax_scale = beta;
     return problem_score_bound(l, p, NULL);
+}
+
+/* ---- the library's dropout masks, from their definition (docs/math.md#dropout) ---- */
+
+static uint64_t mix(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+void lib_keep_mask(uint64_t seed, uint64_t count, int t, int64_t rows, int64_t in, double p,
+                   uint8_t *keep)
+{
+    const uint64_t golden = UINT64_C(0x9E3779B97F4A7C15);
+    const uint64_t key = mix(mix(mix(seed + golden) ^ count) ^ (uint64_t)t);
+    const uint64_t threshold = (uint64_t)ceil(p * 4294967296.0);
+    for (int64_t r = 0; r < rows; r++) {
+        const uint64_t rk = mix(key ^ (uint64_t)r);
+        for (int64_t c = 0; c < in; c++)
+            keep[r * in + c] = (mix(rk + (uint64_t)(c + 1) * golden) >> 32) >= threshold;
+    }
 }

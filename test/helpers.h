@@ -5,6 +5,7 @@
 #define LORA_TEST_HELPERS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <check.h>
 #include <lora.h>
@@ -66,6 +67,9 @@ typedef struct lib_result {
 /* zero_grad, forward(_cross), backward(_cross), get_grad on ad with p's inputs (rounded
  * to float). Returns r->status; r must be freed with lib_result_free either way. */
 int lib_run(lora_adapter *ad, const ref_layer *l, const ref_problem *p, lib_result *r);
+/* lib_run through lora_forward_ex / lora_backward_ex with args (NULL: lib_run). */
+int lib_run_ex(lora_adapter *ad, const ref_layer *l, const ref_problem *p,
+               const lora_attn_args *args, lib_result *r);
 void lib_result_free(lib_result *r);
 /* Bitwise equality of two results' out, dx and gradients. */
 int lib_result_same(const lib_result *a, const lib_result *b);
@@ -77,6 +81,11 @@ double problem_score_bound(const ref_layer *l, const ref_problem *p, double *vma
  * get it) so that R on p is r; returns the R actually reached (r up to rounding), 0
  * (scale unchanged) when R is 0 whatever the scale. */
 double problem_set_score_bound(ref_layer *l, const ref_problem *p, double r);
+
+/* keep (rows, in): 1 where element (row, col) of target t's LoRA input is kept in the
+ * training forward numbered count of an adapter seeded seed with dropout p. */
+void lib_keep_mask(uint64_t seed, uint64_t count, int t, int64_t rows, int64_t in, double p,
+                   uint8_t *keep);
 
 /* Fills n floats with U(-1,1)*gain. */
 void fill_uniform(float *x, size_t n, uint64_t seed, float gain);

@@ -13,30 +13,6 @@
 #include "helpers.h"
 #include "suites.h"
 
-/* ---- the library's dropout masks, from their definition (docs/math.md#dropout) ---- */
-
-static uint64_t mix(uint64_t z)
-{
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
-}
-
-/* keep (rows, in): 1 where element (row, col) of target t's LoRA input is kept in the
- * training forward numbered count of an adapter seeded seed. */
-static void lib_keep_mask(uint64_t seed, uint64_t count, int t, int64_t rows, int64_t in,
-                          double p, uint8_t *keep)
-{
-    const uint64_t golden = UINT64_C(0x9E3779B97F4A7C15);
-    const uint64_t key = mix(mix(mix(seed + golden) ^ count) ^ (uint64_t)t);
-    const uint64_t threshold = (uint64_t)ceil(p * 4294967296.0);
-    for (int64_t r = 0; r < rows; r++) {
-        const uint64_t rk = mix(key ^ (uint64_t)r);
-        for (int64_t c = 0; c < in; c++)
-            keep[r * in + c] = (mix(rk + (uint64_t)(c + 1) * golden) >> 32) >= threshold;
-    }
-}
-
 /* ---- one library run against the reference ---------------------------------------- */
 
 /* Per-call arguments of a test (NULL = default), for the library and the reference. */
@@ -51,16 +27,17 @@ static int has_args(const call_args *a)
 }
 
 /* The library's forward + backward of p with args a (zero_grad first): lib_run, or
- * when a has a field set lib_run (for the shapes and buffers: training forward 0) and
- * then lora_forward_ex / lora_backward_ex (training forward 1). */
+ * when a has a field set lib_run (training forward 0) and then lib_run_ex with them
+ * (training forward 1). */
 static int lib_call(lora_adapter *ad, const ref_layer *l, const ref_problem *p,
                     const call_args *a, lib_result *r)
 {
     if (!has_args(a))
         return lib_run(ad, l, p, r);
-    const int st0 = lib_run(ad, l, p, r); /* shapes and buffers (overwritten below) */
+    const int st0 = lib_run(ad, l, p, r); /* training forward 0 */
     if (st0 != LORA_OK)
         return st0;
+    lib_result_free(r);
     lora_attn_args la = {.struct_size = sizeof la};
     la.q_lens = a->q_lens;
     la.kv_lens = a->kv_lens;
@@ -68,29 +45,7 @@ static int lib_call(lora_adapter *ad, const ref_layer *l, const ref_problem *p,
     la.kv_pos = a->kv_pos;
     la.q_seg = a->q_seg;
     la.kv_seg = a->kv_seg;
-    float *xq = malloc(r->nxq * sizeof(float)), *xkv = NULL;
-    float *dout = malloc(r->nout * sizeof(float));
-    ck_assert(xq && dout);
-    ref_to_float(p->xq, xq, r->nxq);
-    ref_to_float(p->dout, dout, r->nout);
-    if (p->cross) {
-        xkv = malloc(r->nxkv * sizeof(float));
-        ck_assert_ptr_nonnull(xkv);
-        ref_to_float(p->xkv, xkv, r->nxkv);
-    }
-    int st = lora_adapter_zero_grad(ad);
-    if (st == LORA_OK)
-        st = lora_forward_ex(ad, &la, xq, xkv, p->batch, p->len_q, p->len_kv, r->out);
-    if (st == LORA_OK)
-        st = lora_backward_ex(ad, NULL, dout, r->dxq, r->dxkv);
-    if (st == LORA_OK)
-        st = lora_adapter_get_grads_flat(ad, r->grads, r->ngrads);
-    r->status = st;
-    r->call = st == LORA_OK ? NULL : "lora_forward_ex / lora_backward_ex";
-    free(xq);
-    free(xkv);
-    free(dout);
-    return st;
+    return lib_run_ex(ad, l, p, &la, r);
 }
 
 /* The reference's out, dx and gradients of p with args a and the keep masks of the
@@ -1099,8 +1054,9 @@ START_TEST(test_attention_packed_equals_separate)
 }
 END_TEST
 
-/* The estimator with args: AUTO runs exact attention under lengths (POLY refuses them),
- * the statistics cover the valid rows only, and args NULL equals the 0.1 call. */
+/* The estimator with args: the statistics and the plans cover the valid rows only (a
+ * padded batch reports what its valid rows alone report), and args NULL equals the 0.1
+ * call. */
 START_TEST(test_attention_estimate_ex)
 {
     ref_config c = {.d_model = 8, .n_heads = 2, .rank = 2, .targets = 3, .softmax_scale = 0.01};
@@ -1124,7 +1080,16 @@ START_TEST(test_attention_estimate_ex)
     static const int64_t len[1] = {100};
     lora_attn_args args = {.struct_size = sizeof args, .q_lens = len};
     ck_assert_int_eq(lora_threshold_estimate_ex(ad, &args, x, 1, 4096, &c0), LORA_OK);
-    ck_assert_int_eq(c0.recommended_backend, LORA_BACKEND_EXACT);
+    lora_threshold_report v = a;
+    ck_assert_int_eq(lora_threshold_estimate(ad, x, 1, 100, &v), LORA_OK);
+    ck_assert_int_eq(c0.recommended_backend, v.recommended_backend);
+    ck_assert_int_eq(c0.poly_degree, v.poly_degree);
+    ck_assert_msg(c0.flops_exact == v.flops_exact && c0.flops_poly == v.flops_poly,
+                  "flops with padding (%g, %g) vs the valid rows alone (%g, %g)",
+                  c0.flops_exact, c0.flops_poly, v.flops_exact, v.flops_poly);
+    ck_assert_msg(fabs(c0.score_bound - v.score_bound) <= 1e-6 * v.score_bound,
+                  "R with padding %.17g vs the valid rows alone %.17g", c0.score_bound,
+                  v.score_bound);
     ck_assert_msg(c0.gamma_q < a.gamma_q / 10.0, "padding counted in gamma_q (%g vs %g)",
                   c0.gamma_q, a.gamma_q);
     static const int64_t bad[1] = {4097};

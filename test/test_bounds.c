@@ -6,7 +6,10 @@
  * the library's own; the test then evaluates R (from the float-rounded key mean), η
  * (Taylor error plus the float32 rounding share), grad_bound and loss_grad_bound from
  * docs/math.md §4 itself and compares them with the run info to 1e-12 relative, and
- * finds the smallest certifiable tolerance (the rounding floor) the same way. */
+ * finds the smallest certifiable tolerance (the rounding floor) the same way. Under
+ * RoPE the rotation is no exact float product, so those cases compare to 1e-6 (float
+ * rounding of the turned Q and K), far below the factor up to √2 they check; under
+ * dropout at p = 1/2 the dropped inputs X·keep·2 stay exact. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -143,42 +146,73 @@ typedef struct bound_case {
     int far_keys;   /* K not adapted, W_K / 64, b_K = 10^4: keys 10^4 apart from tens of
                        ulps (2^-10), where the float key mean is up to half an ulp from
                        the double one (a few % of R) */
+    int small_a;    /* A / 8: the dA terms (|X̃|·|B|) outweigh dB's (|X̃·Aᵀ|) */
 } bound_case;
 
 static const bound_case bound_cases[] = {
     /* GQA (2 query heads per kv head), output projection with LoRA, biases. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 15, .alpha = 1.0,
       .softmax_scale = 0.25, .out_proj = 1, .bias = 1},
-     0, 4, 4, 2, 0.0, 0, 0, 0},
+     0, 4, 4, 2, 0.0, 0, 0, 0, 0},
     /* Cross-attention, two kv groups with their own degree (6 and 8) from a tolerance
        just above the second group's floor (1.2e-4: 1e-4 is below it), no output
        projection. */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 2, .rank = 2, .targets = 7, .alpha = 4.0,
       .softmax_scale = 0.125, .causal = 1},
-     1, 2, 4, 0, 1.5e-4, 0, 0, 0},
+     1, 2, 4, 0, 1.5e-4, 0, 0, 0, 0},
     /* dO (5 x 4 = 20 entries) peaks at its last entry, X at entry 15. */
     {{.d_model = 4, .n_heads = 1, .rank = 2, .targets = 7, .alpha = 2.0,
       .softmax_scale = 0.125},
-     0, 5, 5, 4, 0.0, 1, 0, 0},
+     0, 5, 5, 4, 0.0, 1, 0, 0, 0},
     /* LoRA on O only, under Q and V that do not depend on X (max|V| <= 1/4). */
     {{.d_model = 4, .n_heads = 2, .rank = 2, .targets = 8, .alpha = 2.0,
       .softmax_scale = 0.125, .out_proj = 1, .bias = 1},
-     0, 4, 4, 2, 0.0, 0, 1, 0},
+     0, 4, 4, 2, 0.0, 0, 1, 0, 0},
     /* Keys near 10^4 (LoRA on Q, V and O), three keys: the mean is no float. */
     {{.d_model = 4, .n_heads = 2, .rank = 2, .targets = 13, .alpha = 2.0,
       .softmax_scale = 0.25, .out_proj = 1, .bias = 1},
-     0, 3, 3, 2, 0.0, 0, 0, 1},
+     0, 3, 3, 2, 0.0, 0, 0, 1, 0},
     /* Cross-attention over 70 keys: two 64-key blocks summed into the state (the
        rounding count's ⌈L_kv/64⌉). */
     {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 7, .alpha = 2.0,
       .softmax_scale = 0.03125},
-     1, 3, 70, 2, 0.0, 0, 0, 0},
+     1, 3, 70, 2, 0.0, 0, 0, 0, 0},
+    /* RoPE (HALF, θ = 1: angles up to 6 rad, near π/4 at position 1): dQ and dK are
+       turned back, each entry's error bound grows by max |cos| + |sin| over the angles. */
+    {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .head_dim = 4, .rank = 2, .targets = 7,
+      .alpha = 2.0, .softmax_scale = 0.03125, .bias = 1, .rope = 1, .rope_theta = 1.0},
+     0, 7, 7, 2, 0.0, 0, 0, 0, 0},
+    /* RoPE INTERLEAVED with an output projection, causal cross-attention. */
+    {{.d_model = 4, .n_heads = 2, .head_dim = 2, .rank = 2, .targets = 15, .alpha = 2.0,
+      .softmax_scale = 0.125, .causal = 1, .out_proj = 1, .rope = 2, .rope_theta = 3.0},
+     1, 3, 5, 2, 0.0, 0, 0, 0, 0},
+    /* RoPE, LoRA on Q only with s = 4: dA_Q, dB_Q (the query side's turn back)
+       dominate the bound. */
+    {{.d_model = 4, .n_heads = 1, .head_dim = 4, .rank = 2, .targets = 1, .alpha = 8.0,
+      .softmax_scale = 0.03125, .rope = 1, .rope_theta = 1.0},
+     0, 6, 6, 2, 0.0, 0, 0, 0, 0},
+    /* LoRA dropout p = 1/2 on Q, K, V: the branches saw X·keep·2, dA and dx's LoRA path
+       grow by 1/(1 − p) = 2. */
+    {{.d_model = 4, .n_heads = 2, .n_kv_heads = 1, .rank = 2, .targets = 7, .alpha = 2.0,
+      .softmax_scale = 0.03125, .bias = 1, .dropout = 0.5},
+     0, 5, 5, 2, 0.0, 0, 0, 0, 1},
 };
+
+/* Magnitudes of the saved forward the bounds read, and the factors of RoPE and
+ * dropout: rope_q, rope_k the largest |cos θ| + |sin θ| (cos, sin rounded to float as
+ * the library turns) over each side's angles; drop = 1/(1 − p) with the keep masks of
+ * the adapted Q, K, V inputs (NULL without dropout). */
+typedef struct acts_max {
+    double q, k, v, dattn; /* max |Q|, |K|, |V|, |dC| */
+    double rope_q, rope_k, drop;
+    const uint8_t *keep[3];
+} acts_max;
 
 /* Entrywise errors e_dy of dY of Q, K, V carried through the LoRA chain rule of each
  * projection: the largest bound over every dA, dB of Q, K, V and over dX (the three
- * paths summed). */
-static double chain_bound(const ref_layer *l, const ref_problem *p, const double e_dy[3])
+ * paths summed). Under dropout the branch read X̃ = X·keep/(1 − p). */
+static double chain_bound(const ref_layer *l, const ref_problem *p, const acts_max *m,
+                          const double e_dy[3])
 {
     const size_t nq = (size_t)(p->batch * p->len_q), nk = (size_t)(p->batch * p->len_kv);
     const double s = fabs(l->lora_scale);
@@ -186,31 +220,37 @@ static double chain_bound(const ref_layer *l, const ref_problem *p, const double
     for (int t = REF_Q; t <= REF_V; t++) {
         const size_t rows = t == REF_Q ? nq : nk;
         const double *x = t == REF_Q ? p->xq : p->xkv;
-        const double xm = max_abs(x, rows * (size_t)l->in[t]);
         double weff = max_abs(l->w[t], (size_t)(l->out[t] * l->in[t]));
         if (ref_is_adapted(l, t)) {
+            const double xm = max_abs(x, rows * (size_t)l->in[t]) * m->drop;
             const double bm = max_abs(l->b[t], (size_t)(l->out[t] * l->rank));
             const double am = max_abs(l->a[t], (size_t)(l->rank * l->in[t]));
-            double xam = 0.0; /* max |X·Aᵀ| */
+            double xam = 0.0; /* max |X̃·Aᵀ| */
             for (size_t i = 0; i < rows; i++)
                 for (int c = 0; c < l->rank; c++) {
                     double acc = 0.0;
-                    for (int64_t j = 0; j < l->in[t]; j++)
-                        acc += x[i * (size_t)l->in[t] + (size_t)j] * l->a[t][c * l->in[t] + j];
+                    for (int64_t j = 0; j < l->in[t]; j++) {
+                        const size_t at = i * (size_t)l->in[t] + (size_t)j;
+                        const double keep = m->keep[t] ? m->keep[t][at] * m->drop : 1.0;
+                        acc += x[at] * keep * l->a[t][c * l->in[t] + j];
+                    }
                     xam = fmax(xam, fabs(acc));
                 }
             worst = fmax(worst, s * (double)rows * (double)l->out[t] * e_dy[t] * bm * xm);
             worst = fmax(worst, s * (double)rows * e_dy[t] * xam);
-            weff += s * (double)l->rank * bm * am;
+            weff += s * (double)l->rank * bm * am * m->drop;
         }
         dx += (double)l->out[t] * e_dy[t] * weff;
     }
     return fmax(worst, dx);
 }
 
-/* dA_O and dB_O when dout is off by g and C by c entrywise (0 unless O is adapted). */
-static double out_factor_bound(const ref_layer *l, const ref_problem *p, double g, double c)
+/* dA_O and dB_O when dout is off by g and C by c entrywise (0 unless O is adapted);
+ * drop: C's dropout factor. */
+static double out_factor_bound(const ref_layer *l, const ref_problem *p, double g, double c,
+                               double drop)
 {
+    c *= drop;
     if (!l->cfg.out_proj || !ref_is_adapted(l, REF_O))
         return 0.0;
     const double nq = (double)(p->batch * p->len_q), s = fabs(l->lora_scale);
@@ -220,11 +260,6 @@ static double out_factor_bound(const ref_layer *l, const ref_problem *p, double 
                 s * nq * g * (double)l->in[REF_O] * am * c);
 }
 
-/* Magnitudes of the saved forward the bounds read. */
-typedef struct acts_max {
-    double q, k, v, dattn; /* max |Q|, |K|, |V|, |dC| */
-} acts_max;
-
 /* dY errors of Q, K, V from a dS row ℓ1 error ds (dQ = β·dS·K; dK = β·dSᵀ·Q summed
  * over L_q rows and G query heads) and dV's error dv. */
 static void dy_errors(const ref_layer *l, const ref_problem *p, const acts_max *m, double ds,
@@ -232,8 +267,8 @@ static void dy_errors(const ref_layer *l, const ref_problem *p, const acts_max *
 {
     const double beta = fabs(l->softmax_scale);
     const double group = (double)(l->n_heads / l->n_kv_heads);
-    e_dy[REF_Q] = beta * ds * m->k;
-    e_dy[REF_K] = beta * ds * (double)p->len_q * group * m->q;
+    e_dy[REF_Q] = beta * ds * m->k * m->rope_q;
+    e_dy[REF_K] = beta * ds * (double)p->len_q * group * m->q * m->rope_k;
     e_dy[REF_V] = dv;
 }
 
@@ -247,18 +282,18 @@ static double expected_grad_bound(const ref_layer *l, const ref_problem *p, doub
     double e_dy[3];
     dy_errors(l, p, m, ds, eta * (double)p->len_q * group * m->dattn, e_dy);
     const size_t nout = (size_t)(p->batch * p->len_q) * (size_t)ref_out_cols(l);
-    return fmax(chain_bound(l, p, e_dy), out_factor_bound(l, p, max_abs(p->dout, nout),
-                                                          eta * m->v));
+    return fmax(chain_bound(l, p, m, e_dy),
+                out_factor_bound(l, p, max_abs(p->dout, nout), eta * m->v, m->drop));
 }
 
 /* Largest row and column ℓ1 norms of |W_O| + s·|B_O|·|A_O| as docs/math.md bounds those
  * of W_O + s·B_O·A_O: rows ‖W_o,:‖₁ + s·‖B_o,:‖₁·max_r ‖A_r,:‖₁, columns
  * ‖W_:,c‖₁ + s·max_r ‖B_:,r‖₁·‖A_:,c‖₁. */
-static void out_weight_l1(const ref_layer *l, double *row_max, double *col_max)
+static void out_weight_l1(const ref_layer *l, double drop, double *row_max, double *col_max)
 {
     const int64_t out = l->out[REF_O], in = l->in[REF_O], r = l->rank;
     const int adapted = ref_is_adapted(l, REF_O);
-    const double s = fabs(l->lora_scale);
+    const double s = fabs(l->lora_scale) * drop;
     double a_row = 0.0, b_col = 0.0;
     for (int64_t c = 0; adapted && c < r; c++) {
         double sa = 0.0, sb = 0.0;
@@ -297,7 +332,7 @@ static double expected_loss_term(const ref_layer *l, const ref_problem *p, doubl
     double eps = eta * m->v, dc = eps;
     if (l->cfg.out_proj) {
         double row_max, col_max;
-        out_weight_l1(l, &row_max, &col_max);
+        out_weight_l1(l, m->drop, &row_max, &col_max);
         eps *= row_max;
         dc = eps * col_max;
     }
@@ -305,14 +340,15 @@ static double expected_loss_term(const ref_layer *l, const ref_problem *p, doubl
     double e_dy[3];
     dy_errors(l, p, m, 2.0 * (double)l->head_dim * dc * m->v, (double)p->len_q * group * dc,
               e_dy);
-    return fmax(chain_bound(l, p, e_dy), out_factor_bound(l, p, eps, m->v));
+    return fmax(chain_bound(l, p, m, e_dy), out_factor_bound(l, p, eps, m->v, m->drop));
 }
 
 static void assert_rel(double got, double want, const char *what, int ci)
 {
+    const double rel = bound_cases[ci].c.rope ? 1e-6 : KA_REL;
     ck_assert_msg(isfinite(want) && want > 0.0, "case %d: expected %s %g is not positive",
                   ci, what, want);
-    ck_assert_msg(fabs(got - want) <= KA_REL * want,
+    ck_assert_msg(fabs(got - want) <= rel * want,
                   "case %d: %s = %.17g, formula gives %.17g (rel %.3g)", ci, what, got, want,
                   fabs(got - want) / want);
 }
@@ -325,7 +361,25 @@ typedef struct bound_setup {
     ref_problem p;
     acts_max m;
     double group_r[8];
+    uint8_t *keep[3];
 } bound_setup;
+
+/* max |cos θ| + |sin θ| over the angles pos·inv_freq[i] of n default positions from
+ * first (1 without RoPE), cos and sin rounded to float. */
+static double rope_gain_of(const ref_layer *l, int64_t first, int64_t n)
+{
+    if (!l->cfg.rope)
+        return 1.0;
+    double f[64], gain = 1.0;
+    const int half = ref_rope_dim(l) / 2;
+    ref_rope_inv_freq(l, f);
+    for (int64_t i = 0; i < n; i++)
+        for (int c = 0; c < half; c++) {
+            const double angle = (double)(first + i) * f[c];
+            gain = fmax(gain, fabs((double)(float)cos(angle)) + fabs((double)(float)sin(angle)));
+        }
+    return gain;
+}
 
 static void shape_case(const bound_case *bc, ref_layer *l)
 {
@@ -338,6 +392,9 @@ static void shape_case(const bound_case *bc, ref_layer *l)
         for (int64_t i = 0; i < l->out[REF_V]; i++) /* max|V| well below 1 */
             l->bias[REF_V][i] /= 4.0;
     }
+    for (int t = REF_Q; bc->small_a && t <= REF_V; t++)
+        for (int64_t i = 0; ref_is_adapted(l, t) && i < l->rank * l->in[t]; i++)
+            l->a[t][i] /= 8.0;
     if (bc->far_keys) { /* K = X·W_Kᵀ/64 + 10^4: multiples of 2^-10 below 2^14, exact */
         for (int64_t i = 0; i < l->out[REF_K] * l->in[REF_K]; i++)
             l->w[REF_K][i] /= 64.0;
@@ -373,8 +430,21 @@ static void bound_setup_init(bound_setup *bs, int ci)
     double *v = malloc(nk * (size_t)l->kv_dim * sizeof(double));
     double *dattn = malloc(nq * (size_t)l->q_dim * sizeof(double));
     ck_assert(q && k && v && dattn);
-    ck_assert_int_eq(ref_activations(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, q, k, v,
-                                     NULL),
+    ref_attn_args ra;
+    memset(&ra, 0, sizeof ra);
+    memset(bs->keep, 0, sizeof bs->keep);
+    for (int t = REF_Q; t <= REF_V && l->cfg.dropout > 0.0; t++) { /* training forward 0 */
+        if (!ref_is_adapted(l, t))
+            continue;
+        const int64_t rows = t == REF_Q ? (int64_t)nq : (int64_t)nk;
+        bs->keep[t] = malloc((size_t)(rows * l->in[t]));
+        ck_assert_ptr_nonnull(bs->keep[t]);
+        lib_keep_mask(0, 0, t, rows, l->in[t], l->cfg.dropout, bs->keep[t]);
+        ra.keep[t] = bs->keep[t];
+    }
+    ck_assert(l->cfg.dropout == 0.0 || !l->cfg.out_proj); /* dC would need O's mask */
+    ck_assert_int_eq(ref_activations_ex(l, &ra, p->xq, p->cross ? p->xkv : NULL, p->batch,
+                                        p->len_q, p->len_kv, q, k, v, NULL),
                      0);
     if (l->cfg.out_proj) { /* dC = dO·(W_O + s·B_O·A_O) */
         double *we = ref_effective_weight(l, REF_O);
@@ -392,7 +462,11 @@ static void bound_setup_init(bound_setup *bs, int ci)
     }
     bs->m = (acts_max){max_abs(q, nq * (size_t)l->q_dim), max_abs(k, nk * (size_t)l->kv_dim),
                        max_abs(v, nk * (size_t)l->kv_dim),
-                       max_abs(dattn, nq * (size_t)l->q_dim)};
+                       max_abs(dattn, nq * (size_t)l->q_dim),
+                       rope_gain_of(l, p->len_kv - p->len_q, p->len_q),
+                       rope_gain_of(l, 0, p->len_kv),
+                       l->cfg.dropout > 0.0 ? 1.0 / (1.0 - l->cfg.dropout) : 1.0,
+                       {bs->keep[0], bs->keep[1], bs->keep[2]}};
     ck_assert_int_le(l->n_kv_heads, 8);
     for (int g = 0; g < l->n_kv_heads; g++)
         bs->group_r[g] = group_score_bound(l, p, q, k, g);
@@ -404,6 +478,8 @@ static void bound_setup_init(bound_setup *bs, int ci)
 
 static void bound_setup_free(bound_setup *bs)
 {
+    for (int t = 0; t < 3; t++)
+        free(bs->keep[t]);
     ref_problem_free(&bs->p);
     ref_layer_free(&bs->l);
 }
@@ -472,7 +548,8 @@ START_TEST(test_bounds_tolerance_floor)
     /* floor_tol is above the rounding share alone: 2·γ_n·e^(2R) at g = 2 */
     ck_assert(floor_tol > 2e-6 && floor_tol < 1e-2);
     for (int side = -1; side <= 1; side += 2) {
-        const double tol = floor_tol * (1.0 + side * 1e-9);
+        /* under RoPE the float-turned R differs from the double one by ~1e-7 */
+        const double tol = floor_tol * (1.0 + side * (l->cfg.rope ? 1e-5 : 1e-9));
         lora_adapter *ad = poly_adapter(l, 0, tol);
         lib_result res;
         const int st = lib_run(ad, l, p, &res);

@@ -66,6 +66,19 @@ static void setup_case(const poly_case *pc, uint64_t seed, ref_layer *l, ref_pro
                      0);
 }
 
+/* Per-call arguments of a case for the library and the reference (on = 0: none). The
+ * two views point at the arrays of the same struct: fill it in place, never copy it. */
+typedef struct case_args {
+    int on;
+    lora_attn_args lib;
+    ref_attn_args ref;
+    int64_t q_lens[2], kv_lens[2], q_pos[2 * 320], kv_pos[2 * 320];
+    int32_t q_seg[2 * 320], kv_seg[2 * 320];
+} case_args;
+
+static const lora_attn_args *lib_args(const case_args *ca) { return ca && ca->on ? &ca->lib : NULL; }
+static const ref_attn_args *ref_args(const case_args *ca) { return ca && ca->on ? &ca->ref : NULL; }
+
 /* Absolute errors of a library run against the reference, and the reference's maxima. */
 typedef struct abs_errors {
     double out, grad, dx;             /* max |lib - ref| over out, every dA/dB, dx */
@@ -83,15 +96,16 @@ static double max_abs_diff(const float *x, const double *y, size_t n)
 }
 
 static void reference_abs_errors(const ref_layer *l, const ref_problem *p,
-                                 const lib_result *r, abs_errors *a)
+                                 const case_args *ca, const lib_result *r, abs_errors *a)
 {
     memset(a, 0, sizeof *a);
     double *rout = malloc(r->nout * sizeof(double));
     ref_grads g;
     ck_assert_ptr_nonnull(rout);
     ck_assert_int_eq(ref_grads_alloc(&g, l, p->batch, p->len_q, p->len_kv), 0);
-    ref_forward(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, rout);
-    ref_backward(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, p->dout, &g);
+    const double *xkv = p->cross ? p->xkv : NULL;
+    ref_forward_ex(l, ref_args(ca), p->xq, xkv, p->batch, p->len_q, p->len_kv, rout);
+    ref_backward_ex(l, ref_args(ca), p->xq, xkv, p->batch, p->len_q, p->len_kv, p->dout, &g);
     a->out = max_abs_diff(r->out, rout, r->nout);
     a->out_ref = ref_max_abs(rout, r->nout);
     const float *lg = r->grads;
@@ -172,7 +186,7 @@ static void poly_eval_run(const ref_layer *l, const ref_problem *p, int g, int t
     pe->grad_rel = grad_rel(&pe->e);
     lib_result r;
     ck_assert_int_eq(lib_run(ad, l, p, &r), LORA_OK);
-    reference_abs_errors(l, p, &r, &pe->a);
+    reference_abs_errors(l, p, NULL, &r, &pe->a);
     lib_result_free(&r);
     lora_adapter_destroy(ad);
 }
@@ -651,27 +665,28 @@ typedef struct train_eval {
 } train_eval;
 
 static void train_step(lora_adapter *ad, const ref_layer *l, ref_problem *p,
-                       const float *target, train_eval *te)
+                       const case_args *ca, const float *target, train_eval *te)
 {
     const size_t nout = (size_t)(p->batch * p->len_q * ref_out_cols(l));
     for (size_t i = 0; i < nout; i++)
         p->dout[i] = 0.0;
     lib_result first;
-    ck_assert_int_eq(lib_run(ad, l, p, &first), LORA_OK);
+    ck_assert_int_eq(lib_run_ex(ad, l, p, lib_args(ca), &first), LORA_OK);
     float *dout = malloc(nout * sizeof(float));
     double *rout = malloc(nout * sizeof(double)), loss;
     ck_assert(dout && rout);
     ck_assert_int_eq(lora_mse_loss(first.out, target, nout, &loss, dout), LORA_OK);
     for (size_t i = 0; i < nout; i++)
         p->dout[i] = dout[i];
-    ck_assert_int_eq(lib_run(ad, l, p, &te->r), LORA_OK);
+    ck_assert_int_eq(lib_run_ex(ad, l, p, lib_args(ca), &te->r), LORA_OK);
     ck_assert_msg(memcmp(first.out, te->r.out, nout * sizeof(float)) == 0,
                   "the same forward gave another output");
-    reference_abs_errors(l, p, &te->r, &te->given);
-    ref_forward(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, rout);
+    reference_abs_errors(l, p, ca, &te->r, &te->given);
+    ref_forward_ex(l, ref_args(ca), p->xq, p->cross ? p->xkv : NULL, p->batch, p->len_q,
+                   p->len_kv, rout);
     for (size_t i = 0; i < nout; i++)
         p->dout[i] = rout[i] - (double)target[i];
-    reference_abs_errors(l, p, &te->r, &te->truth);
+    reference_abs_errors(l, p, ca, &te->r, &te->truth);
     free(rout);
     free(dout);
     lib_result_free(&first);
@@ -681,14 +696,15 @@ static double grad_err(const abs_errors *a) { return fmax(a->grad, a->dx); }
 static double grad_ref(const abs_errors *a) { return fmax(a->grad_ref, a->dx_ref); }
 
 /* target = the exact output (rounded to float), plus noise of the given size. */
-static float *make_target(const ref_layer *l, const ref_problem *p, double noise,
-                          uint64_t seed)
+static float *make_target(const ref_layer *l, const ref_problem *p, const case_args *ca,
+                          double noise, uint64_t seed)
 {
     const size_t nout = (size_t)(p->batch * p->len_q * ref_out_cols(l));
     double *rout = malloc(nout * sizeof(double));
     float *t = malloc(nout * sizeof(float));
     ck_assert(rout && t);
-    ref_forward(l, p->xq, p->xkv, p->batch, p->len_q, p->len_kv, rout);
+    ref_forward_ex(l, ref_args(ca), p->xq, p->cross ? p->xkv : NULL, p->batch, p->len_q,
+                   p->len_kv, rout);
     uint64_t st = seed;
     for (size_t i = 0; i < nout; i++)
         t[i] = (float)(rout[i] + noise * ref_uniform(&st));
@@ -717,13 +733,13 @@ START_TEST(test_loss_grad_bound_near_minimum)
                     ref_problem p;
                     setup_case(&pc, 4000 + (uint64_t)(dm * 100 + op * 10 + len + ri), &l, &p);
                     const double r = problem_set_score_bound(&l, &p, ri ? 0.25 : 0.1);
-                    float *target = make_target(&l, &p, 0.0, 1);
+                    float *target = make_target(&l, &p, NULL, 0.0, 1);
                     const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 2, 0.0}};
                     lora_adapter *ad = NULL;
                     ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 1, &ad),
                                      LORA_OK);
                     train_eval te;
-                    train_step(ad, &l, &p, target, &te);
+                    train_step(ad, &l, &p, NULL, target, &te);
                     const lora_run_info *in = &te.r.info;
                     const double err = grad_err(&te.truth);
                     char desc[512];
@@ -934,6 +950,66 @@ static void sweep_case(uint64_t *st, poly_case *pc, double *r, double *tol, int 
     *degree = mode == 5 ? 2 + 2 * (int)((u >> 44) % 3) : 0;
     static const double noises[] = {0.0, 1e-3, 1.0};
     *noise = noises[(u >> 47) % 3];
+    if (head_dim % 2 == 0) /* none, HALF, INTERLEAVED */
+        pc->c.rope = (int)((u >> 50) % 3);
+}
+
+/* One side's positions and segment ids (batch rows of n): segment ids ascend from a
+ * random start, a new packed sequence every 16 rows or so, its positions restarting
+ * at 0; gaps: positions step by 0 to 3 (repeats and holes), never decreasing within a
+ * sequence, as POLY needs. */
+static void random_side(uint64_t *st, int batch, int n, int segs, int gaps, int64_t *pos,
+                        int32_t *seg)
+{
+    for (int b = 0; b < batch; b++) {
+        int32_t id = (int32_t)(ref_rng_next(st) % 5) - 2;
+        int64_t at = (int64_t)(ref_rng_next(st) % 9) - 3;
+        for (int i = 0; i < n; i++) {
+            if (segs && i > 0 && ref_rng_next(st) % 16 == 0) {
+                id += 1 + (int32_t)(ref_rng_next(st) % 2);
+                at = 0;
+            }
+            seg[b * n + i] = id;
+            pos[b * n + i] = at;
+            at += gaps ? (int64_t)(ref_rng_next(st) % 4) : 1;
+        }
+    }
+}
+
+/* Random per-call arguments for a sweep case, two in three with some: right padding,
+ * packed sequences, explicit positions with gaps; cross-attention draws its key side
+ * on its own (segments present on one side only, or on both). */
+static void random_args(uint64_t *st, const poly_case *pc, case_args *ca)
+{
+    memset(ca, 0, sizeof *ca);
+    const uint64_t u = ref_rng_next(st);
+    if (u % 3 == 0)
+        return;
+    const int lens = (u >> 2) & 1, segs = (u >> 3) & 1, gaps = (u >> 4) & 1;
+    const int pos = gaps || (segs && ((u >> 5) & 1)) || (!lens && !segs);
+    random_side(st, pc->batch, pc->len_q, segs, gaps, ca->q_pos, ca->q_seg);
+    random_side(st, pc->batch, pc->len_kv, segs, gaps, ca->kv_pos, ca->kv_seg);
+    for (int b = 0; b < pc->batch; b++) {
+        ca->q_lens[b] = (int64_t)(ref_rng_next(st) % (uint64_t)(pc->len_q + 1));
+        ca->kv_lens[b] = (int64_t)(ref_rng_next(st) % (uint64_t)(pc->len_kv + 1));
+    }
+    ca->on = 1;
+    ca->lib.struct_size = sizeof ca->lib;
+    ca->ref.q_lens = ca->lib.q_lens = lens ? ca->q_lens : NULL;
+    ca->ref.q_pos = ca->lib.q_pos = pos ? ca->q_pos : NULL;
+    ca->ref.q_seg = ca->lib.q_seg = segs ? ca->q_seg : NULL;
+    if (!pc->cross)
+        return; /* the key side is the query side */
+    ca->ref.kv_lens = ca->lib.kv_lens = lens ? ca->kv_lens : NULL;
+    ca->ref.kv_pos = ca->lib.kv_pos = pos ? ca->kv_pos : NULL;
+    ca->ref.kv_seg = ca->lib.kv_seg = segs ? ca->kv_seg : NULL;
+}
+
+/* poly_sum_keys of docs/math.md: the key count of the rounding share. */
+static int64_t sum_keys(const poly_case *pc, const case_args *ca)
+{
+    const int explicit_pos = ca->on && (ca->lib.q_pos || ca->lib.kv_pos);
+    return pc->c.causal && explicit_pos ? 2 * pc->len_kv + pc->len_q + 128 : pc->len_kv;
 }
 
 /* Keys far from 0: a K bias of ±(10 .. 1e4) per column (rounded to float). */
@@ -946,8 +1022,9 @@ static void shift_keys(ref_layer *l, uint64_t *st)
 
 /* Every certificate holds on random small layers in the training loop: 350 layers
  * (self and cross, causal, GQA, batch 2, biases, keys shifted far from 0, output
- * projection), R from 0.05 to 2, tolerances from 0.1 down to the floor and explicit
- * degrees, targets at, near and far from the exact output. Per run: the output within
+ * projection, RoPE of both layouts, and per-call right padding, packed sequences and
+ * explicit positions with gaps), R from 0.05 to 2, tolerances from 0.1 down to the
+ * floor and explicit degrees, targets at, near and far from the exact output. Per run: the output within
  * η·max|V| (through W_O), the gradient for the given dout within grad_bound and the
  * gradient of the true loss within loss_grad_bound. The certificates take arithmetic
  * outside η as exact: the slack is twice what the same step on EXACT shows against the
@@ -955,31 +1032,38 @@ static void shift_keys(ref_layer *l, uint64_t *st)
 START_TEST(test_certificate_sweep)
 {
     uint64_t st = 0xC0FFEE + (uint64_t)_i;
-    int ran = 0, refused = 0;
+    int ran = 0, refused = 0, masked = 0;
     for (int it = 0; it < 70; it++) {
         poly_case pc;
         double rt, tol, noise;
         int degree, key_shift;
         sweep_case(&st, &pc, &rt, &tol, &degree, &noise, &key_shift);
+        case_args ca;
+        random_args(&st, &pc, &ca);
         ref_layer l;
         ref_problem p;
         setup_case(&pc, ref_rng_next(&st), &l, &p);
         if (key_shift)
             shift_keys(&l, &st);
-        const double r = problem_set_score_bound(&l, &p, rt);
+        problem_set_score_bound(&l, &p, rt);
+        /* the R the library sees (valid rows, positions): exact attention's run info */
+        lora_adapter *ad = NULL, *ex = NULL;
+        ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_EXACT, 1, NULL, 0, &ex), LORA_OK);
+        lib_result probe;
+        ck_assert_int_eq(lib_run_ex(ex, &l, &p, lib_args(&ca), &probe), LORA_OK);
+        const double r = probe.fwd_info.score_bound;
+        lib_result_free(&probe);
         int g_floor;
-        const double floor_eta = eta_floor(r, l.head_dim, p.len_kv, &g_floor);
+        const double floor_eta = eta_floor(r, l.head_dim, sum_keys(&pc, &ca), &g_floor);
         if (tol == 0.0)
-            tol = floor_eta * 1.001; /* R in float may exceed the reference R by ~1e-6 */
-        float *target = make_target(&l, &p, noise, ref_rng_next(&st));
+            tol = floor_eta * 1.0001;
+        float *target = make_target(&l, &p, &ca, noise, ref_rng_next(&st));
         const ref_param xp[] = {{LORA_CFG_TOLERANCE, 1, 0, tol},
                                 {LORA_CFG_POLY_DEGREE, 0, degree, 0.0}};
-        lora_adapter *ad = NULL, *ex = NULL;
         ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 2, &ad), LORA_OK);
         char desc[512];
         ref_describe(&l, &p, desc, sizeof desc);
-        lib_result probe;
-        const int status = lib_run(ad, &l, &p, &probe);
+        const int status = lib_run_ex(ad, &l, &p, lib_args(&ca), &probe);
         lib_result_free(&probe);
         if (status != LORA_OK) { /* only when no degree certifies the tolerance */
             ck_assert_msg(status == LORA_ERR_TOLERANCE && degree == 0 && floor_eta > tol * 0.999,
@@ -987,11 +1071,11 @@ START_TEST(test_certificate_sweep)
                           lora_status_string(status), desc);
             refused++;
         } else {
-            ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_EXACT, 1, NULL, 0, &ex),
-                             LORA_OK);
             train_eval te, te_exact;
-            train_step(ad, &l, &p, target, &te);
-            train_step(ex, &l, &p, target, &te_exact);
+            train_step(ad, &l, &p, &ca, target, &te);
+            train_step(ex, &l, &p, &ca, target, &te_exact);
+            ck_assert_int_eq(te.r.info.backend, LORA_BACKEND_POLY);
+            masked += ca.on;
             const lora_run_info *in = &te.r.info;
             double vmax;
             problem_score_bound(&l, &p, &vmax);
@@ -1021,15 +1105,17 @@ START_TEST(test_certificate_sweep)
                         grad_err(&te_exact.truth), desc);
             lib_result_free(&te.r);
             lib_result_free(&te_exact.r);
-            lora_adapter_destroy(ex);
             ran++;
         }
+        lora_adapter_destroy(ex);
         lora_adapter_destroy(ad);
         free(target);
         ref_problem_free(&p);
         ref_layer_free(&l);
     }
-    ck_assert_msg(ran >= 50, "only %d of 70 layers ran (%d refused)", ran, refused);
+    ck_assert_msg(ran >= 50 && masked >= 25,
+                  "only %d of 70 layers ran (%d refused, %d with per-call arguments)", ran,
+                  refused, masked);
 }
 END_TEST
 
@@ -1234,6 +1320,429 @@ START_TEST(test_poly_backward_formula)
 }
 END_TEST
 
+/* ---- 10. per-call arguments: padding, packed sequences, positions -------------------- */
+
+/* Points ca's library and reference views at the given arrays (NULL: default). */
+static void point_args(case_args *ca, const int64_t *q_lens, const int64_t *kv_lens,
+                       const int64_t *q_pos, const int64_t *kv_pos, const int32_t *q_seg,
+                       const int32_t *kv_seg)
+{
+    memset(ca, 0, sizeof *ca);
+    ca->on = 1;
+    ca->lib.struct_size = sizeof ca->lib;
+    ca->ref.q_lens = ca->lib.q_lens = q_lens;
+    ca->ref.kv_lens = ca->lib.kv_lens = kv_lens;
+    ca->ref.q_pos = ca->lib.q_pos = q_pos;
+    ca->ref.kv_pos = ca->lib.kv_pos = kv_pos;
+    ca->ref.q_seg = ca->lib.q_seg = q_seg;
+    ca->ref.kv_seg = ca->lib.kv_seg = kv_seg;
+}
+
+/* Segment ids (ascending) and positions restarting at 0 for batch rows of n split into
+ * sequences of the given lengths (the last one takes the rest). */
+static void packed_rows(int batch, int n, const int *lens, int nseq, int64_t *pos,
+                        int32_t *seg)
+{
+    for (int b = 0; b < batch; b++)
+        for (int i = 0, s = 0, at = 0; i < n; i++, at++) {
+            if (s + 1 < nseq && at == lens[s]) {
+                s++;
+                at = 0;
+            }
+            seg[b * n + i] = s;
+            pos[b * n + i] = at;
+        }
+}
+
+typedef struct args_case {
+    const char *name;
+    poly_case pc;
+} args_case;
+
+static const args_case args_cases[] = {
+    {"padding {200, 77}, causal, GQA, RoPE half",
+     {{.d_model = 16, .n_heads = 4, .n_kv_heads = 2, .head_dim = 4, .rank = 2, .targets = 7,
+       .causal = 1, .bias = 1, .rope = 1, .rope_theta = 50.0},
+      0, 2, 200, 0}},
+    {"packed 70 + 100 + 30, positions restarting, non-causal, RoPE interleaved",
+     {{.d_model = 8, .n_heads = 2, .head_dim = 4, .rank = 2, .targets = 7, .bias = 1,
+       .rope = 2, .rope_theta = 50.0},
+      0, 1, 200, 0}},
+    {"packed 50 + 130 + 80 and padded {260, 150}, causal, out-projection",
+     {{.d_model = 8, .n_heads = 2, .head_dim = 4, .rank = 2, .targets = 15, .causal = 1,
+       .out_proj = 1, .bias = 1},
+      0, 2, 260, 0}},
+    {"cross causal, queries at every 4th position: diagonals of several key blocks",
+     {{.d_model = 8, .n_heads = 2, .n_kv_heads = 1, .head_dim = 4, .rank = 2, .targets = 7,
+       .causal = 1, .rope = 1, .rope_theta = 100.0},
+      1, 1, 70, 300}},
+    {"cross non-causal, segments on both sides (one without keys), key padding",
+     {{.d_model = 8, .n_heads = 2, .head_dim = 4, .rank = 2, .targets = 7, .bias = 1},
+      1, 2, 90, 150}},
+    {"positions repeating (i/3), causal, GQA, RoPE half",
+     {{.d_model = 8, .n_heads = 2, .n_kv_heads = 1, .head_dim = 4, .rank = 2, .targets = 7,
+       .causal = 1, .rope = 1, .rope_theta = 20.0},
+      0, 1, 150, 0}},
+};
+#define N_ARGS_CASES ((int)(sizeof args_cases / sizeof args_cases[0]))
+
+/* The arguments of args case ci in ca (its own arrays). */
+static void args_of_case(int ci, case_args *ca)
+{
+    const poly_case *pc = &args_cases[ci].pc;
+    const int n = pc->len_q;
+    static const int lens1[3] = {70, 100, 30}, lens2[3] = {50, 130, 80};
+    memset(ca, 0, sizeof *ca);
+    switch (ci) {
+    case 0:
+        ca->q_lens[0] = 200;
+        ca->q_lens[1] = 77;
+        point_args(ca, ca->q_lens, NULL, NULL, NULL, NULL, NULL);
+        ca->q_lens[0] = 200; /* point_args cleared the arrays */
+        ca->q_lens[1] = 77;
+        break;
+    case 1:
+    case 2:
+        point_args(ca, ci == 2 ? ca->q_lens : NULL, NULL, ca->q_pos, NULL, ca->q_seg, NULL);
+        packed_rows(pc->batch, n, ci == 1 ? lens1 : lens2, 3, ca->q_pos, ca->q_seg);
+        ca->q_lens[0] = 260;
+        ca->q_lens[1] = 150;
+        break;
+    case 3:
+        point_args(ca, NULL, NULL, ca->q_pos, NULL, NULL, NULL);
+        for (int i = 0; i < n; i++)
+            ca->q_pos[i] = 4 * i;
+        break;
+    case 4:
+        point_args(ca, NULL, ca->kv_lens, NULL, NULL, ca->q_seg, ca->kv_seg);
+        for (int b = 0; b < 2; b++) {
+            for (int i = 0; i < n; i++)
+                ca->q_seg[b * n + i] = i < 40 ? 0 : i < 60 ? 1 : 2; /* no key has id 1 */
+            for (int j = 0; j < pc->len_kv; j++)
+                ca->kv_seg[b * pc->len_kv + j] = j < 60 ? 0 : j < 100 ? 2 : 3;
+            ca->kv_lens[b] = b ? 130 : 150;
+        }
+        break;
+    default:
+        point_args(ca, NULL, NULL, ca->q_pos, NULL, NULL, NULL);
+        for (int i = 0; i < n; i++)
+            ca->q_pos[i] = i / 3;
+        break;
+    }
+}
+
+/* POLY with per-call arguments against the double reference with the same arguments:
+ * it runs POLY, the output stays within η·max|V| (through W_O) and every gradient
+ * entry within grad_bound, with the slack of the certificate sweep (twice what EXACT
+ * shows: float rounding outside η), and the relative error is that of plain POLY at
+ * R = 0.5, g = 4. */
+START_TEST(test_poly_args_within_certificate)
+{
+    const args_case *ac = &args_cases[_i];
+    ref_layer l;
+    ref_problem p;
+    setup_case(&ac->pc, 7000 + (uint64_t)_i, &l, &p);
+    problem_set_score_bound(&l, &p, 0.5);
+    case_args ca;
+    args_of_case(_i, &ca);
+    double vmax;
+    problem_score_bound(&l, &p, &vmax);
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 4, 0.0}};
+    lora_adapter *ad = NULL, *ex = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 2, xp, 1, &ad), LORA_OK);
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_EXACT, 2, NULL, 0, &ex), LORA_OK);
+    lib_result r, re;
+    ck_assert_msg(lib_run_ex(ad, &l, &p, lib_args(&ca), &r) == LORA_OK, "%s: %s: %s",
+                  ac->name, r.call, lora_adapter_last_error(ad));
+    ck_assert_int_eq(lib_run_ex(ex, &l, &p, lib_args(&ca), &re), LORA_OK);
+    ck_assert_int_eq(r.info.backend, LORA_BACKEND_POLY);
+    abs_errors a, ae;
+    reference_abs_errors(&l, &p, &ca, &r, &a);
+    reference_abs_errors(&l, &p, &ca, &re, &ae);
+    const lora_run_info *in = &r.info;
+    const double out_b = in->error_bound * vmax * out_proj_gain(&l);
+    ck_assert_msg(a.out <= out_b + 2.0 * ae.out + 1e-7 * a.out_ref,
+                  "%s: |out~ - out| %.3g > eta*max|V| %.3g (exact %.3g)", ac->name, a.out,
+                  out_b, ae.out);
+    const double slack = 2.0 * grad_err(&ae) + 1e-7 * grad_ref(&a);
+    ck_assert_msg(grad_err(&a) <= in->grad_bound + slack,
+                  "%s: gradient error %.3g > grad_bound %.3g + %.3g", ac->name, grad_err(&a),
+                  in->grad_bound, slack);
+    const double rel = fmax(a.out / a.out_ref, grad_err(&a) / grad_ref(&a));
+    ck_assert_msg(rel <= 1e-4, "%s: relative error %.3g at R %.3g, g 4", ac->name, rel,
+                  in->score_bound);
+    if (verbose())
+        fprintf(stderr, "args %s: R %.3f out %.2e/%.2e grads %.2e/%.2e rel %.2e\n", ac->name,
+                in->score_bound, a.out, out_b, grad_err(&a), in->grad_bound, rel);
+    lib_result_free(&r);
+    lib_result_free(&re);
+    lora_adapter_destroy(ad);
+    lora_adapter_destroy(ex);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* Arguments that change nothing give POLY's results bitwise: lengths all full, one
+ * segment id, positions equal to the default; and a run repeated with the same thread
+ * count is bitwise the same (1 and 3 threads). */
+START_TEST(test_poly_trivial_args_equal_none)
+{
+    const poly_case pc = {{.d_model = 16, .n_heads = 4, .n_kv_heads = 2, .head_dim = 4,
+                           .rank = 2, .targets = 15, .causal = 1, .out_proj = 1, .bias = 1,
+                           .rope = 2},
+                          0, 2, 150, 0};
+    ref_layer l;
+    ref_problem p;
+    setup_case(&pc, 7100, &l, &p);
+    problem_set_score_bound(&l, &p, 0.5);
+    static int64_t full[2] = {150, 150}, pos[2 * 150];
+    static int32_t same[2 * 150];
+    for (int i = 0; i < 2 * 150; i++) {
+        same[i] = -3;
+        pos[i] = i % 150;
+    }
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 4, 0.0}};
+    for (int threads = 1; threads <= 3; threads += 2) {
+        lora_adapter *ad = NULL;
+        ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, threads, xp, 1, &ad),
+                         LORA_OK);
+        lib_result none, again, r;
+        ck_assert_int_eq(lib_run(ad, &l, &p, &none), LORA_OK);
+        ck_assert_int_eq(none.info.backend, LORA_BACKEND_POLY);
+        ck_assert_int_eq(lib_run(ad, &l, &p, &again), LORA_OK);
+        ck_assert_msg(lib_result_same(&none, &again), "threads %d: a repeated run differs",
+                      threads);
+        lib_result_free(&again);
+        case_args ca[3];
+        point_args(&ca[0], full, NULL, NULL, NULL, NULL, NULL);
+        point_args(&ca[1], NULL, NULL, NULL, NULL, same, NULL);
+        point_args(&ca[2], NULL, NULL, pos, NULL, NULL, NULL);
+        static const char *what[3] = {"lengths all full", "one segment id",
+                                      "default positions given"};
+        for (int k = 0; k < 3; k++) {
+            ck_assert_int_eq(lib_run_ex(ad, &l, &p, lib_args(&ca[k]), &r), LORA_OK);
+            ck_assert_int_eq(r.info.backend, LORA_BACKEND_POLY);
+            ck_assert_msg(lib_result_same(&none, &r), "threads %d: %s differs from none",
+                          threads, what[k]);
+            lib_result_free(&r);
+        }
+        lib_result_free(&none);
+        lora_adapter_destroy(ad);
+    }
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* A packed row of three sequences (positions restarting) against the sequences run one
+ * by one, both on POLY: the prefix sums restart at the boundaries, so the two differ by
+ * no more than their certificates (the packed run centres the keys over the whole row,
+ * each separate run over its own). Output rows within the two outputs' η·max|V|, dx
+ * rows and the summed gradients within the two grad_bounds. */
+START_TEST(test_poly_packed_equals_separate)
+{
+    const poly_case pc = {{.d_model = 8, .n_heads = 2, .n_kv_heads = 1, .head_dim = 4,
+                           .rank = 2, .targets = 7, .causal = _i, .bias = 1, .rope = 1,
+                           .rope_theta = 30.0},
+                          0, 1, 230, 0};
+    static const int lens[3] = {100, 66, 64};
+    ref_layer l;
+    ref_problem p;
+    setup_case(&pc, 7200 + (uint64_t)_i, &l, &p);
+    problem_set_score_bound(&l, &p, 0.5);
+    double vmax;
+    problem_score_bound(&l, &p, &vmax);
+    case_args ca;
+    point_args(&ca, NULL, NULL, ca.q_pos, NULL, ca.q_seg, NULL);
+    packed_rows(1, 230, lens, 3, ca.q_pos, ca.q_seg);
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 4, 0.0}};
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 1, &ad), LORA_OK);
+    lib_result packed;
+    ck_assert_int_eq(lib_run_ex(ad, &l, &p, lib_args(&ca), &packed), LORA_OK);
+    ck_assert_int_eq(packed.info.backend, LORA_BACKEND_POLY);
+    float *gsum = calloc(packed.ngrads, sizeof(float));
+    ck_assert_ptr_nonnull(gsum);
+    const int dm = 8;
+    double out_diff = 0.0, dx_diff = 0.0, eta_sum = packed.fwd_info.error_bound;
+    double grad_bounds = packed.info.grad_bound;
+    for (int s = 0, i0 = 0; s < 3; i0 += lens[s], s++) {
+        ref_problem one;
+        ck_assert_int_eq(ref_problem_init(&one, &l, 0, 1, lens[s], lens[s], 1), 0);
+        memcpy(one.xq, p.xq + i0 * dm, (size_t)lens[s] * dm * sizeof(double));
+        memcpy(one.dout, p.dout + i0 * dm, (size_t)lens[s] * dm * sizeof(double));
+        lib_result r;
+        ck_assert_int_eq(lib_run(ad, &l, &one, &r), LORA_OK);
+        ck_assert_int_eq(r.info.backend, LORA_BACKEND_POLY);
+        for (size_t k = 0; k < r.nout; k++)
+            out_diff = fmax(out_diff, fabs(r.out[k] - packed.out[(size_t)i0 * dm + k]));
+        for (size_t k = 0; k < r.nxq; k++)
+            dx_diff = fmax(dx_diff, fabs(r.dxq[k] - packed.dxq[(size_t)i0 * dm + k]));
+        for (size_t k = 0; k < r.ngrads; k++)
+            gsum[k] += r.grads[k];
+        eta_sum = fmax(eta_sum, packed.fwd_info.error_bound + r.fwd_info.error_bound);
+        grad_bounds += r.info.grad_bound;
+        lib_result_free(&r);
+        ref_problem_free(&one);
+    }
+    double grad_diff = 0.0, gscale = 0.0;
+    for (size_t k = 0; k < packed.ngrads; k++) {
+        grad_diff = fmax(grad_diff, fabs(gsum[k] - packed.grads[k]));
+        gscale = fmax(gscale, fabs(packed.grads[k]));
+    }
+    ck_assert_msg(out_diff <= eta_sum * vmax + 1e-6 * vmax,
+                  "out rows differ by %.3g > %.3g", out_diff, eta_sum * vmax);
+    ck_assert_msg(dx_diff <= grad_bounds && grad_diff <= grad_bounds + 1e-6 * gscale,
+                  "dx rows differ by %.3g, summed gradients by %.3g; bounds %.3g", dx_diff,
+                  grad_diff, grad_bounds);
+    ck_assert_msg(out_diff > 0.0, "packed and separate runs are bitwise equal: the centring "
+                                  "this test allows for is gone; tighten it");
+    if (verbose())
+        fprintf(stderr, "packed vs separate (causal %d): out %.2e dx %.2e grads %.2e\n", _i,
+                out_diff, dx_diff, grad_diff);
+    free(gsum);
+    lib_result_free(&packed);
+    lora_adapter_destroy(ad);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* Layouts the sweep cannot take: segment ids that go down along the rows (a packed
+ * sequence split in two), and under causality positions that go down within a
+ * sequence. Forced POLY returns LORA_ERR_UNSUPPORTED naming the array and AUTO runs
+ * EXACT; without causality positions do not matter and POLY runs. */
+START_TEST(test_poly_args_refused_layouts)
+{
+    const poly_case pc = {{.d_model = 8, .n_heads = 2, .head_dim = 4, .rank = 2, .targets = 7,
+                           .causal = 1},
+                          0, 1, 40, 0};
+    ref_layer l;
+    ref_problem p;
+    setup_case(&pc, 7300, &l, &p);
+    problem_set_score_bound(&l, &p, 0.3);
+    static int32_t seg[40];
+    static int64_t pos[40];
+    for (int i = 0; i < 40; i++) {
+        seg[i] = i < 10 ? 0 : i < 30 ? 1 : 0; /* id 0 again after id 1 */
+        pos[i] = i == 25 ? 3 : i;             /* 24, 3, 26 */
+    }
+    static const struct {
+        int use_seg, causal, refused;
+        const char *name;
+    } rows[] = {{1, 1, 1, "q_seg"}, {0, 1, 1, "q_pos"}, {0, 0, 0, ""}};
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 2, 0.0}};
+    for (int k = 0; k < 3; k++) {
+        l.cfg.causal = rows[k].causal;
+        case_args ca;
+        point_args(&ca, NULL, NULL, rows[k].use_seg ? NULL : pos, NULL,
+                   rows[k].use_seg ? seg : NULL, NULL);
+        for (int backend = LORA_BACKEND_AUTO; backend <= LORA_BACKEND_POLY; backend += 2) {
+            lora_adapter *ad = NULL;
+            ck_assert_int_eq(ref_make_adapter_ex(&l, backend, 1, xp, 1, &ad), LORA_OK);
+            lib_result r;
+            const int st = lib_run_ex(ad, &l, &p, lib_args(&ca), &r);
+            if (backend == LORA_BACKEND_POLY && rows[k].refused) {
+                ck_assert_int_eq(st, LORA_ERR_UNSUPPORTED);
+                ck_assert_msg(strstr(lora_adapter_last_error(ad), rows[k].name) != NULL,
+                              "message '%s' does not name %s", lora_adapter_last_error(ad),
+                              rows[k].name);
+            } else {
+                ck_assert_int_eq(st, LORA_OK);
+                if (rows[k].refused) /* AUTO: exact attention, no POLY group */
+                    ck_assert_int_eq(r.info.poly_groups, 0);
+                else if (backend == LORA_BACKEND_POLY)
+                    ck_assert_int_eq(r.info.backend, LORA_BACKEND_POLY);
+            }
+            lib_result_free(&r);
+            lora_adapter_destroy(ad);
+        }
+    }
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* LORA_CFG_MEASURE_ROWS under per-call arguments: the sampled exact rows see what the
+ * forward saw (valid rows, segments, positions), so the measured errors of args
+ * cases 0-5 are POLY's own (about 1e-6 at R 0.5, g 4), not the distance to unmasked
+ * attention. */
+START_TEST(test_poly_args_measure_rows)
+{
+    const args_case *ac = &args_cases[_i];
+    ref_layer l;
+    ref_problem p;
+    setup_case(&ac->pc, 7000 + (uint64_t)_i, &l, &p);
+    problem_set_score_bound(&l, &p, 0.5);
+    case_args ca;
+    args_of_case(_i, &ca);
+    const ref_param xp[] = {{LORA_CFG_POLY_DEGREE, 0, 4, 0.0},
+                            {LORA_CFG_MEASURE_ROWS, 0, 16, 0.0}};
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_POLY, 1, xp, 2, &ad), LORA_OK);
+    lib_result r;
+    ck_assert_int_eq(lib_run_ex(ad, &l, &p, lib_args(&ca), &r), LORA_OK);
+    const double mo = r.fwd_info.measured_out_error, mq = r.info.measured_dq_error;
+    ck_assert_msg(mo >= 0.0 && mo <= 1e-4 && mq >= 0.0 && mq <= 1e-3,
+                  "%s: measured out error %.3g, dq error %.3g", ac->name, mo, mq);
+    lib_result_free(&r);
+    lora_adapter_destroy(ad);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
+/* The estimator takes the arguments: a row packed into 8 sequences of 256 (non-causal)
+ * leaves 1/8 of the pairs, so EXACT's modelled flops fall 8× while POLY's (linear in
+ * the rows) stay; the recommendation follows the plan AUTO makes for that call. */
+START_TEST(test_poly_estimate_packed)
+{
+    const poly_case pc = {{.d_model = 8, .n_heads = 2, .head_dim = 4, .rank = 2, .targets = 7,
+                           .softmax_scale = 0.01},
+                          0, 1, 2048, 0};
+    ref_layer l;
+    ref_problem p;
+    setup_case(&pc, 7400, &l, &p);
+    lora_adapter *ad = NULL;
+    ck_assert_int_eq(ref_make_adapter_ex(&l, LORA_BACKEND_AUTO, 1, NULL, 0, &ad), LORA_OK);
+    float *x = malloc(2048 * 8 * sizeof(float));
+    ck_assert_ptr_nonnull(x);
+    ref_to_float(p.xq, x, 2048 * 8);
+    static int64_t pos[2048];
+    static int32_t seg[2048];
+    static const int lens[8] = {256, 256, 256, 256, 256, 256, 256, 256};
+    packed_rows(1, 2048, lens, 8, pos, seg);
+    lora_attn_args args = {.struct_size = sizeof args, .q_pos = pos, .q_seg = seg};
+    lora_threshold_report plain = {.struct_size = sizeof plain}, packed = plain;
+    ck_assert_int_eq(lora_threshold_estimate(ad, x, 1, 2048, &plain), LORA_OK);
+    ck_assert_int_eq(lora_threshold_estimate_ex(ad, &args, x, 1, 2048, &packed), LORA_OK);
+    ck_assert_msg(packed.flops_exact == plain.flops_exact / 8.0,
+                  "flops_exact packed %.17g, unpacked %.17g", packed.flops_exact,
+                  plain.flops_exact);
+    ck_assert_int_gt(plain.poly_degree, 0);
+    /* POLY's flops of the same rows (flops_poly is POLY's plan for the whole layer
+     * whenever AUTO runs POLY nowhere, else AUTO's plan) */
+    if (plain.poly_groups == 2 && packed.poly_groups == 2)
+        ck_assert(packed.flops_poly == plain.flops_poly);
+    ck_assert_int_eq(packed.poly_groups > 0, packed.recommended_backend == LORA_BACKEND_POLY);
+    /* what AUTO then runs on the call */
+    float *out = malloc(2048 * 8 * sizeof(float));
+    ck_assert_ptr_nonnull(out);
+    args.flags = LORA_FWD_INFER;
+    ck_assert_int_eq(lora_forward_ex(ad, &args, x, NULL, 1, 2048, 2048, out), LORA_OK);
+    lora_run_info info = {.struct_size = sizeof info};
+    ck_assert_int_eq(lora_adapter_get_run_info(ad, &info), LORA_OK);
+    ck_assert_int_eq(info.backend, packed.recommended_backend);
+    ck_assert_int_eq(info.poly_groups, packed.poly_groups);
+    free(out);
+    free(x);
+    lora_adapter_destroy(ad);
+    ref_problem_free(&p);
+    ref_layer_free(&l);
+}
+END_TEST
+
 Suite *poly_suite(void)
 {
     Suite *s = suite_create("poly");
@@ -1242,6 +1751,15 @@ Suite *poly_suite(void)
     tcase_add_loop_test(tc, test_poly_vs_reference, 0, N_CASES);
     tcase_add_test(tc, test_poly_grad_bound_small);
     tcase_add_test(tc, test_poly_block_edges);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("args");
+    tcase_set_timeout(tc, 60);
+    tcase_add_loop_test(tc, test_poly_args_within_certificate, 0, N_ARGS_CASES);
+    tcase_add_test(tc, test_poly_trivial_args_equal_none);
+    tcase_add_loop_test(tc, test_poly_packed_equals_separate, 0, 2);
+    tcase_add_test(tc, test_poly_args_refused_layouts);
+    tcase_add_loop_test(tc, test_poly_args_measure_rows, 0, N_ARGS_CASES);
+    tcase_add_test(tc, test_poly_estimate_packed);
     suite_add_tcase(s, tc);
     tc = tcase_create("bugs");
     tcase_add_test(tc, test_grad_bound_not_nan_when_eta_infinite);

@@ -213,33 +213,45 @@ static inline int attn_pair_visible(const attn_problem *p, int64_t b, int64_t i,
            attn_distance_visible(p, attn_q_pos(p, b, i) - attn_kv_pos(p, b, j));
 }
 
-/* The first option of p beyond 0.1's causal attention (a per-call mask field, WINDOW,
- * SOFTCAP), as its public name for messages, or NULL: backends that only compute
- * plain (causal) attention refuse the rest by it. */
-static inline const char *attn_extra_option(const attn_problem *p)
+/* A segment of batch element b as runs of rows: its valid queries [qs, qs + nq) and
+ * valid keys [ks, ks + nk) (nk = 0: it has none). */
+typedef struct attn_run {
+    int64_t qs, nq, ks, nk;
+} attn_run;
+
+/* The next run of batch element b from rows *i (queries) and *j (keys), both 0 at the
+ * start; returns 0 after the last. Meaningful when segment ids never decrease along
+ * the valid rows on either side (attn_segments_ascend): then each segment is one run
+ * per side and the runs pair up in order. */
+static inline int attn_next_run(const attn_problem *p, int64_t b, int64_t *i, int64_t *j,
+                                attn_run *run)
 {
-    const attn_mask *m = p->mask;
-    if (m && (m->q_len || m->kv_len))
-        return "lora_attn_args lengths (q_lens, kv_lens)";
-    if (m && (m->q_pos || m->kv_pos))
-        return "lora_attn_args positions (q_pos, kv_pos)";
-    if (m && (m->q_seg || m->kv_seg))
-        return "lora_attn_args segments (q_seg, kv_seg)";
-    if (p->window > 0)
-        return "LORA_CFG_WINDOW";
-    if (p->softcap > 0.0f)
-        return "LORA_CFG_SOFTCAP";
-    return NULL;
+    const int64_t nq = attn_q_len(p, b), nk = attn_kv_len(p, b);
+    if (*i >= nq)
+        return 0;
+    const int32_t s = attn_q_seg(p, b, *i);
+    run->qs = *i;
+    while (*i < nq && attn_q_seg(p, b, *i) == s)
+        (*i)++;
+    run->nq = *i - run->qs;
+    while (*j < nk && attn_kv_seg(p, b, *j) < s)
+        (*j)++;
+    run->ks = *j;
+    while (*j < nk && attn_kv_seg(p, b, *j) == s)
+        (*j)++;
+    run->nk = *j - run->ks;
+    return 1;
 }
 
-/* Number of keys visible to query row i (causal alignment of attn_problem). */
-static inline int64_t attn_visible_keys(const attn_problem *p, int64_t i)
-{
-    if (!p->causal)
-        return p->len_kv;
-    int64_t n = i + 1 + (p->len_kv - p->len_q);
-    return n < 0 ? 0 : (n > p->len_kv ? p->len_kv : n);
-}
+/* Whether p's segment ids never decrease along the valid query rows nor along the
+ * valid key rows of any batch element; if not, *b and *row (and *keys: on the key
+ * side) name the first row whose id is smaller than its predecessor's. */
+int attn_segments_ascend(const attn_problem *p, int64_t *b, int64_t *row, int *keys);
+
+/* The (query, key) pairs the mask leaves for the cost models: batch·len_q·len_kv
+ * without one; with one, Σ nq·nk over the segment runs of the valid rows (all valid
+ * pairs when segment ids do not ascend). Causal halves either. */
+double attn_visible_pairs(const attn_problem *p);
 
 /* LORA_COMPUTE_BF16 in exact attention (exact_bf16.c): 1 when p's tiles take bf16
  * operands (bf16 compute on a head_dim the fused tiles run); the factor on exact

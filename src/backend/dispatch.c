@@ -18,16 +18,19 @@ LA_VECTOR_CLONES double attn_score_bound(const attn_problem *p, const float *q,
         group_r[g] = 0.0;
     for (int64_t b = 0; b < p->batch; b++)
         for (int64_t g = 0; g < p->n_kv_heads; g++) {
+            /* valid rows only (padding is never attended), all segments together: the
+             * centring poly.c applies, valid for every visible pair */
+            const int64_t nq = attn_q_len(p, b), nk = attn_kv_len(p, b);
             const float *kh = k + b * p->len_kv * p->ldkv + g * d;
             memset(mean, 0, (size_t)d * sizeof *mean);
-            for (int64_t j = 0; j < p->len_kv; j++)
+            for (int64_t j = 0; j < nk; j++)
                 for (int64_t c = 0; c < d; c++)
                     mean[c] += kh[j * p->ldkv + c];
             /* the mean the features subtract: rounded to float as in poly.c */
             for (int64_t c = 0; c < d; c++)
-                mean[c] = (double)(float)(mean[c] / (double)p->len_kv);
+                mean[c] = (double)(float)(mean[c] / (double)(nk > 0 ? nk : 1));
             double kmax = 0.0;
-            for (int64_t j = 0; j < p->len_kv; j++) {
+            for (int64_t j = 0; j < nk; j++) {
                 double s = 0.0;
 #pragma omp simd reduction(+ : s)
                 for (int64_t c = 0; c < d; c++) {
@@ -39,7 +42,7 @@ LA_VECTOR_CLONES double attn_score_bound(const attn_problem *p, const float *q,
             for (int64_t h = g * group; h < (g + 1) * group; h++) {
                 const float *qh = q + b * p->len_q * p->ldq + h * d;
                 double qmax = 0.0;
-                for (int64_t i = 0; i < p->len_q; i++) {
+                for (int64_t i = 0; i < nq; i++) {
                     double s = 0.0;
 #pragma omp simd reduction(+ : s)
                     for (int64_t c = 0; c < d; c++)
@@ -52,6 +55,42 @@ LA_VECTOR_CLONES double attn_score_bound(const attn_problem *p, const float *q,
             }
         }
     return r;
+}
+
+int attn_segments_ascend(const attn_problem *p, int64_t *b, int64_t *row, int *keys)
+{
+    if (!p->mask || (!p->mask->q_seg && !p->mask->kv_seg))
+        return 1;
+    for (*b = 0; *b < p->batch; (*b)++) {
+        for (*row = 1, *keys = 0; *row < attn_q_len(p, *b); (*row)++)
+            if (attn_q_seg(p, *b, *row) < attn_q_seg(p, *b, *row - 1))
+                return 0;
+        for (*row = 1, *keys = 1; *row < attn_kv_len(p, *b); (*row)++)
+            if (attn_kv_seg(p, *b, *row) < attn_kv_seg(p, *b, *row - 1))
+                return 0;
+    }
+    return 1;
+}
+
+double attn_visible_pairs(const attn_problem *p)
+{
+    const double half = p->causal ? 0.5 : 1.0;
+    int64_t bad_b, bad_row;
+    int keys;
+    if (!p->mask)
+        return (double)p->batch * (double)p->len_q * (double)p->len_kv * half;
+    const int runs = attn_segments_ascend(p, &bad_b, &bad_row, &keys);
+    double pairs = 0.0;
+    for (int64_t b = 0; b < p->batch; b++) {
+        if (!runs) {
+            pairs += (double)attn_q_len(p, b) * (double)attn_kv_len(p, b);
+            continue;
+        }
+        attn_run run;
+        for (int64_t i = 0, j = 0; attn_next_run(p, b, &i, &j, &run);)
+            pairs += (double)run.nq * (double)run.nk;
+    }
+    return pairs * half;
 }
 
 /* ---- planning ---- */

@@ -1061,12 +1061,11 @@ static void exact_backward(const attn_problem *p, const float *q, const float *k
     }
 }
 
-/* Modelled flops of one forward+backward: 4·Lq·Lkv·d forward, 8·Lq·Lkv·d backward per
- * head; causal halves it. */
+/* Modelled flops of one forward+backward: 4·d forward, 8·d backward per visible pair
+ * and head (masked tiles are skipped). */
 static double exact_flops(const attn_problem *p)
 {
-    const double per_head = 12.0 * (double)p->len_q * (double)p->len_kv * (double)p->head_dim;
-    return (double)p->batch * (double)p->n_heads * per_head * (p->causal ? 0.5 : 1.0);
+    return 12.0 * (double)p->head_dim * (double)p->n_heads * attn_visible_pairs(p);
 }
 
 /* Exact attention runs every problem, with no error: AUTO's fallback. */

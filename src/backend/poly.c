@@ -65,7 +65,15 @@ typedef struct poly_work {
     float *diag_f;  /* (B × B) diagonal-block probabilities */
     float *diag_p;  /* (B × B) diagonal-block dP' */
     float *kmean;   /* (d) */
+    /* The sweep's masks (attn_mask): the task's segment runs, and per query row the
+     * number of its run's keys it sees (a prefix: positions ascend within a run). */
+    attn_run *runs;  /* (len_q) */
+    int64_t nruns;
+    int64_t *cnt;       /* (len_q), indexed by query row */
+    const int64_t *vis; /* the running run's part of cnt */
 } poly_work;
+
+
 
 static int64_t task_count(const attn_problem *p) { return p->batch * p->n_kv_heads; }
 
@@ -107,6 +115,12 @@ static size_t work_floats(int variant, int64_t k, int64_t k1, int64_t d)
            (size_t)k1 * d1 + jac_floats(variant, k, d) + 2u * B * B + (size_t)d + 64u;
 }
 
+/* Floats of a worker's mask arrays: runs and cnt (int64), aligned to 8 bytes. */
+static size_t sweep_floats(const attn_problem *p)
+{
+    return 2u * (size_t)p->len_q * (sizeof(attn_run) / sizeof(int64_t) + 1u) + 2u;
+}
+
 static size_t poly_workspace_size(const attn_problem *p)
 {
     const int64_t k = poly_params_of(&p->params).features, k1 = backward_features(p);
@@ -114,7 +128,8 @@ static size_t poly_workspace_size(const attn_problem *p)
         return 0;
     return (table_floats(k, k1, p->head_dim) +
             (size_t)worker_count(p) *
-                work_floats(poly_params_of(&p->params).variant, k, k1, p->head_dim)) *
+                (work_floats(poly_params_of(&p->params).variant, k, k1, p->head_dim) +
+                 sweep_floats(p))) *
            sizeof(float);
 }
 
@@ -201,20 +216,24 @@ static void head_setup(const attn_problem *p, int64_t b, int64_t h, const float 
     hg->q = q + b * p->len_q * p->ldq + h * d;
     hg->k = k + b * p->len_kv * p->ldkv + g * d;
     hg->v = v + b * p->len_kv * p->ldkv + g * d;
+    /* Centring over the batch element's valid keys, whatever their segment: one shift
+     * per key row serves every query, and R (attn_score_bound) bounds the centred
+     * scores of all valid pairs, the visible ones among them. */
+    const int64_t nq = attn_q_len(p, b), nk = attn_kv_len(p, b);
     for (int64_t c = 0; c < d; c++) {
         double s = 0.0;
-        for (int64_t j = 0; j < p->len_kv; j++)
+        for (int64_t j = 0; j < nk; j++)
             s += hg->k[j * p->ldkv + c];
-        kmean[c] = (float)(s / (double)p->len_kv);
+        kmean[c] = (float)(s / (double)(nk > 0 ? nk : 1));
     }
     double qmax = 0.0, kmax = 0.0;
-    for (int64_t i = 0; i < p->len_q; i++) {
+    for (int64_t i = 0; i < nq; i++) {
         double s = 0.0;
         for (int64_t c = 0; c < d; c++)
             s += (double)hg->q[i * p->ldq + c] * hg->q[i * p->ldq + c];
         qmax = s > qmax ? s : qmax;
     }
-    for (int64_t j = 0; j < p->len_kv; j++) {
+    for (int64_t j = 0; j < nk; j++) {
         double s = 0.0;
         for (int64_t c = 0; c < d; c++) {
             const double x = hg->k[j * p->ldkv + c] - kmean[c];
@@ -229,12 +248,19 @@ static void head_setup(const attn_problem *p, int64_t b, int64_t h, const float 
     hg->kscale = (float)(1.0 / c);
 }
 
-/* First key of query block i0's diagonal: keys before it are visible to the whole
- * block. Without causality every key is. */
-static int64_t diag_start(const attn_problem *p, int64_t i0)
+/* First key of the diagonal of the query block at i0: keys before it are visible to
+ * every row of the block and of the later blocks (w->vis ascends), keys from it to the
+ * last row's w->vis are masked per row. Causal, the diagonal starts one key before the
+ * first row's end, so with default positions it is the square block of the rows' own
+ * keys (full product tiles); the start ascends with i0, so the state and the
+ * diagonals never overlap. Without causality every key is in the state. */
+static int64_t diag_start(const attn_problem *p, const poly_work *w, int64_t i0)
 {
-    return p->causal ? i0 + (p->len_kv - p->len_q) : p->len_kv;
+    return !p->causal ? p->len_kv : w->vis[i0] > 0 ? w->vis[i0] - 1 : 0;
 }
+
+/* 1/w_i, or 0 for a row that sees no key (its output is 0 and it passes no gradient). */
+static float inverse_weight(float w) { return w > 0.0f ? 1.0f / w : 0.0f; }
 
 /* nf features (t->k or t->k1) of keys [j0, j0 + n) into phk, of queries into phq. */
 static void key_features(const attn_problem *p, const poly_table *t, int64_t nf,
@@ -251,38 +277,39 @@ static void query_features(const attn_problem *p, const poly_table *t, int64_t n
              w->phq);
 }
 
-/* diag_f (bq × bq) = masked φ(q_i)·φ(k_j) / w_i for the diagonal block at (i0, j0):
- * key j0+jj is visible to query i0+r iff jj <= r. phq and phk hold both blocks. */
+/* diag_f (bq × nc) = masked φ(q_i)·φ(k_j)·inv_w_i for query block i0 against the
+ * diagonal keys [c0, c0 + nc): key c0+jj is visible to query i0+r iff c0 + jj <
+ * w->vis[i0 + r]. phq and phk hold both blocks' features. */
 static void diag_probs(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
-                       int64_t bq, const float *inv_w)
+                       int64_t i0, int64_t bq, int64_t c0, int64_t nc, const float *inv_w)
 {
-    la_gemm(p->la, bt, LA_T, LA_N, bq, bq, t->k, 1.0f, w->phq, bq, w->phk, bq, 0.0f,
-            w->diag_f, bq);
-    for (int64_t r = 0; r < bq; r++)
-        for (int64_t jj = 0; jj < bq; jj++)
-            w->diag_f[r * bq + jj] = jj <= r ? w->diag_f[r * bq + jj] * inv_w[r] : 0.0f;
+    la_gemm(p->la, bt, LA_T, LA_N, bq, nc, t->k, 1.0f, w->phq, bq, w->phk, nc, 0.0f,
+            w->diag_f, nc);
+    for (int64_t r = 0; r < bq; r++) {
+        const int64_t seen = w->vis[i0 + r] - c0;
+        for (int64_t jj = 0; jj < nc; jj++)
+            w->diag_f[r * nc + jj] = jj < seen ? w->diag_f[r * nc + jj] * inv_w[r] : 0.0f;
+    }
 }
 
-static void poly_forward_head(const attn_problem *p, int bt, const poly_table *t,
-                              poly_work *w, int64_t b, int64_t h, const float *q,
-                              const float *k, const float *v, float *o, float *row_stat)
+/* The forward of one segment run (p: the run as a problem, hg, oh, wrow at its first
+ * rows, w->vis its staircase). Query block i0 sees the state of keys [0, p0) and,
+ * masked, its diagonal [p0, p1) in chunks of at most a block. */
+static void forward_run(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
+                        const head_geom *hg, float *oh, float *wrow)
 {
     const int64_t d = p->head_dim, d1 = d + 1, kk = t->k;
-    head_geom hg;
-    head_setup(p, b, h, q, k, v, w->kmean, &hg);
-    float *oh = o + b * p->len_q * p->ldo + h * d;
-    float *wrow = row_stat + (b * p->n_heads + h) * p->len_q;
     memset(w->state, 0, (size_t)(kk * d1) * sizeof(float));
     int64_t absorbed = 0;
     for (int64_t i0 = 0; i0 < p->len_q; i0 += POLY_BLOCK) {
         const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
-        const int64_t p0 = diag_start(p, i0);
+        const int64_t p0 = diag_start(p, w, i0), p1 = w->vis[i0 + bq - 1];
         /* state += Σ_j φ(k_j) ⊗ V'_j over keys now visible to the whole block */
         while (absorbed < p0) {
             const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
-            key_features(p, t, kk, &hg, w, absorbed, n);
+            key_features(p, t, kk, hg, w, absorbed, n);
             for (int64_t r = 0; r < n; r++) {
-                memcpy(w->rows + r * d1, hg.v + (absorbed + r) * p->ldkv,
+                memcpy(w->rows + r * d1, hg->v + (absorbed + r) * p->ldkv,
                        (size_t)d * sizeof(float));
                 w->rows[r * d1 + d] = 1.0f;
             }
@@ -290,29 +317,70 @@ static void poly_forward_head(const attn_problem *p, int bt, const poly_table *t
                     w->state, d1);
             absorbed += n;
         }
-        query_features(p, t, kk, &hg, w, i0, bq);
+        query_features(p, t, kk, hg, w, i0, bq);
         la_gemm(p->la, bt, LA_T, LA_N, bq, d1, kk, 1.0f, w->phq, bq, w->state, d1, 0.0f,
                 w->prod, d1);
-        if (p->causal) { /* diagonal block: keys [p0, p0 + bq) */
-            float ones[POLY_BLOCK];
-            for (int64_t r = 0; r < bq; r++)
-                ones[r] = 1.0f;
-            key_features(p, t, kk, &hg, w, p0, bq);
-            diag_probs(p, bt, t, w, bq, ones); /* unnormalised here */
-            for (int64_t r = 0; r < bq; r++) {
-                memcpy(w->rows + r * d1, hg.v + (p0 + r) * p->ldkv, (size_t)d * sizeof(float));
+        float ones[POLY_BLOCK];
+        for (int64_t r = 0; r < bq; r++)
+            ones[r] = 1.0f;
+        for (int64_t c0 = p0; c0 < p1; c0 += POLY_BLOCK) { /* the diagonal, causal only */
+            const int64_t nc = p1 - c0 < POLY_BLOCK ? p1 - c0 : POLY_BLOCK;
+            key_features(p, t, kk, hg, w, c0, nc);
+            diag_probs(p, bt, t, w, i0, bq, c0, nc, ones); /* unnormalised here */
+            for (int64_t r = 0; r < nc; r++) {
+                memcpy(w->rows + r * d1, hg->v + (c0 + r) * p->ldkv, (size_t)d * sizeof(float));
                 w->rows[r * d1 + d] = 1.0f;
             }
-            la_gemm(p->la, bt, LA_N, LA_N, bq, d1, bq, 1.0f, w->diag_f, bq, w->rows, d1, 1.0f,
+            la_gemm(p->la, bt, LA_N, LA_N, bq, d1, nc, 1.0f, w->diag_f, nc, w->rows, d1, 1.0f,
                     w->prod, d1);
         }
         for (int64_t r = 0; r < bq; r++) {
             const float *y = w->prod + r * d1;
-            const float inv = 1.0f / y[d];
+            const float inv = w->vis[i0 + r] > 0 ? 1.0f / y[d] : 0.0f; /* sees no key: 0 */
             for (int64_t c = 0; c < d; c++)
                 oh[(i0 + r) * p->ldo + c] = y[c] * inv;
-            wrow[i0 + r] = y[d];
+            wrow[i0 + r] = w->vis[i0 + r] > 0 ? y[d] : 0.0f;
         }
+    }
+}
+
+/* Run `run` of the task as a problem of its own: rp its sizes (the strides stay), rg
+ * the head views at its first rows; w->vis its part of the staircase. */
+static void run_view(const attn_problem *p, poly_work *w, const attn_run *run,
+                     const head_geom *hg, attn_problem *rp, head_geom *rg)
+{
+    *rp = *p;
+    rp->len_q = run->nq;
+    rp->len_kv = run->nk;
+    rp->mask = NULL;
+    *rg = *hg;
+    rg->q += run->qs * p->ldq;
+    rg->k += run->ks * p->ldkv;
+    rg->v += run->ks * p->ldkv;
+    w->vis = w->cnt + run->qs;
+}
+
+static void poly_forward_head(const attn_problem *p, int bt, const poly_table *t,
+                              poly_work *w, int64_t b, int64_t h, const float *q,
+                              const float *k, const float *v, float *o, float *row_stat)
+{
+    const int64_t d = p->head_dim;
+    head_geom hg;
+    head_setup(p, b, h, q, k, v, w->kmean, &hg);
+    float *oh = o + b * p->len_q * p->ldo + h * d;
+    float *wrow = row_stat + (b * p->n_heads + h) * p->len_q;
+    for (int64_t i = 0; i < p->len_q; i++) { /* rows no run reaches: padding, no keys */
+        memset(oh + i * p->ldo, 0, (size_t)d * sizeof(float));
+        wrow[i] = 0.0f;
+    }
+    for (int64_t r = 0; r < w->nruns; r++) {
+        const attn_run *run = &w->runs[r];
+        attn_problem rp;
+        head_geom rg;
+        if (run->nk == 0)
+            continue;
+        run_view(p, w, run, &hg, &rp, &rg);
+        forward_run(&rp, bt, t, w, &rg, oh + run->qs * p->ldo, wrow + run->qs);
     }
 }
 
@@ -368,34 +436,34 @@ static void head_grads_setup(const attn_problem *p, poly_work *w, int64_t b, int
     hd->dvh = dv + b * p->len_kv * p->ldkv + g * d;
 }
 
-/* The causal diagonal block of query block i0 (keys [p0, p0 + bq)), as exact attention
- * with approximate probabilities: dS = F ⊙ (dO·Vᵀ − ρ), dQ += β·dS·(K − k̄),
+/* Query block i0's causal diagonal keys [c0, c0 + nc) (masked by w->vis), as exact
+ * attention with approximate probabilities: dS = F ⊙ (dO·Vᵀ − ρ), dQ += β·dS·(K − k̄),
  * dK += β·dSᵀ·Q, dV += Fᵀ·dO. The keys are centred as the prefix state's are (a row of
  * dS sums to zero only over all its keys). phq holds the block's query features; dopr
  * its dO' rows. */
 static void backward_diag_block(const attn_problem *p, int bt, const poly_table *t,
-                                poly_work *w, const head_grads *hd, int64_t i0, int64_t p0,
-                                int64_t bq, const float *inv_w, const float *dopr)
+                                poly_work *w, const head_grads *hd, int64_t i0, int64_t c0,
+                                int64_t nc, int64_t bq, const float *inv_w, const float *dopr)
 {
     const int64_t d1 = p->head_dim + 1, d = p->head_dim;
     const float beta = p->softmax_scale;
     const head_geom *hg = &hd->hg;
-    key_features(p, t, t->k, hg, w, p0, bq);
-    diag_probs(p, bt, t, w, bq, inv_w);
-    la_gemm(p->la, bt, LA_N, LA_T, bq, bq, d, 1.0f, hd->doh + i0 * p->ldo, p->ldo,
-            hg->v + p0 * p->ldkv, p->ldkv, 0.0f, w->diag_p, bq);
+    key_features(p, t, t->k, hg, w, c0, nc);
+    diag_probs(p, bt, t, w, i0, bq, c0, nc, inv_w);
+    la_gemm(p->la, bt, LA_N, LA_T, bq, nc, d, 1.0f, hd->doh + i0 * p->ldo, p->ldo,
+            hg->v + c0 * p->ldkv, p->ldkv, 0.0f, w->diag_p, nc);
     for (int64_t r = 0; r < bq; r++) {
         const float rho = -dopr[r * d1 + d];
-        for (int64_t jj = 0; jj < bq; jj++)
-            w->diag_p[r * bq + jj] = w->diag_f[r * bq + jj] * (w->diag_p[r * bq + jj] - rho);
+        for (int64_t jj = 0; jj < nc; jj++)
+            w->diag_p[r * nc + jj] = w->diag_f[r * nc + jj] * (w->diag_p[r * nc + jj] - rho);
     }
-    /* xt holds (K − k̄)ᵀ·kscale of the block (key_features) */
-    la_gemm(p->la, bt, LA_N, LA_T, bq, d, bq, beta / hg->kscale, w->diag_p, bq, w->xt, bq,
+    /* xt holds (K − k̄)ᵀ·kscale of the chunk (key_features) */
+    la_gemm(p->la, bt, LA_N, LA_T, bq, d, nc, beta / hg->kscale, w->diag_p, nc, w->xt, nc,
             1.0f, hd->dqh + i0 * p->ldq, p->ldq);
-    la_gemm(p->la, bt, LA_T, LA_N, bq, d, bq, beta, w->diag_p, bq, hg->q + i0 * p->ldq,
-            p->ldq, 1.0f, hd->dkh + p0 * p->ldkv, p->ldkv);
-    la_gemm(p->la, bt, LA_T, LA_N, bq, d, bq, 1.0f, w->diag_f, bq, hd->doh + i0 * p->ldo,
-            p->ldo, 1.0f, hd->dvh + p0 * p->ldkv, p->ldkv);
+    la_gemm(p->la, bt, LA_T, LA_N, nc, d, bq, beta, w->diag_p, nc, hg->q + i0 * p->ldq,
+            p->ldq, 1.0f, hd->dkh + c0 * p->ldkv, p->ldkv);
+    la_gemm(p->la, bt, LA_T, LA_N, nc, d, bq, 1.0f, w->diag_f, nc, hd->doh + i0 * p->ldo,
+            p->ldo, 1.0f, hd->dvh + c0 * p->ldkv, p->ldkv);
 }
 
 /* Columns of an expanded state: d·(d+1) Jacobian columns, plus d for dV. */
@@ -497,7 +565,7 @@ static void backward_dq(const attn_problem *p, int bt, const poly_table *t, poly
     int64_t absorbed = 0, expanded = -1;
     for (int64_t i0 = 0; i0 < p->len_q; i0 += POLY_BLOCK) {
         const int64_t bq = p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK;
-        const int64_t p0 = diag_start(p, i0);
+        const int64_t p0 = diag_start(p, w, i0), p1 = w->vis[i0 + bq - 1];
         while (absorbed < p0) {
             const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
             key_features(p, t, t->k1, &hd->hg, w, absorbed, n);
@@ -514,12 +582,13 @@ static void backward_dq(const attn_problem *p, int bt, const poly_table *t, poly
         float *dopr = w->rows; /* dO' (bq × (d+1)) */
         augmented_dout(p, hd->doh, hd->oh, i0, bq, NULL, dopr);
         for (int64_t r = 0; r < bq; r++) {
-            inv_w[r] = 1.0f / hd->wrow[i0 + r];
+            inv_w[r] = inverse_weight(hd->wrow[i0 + r]);
             sc[r] = hd->hg.qscale * inv_w[r];
         }
         apply_jacobian(p, bt, t, w, w->phq, dopr, bq, sc, hd->dqh + i0 * p->ldq, p->ldq, 0, 0);
-        if (p->causal)
-            backward_diag_block(p, bt, t, w, hd, i0, p0, bq, inv_w, dopr);
+        for (int64_t c0 = p0; c0 < p1; c0 += POLY_BLOCK) /* the diagonal, causal only */
+            backward_diag_block(p, bt, t, w, hd, i0, c0,
+                                p1 - c0 < POLY_BLOCK ? p1 - c0 : POLY_BLOCK, bq, inv_w, dopr);
     }
 }
 
@@ -563,7 +632,7 @@ static void absorb_queries(const attn_problem *p, int bt, const poly_table *t, p
     const int64_t d1 = p->head_dim + 1;
     float inv_w[POLY_BLOCK];
     for (int64_t r = 0; r < bq; r++)
-        inv_w[r] = 1.0f / hd->wrow[i0 + r];
+        inv_w[r] = inverse_weight(hd->wrow[i0 + r]);
     query_features(p, t, t->k1, &hd->hg, w, i0, bq);
     augmented_dout(p, hd->doh, hd->oh, i0, bq, inv_w, w->rows);
     la_gemm(p->la, bt, LA_N, LA_N, t->k1, d1, bq, 1.0f, w->phq, bq, w->rows, d1, 1.0f,
@@ -582,16 +651,15 @@ static void backward_dkdv(const attn_problem *p, int bt, const poly_table *t, po
     memset(w->state, 0, (size_t)(t->k1 * d1) * sizeof(float));
     const int64_t nblocks = (p->len_q + POLY_BLOCK - 1) / POLY_BLOCK;
     for (int64_t blk = nblocks - 1; blk >= 0; blk--) {
-        int64_t j_lo = diag_start(p, blk * POLY_BLOCK);
-        int64_t j_hi = blk + 1 < nblocks ? diag_start(p, (blk + 1) * POLY_BLOCK) : p->len_kv;
-        if (!p->causal)
-            j_lo = j_hi = p->len_kv;
+        const int64_t j_lo = diag_start(p, w, blk * POLY_BLOCK);
+        const int64_t j_hi =
+            blk + 1 < nblocks ? diag_start(p, w, (blk + 1) * POLY_BLOCK) : p->len_kv;
         emit_keys(p, bt, t, w, hd, j_lo, j_hi);
         const int64_t i0 = blk * POLY_BLOCK;
         absorb_queries(p, bt, t, w, hd, i0,
                        p->len_q - i0 < POLY_BLOCK ? p->len_q - i0 : POLY_BLOCK);
     }
-    emit_keys(p, bt, t, w, hd, 0, diag_start(p, 0));
+    emit_keys(p, bt, t, w, hd, 0, diag_start(p, w, 0));
 }
 
 static void poly_backward_head(const attn_problem *p, int bt, const poly_table *t,
@@ -602,8 +670,24 @@ static void poly_backward_head(const attn_problem *p, int bt, const poly_table *
 {
     head_grads hd;
     head_grads_setup(p, w, b, h, q, k, v, o, row_stat, do_, dq, dk, dv, &hd);
-    backward_dq(p, bt, t, w, &hd);
-    backward_dkdv(p, bt, t, w, &hd);
+    for (int64_t i = 0; i < p->len_q; i++) /* rows no run reaches pass no gradient */
+        memset(hd.dqh + i * p->ldq, 0, (size_t)p->head_dim * sizeof(float));
+    for (int64_t r = 0; r < w->nruns; r++) {
+        const attn_run *run = &w->runs[r];
+        attn_problem rp;
+        head_grads rd = hd;
+        if (run->nk == 0)
+            continue;
+        run_view(p, w, run, &hd.hg, &rp, &rd.hg);
+        rd.oh += run->qs * p->ldo;
+        rd.doh += run->qs * p->ldo;
+        rd.wrow += run->qs;
+        rd.dqh += run->qs * p->ldq;
+        rd.dkh += run->ks * p->ldkv;
+        rd.dvh += run->ks * p->ldkv;
+        backward_dq(&rp, bt, t, w, &rd);
+        backward_dkdv(&rp, bt, t, w, &rd);
+    }
 }
 
 static void carve_work(const attn_problem *p, const poly_table *t, float *base,
@@ -621,6 +705,10 @@ static void carve_work(const attn_problem *p, const poly_table *t, float *base,
     w->diag_f = w->jac + jac_floats(w->variant, t->k, p->head_dim);
     w->diag_p = w->diag_f + B * B;
     w->kmean = w->diag_p + B * B;
+    /* the mask arrays after the float scratch, aligned to 8 bytes */
+    const size_t at = ((uintptr_t)(w->kmean + d) + 7u) & ~(uintptr_t)7u;
+    w->runs = (attn_run *)at;
+    w->cnt = (int64_t *)(w->runs + p->len_q);
 }
 
 /* The table in the workspace: its arrays, and the first worker's scratch after it.
@@ -643,6 +731,26 @@ static void carve_table(const attn_problem *p, void *ws, int backward, poly_tabl
         build_jacobian(d, t);
 }
 
+/* The segment runs of batch element b into w (poly_plan admits only masks whose
+ * segment ids never decrease along the valid rows, so each segment is one run on each
+ * side), and per valid query row the number of its run's keys it sees: the keys at or
+ * before its position when causal (positions ascend within a run, so a prefix that
+ * grows with the row), else all of them. */
+static void task_runs(const attn_problem *p, int64_t b, poly_work *w)
+{
+    w->nruns = 0;
+    for (int64_t i = 0, j = 0; attn_next_run(p, b, &i, &j, &w->runs[w->nruns]);) {
+        const attn_run *run = &w->runs[w->nruns++];
+        int64_t seen = 0;
+        for (int64_t r = 0; r < run->nq; r++) {
+            const int64_t pos = attn_q_pos(p, b, run->qs + r);
+            while (p->causal && seen < run->nk && attn_kv_pos(p, b, run->ks + seen) <= pos)
+                seen++;
+            w->cnt[run->qs + r] = p->causal ? seen : run->nk;
+        }
+    }
+}
+
 /* One task = one (batch, kv head): its query heads share dK, dV rows. */
 static void poly_task(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
                       int64_t task, int backward, const float *q, const float *k,
@@ -651,6 +759,7 @@ static void poly_task(const attn_problem *p, int bt, const poly_table *t, poly_w
 {
     const int64_t b = task / p->n_kv_heads, g = task % p->n_kv_heads;
     const int64_t group = p->n_heads / p->n_kv_heads, d = p->head_dim;
+    task_runs(p, b, w);
     if (backward)
         for (int64_t j = 0; j < p->len_kv; j++) {
             memset(dk + (b * p->len_kv + j) * p->ldkv + g * d, 0, (size_t)d * sizeof(float));
@@ -699,7 +808,8 @@ static void poly_run(const attn_problem *p, void *ws, int backward, const float 
     float *work0;
     carve_table(p, ws, backward, &t, &work0);
     const size_t stride =
-        work_floats(poly_params_of(&p->params).variant, t.k, t.k1, p->head_dim);
+        work_floats(poly_params_of(&p->params).variant, t.k, t.k1, p->head_dim) +
+        sweep_floats(p);
     const int64_t tasks = task_count(p);
     const int workers = worker_count(p);
     if (workers <= 1 || tasks < p->threads) {

@@ -32,13 +32,20 @@ double poly_eta(int g, double r, int64_t k, int64_t len_kv)
     return d < 1.0 ? 2.0 * d / (1.0 - d) : INFINITY;
 }
 
+int64_t poly_sum_keys(const attn_problem *p)
+{
+    if (p->causal && p->mask && (p->mask->q_pos || p->mask->kv_pos))
+        return 2 * p->len_kv + p->len_q + 2 * 64;
+    return p->len_kv;
+}
+
 int poly_degree_for(const attn_problem *p, double r, double tol)
 {
     for (int g = 2; g <= POLY_MAX_DEGREE; g += 2) {
         const int64_t k = poly_feature_count(g, p->head_dim);
         if (k <= 0)
             break;
-        if (poly_delta(g, r, k, p->len_kv) * (2.0 + tol) <= tol)
+        if (poly_delta(g, r, k, poly_sum_keys(p)) * (2.0 + tol) <= tol)
             return g;
     }
     return 0;
@@ -93,7 +100,15 @@ double poly_flops(const attn_problem *p, int g)
 {
     const double d = (double)p->head_dim, k = (double)poly_feature_count(g, p->head_dim);
     const double k1 = (double)poly_binom(g + 1, p->head_dim, POLY_MAX_BACKWARD_FEATURES);
-    const double lq = (double)p->len_q, lkv = (double)p->len_kv, rows = lq + lkv;
+    /* valid rows only: padding is never swept */
+    double lq = 0.0, lkv = 0.0;
+    for (int64_t b = 0; b < p->batch; b++) {
+        lq += (double)attn_q_len(p, b);
+        lkv += (double)attn_kv_len(p, b);
+    }
+    lq /= (double)p->batch;
+    lkv /= (double)p->batch;
+    const double rows = lq + lkv;
     /* Forward, per row: degree-g features; keys into the k × (d+1) state, queries out
      * of it. Backward: per row pair the chosen variant's (the products with the
      * k' × (d+1) states, the Jacobian), counted over max(Lq, Lkv) pairs. Causal adds
@@ -103,6 +118,58 @@ double poly_flops(const attn_problem *p, int g)
                        backward_pair_flops(k, k1, d, poly_backward_variant(p, g), 0);
     const double diag = p->causal ? lq * 64.0 * (3.0 * 2.0 * k + 8.0 * d) : 0.0;
     return (double)p->batch * (double)p->n_heads * (fwd + bwd + diag);
+}
+
+/* The first row r >= 1 of batch element b (keys: on the key side) whose position is
+ * below row r − 1's in the same segment, or 0 when there is none. */
+static int64_t descending_position(const attn_problem *p, int64_t b, int keys)
+{
+    const int64_t n = keys ? attn_kv_len(p, b) : attn_q_len(p, b);
+    for (int64_t r = 1; r < n; r++) {
+        const int same = keys ? attn_kv_seg(p, b, r) == attn_kv_seg(p, b, r - 1)
+                              : attn_q_seg(p, b, r) == attn_q_seg(p, b, r - 1);
+        const int lower = keys ? attn_kv_pos(p, b, r) < attn_kv_pos(p, b, r - 1)
+                               : attn_q_pos(p, b, r) < attn_q_pos(p, b, r - 1);
+        if (same && lower)
+            return r;
+    }
+    return 0;
+}
+
+/* Why the sweep cannot run p (into why), or 0 when it can. WINDOW and SOFTCAP are not
+ * sums of kernel values over prefixes (EXACT runs them). The sweep takes each segment
+ * as one run of rows per side, so segment ids must not decrease along the valid rows;
+ * causal visibility must be a prefix of a run's keys that grows with the query, so
+ * positions must not decrease within a segment on either side. */
+static int mask_refusal(const attn_problem *p, char *why, size_t why_size)
+{
+    const char *tail = "; use LORA_BACKEND_EXACT (AUTO does)";
+    if (p->window > 0 || p->softcap > 0.0f) {
+        snprintf(why, why_size, "%s: the polynomial backend cannot compute it%s",
+                 p->window > 0 ? "LORA_CFG_WINDOW" : "LORA_CFG_SOFTCAP", tail);
+        return 1;
+    }
+    int64_t b, row;
+    int keys;
+    if (!attn_segments_ascend(p, &b, &row, &keys)) {
+        snprintf(why, why_size,
+                 "args->%s[%lld, %lld] is smaller than the segment id before it: the "
+                 "polynomial backend needs each packed sequence's rows together, in "
+                 "ascending segment ids%s",
+                 keys ? "kv_seg" : "q_seg", (long long)b, (long long)row, tail);
+        return 1;
+    }
+    for (b = 0; p->causal && p->mask && b < p->batch; b++)
+        for (keys = 0; keys <= 1; keys++)
+            if ((row = descending_position(p, b, keys)) > 0) {
+                snprintf(why, why_size,
+                         "args->%s[%lld, %lld] is smaller than the position before it in "
+                         "its segment: causal attention in the polynomial backend needs "
+                         "positions that never decrease within a sequence%s",
+                         keys ? "kv_pos" : "q_pos", (long long)b, (long long)row, tail);
+                return 1;
+            }
+    return 0;
 }
 
 double poly_cost_ratio(int64_t head_dim)
@@ -121,13 +188,8 @@ void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offe
     const int64_t k = g > 0 ? poly_feature_count(g, d) : -1;
     memset(offer, 0, sizeof *offer);
     offer->eta = offer->flops = offer->cost = INFINITY;
-    const char *extra = attn_extra_option(p);
-    if (extra) { /* the kernels compute plain or causal attention with default positions */
+    if (mask_refusal(p, why, why_size)) {
         offer->status = LORA_ERR_UNSUPPORTED;
-        snprintf(why, why_size,
-                 "%s: the polynomial backend cannot compute it; use LORA_BACKEND_EXACT "
-                 "(AUTO does)",
-                 extra);
         return;
     }
     if (g == 0) {
@@ -139,7 +201,7 @@ void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offe
                  "LORA_CFG_POLY_DEGREE",
                  (long long)POLY_MAX_FEATURES, (long long)POLY_MAX_BACKWARD_FEATURES,
                  o->tolerance, r,
-                 2.0 * poly_round_delta(2, r, poly_feature_count(2, d), p->len_kv));
+                 2.0 * poly_round_delta(2, r, poly_feature_count(2, d), poly_sum_keys(p)));
         return;
     }
     if (k <= 0) {
@@ -155,7 +217,7 @@ void poly_plan(const attn_problem *p, double r, const attn_options *o, attn_offe
                             .features = k};
     memcpy(&offer->params, &pp, sizeof pp);
     offer->status = LORA_OK;
-    offer->eta = poly_eta(g, r, k, p->len_kv);
+    offer->eta = poly_eta(g, r, k, poly_sum_keys(p));
     offer->flops = poly_flops(p, g);
     offer->cost = offer->flops * poly_cost_ratio(d);
     offer->order = g;

@@ -33,8 +33,13 @@ double poly_delta(int g, double r, int64_t k, int64_t len_kv);
 /* η = 2δ'/(1-δ'): entrywise relative error of the normalised probabilities; +inf when
  * δ' >= 1. */
 double poly_eta(int g, double r, int64_t k, int64_t len_kv);
+/* The key count the rounding share is taken at (poly_round_delta's len_kv): len_kv,
+ * or, causal with explicit positions, 2·len_kv + len_q + 128: a query's normaliser may
+ * then gather its keys through one state update per query block besides the key
+ * blocks, and through a diagonal of several key blocks. */
+int64_t poly_sum_keys(const attn_problem *p);
 /* Smallest even g <= POLY_MAX_DEGREE whose η meets tol at score bound r for p (its
- * head_dim and len_kv), or 0. Degrees whose feature count is out of limits count as
+ * head_dim and poly_sum_keys), or 0. Degrees whose feature count is out of limits count as
  * not meeting it. */
 int poly_degree_for(const attn_problem *p, double r, double tol);
 /* Floats of the expanded state (k × (d(d+1) + d)) above which EXPANDED is not used. */

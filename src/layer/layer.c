@@ -487,7 +487,30 @@ typedef struct bound_inputs {
     double d, lq, group; /* head_dim, len_q, query heads per kv head */
     double beta, s, rank;
     size_t nq, nk;       /* query and key rows */
+    double rope_q, rope_k; /* rope_gain of the query and of the key rows */
+    double drop;         /* 1/(1 − p) when the forward dropped the LoRA inputs, else 1 */
 } bound_inputs;
+
+/* What turning dQ or dK back (RoPE's inverse) does to an entrywise error bound e: a
+ * pair (a, b) turned by −θ becomes (e_a·cos θ + e_b·sin θ, e_b·cos θ − e_a·sin θ), so
+ * each entry is at most (|cos θ| + |sin θ|)·e, up to √2 (θ = π/4). The largest such
+ * factor over the angles pos·inv_freq[i] the rows of one side (keys: the key rows) were
+ * turned by; 1 without RoPE. */
+static double rope_gain(const layer *l, const attn_problem *p, int keys)
+{
+    double gain = 1.0;
+    const int64_t rows = keys ? p->len_kv : p->len_q, half = l->rope_dim / 2;
+    for (int64_t b = 0; l->rope != LORA_ROPE_NONE && b < p->batch; b++)
+        for (int64_t i = 0; i < rows; i++) {
+            const int64_t pos = keys ? attn_kv_pos(p, b, i) : attn_q_pos(p, b, i);
+            for (int64_t f = 0; f < half; f++) {
+                const double angle = (double)pos * l->rope_freqs[f]; /* as rope_rows2 */
+                gain = fmax(gain, fabs((double)(float)cos(angle)) +
+                                      fabs((double)(float)sin(angle)));
+            }
+        }
+    return gain;
+}
 
 static bound_inputs bound_inputs_of(const layer *l, const attn_problem *p,
                                     const layer_acts *a)
@@ -504,13 +527,17 @@ static bound_inputs bound_inputs_of(const layer *l, const attn_problem *p,
     b.beta = fabs(l->softmax_scale);
     b.s = fabs(l->lora_scale);
     b.rank = (double)l->rank;
+    b.rope_q = rope_gain(l, p, 0);
+    b.rope_k = rope_gain(l, p, 1);
+    b.drop = a->dropout ? 1.0 / (1.0 - l->dropout) : 1.0;
     return b;
 }
 
 /* Errors ey[t] (entrywise) of dY of the Q, K, V projections carried to every adapter
  * gradient and dx entry they reach: the largest such bound. Each projection gradient
  * multiplies its dY error by the sizes and magnitudes of its other factors (dW = s·B·A
- * chain); dx sums the three paths. */
+ * chain); dx sums the three paths. Dropout: the LoRA branch saw X̃ = X ⊙ keep/(1 − p),
+ * so dA's |X̃| and dx's LoRA path grow by 1/(1 − p) (dB reads X̃·Aᵀ as saved). */
 static double proj_chain_bound(const layer *l, const layer_acts *a, const bound_inputs *in,
                                const double ey[PROJ_O])
 {
@@ -518,7 +545,8 @@ static double proj_chain_bound(const layer *l, const layer_acts *a, const bound_
     for (int t = PROJ_Q; t <= PROJ_V; t++) {
         const layer_proj *pr = &l->proj[t];
         const size_t rows = t == PROJ_Q ? in->nq : in->nk;
-        const double xm = la_max_abs(t == PROJ_Q ? a->xq : a->xkv, rows * (size_t)pr->in);
+        const double xm = la_max_abs(t == PROJ_Q ? a->xq : a->xkv, rows * (size_t)pr->in) *
+                          (pr->adapted ? in->drop : 1.0);
         const double wm = la_wmat_max_abs(pr->weight, (size_t)(pr->out * pr->in));
         double weff = wm;
         if (pr->adapted) {
@@ -527,7 +555,7 @@ static double proj_chain_bound(const layer *l, const layer_acts *a, const bound_
             const double xam = la_max_abs(a->xa[t], rows * (size_t)l->rank);
             bound = max3(bound, in->s * (double)rows * (double)pr->out * ey[t] * bm * xm,
                          in->s * (double)rows * ey[t] * xam);
-            weff += in->s * in->rank * bm * am;
+            weff += in->s * in->rank * bm * am * in->drop;
         }
         dx += (double)pr->out * ey[t] * weff;
     }
@@ -535,18 +563,19 @@ static double proj_chain_bound(const layer *l, const layer_acts *a, const bound_
 }
 
 /* dY errors of Q, K, V from one of dS: row ℓ1 norm ds_row; dQ = β·dS·K,
- * dK = β·dSᵀ·Q (column sums over Lq rows and G query heads), plus dV's error dv. */
+ * dK = β·dSᵀ·Q (column sums over Lq rows and G query heads), turned back by RoPE
+ * (rope_gain), plus dV's error dv. */
 static void attn_dy_errors(const bound_inputs *in, double ds_row, double dv,
                            double ey[PROJ_O])
 {
-    ey[PROJ_Q] = in->beta * ds_row * in->km;
-    ey[PROJ_K] = in->beta * ds_row * in->lq * in->group * in->qm;
+    ey[PROJ_Q] = in->beta * ds_row * in->km * in->rope_q;
+    ey[PROJ_K] = in->beta * ds_row * in->lq * in->group * in->qm * in->rope_k;
     ey[PROJ_V] = dv;
 }
 
 /* Gradients of the output projection's factors when dout carries error g and C error
- * c (entrywise): dA_O = s·(dout·B_O)ᵀ·C, dB_O = s·doutᵀ·(C·A_Oᵀ). 0 unless O is
- * adapted. */
+ * c (entrywise): dA_O = s·(dout·B_O)ᵀ·C̃, dB_O = s·doutᵀ·(C̃·A_Oᵀ), C̃ = C or, with
+ * dropout, C ⊙ keep/(1 − p) (its error c/(1 − p)). 0 unless O is adapted. */
 static double out_adapter_bound(const layer *l, const bound_inputs *in, double g, double c)
 {
     const layer_proj *po = &l->proj[PROJ_O];
@@ -554,9 +583,9 @@ static double out_adapter_bound(const layer *l, const bound_inputs *in, double g
         return 0.0;
     const double bm = la_max_abs(po->b, (size_t)(po->out * l->rank));
     const double am = la_max_abs(po->a, (size_t)(l->rank * po->in));
-    const double nq = (double)in->nq;
-    return fmax(in->s * nq * (double)po->out * g * bm * c,
-                in->s * nq * g * (double)po->in * am * c);
+    const double nq = (double)in->nq, cd = c * in->drop;
+    return fmax(in->s * nq * (double)po->out * g * bm * cd,
+                in->s * nq * g * (double)po->in * am * cd);
 }
 
 /* MATH §4 made concrete, for the given dout. With |F̃ − F| <= η·F entrywise and
@@ -581,9 +610,10 @@ static double grad_error_bound(const layer *l, const layer_acts *a, const bound_
 }
 
 /* Largest ℓ1 norms of the rows and of the columns of W + s·B·A, bounded through
- * |B·A| <= |B|·|A|: rows by ‖W_o‖₁ + s·‖B_o‖₁·max_r‖A_r‖₁, columns likewise. */
-static void weff_l1_norms(const layer *l, const layer_proj *pr, double *row_max,
-                          double *col_max)
+ * |B·A| <= |B|·|A|: rows by ‖W_o‖₁ + s·‖B_o‖₁·max_r‖A_r‖₁, columns likewise; drop
+ * (1/(1 − p) under dropout) scales the LoRA part, whose input was X̃. */
+static void weff_l1_norms(const layer *l, const layer_proj *pr, double drop,
+                          double *row_max, double *col_max)
 {
     double a_row = 0.0, b_col = 0.0; /* max_r ‖A_r,:‖₁, max_r ‖B_:,r‖₁ */
     if (pr->adapted)
@@ -596,7 +626,7 @@ static void weff_l1_norms(const layer *l, const layer_proj *pr, double *row_max,
             a_row = fmax(a_row, sa);
             b_col = fmax(b_col, sb);
         }
-    const double s = fabs(l->lora_scale);
+    const double s = fabs(l->lora_scale) * drop;
     *row_max = *col_max = 0.0;
     for (int64_t o = 0; o < pr->out; o++) {
         double w = 0.0, b = 0.0;
@@ -629,7 +659,7 @@ static double loss_error_term(const layer *l, const layer_acts *a, const bound_i
     double eps = eta * in->vm, m = eps;
     if (l->out_proj) {
         double row_max, col_max;
-        weff_l1_norms(l, &l->proj[PROJ_O], &row_max, &col_max);
+        weff_l1_norms(l, &l->proj[PROJ_O], in->drop, &row_max, &col_max);
         eps *= row_max;
         m = eps * col_max;
     }
