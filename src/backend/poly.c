@@ -65,6 +65,7 @@ typedef struct poly_work {
     float *diag_f;  /* (B × B) diagonal-block probabilities */
     float *diag_p;  /* (B × B) diagonal-block dP' */
     float *kmean;   /* (d) */
+    float *rows_t;  /* ((d+1) × B) rows transposed, for the JACOBIAN state product */
 } poly_work;
 
 static int64_t task_count(const attn_problem *p) { return p->batch * p->n_kv_heads; }
@@ -104,7 +105,8 @@ static size_t work_floats(int variant, int64_t k, int64_t k1, int64_t d)
 {
     const size_t d1 = (size_t)d + 1, B = POLY_BLOCK;
     return d * B + 2u * (size_t)k1 * B + B * d1 + prod_floats(variant, k1, d) +
-           (size_t)k1 * d1 + jac_floats(variant, k, d) + 2u * B * B + (size_t)d + 64u;
+           (size_t)k1 * d1 + jac_floats(variant, k, d) + 2u * B * B + (size_t)d + d1 * B +
+           64u;
 }
 
 static size_t poly_workspace_size(const attn_problem *p)
@@ -183,9 +185,68 @@ LA_VECTOR_CLONES static void features(const poly_table *t, int64_t nf, int64_t d
         const float *restrict xv = xt + (int64_t)t->var[m] * n;
         float *restrict dst = ph + m * n;
         const float f = t->fac[m];
+#pragma omp simd
         for (int64_t r = 0; r < n; r++)
             dst[r] = par[r] * xv[r] * f;
     }
+}
+
+/* out[m·ldo] += Σ_r ph[m][r]·v[r] for the nf features of n rows (feature-major). */
+LA_VECTOR_CLONES static void add_feature_dots(int64_t nf, const float *ph, int64_t n,
+                                              const float *v, float *out, int64_t ldo)
+{
+    for (int64_t m = 0; m < nf; m++) {
+        const float *restrict pm = ph + m * n;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t r = 0; r < n; r++)
+            s += pm[r] * v[r];
+        out[m * ldo] += s;
+    }
+}
+
+/* acc[r] = Σ_m ph[m][r]·sv[m·lds] for n rows (ph feature-major, nf features). */
+LA_VECTOR_CLONES static void feature_combination(int64_t nf, const float *ph, int64_t n,
+                                                 const float *sv, int64_t lds, float *acc)
+{
+    for (int64_t r = 0; r < n; r++)
+        acc[r] = 0.0f;
+    for (int64_t m = 0; m < nf; m++) {
+        const float *restrict pm = ph + m * n;
+        const float s = sv[m * lds];
+#pragma omp simd
+        for (int64_t r = 0; r < n; r++)
+            acc[r] += pm[r] * s;
+    }
+}
+
+/* S (nf × (d+1)) += Φ·rows: features ph (nf × n, feature-major), rows (n × (d+1)). The
+ * product covers d columns and the last one (the normaliser's 1 or −ρ) is a dot per
+ * feature: d + 1 columns would leave BLIS's 16-wide kernels a one-column edge, which
+ * it runs as a matrix-vector product per block of six rows. */
+static void state_update(const attn_problem *p, int bt, int64_t nf, const float *ph,
+                         int64_t n, const float *rows, float *S)
+{
+    const int64_t d = p->head_dim, d1 = d + 1;
+    float last[POLY_BLOCK];
+    la_gemm(p->la, bt, LA_N, LA_N, nf, d, n, 1.0f, ph, n, rows, d1, 1.0f, S, d1);
+    for (int64_t r = 0; r < n; r++)
+        last[r] = rows[r * d1 + d];
+    add_feature_dots(nf, ph, n, last, S + d, d1);
+}
+
+/* out (n × (d+1)) = Φᵀ·S for n rows' features ph (nf × n) and a state S (nf × (d+1)):
+ * the first d columns as one product, the last (the normaliser) as a combination of
+ * feature rows, for the same reason as state_update. */
+static void state_apply(const attn_problem *p, int bt, int64_t nf, const float *ph,
+                        int64_t n, const float *S, float *out)
+{
+    const int64_t d = p->head_dim, d1 = d + 1;
+    float last[POLY_BLOCK];
+    la_gemm(p->la, bt, LA_T, LA_N, n, d, nf, 1.0f, ph, n, S, d1, 0.0f, out, d1);
+    feature_combination(nf, ph, n, S + d, d1, last);
+    for (int64_t r = 0; r < n; r++)
+        out[r * d1 + d] = last[r];
 }
 
 /* Per-head geometry shared by forward and backward (recomputed, so bitwise equal). */
@@ -286,13 +347,11 @@ static void poly_forward_head(const attn_problem *p, int bt, const poly_table *t
                        (size_t)d * sizeof(float));
                 w->rows[r * d1 + d] = 1.0f;
             }
-            la_gemm(p->la, bt, LA_N, LA_N, kk, d1, n, 1.0f, w->phk, n, w->rows, d1, 1.0f,
-                    w->state, d1);
+            state_update(p, bt, kk, w->phk, n, w->rows, w->state);
             absorbed += n;
         }
         query_features(p, t, kk, &hg, w, i0, bq);
-        la_gemm(p->la, bt, LA_T, LA_N, bq, d1, kk, 1.0f, w->phq, bq, w->state, d1, 0.0f,
-                w->prod, d1);
+        state_apply(p, bt, kk, w->phq, bq, w->state, w->prod);
         if (p->causal) { /* diagonal block: keys [p0, p0 + bq) */
             float ones[POLY_BLOCK];
             for (int64_t r = 0; r < bq; r++)
@@ -456,6 +515,7 @@ LA_VECTOR_CLONES static void jacobian_contract(const poly_table *t, int64_t d,
             const float f = t->dfac[b * d + e];
             const float *restrict zc = z + (int64_t)t->child[b * d + e] * n;
             float *restrict ae = acc + e * n;
+#pragma omp simd
             for (int64_t r = 0; r < n; r++)
                 ae[r] += f * pb[r] * zc[r];
         }
@@ -478,8 +538,11 @@ static void apply_jacobian(const attn_problem *p, int bt, const poly_table *t, p
         contract_rows(d, n, w->prod, cols, aug, scale, out, ldo, add);
         return;
     }
-    la_gemm(p->la, bt, LA_N, LA_T, t->k1, n, d1, 1.0f, w->state, d1, aug, d1, 0.0f, w->prod,
-            n);
+    for (int64_t r = 0; r < n; r++) /* augᵀ: the product then runs n (64) wide */
+        for (int64_t c = 0; c < d1; c++)
+            w->rows_t[c * n + r] = aug[r * d1 + c];
+    la_gemm(p->la, bt, LA_N, LA_N, t->k1, n, d1, 1.0f, w->state, d1, w->rows_t, n, 0.0f,
+            w->prod, n);
     jacobian_contract(t, d, ph, w->prod, n, w->xt);
     for (int64_t r = 0; r < n; r++)
         for (int64_t e = 0; e < d; e++)
@@ -502,8 +565,7 @@ static void backward_dq(const attn_problem *p, int bt, const poly_table *t, poly
             const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
             key_features(p, t, t->k1, &hd->hg, w, absorbed, n);
             augmented_v(p, hd->hg.v, absorbed, n, w->rows);
-            la_gemm(p->la, bt, LA_N, LA_N, t->k1, d1, n, 1.0f, w->phk, n, w->rows, d1, 1.0f,
-                    w->state, d1);
+            state_update(p, bt, t->k1, w->phk, n, w->rows, w->state);
             absorbed += n;
         }
         if (w->variant == POLY_BACKWARD_EXPANDED && expanded != absorbed) {
@@ -560,14 +622,12 @@ static void emit_keys(const attn_problem *p, int bt, const poly_table *t, poly_w
 static void absorb_queries(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
                            const head_grads *hd, int64_t i0, int64_t bq)
 {
-    const int64_t d1 = p->head_dim + 1;
     float inv_w[POLY_BLOCK];
     for (int64_t r = 0; r < bq; r++)
         inv_w[r] = 1.0f / hd->wrow[i0 + r];
     query_features(p, t, t->k1, &hd->hg, w, i0, bq);
     augmented_dout(p, hd->doh, hd->oh, i0, bq, inv_w, w->rows);
-    la_gemm(p->la, bt, LA_N, LA_N, t->k1, d1, bq, 1.0f, w->phq, bq, w->rows, d1, 1.0f,
-            w->state, d1);
+    state_update(p, bt, t->k1, w->phq, bq, w->rows, w->state);
 }
 
 /* Part 2, dK and dV: suffix state N = Σ_i φ_{g+1}(q̂_i)/w_i ⊗ dO'_i, swept from the last
@@ -621,6 +681,7 @@ static void carve_work(const attn_problem *p, const poly_table *t, float *base,
     w->diag_f = w->jac + jac_floats(w->variant, t->k, p->head_dim);
     w->diag_p = w->diag_f + B * B;
     w->kmean = w->diag_p + B * B;
+    w->rows_t = w->kmean + d;
 }
 
 /* The table in the workspace: its arrays, and the first worker's scratch after it.
