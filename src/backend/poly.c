@@ -42,14 +42,20 @@
  * feature m = feature parent[m] · x[var[m]] · fac[m], so every feature x^a/√(a!) is one
  * multiply from an earlier one (a! = Π a_i!). For the backward's Jacobian, per
  * monomial b of degree <= g and variable e: child[b·d + e] is the index of b + e_e and
- * dfac[b·d + e] = √(b_e + 1). */
+ * dfac[b·d + e] = √(b_e + 1). The same pairs by child: by_child lists the b·d + e of
+ * child a in [term_start[a], term_start[a + 1]). */
 typedef struct poly_table {
     int64_t k, k1; /* features of degree <= g and <= g + 1 */
     int32_t *parent, *var, *first; /* first: index of a monomial's first child */
     float *fac;
     int32_t *child;
     float *dfac;
+    int32_t *term_start, *by_child;
 } poly_table;
+
+/* Rows of the JACOBIAN state product made at once: the product S·augᵀ (k' × B) in
+ * slices of this many rows stays in cache until the contraction reads it. */
+#define POLY_SLICE 512
 
 /* Per-worker scratch; sizes in floats. */
 typedef struct poly_work {
@@ -58,7 +64,8 @@ typedef struct poly_work {
     float *phk;     /* (k' × B) key features */
     float *rows;    /* (B × (d+1)) V' or dO' rows */
     float *prod;    /* EXPANDED: (B × (d(d+1) + d)) features times the expanded state;
-                       JACOBIAN: (k' × B) the state times rows; forward: (B × (d+1)) */
+                       JACOBIAN: (POLY_SLICE × B) a slice of the state times rows;
+                       forward: (B × (d+1)) */
     float *state;   /* (k' × (d+1)) running prefix/suffix state */
     float *jac;     /* EXPANDED: (k × (d(d+1) + d)) the state through the Jacobian */
     int variant;    /* POLY_BACKWARD_* */
@@ -76,6 +83,20 @@ static int worker_count(const attn_problem *p)
     return (int)(t < p->threads ? t : p->threads);
 }
 
+/* Fewer tasks than threads: a backward runs each task's dQ sweep and its dK/dV sweep as
+ * two parts at once (their products are too small to split well). Causal dQ blocks also
+ * write dK and dV (the diagonal), so causal tasks keep one part. */
+static int split_halves(const attn_problem *p)
+{
+    return task_count(p) < p->threads && !p->causal;
+}
+
+/* Work areas: one per worker, or per half task when split. */
+static int64_t work_areas(const attn_problem *p)
+{
+    return split_halves(p) ? 2 * task_count(p) : worker_count(p);
+}
+
 /* The degree-(g+1) count of a run's parameters. */
 static int64_t backward_features(const attn_problem *p)
 {
@@ -85,14 +106,16 @@ static int64_t backward_features(const attn_problem *p)
 
 static size_t table_floats(int64_t k, int64_t k1, int64_t d)
 {
-    return 4u * (size_t)k1 + 2u * (size_t)k * (size_t)d;
+    return 5u * (size_t)k1 + 1u + 3u * (size_t)k * (size_t)d;
 }
 
 /* Floats of the product buffer and of the expanded state for a variant. */
 static size_t prod_floats(int variant, int64_t k1, int64_t d)
 {
     const size_t B = POLY_BLOCK, cols = (size_t)d * ((size_t)d + 1) + (size_t)d;
-    return variant == POLY_BACKWARD_EXPANDED ? B * cols : (size_t)k1 * B;
+    const size_t slice = (size_t)(k1 < POLY_SLICE ? k1 : POLY_SLICE) * B;
+    const size_t fwd = B * ((size_t)d + 1); /* the forward's (B × (d+1)) */
+    return variant == POLY_BACKWARD_EXPANDED ? B * cols : slice > fwd ? slice : fwd;
 }
 
 static size_t jac_floats(int variant, int64_t k, int64_t d)
@@ -115,7 +138,7 @@ static size_t poly_workspace_size(const attn_problem *p)
     if (k < 0 || k1 < 0)
         return 0;
     return (table_floats(k, k1, p->head_dim) +
-            (size_t)worker_count(p) *
+            (size_t)work_areas(p) *
                 work_floats(poly_params_of(&p->params).variant, k, k1, p->head_dim)) *
            sizeof(float);
 }
@@ -167,6 +190,22 @@ static void build_jacobian(int64_t d, poly_table *t)
         }
     for (int64_t i = 0; i < t->k * d; i++) /* exponent b_e → √(b_e + 1) */
         t->dfac[i] = sqrtf(t->dfac[i] + 1.0f);
+}
+
+/* by_child and term_start from child: a counting sort of the k·d pairs by child. */
+static void build_terms(int64_t d, poly_table *t)
+{
+    int32_t *start = t->term_start;
+    memset(start, 0, (size_t)(t->k1 + 1) * sizeof(int32_t));
+    for (int64_t i = 0; i < t->k * d; i++)
+        start[t->child[i] + 1]++;
+    for (int64_t a = 0; a < t->k1; a++)
+        start[a + 1] += start[a];
+    for (int64_t i = 0; i < t->k * d; i++) /* start[a] advances to a's end */
+        t->by_child[start[t->child[i]]++] = (int32_t)i;
+    for (int64_t a = t->k1; a > 0; a--)
+        start[a] = start[a - 1];
+    start[0] = 0;
 }
 
 /* Features of n rows x (stride ld): ph (nf × n, feature-major) of (x − shift)·scale,
@@ -501,23 +540,24 @@ static void contract_rows(int64_t d, int64_t n, const float *y, int64_t ldy, con
     }
 }
 
-/* The JACOBIAN variant's contraction: acc (d × n) with acc[e][r] = Σ_{|b|<=g} φ_b(r)·
- * √(b_e + 1)·z[b + e_e][r] = (J_{g+1}ᵀ·z_r)_e; ph (>= k × n) the rows' features, z
- * (k' × n), both feature-major. */
+/* The JACOBIAN variant's contraction over the children a in [a0, a1): acc (d × n) +=
+ * the terms φ_b(r)·√(b_e + 1)·z[a][r] with b + e_e = a, so that over all a, acc[e][r] =
+ * (J_{g+1}ᵀ·z_r)_e; ph (>= k × n) the rows' features, z the slice's rows of S·augᵀ
+ * ((a1 − a0) × n), both feature-major. */
 LA_VECTOR_CLONES static void jacobian_contract(const poly_table *t, int64_t d,
                                                const float *ph, const float *z, int64_t n,
-                                               float *acc)
+                                               int64_t a0, int64_t a1, float *acc)
 {
-    memset(acc, 0, (size_t)(d * n) * sizeof(float));
-    for (int64_t b = 0; b < t->k; b++) {
-        const float *restrict pb = ph + b * n;
-        for (int64_t e = 0; e < d; e++) {
-            const float f = t->dfac[b * d + e];
-            const float *restrict zc = z + (int64_t)t->child[b * d + e] * n;
-            float *restrict ae = acc + e * n;
+    for (int64_t a = a0; a < a1; a++) {
+        const float *restrict za = z + (a - a0) * n;
+        for (int32_t i = t->term_start[a]; i < t->term_start[a + 1]; i++) {
+            const int64_t at = t->by_child[i], b = at / d;
+            const float f = t->dfac[at];
+            const float *restrict pb = ph + b * n;
+            float *restrict ae = acc + (at - b * d) * n;
 #pragma omp simd
             for (int64_t r = 0; r < n; r++)
-                ae[r] += f * pb[r] * zc[r];
+                ae[r] += f * pb[r] * za[r];
         }
     }
 }
@@ -541,9 +581,13 @@ static void apply_jacobian(const attn_problem *p, int bt, const poly_table *t, p
     for (int64_t r = 0; r < n; r++) /* augᵀ: the product then runs n (64) wide */
         for (int64_t c = 0; c < d1; c++)
             w->rows_t[c * n + r] = aug[r * d1 + c];
-    la_gemm(p->la, bt, LA_N, LA_N, t->k1, n, d1, 1.0f, w->state, d1, w->rows_t, n, 0.0f,
-            w->prod, n);
-    jacobian_contract(t, d, ph, w->prod, n, w->xt);
+    memset(w->xt, 0, (size_t)(d * n) * sizeof(float));
+    for (int64_t a0 = 1; a0 < t->k1; a0 += POLY_SLICE) { /* feature 0 is no child */
+        const int64_t a1 = t->k1 - a0 < POLY_SLICE ? t->k1 : a0 + POLY_SLICE;
+        la_gemm(p->la, bt, LA_N, LA_N, a1 - a0, n, d1, 1.0f, w->state + a0 * d1, d1,
+                w->rows_t, n, 0.0f, w->prod, n);
+        jacobian_contract(t, d, ph, w->prod, n, a0, a1, w->xt);
+    }
     for (int64_t r = 0; r < n; r++)
         for (int64_t e = 0; e < d; e++)
             out[r * ldo + e] = (add ? out[r * ldo + e] : 0.0f) + scale[r] * w->xt[e * n + r];
@@ -654,16 +698,21 @@ static void backward_dkdv(const attn_problem *p, int bt, const poly_table *t, po
     emit_keys(p, bt, t, w, hd, 0, diag_start(p, 0));
 }
 
+/* Which sweeps of a backward a part runs (split_halves). */
+enum { HALF_DQ = 1, HALF_DKDV = 2, HALF_BOTH = 3 };
+
 static void poly_backward_head(const attn_problem *p, int bt, const poly_table *t,
                                poly_work *w, int64_t b, int64_t h, const float *q,
                                const float *k, const float *v, const float *o,
                                const float *row_stat, const float *do_, float *dq, float *dk,
-                               float *dv)
+                               float *dv, int halves)
 {
     head_grads hd;
     head_grads_setup(p, w, b, h, q, k, v, o, row_stat, do_, dq, dk, dv, &hd);
-    backward_dq(p, bt, t, w, &hd);
-    backward_dkdv(p, bt, t, w, &hd);
+    if (halves & HALF_DQ)
+        backward_dq(p, bt, t, w, &hd);
+    if (halves & HALF_DKDV)
+        backward_dkdv(p, bt, t, w, &hd);
 }
 
 static void carve_work(const attn_problem *p, const poly_table *t, float *base,
@@ -698,13 +747,18 @@ static void carve_table(const attn_problem *p, void *ws, int backward, poly_tabl
     t->fac = (float *)(t->first + t->k1);
     t->child = (int32_t *)(t->fac + t->k1);
     t->dfac = (float *)(t->child + t->k * d);
-    *work0 = t->dfac + t->k * d;
+    t->term_start = (int32_t *)(t->dfac + t->k * d);
+    t->by_child = t->term_start + t->k1 + 1;
+    *work0 = (float *)(t->by_child + t->k * d);
     build_monomials((int)poly_params_of(&p->params).degree + 1, d, t);
-    if (backward)
+    if (backward) {
         build_jacobian(d, t);
+        build_terms(d, t);
+    }
 }
 
-/* One task = one (batch, kv head): its query heads share dK, dV rows. */
+/* One task = one (batch, kv head): its query heads share dK, dV rows. backward: the
+ * HALF_* sweeps to run (0 for a forward). */
 static void poly_task(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
                       int64_t task, int backward, const float *q, const float *k,
                       const float *v, const float *o, float *row_stat, const float *do_,
@@ -712,14 +766,15 @@ static void poly_task(const attn_problem *p, int bt, const poly_table *t, poly_w
 {
     const int64_t b = task / p->n_kv_heads, g = task % p->n_kv_heads;
     const int64_t group = p->n_heads / p->n_kv_heads, d = p->head_dim;
-    if (backward)
+    if (backward & HALF_DKDV)
         for (int64_t j = 0; j < p->len_kv; j++) {
             memset(dk + (b * p->len_kv + j) * p->ldkv + g * d, 0, (size_t)d * sizeof(float));
             memset(dv + (b * p->len_kv + j) * p->ldkv + g * d, 0, (size_t)d * sizeof(float));
         }
     for (int64_t h = g * group; h < (g + 1) * group; h++) {
         if (backward)
-            poly_backward_head(p, bt, t, w, b, h, q, k, v, o, row_stat, do_, dq, dk, dv);
+            poly_backward_head(p, bt, t, w, b, h, q, k, v, o, row_stat, do_, dq, dk, dv,
+                               backward);
         else
             poly_forward_head(p, bt, t, w, b, h, q, k, v, out, row_stat);
     }
@@ -732,7 +787,8 @@ typedef struct poly_job {
     float *work0;
     size_t stride;
     int64_t tasks;
-    int backward;
+    int backward; /* HALF_* (0: forward) */
+    int split;    /* parts are half tasks (split_halves) */
     const float *q, *k, *v, *o, *do_;
     float *row_stat, *out, *dq, *dk, *dv;
 } poly_job;
@@ -743,6 +799,11 @@ static void poly_part(void *arg, int worker, int workers)
     const poly_job *j = arg;
     poly_work w;
     carve_work(j->p, j->t, j->work0 + (size_t)worker * j->stride, &w);
+    if (j->split) { /* part 2i: task i's dQ, part 2i + 1: its dK, dV */
+        poly_task(j->p, 1, j->t, &w, worker / 2, worker % 2 ? HALF_DKDV : HALF_DQ, j->q, j->k,
+                  j->v, j->o, j->row_stat, j->do_, j->out, j->dq, j->dk, j->dv);
+        return;
+    }
     int64_t lo, hi;
     pool_static_range(j->tasks, worker, workers, &lo, &hi);
     for (int64_t task = lo; task < hi; task++)
@@ -763,15 +824,21 @@ static void poly_run(const attn_problem *p, void *ws, int backward, const float 
         work_floats(poly_params_of(&p->params).variant, t.k, t.k1, p->head_dim);
     const int64_t tasks = task_count(p);
     const int workers = worker_count(p);
+    if (backward && split_halves(p)) {
+        poly_job j = {p, &t, work0, stride, tasks, HALF_BOTH, 1, q, k, v, o, do_,
+                      row_stat, out, dq, dk, dv};
+        pool_run(p->la->pool, (int)(2 * tasks), poly_part, &j);
+        return;
+    }
     if (workers <= 1 || tasks < p->threads) {
         poly_work w;
         carve_work(p, &t, work0, &w);
         for (int64_t task = 0; task < tasks; task++)
-            poly_task(p, p->threads, &t, &w, task, backward, q, k, v, o, row_stat, do_, out,
-                      dq, dk, dv);
+            poly_task(p, p->threads, &t, &w, task, backward ? HALF_BOTH : 0, q, k, v, o,
+                      row_stat, do_, out, dq, dk, dv);
         return;
     }
-    poly_job j = {p, &t, work0, stride, tasks, backward, q, k, v, o, do_,
+    poly_job j = {p, &t, work0, stride, tasks, backward ? HALF_BOTH : 0, 0, q, k, v, o, do_,
                   row_stat, out, dq, dk, dv};
     pool_run(p->la->pool, workers, poly_part, &j);
 }
