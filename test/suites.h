@@ -34,5 +34,6 @@ Suite *corners_suite(void);   /* second angles on single-test corners (optimizer
 Suite *tapes_suite(void);     /* lora_forward_ex / lora_backward_ex, tapes, LORA_FWD_INFER */
 Suite *borrow_suite(void);    /* caller-owned factor and gradient storage */
 Suite *io_layout_suite(void); /* save options, Q/K row order per format, recorded geometry */
+Suite *poly_kernels_suite(void); /* POLY's kernel schedule: split backward = one thread */
 
 #endif

@@ -37,6 +37,7 @@ int main(void)
     srunner_add_suite(sr, tapes_suite());
     srunner_add_suite(sr, borrow_suite());
     srunner_add_suite(sr, io_layout_suite());
+    srunner_add_suite(sr, poly_kernels_suite());
     /* Fork mode, unless CK_FORK=no (valgrind, TSan, debuggers: docs/reliability.md). */
     const char *fork_env = getenv("CK_FORK");
     srunner_set_fork_status(sr, fork_env && strcmp(fork_env, "no") == 0 ? CK_NOFORK : CK_FORK);
