@@ -84,8 +84,9 @@ static int worker_count(const attn_problem *p)
 }
 
 /* Fewer tasks than threads: a backward runs each task's dQ sweep and its dK/dV sweep as
- * two parts at once (their products are too small to split well). Causal dQ blocks also
- * write dK and dV (the diagonal), so causal tasks keep one part. */
+ * two parts at once (their products are too small to split well). Only when the dQ
+ * sweep writes dQ alone: causal diagonal blocks (backward_diag_block) also add to dK
+ * and dV, so causal tasks keep one part (as must any masking that adds such blocks). */
 static int split_halves(const attn_problem *p)
 {
     return task_count(p) < p->threads && !p->causal;
