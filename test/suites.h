@@ -37,5 +37,6 @@ Suite *borrow_suite(void);    /* caller-owned factor and gradient storage */
 Suite *io_layout_suite(void); /* save options, Q/K row order per format, recorded geometry */
 Suite *decode_suite(void);    /* KV cache and lora_decode vs the full forward, many tenants */
 Suite *bf16_suite(void);      /* LORA_COMPUTE_BF16 vs reference, CPU refusal, fp32 unchanged */
+Suite *poly_kernels_suite(void); /* POLY's kernel schedule: split backward = one thread */
 
 #endif

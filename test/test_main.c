@@ -39,6 +39,7 @@ int main(void)
     srunner_add_suite(sr, io_layout_suite());
     srunner_add_suite(sr, decode_suite());
     srunner_add_suite(sr, bf16_suite());
+    srunner_add_suite(sr, poly_kernels_suite());
     /* Fork mode, unless CK_FORK=no (valgrind, TSan, debuggers: docs/reliability.md). */
     const char *fork_env = getenv("CK_FORK");
     srunner_set_fork_status(sr, fork_env && strcmp(fork_env, "no") == 0 ? CK_NOFORK : CK_FORK);

@@ -42,14 +42,20 @@
  * feature m = feature parent[m] · x[var[m]] · fac[m], so every feature x^a/√(a!) is one
  * multiply from an earlier one (a! = Π a_i!). For the backward's Jacobian, per
  * monomial b of degree <= g and variable e: child[b·d + e] is the index of b + e_e and
- * dfac[b·d + e] = √(b_e + 1). */
+ * dfac[b·d + e] = √(b_e + 1). The same pairs by child: by_child lists the b·d + e of
+ * child a in [term_start[a], term_start[a + 1]). */
 typedef struct poly_table {
     int64_t k, k1; /* features of degree <= g and <= g + 1 */
     int32_t *parent, *var, *first; /* first: index of a monomial's first child */
     float *fac;
     int32_t *child;
     float *dfac;
+    int32_t *term_start, *by_child;
 } poly_table;
+
+/* Rows of the JACOBIAN state product made at once: the product S·augᵀ (k' × B) in
+ * slices of this many rows stays in cache until the contraction reads it. */
+#define POLY_SLICE 512
 
 /* Per-worker scratch; sizes in floats. */
 typedef struct poly_work {
@@ -58,7 +64,8 @@ typedef struct poly_work {
     float *phk;     /* (k' × B) key features */
     float *rows;    /* (B × (d+1)) V' or dO' rows */
     float *prod;    /* EXPANDED: (B × (d(d+1) + d)) features times the expanded state;
-                       JACOBIAN: (k' × B) the state times rows; forward: (B × (d+1)) */
+                       JACOBIAN: (POLY_SLICE × B) a slice of the state times rows;
+                       forward: (B × (d+1)) */
     float *state;   /* (k' × (d+1)) running prefix/suffix state */
     float *jac;     /* EXPANDED: (k × (d(d+1) + d)) the state through the Jacobian */
     int variant;    /* POLY_BACKWARD_* */
@@ -71,6 +78,7 @@ typedef struct poly_work {
     int64_t nruns;
     int64_t *cnt;       /* (len_q), indexed by query row */
     const int64_t *vis; /* the running run's part of cnt */
+    float *rows_t;  /* ((d+1) × B) rows transposed, for the JACOBIAN state product */
 } poly_work;
 
 
@@ -83,6 +91,21 @@ static int worker_count(const attn_problem *p)
     return (int)(t < p->threads ? t : p->threads);
 }
 
+/* Fewer tasks than threads: a backward runs each task's dQ sweep and its dK/dV sweep as
+ * two parts at once (their products are too small to split well). Only when the dQ
+ * sweep writes dQ alone: causal diagonal blocks (backward_diag_block) also add to dK
+ * and dV, so causal tasks keep one part (as must any masking that adds such blocks). */
+static int split_halves(const attn_problem *p)
+{
+    return task_count(p) < p->threads && !p->causal;
+}
+
+/* Work areas: one per worker, or per half task when split. */
+static int64_t work_areas(const attn_problem *p)
+{
+    return split_halves(p) ? 2 * task_count(p) : worker_count(p);
+}
+
 /* The degree-(g+1) count of a run's parameters. */
 static int64_t backward_features(const attn_problem *p)
 {
@@ -92,14 +115,16 @@ static int64_t backward_features(const attn_problem *p)
 
 static size_t table_floats(int64_t k, int64_t k1, int64_t d)
 {
-    return 4u * (size_t)k1 + 2u * (size_t)k * (size_t)d;
+    return 5u * (size_t)k1 + 1u + 3u * (size_t)k * (size_t)d;
 }
 
 /* Floats of the product buffer and of the expanded state for a variant. */
 static size_t prod_floats(int variant, int64_t k1, int64_t d)
 {
     const size_t B = POLY_BLOCK, cols = (size_t)d * ((size_t)d + 1) + (size_t)d;
-    return variant == POLY_BACKWARD_EXPANDED ? B * cols : (size_t)k1 * B;
+    const size_t slice = (size_t)(k1 < POLY_SLICE ? k1 : POLY_SLICE) * B;
+    const size_t fwd = B * ((size_t)d + 1); /* the forward's (B × (d+1)) */
+    return variant == POLY_BACKWARD_EXPANDED ? B * cols : slice > fwd ? slice : fwd;
 }
 
 static size_t jac_floats(int variant, int64_t k, int64_t d)
@@ -112,7 +137,8 @@ static size_t work_floats(int variant, int64_t k, int64_t k1, int64_t d)
 {
     const size_t d1 = (size_t)d + 1, B = POLY_BLOCK;
     return d * B + 2u * (size_t)k1 * B + B * d1 + prod_floats(variant, k1, d) +
-           (size_t)k1 * d1 + jac_floats(variant, k, d) + 2u * B * B + (size_t)d + 64u;
+           (size_t)k1 * d1 + jac_floats(variant, k, d) + 2u * B * B + (size_t)d + d1 * B +
+           64u;
 }
 
 /* Floats of a worker's mask arrays: runs and cnt (int64), aligned to 8 bytes. */
@@ -127,7 +153,7 @@ static size_t poly_workspace_size(const attn_problem *p)
     if (k < 0 || k1 < 0)
         return 0;
     return (table_floats(k, k1, p->head_dim) +
-            (size_t)worker_count(p) *
+            (size_t)work_areas(p) *
                 (work_floats(poly_params_of(&p->params).variant, k, k1, p->head_dim) +
                  sweep_floats(p))) *
            sizeof(float);
@@ -182,6 +208,22 @@ static void build_jacobian(int64_t d, poly_table *t)
         t->dfac[i] = sqrtf(t->dfac[i] + 1.0f);
 }
 
+/* by_child and term_start from child: a counting sort of the k·d pairs by child. */
+static void build_terms(int64_t d, poly_table *t)
+{
+    int32_t *start = t->term_start;
+    memset(start, 0, (size_t)(t->k1 + 1) * sizeof(int32_t));
+    for (int64_t i = 0; i < t->k * d; i++)
+        start[t->child[i] + 1]++;
+    for (int64_t a = 0; a < t->k1; a++)
+        start[a + 1] += start[a];
+    for (int64_t i = 0; i < t->k * d; i++) /* start[a] advances to a's end */
+        t->by_child[start[t->child[i]]++] = (int32_t)i;
+    for (int64_t a = t->k1; a > 0; a--)
+        start[a] = start[a - 1];
+    start[0] = 0;
+}
+
 /* Features of n rows x (stride ld): ph (nf × n, feature-major) of (x − shift)·scale,
  * the first nf of the table (t->k: degree <= g; t->k1: degree <= g + 1). */
 LA_VECTOR_CLONES static void features(const poly_table *t, int64_t nf, int64_t d,
@@ -198,9 +240,68 @@ LA_VECTOR_CLONES static void features(const poly_table *t, int64_t nf, int64_t d
         const float *restrict xv = xt + (int64_t)t->var[m] * n;
         float *restrict dst = ph + m * n;
         const float f = t->fac[m];
+#pragma omp simd
         for (int64_t r = 0; r < n; r++)
             dst[r] = par[r] * xv[r] * f;
     }
+}
+
+/* out[m·ldo] += Σ_r ph[m][r]·v[r] for the nf features of n rows (feature-major). */
+LA_VECTOR_CLONES static void add_feature_dots(int64_t nf, const float *ph, int64_t n,
+                                              const float *v, float *out, int64_t ldo)
+{
+    for (int64_t m = 0; m < nf; m++) {
+        const float *restrict pm = ph + m * n;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t r = 0; r < n; r++)
+            s += pm[r] * v[r];
+        out[m * ldo] += s;
+    }
+}
+
+/* acc[r] = Σ_m ph[m][r]·sv[m·lds] for n rows (ph feature-major, nf features). */
+LA_VECTOR_CLONES static void feature_combination(int64_t nf, const float *ph, int64_t n,
+                                                 const float *sv, int64_t lds, float *acc)
+{
+    for (int64_t r = 0; r < n; r++)
+        acc[r] = 0.0f;
+    for (int64_t m = 0; m < nf; m++) {
+        const float *restrict pm = ph + m * n;
+        const float s = sv[m * lds];
+#pragma omp simd
+        for (int64_t r = 0; r < n; r++)
+            acc[r] += pm[r] * s;
+    }
+}
+
+/* S (nf × (d+1)) += Φ·rows: features ph (nf × n, feature-major), rows (n × (d+1)). The
+ * product covers d columns and the last one (the normaliser's 1 or −ρ) is a dot per
+ * feature: d + 1 columns would leave BLIS's 16-wide kernels a one-column edge, which
+ * it runs as a matrix-vector product per block of six rows. */
+static void state_update(const attn_problem *p, int bt, int64_t nf, const float *ph,
+                         int64_t n, const float *rows, float *S)
+{
+    const int64_t d = p->head_dim, d1 = d + 1;
+    float last[POLY_BLOCK];
+    la_gemm(p->la, bt, LA_N, LA_N, nf, d, n, 1.0f, ph, n, rows, d1, 1.0f, S, d1);
+    for (int64_t r = 0; r < n; r++)
+        last[r] = rows[r * d1 + d];
+    add_feature_dots(nf, ph, n, last, S + d, d1);
+}
+
+/* out (n × (d+1)) = Φᵀ·S for n rows' features ph (nf × n) and a state S (nf × (d+1)):
+ * the first d columns as one product, the last (the normaliser) as a combination of
+ * feature rows, for the same reason as state_update. */
+static void state_apply(const attn_problem *p, int bt, int64_t nf, const float *ph,
+                        int64_t n, const float *S, float *out)
+{
+    const int64_t d = p->head_dim, d1 = d + 1;
+    float last[POLY_BLOCK];
+    la_gemm(p->la, bt, LA_T, LA_N, n, d, nf, 1.0f, ph, n, S, d1, 0.0f, out, d1);
+    feature_combination(nf, ph, n, S + d, d1, last);
+    for (int64_t r = 0; r < n; r++)
+        out[r * d1 + d] = last[r];
 }
 
 /* Per-head geometry shared by forward and backward (recomputed, so bitwise equal). */
@@ -313,13 +414,11 @@ static void forward_run(const attn_problem *p, int bt, const poly_table *t, poly
                        (size_t)d * sizeof(float));
                 w->rows[r * d1 + d] = 1.0f;
             }
-            la_gemm(p->la, bt, LA_N, LA_N, kk, d1, n, 1.0f, w->phk, n, w->rows, d1, 1.0f,
-                    w->state, d1);
+            state_update(p, bt, kk, w->phk, n, w->rows, w->state);
             absorbed += n;
         }
         query_features(p, t, kk, hg, w, i0, bq);
-        la_gemm(p->la, bt, LA_T, LA_N, bq, d1, kk, 1.0f, w->phq, bq, w->state, d1, 0.0f,
-                w->prod, d1);
+        state_apply(p, bt, kk, w->phq, bq, w->state, w->prod);
         float ones[POLY_BLOCK];
         for (int64_t r = 0; r < bq; r++)
             ones[r] = 1.0f;
@@ -510,22 +609,24 @@ static void contract_rows(int64_t d, int64_t n, const float *y, int64_t ldy, con
     }
 }
 
-/* The JACOBIAN variant's contraction: acc (d × n) with acc[e][r] = Σ_{|b|<=g} φ_b(r)·
- * √(b_e + 1)·z[b + e_e][r] = (J_{g+1}ᵀ·z_r)_e; ph (>= k × n) the rows' features, z
- * (k' × n), both feature-major. */
+/* The JACOBIAN variant's contraction over the children a in [a0, a1): acc (d × n) +=
+ * the terms φ_b(r)·√(b_e + 1)·z[a][r] with b + e_e = a, so that over all a, acc[e][r] =
+ * (J_{g+1}ᵀ·z_r)_e; ph (>= k × n) the rows' features, z the slice's rows of S·augᵀ
+ * ((a1 − a0) × n), both feature-major. */
 LA_VECTOR_CLONES static void jacobian_contract(const poly_table *t, int64_t d,
                                                const float *ph, const float *z, int64_t n,
-                                               float *acc)
+                                               int64_t a0, int64_t a1, float *acc)
 {
-    memset(acc, 0, (size_t)(d * n) * sizeof(float));
-    for (int64_t b = 0; b < t->k; b++) {
-        const float *restrict pb = ph + b * n;
-        for (int64_t e = 0; e < d; e++) {
-            const float f = t->dfac[b * d + e];
-            const float *restrict zc = z + (int64_t)t->child[b * d + e] * n;
-            float *restrict ae = acc + e * n;
+    for (int64_t a = a0; a < a1; a++) {
+        const float *restrict za = z + (a - a0) * n;
+        for (int32_t i = t->term_start[a]; i < t->term_start[a + 1]; i++) {
+            const int64_t at = t->by_child[i], b = at / d;
+            const float f = t->dfac[at];
+            const float *restrict pb = ph + b * n;
+            float *restrict ae = acc + (at - b * d) * n;
+#pragma omp simd
             for (int64_t r = 0; r < n; r++)
-                ae[r] += f * pb[r] * zc[r];
+                ae[r] += f * pb[r] * za[r];
         }
     }
 }
@@ -546,9 +647,16 @@ static void apply_jacobian(const attn_problem *p, int bt, const poly_table *t, p
         contract_rows(d, n, w->prod, cols, aug, scale, out, ldo, add);
         return;
     }
-    la_gemm(p->la, bt, LA_N, LA_T, t->k1, n, d1, 1.0f, w->state, d1, aug, d1, 0.0f, w->prod,
-            n);
-    jacobian_contract(t, d, ph, w->prod, n, w->xt);
+    for (int64_t r = 0; r < n; r++) /* augᵀ: the product then runs n (64) wide */
+        for (int64_t c = 0; c < d1; c++)
+            w->rows_t[c * n + r] = aug[r * d1 + c];
+    memset(w->xt, 0, (size_t)(d * n) * sizeof(float));
+    for (int64_t a0 = 1; a0 < t->k1; a0 += POLY_SLICE) { /* feature 0 is no child */
+        const int64_t a1 = t->k1 - a0 < POLY_SLICE ? t->k1 : a0 + POLY_SLICE;
+        la_gemm(p->la, bt, LA_N, LA_N, a1 - a0, n, d1, 1.0f, w->state + a0 * d1, d1,
+                w->rows_t, n, 0.0f, w->prod, n);
+        jacobian_contract(t, d, ph, w->prod, n, a0, a1, w->xt);
+    }
     for (int64_t r = 0; r < n; r++)
         for (int64_t e = 0; e < d; e++)
             out[r * ldo + e] = (add ? out[r * ldo + e] : 0.0f) + scale[r] * w->xt[e * n + r];
@@ -570,8 +678,7 @@ static void backward_dq(const attn_problem *p, int bt, const poly_table *t, poly
             const int64_t n = p0 - absorbed < POLY_BLOCK ? p0 - absorbed : POLY_BLOCK;
             key_features(p, t, t->k1, &hd->hg, w, absorbed, n);
             augmented_v(p, hd->hg.v, absorbed, n, w->rows);
-            la_gemm(p->la, bt, LA_N, LA_N, t->k1, d1, n, 1.0f, w->phk, n, w->rows, d1, 1.0f,
-                    w->state, d1);
+            state_update(p, bt, t->k1, w->phk, n, w->rows, w->state);
             absorbed += n;
         }
         if (w->variant == POLY_BACKWARD_EXPANDED && expanded != absorbed) {
@@ -629,14 +736,12 @@ static void emit_keys(const attn_problem *p, int bt, const poly_table *t, poly_w
 static void absorb_queries(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
                            const head_grads *hd, int64_t i0, int64_t bq)
 {
-    const int64_t d1 = p->head_dim + 1;
     float inv_w[POLY_BLOCK];
     for (int64_t r = 0; r < bq; r++)
         inv_w[r] = inverse_weight(hd->wrow[i0 + r]);
     query_features(p, t, t->k1, &hd->hg, w, i0, bq);
     augmented_dout(p, hd->doh, hd->oh, i0, bq, inv_w, w->rows);
-    la_gemm(p->la, bt, LA_N, LA_N, t->k1, d1, bq, 1.0f, w->phq, bq, w->rows, d1, 1.0f,
-            w->state, d1);
+    state_update(p, bt, t->k1, w->phq, bq, w->rows, w->state);
 }
 
 /* Part 2, dK and dV: suffix state N = Σ_i φ_{g+1}(q̂_i)/w_i ⊗ dO'_i, swept from the last
@@ -662,16 +767,20 @@ static void backward_dkdv(const attn_problem *p, int bt, const poly_table *t, po
     emit_keys(p, bt, t, w, hd, 0, diag_start(p, w, 0));
 }
 
+/* Which sweeps of a backward a part runs (split_halves). */
+enum { HALF_DQ = 1, HALF_DKDV = 2, HALF_BOTH = 3 };
+
 static void poly_backward_head(const attn_problem *p, int bt, const poly_table *t,
                                poly_work *w, int64_t b, int64_t h, const float *q,
                                const float *k, const float *v, const float *o,
                                const float *row_stat, const float *do_, float *dq, float *dk,
-                               float *dv)
+                               float *dv, int halves)
 {
     head_grads hd;
     head_grads_setup(p, w, b, h, q, k, v, o, row_stat, do_, dq, dk, dv, &hd);
-    for (int64_t i = 0; i < p->len_q; i++) /* rows no run reaches pass no gradient */
-        memset(hd.dqh + i * p->ldq, 0, (size_t)p->head_dim * sizeof(float));
+    if (halves & HALF_DQ) /* rows no run reaches pass no gradient */
+        for (int64_t i = 0; i < p->len_q; i++)
+            memset(hd.dqh + i * p->ldq, 0, (size_t)p->head_dim * sizeof(float));
     for (int64_t r = 0; r < w->nruns; r++) {
         const attn_run *run = &w->runs[r];
         attn_problem rp;
@@ -685,8 +794,10 @@ static void poly_backward_head(const attn_problem *p, int bt, const poly_table *
         rd.dqh += run->qs * p->ldq;
         rd.dkh += run->ks * p->ldkv;
         rd.dvh += run->ks * p->ldkv;
-        backward_dq(&rp, bt, t, w, &rd);
-        backward_dkdv(&rp, bt, t, w, &rd);
+        if (halves & HALF_DQ)
+            backward_dq(&rp, bt, t, w, &rd);
+        if (halves & HALF_DKDV)
+            backward_dkdv(&rp, bt, t, w, &rd);
     }
 }
 
@@ -706,7 +817,8 @@ static void carve_work(const attn_problem *p, const poly_table *t, float *base,
     w->diag_p = w->diag_f + B * B;
     w->kmean = w->diag_p + B * B;
     /* the mask arrays after the float scratch, aligned to 8 bytes */
-    const size_t at = ((uintptr_t)(w->kmean + d) + 7u) & ~(uintptr_t)7u;
+    w->rows_t = w->kmean + d;
+    const size_t at = ((uintptr_t)(w->rows_t + (d + 1) * B) + 7u) & ~(uintptr_t)7u;
     w->runs = (attn_run *)at;
     w->cnt = (int64_t *)(w->runs + p->len_q);
 }
@@ -725,10 +837,14 @@ static void carve_table(const attn_problem *p, void *ws, int backward, poly_tabl
     t->fac = (float *)(t->first + t->k1);
     t->child = (int32_t *)(t->fac + t->k1);
     t->dfac = (float *)(t->child + t->k * d);
-    *work0 = t->dfac + t->k * d;
+    t->term_start = (int32_t *)(t->dfac + t->k * d);
+    t->by_child = t->term_start + t->k1 + 1;
+    *work0 = (float *)(t->by_child + t->k * d);
     build_monomials((int)poly_params_of(&p->params).degree + 1, d, t);
-    if (backward)
+    if (backward) {
         build_jacobian(d, t);
+        build_terms(d, t);
+    }
 }
 
 /* The segment runs of batch element b into w (poly_plan admits only masks whose
@@ -751,7 +867,8 @@ static void task_runs(const attn_problem *p, int64_t b, poly_work *w)
     }
 }
 
-/* One task = one (batch, kv head): its query heads share dK, dV rows. */
+/* One task = one (batch, kv head): its query heads share dK, dV rows. backward: the
+ * HALF_* sweeps to run (0 for a forward). */
 static void poly_task(const attn_problem *p, int bt, const poly_table *t, poly_work *w,
                       int64_t task, int backward, const float *q, const float *k,
                       const float *v, const float *o, float *row_stat, const float *do_,
@@ -760,14 +877,15 @@ static void poly_task(const attn_problem *p, int bt, const poly_table *t, poly_w
     const int64_t b = task / p->n_kv_heads, g = task % p->n_kv_heads;
     const int64_t group = p->n_heads / p->n_kv_heads, d = p->head_dim;
     task_runs(p, b, w);
-    if (backward)
+    if (backward & HALF_DKDV)
         for (int64_t j = 0; j < p->len_kv; j++) {
             memset(dk + (b * p->len_kv + j) * p->ldkv + g * d, 0, (size_t)d * sizeof(float));
             memset(dv + (b * p->len_kv + j) * p->ldkv + g * d, 0, (size_t)d * sizeof(float));
         }
     for (int64_t h = g * group; h < (g + 1) * group; h++) {
         if (backward)
-            poly_backward_head(p, bt, t, w, b, h, q, k, v, o, row_stat, do_, dq, dk, dv);
+            poly_backward_head(p, bt, t, w, b, h, q, k, v, o, row_stat, do_, dq, dk, dv,
+                               backward);
         else
             poly_forward_head(p, bt, t, w, b, h, q, k, v, out, row_stat);
     }
@@ -780,7 +898,8 @@ typedef struct poly_job {
     float *work0;
     size_t stride;
     int64_t tasks;
-    int backward;
+    int backward; /* HALF_* (0: forward) */
+    int split;    /* parts are half tasks (split_halves) */
     const float *q, *k, *v, *o, *do_;
     float *row_stat, *out, *dq, *dk, *dv;
 } poly_job;
@@ -791,6 +910,11 @@ static void poly_part(void *arg, int worker, int workers)
     const poly_job *j = arg;
     poly_work w;
     carve_work(j->p, j->t, j->work0 + (size_t)worker * j->stride, &w);
+    if (j->split) { /* part 2i: task i's dQ, part 2i + 1: its dK, dV */
+        poly_task(j->p, 1, j->t, &w, worker / 2, worker % 2 ? HALF_DKDV : HALF_DQ, j->q, j->k,
+                  j->v, j->o, j->row_stat, j->do_, j->out, j->dq, j->dk, j->dv);
+        return;
+    }
     int64_t lo, hi;
     pool_static_range(j->tasks, worker, workers, &lo, &hi);
     for (int64_t task = lo; task < hi; task++)
@@ -812,15 +936,21 @@ static void poly_run(const attn_problem *p, void *ws, int backward, const float 
         sweep_floats(p);
     const int64_t tasks = task_count(p);
     const int workers = worker_count(p);
+    if (backward && split_halves(p)) {
+        poly_job j = {p, &t, work0, stride, tasks, HALF_BOTH, 1, q, k, v, o, do_,
+                      row_stat, out, dq, dk, dv};
+        pool_run(p->la->pool, (int)(2 * tasks), poly_part, &j);
+        return;
+    }
     if (workers <= 1 || tasks < p->threads) {
         poly_work w;
         carve_work(p, &t, work0, &w);
         for (int64_t task = 0; task < tasks; task++)
-            poly_task(p, p->threads, &t, &w, task, backward, q, k, v, o, row_stat, do_, out,
-                      dq, dk, dv);
+            poly_task(p, p->threads, &t, &w, task, backward ? HALF_BOTH : 0, q, k, v, o,
+                      row_stat, do_, out, dq, dk, dv);
         return;
     }
-    poly_job j = {p, &t, work0, stride, tasks, backward, q, k, v, o, do_,
+    poly_job j = {p, &t, work0, stride, tasks, backward ? HALF_BOTH : 0, 0, q, k, v, o, do_,
                   row_stat, out, dq, dk, dv};
     pool_run(p->la->pool, workers, poly_part, &j);
 }

@@ -73,15 +73,16 @@ int64_t poly_feature_count(int g, int64_t d)
 
 /* Backward flops per (query, key) row pair of the two variants; the JACOBIAN
  * variant's state products are only d + 1 deep and its contraction a sparse gather,
- * which run at about (d+1)/64 of the wide products' rate below 64 (measured at head_dim
- * 16-64; docs/backends.md), so its flops count 64/(d+1) times there. */
+ * which run at about half the wide products' rate below head_dim 63 (measured at
+ * head_dim 8-16 with the products 64 rows wide; docs/backends.md), so its flops count
+ * twice there. */
 static double backward_pair_flops(double k, double k1, double d, int variant, int weighted)
 {
     const double d1 = d + 1.0, cols = d * d1 + d;
     const double shared = 6.0 * k1 + 4.0 * k1 * d1; /* features, both states' updates */
     if (variant == POLY_BACKWARD_EXPANDED)
         return shared + 2.0 * k * d * d1 + 2.0 * k * cols + 4.0 * d * d1;
-    const double slow = weighted && d1 < 64.0 ? 64.0 / d1 : 1.0;
+    const double slow = weighted && d1 < 64.0 ? 2.0 : 1.0;
     return shared + slow * (4.0 * k1 * d1 + 6.0 * k * d);
 }
 

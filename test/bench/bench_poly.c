@@ -4,7 +4,7 @@
  * (so Q = K = V = x and R is set by the input scale), LoRA rank 8 on Q, K, V.
  *
  *   bench_poly [--full] [--csv FILE] [--reps N] [--dim D] [--degree G] [--threads T]
- *              [--estimator] [--calibrate HEADER]
+ *              [--estimator] [--calibrate HEADER] [--len L] [--bwd-only]
  * Default: L in {1k, 4k, 16k, 64k}, 2 threads. --full: every doubling from 1k to 256k
  * (EXACT is timed up to 64k only: beyond it one exact run takes minutes).
  * --estimator: only the estimator's cost against one exact backward.
@@ -16,7 +16,9 @@
  * (src/backend/poly_calibration.h). The run prints that fit, and for every timed pair
  * what AUTO picks (tolerance 1, so the degree is certified) and whether the pick is
  * within 20% of the faster backend. --calibrate HEADER: only the calibration grid
- * (L = 4k and 16k, R = 0.5), then writes the fitted table to HEADER (`make calibrate`). */
+ * (L = 4k and 16k, R = 0.5), then writes the fitted table to HEADER (`make calibrate`).
+ * --len L (with --bwd-only): only that L. --bwd-only: POLY alone, forward and backward timed apart (median
+ * of each), for A/B runs of the backward's kernels (also under callgrind, --reps 1). */
 #include <lora.h>
 #include <math.h>
 #include <stdio.h>
@@ -210,10 +212,38 @@ static double time_fwd_bwd(lora_adapter *ad, const float *x, int64_t L, int64_t 
     return t[reps / 2];
 }
 
+/* --bwd-only: one POLY forward (timed), then the backward timed reps times on it. */
+static void time_phases(int64_t d, int64_t L, int g, int threads, int reps)
+{
+    lora_adapter *ad = make_adapter(d, LORA_BACKEND_POLY, g, threads, 0.0);
+    float *x = make_input(ad, L, d, 0.5);
+    float *out = malloc((size_t)(L * d) * sizeof(float));
+    float *dout = malloc((size_t)(L * d) * sizeof(float));
+    for (int64_t i = 0; i < L * d; i++)
+        dout[i] = (float)(urand() - 0.5);
+    double tf[16], tb[16];
+    for (int r = 0; r < reps; r++) {
+        double t0 = now();
+        CHECK(lora_forward(ad, x, 1, L, out));
+        tf[r] = now() - t0;
+        t0 = now();
+        CHECK(lora_backward(ad, dout, NULL));
+        tb[r] = now() - t0;
+    }
+    qsort(tf, (size_t)reps, sizeof tf[0], cmp_double);
+    qsort(tb, (size_t)reps, sizeof tb[0], cmp_double);
+    printf("%5lld %7lld %3d %10.4g %10.4g\n", (long long)d, (long long)L, g, tf[reps / 2],
+           tb[reps / 2]);
+    free(out);
+    free(dout);
+    free(x);
+    lora_adapter_destroy(ad);
+}
+
 int main(int argc, char **argv)
 {
-    int full = 0, reps = 3, threads = 2, estimator_only = 0;
-    int64_t only_dim = 0;
+    int full = 0, reps = 3, threads = 2, estimator_only = 0, bwd_only = 0;
+    int64_t only_dim = 0, only_len = 0;
     int only_degree = 0;
     const char *csv_path = "lib/bench/poly.csv", *calibrate = NULL;
     for (int i = 1; i < argc; i++) {
@@ -233,16 +263,32 @@ int main(int argc, char **argv)
             estimator_only = 1;
         else if (!strcmp(argv[i], "--calibrate") && i + 1 < argc)
             calibrate = argv[++i];
+        else if (!strcmp(argv[i], "--len") && i + 1 < argc)
+            only_len = atoll(argv[++i]);
+        else if (!strcmp(argv[i], "--bwd-only"))
+            bwd_only = 1;
         else {
             fprintf(stderr,
                     "usage: %s [--full] [--csv FILE] [--reps N] [--dim D] [--degree G] "
-                    "[--threads T] [--estimator] [--calibrate HEADER]\n",
+                    "[--threads T] [--estimator] [--calibrate HEADER] [--len L] "
+                    "[--bwd-only]\n",
                     argv[0]);
             return 2;
         }
     }
     if (reps < 1 || reps > 15)
         reps = 3;
+    if (bwd_only) {
+        const int64_t dims[] = {8, 16, 32, 64}, lens[] = {4096, 16384};
+        printf("POLY, %d threads, median of %d\n%5s %7s %3s %10s %10s\n", threads, reps, "d",
+               "L", "g", "fwd_s", "bwd_s");
+        for (int di = 0; di < 4; di++)
+            for (int li = 0; li < (only_len ? 1 : 2); li++)
+                for (int g = 2; g <= 4; g += 2)
+                    if ((!only_dim || dims[di] == only_dim) && (!only_degree || g == only_degree))
+                        time_phases(dims[di], only_len ? only_len : lens[li], g, threads, reps);
+        return 0;
+    }
     FILE *csv = fopen(csv_path, "w");
     if (!csv) {
         perror(csv_path);
