@@ -42,6 +42,7 @@ struct pool {
     atomic_int busy;     /* a pool_run holds the pool */
     int capacity;        /* threads it may start */
     int started;         /* threads alive in the owner process (changed by the holder) */
+    atomic_int ready;    /* of them, those that have entered worker_main */
     /* The current job: written under the lock, with job advanced last. */
     _Atomic uint64_t job;
     int stop, helpers, parts;
@@ -102,6 +103,7 @@ pool *pool_init(void *mem, int threads)
     atomic_init(&p->job, 0);
     atomic_init(&p->next_part, 0);
     atomic_init(&p->completed, 0);
+    atomic_init(&p->ready, 0);
     return init_sync(p) == 0 ? p : NULL;
 }
 
@@ -144,6 +146,10 @@ static void *worker_main(void *arg)
     const pool_worker *w = arg;
     pool *p = w->owner;
     uint64_t seen = w->start_job;
+    pthread_mutex_lock(&p->lock); /* started: start_threads may return */
+    atomic_fetch_add(&p->ready, 1);
+    pthread_cond_signal(&p->done);
+    pthread_mutex_unlock(&p->lock);
     for (;;) {
         const job_view j = next_job(p, seen);
         seen = j.id;
@@ -165,6 +171,7 @@ static void *worker_main(void *arg)
 static void forget_parent_threads(pool *p)
 {
     p->started = 0;
+    atomic_store(&p->ready, 0);
     atomic_store(&p->busy, 0);
     if (init_sync(p) != 0)
         p->capacity = 0; /* no lock to publish jobs with: every call runs serially */
@@ -208,6 +215,14 @@ static int start_threads(pool *p, int want)
             p->started++;
         }
         pthread_sigmask(SIG_SETMASK, &old, NULL);
+        /* Wait until the new threads run their own code: pool_run never waits for a
+         * worker that takes no part, so without this a thread could still be starting
+         * (inside the C library or a sanitizer's runtime, holding its locks) when the
+         * call returns and the host forks. Paid once per thread. */
+        pthread_mutex_lock(&p->lock);
+        while (atomic_load(&p->ready) < p->started)
+            pthread_cond_wait(&p->done, &p->lock);
+        pthread_mutex_unlock(&p->lock);
     }
     return p->started < want ? p->started : want;
 }
