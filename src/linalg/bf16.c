@@ -57,7 +57,8 @@ int la_cpu_bf16(void)
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 /* The tile scratch: a header naming the kept operands, then LA_BF16_KEPT kept A
- * slots, one A slot for the others and the B slot, each `slot` words. */
+ * slots, one A slot for the others, the B slot and LA_BF16_OPERANDS operand areas,
+ * each `slot` words. */
 typedef struct kept_operand {
     const float *a;
     int64_t sa, m, k;
@@ -78,7 +79,13 @@ static size_t tile_slot_words(int64_t most)
 
 size_t la_bf16_tile_scratch_floats(int64_t most)
 {
-    return TILE_HEADER_WORDS + (LA_BF16_KEPT + 2) * tile_slot_words(most);
+    return TILE_HEADER_WORDS + (LA_BF16_KEPT + 2 + LA_BF16_OPERANDS) * tile_slot_words(most);
+}
+
+uint32_t *la_bf16_tile_operand(float *scratch, int i)
+{
+    const tile_header *h = (const tile_header *)scratch;
+    return (uint32_t *)scratch + TILE_HEADER_WORDS + (LA_BF16_KEPT + 2 + i) * h->slot;
 }
 
 /* Per part: the W block (KC/2 pairs × NC lanes) and the X block (MC rows × KC/2). */
@@ -272,6 +279,23 @@ static LA_BF16_TARGET const uint32_t *packed_a(tile_header *h, const float *a, i
     return ap;
 }
 
+/* The product of a packed B: word (p, j) at bp[j·pairs + p] when brows, else at
+ * bp[p·round16(n) + j]. */
+static LA_BF16_TARGET void packed_product(int brows, int64_t m, int64_t n, int64_t k,
+                                          float alpha, const float *a, int64_t sa,
+                                          const uint32_t *bp, float *c, int64_t scj,
+                                          int accumulate, int a_kept, float *scratch)
+{
+    const int64_t pairs = (k + 1) / 2, np = round16(n);
+    const uint32_t *ap = packed_a((tile_header *)scratch, a, sa, m, k, a_kept);
+    if (brows)
+        bf16_product(m, n, pairs, ap, m, bp, pairs, 1, c, scj, alpha, accumulate, 1.0f);
+    else
+        bf16_product(m, n, pairs, ap, m, bp, 1, np, c, scj, alpha, accumulate, 1.0f);
+}
+
+#define BF_ROWS_AHEAD 8
+
 static LA_BF16_TARGET void tile_product(int brows, int64_t m, int64_t n, int64_t k, float alpha,
                                  const float *a, int64_t sa, const float *b, int64_t sb,
                                  float *c, int64_t scj, int accumulate, int a_kept,
@@ -279,18 +303,65 @@ static LA_BF16_TARGET void tile_product(int brows, int64_t m, int64_t n, int64_t
 {
     const int64_t pairs = (k + 1) / 2, np = round16(n);
     tile_header *h = (tile_header *)scratch;
-    const uint32_t *ap = packed_a(h, a, sa, m, k, a_kept);
     uint32_t *bp = (uint32_t *)scratch + TILE_HEADER_WORDS + (LA_BF16_KEPT + 1) * h->slot;
-    if (brows) { /* word (p, j) at bp[j·pairs + p] */
-        for (int64_t j = 0; j < n; j++)
+    if (brows)
+        for (int64_t j = 0; j < n; j++) {
+            /* rows of Q, dO, K come from beyond L2: fetch a few rows ahead */
+            if (j + BF_ROWS_AHEAD < n)
+                for (int64_t t = 0; t < k; t += 16)
+                    _mm_prefetch((const char *)(b + (j + BF_ROWS_AHEAD) * sb + t), _MM_HINT_T0);
             pack_row(la_wmat_of_f32(b), (size_t)(j * sb), k, bp + j * pairs);
-        bf16_product(m, n, pairs, ap, m, bp, pairs, 1, c, scj, alpha, accumulate, 1.0f);
-    } else { /* word (p, j) at bp[p·np + j] */
+        }
+    else
         pack_rows_interleaved(la_wmat_of_f32(b), 0, (size_t)sb, k, n, bp, np);
-        bf16_product(m, n, pairs, ap, m, bp, 1, np, c, scj, alpha, accumulate, 1.0f);
+    packed_product(brows, m, n, k, alpha, a, sa, bp, c, scj, accumulate, a_kept, scratch);
+}
+
+static LA_BF16_TARGET void pack_pairs(const float *lo, const float *hi, int64_t n,
+                                      uint32_t *dst)
+{
+    int64_t l = 0;
+    if (hi)
+        for (; l + 16 <= n; l += 16)
+            _mm512_storeu_si512(dst + l, pair_words(_mm512_loadu_ps(lo + l),
+                                                    _mm512_loadu_ps(hi + l)));
+    for (; l < n; l += 16) {
+        const __mmask16 mk = lanes_mask(n - l);
+        const __m512 h = hi ? _mm512_maskz_loadu_ps(mk, hi + l) : _mm512_setzero_ps();
+        _mm512_storeu_si512(dst + l, pair_words(_mm512_maskz_loadu_ps(mk, lo + l), h));
     }
 }
 #endif
+
+void la_bf16_pack_pairs(const float *lo, const float *hi, int64_t n, uint32_t *dst)
+{
+#ifdef LA_HAVE_BF16_KERNELS
+    pack_pairs(lo, hi, n, dst);
+#else
+    (void)lo, (void)hi, (void)n, (void)dst;
+#endif
+}
+
+void la_bf16_pack_row(const float *x, int64_t k, uint32_t *dst)
+{
+#ifdef LA_HAVE_BF16_KERNELS
+    pack_row(la_wmat_of_f32(x), 0, k, dst);
+#else
+    (void)x, (void)k, (void)dst;
+#endif
+}
+
+void la_bf16_tile_product_packed(int brows, int64_t m, int64_t n, int64_t k, float alpha,
+                                 const float *a, int64_t sa, const uint32_t *bp, float *c,
+                                 int64_t scj, int accumulate, int a_kept, float *scratch)
+{
+#ifdef LA_HAVE_BF16_KERNELS
+    packed_product(brows, m, n, k, alpha, a, sa, bp, c, scj, accumulate, a_kept, scratch);
+#else
+    (void)brows, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)sa, (void)bp;
+    (void)c, (void)scj, (void)accumulate, (void)a_kept, (void)scratch;
+#endif
+}
 
 void la_bf16_tile_product(int brows, int64_t m, int64_t n, int64_t k, float alpha,
                           const float *a, int64_t sa, const float *b, int64_t sb, float *c,

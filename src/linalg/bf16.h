@@ -42,6 +42,24 @@ size_t la_bf16_tile_scratch_floats(int64_t most);
 void la_bf16_tile_product(int brows, int64_t m, int64_t n, int64_t k, float alpha,
                           const float *a, int64_t sa, const float *b, int64_t sb, float *c,
                           int64_t scj, int accumulate, int a_kept, float *scratch);
+/* Operands their producer writes already packed (the attention's P and dS, converted
+ * while the softmax pass has their rows at hand, instead of in a pass of their own):
+ * the tile scratch holds LA_BF16_OPERANDS such areas, each the packed B of one product
+ * with m, n, k up to `most`. Area i (i < LA_BF16_OPERANDS) of a tile scratch: */
+#define LA_BF16_OPERANDS 3
+uint32_t *la_bf16_tile_operand(float *scratch, int i);
+/* dst[l] = bf16 pair (lo[l], hi[l]) for l < n, 0 for n <= l < n rounded up to 16; hi
+ * NULL: pairs (lo[l], 0) (an odd k's pad). Two rows 2p, 2p + 1 of an operand so packed
+ * at dst + p·round16(n) are la_bf16_tile_product's B with brows 0. */
+void la_bf16_pack_pairs(const float *lo, const float *hi, int64_t n, uint32_t *dst);
+/* dst[p] = bf16 pair (x[2p], x[2p + 1]) for p < (k + 1) / 2 (odd k: pad 0). Row j so
+ * packed at dst + j·((k + 1) / 2) is la_bf16_tile_product's B with brows 1. */
+void la_bf16_pack_row(const float *x, int64_t k, uint32_t *dst);
+/* la_bf16_tile_product with B packed by the two functions above (in the layout of
+ * brows); bp: la_bf16_tile_operand of the same scratch or any other memory. */
+void la_bf16_tile_product_packed(int brows, int64_t m, int64_t n, int64_t k, float alpha,
+                                 const float *a, int64_t sa, const uint32_t *bp, float *c,
+                                 int64_t scj, int accumulate, int a_kept, float *scratch);
 /* (Re)starts a tile scratch for m, n, k up to `most`: before its first product, and
  * whenever kept operands' sources may change (drops them). */
 void la_bf16_tile_forget(float *scratch, int64_t most);
