@@ -50,6 +50,7 @@
 #endif
 /* Largest tile side a bf16 tile product sees (with head_dim). */
 #define BF16_MOST (ATTN_BQ > ATTN_BK ? ATTN_BQ : ATTN_BK)
+_Static_assert(ATTN_BK <= BF16_ROW_MAX, "la_bf16_probs_pair takes rows of a key block");
 
 /* Probabilities below PROB_FLUSH = 2^-64 are set to 0. A row's sum is at least 1, so
  * what is dropped is below 2^-64·len_kv, far under float rounding; and it keeps the
@@ -336,29 +337,30 @@ static void tile_online_softmax(float *restrict s, int64_t bq, int64_t bk,
     }
 }
 
-/* bf16 compute: the products' operands the softmax passes write already packed
- * (bf16.h), each row as soon as it is final, while it is in L1; NULL members: not
- * wanted. p, ds: pairs of rows (la_bf16_pack_pairs); ds_rows: rows (la_bf16_pack_row). */
+/* bf16 compute: where the backward's softmax pass writes P and dS packed for the
+ * products (la_bf16_probs_pair) instead of in fp32: pairs of rows (p, ds), rows of dS
+ * (ds_rows). */
 typedef struct packed_probs {
     uint32_t *p, *ds, *ds_rows;
 } packed_probs;
 
-/* Row r of a tile (n entries, row stride ld) is final: packs it with row r - 1 as pairs
- * at dst when r is odd, alone (padded) when it is the last of `rows`. */
-static void pack_pair_after(const float *row, int64_t ld, int64_t r, int64_t rows, int64_t n,
-                            uint32_t *dst)
+/* Rows r - 1, r (r odd) or r alone (the last, even) of a backward tile, whose dS rows
+ * already include the softcap's factor: P and dS packed in one pass (bf16.h). */
+static void probs_pair_packed(const float *s, const float *dp, int64_t ld, int64_t r,
+                              int64_t bk, const float *lse, const float *shift,
+                              const packed_probs *packed)
 {
-    uint32_t *at = dst + r / 2 * ((n + 15) / 16 * 16);
-    if (r % 2)
-        la_bf16_pack_pairs(row - ld, row, n, at);
-    else if (r == rows - 1)
-        la_bf16_pack_pairs(row, NULL, n, at);
+    const int64_t r0 = r - r % 2, at = r0 / 2 * ((bk + 15) / 16 * 16);
+    la_bf16_probs_pair(s + r0 * ld, r % 2 ? s + r * ld : NULL, dp + r0 * ld, dp + r * ld,
+                       lse + r0, shift, bk, PROB_FLUSH, packed->p + at, packed->ds + at,
+                       packed->ds_rows + r0 * ((bk + 1) / 2));
 }
 
 /* Backward tile: s (scaled, capped scores, -inf where hidden) becomes
  * P = exp(s - lse_r) and dp (dO·Vᵀ) becomes dS = P ⊙ (dP - ρ_r), times the softcap's
  * derivative 1 - (s/cap)² when cap > 0 (s = cap·tanh(S/cap)); both 0 where hidden.
- * Rows stride ld, bk columns each. packed: NULL, or where P and dS go in bf16 too. */
+ * Rows stride ld, bk columns each. packed: NULL, or where P and dS go in bf16 instead
+ * (then s and dp keep scores and dP, apart from the softcap's factor). */
 TILE_KERNEL
 static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t ld,
                                 int64_t bq, int64_t bk, float cap,
@@ -366,6 +368,7 @@ static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t l
                                 const packed_probs *packed)
 {
     const float inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
+    float shifts[2];
     for (int64_t r = 0; r < bq; r++) {
         float *restrict prow = s + r * ld, *restrict dsrow = dp + r * ld;
         const float rr = rho[r];
@@ -376,19 +379,20 @@ static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t l
                 dsrow[j] = (dsrow[j] - rr) * (1.0f - fminf(t * t, 1.0f));
             }
         }
-        exp_shifted(prow, bk, lse[r]);
         /* Without the cap, dP - ρ is formed here: one pass over the tile less. */
         const float shift = cap > 0.0f ? 0.0f : rr;
+        if (packed) {
+            shifts[r % 2] = shift;
+            if (r % 2 || r == bq - 1)
+                probs_pair_packed(s, dp, ld, r, bk, lse, shifts, packed);
+            continue;
+        }
+        exp_shifted(prow, bk, lse[r]);
 #pragma omp simd
         for (int64_t j = 0; j < bk; j++) {
             const float pj = isgreaterequal(prow[j], PROB_FLUSH) ? prow[j] : 0.0f;
             prow[j] = pj;
             dsrow[j] = (dsrow[j] - shift) * pj;
-        }
-        if (packed) {
-            pack_pair_after(prow, ld, r, bq, bk, packed->p);
-            pack_pair_after(dsrow, ld, r, bq, bk, packed->ds);
-            la_bf16_pack_row(dsrow, bk, packed->ds_rows + r * ((bk + 1) / 2));
         }
     }
 }
@@ -621,7 +625,8 @@ LA_AVX512 static void pack_transposed(const float *src, int64_t ld, int64_t rows
  * (queries) holding scaled scores (-inf where hidden); it becomes exp(st - m_new) per
  * query, 0 where hidden. m, l: running max and sum per query (from start_rows),
  * updated; scale receives exp(m_old - m_new). As tile_online_softmax for hidden rows.
- * p_pairs: NULL, or where P goes in bf16 too (packed_probs). */
+ * p_pairs: NULL, or where P goes in bf16 instead (la_bf16_exp_pairs; st keeps the
+ * scores). */
 LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64_t n,
                                            float *restrict m, float *restrict l,
                                            float *restrict scale, uint32_t *p_pairs)
@@ -638,7 +643,10 @@ LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64
         for (int64_t q = 0; q < n; q++)
             mx[q] = row[q] > mx[q] ? row[q] : mx[q];
     }
-    for (int64_t kk = 0; kk < bk; kk++) {
+    for (int64_t kk = 0; kk < bk && p_pairs; kk += 2) /* bf16: in one pass */
+        la_bf16_exp_pairs(st + kk * n, kk + 1 < bk ? st + (kk + 1) * n : NULL, mx, n,
+                          PROB_FLUSH, sum, p_pairs + kk / 2 * n);
+    for (int64_t kk = 0; kk < bk && !p_pairs; kk++) {
         float *restrict row = st + kk * n;
         exp_diff(row, row, mx, n);
 #pragma omp simd
@@ -646,8 +654,6 @@ LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64
             row[q] = isgreaterequal(row[q], PROB_FLUSH) ? row[q] : 0.0f;
             sum[q] += row[q];
         }
-        if (p_pairs)
-            pack_pair_after(row, n, kk, bk, n, p_pairs);
     }
     exp_diff(scale, m, mx, n);
 #pragma omp simd

@@ -317,37 +317,112 @@ static LA_BF16_TARGET void tile_product(int brows, int64_t m, int64_t n, int64_t
     packed_product(brows, m, n, k, alpha, a, sa, bp, c, scj, accumulate, a_kept, scratch);
 }
 
-static LA_BF16_TARGET void pack_pairs(const float *lo, const float *hi, int64_t n,
-                                      uint32_t *dst)
+
+/* exp(max(x, -87)) in fp32 to about 3e-6 relative (2^f by its Taylor series to f^5 on
+ * |f| <= 1/2, then scaled by 2^n): these probabilities are rounded to bf16 (2^-9)
+ * right after, and a one-pass kernel in registers is what removes the softmax's cost
+ * around the bf16 products. NaN (from -inf - -inf) gives exp(-87). */
+static inline __attribute__((always_inline)) LA_BF16_TARGET __m512 fast_exp(__m512 x)
 {
-    int64_t l = 0;
-    if (hi)
-        for (; l + 16 <= n; l += 16)
-            _mm512_storeu_si512(dst + l, pair_words(_mm512_loadu_ps(lo + l),
-                                                    _mm512_loadu_ps(hi + l)));
-    for (; l < n; l += 16) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147181f));
+    __m512 p = _mm512_set1_ps(1.0f / 120.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* exp(x - shift) flushed to 0 below `flush` */
+static inline __attribute__((always_inline)) LA_BF16_TARGET __m512 prob(__m512 x, __m512 shift,
+                                                                          __m512 flush)
+{
+    const __m512 e = fast_exp(_mm512_sub_ps(x, shift));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(e, flush, _CMP_GE_OQ), e);
+}
+
+static LA_BF16_TARGET void exp_pairs(const float *lo, const float *hi, const float *shift, int64_t n,
+                                     float flush, float *sum, uint32_t *dst)
+{
+    const __m512 fl = _mm512_set1_ps(flush);
+    for (int64_t l = 0; l < n; l += 16) {
         const __mmask16 mk = lanes_mask(n - l);
-        const __m512 h = hi ? _mm512_maskz_loadu_ps(mk, hi + l) : _mm512_setzero_ps();
-        _mm512_storeu_si512(dst + l, pair_words(_mm512_maskz_loadu_ps(mk, lo + l), h));
+        const __m512 sh = _mm512_maskz_loadu_ps(mk, shift + l);
+        const __m512 a = _mm512_maskz_mov_ps(mk, prob(_mm512_maskz_loadu_ps(mk, lo + l), sh, fl));
+        __m512 b = _mm512_setzero_ps();
+        __m512 acc = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, sum + l), a);
+        if (hi) {
+            b = _mm512_maskz_mov_ps(mk, prob(_mm512_maskz_loadu_ps(mk, hi + l), sh, fl));
+            acc = _mm512_add_ps(acc, b);
+        }
+        _mm512_mask_storeu_ps(sum + l, mk, acc);
+        _mm512_storeu_si512(dst + l, pair_words(a, b));
+    }
+}
+
+/* One row of the backward: P and dS = (dp - shift)·P, the bf16 row of dS into ds_row
+ * ((n + 1) / 2 words); P, dS returned through p_out, ds_out (n floats). */
+static LA_BF16_TARGET void prob_row(const float *s, const float *dp, float lse, float shift,
+                                    int64_t n, float flush, float *p_out, float *ds_out,
+                                    uint16_t *ds_row)
+{
+    const __m512 fl = _mm512_set1_ps(flush), ls = _mm512_set1_ps(lse);
+    const __m512 sh = _mm512_set1_ps(shift);
+    const int64_t even = (n + 1) / 2 * 2;
+    for (int64_t l = 0; l < n; l += 16) {
+        const __mmask16 mk = lanes_mask(n - l);
+        const __m512 pv = _mm512_maskz_mov_ps(mk, prob(_mm512_maskz_loadu_ps(mk, s + l), ls, fl));
+        const __m512 dv = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, dp + l), sh), pv);
+        _mm512_storeu_ps(p_out + l, pv);
+        _mm512_storeu_ps(ds_out + l, dv);
+        _mm256_mask_storeu_epi16(ds_row + l, lanes_mask(even - l),
+                                 (__m256i)_mm512_cvtneps_pbh(dv));
+    }
+}
+
+static LA_BF16_TARGET void probs_pair(const float *s0, const float *s1, const float *dp0,
+                                      const float *dp1, const float *lse, const float *shift,
+                                      int64_t n, float flush, uint32_t *p_dst, uint32_t *ds_dst,
+                                      uint32_t *ds_rows)
+{
+    float p[2][BF16_ROW_MAX], ds[2][BF16_ROW_MAX];
+    const int64_t pairs = (n + 1) / 2, np = round16(n);
+    prob_row(s0, dp0, lse[0], shift[0], n, flush, p[0], ds[0], (uint16_t *)ds_rows);
+    if (s1)
+        prob_row(s1, dp1, lse[1], shift[1], n, flush, p[1], ds[1],
+                 (uint16_t *)(ds_rows + pairs));
+    for (int64_t l = 0; l < np; l += 16) {
+        const __m512 p1 = s1 ? _mm512_loadu_ps(p[1] + l) : _mm512_setzero_ps();
+        const __m512 d1 = s1 ? _mm512_loadu_ps(ds[1] + l) : _mm512_setzero_ps();
+        _mm512_storeu_si512(p_dst + l, pair_words(_mm512_loadu_ps(p[0] + l), p1));
+        _mm512_storeu_si512(ds_dst + l, pair_words(_mm512_loadu_ps(ds[0] + l), d1));
     }
 }
 #endif
 
-void la_bf16_pack_pairs(const float *lo, const float *hi, int64_t n, uint32_t *dst)
+void la_bf16_exp_pairs(const float *lo, const float *hi, const float *shift, int64_t n, float flush,
+                       float *sum, uint32_t *dst)
 {
 #ifdef LA_HAVE_BF16_KERNELS
-    pack_pairs(lo, hi, n, dst);
+    exp_pairs(lo, hi, shift, n, flush, sum, dst);
 #else
-    (void)lo, (void)hi, (void)n, (void)dst;
+    (void)lo, (void)hi, (void)shift, (void)n, (void)flush, (void)sum, (void)dst;
 #endif
 }
 
-void la_bf16_pack_row(const float *x, int64_t k, uint32_t *dst)
+void la_bf16_probs_pair(const float *s0, const float *s1, const float *dp0, const float *dp1,
+                        const float *lse, const float *shift, int64_t n, float flush,
+                        uint32_t *p_dst, uint32_t *ds_dst, uint32_t *ds_rows)
 {
 #ifdef LA_HAVE_BF16_KERNELS
-    pack_row(la_wmat_of_f32(x), 0, k, dst);
+    probs_pair(s0, s1, dp0, dp1, lse, shift, n, flush, p_dst, ds_dst, ds_rows);
 #else
-    (void)x, (void)k, (void)dst;
+    (void)s0, (void)s1, (void)dp0, (void)dp1, (void)lse, (void)shift, (void)n, (void)flush;
+    (void)p_dst, (void)ds_dst, (void)ds_rows;
 #endif
 }
 
