@@ -50,6 +50,7 @@
 #endif
 /* Largest tile side a bf16 tile product sees (with head_dim). */
 #define BF16_MOST (ATTN_BQ > ATTN_BK ? ATTN_BQ : ATTN_BK)
+_Static_assert(ATTN_BK <= BF16_ROW_MAX, "la_bf16_probs_pair takes rows of a key block");
 
 /* Probabilities below PROB_FLUSH = 2^-64 are set to 0. A row's sum is at least 1, so
  * what is dropped is below 2^-64·len_kv, far under float rounding; and it keeps the
@@ -336,16 +337,38 @@ static void tile_online_softmax(float *restrict s, int64_t bq, int64_t bk,
     }
 }
 
+/* bf16 compute: where the backward's softmax pass writes P and dS packed for the
+ * products (la_bf16_probs_pair) instead of in fp32: pairs of rows (p, ds), rows of dS
+ * (ds_rows). */
+typedef struct packed_probs {
+    uint32_t *p, *ds, *ds_rows;
+} packed_probs;
+
+/* Rows r - 1, r (r odd) or r alone (the last, even) of a backward tile, whose dS rows
+ * already include the softcap's factor: P and dS packed in one pass (bf16.h). */
+static void probs_pair_packed(const float *s, const float *dp, int64_t ld, int64_t r,
+                              int64_t bk, const float *lse, const float *shift,
+                              const packed_probs *packed)
+{
+    const int64_t r0 = r - r % 2, at = r0 / 2 * ((bk + 15) / 16 * 16);
+    la_bf16_probs_pair(s + r0 * ld, r % 2 ? s + r * ld : NULL, dp + r0 * ld, dp + r * ld,
+                       lse + r0, shift, bk, PROB_FLUSH, packed->p + at, packed->ds + at,
+                       packed->ds_rows + r0 * ((bk + 1) / 2));
+}
+
 /* Backward tile: s (scaled, capped scores, -inf where hidden) becomes
  * P = exp(s - lse_r) and dp (dO·Vᵀ) becomes dS = P ⊙ (dP - ρ_r), times the softcap's
  * derivative 1 - (s/cap)² when cap > 0 (s = cap·tanh(S/cap)); both 0 where hidden.
- * Rows stride ld, bk columns each. */
+ * Rows stride ld, bk columns each. packed: NULL, or where P and dS go in bf16 instead
+ * (then s and dp keep scores and dP, apart from the softcap's factor). */
 TILE_KERNEL
 static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t ld,
                                 int64_t bq, int64_t bk, float cap,
-                                const float *restrict lse, const float *restrict rho)
+                                const float *restrict lse, const float *restrict rho,
+                                const packed_probs *packed)
 {
     const float inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
+    float shifts[2];
     for (int64_t r = 0; r < bq; r++) {
         float *restrict prow = s + r * ld, *restrict dsrow = dp + r * ld;
         const float rr = rho[r];
@@ -356,9 +379,15 @@ static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t l
                 dsrow[j] = (dsrow[j] - rr) * (1.0f - fminf(t * t, 1.0f));
             }
         }
-        exp_shifted(prow, bk, lse[r]);
         /* Without the cap, dP - ρ is formed here: one pass over the tile less. */
         const float shift = cap > 0.0f ? 0.0f : rr;
+        if (packed) {
+            shifts[r % 2] = shift;
+            if (r % 2 || r == bq - 1)
+                probs_pair_packed(s, dp, ld, r, bk, lse, shifts, packed);
+            continue;
+        }
+        exp_shifted(prow, bk, lse[r]);
 #pragma omp simd
         for (int64_t j = 0; j < bk; j++) {
             const float pj = isgreaterequal(prow[j], PROB_FLUSH) ? prow[j] : 0.0f;
@@ -565,6 +594,20 @@ LA_AVX512 static void tile_product(const tile_ws *w, int brows, int64_t m, int64
         la_tile_product(brows, m, n, k, alpha, a, sa, b, sb, c, scj, acc);
 }
 
+/* A product adding into C whose B a softmax pass wrote: packed (bf16 compute; NULL
+ * in fp32) or b, sb as la_tile_product's. */
+LA_AVX512 static void probs_product(const tile_ws *w, const uint32_t *packed, int brows,
+                                    int64_t m, int64_t n, int64_t k, float alpha,
+                                    const float *a, int64_t sa, const float *b, int64_t sb,
+                                    float *c, int64_t scj, int a_kept)
+{
+    if (packed)
+        la_bf16_tile_product_packed(brows, m, n, k, alpha, a, sa, packed, c, scj, 1, a_kept,
+                                    w->bf16);
+    else
+        la_tile_product(brows, m, n, k, alpha, a, sa, b, sb, c, scj, 1);
+}
+
 /* dst[c·rows_pad + r] = src[r·ld + c] for r < rows, c < cols; 0 for rows <= r < rows_pad. */
 LA_AVX512 static void pack_transposed(const float *src, int64_t ld, int64_t rows,
                                       int64_t rows_pad, int64_t cols, float *restrict dst)
@@ -581,10 +624,12 @@ LA_AVX512 static void pack_transposed(const float *src, int64_t ld, int64_t rows
 /* Online softmax over a transposed tile: st has bk rows (keys) of n <= ATTN_BQ floats
  * (queries) holding scaled scores (-inf where hidden); it becomes exp(st - m_new) per
  * query, 0 where hidden. m, l: running max and sum per query (from start_rows),
- * updated; scale receives exp(m_old - m_new). As tile_online_softmax for hidden rows. */
+ * updated; scale receives exp(m_old - m_new). As tile_online_softmax for hidden rows.
+ * p_pairs: NULL, or where P goes in bf16 instead (la_bf16_exp_pairs; st keeps the
+ * scores). */
 LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64_t n,
                                            float *restrict m, float *restrict l,
-                                           float *restrict scale)
+                                           float *restrict scale, uint32_t *p_pairs)
 {
     float mx[ATTN_BQ], sum[ATTN_BQ];
 #pragma omp simd
@@ -598,7 +643,10 @@ LA_AVX512 static void fused_online_softmax(float *restrict st, int64_t bk, int64
         for (int64_t q = 0; q < n; q++)
             mx[q] = row[q] > mx[q] ? row[q] : mx[q];
     }
-    for (int64_t kk = 0; kk < bk; kk++) {
+    for (int64_t kk = 0; kk < bk && p_pairs; kk += 2) /* bf16: in one pass */
+        la_bf16_exp_pairs(st + kk * n, kk + 1 < bk ? st + (kk + 1) * n : NULL, mx, n,
+                          PROB_FLUSH, sum, p_pairs + kk / 2 * n);
+    for (int64_t kk = 0; kk < bk && !p_pairs; kk++) {
         float *restrict row = st + kk * n;
         exp_diff(row, row, mx, n);
 #pragma omp simd
@@ -631,7 +679,8 @@ LA_AVX512 static void fused_forward_sub(const attn_problem *p, const tile_ws *w,
                  0, 1);
     prepare_scores(p, t->cls, b, i0 + t->r0, nr, j0 + t->c0, nc, w->s, 1, nrp, nc * nrp,
                    w->rho + t->r0);
-    fused_online_softmax(w->s, nc, nrp, w->m + t->r0, w->l + t->r0, w->scale + t->r0);
+    uint32_t *p_pairs = w->bf16 ? la_bf16_tile_operand(w->bf16, 0) : NULL;
+    fused_online_softmax(w->s, nc, nrp, w->m + t->r0, w->l + t->r0, w->scale + t->r0, p_pairs);
     for (int64_t r = 0; r < nr; r++) {
         const float f = w->scale[t->r0 + r];
         if (f != 1.0f) {
@@ -642,7 +691,7 @@ LA_AVX512 static void fused_forward_sub(const attn_problem *p, const tile_ws *w,
         }
     }
     /* O[q][c] += Σ_key P[key][q]·V[key][c] */
-    tile_product(w, 0, d, nr, nc, 1.0f, vj, p->ldkv, w->s, nrp, o_sub, p->ldo, 1, 0);
+    probs_product(w, p_pairs, 0, d, nr, nc, 1.0f, vj, p->ldkv, w->s, nrp, o_sub, p->ldo, 0);
 }
 
 /* One sub-tile of a backward key block on the fused tiles (kb->kt, kb->vt: Kᵀ, Vᵀ of
@@ -662,15 +711,20 @@ LA_AVX512 static void fused_backward_sub(const attn_problem *p, const tile_ws *w
     tile_product(w, 1, nkp, nr, d, 1.0f, kb->vt + t->c0, kb->bkp, doi, p->ldo, w->dp, nkp, 0,
                  1);
     rows_dot(doi, oi, p->ldo, nr, d, w->rho);
-    tile_backward_probs(w->s, w->dp, nkp, nr, nc, p->softcap, qt->lse + t->r0, w->rho);
+    packed_probs pk = {NULL, NULL, NULL};
+    if (w->bf16)
+        pk = (packed_probs){la_bf16_tile_operand(w->bf16, 0), la_bf16_tile_operand(w->bf16, 1),
+                            la_bf16_tile_operand(w->bf16, 2)};
+    tile_backward_probs(w->s, w->dp, nkp, nr, nc, p->softcap, qt->lse + t->r0, w->rho,
+                        w->bf16 ? &pk : NULL);
     /* dV[key] += Σ_q P[q][key]·dO[q],  dK[key] += β·Σ_q dS[q][key]·Q[q] */
-    tile_product(w, 0, d, nc, nr, 1.0f, doi, p->ldo, w->s, nkp, kb->dv + t->c0 * p->ldkv,
-                 p->ldkv, 1, 0);
-    tile_product(w, 0, d, nc, nr, beta, qi, p->ldq, w->dp, nkp, kb->dk + t->c0 * p->ldkv,
-                 p->ldkv, 1, 0);
+    probs_product(w, pk.p, 0, d, nc, nr, 1.0f, doi, p->ldo, w->s, nkp,
+                  kb->dv + t->c0 * p->ldkv, p->ldkv, 0);
+    probs_product(w, pk.ds, 0, d, nc, nr, beta, qi, p->ldq, w->dp, nkp,
+                  kb->dk + t->c0 * p->ldkv, p->ldkv, 0);
     /* dQ[q] += β·Σ_key dS[q][key]·K[key] */
-    tile_product(w, 1, d, nr, nc, beta, kb->k + t->c0 * p->ldkv, p->ldkv, w->dp, nkp,
-                 qt->dq + t->r0 * qt->ld_dq, qt->ld_dq, 1, 1);
+    probs_product(w, pk.ds_rows, 1, d, nr, nc, beta, kb->k + t->c0 * p->ldkv, p->ldkv, w->dp,
+                  nkp, qt->dq + t->r0 * qt->ld_dq, qt->ld_dq, 1);
 }
 #endif
 
@@ -776,7 +830,7 @@ static void backward_sub(const attn_problem *p, int nt, const tile_ws *w, const 
                    nr * nc, NULL);
     la_gemm(p->la, nt, LA_N, LA_T, nr, nc, d, 1.0f, doi, p->ldo, vj, p->ldkv, 0.0f, w->dp, nc);
     rows_dot(doi, oi, p->ldo, nr, d, w->rho);
-    tile_backward_probs(w->s, w->dp, nc, nr, nc, p->softcap, qt->lse + t->r0, w->rho);
+    tile_backward_probs(w->s, w->dp, nc, nr, nc, p->softcap, qt->lse + t->r0, w->rho, NULL);
     /* dV_j += Pᵀ·dO_i, dK_j += β·dSᵀ·Q_i, dQ_i += β·dS·K_j */
     la_gemm(p->la, nt, LA_T, LA_N, nc, d, nr, 1.0f, w->s, nc, doi, p->ldo, 1.0f,
             kb->dv + t->c0 * p->ldkv, p->ldkv);

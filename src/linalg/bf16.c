@@ -57,7 +57,8 @@ int la_cpu_bf16(void)
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 /* The tile scratch: a header naming the kept operands, then LA_BF16_KEPT kept A
- * slots, one A slot for the others and the B slot, each `slot` words. */
+ * slots, one A slot for the others, the B slot and LA_BF16_OPERANDS operand areas,
+ * each `slot` words. */
 typedef struct kept_operand {
     const float *a;
     int64_t sa, m, k;
@@ -78,7 +79,13 @@ static size_t tile_slot_words(int64_t most)
 
 size_t la_bf16_tile_scratch_floats(int64_t most)
 {
-    return TILE_HEADER_WORDS + (LA_BF16_KEPT + 2) * tile_slot_words(most);
+    return TILE_HEADER_WORDS + (LA_BF16_KEPT + 2 + LA_BF16_OPERANDS) * tile_slot_words(most);
+}
+
+uint32_t *la_bf16_tile_operand(float *scratch, int i)
+{
+    const tile_header *h = (const tile_header *)scratch;
+    return (uint32_t *)scratch + TILE_HEADER_WORDS + (LA_BF16_KEPT + 2 + i) * h->slot;
 }
 
 /* Per part: the W block (KC/2 pairs × NC lanes) and the X block (MC rows × KC/2). */
@@ -272,6 +279,23 @@ static LA_BF16_TARGET const uint32_t *packed_a(tile_header *h, const float *a, i
     return ap;
 }
 
+/* The product of a packed B: word (p, j) at bp[j·pairs + p] when brows, else at
+ * bp[p·round16(n) + j]. */
+static LA_BF16_TARGET void packed_product(int brows, int64_t m, int64_t n, int64_t k,
+                                          float alpha, const float *a, int64_t sa,
+                                          const uint32_t *bp, float *c, int64_t scj,
+                                          int accumulate, int a_kept, float *scratch)
+{
+    const int64_t pairs = (k + 1) / 2, np = round16(n);
+    const uint32_t *ap = packed_a((tile_header *)scratch, a, sa, m, k, a_kept);
+    if (brows)
+        bf16_product(m, n, pairs, ap, m, bp, pairs, 1, c, scj, alpha, accumulate, 1.0f);
+    else
+        bf16_product(m, n, pairs, ap, m, bp, 1, np, c, scj, alpha, accumulate, 1.0f);
+}
+
+#define BF_ROWS_AHEAD 8
+
 static LA_BF16_TARGET void tile_product(int brows, int64_t m, int64_t n, int64_t k, float alpha,
                                  const float *a, int64_t sa, const float *b, int64_t sb,
                                  float *c, int64_t scj, int accumulate, int a_kept,
@@ -279,18 +303,140 @@ static LA_BF16_TARGET void tile_product(int brows, int64_t m, int64_t n, int64_t
 {
     const int64_t pairs = (k + 1) / 2, np = round16(n);
     tile_header *h = (tile_header *)scratch;
-    const uint32_t *ap = packed_a(h, a, sa, m, k, a_kept);
     uint32_t *bp = (uint32_t *)scratch + TILE_HEADER_WORDS + (LA_BF16_KEPT + 1) * h->slot;
-    if (brows) { /* word (p, j) at bp[j·pairs + p] */
-        for (int64_t j = 0; j < n; j++)
+    if (brows)
+        for (int64_t j = 0; j < n; j++) {
+            /* rows of Q, dO, K come from beyond L2: fetch a few rows ahead */
+            if (j + BF_ROWS_AHEAD < n)
+                for (int64_t t = 0; t < k; t += 16)
+                    _mm_prefetch((const char *)(b + (j + BF_ROWS_AHEAD) * sb + t), _MM_HINT_T0);
             pack_row(la_wmat_of_f32(b), (size_t)(j * sb), k, bp + j * pairs);
-        bf16_product(m, n, pairs, ap, m, bp, pairs, 1, c, scj, alpha, accumulate, 1.0f);
-    } else { /* word (p, j) at bp[p·np + j] */
+        }
+    else
         pack_rows_interleaved(la_wmat_of_f32(b), 0, (size_t)sb, k, n, bp, np);
-        bf16_product(m, n, pairs, ap, m, bp, 1, np, c, scj, alpha, accumulate, 1.0f);
+    packed_product(brows, m, n, k, alpha, a, sa, bp, c, scj, accumulate, a_kept, scratch);
+}
+
+
+/* exp(max(x, -87)) in fp32 to about 3e-6 relative (2^f by its Taylor series to f^5 on
+ * |f| <= 1/2, then scaled by 2^n): these probabilities are rounded to bf16 (2^-9)
+ * right after, and a one-pass kernel in registers is what removes the softmax's cost
+ * around the bf16 products. NaN (from -inf - -inf) gives exp(-87). */
+static inline __attribute__((always_inline)) LA_BF16_TARGET __m512 fast_exp(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147181f));
+    __m512 p = _mm512_set1_ps(1.0f / 120.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* exp(x - shift) flushed to 0 below `flush` */
+static inline __attribute__((always_inline)) LA_BF16_TARGET __m512 prob(__m512 x, __m512 shift,
+                                                                          __m512 flush)
+{
+    const __m512 e = fast_exp(_mm512_sub_ps(x, shift));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(e, flush, _CMP_GE_OQ), e);
+}
+
+static LA_BF16_TARGET void exp_pairs(const float *lo, const float *hi, const float *shift, int64_t n,
+                                     float flush, float *sum, uint32_t *dst)
+{
+    const __m512 fl = _mm512_set1_ps(flush);
+    for (int64_t l = 0; l < n; l += 16) {
+        const __mmask16 mk = lanes_mask(n - l);
+        const __m512 sh = _mm512_maskz_loadu_ps(mk, shift + l);
+        const __m512 a = _mm512_maskz_mov_ps(mk, prob(_mm512_maskz_loadu_ps(mk, lo + l), sh, fl));
+        __m512 b = _mm512_setzero_ps();
+        __m512 acc = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, sum + l), a);
+        if (hi) {
+            b = _mm512_maskz_mov_ps(mk, prob(_mm512_maskz_loadu_ps(mk, hi + l), sh, fl));
+            acc = _mm512_add_ps(acc, b);
+        }
+        _mm512_mask_storeu_ps(sum + l, mk, acc);
+        _mm512_storeu_si512(dst + l, pair_words(a, b));
+    }
+}
+
+/* One row of the backward: P and dS = (dp - shift)·P, the bf16 row of dS into ds_row
+ * ((n + 1) / 2 words); P, dS returned through p_out, ds_out (n floats). */
+static LA_BF16_TARGET void prob_row(const float *s, const float *dp, float lse, float shift,
+                                    int64_t n, float flush, float *p_out, float *ds_out,
+                                    uint16_t *ds_row)
+{
+    const __m512 fl = _mm512_set1_ps(flush), ls = _mm512_set1_ps(lse);
+    const __m512 sh = _mm512_set1_ps(shift);
+    const int64_t even = (n + 1) / 2 * 2;
+    for (int64_t l = 0; l < n; l += 16) {
+        const __mmask16 mk = lanes_mask(n - l);
+        const __m512 pv = _mm512_maskz_mov_ps(mk, prob(_mm512_maskz_loadu_ps(mk, s + l), ls, fl));
+        const __m512 dv = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, dp + l), sh), pv);
+        _mm512_storeu_ps(p_out + l, pv);
+        _mm512_storeu_ps(ds_out + l, dv);
+        _mm256_mask_storeu_epi16(ds_row + l, lanes_mask(even - l),
+                                 (__m256i)_mm512_cvtneps_pbh(dv));
+    }
+}
+
+static LA_BF16_TARGET void probs_pair(const float *s0, const float *s1, const float *dp0,
+                                      const float *dp1, const float *lse, const float *shift,
+                                      int64_t n, float flush, uint32_t *p_dst, uint32_t *ds_dst,
+                                      uint32_t *ds_rows)
+{
+    float p[2][BF16_ROW_MAX], ds[2][BF16_ROW_MAX];
+    const int64_t pairs = (n + 1) / 2, np = round16(n);
+    prob_row(s0, dp0, lse[0], shift[0], n, flush, p[0], ds[0], (uint16_t *)ds_rows);
+    if (s1)
+        prob_row(s1, dp1, lse[1], shift[1], n, flush, p[1], ds[1],
+                 (uint16_t *)(ds_rows + pairs));
+    for (int64_t l = 0; l < np; l += 16) {
+        const __m512 p1 = s1 ? _mm512_loadu_ps(p[1] + l) : _mm512_setzero_ps();
+        const __m512 d1 = s1 ? _mm512_loadu_ps(ds[1] + l) : _mm512_setzero_ps();
+        _mm512_storeu_si512(p_dst + l, pair_words(_mm512_loadu_ps(p[0] + l), p1));
+        _mm512_storeu_si512(ds_dst + l, pair_words(_mm512_loadu_ps(ds[0] + l), d1));
     }
 }
 #endif
+
+void la_bf16_exp_pairs(const float *lo, const float *hi, const float *shift, int64_t n, float flush,
+                       float *sum, uint32_t *dst)
+{
+#ifdef LA_HAVE_BF16_KERNELS
+    exp_pairs(lo, hi, shift, n, flush, sum, dst);
+#else
+    (void)lo, (void)hi, (void)shift, (void)n, (void)flush, (void)sum, (void)dst;
+#endif
+}
+
+void la_bf16_probs_pair(const float *s0, const float *s1, const float *dp0, const float *dp1,
+                        const float *lse, const float *shift, int64_t n, float flush,
+                        uint32_t *p_dst, uint32_t *ds_dst, uint32_t *ds_rows)
+{
+#ifdef LA_HAVE_BF16_KERNELS
+    probs_pair(s0, s1, dp0, dp1, lse, shift, n, flush, p_dst, ds_dst, ds_rows);
+#else
+    (void)s0, (void)s1, (void)dp0, (void)dp1, (void)lse, (void)shift, (void)n, (void)flush;
+    (void)p_dst, (void)ds_dst, (void)ds_rows;
+#endif
+}
+
+void la_bf16_tile_product_packed(int brows, int64_t m, int64_t n, int64_t k, float alpha,
+                                 const float *a, int64_t sa, const uint32_t *bp, float *c,
+                                 int64_t scj, int accumulate, int a_kept, float *scratch)
+{
+#ifdef LA_HAVE_BF16_KERNELS
+    packed_product(brows, m, n, k, alpha, a, sa, bp, c, scj, accumulate, a_kept, scratch);
+#else
+    (void)brows, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)sa, (void)bp;
+    (void)c, (void)scj, (void)accumulate, (void)a_kept, (void)scratch;
+#endif
+}
 
 void la_bf16_tile_product(int brows, int64_t m, int64_t n, int64_t k, float alpha,
                           const float *a, int64_t sa, const float *b, int64_t sb, float *c,
