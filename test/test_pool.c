@@ -24,38 +24,26 @@
 /* Thread creations allowed before the substitute fails with EAGAIN (< 0: no limit). */
 static atomic_int create_budget = -1;
 
-/* While set, threads created start only once it is cleared (a worker slow to start). */
-static atomic_int hold_new_threads;
+/* While set, a worker that wakes up for a job waits before taking parts (a worker slow
+ * to wake: descheduled, or its core busy). */
+static atomic_int hold_woken_workers;
 
-typedef struct held_start {
-    void *(*fn)(void *);
-    void *arg;
-} held_start;
-
-static void *held_main(void *arg)
+static void hold_woken_worker(void)
 {
-    const held_start *h = arg;
-    while (atomic_load(&hold_new_threads))
+    while (atomic_load(&hold_woken_workers))
         nanosleep(&(struct timespec){0, 1000000}, NULL);
-    return h->fn(h->arg);
 }
 
 static int limited_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *),
                           void *arg)
 {
-    static held_start held[64];
-    static atomic_int n_held;
     if (atomic_load(&create_budget) >= 0 && atomic_fetch_sub(&create_budget, 1) <= 0)
         return EAGAIN;
-    if (atomic_load(&hold_new_threads)) {
-        held_start *h = &held[atomic_fetch_add(&n_held, 1) % 64];
-        *h = (held_start){fn, arg};
-        return pthread_create(t, attr, held_main, h);
-    }
     return pthread_create(t, attr, fn, arg);
 }
 
 #define POOL_THREAD_CREATE limited_create
+#define POOL_WAKE_HOOK hold_woken_worker
 #include "../src/linalg/pool.c"
 
 #define MAX_PARTS 16
@@ -300,18 +288,18 @@ static void *release_later(void *arg)
         nanosleep(&(struct timespec){0, 10000000}, NULL);
     if (!atomic_load(&release_now))
         atomic_store(&released_by_timeout, 1);
-    atomic_store(&hold_new_threads, 0);
+    atomic_store(&hold_woken_workers, 0);
     return NULL;
 }
 
-/* The caller waits only for parts being run: when its workers have not started yet, it
- * runs every part itself and returns (it used to wait for each invited worker to wake
- * up, which on a short job costs more than the job). Workers that start late, holding
- * jobs that are over, take no part of later ones. */
+/* The caller waits only for parts being run: when its workers are slow to wake, it runs
+ * every part itself and returns (it used to wait for each invited worker to wake up,
+ * which on a short job costs more than the job). Workers that wake late, holding jobs
+ * that are over, take no part of later ones. */
 START_TEST(test_caller_does_not_wait_for_idle_workers)
 {
     pool *p = pool_new(3);
-    atomic_store(&hold_new_threads, 1);
+    atomic_store(&hold_woken_workers, 1);
     pthread_t releaser;
     ck_assert_int_eq(pthread_create(&releaser, NULL, release_later, NULL), 0);
     tally t;

@@ -19,6 +19,10 @@
 #endif
 /* Polls of the job counter before an idle worker sleeps on the condition variable,
  * and before the caller sleeps waiting for the workers. */
+/* A test may slow a worker down between waking and taking parts. */
+#ifndef POOL_WAKE_HOOK
+#define POOL_WAKE_HOOK() ((void)0)
+#endif
 #ifndef POOL_SPIN_POLLS
 #define POOL_SPIN_POLLS 256
 #endif
@@ -152,6 +156,7 @@ static void *worker_main(void *arg)
     pthread_mutex_unlock(&p->lock);
     for (;;) {
         const job_view j = next_job(p, seen);
+        POOL_WAKE_HOOK();
         seen = j.id;
         if (j.stop)
             return NULL;
