@@ -91,8 +91,6 @@ START_TEST(test_bf16_vs_reference)
     char desc[512], err[512];
     int32_t attention = -1, attention32 = -1;
     const ref_errors e = compare(ad, &l, &p, "bf16", &attention);
-    fprintf(stderr, "FP %d %a %a %a %a %a %a %a\n", _i, e.out, e.dxq, e.dxkv, e.da[0], e.db[0], e.da[2], e.db[2]);
-    fprintf(stderr, "FP %d %a %a %a %a %a %a %a\n", _i, e.out, e.dxq, e.dxkv, e.da[0], e.db[0], e.da[2], e.db[2]);
     lora_adapter_destroy(ad);
     ck_assert_msg(e.max <= TOL_BF16, "bf16 vs reference: %s [%s]",
                   ref_errors_format(&e, err, sizeof err), ref_describe(&l, &p, desc, sizeof desc));
