@@ -223,7 +223,7 @@ void lora_record_run(lora_adapter *ad, const lora_plan *plan, double measured_ou
 {
     memset(&ad->info, 0, sizeof ad->info);
     ad->info.struct_size = sizeof ad->info;
-    ad->info.backend = plan->poly_groups > 0 ? LORA_BACKEND_POLY : LORA_BACKEND_EXACT;
+    ad->info.backend = plan->run_backend;
     ad->info.poly_groups = plan->poly_groups;
     ad->info.poly_degree = plan->run_order;
     ad->info.poly_rank = plan->run_features;

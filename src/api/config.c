@@ -130,6 +130,10 @@ static int check_int(const param_desc *d, int64_t value, char *err)
     if ((d->flags & CFG_EVEN) && value % 2 != 0)
         return lora_set_error(err, LORA_ERR_INVALID_ARG, "%s = %lld must be even", d->name,
                               (long long)value);
+    if ((d->flags & CFG_BACKEND_ID) && value != LORA_BACKEND_AUTO &&
+        !attn_backend_of((int)value))
+        return lora_set_error(err, LORA_ERR_INVALID_ARG, "%s = %lld is not a backend",
+                              d->name, (long long)value);
     return LORA_OK;
 }
 

@@ -30,6 +30,7 @@ enum {
     CFG_NOT_COMPUTED = 1u << 3,
     CFG_LOW_OPEN = 1u << 4,
     CFG_HIGH_OPEN = 1u << 5,
+    CFG_BACKEND_ID = 1u << 6, /* LORA_BACKEND_AUTO or a backend of src/backend/table.c */
 };
 
 /* clang-format off */
@@ -44,7 +45,7 @@ enum {
     X( 8, LORA_CFG_RSLORA,        rslora,        INT,    0, 1,                    0, 0) \
     X( 9, LORA_CFG_SOFTMAX_SCALE, softmax_scale, DOUBLE, 0, DBL_MAX,              0, CFG_DERIVED | CFG_AS_FLOAT | CFG_LOW_OPEN) \
     X(10, LORA_CFG_CAUSAL,        causal,        INT,    0, 1,                    0, 0) \
-    X(11, LORA_CFG_BACKEND,       backend,       INT,    LORA_BACKEND_AUTO, LORA_BACKEND_POLY, LORA_BACKEND_AUTO, 0) \
+    X(11, LORA_CFG_BACKEND,       backend,       INT,    LORA_BACKEND_AUTO, INT32_MAX, LORA_BACKEND_AUTO, CFG_BACKEND_ID) \
     X(12, LORA_CFG_TOLERANCE,     tolerance,     DOUBLE, 0, DBL_MAX,              1e-3, CFG_LOW_OPEN) \
     X(13, LORA_CFG_POLY_DEGREE,   poly_degree,   INT,    0, LORA_MAX_POLY_DEGREE, 0, CFG_EVEN) \
     X(14, LORA_CFG_THREADS,       threads,       INT,    0, LORA_MAX_THREADS,     0, 0) \

@@ -153,6 +153,8 @@ void lora_flat_copy_in(void *ctx, float *data, size_t len, size_t offset);
 typedef struct lora_plan {
     attn_group_plan *groups; /* per kv group (the handle's plan_groups) */
     int64_t poly_groups;     /* kv groups on an approximate backend (POLY) */
+    int run_backend;         /* the lora_backend the run reports: the approximate
+                                backend of the first such group, else EXACT */
     int64_t run_order;       /* over those: the largest order (POLY degree), its */
     int64_t run_features;    /* feature count, and the largest certified η (0 */
     double run_eta;          /* when every group runs exact) */

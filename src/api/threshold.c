@@ -31,11 +31,13 @@ static int plan_for_bounds(lora_adapter *ad, const attn_problem *p, int64_t back
     if (st != LORA_OK)
         return st;
     plan->groups = ad->plan_groups;
+    plan->run_backend = LORA_BACKEND_EXACT;
     for (int64_t g = 0; g < p->n_kv_heads; g++) {
         const attn_group_plan *gp = &plan->groups[g];
         if (!gp->backend->approximate)
             continue;
-        plan->poly_groups++;
+        if (plan->poly_groups++ == 0)
+            plan->run_backend = gp->backend->id;
         if (gp->order > plan->run_order) {
             plan->run_order = gp->order;
             plan->run_features = gp->features;
@@ -136,7 +138,7 @@ static int estimate(lora_adapter *ad, const attn_mask *mask, const float *x, int
 
     lora_threshold_report r;
     memset(&r, 0, sizeof r);
-    r.recommended_backend = plan.poly_groups > 0 ? LORA_BACKEND_POLY : LORA_BACKEND_EXACT;
+    r.recommended_backend = plan.run_backend;
     r.poly_groups = plan.poly_groups;
     r.gamma_q = stats.max_abs[PROJ_Q];
     r.gamma_k = stats.max_abs[PROJ_K];
