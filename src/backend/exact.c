@@ -34,6 +34,7 @@
 
 #include "../linalg/avx512_kernels.h"
 #include "../linalg/bf16.h"
+#include "../linalg/vector_exp.h"
 #include "backend.h"
 
 
@@ -60,26 +61,6 @@ _Static_assert(ATTN_BK <= BF16_ROW_MAX, "la_bf16_probs_pair takes rows of a key 
 #define PROB_FLUSH 5.42101086e-20f /* 2^-64 */
 #define EXP_CLAMP (-87.0f)
 
-#if defined(LORA_HAVE_LIBMVEC) && defined(__x86_64__)
-/* glibc's libmvec has vector variants of expf (_ZGVbN4v_expf ... _ZGVeN16v_expf);
- * declaring them lets the `omp simd` loops below call them (the build's -fopenmp-simd
- * honours the simd pragmas; no OpenMP runtime is involved). <math.h> only does so
- * under -ffast-math. */
-#pragma omp declare simd notinbranch
-extern float expf(float);
-#endif
-#if defined(__clang__)
-/* clang 14 does not call the declared vector variants (it would need -fveclib=libmvec):
- * the expf loops stay scalar there, which is correct but slower. Not worth a warning. */
-#pragma clang diagnostic ignored "-Wpass-failed"
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__gnu_linux__)
-/* An AVX-512 clone and a baseline one of each tile kernel, picked at load time. */
-#define TILE_KERNEL __attribute__((target_clones("avx512f", "default")))
-#else
-#define TILE_KERNEL
-#endif
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -214,7 +195,7 @@ static int sub_tiles(const attn_problem *p, int cls, int64_t b, int64_t i0,
  * test runs in vectors along that dimension, from the rows' positions and segment ids
  * gathered first. seen (NULL: not wanted): seen[r] = 1 when query r sees a key of the
  * tile. */
-TILE_KERNEL
+LA_KERNEL_CLONES
 static void tile_mask(const attn_problem *p, int64_t b, int64_t i0, int64_t nq, int64_t j0,
                       int64_t nk, float *s, int64_t rs, int64_t cs, float *seen)
 {
@@ -304,7 +285,7 @@ static inline __attribute__((always_inline)) void exp_diff(float *dst, const flo
  * keys keeps m = -inf, l = 0); o (bq × d, row stride ldo): the output accumulator,
  * rescaled by exp(m_old - m_new), which is 0 while m_old = -inf. The exponent's clamp
  * turns -inf - -inf (NaN) into a flushed 0 too. */
-TILE_KERNEL
+LA_KERNEL_CLONES
 static void tile_online_softmax(float *restrict s, int64_t bq, int64_t bk,
                                 float *restrict m, float *restrict l, float *restrict o,
                                 int64_t ldo, int64_t d)
@@ -361,7 +342,7 @@ static void probs_pair_packed(const float *s, const float *dp, int64_t ld, int64
  * derivative 1 - (s/cap)² when cap > 0 (s = cap·tanh(S/cap)); both 0 where hidden.
  * Rows stride ld, bk columns each. packed: NULL, or where P and dS go in bf16 instead
  * (then s and dp keep scores and dP, apart from the softcap's factor). */
-TILE_KERNEL
+LA_KERNEL_CLONES
 static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t ld,
                                 int64_t bq, int64_t bk, float cap,
                                 const float *restrict lse, const float *restrict rho,
@@ -399,7 +380,7 @@ static void tile_backward_probs(float *restrict s, float *restrict dp, int64_t l
 
 /* Gemma 2's cap on scaled scores: x <- cap·tanh(x/cap) for n entries, through
  * tanh(y) = sign(y)·(1 - e)/(1 + e), e = exp(-2|y|) (no overflow; vector expf). */
-TILE_KERNEL
+LA_KERNEL_CLONES
 static void tile_softcap(float *restrict x, int64_t n, float cap)
 {
     const float inv = 1.0f / cap;
@@ -438,7 +419,7 @@ static void prepare_scores(const attn_problem *p, int cls, int64_t b, int64_t i0
  * divided by their sum l and get lse = m + log l (non-finite scores, l = 0, give NaN as
  * they should); the others (no visible key, padding up to rows) get output 0 and
  * lse = +inf, so the backward's P = 0. */
-TILE_KERNEL
+LA_KERNEL_CLONES
 static void finish_rows(const float *m, const float *l, const float *seen, int64_t nv,
                         int64_t rows, float *o, int64_t ldo, int64_t d, float *lse)
 {
@@ -458,7 +439,7 @@ static void finish_rows(const float *m, const float *l, const float *seen, int64
 }
 
 /* ρ_i = ⟨dO_i, O_i⟩ for bq rows. */
-TILE_KERNEL
+LA_KERNEL_CLONES
 static void rows_dot(const float *restrict a, const float *restrict b, int64_t ld,
                      int64_t bq, int64_t d, float *restrict out)
 {

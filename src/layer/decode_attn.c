@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "../linalg/avx512_kernels.h"
+#include "../linalg/vector_exp.h"
 
 /* Query rows of one chunk (their accumulators stay in cache across the tiles). */
 #define DQ_CHUNK 64
@@ -18,19 +19,6 @@
  * the probabilities of masked keys are set to 0 after the exp. */
 #define DQ_EXP_CLAMP (-87.0f)
 
-#if defined(LORA_HAVE_LIBMVEC) && defined(__x86_64__)
-#pragma omp declare simd notinbranch
-extern float expf(float);
-#endif
-#if defined(__clang__)
-#pragma clang diagnostic ignored "-Wpass-failed"
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__gnu_linux__)
-#define DQ_CLONES __attribute__((target_clones("avx512f", "default")))
-#else
-#define DQ_CLONES
-#endif
 
 static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
 
@@ -150,7 +138,7 @@ static void tile_pv(const la_ctx *la, float *acc, const float *p, const float *v
 }
 
 /* p[l] = exp(max(p[l] - shift, clamp)) for 16 entries (libmvec's vector expf). */
-DQ_CLONES static void exp16(float *p, float shift)
+LA_KERNEL_CLONES static void exp16(float *p, float shift)
 {
 #pragma omp simd
     for (int l = 0; l < 16; l++) {
