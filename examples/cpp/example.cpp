@@ -3,7 +3,8 @@
 // library's AdamW; merged inference is checked against the LoRA forward; a second
 // adapter borrows the same base (no copy) and takes the trained factors by hot swap;
 // two forwards are kept in flight on tapes; caller vectors serve as a factor and its
-// gradient (borrowed, no copy); then two mistakes are caught as lora::Error.
+// gradient (borrowed, no copy); then two mistakes are caught as lora::Error; a bf16
+// base, multi-tenant lora::apply and threshold_estimate_ex are checked.
 //
 // Build and run: make check-cpp  (or: c++ -std=c++17 -Wall -Wextra -Werror -Iinclude
 //   -Iexamples/cpp examples/cpp/example.cpp -Llib -Wl,-rpath,$PWD/lib -llora)
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -122,6 +124,96 @@ bool borrowed_factors_work(const lora::Adapter &trained, lora::Adapter &copy,
     }
     std::printf("borrowed factor and gradient: used in place %s\n", ok ? "yes" : "NO");
     return ok;
+}
+
+// Serving entry points: a bf16 base equals a float base holding the rounded values;
+// lora::apply over tenants of ranks 2 and 4 (a row of -1 untouched) equals each tenant's
+// x A^T B^T scaled; threshold_estimate_ex with lengths equals the estimate of the valid
+// rows.
+bool serving_api_works(const std::vector<float> &w, const std::vector<float> &x,
+                       std::mt19937 &gen) {
+    auto build = [&](std::int64_t rank) {
+        lora::Adapter ad = layer_config(kDModel, kHeads).rank(rank).build();
+        for (lora::Target t : {lora::Target::Q, lora::Target::K, lora::Target::V})
+            ad.set_base(t, w);
+        ad.set_params_flat(randn(ad.param_count(), 0.3f, gen));
+        return ad;
+    };
+    lora::Adapter a2 = build(2), a4 = build(4);
+    std::vector<std::uint16_t> bits(w.size());
+    std::vector<float> rounded(w.size());
+    for (std::size_t i = 0; i < w.size(); i++) {
+        std::uint32_t u;
+        std::memcpy(&u, &w[i], 4);
+        bits[i] = static_cast<std::uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        const std::uint32_t back = static_cast<std::uint32_t>(bits[i]) << 16;
+        std::memcpy(&rounded[i], &back, 4);
+    }
+    a2.set_base(lora::Target::K, rounded);
+    const std::vector<float> want = a2.forward(x, kBatch, kSeqLen);
+    a2.set_base_typed(lora::Target::K, bits, lora::Dtype::Bf16);
+    const std::vector<float> got = a2.forward(x, kBatch, kSeqLen);
+    a4.set_base(lora::Target::K, rounded);
+    const std::vector<float> want4 = a4.forward(x, kBatch, kSeqLen);
+    a4.set_base_typed_borrowed(lora::Target::K,
+                               std::make_shared<const std::vector<std::uint16_t>>(bits),
+                               lora::Dtype::Bf16);
+    const std::vector<float> got4 = a4.forward(x, kBatch, kSeqLen);
+    double typed_diff = rounded == w ? 1.0 : 0.0;
+    for (std::size_t i = 0; i < got.size(); i++)
+        typed_diff = std::max({typed_diff, (double)std::fabs(got[i] - want[i]),
+                               (double)std::fabs(got4[i] - want4[i])});
+
+    const std::vector<std::int32_t> ids{1, -1, 0, 1};
+    const std::vector<float> xr(x.begin(), x.begin() + ids.size() * kDModel);
+    std::vector<float> y(ids.size() * kDModel, 1.0f);
+    const std::vector<const lora::Adapter *> tenants{&a2, &a4};
+    lora::apply(tenants, lora::Target::V, ids, xr, y);
+    double apply_diff = 0;
+    for (std::size_t r = 0; r < ids.size(); r++) {
+        std::vector<float> ref(kDModel, 1.0f);
+        if (ids[r] >= 0) {
+            const lora::Adapter &t = *tenants[static_cast<std::size_t>(ids[r])];
+            const std::vector<float> A = t.param(lora::Target::V, lora::Factor::A);
+            const std::vector<float> B = t.param(lora::Target::V, lora::Factor::B);
+            const std::size_t rank = A.size() / kDModel;
+            const double s = t.config_double(LORA_CFG_ALPHA) / (double)rank;
+            for (std::size_t o = 0; o < kDModel; o++) {
+                double d = 0;
+                for (std::size_t k = 0; k < rank; k++) {
+                    double xa = 0;
+                    for (std::size_t i = 0; i < kDModel; i++)
+                        xa += (double)xr[r * kDModel + i] * A[k * kDModel + i];
+                    d += xa * B[o * rank + k];
+                }
+                ref[o] = (float)(1.0 + s * d);
+            }
+        }
+        for (std::size_t o = 0; o < kDModel; o++)
+            apply_diff = std::max(apply_diff, (double)std::fabs(y[r * kDModel + o] - ref[o]));
+    }
+    bool apply_error = false;
+    try {
+        lora::apply(tenants, lora::Target::V, std::vector<std::int32_t>{0, 2, 0, 0}, xr, y);
+    } catch (const lora::Error &e) {
+        apply_error = e.status() == LORA_ERR_INVALID_ARG && !e.message().empty();
+    }
+
+    const std::vector<float> x1(x.begin(), x.begin() + kSeqLen * kDModel);
+    const std::vector<float> valid(x1.begin(), x1.begin() + 10 * kDModel);
+    const lora_threshold_report whole = a4.threshold_estimate(valid, 1, 10);
+    const std::vector<std::int64_t> lens{10};
+    lora::AttnArgs args;
+    args.q_lens = lens;
+    const lora_threshold_report part = a4.threshold_estimate_ex(x1, 1, kSeqLen, args);
+    const bool estimate_same = std::fabs(part.gamma_q - whole.gamma_q) <= 1e-6 * whole.gamma_q &&
+                               std::fabs(part.score_bound - whole.score_bound) <=
+                                   1e-6 * whole.score_bound;
+    std::printf("bf16 base %.3g, apply %.3g off the reference; apply error %s; "
+                "estimate_ex on valid rows %s\n",
+                typed_diff, apply_diff, apply_error ? "caught" : "MISSED",
+                estimate_same ? "matches" : "DIFFERS");
+    return typed_diff <= 1e-4 && apply_diff <= 1e-4 && apply_error && estimate_same;
 }
 
 } // namespace
@@ -295,6 +387,10 @@ int main() {
         std::printf("decode vs forward, tenants vs alone: max |diff| %.3g\n", decode_diff);
         if (decode_diff > 1e-4) {
             std::fprintf(stderr, "decoding differs from the forward\n");
+            return 1;
+        }
+        if (!serving_api_works(wq, x, gen)) {
+            std::fprintf(stderr, "a serving entry point differs from its reference\n");
             return 1;
         }
         if (!(last < 0.1 * first) || max_diff > 1e-4 || tenant_diff != 0 || !same_params ||

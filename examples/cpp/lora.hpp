@@ -459,6 +459,24 @@ public:
         borrowed_[index(t)] = {std::move(weight), std::move(bias)};
     }
 
+    // lora_adapter_set_base_typed: a base weight (out, in) stored as bf16 or f16 (16-bit
+    // patterns in host byte order, e.g. a safetensors tensor's bytes), copied at 2 bytes
+    // per weight; float weights go through set_base. bias (out) float or empty.
+    void set_base_typed(Target t, Span<const std::uint16_t> weight, Dtype dtype,
+                        Span<const float> bias = {}) {
+        typed_base(t, weight.data(), weight.size(), dtype, bias.empty() ? nullptr : bias.data(),
+                   bias.size(), 0);
+        borrowed_[index(t)] = {};
+    }
+    // The same with LORA_BASE_BORROW: used in place, kept alive as set_base_borrowed's.
+    void set_base_typed_borrowed(Target t, std::shared_ptr<const std::vector<std::uint16_t>> weight,
+                                 Dtype dtype,
+                                 std::shared_ptr<const std::vector<float>> bias = nullptr) {
+        typed_base(t, weight ? weight->data() : nullptr, weight ? weight->size() : 0, dtype,
+                   bias ? bias->data() : nullptr, bias ? bias->size() : 0, LORA_BASE_BORROW);
+        borrowed_[index(t)] = {std::move(weight), std::move(bias)};
+    }
+
     // All LoRA factors (or gradients) as one vector: targets Q, K, V, O (adapted ones),
     // each A then B, row-major. For one MPI_Allreduce, checkpoints.
     std::size_t param_count() const {
@@ -680,9 +698,46 @@ public:
               "lora_threshold_estimate");
         return r;
     }
+    // lora_threshold_estimate_ex: threshold_estimate for the self-attention forward_ex
+    // with these args would run (statistics over the valid rows, RoPE at the given
+    // positions); args.infer is ignored.
+    lora_threshold_report threshold_estimate_ex(Span<const float> x, std::size_t batch,
+                                                std::size_t seq_len, const AttnArgs &args) {
+        input(x, batch, seq_len, "x");
+        lora_attn_args c{};
+        c.struct_size = sizeof c;
+        c.q_lens = mask(args.q_lens, batch, "q_lens");
+        c.kv_lens = mask(args.kv_lens, batch, "kv_lens");
+        c.q_pos = mask(args.q_pos, batch * seq_len, "q_pos");
+        c.kv_pos = mask(args.kv_pos, batch * seq_len, "kv_pos");
+        c.q_seg = mask(args.q_seg, batch * seq_len, "q_seg");
+        c.kv_seg = mask(args.kv_seg, batch * seq_len, "kv_seg");
+        lora_threshold_report r{};
+        r.struct_size = sizeof r;
+        check(lora_threshold_estimate_ex(ad_.get(), &c, x.data(),
+                                         static_cast<std::int64_t>(batch),
+                                         static_cast<std::int64_t>(seq_len), &r),
+              "lora_threshold_estimate_ex");
+        return r;
+    }
 
 private:
     using Saved = detail::Saved;
+    void typed_base(Target t, const std::uint16_t *weight, std::size_t n, Dtype dtype,
+                    const float *bias, std::size_t nbias, std::uint32_t flags) {
+        const auto [out, in] = base_shape(t);
+        if (dtype == Dtype::F32)
+            throw Error(LORA_ERR_INVALID_ARG, "set_base_typed",
+                        "16-bit weights need Dtype::Bf16 or F16 (floats: set_base)");
+        detail::shape_check(weight && n == out * in, "set_base_typed",
+                            detail::count_msg("weight", n, out * in));
+        detail::shape_check(!bias || nbias == out, "set_base_typed",
+                            detail::count_msg("bias", nbias, out));
+        saved_ = Saved{};
+        check(lora_adapter_set_base_typed(ad_.get(), static_cast<int>(t), weight,
+                                          static_cast<int>(dtype), bias, flags),
+              "lora_adapter_set_base_typed");
+    }
     void check(int st, const char *function) const {
         if (st != LORA_OK)
             throw Error(st, function,
@@ -722,7 +777,8 @@ private:
 
     // Declared before ad_, so destroyed after it: borrowed buffers outlive the handle.
     struct Borrowed {
-        std::shared_ptr<const std::vector<float>> weight, bias;
+        std::shared_ptr<const void> weight; // float or 16-bit elements
+        std::shared_ptr<const std::vector<float>> bias;
     };
     std::array<Borrowed, 4> borrowed_{};
     std::unique_ptr<lora_adapter, detail::AdapterDeleter> ad_;
@@ -730,6 +786,32 @@ private:
     bool out_proj_ = false;
     Saved saved_;
 };
+
+// lora_apply (through lora_apply_with_error, for the message): for every row r whose
+// tenant t = tenant_of_row[r] is >= 0, y[r] += s_t * (x[r] A_t^T) B_t^T of target, with
+// x (rows, in) and y (rows, out); rows of -1 are left alone, bases are not involved.
+// Tenants adapt target with the same (in, out); ranks and scales may differ. They are
+// only read, so threads may share them. On failure y is unchanged.
+inline void apply(Span<const Adapter *const> tenants, Target target,
+                  Span<const std::int32_t> tenant_of_row, Span<const float> x, Span<float> y) {
+    const std::size_t rows = tenant_of_row.size();
+    if (!tenants.empty() && tenants.data()[0]) {
+        const auto [out, in] = tenants.data()[0]->base_shape(target);
+        detail::shape_check(x.size() == rows * in, "apply", detail::count_msg("x", x.size(), rows * in));
+        detail::shape_check(y.size() == rows * out, "apply",
+                            detail::count_msg("y", y.size(), rows * out));
+    }
+    std::vector<const lora_adapter *> handles;
+    for (std::size_t i = 0; i < tenants.size(); i++)
+        handles.push_back(tenants.data()[i] ? tenants.data()[i]->get() : nullptr);
+    char error[512];
+    const int st = lora_apply_with_error(handles.data(), handles.size(), static_cast<int>(target),
+                                         tenant_of_row.data(), x.data(),
+                                         static_cast<std::int64_t>(rows), y.data(), error,
+                                         sizeof error);
+    if (st != LORA_OK)
+        throw Error(st, "lora_apply", error);
+}
 
 // Lends buffers to an adapter's factor for the lifetime of this object (borrow_factor
 // in the constructor, release_factor in the destructor): declare it after the buffers

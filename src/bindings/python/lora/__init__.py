@@ -19,7 +19,7 @@ from ._core import (Param, Target, Backend, Rope, Compute, Dtype, ForwardFlag, I
                     RunInfo, ThresholdReport,
                     Adapter, Tape, KvCache, Optimizer, OptParam, OptimizerKind, mse_loss, mse_loss_mean,
                     version, version_number, status_string, as_f32, save_peft, load_peft,
-                    save_gguf, load_gguf)
+                    save_gguf, load_gguf, apply)
 
 #: Path of the liblora shared library that was loaded.
 library_path = _ffi.library_path
@@ -28,13 +28,13 @@ __version__ = version()
 
 
 def has(name):
-    """True when the loaded library exports the C function `name` (for entry points
-    added after 0.1.0, such as lora_optimizer_create_set and lora_mse_loss_mean)."""
+    """True when the loaded library exports the C function `name` (0.2 entry points such
+    as lora_optimizer_create_set or lora_apply are missing from a 0.1 library)."""
     return _ffi.has(name)
 
 __all__ = [
     "Adapter", "Tape", "KvCache", "Optimizer", "save_peft", "load_peft", "save_gguf", "load_gguf", "OptParam", "OptimizerKind", "RunInfo", "ThresholdReport", "mse_loss",
-    "mse_loss_mean", "version", "version_number",
+    "mse_loss_mean", "apply", "version", "version_number",
     "status_string", "as_f32", "library_path", "has",
     "Param", "Target", "Backend", "Rope", "Compute", "Dtype", "ForwardFlag", "Init", "Factor",
     "Status",

@@ -540,6 +540,43 @@ class Adapter:
                     "lora_adapter_set_base_borrowed")
         self._borrowed[t] = (w, b)
 
+    def set_base_typed(self, target, weight, dtype, bias=None, borrow=False):
+        """lora_adapter_set_base_typed: a frozen base projection stored as `dtype`
+        (Dtype.BF16 / F16: weight (out, in) of uint16 holding the 16-bit patterns, e.g.
+        a safetensors tensor's bytes viewed as uint16; Dtype.F32: float32). bias (out,)
+        float32 or None. borrow=True (LORA_BASE_BORROW) uses the arrays in place: the
+        adapter keeps a reference to them until the base is replaced or the adapter is
+        closed; do not modify them meanwhile."""
+        _need("lora_adapter_set_base_typed")
+        t = _target(target)
+        dt = _enum_value(Dtype, dtype)
+        fn = "lora_adapter_set_base_typed"
+        shape = self.base_shape(t)
+        if dt == Dtype.F32:
+            w = as_f32(weight, "weight")
+        else:  # an unknown dtype goes to the library, which answers UNSUPPORTED
+            w = np.asarray(weight)
+            if dt in (Dtype.BF16, Dtype.F16) and w.dtype != np.uint16:
+                raise DtypeError(Status.INVALID_ARG, "weight of dtype %s must be uint16 "
+                                 "bit patterns (got %s)" % (Dtype(dt).name, w.dtype), fn)
+            w = np.ascontiguousarray(w)
+        if w.shape != shape:
+            raise ShapeError(Status.SHAPE, "weight has shape %s, expected %s"
+                             % (w.shape, shape), fn)
+        b = None
+        if bias is not None:
+            b = as_f32(bias, "bias")
+            if b.shape != (shape[0],):
+                raise ShapeError(Status.SHAPE, "bias has shape %s, expected %s"
+                                 % (b.shape, (shape[0],)), fn)
+        self._saved = None
+        self._check(_lib.lora_adapter_set_base_typed(self._h(), t, _ptr(w), dt, _ptr(b),
+                                                     1 if borrow else 0), fn)
+        if borrow:
+            self._borrowed[t] = (w, b)
+        else:
+            self._borrowed.pop(t, None)
+
     def set_rope_freqs(self, inv_freq):
         """lora_adapter_set_rope_freqs: replaces RoPE's inverse frequencies
         (THETA^(-2i/ROPE_DIM) by default) with ROPE_DIM/2 finite values >= 0, used in
@@ -842,21 +879,8 @@ class Adapter:
         if tape is not None and (not isinstance(tape, Tape) or tape.adapter is not self):
             raise StateError(Status.STATE, "tape belongs to another adapter",
                              "lora_forward_ex")
-        args = _ffi.AttnArgsC(struct_size=ctypes.sizeof(_ffi.AttnArgsC),
-                              flags=int(ForwardFlag.INFER) if infer else 0,
-                              tape=tape._h() if tape is not None else None)
-        keep = []  # the mask arrays must live through the call
-        for name, value, dtype, shape in (
-                ("q_lens", q_lens, np.int64, (batch,)),
-                ("kv_lens", kv_lens, np.int64, (batch,)),
-                ("q_pos", q_pos, np.int64, (batch, len_q)),
-                ("kv_pos", kv_pos, np.int64, (batch, len_kv)),
-                ("q_seg", q_seg, np.int32, (batch, len_q)),
-                ("kv_seg", kv_seg, np.int32, (batch, len_kv))):
-            if value is not None:
-                arr = _int_array(value, name, dtype, shape)
-                keep.append(arr)
-                setattr(args, name, arr.ctypes.data)
+        args, keep = _attn_args(batch, len_q, len_kv, ForwardFlag.INFER if infer else 0,
+                                tape, q_lens, kv_lens, q_pos, kv_pos, q_seg, kv_seg)
         oshape = qgiven[:-1] + (self.out_dim,)
         o = _out_buffer(out, oshape, "out")
         saved = ("self", oshape, qgiven) if kv3 is None else ("cross", oshape, qgiven,
@@ -963,6 +987,45 @@ class Adapter:
                                                  ctypes.byref(s)),
                     "lora_threshold_estimate")
         return _from_struct(ThresholdReport, s)
+
+    def threshold_estimate_ex(self, x, *, q_lens=None, q_pos=None, q_seg=None):
+        """lora_threshold_estimate_ex: threshold_estimate for the self-attention
+        forward_ex(x, q_lens=..., q_pos=..., q_seg=...) would run: statistics over the
+        valid rows, RoPE at the given positions (masks as forward_ex's; a key's length,
+        positions and segments are the query's in self-attention)."""
+        _need("lora_threshold_estimate_ex")
+        h = self._h()
+        x3, _ = self._input(x, "x")
+        batch, seq_len = x3.shape[0], x3.shape[1]
+        args, keep = _attn_args(batch, seq_len, seq_len, 0, None, q_lens, None, q_pos,
+                                None, q_seg, None)
+        s = _ffi.ThresholdReportC(struct_size=ctypes.sizeof(_ffi.ThresholdReportC))
+        self._check(_lib.lora_threshold_estimate_ex(h, ctypes.byref(args), _ptr(x3), batch,
+                                                    seq_len, ctypes.byref(s)),
+                    "lora_threshold_estimate_ex")
+        del keep
+        return _from_struct(ThresholdReport, s)
+
+
+def _attn_args(batch, len_q, len_kv, flags, tape, q_lens, kv_lens, q_pos, kv_pos, q_seg,
+               kv_seg):
+    """(lora_attn_args, arrays it points to): the caller keeps the arrays alive through
+    the C call."""
+    args = _ffi.AttnArgsC(struct_size=ctypes.sizeof(_ffi.AttnArgsC), flags=int(flags),
+                          tape=tape._h() if tape is not None else None)
+    keep = []
+    for name, value, dtype, shape in (
+            ("q_lens", q_lens, np.int64, (batch,)),
+            ("kv_lens", kv_lens, np.int64, (batch,)),
+            ("q_pos", q_pos, np.int64, (batch, len_q)),
+            ("kv_pos", kv_pos, np.int64, (batch, len_kv)),
+            ("q_seg", q_seg, np.int32, (batch, len_q)),
+            ("kv_seg", kv_seg, np.int32, (batch, len_kv))):
+        if value is not None:
+            arr = _int_array(value, name, dtype, shape)
+            keep.append(arr)
+            setattr(args, name, arr.ctypes.data)
+    return args, keep
 
 
 def _shared_f32(a, name, count):
@@ -1333,6 +1396,45 @@ class Optimizer:
 def _handles(adapters):
     """A C array of the adapters' handles."""
     return (_ffi.AdapterP * len(adapters))(*[a._h() for a in adapters])
+
+
+def apply(tenants, target, tenant_of_row, x, y):
+    """lora_apply: for every row r with t = tenant_of_row[r] >= 0, adds tenant t's LoRA
+    delta of `target` to y in place: y[r] += s_t * (x[r] @ A_t.T) @ B_t.T (bases and
+    biases not involved; rows of -1 are left alone). tenants: Adapters adapting target
+    with the same (in, out), ranks and scales may differ; tenant_of_row (rows,) int32;
+    x (rows, in) float32; y (rows, out) a writable C-contiguous float32 array. Returns
+    y. Failures raise with lora_apply_with_error's message; y is then unchanged."""
+    fn = "lora_apply"
+    _need("lora_apply_with_error")
+    tenants = list(tenants)
+    t = _target(target)
+    ids = np.asarray(tenant_of_row)
+    if ids.dtype.kind not in "iu" or ids.ndim != 1:
+        raise DtypeError(Status.INVALID_ARG, "tenant_of_row must be a 1-D integer array "
+                         "(got %s of shape %s)" % (ids.dtype, ids.shape), fn)
+    ids = np.ascontiguousarray(ids, dtype=np.int32)
+    rows = ids.shape[0]
+    a = as_f32(x, "x")
+    if tenants and isinstance(tenants[0], Adapter):
+        out_f, in_f = tenants[0].base_shape(t)
+        if a.shape != (rows, in_f):
+            raise ShapeError(Status.SHAPE, "x has shape %s, expected %s"
+                             % (a.shape, (rows, in_f)), fn)
+        if not isinstance(y, np.ndarray) or y.shape != (rows, out_f):
+            raise ShapeError(Status.SHAPE, "y has shape %s, expected %s"
+                             % (getattr(y, "shape", None), (rows, out_f)), fn)
+    if not isinstance(y, np.ndarray) or y.dtype != np.float32 or \
+            not y.flags.c_contiguous or not y.flags.writeable:
+        raise DtypeError(Status.INVALID_ARG, "y must be a writable C-contiguous float32 "
+                         "array (it is added to in place)", fn)
+    handles = _handles(tenants) if tenants else None
+    err = ctypes.create_string_buffer(512)
+    st = _lib.lora_apply_with_error(handles, len(tenants), t, _ptr(ids), _ptr(a), rows,
+                                    _ptr(y), err, len(err))
+    if st != Status.OK:
+        raise error_for(st, err.value.decode(), fn)
+    return y
 
 
 # ---- adapter files (PEFT directory, llama.cpp GGUF) ------------------------------------

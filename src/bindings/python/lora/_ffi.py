@@ -199,8 +199,8 @@ _PROTOTYPES = {
                             ctypes.POINTER(_sz), _s, ConfigP]),
 }
 
-# Entry points added after 0.1.0 (the baseline above): declared when the loaded library
-# exports them (has(name) tells); the Python API raises UnsupportedError otherwise.
+# Entry points of 0.2: declared when the loaded library exports them (has(name) tells);
+# the Python API raises UnsupportedError otherwise.
 _OPTIONAL_PROTOTYPES = {
     "lora_optimizer_create_set": (_i, [ctypes.POINTER(OptimizerP), ctypes.POINTER(AdapterP),
                                        _sz, _i]),
@@ -223,6 +223,14 @@ _OPTIONAL_PROTOTYPES = {
     "lora_kv_cache_length": (_i, [KvCacheP, _i64, ctypes.POINTER(_i64)]),
     "lora_decode": (_i, [AdapterP, KvCacheP, _p, _i64, _p]),
     "lora_decode_ex": (_i, [AdapterP, ctypes.POINTER(DecodeArgsC), KvCacheP, _p, _i64, _p]),
+    "lora_adapter_set_base_typed": (_i, [AdapterP, _i, _p, _i, _p, _u32]),
+    "lora_apply": (_i, [ctypes.POINTER(AdapterP), _sz, _i, _p, _p, _i64, _p]),
+    "lora_apply_with_error": (_i, [ctypes.POINTER(AdapterP), _sz, _i, _p, _p, _i64, _p,
+                                   ctypes.c_char_p, _sz]),
+    "lora_threshold_estimate_ex": (_i, [AdapterP, ctypes.POINTER(AttnArgsC), _p, _i64, _i64,
+                                        ctypes.POINTER(ThresholdReportC)]),
+    # Declared for completeness; the package does not plug allocators (docs/python.md).
+    "lora_config_create_with_allocator": (_i, [ctypes.POINTER(ConfigP), _p]),
 }
 
 
@@ -306,5 +314,6 @@ if _major != ABI_MAJOR:
 
 
 def has(name):
-    """True when the loaded library exports `name` (for entry points added after 0.1.0)."""
+    """True when the loaded library exports the C function `name` (entry points of 0.2
+    may be missing from an older library)."""
     return hasattr(lib, name)

@@ -1,6 +1,6 @@
 """Training and serving entry points: optimizer (one adapter or a set), flat vectors,
-merge, borrowed bases, hot swap. Tests of entry points added after 0.1.0 are skipped
-when the loaded library lacks them."""
+merge, borrowed bases, hot swap. Tests of 0.2 entry points are skipped when the loaded
+library lacks them."""
 import gc
 
 import numpy as np

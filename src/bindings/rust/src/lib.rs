@@ -598,7 +598,46 @@ fn factor_index(t: Target, w: Factor) -> usize {
 }
 
 /// A borrowed base weight and its optional bias.
-type Borrowed = (Arc<[f32]>, Option<Arc<[f32]>>);
+type Borrowed = (SharedWeight, Option<Arc<[f32]>>);
+
+/// A base weight to copy, by element type (`lora_dtype`): 16-bit values are bit
+/// patterns in host byte order (a safetensors tensor's bytes as stored).
+#[derive(Debug, Clone, Copy)]
+pub enum TypedWeight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    F16(&'a [u16]),
+}
+
+/// A base weight used in place (`LORA_BASE_BORROW`): the adapter holds the `Arc`, so
+/// the values outlive every use and cannot change.
+#[derive(Debug, Clone)]
+pub enum SharedWeight {
+    F32(Arc<[f32]>),
+    Bf16(Arc<[u16]>),
+    F16(Arc<[u16]>),
+}
+
+impl TypedWeight<'_> {
+    /// (pointer, element count, `LORA_DTYPE_*`).
+    fn raw(&self) -> (*const std::os::raw::c_void, usize, c_int) {
+        match self {
+            TypedWeight::F32(w) => (w.as_ptr().cast(), w.len(), sys::LORA_DTYPE_F32),
+            TypedWeight::Bf16(w) => (w.as_ptr().cast(), w.len(), sys::LORA_DTYPE_BF16),
+            TypedWeight::F16(w) => (w.as_ptr().cast(), w.len(), sys::LORA_DTYPE_F16),
+        }
+    }
+}
+
+impl SharedWeight {
+    fn as_typed(&self) -> TypedWeight<'_> {
+        match self {
+            SharedWeight::F32(w) => TypedWeight::F32(w),
+            SharedWeight::Bf16(w) => TypedWeight::Bf16(w),
+            SharedWeight::F16(w) => TypedWeight::F16(w),
+        }
+    }
+}
 
 fn target_index(t: Target) -> usize {
     match t {
@@ -789,8 +828,66 @@ impl Adapter {
         )?;
         // Replaces (and releases) any earlier borrow of this target only after the
         // library has switched to the new buffers.
+        self.borrowed[target_index(target)] = Some((SharedWeight::F32(weight), bias));
+        Ok(())
+    }
+
+    /// `lora_adapter_set_base_typed` with flags 0: copies a base weight (out, in) of any
+    /// element type (a bf16 copy costs 2 bytes per weight) and a float bias (out).
+    pub fn set_base_typed(
+        &mut self,
+        target: Target,
+        weight: TypedWeight<'_>,
+        bias: Option<&[f32]>,
+    ) -> Result<()> {
+        self.set_base_typed_raw(target, weight, bias, 0)?;
+        self.borrowed[target_index(target)] = None;
+        Ok(())
+    }
+
+    /// `lora_adapter_set_base_typed` with `LORA_BASE_BORROW`: uses a shared base weight
+    /// of any element type in place (as [`Adapter::set_base_borrowed`] for floats).
+    pub fn set_base_typed_borrowed(
+        &mut self,
+        target: Target,
+        weight: SharedWeight,
+        bias: Option<Arc<[f32]>>,
+    ) -> Result<()> {
+        self.set_base_typed_raw(target, weight.as_typed(), bias.as_deref(),
+                                sys::LORA_BASE_BORROW)?;
         self.borrowed[target_index(target)] = Some((weight, bias));
         Ok(())
+    }
+
+    fn set_base_typed_raw(
+        &mut self,
+        target: Target,
+        weight: TypedWeight<'_>,
+        bias: Option<&[f32]>,
+        flags: u32,
+    ) -> Result<()> {
+        let (o, i) = self.base_shape(target);
+        let (wp, n, dtype) = weight.raw();
+        if n != o * i {
+            return Err(shape_error(
+                "set_base_typed",
+                format!("weight has {n} values, expected {o}x{i}"),
+            ));
+        }
+        if let Some(b) = bias {
+            if b.len() != o {
+                return Err(shape_error(
+                    "set_base_typed",
+                    format!("bias has {} values, expected {}", b.len(), o),
+                ));
+            }
+        }
+        self.saved = Saved::None;
+        let bp = bias.map_or(ptr::null(), |b| b.as_ptr());
+        self.check(
+            unsafe { sys::lora_adapter_set_base_typed(self.h, target.code(), wp, dtype, bp, flags) },
+            "lora_adapter_set_base_typed",
+        )
     }
 
     /// (rows, cols) of a LoRA factor: A is (rank, in), B is (out, rank).
@@ -1535,7 +1632,45 @@ impl Adapter {
             },
             "lora_threshold_estimate",
         )?;
-        Ok(ThresholdReport {
+        Ok(ThresholdReport::from_sys(&s))
+    }
+
+    /// `lora_threshold_estimate_ex`: [`Adapter::threshold_estimate`] for the
+    /// self-attention [`Adapter::forward_ex`] with these `args` would run (statistics
+    /// over the valid rows, RoPE at the given positions); `args.infer` is ignored.
+    pub fn threshold_estimate_ex(
+        &mut self,
+        x: &[f32],
+        batch: usize,
+        seq_len: usize,
+        args: &AttnArgs<'_>,
+    ) -> Result<ThresholdReport> {
+        self.input_len("x", x.len(), batch, seq_len)?;
+        let c = args.to_sys(batch, seq_len, seq_len, true)?;
+        let mut s = sys::lora_threshold_report {
+            struct_size: std::mem::size_of::<sys::lora_threshold_report>() as u32,
+            ..Default::default()
+        };
+        self.check(
+            unsafe {
+                sys::lora_threshold_estimate_ex(
+                    self.h,
+                    &c,
+                    x.as_ptr(),
+                    batch as i64,
+                    seq_len as i64,
+                    &mut s,
+                )
+            },
+            "lora_threshold_estimate_ex",
+        )?;
+        Ok(ThresholdReport::from_sys(&s))
+    }
+}
+
+impl ThresholdReport {
+    fn from_sys(s: &sys::lora_threshold_report) -> ThresholdReport {
+        ThresholdReport {
             recommended_backend: Backend::from_code(s.recommended_backend),
             gamma_q: s.gamma_q,
             gamma_k: s.gamma_k,
@@ -1548,7 +1683,55 @@ impl Adapter {
             flops_exact: s.flops_exact,
             flops_poly: s.flops_poly,
             poly_groups: s.poly_groups,
-        })
+        }
+    }
+}
+
+/// `lora_apply` (through `lora_apply_with_error`, for the message): for every row r
+/// whose tenant t = `tenant_of_row[r]` is >= 0, adds tenant t's LoRA delta of `target`
+/// to `y` (rows, out): `y[r] += s_t * (x[r] A_t^T) B_t^T`, with x (rows, in). Rows of
+/// -1 are left alone; bases and biases are not involved. Every tenant adapts `target`
+/// with the same (in, out); ranks and scales may differ. The tenants are only read, so
+/// threads may share them. On failure `y` is unchanged.
+pub fn apply(
+    tenants: &[&Adapter],
+    target: Target,
+    tenant_of_row: &[i32],
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    let rows = tenant_of_row.len();
+    if let Some(first) = tenants.first() {
+        let (o, i) = first.base_shape(target);
+        if x.len() != rows * i || y.len() != rows * o {
+            return Err(shape_error(
+                "apply",
+                format!(
+                    "x has {} values and y {}, expected {rows}x{i} and {rows}x{o}",
+                    x.len(),
+                    y.len()
+                ),
+            ));
+        }
+    }
+    let handles: Vec<*const sys::lora_adapter> = tenants.iter().map(|a| a.h.cast_const()).collect();
+    let mut err = [0 as c_char; 512];
+    let st = unsafe {
+        sys::lora_apply_with_error(
+            handles.as_ptr(),
+            handles.len(),
+            target.code(),
+            tenant_of_row.as_ptr(),
+            x.as_ptr(),
+            rows as i64,
+            y.as_mut_ptr(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    match Status::from_code(st) {
+        None => Ok(()),
+        Some(s) => Err(LoraError::new(s, "lora_apply", cstr(err.as_ptr()))),
     }
 }
 

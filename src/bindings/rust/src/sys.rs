@@ -128,6 +128,9 @@ pub const LORA_B: c_int = 1;
 /// `lora_forward_flag`: flags of a forward's per-call arguments.
 pub const LORA_FWD_INFER: c_int = 1;
 
+/// Flag of `lora_adapter_set_base_typed`: use the caller's buffers without copying.
+pub const LORA_BASE_BORROW: u32 = 1;
+
 /// Opaque `lora_tape`: what one training forward saved for its backward.
 #[repr(C)]
 pub struct lora_tape {
@@ -548,6 +551,42 @@ extern "C" {
         layers: *const i64,
         count: usize,
         options: *const lora_save_options,
+    ) -> c_int;
+    pub fn lora_adapter_set_base_typed(
+        ad: *mut lora_adapter,
+        target: c_int,
+        weight: *const c_void,
+        dtype: c_int,
+        bias: *const f32,
+        flags: u32,
+    ) -> c_int;
+    pub fn lora_apply(
+        tenants: *const *const lora_adapter,
+        n_tenants: usize,
+        target: c_int,
+        tenant_of_row: *const i32,
+        x: *const f32,
+        rows: i64,
+        y: *mut f32,
+    ) -> c_int;
+    pub fn lora_apply_with_error(
+        tenants: *const *const lora_adapter,
+        n_tenants: usize,
+        target: c_int,
+        tenant_of_row: *const i32,
+        x: *const f32,
+        rows: i64,
+        y: *mut f32,
+        error: *mut c_char,
+        error_size: usize,
+    ) -> c_int;
+    pub fn lora_threshold_estimate_ex(
+        ad: *mut lora_adapter,
+        args: *const lora_attn_args,
+        x: *const f32,
+        batch: i64,
+        seq_len: i64,
+        report: *mut lora_threshold_report,
     ) -> c_int;
 }
 

@@ -416,3 +416,33 @@ fn version_matches_header() {
         lora::version_number()
     );
 }
+
+/// Every `LORA_API` function of lora.h, read from the header text, has an `extern "C"`
+/// declaration in `sys` (so a new C function without a binding fails here).
+#[test]
+fn sys_declares_every_header_function() {
+    let inc = env!("LORA_INCLUDE_DIR");
+    if inc.is_empty() {
+        eprintln!("skipped: lora.h not found next to the crate");
+        return;
+    }
+    let text = std::fs::read_to_string(std::path::Path::new(inc).join("lora.h")).unwrap();
+    let code = strip_comments(&text);
+    let sys_src = include_str!("../src/sys.rs");
+    let mut names = Vec::new();
+    for decl in code.split("LORA_API").skip(1) {
+        let head = decl.split('(').next().unwrap();
+        if head.contains(';') || head.contains('#') || head.len() == decl.len() {
+            continue; // the macro's own definition, not a declaration
+        }
+        let words = head.split(|c: char| !(c.is_alphanumeric() || c == '_'));
+        let name = words.filter(|w| !w.is_empty()).last().unwrap_or("");
+        if name.starts_with("lora_") {
+            names.push(name.to_string());
+        }
+    }
+    assert!(names.len() > 60, "parsed only {} functions from lora.h", names.len());
+    let missing: Vec<_> =
+        names.iter().filter(|n| !sys_src.contains(&format!("pub fn {n}("))).collect();
+    assert!(missing.is_empty(), "lora.h functions not declared in sys: {missing:?}");
+}
