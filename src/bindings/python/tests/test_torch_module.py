@@ -204,6 +204,23 @@ def test_frozen_factors_get_no_gradient():
     assert m.lora_A["q"].grad is None and m.lora_B["q"].grad is not None
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant):
+    from torch.utils.checkpoint import checkpoint
+    m = layer(13)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    g = torch.randn(2, 4, 12)
+    (m(m(x)) * g).sum().backward()
+    want = [x.grad.clone()] + [p.grad.clone() for _, _, p in factor_params(m)]
+    m.zero_grad(set_to_none=True)
+    x.grad = None
+    y = checkpoint(lambda a: m(m(a)), x, use_reentrant=reentrant)
+    (y * g).sum().backward()
+    got = [x.grad] + [p.grad for _, _, p in factor_params(m)]
+    for w, d in zip(want, got):
+        assert torch.allclose(d, w, rtol=1e-5, atol=1e-6)
+
+
 def test_double_backward_through_layer_raises():
     """The node is once-differentiable: a second derivative through it is refused."""
     m = layer(11)
