@@ -7,7 +7,8 @@ ways, alternating run by run so both see the same state of the machine:
   direct  lora.Adapter.forward_ex / backward_ex on numpy arrays, one reused lora.Tape,
           a preallocated output, base weights borrowed (the least a caller can do);
   module  lora.torch.LoraAttention(x) then y.backward(dout): autograd, Parameters
-          sharing the factors' memory, .grad as the gradient memory.
+          sharing the factors' memory, factor gradients written by liblora into
+          fresh tensors that autograd accumulates into .grad.
 
 Both run the same adapter configuration on the same input, base weights and factors.
 The overhead is median(module) / median(direct) - 1; the goal is at most 5% at L = 4096.

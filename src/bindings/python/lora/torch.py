@@ -8,10 +8,12 @@ nn.Parameters sharing memory with a liblora adapter, trained with torch.optim.
     y = attn(x)                     # x: (batch, L, 64) float32, requires_grad or not
     loss = y.square().mean(); loss.backward(); opt.step(); opt.zero_grad()
 
-- Zero copy: each factor Parameter's memory is the adapter's factor (and its .grad the
-  adapter's gradient: liblora's backward accumulates into it in place, so autograd is
-  handed no gradient for the factors). torch.optim writes the Parameters in place and
-  liblora sees it (lora_adapter_borrow_factor's fingerprint).
+- Zero copy: each factor Parameter's memory is the adapter's factor. torch.optim writes
+  the Parameters in place and liblora sees it (lora_adapter_borrow_factor's
+  fingerprint). The factors are ordinary autograd inputs: each backward has liblora
+  write their gradients into fresh tensors (borrowed as the adapter's gradient memory)
+  that it returns to autograd, which accumulates them into .grad, runs hooks, serves
+  torch.autograd.grad and DDP. Nothing writes .grad behind autograd's back.
 - Every forward that autograd may differentiate records into its own lora.Tape, so a
   layer can run several times before its backwards (reuse, weight tying, checkpointing,
   chosen/rejected pairs). Forwards under torch.no_grad() (or with nothing requiring
@@ -93,9 +95,9 @@ _TAPE_POOL_MAX = 4
 
 class _AttentionFunction(torch.autograd.Function):
     """One liblora forward on its own tape; the backward reads that tape. Inputs: the
-    module, xq, xkv (or None), the mask arguments, then the factor Parameters (so
-    autograd calls backward when only they require grad; their gradients go straight
-    into their .grad memory, so None is returned for them)."""
+    module, the mask arguments, xq, xkv (or None), then the factor Parameters, whose
+    gradients backward returns like any other input's: autograd accumulates them
+    (into .grad, through hooks, torch.autograd.grad, DDP)."""
 
     @staticmethod
     def forward(ctx, module, masks, xq, xkv, *factors):
@@ -107,9 +109,10 @@ class _AttentionFunction(torch.autograd.Function):
         return torch.from_numpy(out)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         module, tape = ctx.module, ctx.lease.tape
-        module._bind_grads()
+        grads = module._fresh_grads()
         want_dx = ctx.needs_input_grad[2] or (ctx.cross and ctx.needs_input_grad[3])
         d = dout.detach().to(torch.float32).contiguous().numpy()
         dx = module.adapter.backward_ex(d, tape=tape, need_dx=want_dx)
@@ -119,7 +122,9 @@ class _AttentionFunction(torch.autograd.Function):
             dxq = torch.from_numpy(dq) if ctx.needs_input_grad[2] else None
             if ctx.cross and ctx.needs_input_grad[3]:
                 dxkv = torch.from_numpy(dkv)
-        return (None, None, dxq, dxkv) + (None,) * (len(ctx.needs_input_grad) - 4)
+        dfactors = tuple(g if need else None
+                         for g, need in zip(grads, ctx.needs_input_grad[4:]))
+        return (None, None, dxq, dxkv) + dfactors
 
 
 class LoraAttention(torch.nn.Module):
@@ -140,7 +145,7 @@ class LoraAttention(torch.nn.Module):
         self.config = self.adapter.config
         self.lora_A = torch.nn.ParameterDict()
         self.lora_B = torch.nn.ParameterDict()
-        self._bound = {}  # (target, factor) -> (param data_ptr, grad data_ptr or None)
+        self._bound = {}  # (target, factor) -> the Parameter's data_ptr the adapter uses
         self._base_ptrs = {}  # target -> (weight data_ptr, bias data_ptr or None)
         self._tape_pool = []  # idle tapes (_TapeLease)
         self._rope_freqs = None  # a table set by set_rope_freqs (float64), for reference
@@ -168,33 +173,25 @@ class LoraAttention(torch.nn.Module):
         load_state_dict that replaced tensors, ...); cheap when nothing moved."""
         for t, w, p in self._factors():
             key = (t, w)
-            bound = self._bound.get(key)
-            if bound and bound[0] == p.data_ptr():
+            if self._bound.get(key) == p.data_ptr():
                 continue
             self._check_param(t, w, p)
-            grad = p.grad if p.grad is not None and self._grad_usable(p) else None
-            self.adapter.borrow_factor(t, w, p.data, grad)
-            self._bound[key] = (p.data_ptr(), None if grad is None else grad.data_ptr())
+            self.adapter.borrow_factor(t, w, p.data)
+            self._bound[key] = p.data_ptr()
 
-    @staticmethod
-    def _grad_usable(p):
-        g = p.grad
-        return g.dtype == torch.float32 and g.device.type == "cpu" and g.is_contiguous() \
-            and g.shape == p.shape
-
-    def _bind_grads(self):
-        """Makes every factor's .grad the adapter's gradient memory before a backward
-        accumulates into it (a .grad set to None by zero_grad(set_to_none=True) starts
-        again from zeros; a .grad the caller replaced is adopted)."""
+    def _fresh_grads(self):
+        """New zeroed tensors, one per factor (_factors' order), made the adapter's
+        gradient memory for one backward: liblora accumulates into its gradient, so a
+        fresh buffer per backward yields exactly this backward's contribution, handed
+        to autograd with no copy. Giving the factor's own memory again is not a
+        parameter change, so the tape stays valid."""
         self._bind_params()
+        grads = []
         for t, w, p in self._factors():
-            if not p.requires_grad:  # frozen: liblora accumulates into its own storage
-                continue
-            if p.grad is None or not self._grad_usable(p):
-                p.grad = torch.zeros_like(p)
-            if self._bound[(t, w)][1] != p.grad.data_ptr():
-                self.adapter.borrow_factor(t, w, p.data, p.grad)
-                self._bound[(t, w)] = (p.data_ptr(), p.grad.data_ptr())
+            g = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            self.adapter.borrow_factor(t, w, p.data, g)
+            grads.append(g)
+        return grads
 
     def set_base(self, target, weight, bias=None):
         """Copies a frozen base projection (weight (out, in), bias (out) or None) into

@@ -139,20 +139,96 @@ def test_layer_reused_twice_before_backward():
         assert rel(getattr(m, "lora_" + w)[t].grad, p.grad) < TOL, (t, w)
 
 
-def test_factor_grads_live_in_parameter_grads():
+def factor_params(m):
+    return [(t, w, getattr(m, "lora_" + w)[t]) for t in m.adapter.targets for w in "AB"]
+
+
+def test_factor_grads_accumulate_like_torch():
+    """Two backwards add into .grad (autograd accumulates what backward returns);
+    zero_grad(set_to_none=True) starts again; retain_graph backwards the same tape twice."""
     m = layer(5)
     x = torch.randn(2, 4, 12)  # no grad: the factors alone make autograd call backward
     m(x).sum().backward()
     g1 = {k: p.grad.clone() for k, p in m.named_parameters()}
-    m(x).sum().backward()  # accumulates, as torch does
+    m(x).sum().backward()
     for k, p in m.named_parameters():
-        assert torch.allclose(p.grad, 2 * g1[k], rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(p.grad.numpy(), m.adapter.grad(k[-1], k[5]))
+        assert torch.allclose(p.grad, 2 * g1[k], rtol=1e-6, atol=1e-6), k
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     opt.zero_grad(set_to_none=True)
-    m(x).sum().backward()  # fresh .grad tensors are adopted
+    y = m(x).sum()
+    y.backward(retain_graph=True)
+    y.backward()
     for k, p in m.named_parameters():
-        assert torch.allclose(p.grad, g1[k], rtol=1e-6, atol=1e-6)
+        assert torch.allclose(p.grad, 2 * g1[k], rtol=1e-6, atol=1e-6), k
+
+
+def test_autograd_grad_on_factors_leaves_grad_untouched():
+    m = layer(8)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    g = torch.randn(2, 4, 12)
+    params = [p for _, _, p in factor_params(m)]
+    got = torch.autograd.grad((m(x) * g).sum(), params + [x])
+    assert all(p.grad is None for p in params) and x.grad is None
+    (m(x) * g).sum().backward()
+    for (t, w, p), d in zip(factor_params(m), got):
+        assert d is not None and torch.equal(d, p.grad), (t, w)
+    _, dx64, _, f64 = reference_grads(m, x, None, g)
+    assert rel(got[-1], dx64) < TOL
+    for (t, w, _), d in zip(factor_params(m), got):
+        assert rel(d, f64[(t, w)]) < TOL, (t, w)
+    # one factor alone (no allow_unused needed), and .grad again left as it was
+    before = m.lora_B["q"].grad.clone()
+    (dbq,) = torch.autograd.grad((m(x) * g).sum(), [m.lora_B["q"]])
+    assert torch.equal(dbq, before) and torch.equal(m.lora_B["q"].grad, before)
+
+
+def test_hooks_on_factor_parameters_fire():
+    m = layer(9)
+    x = torch.randn(2, 4, 12)
+    seen = {}
+    for t, w, p in factor_params(m):
+        p.register_hook(lambda grad, key=(t, w): seen.setdefault(key, grad.clone()))
+    doubled = m.lora_A["k"]
+    doubled.register_hook(lambda grad: 2 * grad)  # a hook's result is what accumulates
+    m(x).sum().backward()
+    assert set(seen) == {(t, w) for t, w, _ in factor_params(m)}
+    for t, w, p in factor_params(m):
+        want = 2 * seen[(t, w)] if (t, w) == ("k", "A") else seen[(t, w)]
+        assert torch.equal(p.grad, want), (t, w)
+
+
+def test_frozen_factors_get_no_gradient():
+    m = layer(10)
+    m.lora_A["q"].requires_grad_(False)
+    m(torch.randn(2, 4, 12)).sum().backward()
+    assert m.lora_A["q"].grad is None and m.lora_B["q"].grad is not None
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant):
+    from torch.utils.checkpoint import checkpoint
+    m = layer(13)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    g = torch.randn(2, 4, 12)
+    (m(m(x)) * g).sum().backward()
+    want = [x.grad.clone()] + [p.grad.clone() for _, _, p in factor_params(m)]
+    m.zero_grad(set_to_none=True)
+    x.grad = None
+    y = checkpoint(lambda a: m(m(a)), x, use_reentrant=reentrant)
+    (y * g).sum().backward()
+    got = [x.grad] + [p.grad for _, _, p in factor_params(m)]
+    for w, d in zip(want, got):
+        assert torch.allclose(d, w, rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_through_layer_raises():
+    """The node is once-differentiable: a second derivative through it is refused."""
+    m = layer(11)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    g = torch.randn(2, 4, 12, requires_grad=True)
+    (dx,) = torch.autograd.grad(m(x), [x], grad_outputs=g, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
 
 
 def test_no_grad_is_inference_and_equal():
@@ -194,3 +270,40 @@ def test_worked_example_matches_pure_torch_twin(tmp_path):
     assert len(lib) == 50 and lib[-1] < 0.5 * lib[0]
     assert max(abs(a - b) / abs(b) for a, b in zip(lib, twin)) < 1e-4
     assert example.main([str(tmp_path / "peft")]) == 0
+
+
+def _ddp_rank(rank, store_file, result_file):
+    """One DDP process: its own input; saves its factors' .grad after one backward."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method="file://" + store_file, rank=rank,
+                            world_size=2)
+    try:
+        m = layer(12)
+        ddp = torch.nn.parallel.DistributedDataParallel(m)
+        x = torch.randn(2, 4, 12, generator=torch.Generator().manual_seed(100 + rank))
+        ddp(x).sum().backward()
+        torch.save({k: p.grad for k, p in m.named_parameters()}, result_file % rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_averages_factor_gradients(tmp_path):
+    """DDP reduces what autograd accumulates: each rank ends with the mean over ranks."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed without gloo")
+    result = str(tmp_path / "grads%d.pt")
+    torch.multiprocessing.spawn(_ddp_rank, args=(str(tmp_path / "store"), result),
+                                nprocs=2, join=True)
+    got = [torch.load(result % r) for r in range(2)]
+    m = layer(12)
+    mean = {k: torch.zeros_like(p) for k, p in m.named_parameters()}
+    for r in range(2):
+        m.zero_grad(set_to_none=True)
+        x = torch.randn(2, 4, 12, generator=torch.Generator().manual_seed(100 + r))
+        m(x).sum().backward()
+        for k, p in m.named_parameters():
+            mean[k] += p.grad / 2
+    for k in mean:
+        for r in range(2):
+            assert torch.allclose(got[r][k], mean[k], rtol=1e-5, atol=1e-5), (k, r)
