@@ -11,7 +11,7 @@
 /* generated: 2026-12-08, liblora 0.1.0, 2 threads, samples per class: 4 4 2 2 */
 #define POLY_CALIBRATION_CLASSES 4
 static const int64_t poly_calibration_head_dim[POLY_CALIBRATION_CLASSES] = {8, 16, 32, INT64_MAX};
-static const double poly_calibration_ratio[POLY_CALIBRATION_CLASSES] = {0.92, 2.49, 9.64, 5.19};
+static const double poly_calibration_ratio[POLY_CALIBRATION_CLASSES] = {2.18, 2.96, 1.9, 1.61};
 
 /* The ratio of the first class whose head_dim bound is at least head_dim. */
 static inline double poly_calibrated_ratio(int64_t head_dim)
