@@ -383,28 +383,14 @@ LORA_API int lora_backward_cross(lora_adapter *ad, const float *dout, float *dxq
 /* The first (0.2) layout of lora_attn_args ends at tape; later fields are appended. */
 #define ATTN_ARGS_FIRST_SIZE (offsetof(lora_attn_args, tape) + sizeof(lora_tape *))
 
-/* Reads the caller's args into *dst (zero-filled past what the caller's struct_size
- * holds). A larger struct is accepted when the bytes this library does not know are
- * zero: a newer caller asking for something this build lacks is refused, not ignored. */
+/* Reads the caller's args into *dst (lora_read_args_struct) and checks the flags. */
 int lora_read_attn_args(lora_adapter *ad, const lora_attn_args *args, lora_attn_args *dst)
 {
-    memset(dst, 0, sizeof *dst);
-    if (!args)
-        return LORA_OK;
-    const size_t size = args->struct_size;
-    if (size < ATTN_ARGS_FIRST_SIZE)
-        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
-                              "args->struct_size = %zu is smaller than the first version "
-                              "(%zu bytes): set it to sizeof(lora_attn_args)",
-                              size, (size_t)ATTN_ARGS_FIRST_SIZE);
-    const unsigned char *bytes = (const unsigned char *)args;
-    for (size_t i = sizeof *dst; i < size; i++)
-        if (bytes[i])
-            return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
-                                  "args->struct_size = %zu: byte %zu is set, beyond the %zu "
-                                  "bytes of lora_attn_args this library knows",
-                                  size, i, sizeof *dst);
-    memcpy(dst, args, size < sizeof *dst ? size : sizeof *dst);
+    const int st = lora_read_args_struct(ad->err, args, args ? args->struct_size : 0, dst,
+                                         sizeof *dst, ATTN_ARGS_FIRST_SIZE,
+                                         "lora_attn_args");
+    if (st != LORA_OK)
+        return st;
     if (dst->flags & ~(uint32_t)LORA_FWD_INFER)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
                               "args->flags = 0x%x has bits other than LORA_FWD_INFER",

@@ -95,23 +95,11 @@ LORA_API int lora_kv_cache_length(const lora_kv_cache *cache, int64_t b, int64_t
 static int read_decode_args(lora_adapter *ad, const lora_decode_args *args,
                             lora_decode_args *dst)
 {
-    memset(dst, 0, sizeof *dst);
-    if (!args)
-        return LORA_OK;
-    const size_t size = args->struct_size;
-    if (size < DECODE_ARGS_FIRST_SIZE)
-        return lora_set_error(ad->err, LORA_ERR_INVALID_ARG,
-                              "args->struct_size = %zu is smaller than the first version "
-                              "(%zu bytes): set it to sizeof(lora_decode_args)",
-                              size, (size_t)DECODE_ARGS_FIRST_SIZE);
-    const unsigned char *bytes = (const unsigned char *)args;
-    for (size_t i = sizeof *dst; i < size; i++)
-        if (bytes[i])
-            return lora_set_error(ad->err, LORA_ERR_UNSUPPORTED,
-                                  "args->struct_size = %zu: byte %zu is set, beyond the %zu "
-                                  "bytes of lora_decode_args this library knows",
-                                  size, i, sizeof *dst);
-    memcpy(dst, args, size < sizeof *dst ? size : sizeof *dst);
+    const int st = lora_read_args_struct(ad->err, args, args ? args->struct_size : 0, dst,
+                                         sizeof *dst, DECODE_ARGS_FIRST_SIZE,
+                                         "lora_decode_args");
+    if (st != LORA_OK)
+        return st;
     if (dst->flags)
         return lora_set_error(ad->err, LORA_ERR_INVALID_ARG, "args->flags = 0x%x must be 0",
                               (unsigned)dst->flags);

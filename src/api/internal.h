@@ -252,6 +252,13 @@ void lora_record_run(lora_adapter *ad, const lora_plan *plan, double measured_ou
  * it never writes to the handle. */
 int lora_set_error(char *err, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* Reads a caller's versioned args struct (its first field struct_size) into dst, which
+ * holds the known bytes this library has: dst is zero-filled past what the caller's
+ * struct holds, and a larger struct is accepted when the bytes beyond known are zero (a
+ * newer caller asking for something this build lacks is refused, not ignored). args
+ * NULL leaves dst zero. Errors: INVALID_ARG (struct_size < first), UNSUPPORTED. */
+int lora_read_args_struct(char *err, const void *args, uint32_t struct_size, void *dst,
+                          size_t known, size_t first, const char *type);
 /* Index of the first non-finite entry of x[0..n), or -1. */
 #define lora_find_nonfinite la_find_nonfinite
 

@@ -1,6 +1,8 @@
 /* Version, status strings and error messages. */
 #include <stdio.h>
 
+#include <string.h>
+
 #include "internal.h"
 
 #define LORA_STR2(x) #x
@@ -40,4 +42,27 @@ int lora_set_error(char *err, int status, const char *fmt, ...)
     vsnprintf(err, LORA_ERRMSG_SIZE, fmt, ap);
     va_end(ap);
     return status;
+}
+
+int lora_read_args_struct(char *err, const void *args, uint32_t struct_size, void *dst,
+                          size_t known, size_t first, const char *type)
+{
+    memset(dst, 0, known);
+    if (!args)
+        return LORA_OK;
+    const size_t size = struct_size;
+    if (size < first)
+        return lora_set_error(err, LORA_ERR_INVALID_ARG,
+                              "args->struct_size = %zu is smaller than the first version "
+                              "(%zu bytes): set it to sizeof(%s)",
+                              size, first, type);
+    const unsigned char *bytes = args;
+    for (size_t i = known; i < size; i++)
+        if (bytes[i])
+            return lora_set_error(err, LORA_ERR_UNSUPPORTED,
+                                  "args->struct_size = %zu: byte %zu is set, beyond the %zu "
+                                  "bytes of %s this library knows",
+                                  size, i, known, type);
+    memcpy(dst, args, size < known ? size : known);
+    return LORA_OK;
 }
